@@ -1,0 +1,14 @@
+"""ddim_gmm_ext: fused, drop-in DDIM-GMM sampling (Gabbur, TMLR 2026) for PyTorch.
+
+    import ddim_gmm_ext as dg
+    gmm = dg.GMM.create(dim=4 * 64 * 64, n_components=8, n_steps=50, variant="ortho-vub")
+    out = dg.ddim_step(eps, x_t, alpha_prod_t, alpha_prod_prev, eta=0.0, gmm=gmm, step_index=i, seed=0)
+"""
+
+from . import ops  # noqa: F401  (registers torch.ops.ddimgmm)
+from . import reference
+from .api import StepOutput, ddim_step, rfim_step, step, thin_svd
+from .gmm import GMM
+
+__version__ = "0.1.0"
+__all__ = ["GMM", "StepOutput", "step", "ddim_step", "rfim_step", "thin_svd", "reference", "__version__"]

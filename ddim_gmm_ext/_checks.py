@@ -1,0 +1,150 @@
+"""Argument checks shared by the reference and the fused ops.
+
+Every check names the argument and what was expected. Checks that would need a device-to-host copy (values
+of CUDA tensors) are skipped: they belong where the values are made (``GMM`` validates its tables once).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow")
+NOISE_SCHEDULES = ("ddim", "rfim", "gddim")
+# Philox counters hold the global sample index and the step index in 32-bit words.
+MAX_INDEX = 2**32
+
+
+def prediction_type_code(prediction_type: str) -> int:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return PREDICTION_TYPES.index(prediction_type)
+
+
+def check_floating(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {t.dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    items = [(n, t) for n, t in tensors.items() if isinstance(t, torch.Tensor)]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device")
+
+
+def host_value(x) -> float | None:
+    """The value of a Python number or a one-element CPU tensor; None where reading it would sync a device."""
+    if isinstance(x, Real):
+        return float(x)
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.numel() == 1:
+        if torch.compiler.is_compiling():
+            return None
+        return float(x)
+    return None
+
+
+def check_nonnegative(name: str, x) -> None:
+    v = host_value(x)
+    if v is not None and not v >= 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+
+
+def check_noise_std(noise_std, b_s) -> None:
+    c, b = host_value(noise_std), host_value(b_s)
+    if c is not None and not c >= 0:
+        raise ValueError(f"noise_std must be >= 0, got {c}")
+    if c is not None and b is not None and c > b * (1 + 1e-6) + 1e-12:
+        raise ValueError(f"noise_std ({c}) must not exceed b_s ({b}), the total noise level at the target time")
+
+
+def check_index(name: str, value: int, upper: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= value < upper:
+        raise ValueError(f"{name} must be in [0, {upper}), got {value}")
+
+
+def check_step_inputs(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    *,
+    guidance_scale,
+    prediction_type: str,
+    clip_sample_range,
+    seed: int,
+    sample_offset: int,
+    step_index: int,
+    noise: torch.Tensor | None,
+    components: torch.Tensor | None,
+    gmm_dim: int | None,
+    n_components: int | None,
+) -> None:
+    """Shapes, dtypes, devices and ranges of one step's inputs."""
+    check_floating("model_output", model_output)
+    check_floating("sample", sample)
+    prediction_type_code(prediction_type)
+    if sample.dim() < 1:
+        raise ValueError("sample must have a batch dimension, got a 0-d tensor")
+    batch = sample.shape[0]
+    expected = tuple(sample.shape)
+    if guidance_scale is not None:
+        expected = (2 * batch,) + tuple(sample.shape[1:])
+        if tuple(model_output.shape) != expected:
+            raise ValueError(
+                f"with guidance_scale, model_output must have shape {expected} (unconditional half first), "
+                f"got {tuple(model_output.shape)}"
+            )
+    elif tuple(model_output.shape) != expected:
+        hint = " (pass guidance_scale for a stacked [2B, ...] output)" if model_output.shape[0] == 2 * batch else ""
+        raise ValueError(
+            f"model_output shape {tuple(model_output.shape)} does not match sample shape {expected}{hint}"
+        )
+    if clip_sample_range is not None:
+        v = host_value(clip_sample_range)
+        if v is None or not v > 0:
+            raise ValueError(f"clip_sample_range must be a positive number or None, got {clip_sample_range!r}")
+    check_index("seed", seed, 2**63)
+    check_index("step_index", step_index, MAX_INDEX)
+    check_index("sample_offset", sample_offset, MAX_INDEX)
+    if sample_offset + batch > MAX_INDEX:
+        raise ValueError(f"sample_offset + batch size must be <= 2**32, got {sample_offset} + {batch}")
+    if noise is not None:
+        check_floating("noise", noise)
+        if tuple(noise.shape) != tuple(sample.shape):
+            raise ValueError(f"noise must have the sample's shape {tuple(sample.shape)}, got {tuple(noise.shape)}")
+    check_same_device(sample=sample, model_output=model_output, noise=noise, components=components)
+    if gmm_dim is not None:
+        per_sample = math.prod(sample.shape[1:])
+        if gmm_dim != per_sample:
+            raise ValueError(
+                f"gmm dim ({gmm_dim}) must equal the per-sample numel of sample ({per_sample} for shape "
+                f"{tuple(sample.shape)})"
+            )
+    if components is not None:
+        if n_components is None:
+            raise ValueError("components given but gmm is None: pass the GMM the components index into")
+        if components.dtype not in (torch.int32, torch.int64) or tuple(components.shape) != (batch,):
+            raise ValueError(
+                f"components must be an int32/int64 tensor of shape ({batch},), got {components.dtype} "
+                f"{tuple(components.shape)}"
+            )
+        if components.numel() and components.device.type == "cpu":
+            lo, hi = int(components.min()), int(components.max())
+            if lo < 0 or hi >= n_components:
+                raise ValueError(f"components must be in [0, {n_components}), got values in [{lo}, {hi}]")
+
+
+def check_priors(priors: torch.Tensor) -> None:
+    """priors [S, K]: non-negative rows summing to one (checked on the host once, when a GMM is built)."""
+    p = priors.detach().to("cpu", torch.float64)
+    if not torch.isfinite(p).all() or (p < 0).any():
+        raise ValueError("priors must be finite and non-negative")
+    sums = p.sum(-1)
+    if not torch.allclose(sums, torch.ones_like(sums), atol=1e-5):
+        raise ValueError(f"priors must sum to 1 over components, got sums {sums.tolist()[:4]}")

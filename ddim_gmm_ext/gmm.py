@@ -1,0 +1,178 @@
+"""GMM parameters of the DDIM-GMM kernel: priors, mean offsets and diagonal variance offsets per step."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks, reference
+
+_VARIANT_ALIASES = {"ortho-vub*": ("ortho-vub", True)}
+
+
+def _resolve_device(device=None, gpu=None) -> torch.device:
+    if gpu is not None:
+        if device is not None:
+            raise ValueError("pass either device or gpu, not both")
+        return torch.device("cuda", int(gpu))
+    return torch.device(device if device is not None else "cpu")
+
+
+class GMM:
+    """Parameters M_t = (pi_t^k, delta_t^k, v_t^k) for S parameter sets (one per sampling step, in sampling
+    order, or one shared by all steps).
+
+    Attributes (tensors on ``device`` in ``dtype``): ``priors`` [S, K], ``offsets`` [S, K, D],
+    ``var_offsets`` [S, K, Dv] with Dv = D for RAND / ORTHO and Dv = K for ORTHO-VUB (zero beyond Dv).
+
+    Build with :meth:`create`, with :meth:`initialize` (the reference repository's argument names), or from
+    tensors with :meth:`from_params`.
+    """
+
+    def __init__(self, device=None, gpu=None, dtype: torch.dtype = torch.float32):
+        self.device = _resolve_device(device, gpu)
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.dtype = dtype
+        self.priors = self.offsets = self.var_offsets = None
+        self.variant = None
+        self.scale = None
+        self.shared = False
+        self.n_steps = None
+        self._cache: dict = {}
+
+    # -- construction ------------------------------------------------------------------------------------
+    def initialize(
+        self,
+        dim: int,
+        n_components: int,
+        n_steps: int,
+        scale: float = 1.0,
+        uniform_priors: bool = True,
+        orthonormal: bool = True,
+        upper_bound_vars: bool = False,
+        share_across_steps: bool = False,
+        seed: int = 0,
+    ) -> "GMM":
+        """Reference-repository names: orthonormal=False -> RAND; orthonormal=True -> ORTHO;
+        orthonormal=True, upper_bound_vars=True -> ORTHO-VUB."""
+        if upper_bound_vars and not orthonormal:
+            raise ValueError("upper_bound_vars=True needs orthonormal=True (the VUB bounds hold for ORTHO offsets)")
+        variant = ("ortho-vub" if upper_bound_vars else "ortho") if orthonormal else "rand"
+        priors, offsets, var_offsets = reference.gmm_parameters(
+            dim, n_components, n_steps, scale, variant, share_across_steps, uniform_priors, seed,
+            device=self.device, dtype=self.dtype, thin_svd_fn=self._thin_svd,
+        )  # fmt: skip
+        self._set(priors, offsets, var_offsets, variant=variant, scale=float(scale), n_steps=n_steps,
+                  shared=share_across_steps)  # fmt: skip
+        return self
+
+    @classmethod
+    def create(
+        cls,
+        dim: int,
+        n_components: int = 8,
+        n_steps: int = 50,
+        scale: float = 1.0,
+        variant: str = "ortho-vub",
+        share_across_steps: bool = False,
+        uniform_priors: bool = True,
+        seed: int = 0,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+    ) -> "GMM":
+        """variant: "rand", "ortho", "ortho-vub", or "ortho-vub*" (ORTHO-VUB shared across steps)."""
+        if variant in _VARIANT_ALIASES:
+            variant, share_across_steps = _VARIANT_ALIASES[variant]
+        if variant not in reference.VARIANTS:
+            raise ValueError(f"variant must be one of {reference.VARIANTS + ('ortho-vub*',)}, got {variant!r}")
+        return cls(device=device, dtype=dtype).initialize(
+            dim, n_components, n_steps, scale, uniform_priors=uniform_priors, orthonormal=variant != "rand",
+            upper_bound_vars=variant == "ortho-vub", share_across_steps=share_across_steps, seed=seed,
+        )  # fmt: skip
+
+    @classmethod
+    def from_params(cls, priors, offsets, var_offsets, *, n_steps: int | None = None) -> "GMM":
+        """A GMM from user tables: priors [S, K], offsets [S, K, D], var_offsets [S, K, Dv] with Dv <= D.
+        S = 1 is shared across steps. The tables are validated (priors non-negative, summing to one, and
+        sum_k pi_k delta_k = 0 to 1e-4 relative) and not modified."""
+        for name, t in (("priors", priors), ("offsets", offsets), ("var_offsets", var_offsets)):
+            _checks.check_floating(name, t)
+        _checks.check_same_device(priors=priors, offsets=offsets, var_offsets=var_offsets)
+        if priors.dim() != 2 or offsets.dim() != 3 or var_offsets.dim() != 3:
+            raise ValueError("priors, offsets, var_offsets must have shapes [S, K], [S, K, D], [S, K, Dv]")
+        S, K = priors.shape
+        if offsets.shape[:2] != (S, K) or var_offsets.shape[:2] != (S, K) or var_offsets.shape[2] > offsets.shape[2]:
+            raise ValueError(
+                f"inconsistent GMM tables: priors {tuple(priors.shape)}, offsets {tuple(offsets.shape)}, "
+                f"var_offsets {tuple(var_offsets.shape)} (expected [S, K], [S, K, D], [S, K, Dv <= D])"
+            )
+        _checks.check_priors(priors)
+        mean = (priors.double()[:, :, None] * offsets.double()).sum(1)
+        tol = 1e-4 * offsets.double().abs().amax().clamp(min=1e-30)
+        if (mean.abs() > tol).any():
+            raise ValueError("offsets must satisfy sum_k priors_k offsets_k = 0 (paper eq. 8)")
+        gmm = cls(device=priors.device, dtype=torch.float64 if priors.dtype == torch.float64 else torch.float32)
+        gmm._set(priors.to(gmm.dtype), offsets.to(gmm.dtype), var_offsets.to(gmm.dtype), variant="custom",
+                 scale=None, n_steps=n_steps if n_steps is not None else S, shared=S == 1)  # fmt: skip
+        return gmm
+
+    def _set(self, priors, offsets, var_offsets, *, variant, scale, n_steps, shared):
+        if not shared and priors.shape[0] != n_steps:
+            raise ValueError(f"n_steps ({n_steps}) must equal the number of parameter sets ({priors.shape[0]})")
+        self.priors, self.offsets, self.var_offsets = priors, offsets, var_offsets
+        self.variant, self.scale, self.n_steps, self.shared = variant, scale, n_steps, shared
+        self._cache = {}
+
+    @staticmethod
+    def _thin_svd(O: torch.Tensor) -> torch.Tensor:
+        from .api import thin_svd
+
+        return thin_svd(O)
+
+    # -- use ---------------------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        self._require()
+        return self.offsets.shape[-1]
+
+    @property
+    def n_components(self) -> int:
+        self._require()
+        return self.offsets.shape[1]
+
+    def _require(self):
+        if self.offsets is None:
+            raise RuntimeError("GMM is not initialised: call initialize(...) or use GMM.create(...)")
+
+    def set_index(self, step_index: int) -> int:
+        """Index into the S parameter sets for sampling step ``step_index``."""
+        self._require()
+        _checks.check_index("step_index", step_index, self.n_steps)
+        return 0 if self.shared else step_index
+
+    def params(self, step_index: int, like: torch.Tensor):
+        """(priors [K], offsets [K, D], var_offsets [K, Dv]) of a step, on ``like``'s device in its compute
+        dtype (float64 for float64 samples, float32 otherwise); converted tables are cached."""
+        i = self.set_index(step_index)
+        key = (like.device, reference.compute_dtype(like.dtype))
+        if key not in self._cache:
+            self._cache[key] = tuple(t.to(device=key[0], dtype=key[1]) for t in (self.priors, self.offsets, self.var_offsets))
+        priors, offsets, var_offsets = self._cache[key]
+        return priors[i], offsets[i], var_offsets[i]
+
+    def to(self, device=None, dtype=None) -> "GMM":
+        """A copy on another device / dtype."""
+        self._require()
+        out = GMM(device=device if device is not None else self.device, dtype=dtype or self.dtype)
+        out._set(*(t.to(out.device, out.dtype) for t in (self.priors, self.offsets, self.var_offsets)),
+                 variant=self.variant, scale=self.scale, n_steps=self.n_steps, shared=self.shared)  # fmt: skip
+        return out
+
+    def __repr__(self) -> str:
+        if self.offsets is None:
+            return f"GMM(uninitialised, device={self.device})"
+        S, K, D = self.offsets.shape
+        return (
+            f"GMM(variant={self.variant}, dim={D}, n_components={K}, n_steps={self.n_steps}, sets={S}, "
+            f"scale={self.scale}, device={self.device}, dtype={self.dtype})"
+        )

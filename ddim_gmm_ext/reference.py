@@ -1,0 +1,520 @@
+"""Pure-torch reference of DDIM-GMM: the specification in code (DESIGN.md sections 2 and 3).
+
+Everything the fused kernels compute is defined here, readably and float64-capable:
+
+* noise schedules of the VP family exactly as diffusers builds them, DDIM timestep spacings, rectified-flow
+  time grids;
+* the general Gaussian-path step x_t = a_t x0 + b_t eps  ->  x_s (DDIM eq. 12, paper eq. 6 / 20), with the
+  Gaussian-mixture kernel of paper eq. 7;
+* the noise levels c of DDIM-eta, RFIM and gDDIM-lambda;
+* the random stream (Philox4x32-10) every kernel must reproduce, so that the same seed gives the same
+  samples on every device and batch layout;
+* the GMM parameters RAND / ORTHO / ORTHO-VUB (paper eq. 9-12), and the thin SVD they need.
+
+Compute precision: float64 inputs are computed in float64, every other floating dtype in float32; the
+result is cast back to the sample's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from . import _checks
+from ._checks import PREDICTION_TYPES
+
+__all__ = [
+    "StepOutput",
+    "betas_for_alpha_bar",
+    "make_betas",
+    "alphas_cumprod",
+    "ddim_timesteps",
+    "rf_times",
+    "vp_coefficients",
+    "noise_std",
+    "predict_x0_eps",
+    "step",
+    "ddim_step",
+    "rfim_step",
+    "philox4x32",
+    "normals",
+    "gaussian_noise",
+    "draw_components",
+    "offset_directions",
+    "random_priors",
+    "thin_svd",
+    "gmm_parameters",
+    "VARIANTS",
+]
+
+
+class StepOutput(NamedTuple):
+    """prev_sample x_s; pred_original_sample x0_hat (after guidance and clipping); components [B] int64 or
+    None without GMM."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None
+    components: torch.Tensor | None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schedules (as diffusers' DDIMScheduler computes them: betas in float32, cumprod in float32)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """The "squaredcos_cap_v2" (Glide cosine) betas."""
+
+    def alpha_bar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [
+        min(1 - alpha_bar((i + 1) / num_diffusion_timesteps) / alpha_bar(i / num_diffusion_timesteps), max_beta)
+        for i in range(num_diffusion_timesteps)
+    ]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(alpha_bar) so the last step has zero SNR (Lin et al. 2023, Algorithm 1)."""
+    sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    ab = sqrt_ab**2
+    alphas = torch.cat([ab[0:1], ab[1:] / ab[:-1]])
+    return 1 - alphas
+
+
+def make_betas(
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.0001,
+    beta_end: float = 0.02,
+    beta_schedule: str = "linear",
+    trained_betas=None,
+    rescale_betas_zero_snr: bool = False,
+) -> torch.Tensor:
+    """Betas [T] float32, as diffusers' DDIMScheduler.__init__ builds them."""
+    if trained_betas is not None:
+        betas = torch.tensor(trained_betas, dtype=torch.float32)
+    elif beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    elif beta_schedule == "squaredcos_cap_v2":
+        betas = betas_for_alpha_bar(num_train_timesteps)
+    else:
+        raise ValueError(
+            f"beta_schedule must be one of 'linear', 'scaled_linear', 'squaredcos_cap_v2' (or pass trained_betas), "
+            f"got {beta_schedule!r}"
+        )
+    if rescale_betas_zero_snr:
+        betas = _rescale_zero_terminal_snr(betas)
+    return betas
+
+
+def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
+    """abar_t = prod_{i<=t} (1 - beta_i), in the betas' dtype (float32 for diffusers parity)."""
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def ddim_timesteps(
+    num_inference_steps: int,
+    num_train_timesteps: int = 1000,
+    timestep_spacing: str = "leading",
+    steps_offset: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, prev_timesteps) int64, sampling order, as diffusers' DDIMScheduler.
+
+    As in diffusers, the previous timestep is always ``t - num_train_timesteps // num_inference_steps`` (for
+    every spacing); a negative previous timestep means "use final_alpha_cumprod".
+    """
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps must be in [1, num_train_timesteps={num_train_timesteps}], got {num_inference_steps}"
+        )
+    n, T = num_inference_steps, num_train_timesteps
+    if timestep_spacing == "linspace":
+        ts = np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
+    elif timestep_spacing == "leading":
+        ts = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.int64) + steps_offset
+    elif timestep_spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+    else:
+        raise ValueError(f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {timestep_spacing!r}")
+    return ts, ts - T // n
+
+
+def rf_times(num_steps: int, shift: float = 1.0, dtype=torch.float64) -> torch.Tensor:
+    """Rectified-flow time grid [num_steps + 1] from 1 (noise) to 0 (data), uniform in t before the optional
+    resolution shift t -> shift t / (1 + (shift - 1) t) used by SD3-style samplers."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=dtype)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def vp_coefficients(alpha_prod):
+    """(a, b) = (sqrt(abar), sqrt(1 - abar)) of the VP path."""
+    alpha_prod = torch.as_tensor(alpha_prod, dtype=torch.float64)
+    return alpha_prod.sqrt(), (1 - alpha_prod).sqrt()
+
+
+def noise_std(a_t, b_t, a_s, b_s, eta: float = 0.0, schedule: str = "ddim"):
+    """Noise standard deviation c of the step t -> s (0 <= c <= b_s).
+
+    ddim:  c^2 = eta^2 b_s^2 (1 - r), r = (a_t b_s / (a_s b_t))^2 (DDIM eq. 16 on VP paths, k-diffusion's
+           ancestral sigma_up on VE paths; eta = 1 is ancestral sampling)
+    rfim:  c = eta b_s (paper sec. 4)
+    gddim: c^2 = b_s^2 (1 - r^(eta^2)) (gDDIM Theorem 1 with lambda = eta)
+    """
+    _checks.check_nonnegative("eta", eta)
+    if schedule not in _checks.NOISE_SCHEDULES:
+        raise ValueError(f"noise schedule must be one of {_checks.NOISE_SCHEDULES}, got {schedule!r}")
+    a_t, b_t, a_s, b_s = (torch.as_tensor(v, dtype=torch.float64) for v in (a_t, b_t, a_s, b_s))
+    if schedule == "rfim":
+        return eta * b_s
+    r = (a_t * b_s / (a_s * b_t)) ** 2
+    if schedule == "ddim":
+        return eta * (b_s**2 * (1 - r)).clamp(min=0).sqrt()
+    return (b_s**2 * (1 - r ** (eta**2))).clamp(min=0).sqrt()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The random stream: Philox4x32-10 (Salmon et al. 2011), counters (c0, c1, c2, c3), key = seed
+# ---------------------------------------------------------------------------------------------------------
+#
+#   noise z[n, j] of sample n (global index: sample_offset + batch position), element j, step i:
+#       philox(c0 = j // 4, c1 = n, c2 = i, c3 = NOISE) -> 4 words -> 4 normals, lane j % 4
+#   component k[n] at step i:
+#       philox(c0 = 0, c1 = n, c2 = i, c3 = COMPONENT) word 0 -> u in [0, 1) -> inverse CDF of the priors
+#   GMM direction matrix O[s] (D x K, row-major flat index f = d K + k), parameter set s:
+#       philox(c0 = (f // 4) mod 2^32, c1 = (f // 4) >> 32, c2 = s, c3 = OFFSETS) -> normals, lane f % 4
+#   random priors of set s: philox(c0 = k, c1 = 0, c2 = s, c3 = PRIORS) word 0
+# Words -> normals (Box-Muller, exact in float32):
+#   u1 = ((w0 >> 8) + 1) 2^-24 in (0, 1], u2 = (w1 >> 8) 2^-24 in [0, 1)
+#   r = sqrt(-2 log u1), th = 2 pi (u2 - 1/2);  n0 = r cos th, n1 = r sin th;  likewise (w2, w3) -> (n2, n3)
+
+NOISE, COMPONENT, OFFSETS, PRIORS = 0, 1, 2, 3
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def _mulhilo32(a: torch.Tensor, b: int):
+    """(hi, lo) 32-bit words of a * b for a in [0, 2^32) held in int64; b split in 16-bit halves so no
+    intermediate exceeds 2^49."""
+    p_lo = a * (b & 0xFFFF)
+    p_hi = a * (b >> 16)
+    mid = p_lo + ((p_hi & 0xFFFF) << 16)
+    return ((p_hi >> 16) + (mid >> 32)) & _MASK32, mid & _MASK32
+
+
+def philox4x32(c0, c1, c2, c3, seed: int, rounds: int = 10):
+    """Philox4x32 of the counters (int64 tensors holding uint32 values, broadcast together) under the 64-bit
+    key ``seed``. Returns four int64 tensors of uint32 words."""
+    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3)))
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(rounds):
+        hi0, lo0 = _mulhilo32(c0, _PHILOX_M0)
+        hi1, lo1 = _mulhilo32(c2, _PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_W0) & _MASK32, (k1 + _PHILOX_W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _uniform24(word: torch.Tensor, dtype) -> torch.Tensor:
+    """u in [0, 1), a multiple of 2^-24 (exact in float32)."""
+    return (word >> 8).to(dtype) * 2.0**-24
+
+
+def _box_muller(w_a: torch.Tensor, w_b: torch.Tensor, dtype):
+    u1 = ((w_a >> 8) + 1).to(dtype) * 2.0**-24
+    th = 2 * math.pi * (_uniform24(w_b, dtype) - 0.5)
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return r * torch.cos(th), r * torch.sin(th)
+
+
+def normals(words, dtype=torch.float32) -> torch.Tensor:
+    """Four words [...] -> normals [..., 4] (lanes 0..3)."""
+    n0, n1 = _box_muller(words[0], words[1], dtype)
+    n2, n3 = _box_muller(words[2], words[3], dtype)
+    return torch.stack([n0, n1, n2, n3], dim=-1)
+
+
+def _stream_normals(numel: int, c1, c2, c3: int, seed: int, dtype, device) -> torch.Tensor:
+    """normals [..., numel] of element f from philox(f // 4, c1, c2, c3) lane f % 4; c1, c2 broadcast over
+    leading dims."""
+    groups = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+    words = philox4x32(groups, c1, c2, c3, seed)
+    return normals(words, dtype).flatten(-2)[..., :numel]
+
+
+def gaussian_noise(shape, seed: int, sample_offset: int, step_index: int, dtype=torch.float32, device="cpu"):
+    """z [B, ...] of the randomness contract: a pure function of (seed, sample_offset + b, step_index)."""
+    batch, per_sample = shape[0], math.prod(shape[1:])
+    n = torch.arange(sample_offset, sample_offset + batch, dtype=torch.int64, device=device)[:, None]
+    return _stream_normals(per_sample, n, step_index, NOISE, seed, dtype, device).reshape(shape)
+
+
+def draw_components(priors: torch.Tensor, batch: int, seed: int, sample_offset: int, step_index: int):
+    """k [B] int64 ~ Categorical(priors): k = #{j < K - 1 : u >= cdf_j} with u in [0, 1) from the stream and
+    cdf the running sum of the priors in the priors' dtype (a zero prior is never drawn)."""
+    n = torch.arange(sample_offset, sample_offset + batch, dtype=torch.int64, device=priors.device)
+    u = _uniform24(philox4x32(0, n, step_index, COMPONENT, seed)[0], priors.dtype)
+    cdf = torch.cumsum(priors, 0)[:-1]
+    return (u[:, None] >= cdf[None, :]).sum(-1).to(torch.int64)
+
+
+def offset_directions(n_sets: int, dim: int, n_components: int, seed: int, device="cpu") -> torch.Tensor:
+    """O [S, D, K] float64 ~ N(0, I) from the stream (DESIGN.md 2.3)."""
+    numel = dim * n_components
+    s = torch.arange(n_sets, dtype=torch.int64, device=device)[:, None]
+    groups = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+    words = philox4x32(groups & _MASK32, groups >> 32, s, OFFSETS, seed)
+    z = normals(words, torch.float64).flatten(-2)[..., :numel]
+    return z.reshape(n_sets, dim, n_components)
+
+
+def random_priors(n_sets: int, n_components: int, seed: int, device="cpu") -> torch.Tensor:
+    """priors [S, K] float64, Dirichlet(1, ..., 1): normalised exponential draws, all > 0."""
+    k = torch.arange(n_components, dtype=torch.int64, device=device)
+    s = torch.arange(n_sets, dtype=torch.int64, device=device)[:, None]
+    u = ((philox4x32(k, 0, s, PRIORS, seed)[0] >> 8).to(torch.float64) + 0.5) * 2.0**-24  # in (0, 1)
+    e = -torch.log(u)
+    return e / e.sum(-1, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------------------
+
+
+def predict_x0_eps(model_output, sample, a_t, b_t, prediction_type: str):
+    """(x0_hat, eps_hat) from the model output m on the path x_t = a_t x0 + b_t eps (DESIGN.md 2.1)."""
+    m, x = model_output, sample
+    if prediction_type == "epsilon":
+        return (x - b_t * m) / a_t, m
+    if prediction_type == "sample":
+        return m, (x - a_t * m) / b_t
+    if prediction_type == "v_prediction":  # VP only: a^2 + b^2 = 1
+        return a_t * x - b_t * m, a_t * m + b_t * x
+    if prediction_type == "flow":  # v = eps - x0 on x_t = (1 - t) x0 + t eps, a_t = 1 - t, b_t = t
+        return x - b_t * m, x + a_t * m
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    a_t,
+    b_t,
+    a_s,
+    b_s,
+    noise_std,
+    *,
+    gmm=None,
+    step_index: int = 0,
+    prediction_type: str = "epsilon",
+    guidance_scale: float | None = None,
+    clip_sample_range: float | None = None,
+    use_clipped_model_output: bool = False,
+    seed: int = 0,
+    sample_offset: int = 0,
+    noise: torch.Tensor | None = None,
+    components: torch.Tensor | None = None,
+) -> StepOutput:
+    """One step x_t -> x_s of a Gaussian path x_t = a_t x0 + b_t eps (DESIGN.md 2.2, 2.3).
+
+        m    = m_u + w (m_c - m_u)                    with guidance_scale w ([2B, ...] output, uncond first)
+        x0, eps from m (prediction_type); x0 <- clamp(x0, -r, r); eps <- (x_t - a_t x0) / b_t if
+             use_clipped_model_output
+        mu   = a_s x0 + sqrt(b_s^2 - c^2) eps
+        x_s  = mu + c z                                without GMM
+        x_s  = mu + delta_k + sqrt(max(c^2 - v_k, 0)) z,  k ~ Categorical(pi)  one k per sample
+
+    Coefficients are Python numbers or 0-d tensors; z and k come from the Philox stream of
+    (seed, sample_offset + b, step_index) unless ``noise`` / ``components`` are given.
+    """
+    params = gmm.params(step_index, sample) if gmm is not None else None
+    _checks.check_step_inputs(
+        model_output, sample, guidance_scale=guidance_scale, prediction_type=prediction_type,
+        clip_sample_range=clip_sample_range, seed=seed, sample_offset=sample_offset, step_index=step_index,
+        noise=noise, components=components, gmm_dim=None if gmm is None else gmm.dim,
+        n_components=None if gmm is None else gmm.n_components,
+    )  # fmt: skip
+    _checks.check_noise_std(noise_std, b_s)
+    cdt = compute_dtype(sample.dtype)
+    a_t, b_t, a_s, b_s, c = (torch.as_tensor(v, dtype=cdt, device=sample.device) for v in (a_t, b_t, a_s, b_s, noise_std))
+
+    x = sample.to(cdt)
+    m = model_output.to(cdt)
+    if guidance_scale is not None:
+        m_uncond, m_cond = m.chunk(2)
+        m = m_uncond + guidance_scale * (m_cond - m_uncond)
+    x0, eps = predict_x0_eps(m, x, a_t, b_t, prediction_type)
+    if clip_sample_range is not None:
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+        if use_clipped_model_output:
+            eps = (x - a_t * x0) / b_t
+
+    mu = a_s * x0 + (b_s**2 - c**2).clamp(min=0).sqrt() * eps
+    batch = sample.shape[0]
+    z = noise.to(cdt) if noise is not None else gaussian_noise(sample.shape, seed, sample_offset, step_index, cdt, sample.device)
+    if params is None:
+        prev = mu + c * z
+        k = None
+    else:
+        priors, offsets, var_offsets = params
+        k = components.to(torch.int64) if components is not None else draw_components(
+            priors, batch, seed, sample_offset, step_index)  # fmt: skip
+        flat = (batch, -1)
+        delta = offsets[k]  # [B, D]
+        v = torch.zeros_like(delta)
+        v[:, : var_offsets.shape[-1]] = var_offsets[k]  # zero beyond Dv
+        std = (c**2 - v).clamp(min=0).sqrt()
+        prev = (mu.reshape(flat) + delta + std * z.reshape(flat)).reshape(sample.shape)
+    return StepOutput(prev.to(sample.dtype), x0.to(sample.dtype), k)
+
+
+def ddim_step(
+    model_output, sample, alpha_prod_t, alpha_prod_prev, *, eta: float = 0.0, **options
+) -> StepOutput:
+    """DDIM(-GMM) step on the VP path from abar_t to abar_prev with c = eta * DDIM's sigma (eq. 16).
+
+    ``options`` are those of :func:`step` (gmm, step_index, prediction_type, guidance_scale, clip_sample_range,
+    use_clipped_model_output, seed, sample_offset, noise, components)."""
+    return step(model_output, sample, *ddim_coefficients(alpha_prod_t, alpha_prod_prev, eta), **options)
+
+
+def ddim_coefficients(alpha_prod_t, alpha_prod_prev, eta: float):
+    """(a_t, b_t, a_s, b_s, c) of a DDIM step."""
+    a_t, b_t = vp_coefficients(alpha_prod_t)
+    a_s, b_s = vp_coefficients(alpha_prod_prev)
+    return a_t, b_t, a_s, b_s, noise_std(a_t, b_t, a_s, b_s, eta, "ddim")
+
+
+def rfim_coefficients(t, s, eta: float):
+    """(a_t, b_t, a_s, b_s, c) of an RFIM step on x_t = (1 - t) x0 + t eps, with c = eta * s."""
+    t, s = torch.as_tensor(t, dtype=torch.float64), torch.as_tensor(s, dtype=torch.float64)
+    return 1 - t, t, 1 - s, s, noise_std(1 - t, t, 1 - s, s, eta, "rfim")
+
+
+def rfim_step(model_output, sample, t, s, *, eta: float = 0.0, prediction_type: str = "flow", **options) -> StepOutput:
+    """RFIM(-GMM) step from time t to s < t of a rectified flow (paper eq. 20 with its sign typo fixed:
+    E[x_s | x0] = (1 - s) x0). ``prediction_type`` "flow" takes the velocity v = eps - x0; "sample" x0."""
+    return step(model_output, sample, *rfim_coefficients(t, s, eta), prediction_type=prediction_type, **options)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GMM parameters (paper eq. 9-12, DESIGN.md 2.3, 2.4)
+# ---------------------------------------------------------------------------------------------------------
+
+VARIANTS = ("rand", "ortho", "ortho-vub")
+
+
+def thin_svd(O: torch.Tensor) -> torch.Tensor:
+    """U [S, D, K] of O [S, D, K] by LAPACK, columns ordered by singular value, signs fixed so that each
+    column's entry of largest magnitude is positive (the first such entry on ties)."""
+    _check_thin_svd_input(O)
+    U = torch.linalg.svd(O, full_matrices=False).U
+    return _fix_signs(U)
+
+
+def _check_thin_svd_input(O) -> None:
+    _checks.check_floating("O", O)
+    if O.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"O must be float32 or float64, got {O.dtype}")
+    if O.dim() != 3 or O.shape[2] > O.shape[1]:
+        raise ValueError(f"O must have shape [S, D, K] with K <= D, got {tuple(O.shape)}")
+
+
+def _fix_signs(U: torch.Tensor) -> torch.Tensor:
+    if U.numel() == 0:
+        return U
+    sign = torch.sign(torch.gather(U, 1, U.abs().argmax(dim=1, keepdim=True)))
+    return U * torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
+def _centre(C: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
+    """C[:, :, k] - sum_l pi_l C[:, :, l] for C [S, D, K], priors [S, K]."""
+    return C - (C @ priors[:, :, None])
+
+
+def diagonal_var_offsets(offsets: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
+    """v_k[d] = (1 / (K pi_k)) sum_l pi_l delta_l[d]^2 (diagonal of eq. 11): every coordinate's marginal
+    variance matches exactly. offsets [S, K, D], priors [S, K] -> [S, K, D]; zero for a zero prior."""
+    K = offsets.shape[1]
+    w = (priors[:, :, None] * offsets**2).sum(1, keepdim=True)  # [S, 1, D]
+    inv = torch.where(priors > 0, 1.0 / (K * priors), torch.zeros_like(priors))
+    return inv[:, :, None] * w
+
+
+def vub_var_offsets(priors: torch.Tensor, scale: float) -> torch.Tensor:
+    """v_k[i] = s^2 pi_(i) / (K pi_k) for the first K coordinates, pi_(i) the priors in ascending order
+    (the eigenvalue upper bounds of eq. 12 / 34). priors [S, K] -> [S, K, K]; zero for a zero prior."""
+    K = priors.shape[1]
+    ascending = priors.sort(-1).values
+    inv = torch.where(priors > 0, 1.0 / (K * priors), torch.zeros_like(priors))
+    return scale**2 * inv[:, :, None] * ascending[:, None, :]
+
+
+def gmm_parameters(
+    dim: int,
+    n_components: int,
+    n_steps: int,
+    scale: float = 1.0,
+    variant: str = "ortho-vub",
+    share_across_steps: bool = False,
+    uniform_priors: bool = True,
+    seed: int = 0,
+    device="cpu",
+    dtype=torch.float32,
+    thin_svd_fn=thin_svd,
+):
+    """(priors [S, K], offsets [S, K, D], var_offsets [S, K, Dv]), S = 1 if shared else n_steps.
+
+    RAND (eq. 9):  C_k = O_k - sum_l pi_l O_l, delta_k = s C_k / ||C_k||, then centred once more so that
+                   sum_k pi_k delta_k = 0 holds exactly (normalising each column breaks it by O(1/sqrt(D))).
+    ORTHO (eq. 10): U = thin SVD of O, delta_k = s (U_k - sum_l pi_l U_l).
+    var_offsets: diagonal of eq. 11 for RAND / ORTHO (Dv = D); VUB bounds of eq. 12 for ORTHO-VUB (Dv = K).
+    Built in float64, returned in ``dtype``.
+    """
+    check_gmm_config(dim, n_components, n_steps, scale, variant)
+    n_sets = 1 if share_across_steps else n_steps
+    priors = (
+        torch.full((n_sets, n_components), 1.0 / n_components, dtype=torch.float64, device=device)
+        if uniform_priors
+        else random_priors(n_sets, n_components, seed, device)
+    )
+    O = offset_directions(n_sets, dim, n_components, seed, device)
+    if variant == "rand":
+        C = _centre(O, priors)
+        C = scale * C / C.norm(dim=1, keepdim=True)
+        C = _centre(C, priors)
+    else:
+        C = scale * _centre(thin_svd_fn(O), priors)
+    offsets = C.transpose(1, 2).contiguous()
+    var_offsets = vub_var_offsets(priors, scale) if variant == "ortho-vub" else diagonal_var_offsets(offsets, priors)
+    return priors.to(dtype), offsets.to(dtype), var_offsets.to(dtype)
+
+
+def check_gmm_config(dim: int, n_components: int, n_steps: int, scale: float, variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS + ('ortho-vub*',)}, got {variant!r}")
+    if not isinstance(n_components, int) or n_components < 1:
+        raise ValueError(f"n_components must be an int >= 1, got {n_components!r}")
+    if not isinstance(dim, int) or n_components >= dim:
+        raise ValueError(f"n_components ({n_components}) must be < dim ({dim}) (paper eq. 9 needs K < D)")
+    if not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be an int >= 1, got {n_steps!r}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")

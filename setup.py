@@ -1,0 +1,49 @@
+"""Builds ddim_gmm_ext._C: the C++ CPU ops always, the CUDA sources only when a CUDA torch and nvcc are
+present (or DDIMGMM_FORCE_CUDA=1, which CI uses to compile the .cu files on a machine without a GPU)."""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def _want_cuda():
+    if os.environ.get("DDIMGMM_FORCE_CUDA", "0") == "1":
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extension():
+    cxx = ["-O3", "-std=c++17", "-fopenmp" if os.name != "nt" else "/openmp"]
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    if _want_cuda():
+        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        return CUDAExtension(
+            "ddim_gmm_ext._C",
+            sources + _sources("csrc/cuda/*.cu"),
+            extra_compile_args={"cxx": cxx + ["-DDDIMGMM_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
+            py_limited_api=False,
+        )
+    return CppExtension(
+        "ddim_gmm_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+    )
+
+
+setup(
+    packages=find_packages(include=["ddim_gmm_ext", "ddim_gmm_ext.*"]) + ["ddim_gmm_ext.triton_kernels"],
+    # triton ships a top-level package named `triton_kernels`; ours lives inside ddim_gmm_ext.
+    package_dir={"ddim_gmm_ext.triton_kernels": "triton_kernels"},
+    package_data={"ddim_gmm_ext": ["data/*"]},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
