@@ -376,7 +376,7 @@ def step(
         priors, offsets, var_offsets = params
         k = components.to(torch.int64) if components is not None else draw_components(
             priors, batch, seed, sample_offset, step_index)  # fmt: skip
-        flat = (batch, -1)
+        flat = (batch, offsets.shape[-1])
         delta = offsets[k]  # [B, D]
         v = torch.zeros_like(delta)
         v[:, : var_offsets.shape[-1]] = var_offsets[k]  # zero beyond Dv
