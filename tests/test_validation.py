@@ -1,0 +1,150 @@
+"""Every bad input named in the foundation issue raises a clear error naming the argument."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ddim_gmm_ext as dg
+from ddim_gmm_ext import reference as ref
+
+STEP_FNS = {"api": dg.ddim_step, "reference": ref.ddim_step}
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return dg.GMM.create(12, n_components=3, n_steps=4, variant="ortho")
+
+
+def _args(B=2, shape=(3, 4)):
+    return torch.randn(B, *shape), torch.randn(B, *shape)
+
+
+@pytest.mark.parametrize("step_fn", STEP_FNS.values(), ids=STEP_FNS.keys())
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(model_output=torch.randn(2, 3, 5)), "model_output shape"),
+        (dict(model_output=torch.randn(4, 3, 4)), "guidance_scale"),
+        (dict(model_output=torch.randn(3, 3, 4), guidance_scale=2.0), r"with guidance_scale, model_output must have shape \(4, 3, 4\)"),
+        (dict(step_index=4), r"step_index must be in \[0, 4\)"),
+        (dict(step_index=-1), "step_index"),
+        (dict(eta=-0.1), "eta must be >= 0"),
+        (dict(prediction_type="x0"), "prediction_type must be one of"),
+        (dict(sample=torch.randint(0, 3, (2, 3, 4))), "sample must have a floating dtype"),
+        (dict(model_output=torch.randint(0, 3, (2, 3, 4))), "model_output must have a floating dtype"),
+        (dict(noise=torch.randn(2, 12)), "noise must have the sample's shape"),
+        (dict(components=torch.zeros(3, dtype=torch.long)), "components must be an int32/int64 tensor of shape"),
+        (dict(components=torch.zeros(2)), "components must be an int32/int64"),
+        (dict(components=torch.tensor([0, 3])), r"components must be in \[0, 3\)"),
+        (dict(seed=-1), "seed"),
+        (dict(sample_offset=2**32 - 1), "sample_offset"),
+        (dict(clip_sample_range=0.0), "clip_sample_range"),
+        (dict(sample=torch.randn(2, 4, 4), model_output=torch.randn(2, 4, 4)), r"gmm dim \(12\) must equal"),
+        (dict(model_output=torch.randn(2, 3, 4, device="meta")), "is on meta but sample is on cpu"),
+    ],
+)
+def test_bad_step_input_raises(step_fn, gmm, change, match):
+    m, x = _args()
+    kwargs = dict(model_output=m, sample=x, alpha_prod_t=0.3, alpha_prod_prev=0.5, eta=1.0, gmm=gmm, step_index=1)
+    kwargs.update(change)
+    with pytest.raises((ValueError, TypeError), match=match):
+        step_fn(**kwargs)
+
+
+def test_components_without_gmm_raise():
+    m, x = _args()
+    with pytest.raises(ValueError, match="components given but gmm is None"):
+        dg.ddim_step(m, x, 0.3, 0.5, components=torch.zeros(2, dtype=torch.long))
+
+
+def test_noise_std_above_b_s_raises():
+    m, x = _args()
+    with pytest.raises(ValueError, match=r"noise_std \(0.9\) must not exceed b_s \(0.5\)"):
+        dg.step(m, x, 0.5, 0.8, 0.8, 0.5, 0.9)
+    with pytest.raises(ValueError, match="noise_std must be >= 0"):
+        dg.step(m, x, 0.5, 0.8, 0.8, 0.5, -0.1)
+
+
+def test_unknown_noise_schedule_raises():
+    with pytest.raises(ValueError, match="noise schedule must be one of"):
+        ref.noise_std(1, 1, 1, 1, 0.5, "karras")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(dim=8, n_components=8), r"n_components \(8\) must be < dim \(8\)"),
+        (dict(dim=8, n_components=0), "n_components must be an int >= 1"),
+        (dict(dim=8, n_components=2, scale=-1.0), "scale must be a finite number >= 0"),
+        (dict(dim=8, n_components=2, n_steps=0), "n_steps must be an int >= 1"),
+        (dict(dim=8, n_components=2, variant="pca"), "variant must be one of"),
+    ],
+)
+def test_bad_gmm_config_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dg.GMM.create(**kwargs)
+
+
+def test_upper_bound_vars_needs_orthonormal():
+    with pytest.raises(ValueError, match="upper_bound_vars=True needs orthonormal=True"):
+        dg.GMM().initialize(8, 2, 3, orthonormal=False, upper_bound_vars=True)
+
+
+def test_uninitialised_gmm_raises():
+    m, x = _args(shape=(8,))
+    with pytest.raises(RuntimeError, match="GMM is not initialised"):
+        dg.ddim_step(m, x, 0.3, 0.5, gmm=dg.GMM())
+
+
+@pytest.mark.parametrize(
+    "priors, match",
+    [
+        (torch.tensor([[0.5, 0.7, -0.2]]), "non-negative"),
+        (torch.tensor([[0.5, 0.4, 0.2]]), "sum to 1"),
+        (torch.tensor([[0.5, float("nan"), 0.5]]), "finite"),
+    ],
+)
+def test_bad_priors_raise(priors, match):
+    with pytest.raises(ValueError, match=match):
+        dg.GMM.from_params(priors, torch.zeros(1, 3, 8), torch.zeros(1, 3, 8))
+
+
+def test_from_params_checks_eq8_and_shapes():
+    priors = torch.full((1, 2), 0.5)
+    with pytest.raises(ValueError, match="sum_k priors_k offsets_k = 0"):
+        dg.GMM.from_params(priors, torch.ones(1, 2, 8), torch.zeros(1, 2, 8))
+    with pytest.raises(ValueError, match="inconsistent GMM tables"):
+        dg.GMM.from_params(priors, torch.zeros(1, 2, 8), torch.zeros(1, 2, 9))
+    ok = dg.GMM.from_params(priors, torch.tensor([[[1.0] * 8, [-1.0] * 8]]), torch.ones(1, 2, 8), n_steps=5)
+    assert ok.shared and ok.set_index(4) == 0
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (2, 3, 4, 1), (1, 2, 3)])
+def test_thin_svd_bad_shapes_raise(shape):
+    O = torch.randn(shape)
+    with pytest.raises(ValueError, match=r"O must have shape \[S, D, K\] with K <= D"):
+        dg.thin_svd(O)
+
+
+def test_thin_svd_integer_raises():
+    with pytest.raises(TypeError, match="O must have a floating dtype"):
+        dg.thin_svd(torch.ones(1, 4, 2, dtype=torch.int64))
+
+
+def test_no_top_level_triton_kernels_from_us(tmp_path):
+    """triton_kernels/ installs as ddim_gmm_ext.triton_kernels; in the installed environment (a clean
+    interpreter outside the checkout) a top-level `triton_kernels` (triton ships one) never resolves to ours."""
+    probe = (
+        "import importlib.util, os\n"
+        "ours = importlib.util.find_spec('ddim_gmm_ext.triton_kernels')\n"
+        "top = importlib.util.find_spec('triton_kernels')\n"
+        "print(os.path.dirname(ours.origin))\n"
+        "print(os.path.dirname(top.origin) if top is not None else '')\n"
+    )
+    out = subprocess.run([sys.executable, "-I", "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    ours, top = out.stdout.splitlines()
+    assert os.path.basename(ours) == "triton_kernels"
+    assert top != ours
