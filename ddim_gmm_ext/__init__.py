@@ -11,4 +11,20 @@ from .api import StepOutput, ddim_step, rfim_step, step, thin_svd
 from .gmm import GMM
 
 __version__ = "0.1.0"
-__all__ = ["GMM", "StepOutput", "step", "ddim_step", "rfim_step", "thin_svd", "reference", "__version__"]
+__all__ = [
+    "GMM", "StepOutput", "step", "ddim_step", "rfim_step", "thin_svd", "reference", "DDIMSampler", "sample_rfim",
+    "__version__",
+]  # fmt: skip
+
+# Sampler integrations, imported on first use (ddim_gmm_ext.diffusers, which imports diffusers, and
+# ddim_gmm_ext.k_diffusion / ddim_gmm_ext.comfy are imported by name only).
+_LAZY = {"DDIMSampler": ("ldm", "DDIMSampler"), "sample_rfim": ("rf", "sample_rfim")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

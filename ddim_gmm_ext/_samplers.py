@@ -1,0 +1,109 @@
+"""What the sampler integrations share: argument checks, seeds, GMM tables, progress bars.
+
+Seeds (one rule for every integration):
+
+* ``seed`` an int: the GMM tables are built from it and the per-step noise / component draws come from the
+  Philox stream of ``(seed, sample index, step index)`` (DESIGN.md section 3): reproducible, and the same
+  sample whatever the batch size or position.
+* ``seed=None``: the tables are built from seed 0 and each sampling run draws its stream seed from torch's
+  default CPU generator, so ``torch.manual_seed`` controls the run as it does for diffusers / k-diffusion.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import torch
+
+from . import reference
+from .gmm import GMM
+
+#: Names accepted wherever a GMM variant is chosen by name ("ortho-vub*" is ORTHO-VUB shared across steps).
+GMM_VARIANTS = reference.VARIANTS + ("ortho-vub*",)
+_MAX_SEED = 2**63
+
+
+def check_eta(eta, name: str = "eta") -> float:
+    """eta as a float in [0, 1] (beyond 1 the noise would exceed the noise level of the target time)."""
+    if isinstance(eta, torch.Tensor) or not isinstance(eta, Real) or not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {eta!r}")
+    return float(eta)
+
+
+def check_seed(seed) -> int | None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < _MAX_SEED):
+        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+    return None if seed is None else int(seed)
+
+
+def stream_seed(seed: int | None) -> int:
+    """The Philox seed of one sampling run (see the module docstring)."""
+    if seed is not None:
+        return seed
+    return int(torch.randint(0, _MAX_SEED - 1, (), dtype=torch.int64))
+
+
+def check_gmm_options(variant, n_components, scale) -> None:
+    """Options of a GMM built by name; the dimension is checked when the first sample is seen."""
+    if variant is not None and variant not in GMM_VARIANTS:
+        raise ValueError(f"GMM variant must be None (off) or one of {GMM_VARIANTS}, got {variant!r}")
+    if isinstance(n_components, bool) or not isinstance(n_components, Integral) or n_components < 1:
+        raise ValueError(f"n_components must be an int >= 1, got {n_components!r}")
+    if not isinstance(scale, Real) or not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
+
+
+def per_sample_dim(sample: torch.Tensor) -> int:
+    return math.prod(sample.shape[1:])
+
+
+def check_gmm(gmm: GMM, sample: torch.Tensor, n_steps: int, name: str = "gmm") -> None:
+    """A user's GMM must match the per-sample size and hold a parameter set for each of the n_steps steps."""
+    if not isinstance(gmm, GMM):
+        raise TypeError(f"{name} must be a ddim_gmm_ext.GMM, got {type(gmm).__name__}")
+    dim = per_sample_dim(sample)
+    if gmm.dim != dim:
+        raise ValueError(
+            f"{name} was built for dim={gmm.dim} but each sample has {dim} elements (shape {tuple(sample.shape)})"
+        )
+    check_gmm_steps(gmm, n_steps, name)
+
+
+def check_gmm_steps(gmm: GMM, n_steps: int, name: str = "gmm") -> None:
+    if not gmm.shared and gmm.n_steps < n_steps:
+        raise ValueError(
+            f"{name} has parameter sets for {gmm.n_steps} steps but sampling takes {n_steps}: build it with "
+            f"n_steps={n_steps} or share_across_steps=True"
+        )
+
+
+def build_gmm(variant, sample: torch.Tensor, n_steps: int, *, n_components, scale, share_across_steps,
+              uniform_priors, seed: int | None) -> GMM:
+    """GMM tables for ``sample``'s per-sample size on its device (float64 tables for float64 samples)."""
+    return GMM.create(
+        per_sample_dim(sample), n_components=n_components, n_steps=n_steps, scale=float(scale), variant=variant,
+        share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=0 if seed is None else seed,
+        device=sample.device, dtype=torch.float64 if sample.dtype == torch.float64 else torch.float32,
+    )  # fmt: skip
+
+
+def resolve_gmm(gmm, sample: torch.Tensor, n_steps: int, *, n_components, scale, share_across_steps,
+                uniform_priors, seed: int | None) -> GMM | None:
+    """``gmm`` as a sampler argument: None (plain DDIM / RFIM), a :class:`GMM` (checked against the sample and
+    the number of steps), or a variant name (tables built for this run from the other options)."""
+    if gmm is None:
+        return None
+    if isinstance(gmm, str):
+        check_gmm_options(gmm, n_components, scale)
+        return build_gmm(gmm, sample, n_steps, n_components=n_components, scale=scale,
+                         share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=seed)  # fmt: skip
+    check_gmm(gmm, sample, n_steps)
+    return gmm
+
+
+def progress_bar(iterable, disable: bool | None, desc: str):
+    """A tqdm.auto bar over ``iterable``; ``disable`` as tqdm's (None: off when the output is not a terminal)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, disable=disable)

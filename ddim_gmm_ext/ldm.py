@@ -1,0 +1,161 @@
+"""latent-diffusion style sampler: :class:`DDIMSampler`, a drop-in for ``ldm.models.diffusion.ddim.DDIMSampler``
+(CompVis latent-diffusion / Stable Diffusion) with the DDIM-GMM kernel."""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+import numpy as np
+import torch
+
+from . import api, reference
+from ._samplers import check_eta, check_seed, progress_bar, resolve_gmm, stream_seed
+from .gmm import GMM
+
+__all__ = ["DDIMSampler"]
+
+_PARAMETERIZATIONS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+
+
+class DDIMSampler:
+    """DDIM(-GMM) sampling of a latent-diffusion model.
+
+    model: exposes ``apply_model(x, t, c)`` (t a [B] long tensor of train timesteps), ``alphas_cumprod`` [T]
+    and optionally ``parameterization`` ("eps" default, "x0" or "v"), as ``LatentDiffusion`` does.
+    gmm: False (DDIM), True, or a variant name; with ``gmm_params`` (a ``ddim_gmm_ext.GMM``, as in the
+    authors' README) those tables are used, otherwise tables are built per ``sample`` call for the sample
+    size ("ortho-vub" for True) with ``n_components`` / ``scale``. seed: see ``ddim_gmm_ext._samplers``.
+
+    The schedule is latent-diffusion's: ``ddim_discretize`` "uniform" (timesteps 1, 1 + c, ..., c = T // S) or
+    "quad"; the last step goes to alphas_cumprod[0]. The initial noise x_T is drawn with ``torch.randn`` (the
+    global generator) when not given, as latent-diffusion does.
+    """
+
+    def __init__(self, model, gmm=False, gmm_params: GMM | None = None, *, n_components: int = 8,
+                 scale: float = 1.0, seed: int | None = None):  # fmt: skip
+        for attr in ("apply_model", "alphas_cumprod"):
+            if not hasattr(model, attr):
+                raise TypeError(f"model must expose {attr} (a latent-diffusion LatentDiffusion-like model)")
+        if gmm_params is not None and not gmm:
+            raise ValueError("gmm_params given with gmm=False: pass gmm=True to sample with them")
+        if gmm_params is not None and not isinstance(gmm_params, GMM):
+            raise TypeError(f"gmm_params must be a ddim_gmm_ext.GMM, got {type(gmm_params).__name__}")
+        self.model = model
+        self.gmm = "ortho-vub" if gmm is True else (gmm or None)
+        self.gmm_params = gmm_params
+        self.n_components, self.scale = n_components, scale
+        self.seed = check_seed(seed)
+        self.ddpm_num_timesteps = int(model.alphas_cumprod.shape[0])
+        self.ddim_timesteps = None
+
+    def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
+                      verbose: bool = True) -> None:  # fmt: skip
+        """Timesteps and per-step (abar_t, abar_prev, sigma) as latent-diffusion's ``make_schedule``; the five
+        step coefficients go to the model's device once. ``verbose`` is accepted for latent-diffusion scripts;
+        nothing is printed."""
+        T = self.ddpm_num_timesteps
+        if isinstance(ddim_num_steps, bool) or not isinstance(ddim_num_steps, Integral) or not 1 <= ddim_num_steps <= T:
+            raise ValueError(f"ddim_num_steps must be an int in [1, {T}], got {ddim_num_steps!r}")
+        if ddim_discretize == "uniform":
+            steps = np.arange(0, T, T // ddim_num_steps)
+        elif ddim_discretize == "quad":
+            steps = (np.linspace(0, np.sqrt(T * 0.8), ddim_num_steps) ** 2).astype(int)
+        else:
+            raise ValueError(f"ddim_discretize must be 'uniform' or 'quad', got {ddim_discretize!r}")
+        self.ddim_timesteps = steps + 1
+        eta = check_eta(ddim_eta, "ddim_eta")
+        abar = self.model.alphas_cumprod.detach().to("cpu", torch.float64)
+        self.ddim_alphas = abar[self.ddim_timesteps]
+        self.ddim_alphas_prev = torch.cat([abar[:1], abar[self.ddim_timesteps[:-1]]])
+        coeffs = reference.ddim_coefficients(self.ddim_alphas, self.ddim_alphas_prev, eta)
+        self.ddim_sigmas = coeffs[4]
+        self.ddim_eta = eta
+        self._coefficients = torch.stack(coeffs, dim=-1).to(self.model.alphas_cumprod.device)  # [S, 5], step order
+
+    @torch.no_grad()
+    def sample(
+        self,
+        steps: int | None = None,
+        batch_size: int = 1,
+        shape=None,
+        conditioning=None,
+        callback=None,
+        img_callback=None,
+        eta: float = 0.0,
+        x_T: torch.Tensor | None = None,
+        log_every_t: int = 100,
+        unconditional_guidance_scale: float = 1.0,
+        unconditional_conditioning=None,
+        ddim_discretize: str = "uniform",
+        verbose: bool = True,
+        progress: bool = True,
+        sample_offset: int = 0,
+        S: int | None = None,
+    ):
+        """Sample ``batch_size`` latents of ``shape`` (C, H, W, ...) in ``steps`` DDIM(-GMM) steps.
+
+        ``S`` is latent-diffusion's name for ``steps``. With ``unconditional_conditioning`` and a guidance
+        scale != 1, one model call on the stacked [uncond, cond] batch and guidance fused into the step.
+        callback(i) and img_callback(pred_x0, i) after each step. The progress bar shows unless ``progress``
+        or ``verbose`` is False. Returns (samples, intermediates) with intermediates = {"x_inter": [...],
+        "pred_x0": [...]} every ``log_every_t`` steps and at the last one.
+        """
+        if (steps is None) == (S is None):
+            raise ValueError("pass the number of steps once, as steps= (or latent-diffusion's S=)")
+        steps = steps if steps is not None else S
+        if shape is None:
+            raise ValueError("shape (C, H, W) of one sample is required")
+        self.make_schedule(steps, ddim_discretize=ddim_discretize, ddim_eta=eta)
+        device = self.model.alphas_cumprod.device
+        size = (batch_size, *shape)
+        if x_T is None:
+            x = torch.randn(size, device=device)
+        elif tuple(x_T.shape) != size:
+            raise ValueError(f"x_T must have shape {size} (batch_size, *shape), got {tuple(x_T.shape)}")
+        else:
+            x = x_T
+        guided = unconditional_conditioning is not None and unconditional_guidance_scale != 1.0
+        gmm = resolve_gmm(self.gmm_params if self.gmm_params is not None else self.gmm, x, steps,
+                          n_components=self.n_components, scale=self.scale, share_across_steps=False,
+                          uniform_priors=True, seed=self.seed)  # fmt: skip
+        run_seed = stream_seed(self.seed)
+        prediction_type = _PARAMETERIZATIONS[getattr(self.model, "parameterization", "eps")]
+        intermediates = {"x_inter": [x], "pred_x0": [x]}
+        timesteps = np.flip(self.ddim_timesteps)
+        for i in progress_bar(range(steps), not (progress and verbose), "DDIM-GMM Sampler" if gmm is not None else "DDIM Sampler"):
+            index = steps - 1 - i  # into the schedule arrays, which are in increasing time
+            t = torch.full((batch_size,), int(timesteps[i]), device=device, dtype=torch.long)
+            if guided:
+                m = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]),
+                                           _stack_conditioning(unconditional_conditioning, conditioning))  # fmt: skip
+            else:
+                m = self.model.apply_model(x, t, conditioning)
+            out = api.step(
+                m, x, *self._coefficients[index].unbind(), gmm=gmm, step_index=i, prediction_type=prediction_type,
+                guidance_scale=unconditional_guidance_scale if guided else None, seed=run_seed,
+                sample_offset=sample_offset,
+            )  # fmt: skip
+            x, pred_x0 = out.prev_sample, out.pred_original_sample
+            if callback is not None:
+                callback(i)
+            if img_callback is not None:
+                img_callback(pred_x0, i)
+            if index % log_every_t == 0 or i == 0:  # latent-diffusion logs the first and every log_every_t-th
+                intermediates["x_inter"].append(x)
+                intermediates["pred_x0"].append(pred_x0)
+        return x, intermediates
+
+
+def _stack_conditioning(uncond, cond):
+    """[uncond, cond] along the batch, for tensors and latent-diffusion's dicts / lists of them."""
+    if isinstance(cond, dict):
+        if not isinstance(uncond, dict) or uncond.keys() != cond.keys():
+            raise ValueError("unconditional_conditioning must be a dict with the conditioning's keys")
+        return {k: _stack_conditioning(uncond[k], cond[k]) for k in cond}
+    if isinstance(cond, (list, tuple)):
+        if not isinstance(uncond, (list, tuple)) or len(uncond) != len(cond):
+            raise ValueError("unconditional_conditioning must be a list as long as the conditioning")
+        return [_stack_conditioning(u, c) for u, c in zip(uncond, cond)]
+    if not isinstance(cond, torch.Tensor) or not isinstance(uncond, torch.Tensor):
+        raise TypeError("conditioning and unconditional_conditioning must be tensors (or dicts / lists of them)")
+    return torch.cat([uncond, cond])

@@ -1,0 +1,260 @@
+"""DDIMGMMScheduler: parity with diffusers' DDIMScheduler, config round trips, pipelines, compile, bad input."""
+
+import inspect
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel  # noqa: E402
+
+import ddim_gmm_ext as dg  # noqa: E402
+from ddim_gmm_ext.diffusers import DDIMGMMScheduler  # noqa: E402
+
+# float32 steps against diffusers' float32 steps: the coefficients are rounded from float64 here and computed
+# in float32 there, and x0 = (x - b m) / a amplifies that by up to 1 / a_t (~150 at t = 999).
+ATOL = RTOL = 1e-4
+SHAPE = (2, 3, 4, 4)
+
+
+def _model(x, t):
+    """A smooth stand-in for a UNet output, depending on the sample and the timestep."""
+    return torch.sin(3 * x) + 0.1 * float(t) / 1000
+
+
+def _run(scheduler, steps, x, noises, **step_kwargs):
+    """(samples, x0 predictions) along a sampling run with the given per-step variance noise."""
+    scheduler.set_timesteps(steps)
+    xs, x0s = [], []
+    for i, t in enumerate(scheduler.timesteps):
+        out = scheduler.step(_model(x, t), t, x, variance_noise=noises[i], **step_kwargs)
+        x = out.prev_sample
+        xs.append(x)
+        x0s.append(out.pred_original_sample)
+    return torch.stack(xs), torch.stack(x0s)
+
+
+def _assert_parity(config, eta, use_clipped_model_output=False, steps=5):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(SHAPE, generator=gen)
+    noises = torch.randn((steps, *SHAPE), generator=gen)
+    kwargs = dict(eta=eta, use_clipped_model_output=use_clipped_model_output)
+    expected = _run(DDIMScheduler(**config), steps, x, noises, **kwargs)
+    actual = _run(DDIMGMMScheduler(**config), steps, x, noises, **kwargs)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_gmm_off_equals_ddim(prediction_type, spacing, eta):
+    _assert_parity(dict(prediction_type=prediction_type, timestep_spacing=spacing), eta)
+
+
+@pytest.mark.parametrize(
+    "config, use_clipped",
+    [
+        (dict(clip_sample=False), False),
+        (dict(clip_sample_range=0.5), True),
+        (dict(thresholding=True, sample_max_value=1.5, prediction_type="v_prediction"), False),
+        (dict(thresholding=True, dynamic_thresholding_ratio=0.9), True),
+        (dict(set_alpha_to_one=False, steps_offset=1, beta_schedule="scaled_linear", beta_end=0.012), False),
+        (dict(beta_schedule="squaredcos_cap_v2", prediction_type="sample"), True),
+        (dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"), False),
+        (dict(trained_betas=torch.linspace(1e-4, 0.03, 500).tolist(), num_train_timesteps=500), False),
+    ],
+)
+def test_gmm_off_equals_ddim_configs(config, use_clipped):
+    _assert_parity(config, eta=0.7, use_clipped_model_output=use_clipped)
+
+
+def test_keeps_every_ddim_config_key_and_default():
+    ours = inspect.signature(DDIMGMMScheduler.__init__).parameters
+    for name, p in inspect.signature(DDIMScheduler.__init__).parameters.items():
+        assert name in ours and ours[name].default == p.default, name
+    assert inspect.signature(DDIMGMMScheduler.step).parameters.keys() == inspect.signature(DDIMScheduler.step).parameters.keys()
+
+
+def test_generator_parity_single_and_list():
+    """The same generator state gives diffusers' result (noise drawn with randn_tensor, as DDIMScheduler)."""
+    x = torch.randn(SHAPE)
+    for make in (lambda: torch.Generator().manual_seed(3), lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]):
+        results = []
+        for cls in (DDIMScheduler, DDIMGMMScheduler):
+            s = cls(clip_sample=False)
+            s.set_timesteps(4)
+            gen, y = make(), x
+            for t in s.timesteps:
+                y = s.step(_model(y, t), t, y, eta=1.0, generator=gen).prev_sample
+            results.append(y)
+        torch.testing.assert_close(results[1], results[0], atol=ATOL, rtol=RTOL)
+
+
+def test_philox_stream_is_batch_invariant_and_seeded():
+    """Without generator / variance_noise, a sample depends on (seed, its index), not on the batch around it."""
+    x = torch.randn(SHAPE)
+
+    def run(batch, seed):
+        s = DDIMGMMScheduler(clip_sample=False, gmm_variant="ortho", gmm_n_components=3, seed=seed)
+        s.set_timesteps(3)
+        y = batch
+        for t in s.timesteps:
+            y = s.step(_model(y, t), t, y, eta=0.8).prev_sample
+        return y
+
+    full = run(x, 5)
+    torch.testing.assert_close(run(x[:1], 5), full[:1])
+    torch.testing.assert_close(run(x, 5), full)
+    assert not torch.allclose(run(x, 6), full)
+
+
+def test_gmm_matches_ddim_step_with_the_same_tables():
+    """With GMM on, each step is dg.ddim_step of the same abar pair, GMM set, step index and seed."""
+    gmm = dg.GMM.create(48, n_components=4, n_steps=3, variant="rand", seed=2)
+    s = DDIMGMMScheduler(clip_sample=False, seed=9)
+    s.set_gmm_params(gmm_params=gmm)
+    s.set_timesteps(3)
+    x = y = torch.randn(SHAPE)
+    for i, t in enumerate(s.timesteps):
+        m = _model(y, t)
+        prev = t - 1000 // 3
+        abar_prev = s.alphas_cumprod[prev] if prev >= 0 else torch.tensor(1.0)
+        expected = dg.ddim_step(m, y, s.alphas_cumprod[t], abar_prev, eta=0.5, gmm=gmm, step_index=i, seed=9)
+        x = s.step(_model(x, t), t, x, eta=0.5).prev_sample
+        y = expected.prev_sample
+        torch.testing.assert_close(x, y, atol=ATOL, rtol=RTOL)
+
+
+def test_gmm_tables_built_lazily_cached_and_rebuilt_for_a_new_size():
+    s = DDIMGMMScheduler(gmm_variant="ortho-vub*", gmm_n_components=2, seed=0)
+    assert s.gmm is None
+    s.set_timesteps(2)
+    s.step(torch.zeros(SHAPE), s.timesteps[0], torch.zeros(SHAPE))
+    first = s.gmm
+    assert first.dim == 48 and first.shared
+    s.step(torch.zeros(SHAPE), s.timesteps[1], torch.zeros(SHAPE))
+    assert s.gmm is first
+    s.set_timesteps(2)
+    s.step(torch.zeros(1, 2, 4, 4), s.timesteps[0], torch.zeros(1, 2, 4, 4))
+    assert s.gmm is not first and s.gmm.dim == 32
+
+
+def test_config_round_trips(tmp_path):
+    s = DDIMGMMScheduler(prediction_type="v_prediction", gmm_variant="rand", gmm_scale=2.0, seed=4)
+    s.save_pretrained(tmp_path)
+    loaded = DDIMGMMScheduler.from_pretrained(tmp_path)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(s.config)
+    from_ddim = DDIMGMMScheduler.from_config(DDIMScheduler(steps_offset=1).config, gmm_variant="ortho")
+    assert from_ddim.config.steps_offset == 1 and from_ddim.config.gmm_variant == "ortho"
+    back = DDIMScheduler.from_config(s.config)
+    assert back.config.prediction_type == "v_prediction"
+
+
+def test_add_noise_and_get_velocity_unchanged():
+    x0, noise, t = torch.randn(SHAPE), torch.randn(SHAPE), torch.tensor([10, 500])
+    ours, theirs = DDIMGMMScheduler(), DDIMScheduler()
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), theirs.add_noise(x0, noise, t))
+    torch.testing.assert_close(ours.get_velocity(x0, noise, t), theirs.get_velocity(x0, noise, t))
+
+
+def _tiny_pipeline():
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    )  # fmt: skip
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(clip_sample=False))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_ddim_pipeline_with_and_without_gmm():
+    pipe = _tiny_pipeline()
+
+    def images(eta=0.5, seed=0):
+        return pipe(batch_size=2, num_inference_steps=4, eta=eta, output_type="np",
+                    generator=torch.Generator().manual_seed(seed)).images  # fmt: skip
+
+    ddim = images()
+    pipe.scheduler = DDIMGMMScheduler.from_config(pipe.scheduler.config)
+    torch.testing.assert_close(images(), ddim, atol=1e-5, rtol=1e-5)
+    pipe.scheduler = DDIMGMMScheduler.from_config(pipe.scheduler.config, gmm_variant="ortho-vub", gmm_scale=5.0)
+    gmm = images()
+    assert gmm.shape == ddim.shape and (gmm != ddim).any()
+    assert (images() == gmm).all() and (images(seed=1) != gmm).any()
+
+
+def test_compiled_step_fullgraph_matches_eager():
+    torch._dynamo.reset()
+
+    def setup():
+        s = DDIMGMMScheduler(clip_sample=False, gmm_variant="ortho", gmm_n_components=2, seed=1)
+        s.set_timesteps(3)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+        x = s.step(_model(x, 0), s.timesteps[0], x, eta=0.5).prev_sample  # builds the GMM tables eagerly
+        return s, x
+
+    (eager, x), (compiled, _) = setup(), setup()
+    t = eager.timesteps[1]
+    m = torch.sin(x)
+    expected = eager.step(m, t, x, eta=0.5, return_dict=False)
+    # aot_eager: dynamo capture and AOT tracing (what fullgraph is about) without inductor codegen, which takes
+    # minutes on the pure-torch Philox graph on this 2-core CPU box.
+    actual = torch.compile(compiled.step, fullgraph=True, backend="aot_eager")(m, t, x, eta=0.5, return_dict=False)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
+    assert compiled.step_index == 2
+
+
+def test_set_begin_index_starts_the_counter():
+    s = DDIMGMMScheduler(gmm_variant="rand", gmm_n_components=2)
+    s.set_timesteps(4)
+    s.set_begin_index(2)
+    for t in s.timesteps[2:]:
+        s.step(torch.zeros(SHAPE), t, torch.zeros(SHAPE))
+    assert s.step_index == 4
+    with pytest.raises(ValueError, match="set_timesteps before sampling again"):
+        s.step(torch.zeros(SHAPE), s.timesteps[-1], torch.zeros(SHAPE))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(eta=1.5), ValueError, "eta must be a number in"),
+        (dict(eta=-0.1), ValueError, "eta must be a number in"),
+        (dict(variance_noise=torch.zeros(1, 3, 4, 4)), ValueError, "variance_noise must have the sample's shape"),
+        (dict(generator=[torch.Generator()] * 3), ValueError, "list of 3 generators but the batch has 2"),
+        (dict(generator="seed"), TypeError, "generator must be"),
+        (dict(eta=0.5, generator=torch.Generator(), variance_noise=torch.zeros(SHAPE)), ValueError, "Cannot pass both"),
+        (dict(timestep=torch.tensor([1, 2])), ValueError, "timestep must be one integer timestep"),
+        (dict(timestep=1000), ValueError, "timestep must be in"),
+    ],
+)
+def test_bad_step_input(kwargs, error, match):
+    s = DDIMGMMScheduler()
+    s.set_timesteps(2)
+    timestep = kwargs.pop("timestep", s.timesteps[0])
+    with pytest.raises(error, match=match):
+        s.step(torch.zeros(SHAPE), timestep, torch.zeros(SHAPE), **kwargs)
+
+
+def test_bad_use_and_config():
+    with pytest.raises(ValueError, match="set_timesteps"):
+        DDIMGMMScheduler().step(torch.zeros(SHAPE), 10, torch.zeros(SHAPE))
+    with pytest.raises(ValueError, match="GMM variant"):
+        DDIMGMMScheduler(gmm_variant="orthogonal")
+    with pytest.raises(ValueError, match="seed"):
+        DDIMGMMScheduler(seed=-1)
+    with pytest.raises(ValueError, match="prediction_type"):
+        DDIMGMMScheduler(prediction_type="flow")
+    s = DDIMGMMScheduler()
+    with pytest.raises(TypeError, match="gmm_params"):
+        s.set_gmm_params(gmm_params="ortho")
+    s.set_gmm_params(gmm_params=dg.GMM.create(48, n_components=2, n_steps=2))
+    with pytest.raises(ValueError, match="gmm_params has parameter sets for 2 steps but sampling takes 3"):
+        s.set_timesteps(3)
+    s.set_timesteps(2)
+    with pytest.raises(ValueError, match="gmm_params was built for dim=48"):
+        s.step(torch.zeros(2, 2, 4, 4), s.timesteps[0], torch.zeros(2, 2, 4, 4))
