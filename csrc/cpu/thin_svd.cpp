@@ -380,7 +380,7 @@ at::Tensor thin_svd_blas(const at::Tensor& O) {
   const at::Tensor U = at::linalg_solve_triangular(R, U1, /*upper=*/true, /*left=*/false).to(O.scalar_type());
   // Reference sign convention; argmax returns the first maximal index.
   const at::Tensor pivot = at::gather(U, 1, U.abs().argmax(1, /*keepdim=*/true));
-  return U * at::where(pivot < 0, -1.0, 1.0).to(U.scalar_type());
+  return (U * at::where(pivot < 0, -1.0, 1.0).to(U.scalar_type())).contiguous();
 }
 
 at::Tensor thin_svd_cpu(const at::Tensor& O) {
