@@ -15,8 +15,8 @@
 // Two routes with the same mathematics:
 //   K <= kSmallK: one fused pass per stage over the rows of O, blocked over (matrix, row chunk) with
 //     at::parallel_for, and a cyclic Jacobi eigensolver per matrix. Memory traffic is a few reads of O.
-//   K >  kSmallK: the stages as ATen ops in float64 (BLAS GEMMs, LAPACK syevd), where the K^2 work per row
-//     makes BLAS the right tool.
+//   K >  kSmallK: the stages as ATen ops in float64 (BLAS GEMMs, LAPACK syevd; csrc/thin_svd_aten.h, shared
+//     with CUDA), where the K^2 work per row makes BLAS the right tool.
 //
 // Squaring the condition number limits what the Gram route can resolve: a matrix whose smallest singular
 // value is below kMinSigmaRatio times its largest is rejected as numerically rank-deficient (LAPACK would
@@ -24,6 +24,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "../thin_svd_aten.h"
 
 #include <algorithm>
 #include <cmath>
@@ -35,7 +37,6 @@ namespace ddimgmm {
 namespace {
 
 constexpr int64_t kSmallK = 32;
-constexpr double kMinSigmaRatio = 1e-6;
 // Rows per work item of the fused route. The chunking depends only on the shape (never on the thread
 // count), so partial sums are added in a fixed order and the result is bitwise deterministic.
 constexpr int64_t kChunkRows = 4096;
@@ -357,30 +358,21 @@ at::Tensor thin_svd_small_k(const at::Tensor& O) {
 // ---------------------------------------------------------------------------------------------------------
 
 at::Tensor thin_svd_blas(const at::Tensor& O) {
-  const int64_t S = O.size(0);
-  const at::Tensor O64 = O.to(at::kDouble);
-  const at::Tensor G = at::matmul(O64.mT(), O64);
-  std::vector<int> status(S, kOk);
-  std::vector<double> sigma_ratio(S, 0.0);
-  const at::Tensor finite = at::isfinite(G.diagonal(0, -2, -1)).all(-1).contiguous();
-  for (int64_t s = 0; s < S; ++s) status[s] = finite.data_ptr<bool>()[s] ? kOk : kNonFinite;
-  raise_on_status(status, sigma_ratio);  // before LAPACK, which fails on nan with a less useful message
-  auto [lambda, V] = at::linalg_eigh(G);  // ascending
-  lambda = lambda.flip(-1);
-  V = V.flip(-1);
-  const at::Tensor ratio =
-      (lambda.select(-1, -1).clamp_min(0) / lambda.select(-1, 0)).sqrt().nan_to_num(0.0).contiguous();
-  for (int64_t s = 0; s < S; ++s) {
-    sigma_ratio[s] = ratio.data_ptr<double>()[s];
-    if (!(sigma_ratio[s] > kMinSigmaRatio)) status[s] = kRankDeficient;
-  }
-  raise_on_status(status, sigma_ratio);
-  const at::Tensor U1 = at::matmul(O64, V * lambda.rsqrt().unsqueeze(-2));
-  const at::Tensor R = at::linalg_cholesky(at::matmul(U1.mT(), U1), /*upper=*/true);
-  const at::Tensor U = at::linalg_solve_triangular(R, U1, /*upper=*/true, /*left=*/false).to(O.scalar_type());
-  // Reference sign convention; argmax returns the first maximal index.
-  const at::Tensor pivot = at::gather(U, 1, U.abs().argmax(1, /*keepdim=*/true));
-  return (U * at::where(pivot < 0, -1.0, 1.0).to(U.scalar_type())).contiguous();
+  return thin_svd_aten(O, [](const at::Tensor& finite, const at::Tensor& sigma_ratio) {
+    const int64_t S = finite.size(0);
+    std::vector<int> status(S, kOk);
+    std::vector<double> ratio(S, 0.0);
+    const at::Tensor f = finite.contiguous();
+    for (int64_t s = 0; s < S; ++s) status[s] = f.data_ptr<bool>()[s] ? kOk : kNonFinite;
+    if (sigma_ratio.defined()) {
+      const at::Tensor r = sigma_ratio.contiguous();
+      for (int64_t s = 0; s < S; ++s) {
+        ratio[s] = r.data_ptr<double>()[s];
+        if (!(ratio[s] > kMinSigmaRatio)) status[s] = kRankDeficient;
+      }
+    }
+    raise_on_status(status, ratio);
+  }).U;
 }
 
 at::Tensor thin_svd_cpu(const at::Tensor& O) {
