@@ -21,8 +21,9 @@ struct ThinSvdAten {
   at::Tensor sigma_ratio;  // [S] float64: sigma_min / sigma_max (0 for a zero matrix)
 };
 
-// `check` runs on (finite, sigma_ratio) before the eigen-decomposition and the solves, so it can raise
-// before LAPACK sees nan; it may also return nothing and let U carry nan for the failed matrices.
+// `check(finite, sigma_ratio)` runs before the eigen-decomposition (sigma_ratio undefined) and after it. It
+// may raise, or let U carry nan for the failed matrices; its second call returns whether the second
+// (CholeskyQR2) pass is needed.
 template <typename Check>
 ThinSvdAten thin_svd_aten(const at::Tensor& O, Check check) {
   const at::Tensor O64 = O.to(at::kDouble);
@@ -35,12 +36,16 @@ ThinSvdAten thin_svd_aten(const at::Tensor& O, Check check) {
   lambda = lambda.flip(-1);  // descending
   V = V.flip(-1);
   const at::Tensor ratio = (lambda.select(-1, -1).clamp_min(0) / lambda.select(-1, 0)).sqrt().nan_to_num(0.0);
-  check(finite, ratio);
+  const bool second_pass = check(finite, ratio);
   const at::Tensor ok = finite.logical_and(ratio > kMinSigmaRatio);
   const at::Tensor U1 = at::matmul(O64, V * lambda.clamp_min(std::numeric_limits<double>::min()).rsqrt().unsqueeze(-2));
-  const at::Tensor G2 = at::matmul(U1.mT(), U1);
-  const at::Tensor R = std::get<0>(at::linalg_cholesky_ex(at::where(ok.view({-1, 1, 1}), G2, eye), /*upper=*/true));
-  at::Tensor U = at::linalg_solve_triangular(R, U1, /*upper=*/true, /*left=*/false).to(O.scalar_type());
+  at::Tensor U = U1;
+  if (second_pass) {
+    const at::Tensor G2 = at::matmul(U1.mT(), U1);
+    const at::Tensor R = std::get<0>(at::linalg_cholesky_ex(at::where(ok.view({-1, 1, 1}), G2, eye), /*upper=*/true));
+    U = at::linalg_solve_triangular(R, U1, /*upper=*/true, /*left=*/false);
+  }
+  U = U.to(O.scalar_type());
   const at::Tensor pivot = at::gather(U, 1, U.abs().argmax(1, /*keepdim=*/true));  // first maximal entry
   U = U * at::where(pivot < 0, -1.0, 1.0).to(U.scalar_type());
   U = at::where(ok.view({-1, 1, 1}), U, std::numeric_limits<double>::quiet_NaN()).contiguous();

@@ -62,6 +62,15 @@ void raise_on_status(const std::vector<int>& status, const std::vector<double>& 
   }
 }
 
+// The first pass leaves ||U1^T U1 - I|| of order eps64 K sqrt(D) cond(O)^2 (rounding of G). The second
+// pass runs when that could show in the output dtype (eps `out_eps`): always for float64 output, not for
+// float32 output of well-conditioned O such as the GMM's Gaussian draws.
+bool needs_second_pass(double min_sigma_ratio, int64_t D, int64_t K, double out_eps) {
+  const double first_pass_error = std::numeric_limits<double>::epsilon() * K * std::sqrt(static_cast<double>(D)) /
+                                  (min_sigma_ratio * min_sigma_ratio);
+  return first_pass_error > 1e-3 * out_eps;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Small dense kernels on K x K row-major float64 matrices (K <= kSmallK)
 // ---------------------------------------------------------------------------------------------------------
@@ -299,13 +308,9 @@ struct SmallK {
     });
     raise_on_status(status, sigma_ratio);
     // Second pass: G2 = (O W)^T (O W) = R^T R, M = W R^(-1). R is near the identity, so its Cholesky
-    // cannot fail once the rank check has passed. The first pass leaves ||U1^T U1 - I|| of order
-    // eps64 K sqrt(D) cond(O)^2 (rounding of G); the pass is skipped when that cannot show in the output
-    // dtype, which is the case for float32 output of well-conditioned O such as the GMM's Gaussian draws.
+    // cannot fail once the rank check has passed.
     const double min_ratio = *std::min_element(sigma_ratio.begin(), sigma_ratio.end());
-    const double first_pass_error =
-        std::numeric_limits<double>::epsilon() * K * std::sqrt(static_cast<double>(D)) / (min_ratio * min_ratio);
-    if (first_pass_error > 1e-3 * std::numeric_limits<scalar_t>::epsilon()) second_pass(W);
+    if (needs_second_pass(min_ratio, D, K, std::numeric_limits<scalar_t>::epsilon())) second_pass(W);
     write_output(pad(W));
   }
 
@@ -358,10 +363,13 @@ at::Tensor thin_svd_small_k(const at::Tensor& O) {
 // ---------------------------------------------------------------------------------------------------------
 
 at::Tensor thin_svd_blas(const at::Tensor& O) {
-  return thin_svd_aten(O, [](const at::Tensor& finite, const at::Tensor& sigma_ratio) {
+  const int64_t D = O.size(1), K = O.size(2);
+  const double out_eps = O.scalar_type() == at::kFloat ? std::numeric_limits<float>::epsilon()
+                                                       : std::numeric_limits<double>::epsilon();
+  return thin_svd_aten(O, [&](const at::Tensor& finite, const at::Tensor& sigma_ratio) {
     const int64_t S = finite.size(0);
     std::vector<int> status(S, kOk);
-    std::vector<double> ratio(S, 0.0);
+    std::vector<double> ratio(S, 1.0);
     const at::Tensor f = finite.contiguous();
     for (int64_t s = 0; s < S; ++s) status[s] = f.data_ptr<bool>()[s] ? kOk : kNonFinite;
     if (sigma_ratio.defined()) {
@@ -372,6 +380,7 @@ at::Tensor thin_svd_blas(const at::Tensor& O) {
       }
     }
     raise_on_status(status, ratio);
+    return needs_second_pass(*std::min_element(ratio.begin(), ratio.end()), D, K, out_eps);
   }).U;
 }
 

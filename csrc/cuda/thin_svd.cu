@@ -329,7 +329,8 @@ at::Tensor thin_svd_cuda(const at::Tensor& O) {
   if (O.numel() == 0) return at::empty_like(O, at::MemoryFormat::Contiguous);
   const c10::cuda::CUDAGuard guard(O.device());
   if (O.size(2) <= kMaxK) return thin_svd_small_k(O);
-  return thin_svd_aten(O, [](const at::Tensor&, const at::Tensor&) {}).U;
+  // Deciding to skip the second pass would need sigma_ratio on the host: always run it.
+  return thin_svd_aten(O, [](const at::Tensor&, const at::Tensor&) { return true; }).U;
 }
 
 }  // namespace
