@@ -52,5 +52,9 @@ def rfim_step(model_output, sample, t, s, *, eta: float = 0.0, prediction_type: 
 
 def thin_svd(O: torch.Tensor) -> torch.Tensor:
     """U [S, D, K] with orthonormal columns spanning O [S, D, K], ordered by singular value, signs as
-    :func:`reference.thin_svd`."""
-    return reference.thin_svd(O)
+    :func:`reference.thin_svd`. Computed from the Gram matrix O^T O in float64 (csrc/cpu/thin_svd.cpp,
+    csrc/cuda/thin_svd.cu). A non-finite or numerically rank-deficient O[s] (sigma_min / sigma_max <= 1e-6,
+    where :func:`reference.thin_svd` still answers) raises on CPU; on CUDA, where raising would need a host
+    sync, U[s] is all nan."""
+    reference._check_thin_svd_input(O)
+    return torch.ops.ddimgmm.thin_svd(O)

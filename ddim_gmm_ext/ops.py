@@ -6,5 +6,6 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (runs TORCH_LIBRARY(ddimgmm) and the CPU kernel registrations)
+from . import _thin_svd_op  # noqa: F401
 
 ddimgmm = torch.ops.ddimgmm

@@ -1,0 +1,48 @@
+"""Thin SVD and GMM initialisation timings (pytest-benchmark).
+
+    pytest benchmarks/bench_thin_svd.py --benchmark-only            # this machine's devices
+    python benchmarks/thin_svd_results.py                            # writes benchmarks/results/thin_svd_<device>.json
+"""
+
+import pytest
+import torch
+
+import ddim_gmm_ext as dg
+
+SHAPES = [(50, 16384, 8), (50, 196608, 16), (1, 16384, 1024)]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+METHODS = {
+    "ddimgmm": dg.thin_svd,
+    "linalg_svd": lambda O: torch.linalg.svd(O, full_matrices=False).U,
+    "linalg_svd_gesvda": lambda O: torch.linalg.svd(O, full_matrices=False, driver="gesvda").U,
+}
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_thin_svd(benchmark, shape, method, device):
+    if method == "linalg_svd_gesvda" and device != "cuda":
+        pytest.skip("gesvda is a cuSOLVER driver")
+    O = torch.randn(shape, device=device)
+    fn = METHODS[method]
+
+    def run():
+        fn(O)
+        _sync(device)
+
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gmm_create(benchmark, device):
+    def run():
+        dg.GMM.create(16384, 8, 50, variant="ortho", device=device)
+        _sync(device)
+
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)

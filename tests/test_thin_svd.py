@@ -1,0 +1,167 @@
+"""torch.ops.ddimgmm.thin_svd (DESIGN.md 2.4) against LAPACK, and the GMM initialisation built on it.
+
+Oracles: torch.linalg.svd in float64 (up to column signs), orthonormality, span, singular-value order, the
+sign convention of reference.thin_svd, and the GMM identities of DESIGN.md 2.3 (eq. 8, VUB table).
+"""
+
+import pytest
+import torch
+
+import ddim_gmm_ext as dg
+from ddim_gmm_ext import reference
+
+from .helpers import DEVICES, assert_close
+
+# (S, D, K): K = 1, K = D - 1, both fused-route bucket edges (K = 8, 17, 32) and the BLAS route (K = 40).
+SHAPES = [(1, 5, 1), (3, 64, 8), (2, 9, 8), (4, 200, 17), (2, 33, 32), (2, 300, 40), (1, 41, 40), (2, 20000, 4)]
+DTYPES = [torch.float32, torch.float64]
+
+
+def _gaussian(shape, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
+
+
+def _lapack_u(O: torch.Tensor) -> torch.Tensor:
+    """float64 LAPACK U of O with the reference's sign convention, on the CPU."""
+    return reference.thin_svd(O.detach().to("cpu", torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_lapack_and_is_orthonormal(shape, dtype, device):
+    O = _gaussian(shape, dtype, device)
+    U = dg.thin_svd(O)
+    assert U.shape == O.shape and U.dtype == dtype and U.device == O.device
+    expected = _lapack_u(O)
+    # Same signs by convention, so plain closeness; the gap between random singular values bounds how
+    # well any method (LAPACK in float32 included) determines the vectors, hence the scale.
+    assert_close(U, expected, scale=10)
+    U64, K = U.to("cpu", torch.float64), shape[2]
+    gram_error = torch.linalg.matrix_norm(U64.mT @ U64 - torch.eye(K, dtype=torch.float64))
+    assert gram_error.max() <= (1e-5 if dtype == torch.float32 else 1e-12)
+    # span: U U^T O = O
+    O64 = O.to("cpu", torch.float64)
+    assert_close(U64 @ (U64.mT @ O64), O64, dtype=dtype, scale=10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_order_and_sign_convention(device):
+    # Known singular values, deliberately out of order, on a random orthonormal basis.
+    D, K = 50, 6
+    Q = torch.linalg.qr(_gaussian((2, D, K), torch.float64, "cpu")).Q
+    sigma = torch.tensor([0.5, 3.0, 1.0, 7.0, 2.0, 0.1], dtype=torch.float64)
+    O = (Q * sigma).to(device)
+    U = dg.thin_svd(O).cpu()
+    order = sigma.argsort(descending=True)
+    # U's columns are Q's in decreasing singular value, up to sign; the sign makes the largest |entry|
+    # positive.
+    assert_close(U.abs(), Q[:, :, order].abs())
+    pivot = torch.gather(U, 1, U.abs().argmax(1, keepdim=True))
+    assert (pivot > 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sign_ties_take_the_first_entry(device):
+    # Column [-1, 1] / sqrt(2): both entries have the largest magnitude, the first decides -> [1, -1].
+    O = torch.tensor([[[-1.0], [1.0]]], dtype=torch.float64, device=device)
+    U = dg.thin_svd(O).cpu()
+    assert_close(U, torch.tensor([[[1.0], [-1.0]]], dtype=torch.float64) / 2**0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_and_independent_of_thread_count(device):
+    O = _gaussian((3, 9000, 5), torch.float32, device)
+    first = dg.thin_svd(O)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = dg.thin_svd(O)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(first, dg.thin_svd(O))
+    assert torch.equal(first, single)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_input(device):
+    O = _gaussian((4, 8, 100), torch.float64, device).transpose(1, 2)
+    assert_close(dg.thin_svd(O), _lapack_u(O))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 16, 4), (3, 16, 0)])
+def test_empty(shape, device):
+    U = dg.thin_svd(torch.empty(shape, device=device))
+    assert U.shape == shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 12, 3), (2, 80, 40)])
+def test_opcheck(shape, device):
+    torch.library.opcheck(torch.ops.ddimgmm.thin_svd, (_gaussian(shape, torch.float32, device),))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("K", [3, 40])
+def test_rank_deficient_raises(K, device):
+    O = _gaussian((3, 60, K), torch.float64, device)
+    O[1, :, -1] = O[1, :, 0] * 2  # O[1] has rank K - 1
+    with pytest.raises(RuntimeError, match=r"O\[1\] is numerically rank-deficient"):
+        torch.ops.ddimgmm.thin_svd(O)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("K", [3, 40])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_raises(bad, K, device):
+    O = _gaussian((2, 60, K), torch.float32, device)
+    O[1, 7, 1] = bad
+    with pytest.raises(RuntimeError, match=r"O must be finite; O\[1\]"):
+        torch.ops.ddimgmm.thin_svd(O)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "O, error, message",
+    [
+        (torch.zeros(2, 3, 4), ValueError, "K <= D"),
+        (torch.zeros(3, 4), ValueError, r"shape \[S, D, K\]"),
+        (torch.zeros(2, 5, 3, dtype=torch.int64), TypeError, "O must have a floating dtype"),
+        (torch.zeros(2, 5, 3, dtype=torch.float16), TypeError, "O must be float32 or float64"),
+    ],
+)
+def test_bad_arguments(O, error, message, device):
+    with pytest.raises(error, match=message):
+        dg.thin_svd(O.to(device))
+    with pytest.raises(RuntimeError, match="thin_svd: O"):  # the op checks on its own too
+        torch.ops.ddimgmm.thin_svd(O.to(device))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GMM initialisation through the op
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", ["ortho", "ortho-vub", "ortho-vub*"])
+@pytest.mark.parametrize("uniform_priors", [True, False])
+def test_gmm_matches_reference(variant, uniform_priors, device):
+    dim, K, steps = 300, 5, 4
+    gmm = dg.GMM.create(dim, K, steps, scale=0.7, variant=variant, uniform_priors=uniform_priors, seed=3,
+                        device=device, dtype=torch.float64)  # fmt: skip
+    base, shared = (variant.rstrip("*"), variant.endswith("*"))
+    expected = reference.gmm_parameters(dim, K, steps, 0.7, base, shared, uniform_priors, seed=3,
+                                        dtype=torch.float64, thin_svd_fn=reference.thin_svd)  # fmt: skip
+    for actual, ref in zip((gmm.priors, gmm.offsets, gmm.var_offsets), expected):
+        assert_close(actual, ref)
+    # eq. 8, exactly up to float64 rounding of the centring
+    mean = (gmm.priors[:, :, None] * gmm.offsets).sum(1)
+    assert mean.abs().max() <= 1e-15
+    if base == "ortho-vub":
+        ascending = gmm.priors.sort(-1).values
+        table = 0.7**2 * ascending[:, None, :] / (K * gmm.priors[:, :, None])
+        assert_close(gmm.var_offsets, table)
+        if uniform_priors:
+            assert_close(gmm.var_offsets, torch.full_like(gmm.var_offsets, 0.7**2 / K))
