@@ -1,5 +1,7 @@
 """Builds ddim_gmm_ext._C: the C++ CPU ops always, the CUDA sources only when a CUDA torch and nvcc are
-present (or DDIMGMM_FORCE_CUDA=1, which CI uses to compile the .cu files on a machine without a GPU)."""
+present, or when DDIMGMM_FORCE_CUDA=1 (a CUDA torch whose toolkit was not auto-detected, e.g. in a container
+build without a GPU). CI has a CPU torch, which cannot link CUDA code: it compiles the .cu files with nvcc
+alone (tests/test_cuda_compile.py)."""
 
 import glob
 import os
