@@ -8,3 +8,4 @@ import torch
 from . import _C  # noqa: F401  (runs TORCH_LIBRARY(ddimgmm) and the CPU kernel registrations)
 
 ddimgmm = torch.ops.ddimgmm
+from . import _step_op  # noqa: F401
