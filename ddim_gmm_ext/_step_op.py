@@ -10,6 +10,10 @@ import torch
 _MAX_INDEX = 2**32
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -58,7 +62,7 @@ def _check(model_output, sample, coeffs, priors, offsets, var_offsets, noise, co
     if all(given):
         for name, t in tables.items():
             if t.dtype != cdt:
-                fail(f"{name} must be {cdt} (the compute dtype of a {sample.dtype} sample), got {t.dtype}")
+                fail(f"{name} must be {_name(cdt)} (the compute dtype of a {_name(sample.dtype)} sample), got {_name(t.dtype)}")
         K = priors.shape[0] if priors.dim() == 1 else -1
         if K < 1:
             fail(f"priors must have shape [K], K >= 1, got {tuple(priors.shape)}")

@@ -7,6 +7,7 @@ on every device to float32 rounding.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 
@@ -223,7 +224,7 @@ def step(
     already validated by the caller. Returns (prev_sample, pred_original_sample or empty, components [B] int64
     or empty). Inputs are read as they are if contiguous (otherwise copied once); nothing is synced."""
     B = sample.shape[0]
-    D = sample.numel() // B if B else 0
+    D = math.prod(sample.shape[1:])
     cdt = torch.float64 if sample.dtype == torch.float64 else torch.float32
     gmm = priors is not None
     x = sample.contiguous()

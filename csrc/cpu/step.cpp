@@ -22,6 +22,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace ddimgmm {
@@ -250,7 +251,7 @@ void run(const at::Tensor& model_output, const at::Tensor& sample, const at::Ten
          std::optional<double> clip, bool use_clipped, int64_t seed, int64_t sample_offset, int64_t step_index,
          at::Tensor& prev, at::Tensor& x0_out, at::Tensor& comps_out) {
   using T = at::opmath_type<scalar_t>;
-  const int64_t B = sample.size(0), D = B ? sample.numel() / B : 0;
+  const int64_t B = sample.size(0), D = c10::multiply_integers(sample.sizes().slice(1));
   const Coeffs<T> k = make_coeffs(coeffs.contiguous().data_ptr<T>(), prediction_type, guidance, clip, use_clipped);
   const uint32_t k0 = uint32_t(uint64_t(seed) & 0xFFFFFFFFu), k1 = uint32_t(uint64_t(seed) >> 32);
   const uint32_t step = uint32_t(step_index);
@@ -310,7 +311,18 @@ void run(const at::Tensor& model_output, const at::Tensor& sample, const at::Ten
   });
 }
 
-const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
+// torch's spelling (float32, ...) in messages, as Python users write it.
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    default: return c10::toString(t);
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
     const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& coeffs,
@@ -324,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
               "ddimgmm::step: sample must be float16, bfloat16, float32 or float64, got ", dtype_name(dtype));
   TORCH_CHECK(sample.dim() >= 1, "ddimgmm::step: sample must have a batch dimension, got a 0-d tensor");
   const auto cdt = dtype == at::kDouble ? at::kDouble : at::kFloat;  // compute dtype
-  const int64_t B = sample.size(0), D = B ? sample.numel() / B : 0;
+  const int64_t B = sample.size(0), D = c10::multiply_integers(sample.sizes().slice(1));
   const bool guided = guidance_scale.has_value();
 
   auto expected = sample.sizes().vec();
