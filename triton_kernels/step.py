@@ -41,6 +41,15 @@ def _philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
+def _sqrt(x, F64: tl.constexpr):
+    """Correctly rounded sqrt (tl.sqrt may lower to an approximation for float32; float64 sqrt is exact)."""
+    if F64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
 def _box_muller(wa, wb, F64: tl.constexpr, LIBDEVICE: tl.constexpr):
     """Two normals from two uint32 words, exactly the reference's formula in the compute dtype:
     u1 = ((wa >> 8) + 1) 2^-24, u2 = (wb >> 8) 2^-24, r = sqrt(-2 log u1), th = 2 pi (u2 - 1/2),
@@ -51,10 +60,10 @@ def _box_muller(wa, wb, F64: tl.constexpr, LIBDEVICE: tl.constexpr):
     u2 = (wb >> 8).to(dt) * 5.9604644775390625e-08
     th = 6.283185307179586 * (u2 - 0.5)
     if LIBDEVICE:
-        r = tl.sqrt_rn(-2.0 * libdevice.log(u1))
+        r = _sqrt(-2.0 * libdevice.log(u1), F64)
         return r * libdevice.cos(th), r * libdevice.sin(th)
     else:
-        r = tl.sqrt_rn(-2.0 * tl.log(u1))
+        r = _sqrt(-2.0 * tl.log(u1), F64)
         return r * tl.cos(th), r * tl.sin(th)
 
 
@@ -130,7 +139,7 @@ def _step_kernel(
         q_x = 1.0
         q_m = a_t
     c2 = c * c
-    eps_coef = tl.sqrt_rn(tl.maximum(b_s * b_s - c2, 0.0))
+    eps_coef = _sqrt(tl.maximum(b_s * b_s - c2, 0.0), F64)
 
     x = tl.load(x_ptr + b * D + j, mask=inside, other=0.0).to(cdt)
     m = tl.load(m_ptr + (B + b if GUIDANCE else b) * D + j, mask=inside, other=0.0).to(cdt)
@@ -149,7 +158,7 @@ def _step_kernel(
         eps = q_x * x + q_m * m
     out = a_s * x0 + eps_coef * eps
 
-    sd = tl.zeros([BLOCK], dtype=cdt) + tl.sqrt_rn(c2)
+    sd = tl.zeros([BLOCK], dtype=cdt) + _sqrt(c2, F64)
     if GMM:
         if COMPONENTS_GIVEN:
             k = tl.load(comps_in_ptr + b)
@@ -167,7 +176,7 @@ def _step_kernel(
         delta = tl.load(offsets_ptr + k_safe * D + j, mask=inside, other=0.0)
         v = tl.load(var_ptr + k_safe * Dv + j, mask=inside & (j < Dv), other=0.0)
         out = out + delta
-        sd = tl.sqrt_rn(tl.maximum(c2 - v, 0.0))
+        sd = _sqrt(tl.maximum(c2 - v, 0.0), F64)
     if NOISE_GIVEN:
         out = out + sd * tl.load(noise_ptr + b * D + j, mask=inside, other=0.0)
     elif tl.max(sd, axis=0) > 0:  # the normals cost more than the rest: draw them only when used
