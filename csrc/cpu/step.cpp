@@ -25,6 +25,13 @@
 #include <string>
 #include <tuple>
 
+// The normals' helpers are forced inline so that the ISA clones of draw_normals_f32 compile them for their ISA.
+#if defined(__GNUC__)
+#define DDIMGMM_INLINE inline __attribute__((always_inline))
+#else
+#define DDIMGMM_INLINE inline
+#endif
+
 namespace ddimgmm {
 namespace {
 
@@ -34,7 +41,7 @@ constexpr int64_t kBlock = 16 * kChunk;                      // elements per par
 constexpr int64_t kMaxIndex = int64_t(1) << 32;              // sample and step indices are 32-bit counters
 
 // ---- Philox4x32-10 (Salmon et al. 2011), as reference.philox4x32 ---------------------------------------
-inline void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
+DDIMGMM_INLINE void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
 #pragma GCC unroll 10
   for (int r = 0; r < 10; ++r) {
     const uint64_t p0 = uint64_t(0xD2511F53u) * c0;
@@ -54,18 +61,18 @@ inline void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3
 // Branch-free float32 versions (Cephes logf / sinf / cosf polynomials, ~1 ulp) so that the normals loop
 // vectorises; std:: calls would keep it scalar. Domains are those Box-Muller needs: log on (0, 1] normal
 // floats, sin / cos on [-pi, pi]. float64 uses std:: (float64 is not the fast path).
-inline float bits_to_float(uint32_t u) {
+DDIMGMM_INLINE float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
-inline uint32_t float_to_bits(float f) {
+DDIMGMM_INLINE uint32_t float_to_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return u;
 }
 
-inline float log_unit(float x) {
+DDIMGMM_INLINE float log_unit(float x) {
   const uint32_t bits = float_to_bits(x);
   const uint32_t mant = bits & 0x007FFFFFu;
   float m = bits_to_float(mant | 0x3F000000u);  // x = m 2^e, m in [1/2, 1)
@@ -90,7 +97,7 @@ inline float log_unit(float x) {
   return m + y + 0.693359375f * e;
 }
 
-inline void sincos_pi(float x, float& s, float& c) {
+DDIMGMM_INLINE void sincos_pi(float x, float& s, float& c) {
   const float ax = std::fabs(x);
   const int32_t j = (int32_t(ax * 1.27323954473516f) + 1) & ~1;  // octant of |x|, rounded up to even: 0, 2, 4
   const float y = float(j);
@@ -116,7 +123,7 @@ struct BoxMuller;
 template <>
 struct BoxMuller<float> {
   // Two normals from two words, exactly the reference's formula in float32.
-  static inline void pair(uint32_t wa, uint32_t wb, float& n0, float& n1) {
+  static DDIMGMM_INLINE void pair(uint32_t wa, uint32_t wb, float& n0, float& n1) {
     const float u1 = float((wa >> 8) + 1u) * 0x1p-24f;  // (0, 1]
     const float u2 = float(wb >> 8) * 0x1p-24f;         // [0, 1)
     const float th = 6.28318530717958647692f * (u2 - 0.5f);
@@ -142,7 +149,7 @@ struct BoxMuller<double> {
 
 // z[i] for elements j0 .. j0 + n of one sample (j0 a multiple of 4, n <= kChunk).
 template <typename T>
-inline void draw_normals(T* z, int64_t j0, int64_t n, uint32_t sample, uint32_t step, uint32_t k0, uint32_t k1) {
+DDIMGMM_INLINE void draw_normals(T* z, int64_t j0, int64_t n, uint32_t sample, uint32_t step, uint32_t k0, uint32_t k1) {
   const int64_t groups = (n + 3) / 4;
   const uint32_t g0 = uint32_t(j0 / 4);
 #pragma omp simd
@@ -152,6 +159,25 @@ inline void draw_normals(T* z, int64_t j0, int64_t n, uint32_t sample, uint32_t 
     BoxMuller<T>::pair(c0, c1, z[4 * g], z[4 * g + 1]);
     BoxMuller<T>::pair(c2, c3, z[4 * g + 2], z[4 * g + 3]);
   }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+// The normals dominate the cost of a noisy step: build them with the widest vectors the CPU has (the clone is
+// picked at load time). Results are bit-identical across clones: same operations, no FMA contraction under
+// -std=c++17.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void draw_normals_f32(float* z, int64_t j0, int64_t n, uint32_t sample, uint32_t step, uint32_t k0, uint32_t k1) {
+  draw_normals(z, j0, n, sample, step, k0, k1);
+}
+
+inline void draw_normals_any(float* z, int64_t j0, int64_t n, uint32_t sample, uint32_t step, uint32_t k0,
+                             uint32_t k1) {
+  draw_normals_f32(z, j0, n, sample, step, k0, k1);
+}
+inline void draw_normals_any(double* z, int64_t j0, int64_t n, uint32_t sample, uint32_t step, uint32_t k0,
+                             uint32_t k1) {
+  draw_normals(z, j0, n, sample, step, k0, k1);
 }
 
 // Component of global sample n: inverse CDF of the priors. cdf_j is rounded from a float64 running sum,
@@ -300,7 +326,7 @@ void run(const at::Tensor& model_output, const at::Tensor& sample, const at::Ten
         if (z_given) {
           zc = z_given + b * D + j0;
         } else if (noisy) {
-          draw_normals(z, j0, len, n, step, k0, k1);
+          draw_normals_any(z, j0, len, n, step, k0, k1);
           zc = z;
         }
         const T* addc = delta ? delta + j0 : zeros;
