@@ -25,7 +25,8 @@ def _want_cuda():
 
 
 def _extension():
-    cxx = ["-O3", "-std=c++17", "-fopenmp" if os.name != "nt" else "/openmp"]
+    # -fno-math-errno: sqrt without an errno branch, so that loops calling it vectorise (csrc/cpu/step.cpp)
+    cxx = ["-O3", "-std=c++17", "-fopenmp" if os.name != "nt" else "/openmp"] + (["-fno-math-errno"] if os.name != "nt" else [])
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if _want_cuda():
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]

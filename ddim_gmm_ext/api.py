@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import _checks, reference
 from .reference import StepOutput, ddim_coefficients, rfim_coefficients
 
 __all__ = ["step", "ddim_step", "rfim_step", "thin_svd", "StepOutput"]
@@ -31,13 +31,39 @@ def step(
     components: torch.Tensor | None = None,
 ) -> StepOutput:
     """One step x_t -> x_s of the Gaussian path x_t = a_t x0 + b_t eps with noise std ``noise_std``; with
-    ``gmm``, the Gaussian-mixture kernel of parameter set ``step_index``. See :func:`reference.step`."""
-    return reference.step(
-        model_output, sample, a_t, b_t, a_s, b_s, noise_std, gmm=gmm, step_index=step_index,
-        prediction_type=prediction_type, guidance_scale=guidance_scale, clip_sample_range=clip_sample_range,
-        use_clipped_model_output=use_clipped_model_output, seed=seed, sample_offset=sample_offset, noise=noise,
-        components=components,
+    ``gmm``, the Gaussian-mixture kernel of parameter set ``step_index``. See :func:`reference.step`.
+
+    Runs the fused ``torch.ops.ddimgmm.step`` (one pass over memory, no host sync). A model output in another
+    dtype than the sample is converted to the compute dtype first (one extra copy)."""
+    _checks.check_step_inputs(
+        model_output, sample, guidance_scale=guidance_scale, prediction_type=prediction_type,
+        clip_sample_range=clip_sample_range, seed=seed, sample_offset=sample_offset, step_index=step_index,
+        noise=noise, components=components, gmm_dim=None if gmm is None else gmm.dim,
+        n_components=None if gmm is None else gmm.n_components,
     )  # fmt: skip
+    _checks.check_noise_std(noise_std, b_s)
+    priors, offsets, var_offsets = gmm.params(step_index, sample) if gmm is not None else (None, None, None)
+    cdt = reference.compute_dtype(sample.dtype)
+    if model_output.dtype not in (sample.dtype, cdt):
+        model_output = model_output.to(cdt)
+    prev, x0, k = torch.ops.ddimgmm.step(
+        model_output, sample, _coeffs((a_t, b_t, a_s, b_s, noise_std), cdt, sample.device), priors, offsets,
+        var_offsets, noise, components, _checks.prediction_type_code(prediction_type),
+        None if guidance_scale is None else float(guidance_scale),
+        None if clip_sample_range is None else float(clip_sample_range), bool(use_clipped_model_output), seed,
+        sample_offset, step_index, True,
+    )  # fmt: skip
+    return StepOutput(prev, x0, k if gmm is not None else None)
+
+
+def _coeffs(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(a_t, b_t, a_s, b_s, c) as the op's 1-D coeffs tensor on ``device``, rounded to the compute dtype as
+    the reference does. Python numbers and CPU tensors are gathered on the host and moved in one copy; device
+    tensors stay on the device: no device-to-host sync either way."""
+    values = [torch.as_tensor(v, dtype=dtype).reshape(()) for v in values]
+    if all(v.device.type == "cpu" for v in values):
+        return torch.stack(values).to(device, non_blocking=True)
+    return torch.stack([v.to(device) for v in values])
 
 
 def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_prev, *, eta: float = 0.0, **options) -> StepOutput:

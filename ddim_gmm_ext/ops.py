@@ -9,3 +9,4 @@ from . import _C  # noqa: F401  (runs TORCH_LIBRARY(ddimgmm) and the CPU kernel 
 from . import _thin_svd_op  # noqa: F401
 
 ddimgmm = torch.ops.ddimgmm
+from . import _step_op  # noqa: F401

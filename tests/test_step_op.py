@@ -1,0 +1,310 @@
+"""torch.ops.ddimgmm.step (through dg.step / dg.ddim_step / dg.rfim_step) against the pure-torch reference,
+the randomness contract of DESIGN.md 3, the oracles of DESIGN.md 2.5, and op registration (opcheck, compile)."""
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+import ddim_gmm_ext as dg
+from ddim_gmm_ext import reference as R
+from tests.helpers import DEVICES, TOLERANCES, assert_close
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+VARIANTS = [None, "rand", "ortho", "ortho-vub"]
+SHAPE = (3, 3, 5, 7)  # per-sample numel 105: not a multiple of 4 nor of a block
+BIG = (2, 3, 50, 47)  # 7050 per sample: several blocks and chunks of the CPU kernel
+
+
+def _gmm(shape, variant, device, dtype=torch.float32, K=4, scale=1.0):
+    return dg.GMM.create(math.prod(shape[1:]), n_components=K, n_steps=3, scale=scale, variant=variant,
+                         uniform_priors=False, seed=11, device=device, dtype=dtype)  # fmt: skip
+
+
+def _inputs(shape, dtype, device, guided=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m_shape = (2 * shape[0],) + shape[1:] if guided else shape
+    x = torch.randn(shape, generator=g).to(device, dtype)
+    m = torch.randn(m_shape, generator=g).to(device, dtype)
+    z = torch.randn(shape, generator=g).to(device, dtype)
+    return x, m, z
+
+
+def _ref64(fn, m, x, *coeffs, gmm=None, noise=None, **kw):
+    """The reference in float64 on the CPU, from the op's (already rounded) inputs."""
+    gmm64 = gmm.to("cpu", torch.float64) if gmm is not None else None
+    noise64 = noise.to("cpu", torch.float64) if noise is not None else None
+    return fn(m.to("cpu", torch.float64), x.to("cpu", torch.float64), *coeffs, gmm=gmm64, noise=noise64, **kw)
+
+
+def _check(out, ref, dtype, scale=1.0):
+    assert out.prev_sample.dtype == dtype and out.pred_original_sample.dtype == dtype
+    assert_close(out.prev_sample, ref.prev_sample, dtype, scale)
+    assert_close(out.pred_original_sample, ref.pred_original_sample, dtype, scale)
+    if ref.components is None:
+        assert out.components is None
+    else:
+        assert torch.equal(out.components.cpu(), ref.components)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("prediction_type", R.PREDICTION_TYPES)
+def test_matches_reference(device, dtype, variant, eta, prediction_type):
+    x, m, z = _inputs(SHAPE, dtype, device)
+    gmm = _gmm(SHAPE, variant, device) if variant else None
+    k = torch.tensor([2, 0, 3], device=device) if variant else None
+    kw = dict(eta=eta, gmm=gmm, step_index=1, prediction_type=prediction_type, noise=z, components=k)
+    out = dg.ddim_step(m, x, 0.5, 0.8, **kw)
+    _check(out, _ref64(R.ddim_step, m, x, 0.5, 0.8, **kw), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("guidance_scale", [None, 4.0])
+@pytest.mark.parametrize("clip", [None, 0.7])
+@pytest.mark.parametrize("use_clipped", [False, True])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+def test_guidance_and_clip(device, guidance_scale, clip, use_clipped, prediction_type):
+    x, m, z = _inputs(SHAPE, torch.float32, device, guided=guidance_scale is not None)
+    gmm = _gmm(SHAPE, "rand", device)
+    kw = dict(eta=0.5, gmm=gmm, step_index=2, prediction_type=prediction_type, guidance_scale=guidance_scale,
+              clip_sample_range=clip, use_clipped_model_output=use_clipped, noise=z,
+              components=torch.tensor([1, 1, 0], dtype=torch.int32, device=device))  # fmt: skip
+    out = dg.ddim_step(m, x, 0.3, 0.6, **kw)
+    _check(out, _ref64(R.ddim_step, m, x, 0.3, 0.6, **kw), torch.float32, scale=4.0)
+    if clip is not None:
+        assert out.pred_original_sample.abs().max() <= clip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prediction_type", ["flow", "sample"])
+def test_rfim_and_general_step(device, prediction_type):
+    x, m, z = _inputs(SHAPE, torch.float32, device)
+    gmm = _gmm(SHAPE, "ortho-vub", device)
+    kw = dict(eta=0.7, gmm=gmm, prediction_type=prediction_type, seed=4, step_index=2)
+    _check(dg.rfim_step(m, x, 0.6, 0.4, **kw), _ref64(R.rfim_step, m, x, 0.6, 0.4, **kw), torch.float32)
+    # VE path (a = 1) given directly to the general step, with a device tensor coefficient
+    c = torch.tensor(0.3, device=device)
+    out = dg.step(m, x, 1.0, 2.0, 1.0, 1.2, c, noise=z)
+    _check(out, _ref64(R.step, m, x, 1.0, 2.0, 1.0, 1.2, 0.3, noise=z), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multi_block_layouts_and_no_input_mutation(device):
+    """channels_last and non-contiguous inputs, several blocks per sample, the internal stream."""
+    x, m, _ = _inputs(BIG, torch.float32, device)
+    x_cl = x.to(memory_format=torch.channels_last)
+    m_nc = m.transpose(2, 3).contiguous().transpose(2, 3)  # same values, transposed strides
+    assert not m_nc.is_contiguous() and not x_cl.is_contiguous()
+    before = (x_cl.clone(), m_nc.clone())
+    gmm = _gmm(BIG, "ortho", device)
+    kw = dict(eta=1.0, gmm=gmm, step_index=0, seed=9, sample_offset=5)
+    out = dg.ddim_step(m_nc, x_cl, 0.4, 0.7, **kw)
+    ref = R.ddim_step(m.double().cpu(), x.double().cpu(), 0.4, 0.7, **{**kw, "gmm": gmm.to("cpu", torch.float64)})
+    _check(out, ref, torch.float32)
+    assert torch.equal(x_cl, before[0]) and torch.equal(m_nc, before[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_internal_stream_equals_reference_stream(device, dtype):
+    """Without noise= / components=, the in-kernel draws are the reference's Philox stream."""
+    x, m, _ = _inputs(BIG, dtype, device)
+    gmm = _gmm(BIG, "rand", device, dtype=dtype, K=7)
+    kw = dict(eta=1.0, gmm=gmm, step_index=2, seed=2**40 + 3, sample_offset=2**32 - 2)
+    out = dg.ddim_step(m, x, 0.5, 0.8, **kw)
+    ref = R.ddim_step(m.cpu(), x.cpu(), 0.5, 0.8, **{**kw, "gmm": gmm.to("cpu")})
+    assert torch.equal(out.components.cpu(), ref.components)
+    torch.testing.assert_close(out.prev_sample.cpu(), ref.prev_sample, atol=1e-5 if dtype == torch.float32 else 1e-12,
+                               rtol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", [None, "ortho-vub"])
+def test_empty_and_single_batch(device, variant):
+    gmm = _gmm((1, 4, 3, 3), variant, device) if variant else None
+    x, m, _ = _inputs((1, 4, 3, 3), torch.float32, device)
+    out = dg.ddim_step(m, x, 0.5, 0.8, eta=1.0, gmm=gmm, seed=1)
+    ref = R.ddim_step(m.cpu(), x.cpu(), 0.5, 0.8, eta=1.0, gmm=gmm.to("cpu") if gmm else None, seed=1)
+    _check(out, ref, torch.float32)
+    # B = 0 (the reference's GMM path cannot reshape an empty batch, so only shapes are checked)
+    empty = torch.zeros(0, 4, 3, 3, device=device)
+    out = dg.ddim_step(empty, empty, 0.5, 0.8, eta=1.0, gmm=gmm, seed=1)
+    assert out.prev_sample.shape == empty.shape and out.pred_original_sample.shape == empty.shape
+    if variant:
+        assert out.components.shape == (0,) and out.components.dtype == torch.int64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_model_output_dtype(device):
+    x, m, z = _inputs(SHAPE, torch.float32, device)
+    out = dg.ddim_step(m.half(), x, 0.5, 0.8, eta=1.0, noise=z)
+    assert_close(out.prev_sample, _ref64(R.ddim_step, m.half(), x, 0.5, 0.8, eta=1.0, noise=z).prev_sample)
+    x16 = x.half()
+    out = dg.ddim_step(m.bfloat16(), x16, 0.5, 0.8, eta=1.0, noise=z)
+    assert out.prev_sample.dtype == torch.float16
+    assert_close(out.prev_sample, _ref64(R.ddim_step, m.bfloat16(), x16, 0.5, 0.8, eta=1.0, noise=z).prev_sample)
+
+
+# ---- the randomness contract (DESIGN.md 3) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_invariance_determinism_and_seeds(device):
+    x, m, _ = _inputs((6, 3, 9, 9), torch.float32, device)
+    gmm = _gmm((6, 3, 9, 9), "rand", device)
+
+    def run(sl, seed=0, step_index=1, offset=0):
+        return dg.ddim_step(m[sl], x[sl], 0.5, 0.8, eta=1.0, gmm=gmm, seed=seed, step_index=step_index,
+                            sample_offset=offset)  # fmt: skip
+
+    full = run(slice(None))
+    part = run(slice(2, 5), offset=2)
+    assert torch.equal(full.prev_sample[2:5], part.prev_sample)
+    assert torch.equal(full.components[2:5], part.components)
+    again = run(slice(None))
+    assert torch.equal(full.prev_sample, again.prev_sample) and torch.equal(full.components, again.components)
+    for other in (run(slice(None), seed=1), run(slice(None), step_index=2)):
+        assert (other.prev_sample != full.prev_sample).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noise_moments(device):
+    """c = 1, x = m = 0: the step returns z itself. N(0, 1) moments, and no correlation between lanes."""
+    n = 2**18
+    zeros = torch.zeros(4, n // 4, device=device)
+    z = dg.step(zeros, zeros, 1.0, 0.0, 0.0, 1.0, 1.0, seed=5).prev_sample.double().cpu().flatten()
+    se = 1 / math.sqrt(n)
+    assert abs(z.mean()) < 5 * se
+    assert abs(z.var() - 1) < 5 * math.sqrt(2) * se
+    assert abs((z**4).mean() - 3) < 5 * math.sqrt(96) * se
+    lanes = z.reshape(-1, 4)
+    corr = torch.corrcoef(lanes.T) - torch.eye(4, dtype=torch.float64)
+    assert corr.abs().max() < 5 * se * 2
+    assert abs(torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1]) < 5 * se
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_component_frequencies_match_priors(device):
+    B, K = 20000, 5
+    gmm = _gmm((B, 16), "rand", device, K=K)
+    x = torch.zeros(B, 16, device=device)
+    k = dg.ddim_step(x, x, 0.5, 0.8, gmm=gmm, step_index=0, seed=3).components.cpu()
+    counts = torch.bincount(k, minlength=K).double()
+    priors = gmm.priors[0].double().cpu()
+    expected = priors / priors.sum() * B
+    assert stats.chisquare(counts, expected).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", ["rand", "ortho"])
+def test_moment_matching_oracle(device, variant):
+    """DESIGN.md 2.5: x_t = a_t x0 + b_t eps with the exact eps as model output gives E[x_s] = a_s x0 and
+    Var[x_s[d]] = b_s^2 per coordinate when c^2 >= max v_k; in-kernel noise and components."""
+    N, D = 40000, 16
+    a_t, b_t = R.vp_coefficients(0.3)
+    a_s, b_s = R.vp_coefficients(0.7)
+    c = R.noise_std(a_t, b_t, a_s, b_s, 1.0)
+    gmm = _gmm((N, D), variant, device, dtype=torch.float64, K=4, scale=0.5)
+    assert c**2 >= gmm.var_offsets.max()  # the oracle's precondition (no clipping of the variance)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(D, generator=g, dtype=torch.float64).to(device)
+    eps = torch.randn(N, D, generator=g, dtype=torch.float64).to(device)
+    x_t = a_t.item() * x0 + b_t.item() * eps
+    x_s = dg.step(eps, x_t, a_t, b_t, a_s, b_s, c, gmm=gmm, step_index=1, seed=7).prev_sample.cpu()
+    se = b_s.item() / math.sqrt(N)
+    torch.testing.assert_close(x_s.mean(0), a_s.item() * x0.cpu(), atol=5 * se, rtol=0)
+    torch.testing.assert_close(x_s.var(0), torch.full((D,), b_s.item() ** 2, dtype=torch.float64),
+                               atol=5 * math.sqrt(2) * b_s.item() ** 2 / math.sqrt(N), rtol=0)  # fmt: skip
+
+
+# ---- registration ----------------------------------------------------------------------------------------
+
+
+def _op_args(device, dtype=torch.float32, gmm=True, guided=False):
+    x, m, _ = _inputs(SHAPE, dtype, device, guided=guided)
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    tables = _gmm(SHAPE, "ortho-vub", device, dtype=cdt).params(0, x) if gmm else (None, None, None)
+    coeffs = torch.tensor([0.7, 0.7, 0.8, 0.6, 0.3], dtype=cdt, device=device)
+    return [m, x, coeffs, *tables, None, None, 0, 2.0 if guided else None, 1.0, True, 3, 0, 1, True]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["gmm", "plain_guided", "half", "noise_and_components"])
+def test_opcheck(device, case):
+    args = _op_args(device, torch.float16 if case == "half" else torch.float32, gmm=case != "plain_guided",
+                    guided=case == "plain_guided")  # fmt: skip
+    if case == "noise_and_components":
+        args[6] = torch.randn(SHAPE, device=device)
+        args[7] = torch.tensor([0, 3, 1], device=device)
+    torch.library.opcheck(torch.ops.ddimgmm.step, tuple(args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(device):
+    x, m, _ = _inputs(SHAPE, torch.float32, device)
+    gmm = _gmm(SHAPE, "ortho-vub", device)
+
+    def sample_step(m, x, alpha_prod_t, alpha_prod_prev):
+        return dg.ddim_step(m, x, alpha_prod_t, alpha_prod_prev, eta=1.0, gmm=gmm, step_index=1, seed=2).prev_sample
+
+    torch._dynamo.reset()
+    compiled = torch.compile(sample_step, fullgraph=True)
+    assert torch.equal(compiled(m, x, 0.5, 0.8), sample_step(m, x, 0.5, 0.8))
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_to_the_op(device):
+    op = torch.ops.ddimgmm.step
+
+    def raises(match, **changes):
+        args = _op_args(device)
+        names = ["model_output", "sample", "coeffs", "priors", "offsets", "var_offsets", "noise", "components",
+                 "prediction_type", "guidance_scale", "clip_sample_range"]  # fmt: skip
+        for name, value in changes.items():
+            args[names.index(name)] = value(args) if callable(value) else value
+        with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
+            op(*args)
+
+    raises("priors must be float32 .the compute dtype", priors=lambda a: a[3].double())
+    raises("device", offsets=lambda a: a[4].to("meta"))
+    raises("offsets must have shape", offsets=lambda a: a[4][:, :-1])
+    raises("var_offsets must have shape", var_offsets=lambda a: torch.zeros(4, 200, device=device))
+    raises("all of priors, offsets, var_offsets", var_offsets=None)
+    raises("coeffs must be a 1-D", coeffs=lambda a: a[2][:4])
+    raises("coeffs must be a 1-D", coeffs=lambda a: a[2].double())
+    raises("model_output must have shape", model_output=lambda a: a[0][:2])
+    raises("prediction_type", prediction_type=4)
+    raises("clip_sample_range", clip_sample_range=-1.0)
+    raises("components must be an int32/int64", components=lambda a: torch.zeros(2, dtype=torch.int64, device=device))
+    raises("components given without GMM", priors=None, offsets=None, var_offsets=None,
+           components=lambda a: torch.zeros(3, dtype=torch.int64, device=device))  # fmt: skip
+    raises("noise must be", noise=lambda a: torch.zeros(3, 2, device=device))
+    raises("sample must be", sample=lambda a: a[1].int(), model_output=lambda a: a[0].int())
+
+
+def test_components_out_of_range_rejected_on_cpu():
+    args = _op_args("cpu")
+    args[7] = torch.tensor([0, 4, 1])
+    with pytest.raises(RuntimeError, match=r"components must be in \[0, 4\)"):
+        torch.ops.ddimgmm.step(*args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_to_the_api(device):
+    x, m, _ = _inputs(SHAPE, torch.float32, device)
+    gmm = _gmm(SHAPE, "rand", device)
+    with pytest.raises(ValueError, match="model_output shape"):
+        dg.ddim_step(m[:2], x, 0.5, 0.8)
+    with pytest.raises(ValueError, match="gmm dim"):
+        dg.ddim_step(m[:, :2], x[:, :2], 0.5, 0.8, gmm=gmm)
+    with pytest.raises(ValueError, match="noise_std"):
+        dg.step(m, x, 0.7, 0.7, 0.8, 0.6, 0.9)
+    with pytest.raises(ValueError, match="step_index"):
+        dg.ddim_step(m, x, 0.5, 0.8, gmm=gmm, step_index=3)
