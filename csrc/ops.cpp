@@ -32,4 +32,7 @@ TORCH_LIBRARY(ddimgmm, m) {
   // Batched thin SVD (DESIGN.md 2.4): O [S, D, K] -> U [S, D, K], orthonormal columns ordered by singular
   // value, equal to LAPACK's U up to column signs (sign convention in reference.thin_svd).
   m.def("thin_svd(Tensor O) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // The GMM direction matrices O [n_sets, dim, n_components] float64 (CPU) of the package's random stream
+  // (reference.offset_directions). No tensor input: one implementation serves every backend.
+  m.def("offset_directions(int n_sets, int dim, int n_components, int seed) -> Tensor", {at::Tag::pt2_compliant_tag});
 }

@@ -134,7 +134,7 @@ def check_step_inputs(
                 f"components must be an int32/int64 tensor of shape ({batch},), got {components.dtype} "
                 f"{tuple(components.shape)}"
             )
-        if components.numel() and components.device.type == "cpu":
+        if components.numel() and components.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = int(components.min()), int(components.max())
             if lo < 0 or hi >= n_components:
                 raise ValueError(f"components must be in [0, {n_components}), got values in [{lo}, {hi}]")

@@ -7,7 +7,7 @@ import torch
 from . import _checks, reference
 from .reference import StepOutput, ddim_coefficients, rfim_coefficients
 
-__all__ = ["step", "ddim_step", "rfim_step", "thin_svd", "StepOutput"]
+__all__ = ["step", "ddim_step", "rfim_step", "thin_svd", "offset_directions", "StepOutput"]
 
 
 def step(
@@ -84,3 +84,9 @@ def thin_svd(O: torch.Tensor) -> torch.Tensor:
     sync, U[s] is all nan."""
     reference._check_thin_svd_input(O)
     return torch.ops.ddimgmm.thin_svd(O)
+
+
+def offset_directions(n_sets: int, dim: int, n_components: int, seed: int, device="cpu") -> torch.Tensor:
+    """The GMM direction matrices O [n_sets, dim, n_components] float64 of :func:`reference.offset_directions`,
+    drawn by ``torch.ops.ddimgmm.offset_directions`` (C++, parallel) and moved to ``device``."""
+    return torch.ops.ddimgmm.offset_directions(n_sets, dim, n_components, seed).to(device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, reference
+from . import _checks, api, reference
 
 _VARIANT_ALIASES = {"ortho-vub*": ("ortho-vub", True)}
 
@@ -60,7 +60,8 @@ class GMM:
         variant = ("ortho-vub" if upper_bound_vars else "ortho") if orthonormal else "rand"
         priors, offsets, var_offsets = reference.gmm_parameters(
             dim, n_components, n_steps, scale, variant, share_across_steps, uniform_priors, seed,
-            device=self.device, dtype=self.dtype, thin_svd_fn=self._thin_svd,
+            device=self.device, dtype=self.dtype, thin_svd_fn=api.thin_svd,
+            offset_directions_fn=api.offset_directions,
         )  # fmt: skip
         self._set(priors, offsets, var_offsets, variant=variant, scale=float(scale), n_steps=n_steps,
                   shared=share_across_steps)  # fmt: skip
@@ -122,12 +123,6 @@ class GMM:
         self.priors, self.offsets, self.var_offsets = priors, offsets, var_offsets
         self.variant, self.scale, self.n_steps, self.shared = variant, scale, n_steps, shared
         self._cache = {}
-
-    @staticmethod
-    def _thin_svd(O: torch.Tensor) -> torch.Tensor:
-        from .api import thin_svd
-
-        return thin_svd(O)
 
     # -- use ---------------------------------------------------------------------------------------------
     @property

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (runs TORCH_LIBRARY(ddimgmm) and the CPU kernel registrations)
+from . import _draws_op  # noqa: F401
+from . import _step_op  # noqa: F401
 from . import _thin_svd_op  # noqa: F401
 
 ddimgmm = torch.ops.ddimgmm
-from . import _step_op  # noqa: F401

@@ -479,6 +479,7 @@ def gmm_parameters(
     device="cpu",
     dtype=torch.float32,
     thin_svd_fn=thin_svd,
+    offset_directions_fn=offset_directions,
 ):
     """(priors [S, K], offsets [S, K, D], var_offsets [S, K, Dv]), S = 1 if shared else n_steps.
 
@@ -486,7 +487,8 @@ def gmm_parameters(
                    sum_k pi_k delta_k = 0 holds exactly (normalising each column breaks it by O(1/sqrt(D))).
     ORTHO (eq. 10): U = thin SVD of O, delta_k = s (U_k - sum_l pi_l U_l).
     var_offsets: diagonal of eq. 11 for RAND / ORTHO (Dv = D); VUB bounds of eq. 12 for ORTHO-VUB (Dv = K).
-    Built in float64, returned in ``dtype``.
+    Built in float64, returned in ``dtype``. ``thin_svd_fn`` and ``offset_directions_fn`` let the fused ops
+    stand in for the reference's (GMM does so); they must compute the same values.
     """
     check_gmm_config(dim, n_components, n_steps, scale, variant)
     n_sets = 1 if share_across_steps else n_steps
@@ -495,7 +497,7 @@ def gmm_parameters(
         if uniform_priors
         else random_priors(n_sets, n_components, seed, device)
     )
-    O = offset_directions(n_sets, dim, n_components, seed, device)
+    O = offset_directions_fn(n_sets, dim, n_components, seed, device)
     if variant == "rand":
         C = _centre(O, priors)
         C = scale * C / C.norm(dim=1, keepdim=True)

@@ -1,0 +1,38 @@
+"""ddimgmm::offset_directions draws the GMM direction matrices of the reference's random stream."""
+
+import pytest
+import torch
+
+import ddim_gmm_ext as dg
+from ddim_gmm_ext import reference as ref
+
+
+@pytest.mark.parametrize("shape", [(3, 10, 3), (2, 7, 1), (1, 5, 4), (0, 4, 2), (2, 3, 0)])
+@pytest.mark.parametrize("seed", [0, 2**40 + 7])
+def test_offset_directions_equal_the_reference_stream(shape, seed):
+    """Same Philox words; the float64 log / cos / sin of libm and of torch may differ in the last bit."""
+    ours, spec = dg.api.offset_directions(*shape, seed), ref.offset_directions(*shape, seed)
+    assert ours.shape == spec.shape and ours.dtype == torch.float64
+    torch.testing.assert_close(ours, spec, atol=1e-14, rtol=1e-14)
+
+
+def test_offset_directions_opcheck():
+    torch.library.opcheck(torch.ops.ddimgmm.offset_directions.default, (2, 9, 3, 1))
+
+
+def test_offset_directions_bad_input():
+    with pytest.raises(RuntimeError, match="n_sets, dim, n_components must be >= 0"):
+        torch.ops.ddimgmm.offset_directions(1, -2, 3, 0)
+    with pytest.raises(RuntimeError, match="seed must be >= 0"):
+        torch.ops.ddimgmm.offset_directions(1, 4, 3, -1)
+
+
+@pytest.mark.parametrize("variant", ["rand", "ortho", "ortho-vub"])
+def test_gmm_built_by_the_ops_equals_the_reference(variant):
+    gmm = dg.GMM.create(300, n_components=6, n_steps=3, scale=1.7, variant=variant, uniform_priors=False, seed=9,
+                        dtype=torch.float64)  # fmt: skip
+    priors, offsets, var_offsets = ref.gmm_parameters(300, 6, 3, 1.7, variant, uniform_priors=False, seed=9,
+                                                      dtype=torch.float64)  # fmt: skip
+    assert torch.equal(gmm.priors, priors)
+    torch.testing.assert_close(gmm.offsets, offsets, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gmm.var_offsets, var_offsets, atol=1e-12, rtol=0)
