@@ -29,7 +29,8 @@ DIGITS_DEMO_ETA, DIGITS_DEMO_SCALE = 1.0, 1.0
 
 
 def run_demo(args) -> dict:
-    """The analytic benchmark: {"rows": {(eta, sampler, steps): {"sw": [per seed], "nll": [per seed]}}, "seconds"}."""
+    """The analytic benchmark: {"rows": {(eta, sampler, steps): {"sw": [per seed], "nll": [per seed]}},
+    "seconds"}."""
     from .analytic import DigitsMixture, sliced_wasserstein
 
     start = time.perf_counter()
@@ -42,7 +43,8 @@ def run_demo(args) -> dict:
         for steps in args.steps:
             gmms = make_gmms(sampler_list, mixture.dim, args.components, steps, seed)
             for eta in args.etas:
-                for (name, _, _), x0 in zip(sampler_list, sample_ddim(mixture.eps_model, x_T, steps, eta, gmms, seed)):
+                x0s = sample_ddim(mixture.eps_model, x_T, steps, eta, gmms, seed)
+                for (name, _, _), x0 in zip(sampler_list, x0s):
                     row = rows.setdefault((eta, name, steps), {"sw": [], "nll": []})
                     row["sw"].append(sliced_wasserstein(x0.double(), fresh, seed=seed))
                     row["nll"].append(float(mixture.nll(x0).mean()))
@@ -89,13 +91,16 @@ def _write_json(path, args, result) -> None:
 
 # Defaults of `demo` per model: the analytic benchmark sweeps; the digits demo is one paired comparison.
 DEMO_DEFAULTS = {
-    "analytic": dict(seeds=[0, 1, 2], samples=500, steps=[5, 10, 20], etas=[0.0, 1.0], scales=[0.1, 1.0]),
+    "analytic": dict(seeds=[0, 1, 2], samples=500, steps=[5, 10, 20], etas=[0.0, 1.0], scales=[0.1, 1.0],
+                     sigma0=0.1),
     "digits": dict(seeds=[0], samples=1000, steps=[10], etas=[DIGITS_DEMO_ETA], scales=[DIGITS_DEMO_SCALE],
                    png="ddim_gmm_demo.png"),
 }
 
 
 def cmd_demo(args) -> int:
+    if args.model == "digits" and args.sigma0 is not None:
+        raise SystemExit("ddim-gmm demo: --sigma0 applies to --model analytic only")
     for name, value in DEMO_DEFAULTS[args.model].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -109,7 +114,8 @@ def cmd_demo(args) -> int:
         return 0
     for name in ("steps", "etas", "scales"):
         if len(getattr(args, name)) != 1:
-            raise SystemExit(f"ddim-gmm demo: --model digits takes one value of --{name}, got {getattr(args, name)}")
+            raise SystemExit(f"ddim-gmm demo: --model digits takes one value of --{name}, "
+                             f"got {getattr(args, name)}")  # fmt: skip
     return digits_demo(args)
 
 
@@ -123,17 +129,20 @@ def digits_demo(args) -> int:
     sweep = evaluate.Sweep(steps=tuple(args.steps), etas=tuple(args.etas), variants=("ortho-vub",),
                            scales=tuple(args.scales), components=args.components, samples=args.samples,
                            seeds=tuple(args.seeds))  # fmt: skip
-    sweep.check()
+    try:
+        sweep.check()
+    except ValueError as error:
+        raise SystemExit(f"ddim-gmm demo: {error}") from None
     model, quality = evaluate.load_model("digits"), DigitsQuality()
-    per_seed = [evaluate.sample_and_score(model, sweep, args.steps[0], args.etas[0], seed, quality, progress=True)
-                for seed in args.seeds]  # fmt: skip
-    print(f"ddim-gmm demo: shipped digits eps model, {args.steps[0]} steps, eta = {args.etas[0]:g}, "
-          f"K = {args.components}, s = {args.scales[0]:g}; {args.samples} samples per seed, seeds {args.seeds} "
-          "(paired: same x_T and step noise).\ndigits-FD (lower is better), precision and recall (k = 3, higher "
-          "is better) on the shipped classifier's features against the 1797 real digits; mean over seeds.")  # fmt: skip
+    steps, eta = args.steps[0], args.etas[0]
+    per_seed = [evaluate.sample_and_score(model, sweep, steps, eta, seed, quality, progress=True) for seed in args.seeds]
+    print(f"ddim-gmm demo: shipped digits eps model, {steps} steps, eta = {eta:g}, K = {args.components}, "
+          f"s = {args.scales[0]:g}; {args.samples} samples per seed, seeds {args.seeds} (paired: same x_T and "
+          "step noise).\ndigits-FD (lower is better), precision and recall (k = 3, higher is better) on the "
+          "shipped classifier's features against the 1797 real digits; mean over seeds.")  # fmt: skip
     print(f"\n{'sampler':<24}{'digits-FD':>10}{'precision':>11}{'recall':>8}")
     results = []
-    for i, (name, *_ ) in enumerate(per_seed[0]):
+    for i, (name, *_) in enumerate(per_seed[0]):
         mean = {m: statistics.fmean(run[i][4][m] for run in per_seed) for m in evaluate.METRICS}
         results.append({"sampler": name, **mean})
         print(f"{name:<24}{mean['fd']:>10.2f}{mean['precision']:>11.3f}{mean['recall']:>8.3f}")
@@ -160,7 +169,7 @@ def save_grid(named_samples, path, n: int = 64) -> None:
     fig, axes = plt.subplots(1, len(named_samples), figsize=(3.6 * len(named_samples), 3.9), squeeze=False)
     for ax, (name, x) in zip(axes[0], named_samples):
         imgs = x[: side * side].reshape(side, side, 8, 8).clamp(-1, 1)
-        imgs = torch.nn.functional.pad(imgs, (0, 1, 0, 1), value=1.0)  # white lines between the digits (white on black)
+        imgs = torch.nn.functional.pad(imgs, (0, 1, 0, 1), value=1.0)  # white lines between the digits
         ax.imshow(imgs.permute(0, 2, 1, 3).reshape(side * 9, side * 9).numpy(), cmap="gray", vmin=-1, vmax=1)
         ax.set_title(name, fontsize=10)
         ax.axis("off")
@@ -192,23 +201,26 @@ EVAL_DEFAULTS = {
     "ddim": dict(steps=[5, 10, 20, 50], etas=[0.0, 0.2, 0.5, 1.0], scales=[0.01, 0.1, 1.0, 10.0]),
     "rfim": dict(steps=[2, 5, 10], etas=[0.0, 0.2, 0.5], scales=[0.01, 0.1, 1.0, 10.0]),
 }
-EVAL_QUICK = dict(steps=[5, 10], etas=[0.0, 0.5], scales=[0.1, 1.0], variants=["ortho-vub"], samples=300, seeds=[0])
+EVAL_QUICK = dict(steps=[5, 10], etas=[0.0, 0.5], scales=[0.1, 1.0], variants=["ortho-vub"], samples=300,
+                  seeds=[0])
 
 
 def _eval_settings(args) -> dict:
     """The sweep settings: explicit options, else --quick's, else the family's paper grid."""
-    defaults = {**EVAL_DEFAULTS[args.family], "variants": list(GMM_VARIANTS), "samples": 1000, "seeds": [0, 1, 2]}
+    defaults = dict(EVAL_DEFAULTS[args.family], variants=list(GMM_VARIANTS), samples=1000, seeds=[0, 1, 2])
     if args.quick:
         defaults.update(EVAL_QUICK)
-    return {k: getattr(args, k) if getattr(args, k) is not None else defaults[k]
-            for k in ("steps", "etas", "scales", "variants", "samples", "seeds")} | {"components": args.components}
+    settings = {k: getattr(args, k) if getattr(args, k) is not None else defaults[k]
+                for k in ("steps", "etas", "scales", "variants", "samples", "seeds")}
+    return settings | {"components": args.components}
 
 
 def cmd_train_digits(args) -> int:
     from . import digits
 
     iters = args.iters or (3000 if args.net == "classifier" else 10_000)
-    info = digits.train(args.net, args.out, iters, args.batch, args.lr, args.seed, progress=not args.no_progress)
+    progress = not args.no_progress
+    info = digits.train(args.net, args.out, iters, args.batch, args.lr, args.seed, progress=progress)
     print(json.dumps(info, indent=1))
     return 0
 
@@ -228,19 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scales", type=_nonnegative_float, nargs="+",
                       help=f"offset scale s (digits: {DIGITS_DEMO_SCALE:g}; analytic: 0.1 1)")  # fmt: skip
     demo.add_argument("--components", type=_positive_int, default=8, help="K (default 8)")
-    demo.add_argument("--sigma0", type=float, default=0.1, help="analytic: width of each mixture component (0.1)")
+    demo.add_argument("--sigma0", type=float, help="analytic: width of each mixture component (default 0.1)")
     demo.add_argument("--png", help="digits: where to write the sample grid (default ddim_gmm_demo.png)")
     demo.add_argument("--json", help="also write the results to this JSON file")
     demo.set_defaults(func=cmd_demo)
 
-    ev = sub.add_parser("eval", help="the paper's sweep on a digits model: CSV/JSON, Fig. 1 style plot, Table 8 style table")
+    ev = sub.add_parser("eval", help="the paper's sweep on a digits model: CSV/JSON, Fig. 1 style plot, "
+                        "Table 8 style table")  # fmt: skip
     ev.add_argument("--model", default="digits", help="'digits' (shipped) or 'module:callable': eps(x [B, 64], "
                     "t [B] int64 timesteps) for ddim, v(x [B, 64], t [B] float in [0, 1]) for rfim")  # fmt: skip
     ev.add_argument("--family", choices=tuple(EVAL_DEFAULTS), default="ddim", help="ddim (default) or rfim")
     ev.add_argument("--steps", type=_positive_int, nargs="+", help="ddim: 5 10 20 50; rfim: 2 5 10")
     ev.add_argument("--etas", type=_nonnegative_float, nargs="+", help="ddim: 0 0.2 0.5 1; rfim: 0 0.2 0.5")
-    ev.add_argument("--variants", nargs="+", help=f"GMM variants (default all: {' '.join(GMM_VARIANTS)})")
-    ev.add_argument("--scales", type=_nonnegative_float, nargs="+", help="offset scales s (default 0.01 0.1 1 10)")
+    ev.add_argument("--variants", nargs="+",
+                    help=f"GMM variants (default all: {' '.join(GMM_VARIANTS)}); the baseline always runs")
+    ev.add_argument("--scales", type=_nonnegative_float, nargs="+", help="offset scales s (0.01 0.1 1 10)")
     ev.add_argument("--components", type=_positive_int, default=8, help="K (default 8)")
     ev.add_argument("--samples", type=_positive_int, help="samples per seed and sampler (default 1000)")
     ev.add_argument("--seeds", type=int, nargs="+", help="paired seeds (default 0 1 2)")
@@ -250,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 
-    train = sub.add_parser("train-digits", help="train a shipped digits network (eps model, flow model, classifier)")
+    train = sub.add_parser("train-digits", help="train a shipped digits network (eps, flow, classifier)")
     train.add_argument("--net", choices=("eps", "flow", "classifier"), required=True)
     train.add_argument("--iters", type=_positive_int, help="optimiser steps (default 10000; classifier 3000)")
     train.add_argument("--batch", type=_positive_int, default=256, help="batch size (default 256)")

@@ -65,7 +65,7 @@ class DenoiserMLP(nn.Module):
     state before every block. ``time_scale`` maps the model's time argument to the 0..1000 embedding scale
     (1 for DDPM timesteps, 1000 for rectified-flow t in [0, 1])."""
 
-    def __init__(self, dim: int = 64, hidden: int = 256, blocks: int = 3, time_dim: int = 64, time_scale: float = 1.0):
+    def __init__(self, dim=64, hidden=256, blocks=3, time_dim=64, time_scale=1.0):
         super().__init__()
         self.time_dim, self.time_scale = time_dim, time_scale
         self.time_mlp = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -272,7 +272,8 @@ def manifest(net_kind: str, data_dir=DATA_DIR) -> dict:
         raise ValueError(f"net must be one of {NETS}, got {net_kind!r}")
     path = Path(data_dir) / f"digits_{net_kind}.json"
     if not path.exists():
-        raise FileNotFoundError(f"no {path}: train it with `ddim-gmm train-digits --net {net_kind} --out {data_dir}`")
+        raise FileNotFoundError(f"no {path}: train it with `ddim-gmm train-digits --net {net_kind} "
+                                f"--out {data_dir}`")  # fmt: skip
     return json.loads(path.read_text())
 
 

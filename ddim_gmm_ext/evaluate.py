@@ -144,23 +144,28 @@ def run(model, sweep: Sweep, quality, progress: bool = True) -> dict:
                          "variant": variant or FAMILIES[sweep.family][0], "scale": scale,
                          "components": sweep.components if variant else None, **metrics})  # fmt: skip
     summary = summarise(rows)
-    return {"rows": rows, "summary": summary, "best": best_scales(summary), "reference": real_reference(sweep, quality),
-            "seconds": time.perf_counter() - start}  # fmt: skip
+    return {"rows": rows, "summary": summary, "best": best_scales(summary),
+            "reference": real_reference(sweep, quality), "seconds": time.perf_counter() - start}  # fmt: skip
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds of each metric, per (steps, eta, sampler)."""
+    """Per (steps, eta, sampler): mean and standard deviation over seeds of each metric ("fd", "fd_std", ...)
+    and of its paired difference to the baseline of the same seed ("fd_diff", "fd_diff_std", ...; the
+    baseline is the row whose scale is None), which the shared noise makes far more precise than the
+    difference of the means."""
+    baseline = {(r["seed"], r["steps"], r["eta"]): r for r in rows if r["scale"] is None}
     groups: dict = {}
     for row in rows:
         groups.setdefault((row["steps"], row["eta"], row["sampler"]), []).append(row)
     out = []
-    for (steps, eta, sampler), group in groups.items():
+    for group in groups.values():
         entry = {k: group[0][k] for k in ("steps", "eta", "sampler", "variant", "scale", "components")}
         entry["seeds"] = len(group)
         for m in METRICS:
-            values = [r[m] for r in group]
-            entry[m] = statistics.fmean(values)
-            entry[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            for name, values in ((m, [r[m] for r in group]),
+                                 (f"{m}_diff", [r[m] - baseline[(r["seed"], r["steps"], r["eta"])][m] for r in group])):
+                entry[name] = statistics.fmean(values)
+                entry[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         out.append(entry)
     return out
 
@@ -195,8 +200,8 @@ def write_outputs(result: dict, sweep: Sweep, out_dir, model_name: str) -> list[
               "initial_noise": "torch.randn(samples, 64, generator=torch.Generator().manual_seed(seed))",
               "metrics": "digits-FD, k-NN precision / recall (k = 3) on the shipped classifier's penultimate "
                          "features, against the 1797 scikit-learn digits"}  # fmt: skip
-    paths[1].write_text(json.dumps({"config": config, **{k: result[k] for k in ("rows", "summary", "best", "reference")}},
-                                   indent=1) + "\n")  # fmt: skip
+    payload = {"config": config, **{k: result[k] for k in ("rows", "summary", "best", "reference")}}
+    paths[1].write_text(json.dumps(payload, indent=1) + "\n")
     paths[2].write_text(table_markdown(result, sweep, model_name))
     plot(result, sweep, paths[3])
     return paths
@@ -247,10 +252,12 @@ def plot(result: dict, sweep: Sweep, path) -> None:
             ax = axes[row][col]
             for variant in [baseline] + list(sweep.variants):
                 ys = [best[(eta, s, variant)][metric] for s in sweep.steps]
-                ax.plot(sweep.steps, ys, marker="o", ms=3, label=variant if variant == baseline else f"GMM-{variant.upper()}")
+                label = variant if variant == baseline else f"GMM-{variant.upper()}"
+                ax.plot(sweep.steps, ys, marker="o", ms=3, label=label)
             ax.axhline(result["reference"][metric], color="gray", ls="--", lw=0.8)
             ax.set_xscale("log")
             ax.set_xticks(sweep.steps, [str(s) for s in sweep.steps])
+            ax.minorticks_off()
             if row == 0:
                 ax.set_title(f"eta = {eta:g}")
             if col == 0:

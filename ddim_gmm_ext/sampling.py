@@ -56,7 +56,7 @@ def _steps(items, progress: bool, desc: str):
     return tqdm(items, desc=desc, disable=not progress, leave=False)
 
 
-def sample_ddim(eps_model, x_T, steps: int, eta: float, gmms, seed: int, progress: bool = False) -> list[torch.Tensor]:
+def sample_ddim(eps_model, x_T, steps: int, eta: float, gmms, seed: int, progress: bool = False) -> list:
     """DDIM(-GMM) sampling loops of an epsilon model ``eps_model(x [B, D], t [B] int64)``, one per entry of
     ``gmms`` (None = DDIM), all from ``x_T`` [N, D] with the same step noise (paired). The model sees one
     stacked batch [len(gmms) * N, D] per step. Returns one x0 [N, D] per entry of ``gmms``."""
@@ -69,7 +69,7 @@ def sample_ddim(eps_model, x_T, steps: int, eta: float, gmms, seed: int, progres
     return xs
 
 
-def sample_rfim(flow_model, x_T, steps: int, eta: float, gmms, seed: int, progress: bool = False) -> list[torch.Tensor]:
+def sample_rfim(flow_model, x_T, steps: int, eta: float, gmms, seed: int, progress: bool = False) -> list:
     """RFIM(-GMM) loops of a velocity model ``flow_model(x [B, D], t [B] float) -> v = eps - x0`` from t = 1 to
     0 on the uniform grid, as :func:`sample_ddim` (paired, one x0 [N, D] per entry of ``gmms``)."""
     times = reference.rf_times(steps)

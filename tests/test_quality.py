@@ -43,7 +43,8 @@ def test_frechet_distance_known_cases():
     y = 2.0 * torch.randn(200_000, 16, generator=gen, dtype=torch.float64) + 0.5
     z = torch.randn(200_000, 16, generator=gen, dtype=torch.float64)
     assert frechet_distance(y, z) == pytest.approx(16 * 0.25 + 16 * 1.0, rel=0.02)
-    noisy = [frechet_distance(x, x + s * torch.randn(x.shape, generator=gen, dtype=x.dtype)) for s in (0.1, 0.5, 1.0)]
+    noisy = [frechet_distance(x, x + s * torch.randn(x.shape, generator=gen, dtype=x.dtype))
+             for s in (0.1, 0.5, 1.0)]  # fmt: skip
     assert noisy[0] < noisy[1] < noisy[2]
     with pytest.raises(ValueError, match="x and y"):
         frechet_distance(x, x[:, :3])
@@ -132,6 +133,10 @@ def test_digits_demo_runs_end_to_end(tmp_path, capsys):
     assert [r["sampler"] for r in rows] == ["DDIM", f"GMM-ORTHO-VUB s={cli.DIGITS_DEMO_SCALE:g}"]
     with pytest.raises(SystemExit, match="one value of --steps"):
         cli.main(["demo", "--steps", "5", "10"])
+    with pytest.raises(SystemExit, match="--sigma0"):
+        cli.main(["demo", "--sigma0", "0.2"])
+    with pytest.raises(SystemExit, match="components"):
+        cli.main(["demo", "--components", "64"])
 
 
 @pytest.mark.parametrize("family", ["ddim", "rfim"])
