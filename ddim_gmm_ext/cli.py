@@ -201,15 +201,17 @@ EVAL_DEFAULTS = {
     "ddim": dict(steps=[5, 10, 20, 50], etas=[0.0, 0.2, 0.5, 1.0], scales=[0.01, 0.1, 1.0, 10.0]),
     "rfim": dict(steps=[2, 5, 10], etas=[0.0, 0.2, 0.5], scales=[0.01, 0.1, 1.0, 10.0]),
 }
-EVAL_QUICK = dict(steps=[5, 10], etas=[0.0, 0.5], scales=[0.1, 1.0], variants=["ortho-vub"], samples=300,
-                  seeds=[0])
+EVAL_QUICK = {
+    "ddim": dict(steps=[5, 10], etas=[0.0, 0.5, 1.0], scales=[0.1, 1.0], samples=500, seeds=[0]),
+    "rfim": dict(steps=[2, 5], etas=[0.0, 0.5], scales=[0.1, 1.0], samples=500, seeds=[0]),
+}
 
 
 def _eval_settings(args) -> dict:
     """The sweep settings: explicit options, else --quick's, else the family's paper grid."""
     defaults = dict(EVAL_DEFAULTS[args.family], variants=list(GMM_VARIANTS), samples=1000, seeds=[0, 1, 2])
     if args.quick:
-        defaults.update(EVAL_QUICK)
+        defaults.update(EVAL_QUICK[args.family])
     settings = {k: getattr(args, k) if getattr(args, k) is not None else defaults[k]
                 for k in ("steps", "etas", "scales", "variants", "samples", "seeds")}
     return settings | {"components": args.components}
@@ -258,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--components", type=_positive_int, default=8, help="K (default 8)")
     ev.add_argument("--samples", type=_positive_int, help="samples per seed and sampler (default 1000)")
     ev.add_argument("--seeds", type=int, nargs="+", help="paired seeds (default 0 1 2)")
-    ev.add_argument("--quick", action="store_true", help="a small grid (5, 10 steps; eta 0, 0.5; ORTHO-VUB; "
-                    "s 0.1, 1; 300 samples; seed 0) in a few minutes; explicit options still apply")  # fmt: skip
+    ev.add_argument("--quick", action="store_true", help="a small grid (ddim: 5, 10 steps, eta 0, 0.5, 1; "
+                    "rfim: 2, 5 steps, eta 0, 0.5; every variant, s 0.1, 1, 500 samples, seed 0) in a few minutes; "
+                    "explicit options still apply")  # fmt: skip
     ev.add_argument("--out", default="ddim_gmm_eval", help="output folder (default ddim_gmm_eval)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)

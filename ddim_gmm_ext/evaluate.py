@@ -13,6 +13,7 @@ import csv
 import importlib
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -182,7 +183,14 @@ def best_scales(summary: list[dict]) -> list[dict]:
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}, " \
+    """CPU model (from /proc/cpuinfo where there is one), core count, OS, torch version and threads used."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__}, " \
            f"{torch.get_num_threads()} threads"  # fmt: skip
 
 
@@ -208,31 +216,40 @@ def write_outputs(result: dict, sweep: Sweep, out_dir, model_name: str) -> list[
 
 
 def table_markdown(result: dict, sweep: Sweep, model_name: str) -> str:
-    """Rows eta x sampler, columns steps: "FD (best s) P / R", mean over seeds (the paper's Table 8 layout)."""
+    """Two tables, rows eta x sampler, columns steps, means over seeds: "FD (best s) P / R" (the paper's Table 8
+    layout), then each GMM sampler's paired difference to the baseline at that s, "dFD +- std, dP, dR"."""
     baseline = FAMILIES[sweep.family][0]
     best = {(e["eta"], e["steps"], e["variant"]): e for e in result["best"]}
-    variants = [baseline] + list(sweep.variants)
-    lines = [
-        f"{baseline} vs {baseline}-GMM on digits, model {model_name}: digits-FD (lower is better) with the best s "
-        f"in parentheses, then precision / recall (higher is better), mean over seeds {list(sweep.seeds)}, "
-        f"{sweep.samples} samples each, K = {sweep.components}.",
-        "",
-        "| eta | sampler | " + " | ".join(f"{s} steps" for s in sweep.steps) + " |",
-        "|---|---|" + "---|" * len(sweep.steps),
-    ]
-    for eta in sweep.etas:
-        for variant in variants:
-            cells = []
-            for steps in sweep.steps:
-                e = best[(eta, steps, variant)]
-                s = f" ({e['scale']:g})" if e["scale"] is not None else ""
-                cells.append(f"{e['fd']:.2f}{s} {e['precision']:.2f} / {e['recall']:.2f}")
-            name = baseline if variant == baseline else f"{baseline}-GMM-{variant.upper()}"
-            lines.append(f"| {eta:g} | {name} | " + " | ".join(cells) + " |")
+    header = ["| eta | sampler | " + " | ".join(f"{s} steps" for s in sweep.steps) + " |",
+              "|---|---|" + "---|" * len(sweep.steps)]  # fmt: skip
+
+    def rows(variants, cell):
+        for eta in sweep.etas:
+            for variant in variants:
+                name = baseline if variant == baseline else f"{baseline}-GMM-{variant.upper()}"
+                cells = [cell(best[(eta, steps, variant)]) for steps in sweep.steps]
+                yield f"| {eta:g} | {name} | " + " | ".join(cells) + " |"
+
+    def metrics(e):
+        s = f" ({e['scale']:g})" if e["scale"] is not None else ""
+        return f"{e['fd']:.2f}{s} {e['precision']:.2f} / {e['recall']:.2f}"
+
+    def differences(e):
+        return (f"{e['fd_diff']:+.2f} ± {e['fd_diff_std']:.2f}, {e['precision_diff']:+.3f}, "
+                f"{e['recall_diff']:+.3f}")  # fmt: skip
+
     ref = result["reference"]
-    lines += ["", f"Real digits ({min(sweep.samples, 1797)} of the 1797, against all): digits-FD {ref['fd']:.2f}, "
-              f"precision {ref['precision']:.2f}, recall {ref['recall']:.2f}.", ""]  # fmt: skip
-    return "\n".join(lines)
+    seeds = f"mean over seeds {list(sweep.seeds)}, {sweep.samples} samples each, K = {sweep.components}"
+    return "\n".join([
+        f"{baseline} vs {baseline}-GMM on digits, model {model_name}: digits-FD (lower is better) with the best s "
+        f"in parentheses, then precision / recall (higher is better); {seeds}.",
+        "", *header, *rows([baseline] + list(sweep.variants), metrics), "",
+        f"Paired differences to {baseline} at that s (same seed, same initial noise): digits-FD (± std over seeds), "
+        "precision, recall.",
+        "", *header, *rows(list(sweep.variants), differences), "",
+        f"Real digits ({min(sweep.samples, 1797)} of the 1797, against all): digits-FD {ref['fd']:.2f}, "
+        f"precision {ref['precision']:.2f}, recall {ref['recall']:.2f}.", "",
+    ])  # fmt: skip
 
 
 def plot(result: dict, sweep: Sweep, path) -> None:

@@ -109,6 +109,17 @@ def test_shipped_eps_model_makes_digits(quality):
     assert metrics["precision"] > 0.6 and metrics["recall"] > 0.5, metrics
 
 
+@pytest.mark.parametrize("net", ["eps", "flow", "classifier"])
+def test_training_is_seeded(net, tmp_path):
+    """The same seed gives the same weights; another seed does not."""
+    runs = [digits.train(net, tmp_path / str(i), iters=3, batch=8, lr=1e-3, seed=seed, progress=False)
+            for i, seed in enumerate([5, 5, 6])]  # fmt: skip
+    assert runs[0]["final_loss"] == runs[1]["final_loss"] != runs[2]["final_loss"]
+    weights = [torch.load(tmp_path / str(i) / f"digits_{net}.pt", weights_only=True) for i in range(3)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
 def test_train_digits_writes_a_loadable_manifest(tmp_path, capsys):
     for net in ("eps", "classifier"):
         assert cli.main(["train-digits", "--net", net, "--iters", "3", "--batch", "8", "--out", str(tmp_path),
