@@ -163,8 +163,8 @@ def summarise(rows: list[dict]) -> list[dict]:
         entry = {k: group[0][k] for k in ("steps", "eta", "sampler", "variant", "scale", "components")}
         entry["seeds"] = len(group)
         for m in METRICS:
-            for name, values in ((m, [r[m] for r in group]),
-                                 (f"{m}_diff", [r[m] - baseline[(r["seed"], r["steps"], r["eta"])][m] for r in group])):
+            diffs = [r[m] - baseline[(r["seed"], r["steps"], r["eta"])][m] for r in group]
+            for name, values in ((m, [r[m] for r in group]), (f"{m}_diff", diffs)):
                 entry[name] = statistics.fmean(values)
                 entry[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         out.append(entry)

@@ -153,12 +153,15 @@ def test_digits_demo_runs_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize("family", ["ddim", "rfim"])
 def test_eval_quick_writes_its_files(tmp_path, family):
     args = ["eval", "--family", family, "--quick", "--samples", "16", "--steps", "2", "--etas", "0", "0.2",
-            "--scales", "1", "--variants", "rand", "ortho-vub*", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+            "--scales", "1", "--variants", "rand", "ortho-vub*", "--out", str(tmp_path),
+            "--no-progress"]  # fmt: skip
     assert cli.main(args) == 0
     result = json.loads((tmp_path / "results.json").read_text())
-    assert len(result["rows"]) == 2 * 3  # etas x (baseline + 2 variants at one scale)
-    assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 6
-    assert "(1)" in (tmp_path / "table.md").read_text()
+    assert len(result["rows"]) == 2 * 2 * 3  # seeds x etas x (baseline + 2 variants at one scale)
+    assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 12
+    assert all(e["seeds"] == 2 and "fd_diff_std" in e for e in result["summary"])
+    table = (tmp_path / "table.md").read_text()
+    assert "(1)" in table and "Paired differences" in table
     assert (tmp_path / "quality.png").stat().st_size > 1000
 
 
