@@ -42,11 +42,11 @@ CLASSIFIER_TEST_FRACTION, CLASSIFIER_SPLIT_SEED = 0.2, 0
 # ---------------------------------------------------------------------------------------------------------
 
 
-def time_embedding(time: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding [B, dim] of times [B] on a 0..1000 scale (as DDPM's)."""
+def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding [B, dim] of times t [B] on a 0..1000 scale (as DDPM's)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32, device=time.device) / half)
-    angles = time.float()[:, None] * freqs[None]
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
@@ -73,9 +73,9 @@ class DenoiserMLP(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(hidden) for _ in range(blocks))
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        time = torch.as_tensor(time, device=x.device).expand(x.shape[0])
-        emb = self.time_mlp(time_embedding(time * self.time_scale, self.time_dim))
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        emb = self.time_mlp(time_embedding(t * self.time_scale, self.time_dim))
         h = self.inp(x)
         for block in self.blocks:
             h = block(h + emb)

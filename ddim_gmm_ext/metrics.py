@@ -10,6 +10,8 @@ fidelity from coverage; report all three together.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -73,7 +75,12 @@ class DigitsQuality:
             return self.classifier.features(x.float()).double()
 
     def __call__(self, samples: torch.Tensor) -> dict:
-        """{"fd", "precision", "recall"} of ``samples`` [n, 64]."""
-        f = self.features(samples)
+        """{"fd", "precision", "recall"} of ``samples`` [n, 64]. Samples with non-finite values (a diverged
+        sampler) count as outside the data manifold and make the FD infinite: a sweep is not stopped by them."""
+        finite = torch.isfinite(samples).all(dim=1)
+        f = self.features(samples[finite])
+        if len(f) <= self.k:
+            return {"fd": math.inf, "precision": 0.0, "recall": 0.0}
         precision, recall = precision_recall(self.real_features, f, self.k)
-        return {"fd": frechet_distance(f, self.real_features), "precision": precision, "recall": recall}
+        fd = frechet_distance(f, self.real_features) if finite.all() else math.inf
+        return {"fd": fd, "precision": precision * len(f) / len(samples), "recall": recall}

@@ -3,6 +3,7 @@ a quality floor), `ddim-gmm train-digits`, the digits demo and `ddim-gmm eval` e
 and the eval's bad-input errors."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -71,6 +72,11 @@ def test_digits_quality_of_real_and_noise(quality):
     assert abs(perfect["fd"]) < 1e-6 and perfect["precision"] == 1.0 and perfect["recall"] == 1.0
     noise = quality(torch.rand(500, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     assert noise["fd"] > 50 * quality(real[:500])["fd"] and noise["precision"] < 0.1
+    # Diverged samples count as misses and make the FD infinite instead of stopping a sweep.
+    diverged = real[:400].clone()
+    diverged[:100, 3] = float("nan")
+    assert quality(diverged) == {"fd": math.inf, "precision": 0.75, "recall": quality(real[100:400])["recall"]}
+    assert quality(torch.full((10, 64), float("inf")))["fd"] == math.inf
 
 
 # -- shipped networks ---------------------------------------------------------------------------------------
