@@ -54,6 +54,15 @@ class DigitsMixture:
         w = torch.softmax(-self._sq_dists(x, a) / (2 * v), dim=-1)
         return (b / v) * (x - a * w @ self.means(x.dtype))
 
+    def eps_model(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """:meth:`eps` as an epsilon model of the paper's schedule: x [B, 64], t [B] int64 training timesteps,
+        one value for the whole batch (as the loops of :mod:`ddim_gmm_ext.sampling` call it)."""
+        from .sampling import training_alphas_cumprod
+
+        if (t != t[0]).any():
+            raise ValueError("the analytic eps model takes one timestep per batch")
+        return self.eps(x, float(training_alphas_cumprod()[t[0]]))
+
     def nll(self, x: torch.Tensor) -> torch.Tensor:
         """-log p(x) in nats per sample, [B], computed in float64."""
         x = x.double()

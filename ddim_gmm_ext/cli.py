@@ -1,74 +1,51 @@
 """The ``ddim-gmm`` command line.
 
-``ddim-gmm demo`` compares DDIM with every DDIM-GMM variant on the analytic digits mixture
-(:mod:`ddim_gmm_ext.analytic`), where the exact denoiser and the exact density are known: for each sampler it
-reports the sliced Wasserstein distance to fresh samples of the mixture and the negative log-likelihood of its
-samples, over paired seeds (every sampler of a seed starts from the same noise and draws the same step noise).
+``ddim-gmm demo`` samples the shipped digits model (:mod:`ddim_gmm_ext.digits`) with DDIM and
+DDIM-GMM-ORTHO-VUB at 10 steps from the same noise, writes the samples side by side to a PNG and prints
+digits-FD, precision and recall of both. ``--model analytic`` compares DDIM with every DDIM-GMM variant on the
+analytic digits mixture (:mod:`ddim_gmm_ext.analytic`), whose exact denoiser and density are known: sliced
+Wasserstein distance to fresh mixture samples and negative log-likelihood, over paired seeds.
+
+``ddim-gmm eval`` runs the paper's sweep (:mod:`ddim_gmm_ext.evaluate`); ``ddim-gmm train-digits`` trains
+the shipped networks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from . import reference
-from .api import ddim_step
-from .gmm import GMM
+from .sampling import GMM_VARIANTS, make_gmms, sample_ddim, samplers
 
-# The paper's training schedule (its appendix A.5) and latent-diffusion's DDIM timesteps (leading, +1, the
-# last step going to abar_0).
-BETAS = dict(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="linear")
-GMM_VARIANTS = ("rand", "ortho", "ortho-vub", "ortho-vub*")
-
-
-def vp_schedule(steps: int):
-    """[(abar_t, abar_prev)] in sampling order."""
-    abar = reference.alphas_cumprod(reference.make_betas(**BETAS)).double()
-    timesteps, prev = reference.ddim_timesteps(steps, 1000, "leading", steps_offset=1)
-    return [(abar[t], abar[p] if p >= 0 else abar[0]) for t, p in zip(timesteps, prev)]
-
-
-def sample_ddim(eps_model, x_T, steps: int, eta: float, gmms, seed: int) -> list[torch.Tensor]:
-    """DDIM(-GMM) sampling loops of an epsilon model ``eps_model(x, abar_t)``, one per entry of ``gmms``
-    (None = DDIM), all from ``x_T`` with the same step noise (paired); the model sees one stacked batch."""
-    xs = [x_T] * len(gmms)
-    for i, (abar_t, abar_prev) in enumerate(vp_schedule(steps)):
-        eps = eps_model(torch.cat(xs), float(abar_t)).split(len(x_T))
-        xs = [ddim_step(e, x, abar_t, abar_prev, eta=eta, gmm=gmm, step_index=i, seed=seed).prev_sample
-              for e, x, gmm in zip(eps, xs, gmms)]  # fmt: skip
-    return xs
-
-
-def samplers(scales):
-    yield "DDIM", None, None
-    for variant in GMM_VARIANTS:
-        for s in scales:
-            yield f"GMM-{variant.upper()} s={s:g}", variant, s
+# The digits demo's setting: at 10 steps the paper's gains, and ours (benchmarks/results/quality_digits.json),
+# are largest at eta = 1, where s = 1 is ORTHO-VUB's best offset scale.
+DIGITS_DEMO_ETA, DIGITS_DEMO_SCALE = 1.0, 1.0
 
 
 def run_demo(args) -> dict:
+    """The analytic benchmark: {"rows": {(eta, sampler, steps): {"sw": [per seed], "nll": [per seed]}},
+    "seconds"}."""
     from .analytic import DigitsMixture, sliced_wasserstein
 
     start = time.perf_counter()
     mixture = DigitsMixture(sigma0=args.sigma0)
+    sampler_list = list(samplers(args.scales))
     rows: dict = {}
     for seed in args.seeds:
         x_T = torch.randn(args.samples, mixture.dim, generator=torch.Generator().manual_seed(seed))
         fresh = mixture.sample(args.samples, torch.Generator().manual_seed(10_000 + seed))
         for steps in args.steps:
-            names, gmms = [], []
-            for name, variant, scale in samplers(args.scales):
-                names.append(name)
-                gmms.append(None if variant is None else GMM.create(
-                    mixture.dim, n_components=args.components, n_steps=steps, scale=scale, variant=variant,
-                    seed=seed))  # fmt: skip
+            gmms = make_gmms(sampler_list, mixture.dim, args.components, steps, seed)
             for eta in args.etas:
-                for name, x0 in zip(names, sample_ddim(mixture.eps, x_T, steps, eta, gmms, seed)):
+                x0s = sample_ddim(mixture.eps_model, x_T, steps, eta, gmms, seed)
+                for (name, _, _), x0 in zip(sampler_list, x0s):
                     row = rows.setdefault((eta, name, steps), {"sw": [], "nll": []})
                     row["sw"].append(sliced_wasserstein(x0.double(), fresh, seed=seed))
                     row["nll"].append(float(mixture.nll(x0).mean()))
@@ -113,27 +90,195 @@ def _write_json(path, args, result) -> None:
                    "seconds": result["seconds"]}, f, indent=1)  # fmt: skip
 
 
+# Defaults of `demo` per model: the analytic benchmark sweeps; the digits demo is one paired comparison.
+DEMO_DEFAULTS = {
+    "analytic": dict(seeds=[0, 1, 2], samples=500, steps=[5, 10, 20], etas=[0.0, 1.0], scales=[0.1, 1.0],
+                     sigma0=0.1),
+    "digits": dict(seeds=[0], samples=1000, steps=[10], etas=[DIGITS_DEMO_ETA], scales=[DIGITS_DEMO_SCALE],
+                   png="ddim_gmm_demo.png"),
+}
+
+
 def cmd_demo(args) -> int:
-    result = run_demo(args)
-    print_table(args, result)
+    if args.model == "digits" and args.sigma0 is not None:
+        raise SystemExit("ddim-gmm demo: --sigma0 applies to --model analytic only")
+    for name, value in DEMO_DEFAULTS[args.model].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.model == "analytic":
+        if args.png:
+            raise SystemExit("ddim-gmm demo: --png applies to --model digits only")
+        result = run_demo(args)
+        print_table(args, result)
+        if args.json:
+            _write_json(args.json, args, result)
+        return 0
+    for name in ("steps", "etas", "scales"):
+        if len(getattr(args, name)) != 1:
+            raise SystemExit(f"ddim-gmm demo: --model digits takes one value of --{name}, "
+                             f"got {getattr(args, name)}")  # fmt: skip
+    return digits_demo(args)
+
+
+def digits_demo(args) -> int:
+    """DDIM vs DDIM-GMM-ORTHO-VUB on the shipped eps model: metrics per seed and their mean, and a PNG of the
+    first seed's first 64 samples of each sampler (same initial noise, same position)."""
+    from . import evaluate
+    from .metrics import DigitsQuality
+
+    start = time.perf_counter()
+    sweep = evaluate.Sweep(steps=tuple(args.steps), etas=tuple(args.etas), variants=("ortho-vub",),
+                           scales=tuple(args.scales), components=args.components, samples=args.samples,
+                           seeds=tuple(args.seeds))  # fmt: skip
+    try:
+        sweep.check()
+    except ValueError as error:
+        raise SystemExit(f"ddim-gmm demo: {error}") from None
+    model, quality = evaluate.load_model("digits"), DigitsQuality()
+    steps, eta = args.steps[0], args.etas[0]
+    per_seed = [evaluate.sample_and_score(model, sweep, steps, eta, seed, quality, progress=True)
+                for seed in args.seeds]  # fmt: skip
+    print(f"ddim-gmm demo: shipped digits eps model, {steps} steps, eta = {eta:g}, K = {args.components}, "
+          f"s = {args.scales[0]:g}; {args.samples} samples per seed, seeds {args.seeds} (paired: same x_T and "
+          "step noise).\ndigits-FD (lower is better), precision and recall (k = 3, higher is better) on the "
+          "shipped classifier's features against the 1797 real digits; mean over seeds.")  # fmt: skip
+    print(f"\n{'sampler':<24}{'digits-FD':>10}{'precision':>11}{'recall':>8}")
+    results = []
+    for i, (name, *_) in enumerate(per_seed[0]):
+        mean = {m: statistics.fmean(run[i][4][m] for run in per_seed) for m in evaluate.METRICS}
+        results.append({"sampler": name, **mean})
+        print(f"{name:<24}{mean['fd']:>10.2f}{mean['precision']:>11.3f}{mean['recall']:>8.3f}")
+    ref = evaluate.real_reference(sweep, quality)
+    print(f"{'real digits (subset)':<24}{ref['fd']:>10.2f}{ref['precision']:>11.3f}{ref['recall']:>8.3f}")
+    save_grid([(name, x0) for name, _, _, x0, _ in per_seed[0]], args.png)
+    print(f"\nsamples: {args.png}\ntime: {time.perf_counter() - start:.1f} s")
     if args.json:
-        _write_json(args.json, args, result)
+        with open(args.json, "w") as f:
+            json.dump({"config": {k: v for k, v in vars(args).items() if k != "func"}, "rows": results,
+                       "reference": ref}, f, indent=1)  # fmt: skip
+    return 0
+
+
+def save_grid(named_samples, path, n: int = 64) -> None:
+    """One panel per (name, samples [N, 64]) with the first min(n, N) samples, rounded down to a square, as
+    8x8 images, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    side = math.isqrt(min(n, len(named_samples[0][1])))
+    fig, axes = plt.subplots(1, len(named_samples), figsize=(3.6 * len(named_samples), 3.9), squeeze=False)
+    for ax, (name, x) in zip(axes[0], named_samples):
+        imgs = x[: side * side].reshape(side, side, 8, 8).clamp(-1, 1)
+        imgs = torch.nn.functional.pad(imgs, (0, 1, 0, 1), value=1.0)  # white lines between the digits
+        ax.imshow(imgs.permute(0, 2, 1, 3).reshape(side * 9, side * 9).numpy(), cmap="gray", vmin=-1, vmax=1)
+        ax.set_title(name, fontsize=10)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_eval(args) -> int:
+    from . import evaluate
+    from .metrics import DigitsQuality
+
+    sweep = evaluate.Sweep(family=args.family, **{k: tuple(v) if isinstance(v, list) else v
+                                                  for k, v in _eval_settings(args).items()})  # fmt: skip
+    try:
+        sweep.check()
+        model = evaluate.load_model(args.model, args.family)
+    except ValueError as error:
+        raise SystemExit(f"ddim-gmm eval: {error}") from None
+    result = evaluate.run(model, sweep, DigitsQuality(), progress=not args.no_progress)
+    paths = evaluate.write_outputs(result, sweep, args.out, args.model)
+    print((Path(args.out) / "table.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in paths) + f" in {result['seconds']:.0f} s")
+    return 0
+
+
+# The paper's grids (Fig. 1 / Table 8 for ddim, Table 1 for rfim) and the --quick ones.
+EVAL_DEFAULTS = {
+    "ddim": dict(steps=[5, 10, 20, 50], etas=[0.0, 0.2, 0.5, 1.0], scales=[0.01, 0.1, 1.0, 10.0]),
+    "rfim": dict(steps=[2, 5, 10], etas=[0.0, 0.2, 0.5], scales=[0.01, 0.1, 1.0, 10.0]),
+}
+EVAL_QUICK = {
+    "ddim": dict(steps=[5, 10, 20], etas=[0.0, 0.5, 1.0], scales=[0.1, 1.0], samples=500, seeds=[0, 1]),
+    "rfim": dict(steps=[2, 5, 10], etas=[0.0, 0.5], scales=[0.1, 1.0], samples=500, seeds=[0, 1]),
+}
+
+
+def _eval_settings(args) -> dict:
+    """The sweep settings: explicit options, else --quick's, else the family's paper grid."""
+    defaults = dict(EVAL_DEFAULTS[args.family], variants=list(GMM_VARIANTS), samples=1000, seeds=[0, 1, 2])
+    if args.quick:
+        defaults.update(EVAL_QUICK[args.family])
+    settings = {k: getattr(args, k) if getattr(args, k) is not None else defaults[k]
+                for k in ("steps", "etas", "scales", "variants", "samples", "seeds")}
+    return settings | {"components": args.components}
+
+
+def cmd_train_digits(args) -> int:
+    from . import digits
+
+    iters = args.iters or (3000 if args.net == "classifier" else 10_000)
+    progress = not args.no_progress
+    info = digits.train(args.net, args.out, iters, args.batch, args.lr, args.seed, progress=progress)
+    print(json.dumps(info, indent=1))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddim-gmm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="DDIM vs DDIM-GMM on the analytic digits mixture (under a minute on CPU)")
-    demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="paired seeds (default 0 1 2)")
-    demo.add_argument("--samples", type=_positive_int, default=500, help="samples per run (default 500)")
-    demo.add_argument("--steps", type=_positive_int, nargs="+", default=[5, 10, 20])
-    demo.add_argument("--etas", type=_nonnegative_float, nargs="+", default=[0.0, 1.0])
-    demo.add_argument("--scales", type=_nonnegative_float, nargs="+", default=[0.1, 1.0], help="offset scale s")
+    demo = sub.add_parser("demo", help="DDIM vs DDIM-GMM on the shipped digits model (under a minute on CPU)")
+    demo.add_argument("--model", choices=("digits", "analytic"), default="digits",
+                      help="digits: the shipped trained eps model (default); analytic: the exact-denoiser "
+                           "mixture benchmark over every variant")  # fmt: skip
+    demo.add_argument("--seeds", type=int, nargs="+", help="paired seeds (digits: 0; analytic: 0 1 2)")
+    demo.add_argument("--samples", type=_positive_int, help="samples per run (digits: 1000; analytic: 500)")
+    demo.add_argument("--steps", type=_positive_int, nargs="+", help="digits: 10; analytic: 5 10 20")
+    demo.add_argument("--etas", type=_nonnegative_float, nargs="+",
+                      help=f"digits: {DIGITS_DEMO_ETA:g}; analytic: 0 1")  # fmt: skip
+    demo.add_argument("--scales", type=_nonnegative_float, nargs="+",
+                      help=f"offset scale s (digits: {DIGITS_DEMO_SCALE:g}; analytic: 0.1 1)")  # fmt: skip
     demo.add_argument("--components", type=_positive_int, default=8, help="K (default 8)")
-    demo.add_argument("--sigma0", type=float, default=0.1, help="width of each mixture component (default 0.1)")
+    demo.add_argument("--sigma0", type=float, help="analytic: width of each mixture component (default 0.1)")
+    demo.add_argument("--png", help="digits: where to write the sample grid (default ddim_gmm_demo.png)")
     demo.add_argument("--json", help="also write the results to this JSON file")
     demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="the paper's sweep on a digits model: CSV/JSON, Fig. 1 style plot, "
+                        "Table 8 style table")  # fmt: skip
+    ev.add_argument("--model", default="digits", help="'digits' (shipped) or 'module:callable': eps(x [B, 64], "
+                    "t [B] int64 timesteps) for ddim, v(x [B, 64], t [B] float in [0, 1]) for rfim")  # fmt: skip
+    ev.add_argument("--family", choices=tuple(EVAL_DEFAULTS), default="ddim", help="ddim (default) or rfim")
+    ev.add_argument("--steps", type=_positive_int, nargs="+", help="ddim: 5 10 20 50; rfim: 2 5 10")
+    ev.add_argument("--etas", type=_nonnegative_float, nargs="+", help="ddim: 0 0.2 0.5 1; rfim: 0 0.2 0.5")
+    ev.add_argument("--variants", nargs="+",
+                    help=f"GMM variants (default all: {' '.join(GMM_VARIANTS)}); the baseline always runs")
+    ev.add_argument("--scales", type=_nonnegative_float, nargs="+", help="offset scales s (0.01 0.1 1 10)")
+    ev.add_argument("--components", type=_positive_int, default=8, help="K (default 8)")
+    ev.add_argument("--samples", type=_positive_int, help="samples per seed and sampler (default 1000)")
+    ev.add_argument("--seeds", type=int, nargs="+", help="paired seeds (default 0 1 2)")
+    ev.add_argument("--quick", action="store_true", help="a small grid (ddim: 5, 10, 20 steps, eta 0, 0.5, 1; "
+                    "rfim: 2, 5, 10 steps, eta 0, 0.5; every variant, s 0.1, 1, 500 samples, seeds 0 1) in a few "
+                    "minutes; explicit options still apply")  # fmt: skip
+    ev.add_argument("--out", default="ddim_gmm_eval", help="output folder (default ddim_gmm_eval)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_eval)
+
+    train = sub.add_parser("train-digits", help="train a shipped digits network (eps, flow, classifier)")
+    train.add_argument("--net", choices=("eps", "flow", "classifier"), required=True)
+    train.add_argument("--iters", type=_positive_int, help="optimiser steps (default 10000; classifier 3000)")
+    train.add_argument("--batch", type=_positive_int, default=256, help="batch size (default 256)")
+    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batches (default 0)")
+    train.add_argument("--out", default=".", help="folder for digits_<net>.pt / .json (default: current folder; "
+                       "the shipped files live in ddim_gmm_ext/data)")  # fmt: skip
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train_digits)
     return parser
 
 

@@ -10,6 +10,7 @@ pytest.importorskip("sklearn")
 
 from ddim_gmm_ext import cli  # noqa: E402
 from ddim_gmm_ext.analytic import DigitsMixture, sliced_wasserstein  # noqa: E402
+from ddim_gmm_ext.sampling import sample_ddim  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +54,13 @@ def test_sliced_wasserstein_properties(mixture):
 def test_ddim_sampling_recovers_the_mixture(mixture):
     """With the exact denoiser, 20-step DDIM samples land near the data: far lower NLL than noise."""
     x_T = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
-    (x0,) = cli.sample_ddim(mixture.eps, x_T, 20, 0.0, [None], seed=0)
+    (x0,) = sample_ddim(mixture.eps_model, x_T, 20, 0.0, [None], seed=0)
     assert mixture.nll(x0).mean() < mixture.nll(x_T.double()).mean() - 1000
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo.json"
-    args = ["demo", "--seeds", "0", "1", "--samples", "24", "--steps", "2", "3", "--scales", "1", "--json", str(out)]
+    args = ["demo", "--model", "analytic", "--seeds", "0", "1", "--samples", "24", "--steps", "2", "3", "--scales", "1", "--json", str(out)]
     assert cli.main(args) == 0
     text = capsys.readouterr().out
     for name in ["DDIM", "GMM-RAND s=1", "GMM-ORTHO s=1", "GMM-ORTHO-VUB s=1", "GMM-ORTHO-VUB* s=1", "SW@3", "NLL@2"]:
@@ -71,6 +72,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 def test_demo_rejects_bad_arguments():
     with pytest.raises(SystemExit):
-        cli.main(["demo", "--steps", "0"])
+        cli.main(["demo", "--model", "analytic", "--steps", "0"])
     with pytest.raises(SystemExit):
-        cli.main(["demo", "--scales", "-1"])
+        cli.main(["demo", "--model", "analytic", "--scales", "-1"])
+    with pytest.raises(SystemExit, match="--png"):
+        cli.main(["demo", "--model", "analytic", "--png", "x.png"])

@@ -1,0 +1,86 @@
+"""Sample-quality metrics on feature vectors: the Frechet distance (FID's formula; "digits-FD" on the
+penultimate features of the shipped digits classifier) and k-NN precision / recall (Kynkaanniemi et al.,
+NeurIPS 2019).
+
+A Frechet distance compares only means and covariances, so it rewards added spread: samples pushed off the
+data manifold can lower it while fewer of them look like digits. Precision (the fraction of samples inside
+the real data's k-NN manifold) and recall (the fraction of real data inside the samples' manifold) separate
+fidelity from coverage; report all three together.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """||mu_x - mu_y||^2 + tr(S_x + S_y - 2 (S_x S_y)^(1/2)) of two feature sets [n, F] and [m, F], computed
+    in float64; tr (S_x S_y)^(1/2) is the sum of the square roots of the (non-negative) eigenvalues of the
+    symmetric S_x^(1/2) S_y S_x^(1/2)."""
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"x and y must be [n, F] and [m, F], got {tuple(x.shape)} and {tuple(y.shape)}")
+    if len(x) < 2 or len(y) < 2:
+        raise ValueError("x and y need at least 2 rows each for a covariance")
+    x, y = x.double(), y.double()
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    s_x, s_y = torch.cov(x.T), torch.cov(y.T)
+    w, v = torch.linalg.eigh(s_x)
+    sqrt_s_x = (v * w.clamp(min=0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(sqrt_s_x @ s_y @ sqrt_s_x).clamp(min=0).sqrt().sum()
+    return float(((mu_x - mu_y) ** 2).sum() + s_x.trace() + s_y.trace() - 2 * cross)
+
+
+def _knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance of each row of x [n, F] to its k-th nearest other row, [n]."""
+    if len(x) <= k:
+        raise ValueError(f"need more than k = {k} points for k-NN radii, got {len(x)}")
+    return torch.cdist(x, x).kthvalue(k + 1, dim=1).values  # the 1st smallest is the point itself
+
+
+def _fraction_covered(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> float:
+    """Fraction of ``points`` inside at least one ball (centre, radius)."""
+    return float((torch.cdist(points, centres) <= radii[None]).any(dim=1).double().mean())
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """(precision, recall) of generated features ``fake`` [m, F] against ``real`` [n, F]: precision is the
+    fraction of fake points within the k-NN radius of some real point, recall the fraction of real points
+    within the k-NN radius of some fake point (k = 3 as in Kynkaanniemi et al.). Computed in float64."""
+    if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"real and fake must be [n, F] and [m, F], got {tuple(real.shape)} and "
+                         f"{tuple(fake.shape)}")  # fmt: skip
+    real, fake = real.double(), fake.double()
+    precision = _fraction_covered(fake, real, _knn_radii(real, k))
+    recall = _fraction_covered(real, fake, _knn_radii(fake, k))
+    return precision, recall
+
+
+class DigitsQuality:
+    """digits-FD, precision and recall of samples [n, 64] (data scale [-1, 1]) against the 1797 real digits,
+    on the penultimate features of the shipped digits classifier."""
+
+    def __init__(self, k: int = 3):
+        from . import digits
+        from .analytic import load_digits_scaled
+
+        self.k = k
+        self.classifier = digits.load("classifier")
+        self.real = load_digits_scaled(torch.float32)
+        self.real_features = self.features(self.real)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.classifier.features(x.float()).double()
+
+    def __call__(self, samples: torch.Tensor) -> dict:
+        """{"fd", "precision", "recall"} of ``samples`` [n, 64]. Samples with non-finite values (a diverged
+        sampler) count as outside the data manifold and make the FD infinite: a sweep is not stopped by them."""
+        finite = torch.isfinite(samples).all(dim=1)
+        f = self.features(samples[finite])
+        if len(f) <= self.k:
+            return {"fd": math.inf, "precision": 0.0, "recall": 0.0}
+        precision, recall = precision_recall(self.real_features, f, self.k)
+        fd = frechet_distance(f, self.real_features) if finite.all() else math.inf
+        return {"fd": fd, "precision": precision * len(f) / len(samples), "recall": recall}

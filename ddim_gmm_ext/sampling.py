@@ -1,0 +1,83 @@
+"""Sampling loops over the public steps (:func:`ddim_gmm_ext.ddim_step`, :func:`ddim_gmm_ext.rfim_step`) that
+run several samplers side by side with paired randomness: every sampler starts from the same x_T and draws
+the same step noise (the Philox stream is a function of seed, sample index and step), so their differences
+are not blurred by sampling noise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .api import ddim_step, rfim_step
+from .gmm import GMM
+
+# The paper's training schedule (its appendix A.5); DDIM timesteps as latent-diffusion's (leading, +1, the
+# last step going to abar_0).
+BETAS = dict(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="linear")
+
+
+GMM_VARIANTS = ("rand", "ortho", "ortho-vub", "ortho-vub*")
+
+
+def samplers(scales, variants=GMM_VARIANTS, baseline: str | None = "DDIM"):
+    """(name, variant, scale) of the baseline (variant None; left out if ``baseline`` is None) and of every
+    GMM variant at every offset scale, named like "GMM-ORTHO-VUB s=1"."""
+    if baseline is not None:
+        yield baseline, None, None
+    for variant in variants:
+        for s in scales:
+            yield f"GMM-{variant.upper()} s={s:g}", variant, s
+
+
+def make_gmms(sampler_list, dim: int, n_components: int, steps: int, seed: int) -> list:
+    """One GMM (None for the baseline) per (name, variant, scale) of ``sampler_list``, for ``steps`` sampling
+    steps, uniform priors, drawn from ``seed``."""
+    return [None if variant is None else
+            GMM.create(dim, n_components=n_components, n_steps=steps, scale=scale, variant=variant, seed=seed)
+            for _, variant, scale in sampler_list]  # fmt: skip
+
+
+def training_alphas_cumprod() -> torch.Tensor:
+    """abar_t [1000] float64 of the paper's schedule."""
+    return reference.alphas_cumprod(reference.make_betas(**BETAS)).double()
+
+
+def vp_schedule(steps: int):
+    """[(t, abar_t, abar_prev)] in sampling order: t the training timestep the model sees."""
+    abar = training_alphas_cumprod()
+    timesteps, prev = reference.ddim_timesteps(steps, BETAS["num_train_timesteps"], "leading", steps_offset=1)
+    return [(int(t), abar[t], abar[p] if p >= 0 else abar[0]) for t, p in zip(timesteps, prev)]
+
+
+def _steps(items, progress: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, disable=not progress, leave=False)
+
+
+def sample_ddim(eps_model, x_T, steps: int, eta: float, gmms, seed: int, progress: bool = False) -> list:
+    """DDIM(-GMM) sampling loops of an epsilon model ``eps_model(x [B, D], t [B] int64)``, one per entry of
+    ``gmms`` (None = DDIM), all from ``x_T`` [N, D] with the same step noise (paired). The model sees one
+    stacked batch [len(gmms) * N, D] per step. Returns one x0 [N, D] per entry of ``gmms``."""
+    xs = [x_T] * len(gmms)
+    for i, (t, abar_t, abar_prev) in enumerate(_steps(vp_schedule(steps), progress, "DDIM steps")):
+        x = torch.cat(xs)
+        eps = eps_model(x, torch.full((len(x),), t, dtype=torch.int64)).split(len(x_T))
+        xs = [ddim_step(e, x, abar_t, abar_prev, eta=eta, gmm=gmm, step_index=i, seed=seed).prev_sample
+              for e, x, gmm in zip(eps, xs, gmms)]  # fmt: skip
+    return xs
+
+
+def sample_rfim(flow_model, x_T, steps: int, eta: float, gmms, seed: int, progress: bool = False) -> list:
+    """RFIM(-GMM) loops of a velocity model ``flow_model(x [B, D], t [B] float) -> v = eps - x0`` from t = 1 to
+    0 on the uniform grid, as :func:`sample_ddim` (paired, one x0 [N, D] per entry of ``gmms``)."""
+    times = reference.rf_times(steps)
+    xs = [x_T] * len(gmms)
+    for i in _steps(range(steps), progress, "RFIM steps"):
+        t, s = times[i], times[i + 1]
+        x = torch.cat(xs)
+        v = flow_model(x, torch.full((len(x),), float(t))).split(len(x_T))
+        xs = [rfim_step(m, x, t, s, eta=eta, gmm=gmm, step_index=i, seed=seed).prev_sample
+              for m, x, gmm in zip(v, xs, gmms)]  # fmt: skip
+    return xs

@@ -1,0 +1,211 @@
+"""Sample-quality tooling: the metrics against known cases, the shipped digits networks (checksums, sizes,
+a quality floor), `ddim-gmm train-digits`, the digits demo and `ddim-gmm eval` end to end on tiny settings,
+and the eval's bad-input errors."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from ddim_gmm_ext import cli, digits, evaluate  # noqa: E402
+from ddim_gmm_ext.metrics import DigitsQuality, frechet_distance, precision_recall  # noqa: E402
+from ddim_gmm_ext.sampling import make_gmms, sample_ddim, samplers  # noqa: E402
+
+SHIPPED = [net for net in digits.NETS if (digits.DATA_DIR / f"digits_{net}.json").exists()]
+
+
+def zero_model(x, t):
+    """A valid (if useless) model for --model module:callable."""
+    return torch.zeros_like(x)
+
+
+def wrong_shape_model(x, t):
+    return x[:, :10]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    return DigitsQuality()
+
+
+# -- metrics ------------------------------------------------------------------------------------------------
+
+
+def test_frechet_distance_known_cases():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 16, generator=gen, dtype=torch.float64)
+    assert abs(frechet_distance(x, x)) < 1e-8
+    # Two Gaussians with known moments: FD = |mu|^2 + sum (sigma_x - sigma_y)^2 for diagonal covariances.
+    y = 2.0 * torch.randn(200_000, 16, generator=gen, dtype=torch.float64) + 0.5
+    z = torch.randn(200_000, 16, generator=gen, dtype=torch.float64)
+    assert frechet_distance(y, z) == pytest.approx(16 * 0.25 + 16 * 1.0, rel=0.02)
+    noisy = [frechet_distance(x, x + s * torch.randn(x.shape, generator=gen, dtype=x.dtype))
+             for s in (0.1, 0.5, 1.0)]  # fmt: skip
+    assert noisy[0] < noisy[1] < noisy[2]
+    with pytest.raises(ValueError, match="x and y"):
+        frechet_distance(x, x[:, :3])
+
+
+def test_precision_recall_known_cases():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 8, generator=gen)
+    assert precision_recall(x, x) == (1.0, 1.0)
+    assert precision_recall(x, x + 100.0) == (0.0, 0.0)
+    # Samples collapsed onto a tenth of the data: all precise, little recall.
+    precision, recall = precision_recall(x, x[:30].repeat(10, 1))
+    assert precision == 1.0 and recall < 0.3
+    # Samples spread twice as wide: recall stays high, precision drops.
+    precision, recall = precision_recall(x, 2.0 * torch.randn(300, 8, generator=gen))
+    assert precision < 0.7 and recall > 0.8
+    with pytest.raises(ValueError, match="k = 3"):
+        precision_recall(x, x[:3])
+
+
+def test_digits_quality_of_real_and_noise(quality):
+    real = quality.real
+    perfect = quality(real)
+    assert abs(perfect["fd"]) < 1e-6 and perfect["precision"] == 1.0 and perfect["recall"] == 1.0
+    noise = quality(torch.rand(500, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert noise["fd"] > 50 * quality(real[:500])["fd"] and noise["precision"] < 0.1
+    # Diverged samples count as misses and make the FD infinite instead of stopping a sweep.
+    diverged = real[:400].clone()
+    diverged[:100, 3] = float("nan")
+    assert quality(diverged) == {"fd": math.inf, "precision": 0.75, "recall": quality(real[100:400])["recall"]}
+    assert quality(torch.full((10, 64), float("inf")))["fd"] == math.inf
+
+
+# -- shipped networks ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("net", SHIPPED)
+def test_shipped_weights_match_manifest(net, tmp_path):
+    info = digits.manifest(net)
+    weights = digits.DATA_DIR / info["file"]
+    assert digits.sha256(weights) == info["sha256"]
+    assert weights.stat().st_size < 3 * 2**20
+    model = digits.load(net)
+    assert digits.n_parameters(model) == info["parameters"]
+    for key in ("command", "seed", "final_loss", "date"):
+        assert key in info
+    # A modified copy is refused.
+    shutil.copy(digits.DATA_DIR / f"digits_{net}.json", tmp_path)
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    (tmp_path / info["file"]).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        digits.load(net, tmp_path)
+
+
+def test_all_networks_are_shipped():
+    assert set(SHIPPED) == set(digits.NETS)
+    assert digits.manifest("classifier")["heldout_accuracy"] > 0.95
+
+
+def test_shipped_eps_model_makes_digits(quality):
+    """10-step DDIM samples of the shipped model: most land on the digits manifold."""
+    x_T = torch.randn(300, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        (x0,) = sample_ddim(digits.load("eps"), x_T, 10, 0.0, [None], seed=0)
+    metrics = quality(x0)
+    assert metrics["precision"] > 0.6 and metrics["recall"] > 0.5, metrics
+
+
+@pytest.mark.parametrize("net", ["eps", "flow", "classifier"])
+def test_training_is_seeded(net, tmp_path):
+    """The same seed gives the same weights; another seed does not."""
+    runs = [digits.train(net, tmp_path / str(i), iters=3, batch=8, lr=1e-3, seed=seed, progress=False)
+            for i, seed in enumerate([5, 5, 6])]  # fmt: skip
+    assert runs[0]["final_loss"] == runs[1]["final_loss"] != runs[2]["final_loss"]
+    weights = [torch.load(tmp_path / str(i) / f"digits_{net}.pt", weights_only=True) for i in range(3)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
+def test_train_digits_writes_a_loadable_manifest(tmp_path, capsys):
+    for net in ("eps", "classifier"):
+        assert cli.main(["train-digits", "--net", net, "--iters", "3", "--batch", "8", "--out", str(tmp_path),
+                         "--no-progress"]) == 0  # fmt: skip
+        info = json.loads((tmp_path / f"digits_{net}.json").read_text())
+        assert info["command"].startswith(f"ddim-gmm train-digits --net {net} --iters 3")
+        model = digits.load(net, tmp_path)
+        out = model(torch.zeros(2, 64), torch.zeros(2)) if net == "eps" else model(torch.zeros(2, 64))
+        assert out.shape == ((2, 64) if net == "eps" else (2, 10))
+
+
+# -- demo and eval ------------------------------------------------------------------------------------------
+
+
+def test_digits_demo_runs_end_to_end(tmp_path, capsys):
+    png, out = tmp_path / "demo.png", tmp_path / "demo.json"
+    assert cli.main(["demo", "--samples", "40", "--steps", "3", "--png", str(png), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "DDIM" in text and "GMM-ORTHO-VUB" in text and "digits-FD" in text
+    assert png.stat().st_size > 1000
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["sampler"] for r in rows] == ["DDIM", f"GMM-ORTHO-VUB s={cli.DIGITS_DEMO_SCALE:g}"]
+    with pytest.raises(SystemExit, match="one value of --steps"):
+        cli.main(["demo", "--steps", "5", "10"])
+    with pytest.raises(SystemExit, match="--sigma0"):
+        cli.main(["demo", "--sigma0", "0.2"])
+    with pytest.raises(SystemExit, match="components"):
+        cli.main(["demo", "--components", "64"])
+
+
+@pytest.mark.parametrize("family", ["ddim", "rfim"])
+def test_eval_quick_writes_its_files(tmp_path, family):
+    args = ["eval", "--family", family, "--quick", "--samples", "16", "--steps", "2", "--etas", "0", "0.2",
+            "--scales", "1", "--variants", "rand", "ortho-vub*", "--out", str(tmp_path),
+            "--no-progress"]  # fmt: skip
+    assert cli.main(args) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert len(result["rows"]) == 2 * 2 * 3  # seeds x etas x (baseline + 2 variants at one scale)
+    assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 12
+    assert all(e["seeds"] == 2 and "fd_diff_std" in e for e in result["summary"])
+    table = (tmp_path / "table.md").read_text()
+    assert "(1)" in table and "Paired differences" in table
+    assert (tmp_path / "quality.png").stat().st_size > 1000
+
+
+def test_eval_accepts_a_module_callable(tmp_path):
+    assert cli.main(["eval", "--model", f"{__name__}:zero_model", "--quick", "--samples", "8", "--steps", "1",
+                     "--etas", "0", "--scales", "1", "--out", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["model"] == f"{__name__}:zero_model"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no_such_module_xyz:f"], "cannot be imported"),
+        (["--model", "torch"], "module:callable"),
+        (["--model", f"{__name__}:wrong_shape_model"], r"shape \[2, 64\]"),
+        (["--model", "torch:zeros_like"], "fails on"),
+        (["--variants", "ortho", "bogus"], "unknown \\['bogus'\\]"),
+        (["--components", "64"], "components"),
+    ],
+)
+def test_eval_rejects_bad_input_before_sampling(args, message, monkeypatch):
+    monkeypatch.setattr(evaluate, "run", lambda *a, **k: pytest.fail("sampling started"))
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["eval", "--quick", *args])
+
+
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--scales", "-1"], ["--etas", "-0.5"]])
+def test_eval_rejects_bad_numbers(args, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", *args])
+    assert "must be >=" in capsys.readouterr().err
+
+
+def test_paired_samplers_share_noise_and_tables():
+    """Every sampler of a seed starts from the same x_T; with s = 0 the GMM samplers equal DDIM exactly."""
+    sampler_list = list(samplers([0.0], ["ortho-vub", "rand"]))
+    gmms = make_gmms(sampler_list, 64, 8, 3, seed=0)
+    x_T = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    xs = sample_ddim(zero_model, x_T, 3, 1.0, gmms, seed=0)
+    for x in xs[1:]:
+        torch.testing.assert_close(x, xs[0])
