@@ -60,6 +60,8 @@ def _coeffs(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(a_t, b_t, a_s, b_s, c) as the op's 1-D coeffs tensor on ``device``, rounded to the compute dtype as
     the reference does. Python numbers and CPU tensors are gathered on the host and moved in one copy; device
     tensors stay on the device: no device-to-host sync either way."""
+    if all(isinstance(v, float) for v in values):
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
     values = [torch.as_tensor(v, dtype=dtype).reshape(()) for v in values]
     if all(v.device.type == "cpu" for v in values):
         return torch.stack(values).to(device, non_blocking=True)

@@ -162,10 +162,22 @@ def rf_times(num_steps: int, shift: float = 1.0, dtype=torch.float64) -> torch.T
     return shift * t / (1 + (shift - 1) * t)
 
 
+def _scalar(x):
+    """A Python float for host scalars (numbers, one-element CPU tensors), else a float64 tensor: the schedule
+    formulas below run on either, and device tensors are never read on the host."""
+    v = _checks.host_value(x)
+    return v if v is not None else torch.as_tensor(x, dtype=torch.float64)
+
+
+def _sqrt_pos(x):
+    """sqrt(max(x, 0)) of a float or a tensor."""
+    return max(x, 0.0) ** 0.5 if isinstance(x, float) else x.clamp(min=0).sqrt()
+
+
 def vp_coefficients(alpha_prod):
     """(a, b) = (sqrt(abar), sqrt(1 - abar)) of the VP path."""
-    alpha_prod = torch.as_tensor(alpha_prod, dtype=torch.float64)
-    return alpha_prod.sqrt(), (1 - alpha_prod).sqrt()
+    alpha_prod = _scalar(alpha_prod)
+    return _sqrt_pos(alpha_prod), _sqrt_pos(1 - alpha_prod)
 
 
 def noise_std(a_t, b_t, a_s, b_s, eta: float = 0.0, schedule: str = "ddim"):
@@ -179,13 +191,16 @@ def noise_std(a_t, b_t, a_s, b_s, eta: float = 0.0, schedule: str = "ddim"):
     _checks.check_nonnegative("eta", eta)
     if schedule not in _checks.NOISE_SCHEDULES:
         raise ValueError(f"noise schedule must be one of {_checks.NOISE_SCHEDULES}, got {schedule!r}")
-    a_t, b_t, a_s, b_s = (torch.as_tensor(v, dtype=torch.float64) for v in (a_t, b_t, a_s, b_s))
+    a_t, b_t, a_s, b_s = (_scalar(v) for v in (a_t, b_t, a_s, b_s))
     if schedule == "rfim":
         return eta * b_s
+    if isinstance(a_s, float) and isinstance(b_t, float) and a_s * b_t == 0:
+        raise ValueError(f"noise_std needs a_s > 0 and b_t > 0 (a step from a noisy time to one with signal), "
+                         f"got a_s = {a_s}, b_t = {b_t}")  # fmt: skip
     r = (a_t * b_s / (a_s * b_t)) ** 2
     if schedule == "ddim":
-        return eta * (b_s**2 * (1 - r)).clamp(min=0).sqrt()
-    return (b_s**2 * (1 - r ** (eta**2))).clamp(min=0).sqrt()
+        return eta * _sqrt_pos(b_s**2 * (1 - r))
+    return _sqrt_pos(b_s**2 * (1 - r ** (eta**2)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -404,7 +419,7 @@ def ddim_coefficients(alpha_prod_t, alpha_prod_prev, eta: float):
 
 def rfim_coefficients(t, s, eta: float):
     """(a_t, b_t, a_s, b_s, c) of an RFIM step on x_t = (1 - t) x0 + t eps, with c = eta * s."""
-    t, s = torch.as_tensor(t, dtype=torch.float64), torch.as_tensor(s, dtype=torch.float64)
+    t, s = _scalar(t), _scalar(s)
     return 1 - t, t, 1 - s, s, noise_std(1 - t, t, 1 - s, s, eta, "rfim")
 
 

@@ -213,12 +213,12 @@ def test_moment_matching_oracle(device, variant):
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(D, generator=g, dtype=torch.float64).to(device)
     eps = torch.randn(N, D, generator=g, dtype=torch.float64).to(device)
-    x_t = a_t.item() * x0 + b_t.item() * eps
+    x_t = float(a_t) * x0 + float(b_t) * eps
     x_s = dg.step(eps, x_t, a_t, b_t, a_s, b_s, c, gmm=gmm, step_index=1, seed=7).prev_sample.cpu()
-    se = b_s.item() / math.sqrt(N)
-    torch.testing.assert_close(x_s.mean(0), a_s.item() * x0.cpu(), atol=5 * se, rtol=0)
-    torch.testing.assert_close(x_s.var(0), torch.full((D,), b_s.item() ** 2, dtype=torch.float64),
-                               atol=5 * math.sqrt(2) * b_s.item() ** 2 / math.sqrt(N), rtol=0)  # fmt: skip
+    se = float(b_s) / math.sqrt(N)
+    torch.testing.assert_close(x_s.mean(0), float(a_s) * x0.cpu(), atol=5 * se, rtol=0)
+    torch.testing.assert_close(x_s.var(0), torch.full((D,), float(b_s) ** 2, dtype=torch.float64),
+                               atol=5 * math.sqrt(2) * float(b_s) ** 2 / math.sqrt(N), rtol=0)  # fmt: skip
 
 
 # ---- registration ----------------------------------------------------------------------------------------
