@@ -232,24 +232,38 @@ struct SmallK {
 
   // U[s] = O[s] M_s rounded to scalar_t, then each column's sign fixed by its entry of largest magnitude.
   void write_output(const std::vector<double>& M) const {
-    // Per work item and column: largest |u| and its sign; items are in row order and the comparisons
-    // strict, so the first maximal entry wins as in reference.thin_svd.
+    // Per work item and column: largest |u| and its sign. The row loop keeps branch-free running max and
+    // min (it vectorises); only an exact tie |max| = |min| rescans the item for its first entry of that
+    // magnitude. Items are combined in row order with strict comparisons, so the first maximal entry wins
+    // as in reference.thin_svd.
     std::vector<double> best(S * chunks * K, -1.0);
     std::vector<char> negative(S * chunks * K, 0);
     for_items([&](int64_t s, int64_t d0, int64_t d1, int64_t item) {
       const double* m = &M[s * KP * KP];
       double* b = &best[item * K];
       char* neg = &negative[item * K];
-      double y[KP];
+      double y[KP], hi[KP], lo[KP];
+      std::fill_n(hi, KP, -std::numeric_limits<double>::infinity());
+      std::fill_n(lo, KP, std::numeric_limits<double>::infinity());
       for (int64_t d = d0; d < d1; ++d) {
         row(s, d, m, y);
         scalar_t* u = U + (s * D + d) * K;
         for (int64_t j = 0; j < K; ++j) {
-          u[j] = static_cast<scalar_t>(y[j]);
-          const double a = std::abs(static_cast<double>(u[j]));
-          if (a > b[j]) {
-            b[j] = a;
-            neg[j] = u[j] < 0;
+          const scalar_t v = static_cast<scalar_t>(y[j]);
+          u[j] = v;
+          hi[j] = std::max(hi[j], static_cast<double>(v));
+          lo[j] = std::min(lo[j], static_cast<double>(v));
+        }
+      }
+      for (int64_t j = 0; j < K && d1 > d0; ++j) {
+        b[j] = std::max(hi[j], -lo[j]);
+        neg[j] = -lo[j] > hi[j];
+        if (hi[j] != -lo[j]) continue;
+        for (int64_t d = d0; d < d1; ++d) {
+          const double v = static_cast<double>(U[(s * D + d) * K + j]);
+          if (std::abs(v) == b[j]) {
+            neg[j] = v < 0;
+            break;
           }
         }
       }
@@ -271,11 +285,11 @@ struct SmallK {
     }
     if (!any_flip) return;
     for_items([&](int64_t s, int64_t d0, int64_t d1, int64_t) {
-      const char* f = &flip[s * K];
+      scalar_t sign[KP];  // multiplying by -1 is exact (and turns 0 into -0 as negation does); no branch
+      for (int64_t j = 0; j < K; ++j) sign[j] = flip[s * K + j] ? scalar_t(-1) : scalar_t(1);
       for (int64_t d = d0; d < d1; ++d) {
         scalar_t* u = U + (s * D + d) * K;
-        for (int64_t j = 0; j < K; ++j)
-          if (f[j]) u[j] = -u[j];
+        for (int64_t j = 0; j < K; ++j) u[j] *= sign[j];
       }
     });
   }
