@@ -29,6 +29,7 @@ def step(
     sample_offset: int = 0,
     noise: torch.Tensor | None = None,
     components: torch.Tensor | None = None,
+    return_pred_original: bool = True,
 ) -> StepOutput:
     """One step x_t -> x_s of the Gaussian path x_t = a_t x0 + b_t eps with noise std ``noise_std``; with
     ``gmm``, the Gaussian-mixture kernel of parameter set ``step_index``. See :func:`reference.step`.
@@ -51,9 +52,9 @@ def step(
         var_offsets, noise, components, _checks.prediction_type_code(prediction_type),
         None if guidance_scale is None else float(guidance_scale),
         None if clip_sample_range is None else float(clip_sample_range), bool(use_clipped_model_output), seed,
-        sample_offset, step_index, True,
+        sample_offset, step_index, bool(return_pred_original),
     )  # fmt: skip
-    return StepOutput(prev, x0, k if gmm is not None else None)
+    return StepOutput(prev, x0 if return_pred_original else None, k if gmm is not None else None)
 
 
 def _coeffs(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -64,7 +64,8 @@ def sample_ddim(eps_model, x_T, steps: int, eta: float, gmms, seed: int, progres
     for i, (t, abar_t, abar_prev) in enumerate(_steps(vp_schedule(steps), progress, "DDIM steps")):
         x = torch.cat(xs)
         eps = eps_model(x, torch.full((len(x),), t, dtype=torch.int64)).split(len(x_T))
-        xs = [ddim_step(e, x, abar_t, abar_prev, eta=eta, gmm=gmm, step_index=i, seed=seed).prev_sample
+        xs = [ddim_step(e, x, abar_t, abar_prev, eta=eta, gmm=gmm, step_index=i, seed=seed,
+                        return_pred_original=False).prev_sample
               for e, x, gmm in zip(eps, xs, gmms)]  # fmt: skip
     return xs
 
@@ -78,6 +79,7 @@ def sample_rfim(flow_model, x_T, steps: int, eta: float, gmms, seed: int, progre
         t, s = times[i], times[i + 1]
         x = torch.cat(xs)
         v = flow_model(x, torch.full((len(x),), float(t))).split(len(x_T))
-        xs = [rfim_step(m, x, t, s, eta=eta, gmm=gmm, step_index=i, seed=seed).prev_sample
+        xs = [rfim_step(m, x, t, s, eta=eta, gmm=gmm, step_index=i, seed=seed,
+                        return_pred_original=False).prev_sample
               for m, x, gmm in zip(v, xs, gmms)]  # fmt: skip
     return xs

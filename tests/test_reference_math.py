@@ -309,3 +309,14 @@ def test_low_precision_computes_in_float32(dtype):
     expected = dg.ddim_step(m.to(dtype).float(), x.to(dtype).float(), 0.3, 0.5, eta=0.5, seed=1)
     assert out.prev_sample.dtype == dtype
     torch.testing.assert_close(out.prev_sample, expected.prev_sample.to(dtype))
+
+
+@pytest.mark.parametrize("step_fn", STEP_FNS.values(), ids=STEP_FNS.keys())
+def test_return_pred_original_false_drops_only_x0(step_fn):
+    gmm = dg.GMM.create(20, n_components=3, n_steps=2, variant="rand")
+    x, m = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    kwargs = dict(eta=1.0, gmm=gmm, step_index=1, seed=4, clip_sample_range=1.0)
+    full = step_fn(m, x, 0.3, 0.5, **kwargs)
+    lean = step_fn(m, x, 0.3, 0.5, return_pred_original=False, **kwargs)
+    assert lean.pred_original_sample is None and full.pred_original_sample.shape == x.shape
+    assert torch.equal(lean.prev_sample, full.prev_sample) and torch.equal(lean.components, full.components)
