@@ -7,15 +7,13 @@ import math
 
 import torch
 
+from .reference import compute_dtype as _compute_dtype
+
 _MAX_INDEX = 2**32
 
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check(model_output, sample, coeffs, priors, offsets, var_offsets, noise, components, prediction_type,
