@@ -51,12 +51,16 @@ DDIMGMM_INLINE void draw_normals(T* z, int64_t j0, int64_t n, uint32_t sample, u
   }
 }
 
+// The hot loops are built for the widest vectors the CPU has (the clone is picked at load time). Results are
+// bit-identical across clones: same operations, no FMA contraction under -std=c++17.
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-// The normals dominate the cost of a noisy step: build them with the widest vectors the CPU has (the clone is
-// picked at load time). Results are bit-identical across clones: same operations, no FMA contraction under
-// -std=c++17.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+#define DDIMGMM_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DDIMGMM_ISA_CLONES
 #endif
+
+// The normals dominate the cost of a noisy step.
+DDIMGMM_ISA_CLONES
 void draw_normals_f32(float* z, int64_t j0, int64_t n, uint32_t sample, uint32_t step, uint32_t k0, uint32_t k1) {
   draw_normals(z, j0, n, sample, step, k0, k1);
 }
@@ -134,7 +138,7 @@ Coeffs<T> make_coeffs(const T* v, int64_t prediction_type, std::optional<double>
 // offset delta_k), sd (noise std) and z are chunk buffers. With guidance, m = m_u + w (m_c - m_u); without,
 // m = m_c.
 template <typename scalar_t, typename m_t, typename T, bool kGuidance, bool kWriteX0>
-inline void update(const Coeffs<T>& k, int64_t n, const scalar_t* __restrict__ x, const m_t* __restrict__ m_u,
+DDIMGMM_ISA_CLONES void update(const Coeffs<T>& k, int64_t n, const scalar_t* __restrict__ x, const m_t* __restrict__ m_u,
                    const m_t* __restrict__ m_c, const T* __restrict__ add, const T* __restrict__ sd,
                    const T* __restrict__ z, scalar_t* __restrict__ out, scalar_t* __restrict__ x0_out) {
 #pragma omp simd
@@ -210,7 +214,7 @@ void run(const at::Tensor& model_output, const at::Tensor& sample, const at::Ten
           sd[i] = std::sqrt(std::max(k.c2 - var[j0 + i], T(0)));
           noisy |= sd[i] != T(0);
         }
-        for (int64_t i = nv; i < len; ++i) sd[i] = std::sqrt(std::max(k.c2, T(0)));
+        std::fill(sd + nv, sd + len, std::abs(k.c));  // beyond Dv: sqrt(max(c^2 - 0, 0)) = |c|
         noisy |= nv < len && k.c2 != T(0);
         const T* zc = zeros;
         if (z_given) {
