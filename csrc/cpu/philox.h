@@ -6,12 +6,7 @@
 #include <cstdint>
 #include <cstring>
 
-// The normals' helpers are forced inline so that the ISA clones of draw_normals_f32 compile them for their ISA.
-#if defined(__GNUC__)
-#define DDIMGMM_INLINE inline __attribute__((always_inline))
-#else
-#define DDIMGMM_INLINE inline
-#endif
+#include "isa.h"
 
 namespace ddimgmm {
 namespace philox {

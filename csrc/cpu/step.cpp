@@ -51,14 +51,6 @@ DDIMGMM_INLINE void draw_normals(T* z, int64_t j0, int64_t n, uint32_t sample, u
   }
 }
 
-// The hot loops are built for the widest vectors the CPU has (the clone is picked at load time). Results are
-// bit-identical across clones: same operations, no FMA contraction under -std=c++17.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define DDIMGMM_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DDIMGMM_ISA_CLONES
-#endif
-
 // The normals dominate the cost of a noisy step.
 DDIMGMM_ISA_CLONES
 void draw_normals_f32(float* z, int64_t j0, int64_t n, uint32_t sample, uint32_t step, uint32_t k0, uint32_t k1) {

@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include "../thin_svd_aten.h"
+#include "isa.h"
 
 #include <algorithm>
 #include <cmath>
@@ -157,7 +158,69 @@ void right_solve_upper(int64_t K, const std::vector<double>& R, std::vector<doub
 // ---------------------------------------------------------------------------------------------------------
 
 // The row passes run with the column count padded to the compile-time KP >= K (a power of two), so the
-// per-row K x K products unroll and vectorize; padded columns of M are zero and never stored.
+// per-row K x K products unroll and vectorize; padded columns of M are zero and never stored. They are free
+// functions so that each gets ISA clones (AVX2 / AVX-512 where the CPU has them).
+
+// y = o[:K] (m == nullptr) or o[:K] M (m: KP x KP padded), zero beyond K; o is one row of O.
+template <typename scalar_t, int KP>
+DDIMGMM_INLINE void load_row(const scalar_t* o, int64_t K, const double* m, double* y) {
+  if (m == nullptr) {
+    for (int j = 0; j < KP; ++j) y[j] = j < K ? static_cast<double>(o[j]) : 0.0;
+    return;
+  }
+  for (int j = 0; j < KP; ++j) y[j] = 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    const double ok = o[k];
+    for (int j = 0; j < KP; ++j) y[j] += ok * m[k * KP + j];
+  }
+}
+
+// g [KP, KP] += sum over rows d0 .. d1 of O (row stride K) of y^T y, y = load_row(row, m). Rows go through
+// an L1-sized block Y [kBlock, KP]; g is updated kPanel rows at a time so that the panel's accumulators stay
+// in registers across the block.
+template <typename scalar_t, int KP>
+DDIMGMM_ISA_CLONES void gram_rows(const scalar_t* O, int64_t K, int64_t d0, int64_t d1, const double* m, double* g) {
+  constexpr int kBlock = 64, kPanel = KP >= 2 && KP <= 8 ? 2 : 1;
+  alignas(64) double Y[kBlock * KP];
+  for (int64_t b0 = d0; b0 < d1; b0 += kBlock) {
+    const int rows = static_cast<int>(std::min<int64_t>(kBlock, d1 - b0));
+    for (int b = 0; b < rows; ++b) load_row<scalar_t, KP>(O + (b0 + b) * K, K, m, &Y[b * KP]);
+    for (int i = 0; i < KP; i += kPanel) {
+      double acc[kPanel * KP];
+      std::copy_n(&g[i * KP], kPanel * KP, acc);
+      for (int b = 0; b < rows; ++b)
+        for (int p = 0; p < kPanel; ++p)
+          for (int j = 0; j < KP; ++j) acc[p * KP + j] += Y[b * KP + i + p] * Y[b * KP + j];
+      std::copy_n(acc, kPanel * KP, &g[i * KP]);
+    }
+  }
+}
+
+// U rows d0 .. d1 = O rows M rounded to scalar_t; hi / lo [KP] get the running column max / min (branch-free,
+// so the loop vectorises).
+template <typename scalar_t, int KP>
+DDIMGMM_ISA_CLONES void write_rows(const scalar_t* O, scalar_t* U, int64_t K, int64_t d0, int64_t d1, const double* m,
+                                   double* hi, double* lo) {
+  double y[KP];
+  for (int64_t d = d0; d < d1; ++d) {
+    load_row<scalar_t, KP>(O + d * K, K, m, y);
+    scalar_t* u = U + d * K;
+    for (int64_t j = 0; j < K; ++j) {
+      const scalar_t v = static_cast<scalar_t>(y[j]);
+      u[j] = v;
+      hi[j] = std::max(hi[j], static_cast<double>(v));
+      lo[j] = std::min(lo[j], static_cast<double>(v));
+    }
+  }
+}
+
+// U rows d0 .. d1, column j, times sign[j] (+-1: exact, and 0 becomes -0 as negation does; no branch).
+template <typename scalar_t>
+DDIMGMM_ISA_CLONES void flip_rows(scalar_t* U, int64_t K, int64_t d0, int64_t d1, const scalar_t* sign) {
+  for (int64_t d = d0; d < d1; ++d)
+    for (int64_t j = 0; j < K; ++j) U[d * K + j] *= sign[j];
+}
+
 template <typename scalar_t, int KP>
 struct SmallK {
   const scalar_t* O;
@@ -184,43 +247,12 @@ struct SmallK {
     return P;
   }
 
-  // y = O[s, d, :] (m == nullptr) or O[s, d, :] M_s (m: KP x KP padded), zero beyond K.
-  void row(int64_t s, int64_t d, const double* m, double* y) const {
-    const scalar_t* o = O + (s * D + d) * K;
-    if (m == nullptr) {
-      for (int j = 0; j < KP; ++j) y[j] = j < K ? static_cast<double>(o[j]) : 0.0;
-      return;
-    }
-    for (int j = 0; j < KP; ++j) y[j] = 0.0;
-    for (int64_t k = 0; k < K; ++k) {
-      const double ok = o[k];
-      for (int j = 0; j < KP; ++j) y[j] += ok * m[k * KP + j];
-    }
-  }
-
-  // sum_rows y^T y per matrix (y from row(), M padded or nullptr), partial sums added in chunk order.
+  // sum_rows y^T y per matrix (y from load_row, M padded or nullptr), partial sums added in chunk order.
   // Returns [S, K, K].
   std::vector<double> gram(const std::vector<double>* M) const {
-    // Rows go through an L1-sized block Y [kBlock, KP]; g is updated kPanel rows at a time so that the
-    // panel's accumulators stay in registers across the block.
-    constexpr int kBlock = 64, kPanel = KP >= 2 && KP <= 8 ? 2 : 1;
     std::vector<double> partial(S * chunks * KP * KP, 0.0);
     for_items([&](int64_t s, int64_t d0, int64_t d1, int64_t item) {
-      double* g = &partial[item * KP * KP];
-      alignas(64) double Y[kBlock * KP];
-      const double* m = M ? &(*M)[s * KP * KP] : nullptr;
-      for (int64_t b0 = d0; b0 < d1; b0 += kBlock) {
-        const int rows = static_cast<int>(std::min<int64_t>(kBlock, d1 - b0));
-        for (int b = 0; b < rows; ++b) row(s, b0 + b, m, &Y[b * KP]);
-        for (int i = 0; i < KP; i += kPanel) {
-          double acc[kPanel * KP];
-          std::copy_n(&g[i * KP], kPanel * KP, acc);
-          for (int b = 0; b < rows; ++b)
-            for (int p = 0; p < kPanel; ++p)
-              for (int j = 0; j < KP; ++j) acc[p * KP + j] += Y[b * KP + i + p] * Y[b * KP + j];
-          std::copy_n(acc, kPanel * KP, &g[i * KP]);
-        }
-      }
+      gram_rows<scalar_t, KP>(O + s * D * K, K, d0, d1, M ? &(*M)[s * KP * KP] : nullptr, &partial[item * KP * KP]);
     });
     std::vector<double> G(S * K * K, 0.0);
     for (int64_t s = 0; s < S; ++s)
@@ -239,22 +271,12 @@ struct SmallK {
     std::vector<double> best(S * chunks * K, -1.0);
     std::vector<char> negative(S * chunks * K, 0);
     for_items([&](int64_t s, int64_t d0, int64_t d1, int64_t item) {
-      const double* m = &M[s * KP * KP];
       double* b = &best[item * K];
       char* neg = &negative[item * K];
-      double y[KP], hi[KP], lo[KP];
+      double hi[KP], lo[KP];
       std::fill_n(hi, KP, -std::numeric_limits<double>::infinity());
       std::fill_n(lo, KP, std::numeric_limits<double>::infinity());
-      for (int64_t d = d0; d < d1; ++d) {
-        row(s, d, m, y);
-        scalar_t* u = U + (s * D + d) * K;
-        for (int64_t j = 0; j < K; ++j) {
-          const scalar_t v = static_cast<scalar_t>(y[j]);
-          u[j] = v;
-          hi[j] = std::max(hi[j], static_cast<double>(v));
-          lo[j] = std::min(lo[j], static_cast<double>(v));
-        }
-      }
+      write_rows<scalar_t, KP>(O + s * D * K, U + s * D * K, K, d0, d1, &M[s * KP * KP], hi, lo);
       for (int64_t j = 0; j < K && d1 > d0; ++j) {
         b[j] = std::max(hi[j], -lo[j]);
         neg[j] = -lo[j] > hi[j];
@@ -285,12 +307,9 @@ struct SmallK {
     }
     if (!any_flip) return;
     for_items([&](int64_t s, int64_t d0, int64_t d1, int64_t) {
-      scalar_t sign[KP];  // multiplying by -1 is exact (and turns 0 into -0 as negation does); no branch
+      scalar_t sign[KP];
       for (int64_t j = 0; j < K; ++j) sign[j] = flip[s * K + j] ? scalar_t(-1) : scalar_t(1);
-      for (int64_t d = d0; d < d1; ++d) {
-        scalar_t* u = U + (s * D + d) * K;
-        for (int64_t j = 0; j < K; ++j) u[j] *= sign[j];
-      }
+      flip_rows(U + s * D * K, K, d0, d1, sign);
     });
   }
 
