@@ -74,6 +74,9 @@ def check_step_inputs(
     model_output: torch.Tensor,
     sample: torch.Tensor,
     *,
+    b_s,
+    noise_std,
+    gmm,
     guidance_scale,
     prediction_type: str,
     clip_sample_range,
@@ -82,10 +85,11 @@ def check_step_inputs(
     step_index: int,
     noise: torch.Tensor | None,
     components: torch.Tensor | None,
-    gmm_dim: int | None,
-    n_components: int | None,
 ) -> None:
-    """Shapes, dtypes, devices and ranges of one step's inputs."""
+    """Shapes, dtypes, devices and ranges of one step's inputs (gmm: a GMM or None)."""
+    check_noise_std(noise_std, b_s)
+    gmm_dim = None if gmm is None else gmm.dim
+    n_components = None if gmm is None else gmm.n_components
     check_floating("model_output", model_output)
     check_floating("sample", sample)
     prediction_type_code(prediction_type)

@@ -37,12 +37,10 @@ def step(
     Runs the fused ``torch.ops.ddimgmm.step`` (one pass over memory, no host sync). A model output in another
     dtype than the sample is converted to the compute dtype first (one extra copy)."""
     _checks.check_step_inputs(
-        model_output, sample, guidance_scale=guidance_scale, prediction_type=prediction_type,
-        clip_sample_range=clip_sample_range, seed=seed, sample_offset=sample_offset, step_index=step_index,
-        noise=noise, components=components, gmm_dim=None if gmm is None else gmm.dim,
-        n_components=None if gmm is None else gmm.n_components,
+        model_output, sample, b_s=b_s, noise_std=noise_std, gmm=gmm, guidance_scale=guidance_scale,
+        prediction_type=prediction_type, clip_sample_range=clip_sample_range, seed=seed,
+        sample_offset=sample_offset, step_index=step_index, noise=noise, components=components,
     )  # fmt: skip
-    _checks.check_noise_std(noise_std, b_s)
     priors, offsets, var_offsets = gmm.params(step_index, sample) if gmm is not None else (None, None, None)
     cdt = reference.compute_dtype(sample.dtype)
     if model_output.dtype not in (sample.dtype, cdt):

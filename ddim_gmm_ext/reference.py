@@ -364,12 +364,10 @@ def step(
     """
     params = gmm.params(step_index, sample) if gmm is not None else None
     _checks.check_step_inputs(
-        model_output, sample, guidance_scale=guidance_scale, prediction_type=prediction_type,
-        clip_sample_range=clip_sample_range, seed=seed, sample_offset=sample_offset, step_index=step_index,
-        noise=noise, components=components, gmm_dim=None if gmm is None else gmm.dim,
-        n_components=None if gmm is None else gmm.n_components,
+        model_output, sample, b_s=b_s, noise_std=noise_std, gmm=gmm, guidance_scale=guidance_scale,
+        prediction_type=prediction_type, clip_sample_range=clip_sample_range, seed=seed,
+        sample_offset=sample_offset, step_index=step_index, noise=noise, components=components,
     )  # fmt: skip
-    _checks.check_noise_std(noise_std, b_s)
     cdt = compute_dtype(sample.dtype)
     a_t, b_t, a_s, b_s, c = (torch.as_tensor(v, dtype=cdt, device=sample.device) for v in (a_t, b_t, a_s, b_s, noise_std))
 
