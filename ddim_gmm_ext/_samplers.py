@@ -16,11 +16,8 @@ from numbers import Integral, Real
 
 import torch
 
-from . import reference
-from .gmm import GMM
+from .gmm import GMM, GMM_VARIANTS
 
-#: Names accepted wherever a GMM variant is chosen by name ("ortho-vub*" is ORTHO-VUB shared across steps).
-GMM_VARIANTS = reference.VARIANTS + ("ortho-vub*",)
 _MAX_SEED = 2**63
 
 

@@ -24,7 +24,7 @@ except ImportError:  # not running inside ComfyUI
     _comfy_samplers = None
 
 if _comfy_samplers is not None:
-    from ._samplers import GMM_VARIANTS
+    from .gmm import GMM_VARIANTS
     from .k_diffusion import sample_ddim_gmm
 
     class SamplerDDIMGMM:

@@ -7,6 +7,8 @@ import torch
 from . import _checks, api, reference
 
 _VARIANT_ALIASES = {"ortho-vub*": ("ortho-vub", True)}
+#: The variant names GMM.create accepts ("ortho-vub*" is ORTHO-VUB shared across steps).
+GMM_VARIANTS = reference.VARIANTS + tuple(_VARIANT_ALIASES)
 
 
 def _resolve_device(device=None, gpu=None) -> torch.device:
@@ -85,7 +87,7 @@ class GMM:
         if variant in _VARIANT_ALIASES:
             variant, share_across_steps = _VARIANT_ALIASES[variant]
         if variant not in reference.VARIANTS:
-            raise ValueError(f"variant must be one of {reference.VARIANTS + ('ortho-vub*',)}, got {variant!r}")
+            raise ValueError(f"variant must be one of {GMM_VARIANTS}, got {variant!r}")
         return cls(device=device, dtype=dtype).initialize(
             dim, n_components, n_steps, scale, uniform_priors=uniform_priors, orthonormal=variant != "rand",
             upper_bound_vars=variant == "ortho-vub", share_across_steps=share_across_steps, seed=seed,

@@ -10,14 +10,12 @@ import torch
 
 from . import reference
 from .api import ddim_step, rfim_step
-from .gmm import GMM
+from .gmm import GMM, GMM_VARIANTS
 
 # The paper's training schedule (its appendix A.5); DDIM timesteps as latent-diffusion's (leading, +1, the
 # last step going to abar_0).
 BETAS = dict(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="linear")
 
-
-GMM_VARIANTS = ("rand", "ortho", "ortho-vub", "ortho-vub*")
 
 
 def samplers(scales, variants=GMM_VARIANTS, baseline: str | None = "DDIM"):
