@@ -6,10 +6,9 @@ alone (tests/test_cuda_compile.py)."""
 import glob
 import os
 
+import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -26,7 +25,9 @@ def _want_cuda():
 
 def _extension():
     # -fno-math-errno: sqrt without an errno branch, so that loops calling it vectorise (csrc/cpu/step.cpp)
-    cxx = ["-O3", "-std=c++17", "-fopenmp" if os.name != "nt" else "/openmp"] + (["-fno-math-errno"] if os.name != "nt" else [])
+    cxx = ["-O3", "-std=c++17", "-fopenmp" if os.name != "nt" else "/openmp"] + (
+        ["-fno-math-errno"] if os.name != "nt" else []
+    )
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if _want_cuda():
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
@@ -37,16 +38,14 @@ def _extension():
             extra_link_args=["-fopenmp"],
             py_limited_api=False,
         )
-    return CppExtension(
-        "ddim_gmm_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
-    )
+    return CppExtension("ddim_gmm_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
 
 setup(
     packages=find_packages(include=["ddim_gmm_ext", "ddim_gmm_ext.*"]) + ["ddim_gmm_ext.triton_kernels"],
     # triton ships a top-level package named `triton_kernels`; ours lives inside ddim_gmm_ext.
     package_dir={"ddim_gmm_ext.triton_kernels": "triton_kernels"},
-    package_data={"ddim_gmm_ext": ["data/*"]},
+    package_data={"ddim_gmm_ext": ["py.typed"], "ddim_gmm_ext.quality": ["data/*"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -1,11 +1,10 @@
 """pytest-benchmark suite of the fused step, the same cases as run_step_bench.py (which writes the JSON):
 
-    pytest benchmarks/bench_step.py --benchmark-group-by=param:shape,param:eta
+pytest benchmarks/bench_step.py --benchmark-group-by=param:shape,param:eta
 """
 
 import pytest
 import torch
-
 from run_step_bench import SHAPES, make_cases
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -1,7 +1,7 @@
 """Thin SVD and GMM initialisation timings (pytest-benchmark).
 
-    pytest benchmarks/bench_thin_svd.py --benchmark-only            # this machine's devices
-    python benchmarks/thin_svd_results.py                            # writes benchmarks/results/thin_svd_<device>.json
+pytest benchmarks/bench_thin_svd.py --benchmark-only            # this machine's devices
+python benchmarks/thin_svd_results.py                            # writes benchmarks/results/thin_svd_<device>.json
 """
 
 import pytest
@@ -13,8 +13,8 @@ SHAPES = [(50, 16384, 8), (50, 196608, 16), (1, 16384, 1024)]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 METHODS = {
     "ddimgmm": dg.thin_svd,
-    "linalg_svd": lambda O: torch.linalg.svd(O, full_matrices=False).U,
-    "linalg_svd_gesvda": lambda O: torch.linalg.svd(O, full_matrices=False, driver="gesvda").U,
+    "linalg_svd": lambda A: torch.linalg.svd(A, full_matrices=False).U,
+    "linalg_svd_gesvda": lambda A: torch.linalg.svd(A, full_matrices=False, driver="gesvda").U,
 }
 
 
@@ -29,11 +29,11 @@ def _sync(device):
 def test_thin_svd(benchmark, shape, method, device):
     if method == "linalg_svd_gesvda" and device != "cuda":
         pytest.skip("gesvda is a cuSOLVER driver")
-    O = torch.randn(shape, device=device)
+    A = torch.randn(shape, device=device)
     fn = METHODS[method]
 
     def run():
-        fn(O)
+        fn(A)
         _sync(device)
 
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)

@@ -62,8 +62,13 @@ def make_cases(device: str, shape, eta: float) -> dict:
         return R.ddim_step(m, x, ALPHA_T, ALPHA_PREV, eta=eta, gmm=gmm, step_index=STEP, noise=z, components=k)
 
     compiled = torch.compile(lambda m, x: ref_step_randn(m, x).prev_sample, dynamic=False)
-    cases = {"op": op, "dg.ddim_step": public, "reference": reference, "compiled_ref": lambda: compiled(m, x),
-             "copy": lambda: x.clone()}  # fmt: skip
+    cases = {
+        "op": op,
+        "dg.ddim_step": public,
+        "reference": reference,
+        "compiled_ref": lambda: compiled(m, x),
+        "copy": lambda: x.clone(),
+    }
     try:
         from diffusers import DDIMScheduler
     except ImportError:
@@ -88,9 +93,13 @@ def time_case(fn, device: str, min_run_time: float) -> float:
 
 
 def machine(device: str) -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
@@ -124,15 +133,24 @@ def main(argv=None) -> None:
             for name, fn in make_cases(args.device, shape, eta).items():
                 sec = time_case(fn, args.device, args.min_run_time)
                 moved = (2 if name == "copy" else 3) * 4 * numel
-                rows.append({"shape": list(shape), "eta": eta, "name": name, "ms": sec * 1e3, "GB/s": moved / sec / 1e9})
+                rows.append(
+                    {"shape": list(shape), "eta": eta, "name": name, "ms": sec * 1e3, "GB/s": moved / sec / 1e9}
+                )
                 print(f"{str(shape):>20} eta={eta:.0f} {name:>13}: {sec * 1e3:9.3f} ms  {moved / sec / 1e9:7.2f} GB/s")
     for row in rows:
         op = next(r for r in rows if r["shape"] == row["shape"] and r["eta"] == row["eta"] and r["name"] == "op")
         row["time_over_op"] = row["ms"] / op["ms"]
-    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": args.device, "machine": machine(args.device),
-              "versions": versions(), "dtype": "float32", "gmm": "ortho-vub, K=8",
-              "compiled_ref": "torch.compile of reference.ddim_step, noise by torch.randn in the graph, fixed components",
-              "bytes_per_element": "12 (read x_t and model output, write x_s)", "results": rows}  # fmt: skip
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "device": args.device,
+        "machine": machine(args.device),
+        "versions": versions(),
+        "dtype": "float32",
+        "gmm": "ortho-vub, K=8",
+        "compiled_ref": "torch.compile of reference.ddim_step, noise by torch.randn in the graph, fixed components",
+        "bytes_per_element": "12 (read x_t and model output, write x_s)",
+        "results": rows,
+    }
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"step_{args.device}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:

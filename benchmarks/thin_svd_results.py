@@ -63,15 +63,15 @@ def main():
     args = parser.parse_args()
     device, repeats = args.device, args.repeats
 
-    methods = {"ddimgmm.thin_svd": dg.thin_svd, "torch.linalg.svd": lambda O: torch.linalg.svd(O, full_matrices=False)}
+    methods = {"ddimgmm.thin_svd": dg.thin_svd, "torch.linalg.svd": lambda A: torch.linalg.svd(A, full_matrices=False)}
     if device == "cuda":
-        methods["torch.linalg.svd(gesvda)"] = lambda O: torch.linalg.svd(O, full_matrices=False, driver="gesvda")
+        methods["torch.linalg.svd(gesvda)"] = lambda A: torch.linalg.svd(A, full_matrices=False, driver="gesvda")
     results = []
     for shape in SHAPES:
-        O = torch.randn(shape, device=device)
+        A = torch.randn(shape, device=device)
         row = {"shape": list(shape), "dtype": "float32"}
         for name, fn in methods.items():
-            row[name] = measure(lambda: fn(O), device, repeats)
+            row[name] = measure(lambda fn=fn, A=A: fn(A), device, repeats)
             print(shape, name, f"{row[name]['median_ms']:.2f} ms")
         row["speedup_vs_linalg_svd"] = row["torch.linalg.svd"]["median_ms"] / row["ddimgmm.thin_svd"]["median_ms"]
         results.append(row)
@@ -83,12 +83,14 @@ def main():
         "variant": "ortho",
         "GMM.create": measure(lambda: dg.GMM.create(D, K, S, variant="ortho", device=device), device, repeats),
         "offset_directions (Philox draw of O, float64)": measure(
-            lambda: reference.offset_directions(S, D, K, seed=0, device=device), device, repeats),
+            lambda: reference.offset_directions(S, D, K, seed=0, device=device), device, repeats
+        ),
         "thin_svd of O (float64, ddimgmm)": measure(lambda: dg.thin_svd(O64), device, repeats),
         "thin_svd of O (float64, LAPACK reference)": measure(lambda: reference.thin_svd(O64), device, repeats),
         "GMM init with reference.thin_svd": measure(
-            lambda: reference.gmm_parameters(D, K, S, variant="ortho", device=device), device, repeats),
-    }  # fmt: skip
+            lambda: reference.gmm_parameters(D, K, S, variant="ortho", device=device), device, repeats
+        ),
+    }
     for name, value in gmm.items():
         if isinstance(value, dict):
             print(name, f"{value['median_ms']:.2f} ms")

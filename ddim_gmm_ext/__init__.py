@@ -1,24 +1,34 @@
 """ddim_gmm_ext: fused, drop-in DDIM-GMM sampling (Gabbur, TMLR 2026) for PyTorch.
 
-    import ddim_gmm_ext as dg
-    gmm = dg.GMM.create(dim=4 * 64 * 64, n_components=8, n_steps=50, variant="ortho-vub")
-    out = dg.ddim_step(eps, x_t, alpha_prod_t, alpha_prod_prev, eta=0.0, gmm=gmm, step_index=i, seed=0)
+import ddim_gmm_ext as dg
+gmm = dg.GMM.create(dim=4 * 64 * 64, n_components=8, n_steps=50, variant="ortho-vub")
+out = dg.ddim_step(eps, x_t, alpha_prod_t, alpha_prod_prev, eta=0.0, gmm=gmm, step_index=i, seed=0)
 """
 
-from . import ops  # noqa: F401  (registers torch.ops.ddimgmm)
-from . import reference
+from . import (
+    ops,  # noqa: F401  (registers torch.ops.ddimgmm)
+    reference,
+)
 from .api import StepOutput, ddim_step, rfim_step, step, thin_svd
 from .gmm import GMM
 
 __version__ = "0.1.0"
 __all__ = [
-    "GMM", "StepOutput", "step", "ddim_step", "rfim_step", "thin_svd", "reference", "DDIMSampler", "sample_rfim",
+    "GMM",
+    "StepOutput",
+    "step",
+    "ddim_step",
+    "rfim_step",
+    "thin_svd",
+    "reference",
+    "DDIMSampler",
+    "sample_rfim",
     "__version__",
-]  # fmt: skip
+]
 
 # Sampler integrations, imported on first use (ddim_gmm_ext.diffusers, which imports diffusers, and
 # ddim_gmm_ext.k_diffusion / ddim_gmm_ext.comfy are imported by name only).
-_LAZY = {"DDIMSampler": ("ldm", "DDIMSampler"), "sample_rfim": ("rf", "sample_rfim")}
+_LAZY = {"DDIMSampler": ("integrations.ldm", "DDIMSampler"), "sample_rfim": ("integrations.rf", "sample_rfim")}
 
 
 def __getattr__(name: str):

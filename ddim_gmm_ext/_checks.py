@@ -106,9 +106,7 @@ def check_step_inputs(
             )
     elif tuple(model_output.shape) != expected:
         hint = " (pass guidance_scale for a stacked [2B, ...] output)" if model_output.shape[0] == 2 * batch else ""
-        raise ValueError(
-            f"model_output shape {tuple(model_output.shape)} does not match sample shape {expected}{hint}"
-        )
+        raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample shape {expected}{hint}")
     if clip_sample_range is not None:
         v = host_value(clip_sample_range)
         if v is None or not v > 0:

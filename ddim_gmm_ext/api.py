@@ -37,21 +37,42 @@ def step(
     Runs the fused ``torch.ops.ddimgmm.step`` (one pass over memory, no host sync). A model output in another
     dtype than the sample is converted to the compute dtype first (one extra copy)."""
     _checks.check_step_inputs(
-        model_output, sample, b_s=b_s, noise_std=noise_std, gmm=gmm, guidance_scale=guidance_scale,
-        prediction_type=prediction_type, clip_sample_range=clip_sample_range, seed=seed,
-        sample_offset=sample_offset, step_index=step_index, noise=noise, components=components,
-    )  # fmt: skip
+        model_output,
+        sample,
+        b_s=b_s,
+        noise_std=noise_std,
+        gmm=gmm,
+        guidance_scale=guidance_scale,
+        prediction_type=prediction_type,
+        clip_sample_range=clip_sample_range,
+        seed=seed,
+        sample_offset=sample_offset,
+        step_index=step_index,
+        noise=noise,
+        components=components,
+    )
     priors, offsets, var_offsets = gmm.params(step_index, sample) if gmm is not None else (None, None, None)
     cdt = reference.compute_dtype(sample.dtype)
     if model_output.dtype not in (sample.dtype, cdt):
         model_output = model_output.to(cdt)
     prev, x0, k = torch.ops.ddimgmm.step(
-        model_output, sample, _coeffs((a_t, b_t, a_s, b_s, noise_std), cdt, sample.device), priors, offsets,
-        var_offsets, noise, components, _checks.prediction_type_code(prediction_type),
+        model_output,
+        sample,
+        _coeffs((a_t, b_t, a_s, b_s, noise_std), cdt, sample.device),
+        priors,
+        offsets,
+        var_offsets,
+        noise,
+        components,
+        _checks.prediction_type_code(prediction_type),
         None if guidance_scale is None else float(guidance_scale),
-        None if clip_sample_range is None else float(clip_sample_range), bool(use_clipped_model_output), seed,
-        sample_offset, step_index, bool(return_pred_original),
-    )  # fmt: skip
+        None if clip_sample_range is None else float(clip_sample_range),
+        bool(use_clipped_model_output),
+        seed,
+        sample_offset,
+        step_index,
+        bool(return_pred_original),
+    )
     return StepOutput(prev, x0 if return_pred_original else None, k if gmm is not None else None)
 
 
@@ -77,7 +98,7 @@ def rfim_step(model_output, sample, t, s, *, eta: float = 0.0, prediction_type: 
     return step(model_output, sample, *rfim_coefficients(t, s, eta), prediction_type=prediction_type, **options)
 
 
-def thin_svd(O: torch.Tensor) -> torch.Tensor:
+def thin_svd(O: torch.Tensor) -> torch.Tensor:  # noqa: E741 (the paper's name; a public keyword)
     """U [S, D, K] with orthonormal columns spanning O [S, D, K], ordered by singular value, signs as
     :func:`reference.thin_svd`. Computed from the Gram matrix O^T O in float64 (csrc/cpu/thin_svd.cpp,
     csrc/cuda/thin_svd.cu). A non-finite or numerically rank-deficient O[s] (sigma_min / sigma_max <= 1e-6,

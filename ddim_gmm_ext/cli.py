@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .sampling import GMM_VARIANTS, make_gmms, sample_ddim, samplers
+from .quality.sampling import GMM_VARIANTS, make_gmms, sample_ddim, samplers
 
 # The digits demo's setting: at 10 steps the paper's gains, and ours (benchmarks/results/quality_digits.json),
 # are largest at eta = 1, where s = 1 is ORTHO-VUB's best offset scale.
@@ -32,7 +32,7 @@ DIGITS_DEMO_ETA, DIGITS_DEMO_SCALE = 1.0, 1.0
 def run_demo(args) -> dict:
     """The analytic benchmark: {"rows": {(eta, sampler, steps): {"sw": [per seed], "nll": [per seed]}},
     "seconds"}."""
-    from .analytic import DigitsMixture, sliced_wasserstein
+    from .quality.analytic import DigitsMixture, sliced_wasserstein
 
     start = time.perf_counter()
     mixture = DigitsMixture(sigma0=args.sigma0)
@@ -45,7 +45,7 @@ def run_demo(args) -> dict:
             gmms = make_gmms(sampler_list, mixture.dim, args.components, steps, seed)
             for eta in args.etas:
                 x0s = sample_ddim(mixture.eps_model, x_T, steps, eta, gmms, seed)
-                for (name, _, _), x0 in zip(sampler_list, x0s):
+                for (name, _, _), x0 in zip(sampler_list, x0s, strict=False):
                     row = rows.setdefault((eta, name, steps), {"sw": [], "nll": []})
                     row["sw"].append(sliced_wasserstein(x0.double(), fresh, seed=seed))
                     row["nll"].append(float(mixture.nll(x0).mean()))
@@ -70,32 +70,42 @@ def print_table(args, result, out=None) -> None:
         "log-likelihood, nats/sample (lower is better). mean±std over seeds.",
         file=out,
     )
-    header = "".join(f"{'SW@' + str(s):>15}" for s in args.steps) + "".join(f"{'NLL@' + str(s):>16}" for s in args.steps)
+    header = "".join(f"{'SW@' + str(s):>15}" for s in args.steps) + "".join(
+        f"{'NLL@' + str(s):>16}" for s in args.steps
+    )
     for eta in args.etas:
         print(f"\neta = {eta:g}\n{'sampler':<22}{header}", file=out)
         for name in names:
             cells = [_fmt(rows[(eta, name, s)]["sw"]) for s in args.steps]
             cells += [f"{_fmt(rows[(eta, name, s)]['nll']):>16}" for s in args.steps]
-            print(f"{name:<22}" + "".join(f"{c:>15}" if i < len(args.steps) else c for i, c in enumerate(cells)), file=out)
+            print(
+                f"{name:<22}" + "".join(f"{c:>15}" if i < len(args.steps) else c for i, c in enumerate(cells)), file=out
+            )
     print(f"\ntime: {result['seconds']:.1f} s", file=out)
 
 
 def _write_json(path, args, result) -> None:
     rows = [
-        {"eta": eta, "sampler": name, "steps": steps, **values}
-        for (eta, name, steps), values in result["rows"].items()
+        {"eta": eta, "sampler": name, "steps": steps, **values} for (eta, name, steps), values in result["rows"].items()
     ]
     with open(path, "w") as f:
-        json.dump({"config": {k: v for k, v in vars(args).items() if k != "func"}, "rows": rows,
-                   "seconds": result["seconds"]}, f, indent=1)  # fmt: skip
+        json.dump(
+            {
+                "config": {k: v for k, v in vars(args).items() if k != "func"},
+                "rows": rows,
+                "seconds": result["seconds"],
+            },
+            f,
+            indent=1,
+        )
 
 
 # Defaults of `demo` per model: the analytic benchmark sweeps; the digits demo is one paired comparison.
 DEMO_DEFAULTS = {
-    "analytic": dict(seeds=[0, 1, 2], samples=500, steps=[5, 10, 20], etas=[0.0, 1.0], scales=[0.1, 1.0],
-                     sigma0=0.1),
-    "digits": dict(seeds=[0], samples=1000, steps=[10], etas=[DIGITS_DEMO_ETA], scales=[DIGITS_DEMO_SCALE],
-                   png="ddim_gmm_demo.png"),
+    "analytic": dict(seeds=[0, 1, 2], samples=500, steps=[5, 10, 20], etas=[0.0, 1.0], scales=[0.1, 1.0], sigma0=0.1),
+    "digits": dict(
+        seeds=[0], samples=1000, steps=[10], etas=[DIGITS_DEMO_ETA], scales=[DIGITS_DEMO_SCALE], png="ddim_gmm_demo.png"
+    ),
 }
 
 
@@ -115,33 +125,41 @@ def cmd_demo(args) -> int:
         return 0
     for name in ("steps", "etas", "scales"):
         if len(getattr(args, name)) != 1:
-            raise SystemExit(f"ddim-gmm demo: --model digits takes one value of --{name}, "
-                             f"got {getattr(args, name)}")  # fmt: skip
+            raise SystemExit(f"ddim-gmm demo: --model digits takes one value of --{name}, got {getattr(args, name)}")
     return digits_demo(args)
 
 
 def digits_demo(args) -> int:
     """DDIM vs DDIM-GMM-ORTHO-VUB on the shipped eps model: metrics per seed and their mean, and a PNG of the
     first seed's first 64 samples of each sampler (same initial noise, same position)."""
-    from . import evaluate
-    from .metrics import DigitsQuality
+    from .quality import evaluate
+    from .quality.metrics import DigitsQuality
 
     start = time.perf_counter()
-    sweep = evaluate.Sweep(steps=tuple(args.steps), etas=tuple(args.etas), variants=("ortho-vub",),
-                           scales=tuple(args.scales), components=args.components, samples=args.samples,
-                           seeds=tuple(args.seeds))  # fmt: skip
+    sweep = evaluate.Sweep(
+        steps=tuple(args.steps),
+        etas=tuple(args.etas),
+        variants=("ortho-vub",),
+        scales=tuple(args.scales),
+        components=args.components,
+        samples=args.samples,
+        seeds=tuple(args.seeds),
+    )
     try:
         sweep.check()
     except ValueError as error:
         raise SystemExit(f"ddim-gmm demo: {error}") from None
     model, quality = evaluate.load_model("digits"), DigitsQuality()
     steps, eta = args.steps[0], args.etas[0]
-    per_seed = [evaluate.sample_and_score(model, sweep, steps, eta, seed, quality, progress=True)
-                for seed in args.seeds]  # fmt: skip
-    print(f"ddim-gmm demo: shipped digits eps model, {steps} steps, eta = {eta:g}, K = {args.components}, "
-          f"s = {args.scales[0]:g}; {args.samples} samples per seed, seeds {args.seeds} (paired: same x_T and "
-          "step noise).\ndigits-FD (lower is better), precision and recall (k = 3, higher is better) on the "
-          "shipped classifier's features against the 1797 real digits; mean over seeds.")  # fmt: skip
+    per_seed = [
+        evaluate.sample_and_score(model, sweep, steps, eta, seed, quality, progress=True) for seed in args.seeds
+    ]
+    print(
+        f"ddim-gmm demo: shipped digits eps model, {steps} steps, eta = {eta:g}, K = {args.components}, "
+        f"s = {args.scales[0]:g}; {args.samples} samples per seed, seeds {args.seeds} (paired: same x_T and "
+        "step noise).\ndigits-FD (lower is better), precision and recall (k = 3, higher is better) on the "
+        "shipped classifier's features against the 1797 real digits; mean over seeds."
+    )
     print(f"\n{'sampler':<24}{'digits-FD':>10}{'precision':>11}{'recall':>8}")
     results = []
     for i, (name, *_) in enumerate(per_seed[0]):
@@ -154,8 +172,11 @@ def digits_demo(args) -> int:
     print(f"\nsamples: {args.png}\ntime: {time.perf_counter() - start:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": {k: v for k, v in vars(args).items() if k != "func"}, "rows": results,
-                       "reference": ref}, f, indent=1)  # fmt: skip
+            json.dump(
+                {"config": {k: v for k, v in vars(args).items() if k != "func"}, "rows": results, "reference": ref},
+                f,
+                indent=1,
+            )
     return 0
 
 
@@ -169,7 +190,7 @@ def save_grid(named_samples, path, n: int = 64) -> None:
 
     side = math.isqrt(min(n, len(named_samples[0][1])))
     fig, axes = plt.subplots(1, len(named_samples), figsize=(3.6 * len(named_samples), 3.9), squeeze=False)
-    for ax, (name, x) in zip(axes[0], named_samples):
+    for ax, (name, x) in zip(axes[0], named_samples, strict=False):
         imgs = x[: side * side].reshape(side, side, 8, 8).clamp(-1, 1)
         imgs = torch.nn.functional.pad(imgs, (0, 1, 0, 1), value=1.0)  # white lines between the digits
         ax.imshow(imgs.permute(0, 2, 1, 3).reshape(side * 9, side * 9).numpy(), cmap="gray", vmin=-1, vmax=1)
@@ -181,11 +202,12 @@ def save_grid(named_samples, path, n: int = 64) -> None:
 
 
 def cmd_eval(args) -> int:
-    from . import evaluate
-    from .metrics import DigitsQuality
+    from .quality import evaluate
+    from .quality.metrics import DigitsQuality
 
-    sweep = evaluate.Sweep(family=args.family, **{k: tuple(v) if isinstance(v, list) else v
-                                                  for k, v in _eval_settings(args).items()})  # fmt: skip
+    sweep = evaluate.Sweep(
+        family=args.family, **{k: tuple(v) if isinstance(v, list) else v for k, v in _eval_settings(args).items()}
+    )
     try:
         sweep.check()
         model = evaluate.load_model(args.model, args.family)
@@ -214,13 +236,15 @@ def _eval_settings(args) -> dict:
     defaults = dict(EVAL_DEFAULTS[args.family], variants=list(GMM_VARIANTS), samples=1000, seeds=[0, 1, 2])
     if args.quick:
         defaults.update(EVAL_QUICK[args.family])
-    settings = {k: getattr(args, k) if getattr(args, k) is not None else defaults[k]
-                for k in ("steps", "etas", "scales", "variants", "samples", "seeds")}
+    settings = {
+        k: getattr(args, k) if getattr(args, k) is not None else defaults[k]
+        for k in ("steps", "etas", "scales", "variants", "samples", "seeds")
+    }
     return settings | {"components": args.components}
 
 
 def cmd_train_digits(args) -> int:
-    from . import digits
+    from .quality import digits
 
     iters = args.iters or (3000 if args.net == "classifier" else 10_000)
     progress = not args.no_progress
@@ -233,38 +257,55 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddim-gmm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="DDIM vs DDIM-GMM on the shipped digits model (under a minute on CPU)")
-    demo.add_argument("--model", choices=("digits", "analytic"), default="digits",
-                      help="digits: the shipped trained eps model (default); analytic: the exact-denoiser "
-                           "mixture benchmark over every variant")  # fmt: skip
+    demo.add_argument(
+        "--model",
+        choices=("digits", "analytic"),
+        default="digits",
+        help="digits: the shipped trained eps model (default); analytic: the exact-denoiser "
+        "mixture benchmark over every variant",
+    )
     demo.add_argument("--seeds", type=int, nargs="+", help="paired seeds (digits: 0; analytic: 0 1 2)")
     demo.add_argument("--samples", type=_positive_int, help="samples per run (digits: 1000; analytic: 500)")
     demo.add_argument("--steps", type=_positive_int, nargs="+", help="digits: 10; analytic: 5 10 20")
-    demo.add_argument("--etas", type=_nonnegative_float, nargs="+",
-                      help=f"digits: {DIGITS_DEMO_ETA:g}; analytic: 0 1")  # fmt: skip
-    demo.add_argument("--scales", type=_nonnegative_float, nargs="+",
-                      help=f"offset scale s (digits: {DIGITS_DEMO_SCALE:g}; analytic: 0.1 1)")  # fmt: skip
+    demo.add_argument("--etas", type=_nonnegative_float, nargs="+", help=f"digits: {DIGITS_DEMO_ETA:g}; analytic: 0 1")
+    demo.add_argument(
+        "--scales",
+        type=_nonnegative_float,
+        nargs="+",
+        help=f"offset scale s (digits: {DIGITS_DEMO_SCALE:g}; analytic: 0.1 1)",
+    )
     demo.add_argument("--components", type=_positive_int, default=8, help="K (default 8)")
     demo.add_argument("--sigma0", type=float, help="analytic: width of each mixture component (default 0.1)")
     demo.add_argument("--png", help="digits: where to write the sample grid (default ddim_gmm_demo.png)")
     demo.add_argument("--json", help="also write the results to this JSON file")
     demo.set_defaults(func=cmd_demo)
 
-    ev = sub.add_parser("eval", help="the paper's sweep on a digits model: CSV/JSON, Fig. 1 style plot, "
-                        "Table 8 style table")  # fmt: skip
-    ev.add_argument("--model", default="digits", help="'digits' (shipped) or 'module:callable': eps(x [B, 64], "
-                    "t [B] int64 timesteps) for ddim, v(x [B, 64], t [B] float in [0, 1]) for rfim")  # fmt: skip
+    ev = sub.add_parser(
+        "eval", help="the paper's sweep on a digits model: CSV/JSON, Fig. 1 style plot, Table 8 style table"
+    )
+    ev.add_argument(
+        "--model",
+        default="digits",
+        help="'digits' (shipped) or 'module:callable': eps(x [B, 64], "
+        "t [B] int64 timesteps) for ddim, v(x [B, 64], t [B] float in [0, 1]) for rfim",
+    )
     ev.add_argument("--family", choices=tuple(EVAL_DEFAULTS), default="ddim", help="ddim (default) or rfim")
     ev.add_argument("--steps", type=_positive_int, nargs="+", help="ddim: 5 10 20 50; rfim: 2 5 10")
     ev.add_argument("--etas", type=_nonnegative_float, nargs="+", help="ddim: 0 0.2 0.5 1; rfim: 0 0.2 0.5")
-    ev.add_argument("--variants", nargs="+",
-                    help=f"GMM variants (default all: {' '.join(GMM_VARIANTS)}); the baseline always runs")
+    ev.add_argument(
+        "--variants", nargs="+", help=f"GMM variants (default all: {' '.join(GMM_VARIANTS)}); the baseline always runs"
+    )
     ev.add_argument("--scales", type=_nonnegative_float, nargs="+", help="offset scales s (0.01 0.1 1 10)")
     ev.add_argument("--components", type=_positive_int, default=8, help="K (default 8)")
     ev.add_argument("--samples", type=_positive_int, help="samples per seed and sampler (default 1000)")
     ev.add_argument("--seeds", type=int, nargs="+", help="paired seeds (default 0 1 2)")
-    ev.add_argument("--quick", action="store_true", help="a small grid (ddim: 5, 10, 20 steps, eta 0, 0.5, 1; "
-                    "rfim: 2, 5, 10 steps, eta 0, 0.5; every variant, s 0.1, 1, 500 samples, seeds 0 1) in a few "
-                    "minutes; explicit options still apply")  # fmt: skip
+    ev.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small grid (ddim: 5, 10, 20 steps, eta 0, 0.5, 1; "
+        "rfim: 2, 5, 10 steps, eta 0, 0.5; every variant, s 0.1, 1, 500 samples, seeds 0 1) in a few "
+        "minutes; explicit options still apply",
+    )
     ev.add_argument("--out", default="ddim_gmm_eval", help="output folder (default ddim_gmm_eval)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
@@ -275,8 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch", type=_positive_int, default=256, help="batch size (default 256)")
     train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     train.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batches (default 0)")
-    train.add_argument("--out", default=".", help="folder for digits_<net>.pt / .json (default: current folder; "
-                       "the shipped files live in ddim_gmm_ext/data)")  # fmt: skip
+    train.add_argument(
+        "--out",
+        default=".",
+        help="folder for digits_<net>.pt / .json (default: current folder; "
+        "the shipped files live in ddim_gmm_ext/data)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train_digits)
     return parser

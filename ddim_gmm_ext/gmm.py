@@ -54,19 +54,35 @@ class GMM:
         upper_bound_vars: bool = False,
         share_across_steps: bool = False,
         seed: int = 0,
-    ) -> "GMM":
+    ) -> GMM:
         """Reference-repository names: orthonormal=False -> RAND; orthonormal=True -> ORTHO;
         orthonormal=True, upper_bound_vars=True -> ORTHO-VUB."""
         if upper_bound_vars and not orthonormal:
             raise ValueError("upper_bound_vars=True needs orthonormal=True (the VUB bounds hold for ORTHO offsets)")
         variant = ("ortho-vub" if upper_bound_vars else "ortho") if orthonormal else "rand"
         priors, offsets, var_offsets = reference.gmm_parameters(
-            dim, n_components, n_steps, scale, variant, share_across_steps, uniform_priors, seed,
-            device=self.device, dtype=self.dtype, thin_svd_fn=api.thin_svd,
+            dim,
+            n_components,
+            n_steps,
+            scale,
+            variant,
+            share_across_steps,
+            uniform_priors,
+            seed,
+            device=self.device,
+            dtype=self.dtype,
+            thin_svd_fn=api.thin_svd,
             offset_directions_fn=api.offset_directions,
-        )  # fmt: skip
-        self._set(priors, offsets, var_offsets, variant=variant, scale=float(scale), n_steps=n_steps,
-                  shared=share_across_steps)  # fmt: skip
+        )
+        self._set(
+            priors,
+            offsets,
+            var_offsets,
+            variant=variant,
+            scale=float(scale),
+            n_steps=n_steps,
+            shared=share_across_steps,
+        )
         return self
 
     @classmethod
@@ -82,19 +98,26 @@ class GMM:
         seed: int = 0,
         device=None,
         dtype: torch.dtype = torch.float32,
-    ) -> "GMM":
+    ) -> GMM:
         """variant: "rand", "ortho", "ortho-vub", or "ortho-vub*" (ORTHO-VUB shared across steps)."""
         if variant in _VARIANT_ALIASES:
             variant, share_across_steps = _VARIANT_ALIASES[variant]
         if variant not in reference.VARIANTS:
             raise ValueError(f"variant must be one of {GMM_VARIANTS}, got {variant!r}")
         return cls(device=device, dtype=dtype).initialize(
-            dim, n_components, n_steps, scale, uniform_priors=uniform_priors, orthonormal=variant != "rand",
-            upper_bound_vars=variant == "ortho-vub", share_across_steps=share_across_steps, seed=seed,
-        )  # fmt: skip
+            dim,
+            n_components,
+            n_steps,
+            scale,
+            uniform_priors=uniform_priors,
+            orthonormal=variant != "rand",
+            upper_bound_vars=variant == "ortho-vub",
+            share_across_steps=share_across_steps,
+            seed=seed,
+        )
 
     @classmethod
-    def from_params(cls, priors, offsets, var_offsets, *, n_steps: int | None = None) -> "GMM":
+    def from_params(cls, priors, offsets, var_offsets, *, n_steps: int | None = None) -> GMM:
         """A GMM from user tables: priors [S, K], offsets [S, K, D], var_offsets [S, K, Dv] with Dv <= D.
         S = 1 is shared across steps. The tables are validated (priors non-negative, summing to one, and
         sum_k pi_k delta_k = 0 to 1e-4 relative) and not modified."""
@@ -115,8 +138,15 @@ class GMM:
         if (mean.abs() > tol).any():
             raise ValueError("offsets must satisfy sum_k priors_k offsets_k = 0 (paper eq. 8)")
         gmm = cls(device=priors.device, dtype=torch.float64 if priors.dtype == torch.float64 else torch.float32)
-        gmm._set(priors.to(gmm.dtype), offsets.to(gmm.dtype), var_offsets.to(gmm.dtype), variant="custom",
-                 scale=None, n_steps=n_steps if n_steps is not None else S, shared=S == 1)  # fmt: skip
+        gmm._set(
+            priors.to(gmm.dtype),
+            offsets.to(gmm.dtype),
+            var_offsets.to(gmm.dtype),
+            variant="custom",
+            scale=None,
+            n_steps=n_steps if n_steps is not None else S,
+            shared=S == 1,
+        )
         return gmm
 
     def _set(self, priors, offsets, var_offsets, *, variant, scale, n_steps, shared):
@@ -153,16 +183,23 @@ class GMM:
         i = self.set_index(step_index)
         key = (like.device, reference.compute_dtype(like.dtype))
         if key not in self._cache:
-            self._cache[key] = tuple(t.to(device=key[0], dtype=key[1]) for t in (self.priors, self.offsets, self.var_offsets))
+            self._cache[key] = tuple(
+                t.to(device=key[0], dtype=key[1]) for t in (self.priors, self.offsets, self.var_offsets)
+            )
         priors, offsets, var_offsets = self._cache[key]
         return priors[i], offsets[i], var_offsets[i]
 
-    def to(self, device=None, dtype=None) -> "GMM":
+    def to(self, device=None, dtype=None) -> GMM:
         """A copy on another device / dtype."""
         self._require()
         out = GMM(device=device if device is not None else self.device, dtype=dtype or self.dtype)
-        out._set(*(t.to(out.device, out.dtype) for t in (self.priors, self.offsets, self.var_offsets)),
-                 variant=self.variant, scale=self.scale, n_steps=self.n_steps, shared=self.shared)  # fmt: skip
+        out._set(
+            *(t.to(out.device, out.dtype) for t in (self.priors, self.offsets, self.var_offsets)),
+            variant=self.variant,
+            scale=self.scale,
+            n_steps=self.n_steps,
+            shared=self.shared,
+        )
         return out
 
     def __repr__(self) -> str:

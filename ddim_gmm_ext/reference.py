@@ -195,8 +195,10 @@ def noise_std(a_t, b_t, a_s, b_s, eta: float = 0.0, schedule: str = "ddim"):
     if schedule == "rfim":
         return eta * b_s
     if isinstance(a_s, float) and isinstance(b_t, float) and a_s * b_t == 0:
-        raise ValueError(f"noise_std needs a_s > 0 and b_t > 0 (a step from a noisy time to one with signal), "
-                         f"got a_s = {a_s}, b_t = {b_t}")  # fmt: skip
+        raise ValueError(
+            f"noise_std needs a_s > 0 and b_t > 0 (a step from a noisy time to one with signal), "
+            f"got a_s = {a_s}, b_t = {b_t}"
+        )
     r = (a_t * b_s / (a_s * b_t)) ** 2
     if schedule == "ddim":
         return eta * _sqrt_pos(b_s**2 * (1 - r))
@@ -364,12 +366,24 @@ def step(
     """
     params = gmm.params(step_index, sample) if gmm is not None else None
     _checks.check_step_inputs(
-        model_output, sample, b_s=b_s, noise_std=noise_std, gmm=gmm, guidance_scale=guidance_scale,
-        prediction_type=prediction_type, clip_sample_range=clip_sample_range, seed=seed,
-        sample_offset=sample_offset, step_index=step_index, noise=noise, components=components,
-    )  # fmt: skip
+        model_output,
+        sample,
+        b_s=b_s,
+        noise_std=noise_std,
+        gmm=gmm,
+        guidance_scale=guidance_scale,
+        prediction_type=prediction_type,
+        clip_sample_range=clip_sample_range,
+        seed=seed,
+        sample_offset=sample_offset,
+        step_index=step_index,
+        noise=noise,
+        components=components,
+    )
     cdt = compute_dtype(sample.dtype)
-    a_t, b_t, a_s, b_s, c = (torch.as_tensor(v, dtype=cdt, device=sample.device) for v in (a_t, b_t, a_s, b_s, noise_std))
+    a_t, b_t, a_s, b_s, c = (
+        torch.as_tensor(v, dtype=cdt, device=sample.device) for v in (a_t, b_t, a_s, b_s, noise_std)
+    )
 
     x = sample.to(cdt)
     m = model_output.to(cdt)
@@ -384,14 +398,21 @@ def step(
 
     mu = a_s * x0 + (b_s**2 - c**2).clamp(min=0).sqrt() * eps
     batch = sample.shape[0]
-    z = noise.to(cdt) if noise is not None else gaussian_noise(sample.shape, seed, sample_offset, step_index, cdt, sample.device)
+    z = (
+        noise.to(cdt)
+        if noise is not None
+        else gaussian_noise(sample.shape, seed, sample_offset, step_index, cdt, sample.device)
+    )
     if params is None:
         prev = mu + c * z
         k = None
     else:
         priors, offsets, var_offsets = params
-        k = components.to(torch.int64) if components is not None else draw_components(
-            priors, batch, seed, sample_offset, step_index)  # fmt: skip
+        k = (
+            components.to(torch.int64)
+            if components is not None
+            else draw_components(priors, batch, seed, sample_offset, step_index)
+        )
         flat = (batch, offsets.shape[-1])
         delta = offsets[k]  # [B, D]
         v = torch.zeros_like(delta)
@@ -401,9 +422,7 @@ def step(
     return StepOutput(prev.to(sample.dtype), x0.to(sample.dtype) if return_pred_original else None, k)
 
 
-def ddim_step(
-    model_output, sample, alpha_prod_t, alpha_prod_prev, *, eta: float = 0.0, **options
-) -> StepOutput:
+def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_prev, *, eta: float = 0.0, **options) -> StepOutput:
     """DDIM(-GMM) step on the VP path from abar_t to abar_prev with c = eta * DDIM's sigma (eq. 16).
 
     ``options`` are those of :func:`step` (gmm, step_index, prediction_type, guidance_scale, clip_sample_range,
@@ -437,7 +456,7 @@ def rfim_step(model_output, sample, t, s, *, eta: float = 0.0, prediction_type: 
 VARIANTS = ("rand", "ortho", "ortho-vub")
 
 
-def thin_svd(O: torch.Tensor) -> torch.Tensor:
+def thin_svd(O: torch.Tensor) -> torch.Tensor:  # noqa: E741 (the paper's name; a public keyword)
     """U [S, D, K] of O [S, D, K] by LAPACK, columns ordered by singular value, signs fixed so that each
     column's entry of largest magnitude is positive (the first such entry on ties)."""
     _check_thin_svd_input(O)
@@ -445,7 +464,7 @@ def thin_svd(O: torch.Tensor) -> torch.Tensor:
     return _fix_signs(U)
 
 
-def _check_thin_svd_input(O) -> None:
+def _check_thin_svd_input(O) -> None:  # noqa: E741
     _checks.check_floating("O", O)
     if O.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"O must be float32 or float64, got {O.dtype}")
@@ -513,13 +532,13 @@ def gmm_parameters(
         if uniform_priors
         else random_priors(n_sets, n_components, seed, device)
     )
-    O = offset_directions_fn(n_sets, dim, n_components, seed, device)
+    directions = offset_directions_fn(n_sets, dim, n_components, seed, device)
     if variant == "rand":
-        C = _centre(O, priors)
+        C = _centre(directions, priors)
         C = scale * C / C.norm(dim=1, keepdim=True)
         C = _centre(C, priors)
     else:
-        C = scale * _centre(thin_svd_fn(O), priors)
+        C = scale * _centre(thin_svd_fn(directions), priors)
     offsets = C.transpose(1, 2).contiguous()
     var_offsets = vub_var_offsets(priors, scale) if variant == "ortho-vub" else diagonal_var_offsets(offsets, priors)
     return priors.to(dtype), offsets.to(dtype), var_offsets.to(dtype)

@@ -22,8 +22,14 @@ def mc_bounds(n=N_MC, z=5.0):
 def matched_gmm(variant, c2, n_steps=1, uniform_priors=True, n_components=4, seed=3):
     """A GMM whose largest variance offset is 80 % of c^2: the offsets carry most of the noise, so a wrong
     variance table shows, and nothing is clipped."""
-    kwargs = dict(n_components=n_components, n_steps=n_steps, variant=variant, uniform_priors=uniform_priors,
-                  seed=seed, dtype=torch.float64)  # fmt: skip
+    kwargs = dict(
+        n_components=n_components,
+        n_steps=n_steps,
+        variant=variant,
+        uniform_priors=uniform_priors,
+        seed=seed,
+        dtype=torch.float64,
+    )
     unit = dg.GMM.create(D, scale=1.0, **kwargs)
     return dg.GMM.create(D, scale=math.sqrt(0.8 * float(c2) / float(unit.var_offsets.max())), **kwargs)
 
@@ -63,13 +69,14 @@ def test_chain_keeps_marginal_moments(variant):
     """Paper A.1 by induction: three GMM steps with the exact denoiser of a point mass x0 (prediction_type
     "sample", m = x0) keep E[x_s] = a_s x0, Var[x_s[d]] = b_s^2 after every step."""
     abars = [0.05, 0.2, 0.45, 0.7]
-    c2 = min(ref.ddim_coefficients(t, s, 0.8)[4] ** 2 for t, s in zip(abars[:-1], abars[1:]))
+    c2 = min(ref.ddim_coefficients(t, s, 0.8)[4] ** 2 for t, s in zip(abars[:-1], abars[1:], strict=False))
     gmm = matched_gmm(variant, c2, n_steps=3, n_components=3, seed=11)
     x0, x, _ = exact_start(abars[0], n=100_000)
     mean_tol, var_tol = mc_bounds(100_000)
-    for i, (abar_t, abar_s) in enumerate(zip(abars[:-1], abars[1:])):
-        x = dg.ddim_step(x0.expand_as(x), x, abar_t, abar_s, eta=0.8, gmm=gmm, step_index=i, seed=5,
-                         prediction_type="sample").prev_sample  # fmt: skip
+    for i, (abar_t, abar_s) in enumerate(zip(abars[:-1], abars[1:], strict=False)):
+        x = dg.ddim_step(
+            x0.expand_as(x), x, abar_t, abar_s, eta=0.8, gmm=gmm, step_index=i, seed=5, prediction_type="sample"
+        ).prev_sample
         b_s = math.sqrt(1 - abar_s)
         assert ((x.mean(0) - math.sqrt(abar_s) * x0).abs() <= mean_tol * b_s).all(), i
         assert ((x.var(0) / b_s**2 - 1).abs() <= var_tol).all(), i
@@ -78,8 +85,16 @@ def test_chain_keeps_marginal_moments(variant):
 @pytest.mark.parametrize("variant", ["rand", "ortho", "ortho-vub", "ortho-vub*"])
 @pytest.mark.parametrize("uniform_priors", [True, False])
 def test_offsets_satisfy_eq8_exactly(variant, uniform_priors):
-    gmm = dg.GMM.create(50, n_components=6, n_steps=4, scale=2.0, variant=variant, uniform_priors=uniform_priors,
-                        seed=2, dtype=torch.float64)  # fmt: skip
+    gmm = dg.GMM.create(
+        50,
+        n_components=6,
+        n_steps=4,
+        scale=2.0,
+        variant=variant,
+        uniform_priors=uniform_priors,
+        seed=2,
+        dtype=torch.float64,
+    )
     assert gmm.offsets.shape == ((1 if variant.endswith("*") else 4), 6, 50)
     torch.testing.assert_close(gmm.priors.sum(-1), torch.ones(gmm.priors.shape[0], dtype=torch.float64))
     assert (gmm.priors > 0).all()
@@ -90,7 +105,7 @@ def test_offsets_satisfy_eq8_exactly(variant, uniform_priors):
 def test_rand_offsets_have_norm_close_to_scale():
     gmm = dg.GMM.create(4096, n_components=8, n_steps=2, scale=3.0, variant="rand", dtype=torch.float64)
     norms = gmm.offsets.norm(dim=-1)
-    # re-centring after normalising moves each norm by O(s / sqrt(D))
+    # re-centring after normalising moves each norm by A(s / sqrt(D))
     assert ((norms - 3.0).abs() < 3.0 * 4 / math.sqrt(4096)).all()
 
 
@@ -103,12 +118,13 @@ def test_ortho_offsets_are_centred_orthonormal_directions():
 
 @pytest.mark.parametrize("uniform_priors", [True, False])
 def test_diagonal_var_offsets_match_eq11(uniform_priors):
-    gmm = dg.GMM.create(30, n_components=4, n_steps=2, scale=1.5, variant="rand", uniform_priors=uniform_priors,
-                        dtype=torch.float64)  # fmt: skip
+    gmm = dg.GMM.create(
+        30, n_components=4, n_steps=2, scale=1.5, variant="rand", uniform_priors=uniform_priors, dtype=torch.float64
+    )
     pi, delta = gmm.priors, gmm.offsets
     for s in range(2):
         for k in range(4):
-            full = sum(pi[s, l] * torch.outer(delta[s, l], delta[s, l]) for l in range(4)) / (4 * pi[s, k])
+            full = sum(pi[s, j] * torch.outer(delta[s, j], delta[s, j]) for j in range(4)) / (4 * pi[s, k])
             torch.testing.assert_close(gmm.var_offsets[s, k], full.diagonal())
 
 
@@ -116,8 +132,9 @@ def test_vub_tables():
     gmm = dg.GMM.create(64, n_components=8, n_steps=3, scale=2.0, variant="ortho-vub", dtype=torch.float64)
     assert gmm.var_offsets.shape == (3, 8, 8)
     torch.testing.assert_close(gmm.var_offsets, torch.full((3, 8, 8), 4.0 / 8, dtype=torch.float64))
-    gmm = dg.GMM.create(64, n_components=5, n_steps=2, scale=2.0, variant="ortho-vub", uniform_priors=False,
-                        dtype=torch.float64)  # fmt: skip
+    gmm = dg.GMM.create(
+        64, n_components=5, n_steps=2, scale=2.0, variant="ortho-vub", uniform_priors=False, dtype=torch.float64
+    )
     pi = gmm.priors
     for s in range(2):
         ascending = sorted(pi[s].tolist())
@@ -128,11 +145,12 @@ def test_vub_tables():
 
 def test_vub_bounds_eigenvalues_of_delta_k():
     """The VUB table bounds the eigenvalues of Delta_k = (1 / (K pi_k)) sum_l pi_l delta_l delta_l^T (eq. 34)."""
-    gmm = dg.GMM.create(20, n_components=4, n_steps=1, scale=1.3, variant="ortho-vub", uniform_priors=False,
-                        seed=4, dtype=torch.float64)  # fmt: skip
+    gmm = dg.GMM.create(
+        20, n_components=4, n_steps=1, scale=1.3, variant="ortho-vub", uniform_priors=False, seed=4, dtype=torch.float64
+    )
     pi, delta, v = gmm.priors[0], gmm.offsets[0], gmm.var_offsets[0]
     for k in range(4):
-        Delta = sum(pi[l] * torch.outer(delta[l], delta[l]) for l in range(4)) / (4 * pi[k])
+        Delta = sum(pi[j] * torch.outer(delta[j], delta[j]) for j in range(4)) / (4 * pi[k])
         eig = torch.linalg.eigvalsh(Delta)[-4:]
         assert (eig <= v[k] + 1e-12).all()
 
@@ -217,9 +235,9 @@ def test_rfim_noise_is_eta_s():
 
 @pytest.mark.parametrize("shape", [(3, 20, 4), (2, 9, 1), (1, 6, 5)])
 def test_thin_svd_reference_matches_lapack_up_to_sign(shape):
-    O = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    U = dg.thin_svd(O)
-    U_lapack = torch.linalg.svd(O, full_matrices=False).U
+    A = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    U = dg.thin_svd(A)
+    U_lapack = torch.linalg.svd(A, full_matrices=False).U
     torch.testing.assert_close(U.abs(), U_lapack.abs())
     torch.testing.assert_close(U.transpose(1, 2) @ U, torch.eye(shape[2], dtype=torch.float64).expand(shape[0], -1, -1))
     peak = U.gather(1, U.abs().argmax(1, keepdim=True))

@@ -28,7 +28,10 @@ def _args(B=2, shape=(3, 4)):
     [
         (dict(model_output=torch.randn(2, 3, 5)), "model_output shape"),
         (dict(model_output=torch.randn(4, 3, 4)), "guidance_scale"),
-        (dict(model_output=torch.randn(3, 3, 4), guidance_scale=2.0), r"with guidance_scale, model_output must have shape \(4, 3, 4\)"),
+        (
+            dict(model_output=torch.randn(3, 3, 4), guidance_scale=2.0),
+            r"with guidance_scale, model_output must have shape \(4, 3, 4\)",
+        ),
         (dict(step_index=4), r"step_index must be in \[0, 4\)"),
         (dict(step_index=-1), "step_index"),
         (dict(eta=-0.1), "eta must be >= 0"),
@@ -124,9 +127,9 @@ def test_from_params_checks_eq8_and_shapes():
 
 @pytest.mark.parametrize("shape", [(2, 3), (2, 3, 4, 1), (1, 2, 3)])
 def test_thin_svd_bad_shapes_raise(shape):
-    O = torch.randn(shape)
+    A = torch.randn(shape)
     with pytest.raises(ValueError, match=r"O must have shape \[S, D, K\] with K <= D"):
-        dg.thin_svd(O)
+        dg.thin_svd(A)
 
 
 def test_thin_svd_integer_raises():

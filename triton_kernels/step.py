@@ -74,15 +74,47 @@ def _f64(lo, hi):
 
 
 # Counters and bit patterns change every call: specialising on their values would recompile the kernel.
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "sample_offset", "step_index", "w_lo", "w_hi", "clip_lo", "clip_hi"])
+@triton.jit(
+    do_not_specialize=["seed_lo", "seed_hi", "sample_offset", "step_index", "w_lo", "w_hi", "clip_lo", "clip_hi"]
+)
 def _step_kernel(
-    x_ptr, m_ptr, coeffs_ptr, priors_ptr, offsets_ptr, var_ptr, noise_ptr, comps_in_ptr,
-    out_ptr, x0_ptr, comps_out_ptr,
-    B, D, K, Dv, n_blocks, seed_lo, seed_hi, sample_offset, step_index, w_lo, w_hi, clip_lo, clip_hi,
-    PRED: tl.constexpr, GUIDANCE: tl.constexpr, CLIP: tl.constexpr, REDERIVE_EPS: tl.constexpr,
-    GMM: tl.constexpr, NOISE_GIVEN: tl.constexpr, COMPONENTS_GIVEN: tl.constexpr, WRITE_X0: tl.constexpr,
-    F64: tl.constexpr, INDEX64: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    m_ptr,
+    coeffs_ptr,
+    priors_ptr,
+    offsets_ptr,
+    var_ptr,
+    noise_ptr,
+    comps_in_ptr,
+    out_ptr,
+    x0_ptr,
+    comps_out_ptr,
+    B,
+    D,
+    K,
+    Dv,
+    n_blocks,
+    seed_lo,
+    seed_hi,
+    sample_offset,
+    step_index,
+    w_lo,
+    w_hi,
+    clip_lo,
+    clip_hi,
+    PRED: tl.constexpr,
+    GUIDANCE: tl.constexpr,
+    CLIP: tl.constexpr,
+    REDERIVE_EPS: tl.constexpr,
+    GMM: tl.constexpr,
+    NOISE_GIVEN: tl.constexpr,
+    COMPONENTS_GIVEN: tl.constexpr,
+    WRITE_X0: tl.constexpr,
+    F64: tl.constexpr,
+    INDEX64: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One program = BLOCK elements of one sample b (program id = b * n_blocks + block).
 
     x [B, D], m [B, D] or [2B, D] (uncond rows first), out / x0 [B, D] in the storage dtype; coeffs [5]
@@ -152,7 +184,7 @@ def _step_kernel(
         r = _f64(clip_lo, clip_hi).to(cdt)
         x0 = tl.where(x0 < -r, -r, x0)  # NaN passes through, as in torch.clamp
         x0 = tl.where(x0 > r, r, x0)
-    if REDERIVE_EPS:
+    if REDERIVE_EPS:  # noqa: SIM108 (a constexpr branch: the untaken side is not compiled)
         eps = (x - a_t * x0) * (1.0 / b_t)
     else:
         eps = q_x * x + q_m * m
@@ -252,12 +284,37 @@ def step(
     n_blocks = max(1, triton.cdiv(D, block))  # >= 1: components are drawn even when D = 0
     index64 = m.numel() >= _INT32_LIMIT or K * D >= _INT32_LIMIT or B * n_blocks * block >= _INT32_LIMIT
     _step_kernel[(B * n_blocks,)](
-        x, m, coeffs.contiguous(), *tables, z, k_in, prev, x0 if return_pred_original else prev, comps,
-        B, D, K, Dv, n_blocks, *_words(seed), sample_offset, step_index, *_f64_words(guidance_scale),
+        x,
+        m,
+        coeffs.contiguous(),
+        *tables,
+        z,
+        k_in,
+        prev,
+        x0 if return_pred_original else prev,
+        comps,
+        B,
+        D,
+        K,
+        Dv,
+        n_blocks,
+        *_words(seed),
+        sample_offset,
+        step_index,
+        *_f64_words(guidance_scale),
         *_f64_words(clip_sample_range),
-        PRED=prediction_type, GUIDANCE=guidance_scale is not None, CLIP=clip_sample_range is not None,
-        REDERIVE_EPS=clip_sample_range is not None and use_clipped_model_output, GMM=gmm,
-        NOISE_GIVEN=noise is not None, COMPONENTS_GIVEN=components is not None, WRITE_X0=return_pred_original,
-        F64=cdt == torch.float64, INDEX64=index64, LIBDEVICE=not _INTERPRETED, BLOCK=block, num_warps=num_warps,
-    )  # fmt: skip
+        PRED=prediction_type,
+        GUIDANCE=guidance_scale is not None,
+        CLIP=clip_sample_range is not None,
+        REDERIVE_EPS=clip_sample_range is not None and use_clipped_model_output,
+        GMM=gmm,
+        NOISE_GIVEN=noise is not None,
+        COMPONENTS_GIVEN=components is not None,
+        WRITE_X0=return_pred_original,
+        F64=cdt == torch.float64,
+        INDEX64=index64,
+        LIBDEVICE=not _INTERPRETED,
+        BLOCK=block,
+        num_warps=num_warps,
+    )
     return prev, x0, comps

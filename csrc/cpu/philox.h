@@ -1,5 +1,5 @@
 // Philox4x32-10 and Box-Muller exactly as ddim_gmm_ext/reference.py defines the package's random stream.
-// Shared by the CPU kernels (step.cpp, draws.cpp).
+// Shared by the CPU kernels (step.cpp, offset_directions.cpp).
 #pragma once
 
 #include <cmath>

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
-from .api import ddim_step, rfim_step
-from .gmm import GMM, GMM_VARIANTS
+from .. import reference
+from ..api import ddim_step, rfim_step
+from ..gmm import GMM, GMM_VARIANTS
 
 # The paper's training schedule (its appendix A.5); DDIM timesteps as latent-diffusion's (leading, +1, the
 # last step going to abar_0).
 BETAS = dict(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="linear")
-
 
 
 def samplers(scales, variants=GMM_VARIANTS, baseline: str | None = "DDIM"):
@@ -31,9 +30,12 @@ def samplers(scales, variants=GMM_VARIANTS, baseline: str | None = "DDIM"):
 def make_gmms(sampler_list, dim: int, n_components: int, steps: int, seed: int) -> list:
     """One GMM (None for the baseline) per (name, variant, scale) of ``sampler_list``, for ``steps`` sampling
     steps, uniform priors, drawn from ``seed``."""
-    return [None if variant is None else
-            GMM.create(dim, n_components=n_components, n_steps=steps, scale=scale, variant=variant, seed=seed)
-            for _, variant, scale in sampler_list]  # fmt: skip
+    return [
+        None
+        if variant is None
+        else GMM.create(dim, n_components=n_components, n_steps=steps, scale=scale, variant=variant, seed=seed)
+        for _, variant, scale in sampler_list
+    ]
 
 
 def training_alphas_cumprod() -> torch.Tensor:
@@ -45,7 +47,7 @@ def vp_schedule(steps: int):
     """[(t, abar_t, abar_prev)] in sampling order: t the training timestep the model sees."""
     abar = training_alphas_cumprod()
     timesteps, prev = reference.ddim_timesteps(steps, BETAS["num_train_timesteps"], "leading", steps_offset=1)
-    return [(int(t), abar[t], abar[p] if p >= 0 else abar[0]) for t, p in zip(timesteps, prev)]
+    return [(int(t), abar[t], abar[p] if p >= 0 else abar[0]) for t, p in zip(timesteps, prev, strict=False)]
 
 
 def _steps(items, progress: bool, desc: str):
@@ -62,9 +64,12 @@ def sample_ddim(eps_model, x_T, steps: int, eta: float, gmms, seed: int, progres
     for i, (t, abar_t, abar_prev) in enumerate(_steps(vp_schedule(steps), progress, "DDIM steps")):
         x = torch.cat(xs)
         eps = eps_model(x, torch.full((len(x),), t, dtype=torch.int64)).split(len(x_T))
-        xs = [ddim_step(e, x, abar_t, abar_prev, eta=eta, gmm=gmm, step_index=i, seed=seed,
-                        return_pred_original=False).prev_sample
-              for e, x, gmm in zip(eps, xs, gmms)]  # fmt: skip
+        xs = [
+            ddim_step(
+                e, x, abar_t, abar_prev, eta=eta, gmm=gmm, step_index=i, seed=seed, return_pred_original=False
+            ).prev_sample
+            for e, x, gmm in zip(eps, xs, gmms, strict=False)
+        ]
     return xs
 
 
@@ -77,7 +82,8 @@ def sample_rfim(flow_model, x_T, steps: int, eta: float, gmms, seed: int, progre
         t, s = times[i], times[i + 1]
         x = torch.cat(xs)
         v = flow_model(x, torch.full((len(x),), float(t))).split(len(x_T))
-        xs = [rfim_step(m, x, t, s, eta=eta, gmm=gmm, step_index=i, seed=seed,
-                        return_pred_original=False).prev_sample
-              for m, x, gmm in zip(v, xs, gmms)]  # fmt: skip
+        xs = [
+            rfim_step(m, x, t, s, eta=eta, gmm=gmm, step_index=i, seed=seed, return_pred_original=False).prev_sample
+            for m, x, gmm in zip(v, xs, gmms, strict=False)
+        ]
     return xs

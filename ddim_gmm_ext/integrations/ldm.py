@@ -8,9 +8,9 @@ from numbers import Integral
 import numpy as np
 import torch
 
-from . import api, reference
-from ._samplers import check_eta, check_seed, progress_bar, resolve_gmm, stream_seed
-from .gmm import GMM
+from .. import api, reference
+from ..gmm import GMM
+from ._common import check_eta, check_seed, progress_bar, resolve_gmm, stream_seed
 
 __all__ = ["DDIMSampler"]
 
@@ -24,15 +24,23 @@ class DDIMSampler:
     and optionally ``parameterization`` ("eps" default, "x0" or "v"), as ``LatentDiffusion`` does.
     gmm: False (DDIM), True, or a variant name; with ``gmm_params`` (a ``ddim_gmm_ext.GMM``, as in the
     authors' README) those tables are used, otherwise tables are built per ``sample`` call for the sample
-    size ("ortho-vub" for True) with ``n_components`` / ``scale``. seed: see ``ddim_gmm_ext._samplers``.
+    size ("ortho-vub" for True) with ``n_components`` / ``scale``. seed: see ``ddim_gmm_ext.integrations._common``.
 
     The schedule is latent-diffusion's: ``ddim_discretize`` "uniform" (timesteps 1, 1 + c, ..., c = T // S) or
     "quad"; the last step goes to alphas_cumprod[0]. The initial noise x_T is drawn with ``torch.randn`` (the
     global generator) when not given, as latent-diffusion does.
     """
 
-    def __init__(self, model, gmm=False, gmm_params: GMM | None = None, *, n_components: int = 8,
-                 scale: float = 1.0, seed: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        gmm=False,
+        gmm_params: GMM | None = None,
+        *,
+        n_components: int = 8,
+        scale: float = 1.0,
+        seed: int | None = None,
+    ):
         for attr in ("apply_model", "alphas_cumprod"):
             if not hasattr(model, attr):
                 raise TypeError(f"model must expose {attr} (a latent-diffusion LatentDiffusion-like model)")
@@ -48,8 +56,9 @@ class DDIMSampler:
         self.ddpm_num_timesteps = int(model.alphas_cumprod.shape[0])
         self.ddim_timesteps = None
 
-    def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
-                      verbose: bool = True) -> None:  # fmt: skip
+    def make_schedule(
+        self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0, verbose: bool = True
+    ) -> None:
         """Timesteps and per-step (abar_t, abar_prev, sigma) as latent-diffusion's ``make_schedule``; the five
         step coefficients go to the model's device once. ``verbose`` is accepted for latent-diffusion scripts;
         nothing is printed."""
@@ -115,26 +124,42 @@ class DDIMSampler:
         else:
             x = x_T
         guided = unconditional_conditioning is not None and unconditional_guidance_scale != 1.0
-        gmm = resolve_gmm(self.gmm_params if self.gmm_params is not None else self.gmm, x, steps,
-                          n_components=self.n_components, scale=self.scale, share_across_steps=False,
-                          uniform_priors=True, seed=self.seed)  # fmt: skip
+        gmm = resolve_gmm(
+            self.gmm_params if self.gmm_params is not None else self.gmm,
+            x,
+            steps,
+            n_components=self.n_components,
+            scale=self.scale,
+            share_across_steps=False,
+            uniform_priors=True,
+            seed=self.seed,
+        )
         run_seed = stream_seed(self.seed)
         prediction_type = _PARAMETERIZATIONS[getattr(self.model, "parameterization", "eps")]
         intermediates = {"x_inter": [x], "pred_x0": [x]}
         timesteps = np.flip(self.ddim_timesteps)
-        for i in progress_bar(range(steps), not (progress and verbose), "DDIM-GMM Sampler" if gmm is not None else "DDIM Sampler"):
+        for i in progress_bar(
+            range(steps), not (progress and verbose), "DDIM-GMM Sampler" if gmm is not None else "DDIM Sampler"
+        ):
             index = steps - 1 - i  # into the schedule arrays, which are in increasing time
             t = torch.full((batch_size,), int(timesteps[i]), device=device, dtype=torch.long)
             if guided:
-                m = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]),
-                                           _stack_conditioning(unconditional_conditioning, conditioning))  # fmt: skip
+                m = self.model.apply_model(
+                    torch.cat([x, x]), torch.cat([t, t]), _stack_conditioning(unconditional_conditioning, conditioning)
+                )
             else:
                 m = self.model.apply_model(x, t, conditioning)
             out = api.step(
-                m, x, *self._coefficients[index].unbind(), gmm=gmm, step_index=i, prediction_type=prediction_type,
-                guidance_scale=unconditional_guidance_scale if guided else None, seed=run_seed,
+                m,
+                x,
+                *self._coefficients[index].unbind(),
+                gmm=gmm,
+                step_index=i,
+                prediction_type=prediction_type,
+                guidance_scale=unconditional_guidance_scale if guided else None,
+                seed=run_seed,
                 sample_offset=sample_offset,
-            )  # fmt: skip
+            )
             x, pred_x0 = out.prev_sample, out.pred_original_sample
             if callback is not None:
                 callback(i)
@@ -155,7 +180,7 @@ def _stack_conditioning(uncond, cond):
     if isinstance(cond, (list, tuple)):
         if not isinstance(uncond, (list, tuple)) or len(uncond) != len(cond):
             raise ValueError("unconditional_conditioning must be a list as long as the conditioning")
-        return [_stack_conditioning(u, c) for u, c in zip(uncond, cond)]
+        return [_stack_conditioning(u, c) for u, c in zip(uncond, cond, strict=False)]
     if not isinstance(cond, torch.Tensor) or not isinstance(uncond, torch.Tensor):
         raise TypeError("conditioning and unconditional_conditioning must be tensors (or dicts / lists of them)")
     return torch.cat([uncond, cond])

@@ -59,12 +59,16 @@ def test_ve_run_equals_vp_run(eta, gmm):
     model, sigmas = _ve_denoiser()
     _, ab = _schedule()
     x_T = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    tables = None if gmm is None else dg.GMM.create(32, n_components=3, n_steps=STEPS, variant=gmm, seed=1,
-                                                    dtype=torch.float64)  # fmt: skip
+    tables = (
+        None
+        if gmm is None
+        else dg.GMM.create(32, n_components=3, n_steps=STEPS, variant=gmm, seed=1, dtype=torch.float64)
+    )
     expected = _vp_run(x_T, eta, tables, seed=7)
     seen = []
-    out = sample_ddim_gmm(model, x_T / ab[0].sqrt(), sigmas, eta=eta, gmm=tables, seed=7, disable=True,
-                          callback=lambda d: seen.append(d))  # fmt: skip
+    out = sample_ddim_gmm(
+        model, x_T / ab[0].sqrt(), sigmas, eta=eta, gmm=tables, seed=7, disable=True, callback=lambda d: seen.append(d)
+    )
     ve_after = [d["x"] for d in seen[1:]] + [out]
     for i in range(STEPS):
         torch.testing.assert_close(ve_after[i], expected[i] / ab[i + 1].sqrt(), atol=1e-9, rtol=1e-9)
@@ -93,8 +97,9 @@ def test_noise_sampler_s_noise_and_extra_args():
 
     x = torch.randn(SHAPE, dtype=torch.float64)
     a = sample_ddim_gmm(model, x, sigmas, eta=1.0, noise_sampler=sampler, s_noise=0.0, gmm=None, disable=True)
-    b = sample_ddim_gmm(model, x, sigmas, eta=1.0, noise_sampler=lambda s, sn: torch.zeros_like(x), gmm=None,
-                        disable=True)  # fmt: skip
+    b = sample_ddim_gmm(
+        model, x, sigmas, eta=1.0, noise_sampler=lambda s, sn: torch.zeros_like(x), gmm=None, disable=True
+    )
     assert len(calls) == STEPS - 1 and all(c > 0 for c in calls)
     torch.testing.assert_close(a, b)
     seen = {}

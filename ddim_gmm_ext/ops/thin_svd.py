@@ -6,7 +6,7 @@ import torch
 
 
 @torch.library.register_fake("ddimgmm::thin_svd")
-def _thin_svd_fake(O: torch.Tensor) -> torch.Tensor:
+def _thin_svd_fake(O: torch.Tensor) -> torch.Tensor:  # noqa: E741 (the schema's argument name)
     torch._check(O.dim() == 3, lambda: f"thin_svd: O must have shape [S, D, K], got {O.dim()} dimensions")
     torch._check(
         O.dtype in (torch.float32, torch.float64), lambda: f"thin_svd: O must be float32 or float64, got {O.dtype}"

@@ -12,9 +12,10 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from ddim_gmm_ext import cli, digits, evaluate  # noqa: E402
-from ddim_gmm_ext.metrics import DigitsQuality, frechet_distance, precision_recall  # noqa: E402
-from ddim_gmm_ext.sampling import make_gmms, sample_ddim, samplers  # noqa: E402
+from ddim_gmm_ext import cli  # noqa: E402
+from ddim_gmm_ext.quality import digits, evaluate  # noqa: E402
+from ddim_gmm_ext.quality.metrics import DigitsQuality, frechet_distance, precision_recall  # noqa: E402
+from ddim_gmm_ext.quality.sampling import make_gmms, sample_ddim, samplers  # noqa: E402
 
 SHIPPED = [net for net in digits.NETS if (digits.DATA_DIR / f"digits_{net}.json").exists()]
 
@@ -44,8 +45,7 @@ def test_frechet_distance_known_cases():
     y = 2.0 * torch.randn(200_000, 16, generator=gen, dtype=torch.float64) + 0.5
     z = torch.randn(200_000, 16, generator=gen, dtype=torch.float64)
     assert frechet_distance(y, z) == pytest.approx(16 * 0.25 + 16 * 1.0, rel=0.02)
-    noisy = [frechet_distance(x, x + s * torch.randn(x.shape, generator=gen, dtype=x.dtype))
-             for s in (0.1, 0.5, 1.0)]  # fmt: skip
+    noisy = [frechet_distance(x, x + s * torch.randn(x.shape, generator=gen, dtype=x.dtype)) for s in (0.1, 0.5, 1.0)]
     assert noisy[0] < noisy[1] < noisy[2]
     with pytest.raises(ValueError, match="x and y"):
         frechet_distance(x, x[:, :3])
@@ -118,8 +118,10 @@ def test_shipped_eps_model_makes_digits(quality):
 @pytest.mark.parametrize("net", ["eps", "flow", "classifier"])
 def test_training_is_seeded(net, tmp_path):
     """The same seed gives the same weights; another seed does not."""
-    runs = [digits.train(net, tmp_path / str(i), iters=3, batch=8, lr=1e-3, seed=seed, progress=False)
-            for i, seed in enumerate([5, 5, 6])]  # fmt: skip
+    runs = [
+        digits.train(net, tmp_path / str(i), iters=3, batch=8, lr=1e-3, seed=seed, progress=False)
+        for i, seed in enumerate([5, 5, 6])
+    ]
     assert runs[0]["final_loss"] == runs[1]["final_loss"] != runs[2]["final_loss"]
     weights = [torch.load(tmp_path / str(i) / f"digits_{net}.pt", weights_only=True) for i in range(3)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
@@ -128,8 +130,12 @@ def test_training_is_seeded(net, tmp_path):
 
 def test_train_digits_writes_a_loadable_manifest(tmp_path, capsys):
     for net in ("eps", "classifier"):
-        assert cli.main(["train-digits", "--net", net, "--iters", "3", "--batch", "8", "--out", str(tmp_path),
-                         "--no-progress"]) == 0  # fmt: skip
+        assert (
+            cli.main(
+                ["train-digits", "--net", net, "--iters", "3", "--batch", "8", "--out", str(tmp_path), "--no-progress"]
+            )
+            == 0
+        )
         info = json.loads((tmp_path / f"digits_{net}.json").read_text())
         assert info["command"].startswith(f"ddim-gmm train-digits --net {net} --iters 3")
         model = digits.load(net, tmp_path)
@@ -158,9 +164,27 @@ def test_digits_demo_runs_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize("family", ["ddim", "rfim"])
 def test_eval_quick_writes_its_files(tmp_path, family):
-    args = ["eval", "--family", family, "--quick", "--samples", "16", "--steps", "2", "--etas", "0", "0.2",
-            "--scales", "1", "--variants", "rand", "ortho-vub*", "--out", str(tmp_path),
-            "--no-progress"]  # fmt: skip
+    args = [
+        "eval",
+        "--family",
+        family,
+        "--quick",
+        "--samples",
+        "16",
+        "--steps",
+        "2",
+        "--etas",
+        "0",
+        "0.2",
+        "--scales",
+        "1",
+        "--variants",
+        "rand",
+        "ortho-vub*",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
     assert cli.main(args) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     assert len(result["rows"]) == 2 * 2 * 3  # seeds x etas x (baseline + 2 variants at one scale)
@@ -172,8 +196,28 @@ def test_eval_quick_writes_its_files(tmp_path, family):
 
 
 def test_eval_accepts_a_module_callable(tmp_path):
-    assert cli.main(["eval", "--model", f"{__name__}:zero_model", "--quick", "--samples", "8", "--steps", "1",
-                     "--etas", "0", "--scales", "1", "--out", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--model",
+                f"{__name__}:zero_model",
+                "--quick",
+                "--samples",
+                "8",
+                "--steps",
+                "1",
+                "--etas",
+                "0",
+                "--scales",
+                "1",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "results.json").read_text())["config"]["model"] == f"{__name__}:zero_model"
 
 

@@ -15,7 +15,7 @@ from tests.helpers import DEVICES, TOLERANCES
 
 pytest.importorskip("triton")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (prediction_type, gmm variant, guidance_scale, clip, dtype, explicit noise and components)
 CASES = [
@@ -32,7 +32,9 @@ def check_parity(device: str) -> None:
     """Launch the Triton kernel on ``device`` for every case and compare with the C++ op and the reference."""
     import ddim_gmm_ext as dg
     from ddim_gmm_ext import reference as R
-    from ddim_gmm_ext.triton_kernels.step import step as triton_step
+    from ddim_gmm_ext._triton import load_step_launcher
+
+    triton_step = load_step_launcher()
 
     shape = (3, 5, 11, 13)  # 715 per sample: a partial last block; several blocks per sample
     for pred, variant, w, clip, dtype, explicit in CASES:
@@ -51,13 +53,26 @@ def check_parity(device: str) -> None:
         tri = [t.cpu() for t in triton_step(*moved)]
         assert torch.equal(tri[2], cpu[2]), (pred, variant, tri[2], cpu[2])
         atol = max(1e-5, TOLERANCES[dtype][0]) if dtype in (torch.float16, torch.bfloat16) else 1e-5
-        for a, b in zip(tri[:2], cpu[:2]):
+        for a, b in zip(tri[:2], cpu[:2], strict=False):
             # fp16 / bf16 results may differ by one rounding of the storage dtype
-            torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=TOLERANCES[dtype][1] if atol > 1e-5 else 0)
-        ref = R.step(m.double(), x.double(), *coeffs.tolist(), gmm=gmm and gmm.to(dtype=torch.float64), step_index=1,
-                     prediction_type=R.PREDICTION_TYPES[pred], guidance_scale=w, clip_sample_range=clip,
-                     use_clipped_model_output=True, seed=2**33 + 5, sample_offset=7, noise=noise,
-                     components=comps)  # fmt: skip
+            torch.testing.assert_close(
+                a.double(), b.double(), atol=atol, rtol=TOLERANCES[dtype][1] if atol > 1e-5 else 0
+            )
+        ref = R.step(
+            m.double(),
+            x.double(),
+            *coeffs.tolist(),
+            gmm=gmm and gmm.to(dtype=torch.float64),
+            step_index=1,
+            prediction_type=R.PREDICTION_TYPES[pred],
+            guidance_scale=w,
+            clip_sample_range=clip,
+            use_clipped_model_output=True,
+            seed=2**33 + 5,
+            sample_offset=7,
+            noise=noise,
+            components=comps,
+        )
         if gmm:
             assert torch.equal(tri[2], ref.components)
         atol, rtol = TOLERANCES[dtype]
@@ -70,6 +85,6 @@ def test_triton_matches_cpp_and_reference(device):
         check_parity("cuda")
         return
     env = dict(os.environ, TRITON_INTERPRET="1")
-    code = "from tests.test_step_triton import check_parity; check_parity('cpu')"
+    code = "from tests.ops.test_step_triton import check_parity; check_parity('cpu')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

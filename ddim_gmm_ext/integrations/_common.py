@@ -16,7 +16,7 @@ from numbers import Integral, Real
 
 import torch
 
-from .gmm import GMM, GMM_VARIANTS
+from ..gmm import GMM, GMM_VARIANTS
 
 _MAX_SEED = 2**63
 
@@ -75,26 +75,59 @@ def check_gmm_steps(gmm: GMM, n_steps: int, name: str = "gmm") -> None:
         )
 
 
-def build_gmm(variant, sample: torch.Tensor, n_steps: int, *, n_components, scale, share_across_steps,
-              uniform_priors, seed: int | None) -> GMM:
+def build_gmm(
+    variant,
+    sample: torch.Tensor,
+    n_steps: int,
+    *,
+    n_components,
+    scale,
+    share_across_steps,
+    uniform_priors,
+    seed: int | None,
+) -> GMM:
     """GMM tables for ``sample``'s per-sample size on its device (float64 tables for float64 samples)."""
     return GMM.create(
-        per_sample_dim(sample), n_components=n_components, n_steps=n_steps, scale=float(scale), variant=variant,
-        share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=0 if seed is None else seed,
-        device=sample.device, dtype=torch.float64 if sample.dtype == torch.float64 else torch.float32,
-    )  # fmt: skip
+        per_sample_dim(sample),
+        n_components=n_components,
+        n_steps=n_steps,
+        scale=float(scale),
+        variant=variant,
+        share_across_steps=share_across_steps,
+        uniform_priors=uniform_priors,
+        seed=0 if seed is None else seed,
+        device=sample.device,
+        dtype=torch.float64 if sample.dtype == torch.float64 else torch.float32,
+    )
 
 
-def resolve_gmm(gmm, sample: torch.Tensor, n_steps: int, *, n_components, scale, share_across_steps,
-                uniform_priors, seed: int | None) -> GMM | None:
+def resolve_gmm(
+    gmm,
+    sample: torch.Tensor,
+    n_steps: int,
+    *,
+    n_components,
+    scale,
+    share_across_steps,
+    uniform_priors,
+    seed: int | None,
+) -> GMM | None:
     """``gmm`` as a sampler argument: None (plain DDIM / RFIM), a :class:`GMM` (checked against the sample and
     the number of steps), or a variant name (tables built for this run from the other options)."""
     if gmm is None:
         return None
     if isinstance(gmm, str):
         check_gmm_options(gmm, n_components, scale)
-        return build_gmm(gmm, sample, n_steps, n_components=n_components, scale=scale,
-                         share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=seed)  # fmt: skip
+        return build_gmm(
+            gmm,
+            sample,
+            n_steps,
+            n_components=n_components,
+            scale=scale,
+            share_across_steps=share_across_steps,
+            uniform_priors=uniform_priors,
+            seed=seed,
+        )
     check_gmm(gmm, sample, n_steps)
     return gmm
 

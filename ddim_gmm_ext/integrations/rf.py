@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from . import api
-from ._samplers import check_eta, check_seed, progress_bar, resolve_gmm, stream_seed
+from .. import api
+from ._common import check_eta, check_seed, progress_bar, resolve_gmm, stream_seed
 
 __all__ = ["sample_rfim"]
 
@@ -41,7 +41,7 @@ def sample_rfim(
     ``ddim_gmm_ext.reference.rf_times(n)``. eta in [0, 1]: noise std c = eta * s at each step t -> s (eta = 0
     without GMM is Euler integration of dx/dt = v). gmm: None, a variant name ("rand", "ortho", "ortho-vub",
     "ortho-vub*") built from the other GMM options, or a ``ddim_gmm_ext.GMM``; seed / sample_offset: the
-    randomness contract (see ``ddim_gmm_ext._samplers``).
+    randomness contract (see ``ddim_gmm_ext.integrations._common``).
     callback({"x", "i", "t", "s", "denoised"}) after each step, with x the new sample at time s and denoised
     the x0 prediction. Returns x at times[-1].
     """
@@ -52,15 +52,31 @@ def sample_rfim(
     ts = _check_times(times)
     n_steps = len(ts) - 1
     seed = check_seed(seed)
-    gmm = resolve_gmm(gmm, x, n_steps, n_components=n_components, scale=scale,
-                      share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=seed)  # fmt: skip
+    gmm = resolve_gmm(
+        gmm,
+        x,
+        n_steps,
+        n_components=n_components,
+        scale=scale,
+        share_across_steps=share_across_steps,
+        uniform_priors=uniform_priors,
+        seed=seed,
+    )
     run_seed = stream_seed(seed)
     for i in progress_bar(range(n_steps), not progress, "RFIM-GMM" if gmm is not None else "RFIM"):
         t, s = ts[i], ts[i + 1]
         out = api.rfim_step(
-            model(x, x.new_full((x.shape[0],), t), **extra_args), x, t, s, eta=eta, prediction_type=prediction_type,
-            gmm=gmm, step_index=i, seed=run_seed, sample_offset=sample_offset,
-        )  # fmt: skip
+            model(x, x.new_full((x.shape[0],), t), **extra_args),
+            x,
+            t,
+            s,
+            eta=eta,
+            prediction_type=prediction_type,
+            gmm=gmm,
+            step_index=i,
+            seed=run_seed,
+            sample_offset=sample_offset,
+        )
         x = out.prev_sample
         if callback is not None:
             callback({"x": x, "i": i, "t": t, "s": s, "denoised": out.pred_original_sample})
@@ -74,6 +90,6 @@ def _check_times(times) -> list[float]:
     ts = t.tolist()
     if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in ts):
         raise ValueError(f"times must lie in [0, 1], got {ts}")
-    if any(b >= a for a, b in zip(ts, ts[1:])):
+    if any(b >= a for a, b in zip(ts, ts[1:], strict=False)):
         raise ValueError(f"times must be strictly decreasing (from noise at 1 towards data at 0), got {ts}")
     return ts

@@ -9,8 +9,8 @@ import torch
 pytest.importorskip("sklearn")
 
 from ddim_gmm_ext import cli  # noqa: E402
-from ddim_gmm_ext.analytic import DigitsMixture, sliced_wasserstein  # noqa: E402
-from ddim_gmm_ext.sampling import sample_ddim  # noqa: E402
+from ddim_gmm_ext.quality.analytic import DigitsMixture, sliced_wasserstein  # noqa: E402
+from ddim_gmm_ext.quality.sampling import sample_ddim  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,23 @@ def test_ddim_sampling_recovers_the_mixture(mixture):
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo.json"
-    args = ["demo", "--model", "analytic", "--seeds", "0", "1", "--samples", "24", "--steps", "2", "3", "--scales", "1", "--json", str(out)]
+    args = [
+        "demo",
+        "--model",
+        "analytic",
+        "--seeds",
+        "0",
+        "1",
+        "--samples",
+        "24",
+        "--steps",
+        "2",
+        "3",
+        "--scales",
+        "1",
+        "--json",
+        str(out),
+    ]
     assert cli.main(args) == 0
     text = capsys.readouterr().out
     for name in ["DDIM", "GMM-RAND s=1", "GMM-ORTHO s=1", "GMM-ORTHO-VUB s=1", "GMM-ORTHO-VUB* s=1", "SW@3", "NLL@2"]:

@@ -117,7 +117,8 @@ def sample_and_score(model, sweep: Sweep, steps: int, eta: float, seed: int, qua
     gmms = make_gmms(sampler_list, DIM, sweep.components, steps, seed)
     with torch.no_grad():
         xs = sample_fn(model, x_T, steps, eta, gmms, seed, progress=progress)
-    return [(name, variant, scale, x0, quality(x0)) for (name, variant, scale), x0 in zip(sampler_list, xs)]
+    pairs = zip(sampler_list, xs, strict=True)
+    return [(name, variant, scale, x0, quality(x0)) for (name, variant, scale), x0 in pairs]
 
 
 def real_reference(sweep: Sweep, quality) -> dict:
@@ -141,12 +142,26 @@ def run(model, sweep: Sweep, quality, progress: bool = True) -> dict:
     rows = []
     for seed, steps, eta in tqdm(grid, desc=f"eval {sweep.family}", disable=not progress):
         for name, variant, scale, _, metrics in sample_and_score(model, sweep, steps, eta, seed, quality):
-            rows.append({"seed": seed, "steps": steps, "eta": eta, "sampler": name,
-                         "variant": variant or FAMILIES[sweep.family][0], "scale": scale,
-                         "components": sweep.components if variant else None, **metrics})  # fmt: skip
+            rows.append(
+                {
+                    "seed": seed,
+                    "steps": steps,
+                    "eta": eta,
+                    "sampler": name,
+                    "variant": variant or FAMILIES[sweep.family][0],
+                    "scale": scale,
+                    "components": sweep.components if variant else None,
+                    **metrics,
+                }
+            )
     summary = summarise(rows)
-    return {"rows": rows, "summary": summary, "best": best_scales(summary),
-            "reference": real_reference(sweep, quality), "seconds": time.perf_counter() - start}  # fmt: skip
+    return {
+        "rows": rows,
+        "summary": summary,
+        "best": best_scales(summary),
+        "reference": real_reference(sweep, quality),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -190,8 +205,10 @@ def machine() -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__}, " \
-           f"{torch.get_num_threads()} threads"  # fmt: skip
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
 
 def write_outputs(result: dict, sweep: Sweep, out_dir, model_name: str) -> list[Path]:
@@ -204,10 +221,15 @@ def write_outputs(result: dict, sweep: Sweep, out_dir, model_name: str) -> list[
         writer = csv.DictWriter(f, fieldnames=list(result["rows"][0]))
         writer.writeheader()
         writer.writerows(result["rows"])
-    config = {**asdict(sweep), "model": model_name, "machine": machine(), "seconds": round(result["seconds"], 1),
-              "initial_noise": "torch.randn(samples, 64, generator=torch.Generator().manual_seed(seed))",
-              "metrics": "digits-FD, k-NN precision / recall (k = 3) on the shipped classifier's penultimate "
-                         "features, against the 1797 scikit-learn digits"}  # fmt: skip
+    config = {
+        **asdict(sweep),
+        "model": model_name,
+        "machine": machine(),
+        "seconds": round(result["seconds"], 1),
+        "initial_noise": "torch.randn(samples, 64, generator=torch.Generator().manual_seed(seed))",
+        "metrics": "digits-FD, k-NN precision / recall (k = 3) on the shipped classifier's penultimate "
+        "features, against the 1797 scikit-learn digits",
+    }
     payload = {"config": config, **{k: result[k] for k in ("rows", "summary", "best", "reference")}}
     paths[1].write_text(json.dumps(payload, indent=1) + "\n")
     paths[2].write_text(table_markdown(result, sweep, model_name))
@@ -220,8 +242,10 @@ def table_markdown(result: dict, sweep: Sweep, model_name: str) -> str:
     layout), then each GMM sampler's paired difference to the baseline at that s, "dFD +- std, dP, dR"."""
     baseline = FAMILIES[sweep.family][0]
     best = {(e["eta"], e["steps"], e["variant"]): e for e in result["best"]}
-    header = ["| eta | sampler | " + " | ".join(f"{s} steps" for s in sweep.steps) + " |",
-              "|---|---|" + "---|" * len(sweep.steps)]  # fmt: skip
+    header = [
+        "| eta | sampler | " + " | ".join(f"{s} steps" for s in sweep.steps) + " |",
+        "|---|---|" + "---|" * len(sweep.steps),
+    ]
 
     def rows(variants, cell):
         for eta in sweep.etas:
@@ -235,21 +259,30 @@ def table_markdown(result: dict, sweep: Sweep, model_name: str) -> str:
         return f"{e['fd']:.2f}{s} {e['precision']:.2f} / {e['recall']:.2f}"
 
     def differences(e):
-        return (f"{e['fd_diff']:+.2f} ± {e['fd_diff_std']:.2f}, {e['precision_diff']:+.3f}, "
-                f"{e['recall_diff']:+.3f}")  # fmt: skip
+        return f"{e['fd_diff']:+.2f} ± {e['fd_diff_std']:.2f}, {e['precision_diff']:+.3f}, {e['recall_diff']:+.3f}"
 
     ref = result["reference"]
     seeds = f"mean over seeds {list(sweep.seeds)}, {sweep.samples} samples each, K = {sweep.components}"
-    return "\n".join([
-        f"{baseline} vs {baseline}-GMM on digits, model {model_name}: digits-FD (lower is better) with the best s "
-        f"in parentheses, then precision / recall (higher is better); {seeds}.",
-        "", *header, *rows([baseline] + list(sweep.variants), metrics), "",
-        f"Paired differences to {baseline} at that s (same seed, same initial noise): digits-FD (± std over seeds), "
-        "precision, recall.",
-        "", *header, *rows(list(sweep.variants), differences), "",
-        f"Real digits ({min(sweep.samples, 1797)} of the 1797, against all): digits-FD {ref['fd']:.2f}, "
-        f"precision {ref['precision']:.2f}, recall {ref['recall']:.2f}.", "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"{baseline} vs {baseline}-GMM on digits, model {model_name}: digits-FD (lower is better) with the best s "
+            f"in parentheses, then precision / recall (higher is better); {seeds}.",
+            "",
+            *header,
+            *rows([baseline] + list(sweep.variants), metrics),
+            "",
+            f"Paired differences to {baseline} at that s (same seed, same initial noise): "
+            "digits-FD (± std over seeds), "
+            "precision, recall.",
+            "",
+            *header,
+            *rows(list(sweep.variants), differences),
+            "",
+            f"Real digits ({min(sweep.samples, 1797)} of the 1797, against all): digits-FD {ref['fd']:.2f}, "
+            f"precision {ref['precision']:.2f}, recall {ref['recall']:.2f}.",
+            "",
+        ]
+    )
 
 
 def plot(result: dict, sweep: Sweep, path) -> None:
@@ -282,8 +315,11 @@ def plot(result: dict, sweep: Sweep, path) -> None:
             if row == 2:
                 ax.set_xlabel("steps")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{baseline} vs {baseline}-GMM, digits ({sweep.samples} samples x {len(sweep.seeds)} seeds, "
-                 "best s by FD; dashed: real digits)", fontsize=9)  # fmt: skip
+    fig.suptitle(
+        f"{baseline} vs {baseline}-GMM, digits ({sweep.samples} samples x {len(sweep.seeds)} seeds, "
+        "best s by FD; dashed: real digits)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -32,8 +32,9 @@ def _diffusers_run(model, x_T, eta, seed, cond=None, uncond=None, w=1.0, gmm=Non
     from ddim_gmm_ext.diffusers import DDIMGMMScheduler
 
     betas = 1 - model.alphas_cumprod / torch.cat([torch.ones(1), model.alphas_cumprod[:-1]])
-    s = DDIMGMMScheduler(trained_betas=betas.tolist(), clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                         seed=seed)  # fmt: skip
+    s = DDIMGMMScheduler(
+        trained_betas=betas.tolist(), clip_sample=False, set_alpha_to_one=False, steps_offset=1, seed=seed
+    )
     s.alphas_cumprod = model.alphas_cumprod.clone()  # the exact cumprod, not the round trip through betas
     s.final_alpha_cumprod = model.alphas_cumprod[0]
     s.set_gmm_params(gmm_params=gmm)
@@ -69,8 +70,17 @@ def test_guidance_in_one_call_and_gmm_equals_diffusers_gmm():
     cond, uncond = torch.randn(BATCH, 3), torch.zeros(BATCH, 3)
     gmm = dg.GMM.create(32, n_components=3, n_steps=STEPS, variant="ortho-vub", scale=2.0, seed=1)
     sampler = dg.DDIMSampler(model, gmm=True, gmm_params=gmm, seed=2)
-    samples, _ = sampler.sample(STEPS, BATCH, SHAPE, conditioning=cond, unconditional_conditioning=uncond,
-                                unconditional_guidance_scale=3.0, eta=0.5, x_T=x_T, progress=False)  # fmt: skip
+    samples, _ = sampler.sample(
+        STEPS,
+        BATCH,
+        SHAPE,
+        conditioning=cond,
+        unconditional_conditioning=uncond,
+        unconditional_guidance_scale=3.0,
+        eta=0.5,
+        x_T=x_T,
+        progress=False,
+    )
     assert [n for n, _ in model.calls] == [2 * BATCH] * STEPS
     assert torch.equal(model.calls[0][1], torch.cat([uncond, cond]))
     expected = _diffusers_run(model, x_T, 0.5, seed=2, cond=cond, uncond=uncond, w=3.0, gmm=gmm)
@@ -81,8 +91,9 @@ def test_v_parameterization_schedule_and_callbacks(capsys):
     model = StandIn("v")
     steps, images = [], []
     sampler = dg.DDIMSampler(model, gmm="rand", n_components=2, seed=0)
-    samples, _ = sampler.sample(S=STEPS, batch_size=BATCH, shape=SHAPE, callback=steps.append,
-                                img_callback=lambda x0, i: images.append(i))  # fmt: skip
+    samples, _ = sampler.sample(
+        S=STEPS, batch_size=BATCH, shape=SHAPE, callback=steps.append, img_callback=lambda x0, i: images.append(i)
+    )
     assert steps == images == list(range(STEPS)) and torch.isfinite(samples).all()
     assert sampler.ddim_timesteps.tolist() == [1, 251, 501, 751]
     assert "DDIM-GMM Sampler" in capsys.readouterr().err

@@ -32,25 +32,40 @@ def run_loops(config, steps, eta, step_fn, use_clipped=False, shape=(2, 3, 5, 4)
     sched = diffusers.DDIMScheduler(**config)
     sched.set_timesteps(steps)
     betas = ref.make_betas(
-        1000, config.get("beta_start", 1e-4), config.get("beta_end", 0.02), config.get("beta_schedule", "linear"),
-        config.get("trained_betas"), config.get("rescale_betas_zero_snr", False),
-    )  # fmt: skip
+        1000,
+        config.get("beta_start", 1e-4),
+        config.get("beta_end", 0.02),
+        config.get("beta_schedule", "linear"),
+        config.get("trained_betas"),
+        config.get("rescale_betas_zero_snr", False),
+    )
     abar = ref.alphas_cumprod(betas)
     final = torch.tensor(1.0) if config.get("set_alpha_to_one", True) else abar[0]
-    timesteps, prev = ref.ddim_timesteps(steps, 1000, config.get("timestep_spacing", "leading"), config.get("steps_offset", 0))
+    timesteps, prev = ref.ddim_timesteps(
+        steps, 1000, config.get("timestep_spacing", "leading"), config.get("steps_offset", 0)
+    )
     np.testing.assert_array_equal(timesteps, sched.timesteps.numpy())
 
     gen = torch.Generator().manual_seed(0)
     x_d = torch.randn(shape, generator=gen)
     x_o = x_d.clone()
     clip = config.get("clip_sample_range", 1.0) if config.get("clip_sample", True) else None
-    for t, p in zip(timesteps, prev):
+    for t, p in zip(timesteps, prev, strict=False):
         noise = torch.randn(shape, generator=gen)
-        x_d = sched.step(toy_model(x_d, t), int(t), x_d, eta=eta, use_clipped_model_output=use_clipped,
-                         variance_noise=noise).prev_sample  # fmt: skip
-        out = step_fn(toy_model(x_o, t), x_o, abar[t], abar[p] if p >= 0 else final, eta=eta,
-                      prediction_type=config.get("prediction_type", "epsilon"), clip_sample_range=clip,
-                      use_clipped_model_output=use_clipped, noise=noise)  # fmt: skip
+        x_d = sched.step(
+            toy_model(x_d, t), int(t), x_d, eta=eta, use_clipped_model_output=use_clipped, variance_noise=noise
+        ).prev_sample
+        out = step_fn(
+            toy_model(x_o, t),
+            x_o,
+            abar[t],
+            abar[p] if p >= 0 else final,
+            eta=eta,
+            prediction_type=config.get("prediction_type", "epsilon"),
+            clip_sample_range=clip,
+            use_clipped_model_output=use_clipped,
+            noise=noise,
+        )
         x_o = out.prev_sample
         assert out.components is None
     return x_d, x_o
@@ -63,10 +78,16 @@ def run_loops(config, steps, eta, step_fn, use_clipped=False, shape=(2, 3, 5, 4)
 def test_loop_matches_diffusers(step_fn, prediction_type, clip_sample, eta):
     # every schedule x spacing combination, rotated so each appears with each prediction type
     for i, (schedule, (spacing, offset)) in enumerate(itertools.product(SCHEDULES, SPACINGS)):
-        config = dict(schedule, prediction_type=prediction_type, clip_sample=clip_sample, timestep_spacing=spacing,
-                      steps_offset=offset, set_alpha_to_one=i % 2 == 0)  # fmt: skip
+        config = dict(
+            schedule,
+            prediction_type=prediction_type,
+            clip_sample=clip_sample,
+            timestep_spacing=spacing,
+            steps_offset=offset,
+            set_alpha_to_one=i % 2 == 0,
+        )
         x_d, x_o = run_loops(config, steps=[5, 10, 7][i % 3], eta=eta, step_fn=step_fn)
-        torch.testing.assert_close(x_o, x_d, atol=2e-4, rtol=1e-4, msg=lambda m: f"{config}: {m}")
+        torch.testing.assert_close(x_o, x_d, atol=2e-4, rtol=1e-4, msg=lambda m, config=config: f"{config}: {m}")
 
 
 @pytest.mark.parametrize("step_fn", STEP_FNS.values(), ids=STEP_FNS.keys())
@@ -78,8 +99,9 @@ def test_use_clipped_model_output_matches_diffusers(step_fn):
 
 
 def test_zero_terminal_snr_matches_diffusers():
-    config = dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing",
-                  clip_sample=False)  # fmt: skip
+    config = dict(
+        rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False
+    )
     for eta in (0.0, 0.5):
         x_d, x_o = run_loops(config, steps=6, eta=eta, step_fn=dg.ddim_step)
         torch.testing.assert_close(x_o, x_d, atol=2e-4, rtol=1e-4)
@@ -93,9 +115,13 @@ def test_zero_terminal_snr_matches_diffusers():
 def test_alphas_cumprod_match_diffusers(config):
     sched = diffusers.DDIMScheduler(**config)
     betas = ref.make_betas(
-        1000, config.get("beta_start", 1e-4), config.get("beta_end", 0.02), config.get("beta_schedule", "linear"),
-        config.get("trained_betas"), config.get("rescale_betas_zero_snr", False),
-    )  # fmt: skip
+        1000,
+        config.get("beta_start", 1e-4),
+        config.get("beta_end", 0.02),
+        config.get("beta_schedule", "linear"),
+        config.get("trained_betas"),
+        config.get("rescale_betas_zero_snr", False),
+    )
     assert torch.equal(ref.alphas_cumprod(betas), sched.alphas_cumprod)
 
 

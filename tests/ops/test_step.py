@@ -9,7 +9,7 @@ from scipy import stats
 
 import ddim_gmm_ext as dg
 from ddim_gmm_ext import reference as R
-from tests.helpers import DEVICES, TOLERANCES, assert_close
+from tests.helpers import DEVICES, assert_close
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 VARIANTS = [None, "rand", "ortho", "ortho-vub"]
@@ -18,8 +18,17 @@ BIG = (2, 3, 50, 47)  # 7050 per sample: several blocks and chunks of the CPU ke
 
 
 def _gmm(shape, variant, device, dtype=torch.float32, K=4, scale=1.0):
-    return dg.GMM.create(math.prod(shape[1:]), n_components=K, n_steps=3, scale=scale, variant=variant,
-                         uniform_priors=False, seed=11, device=device, dtype=dtype)  # fmt: skip
+    return dg.GMM.create(
+        math.prod(shape[1:]),
+        n_components=K,
+        n_steps=3,
+        scale=scale,
+        variant=variant,
+        uniform_priors=False,
+        seed=11,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def _inputs(shape, dtype, device, guided=False, seed=0):
@@ -70,9 +79,17 @@ def test_matches_reference(device, dtype, variant, eta, prediction_type):
 def test_guidance_and_clip(device, guidance_scale, clip, use_clipped, prediction_type):
     x, m, z = _inputs(SHAPE, torch.float32, device, guided=guidance_scale is not None)
     gmm = _gmm(SHAPE, "rand", device)
-    kw = dict(eta=0.5, gmm=gmm, step_index=2, prediction_type=prediction_type, guidance_scale=guidance_scale,
-              clip_sample_range=clip, use_clipped_model_output=use_clipped, noise=z,
-              components=torch.tensor([1, 1, 0], dtype=torch.int32, device=device))  # fmt: skip
+    kw = dict(
+        eta=0.5,
+        gmm=gmm,
+        step_index=2,
+        prediction_type=prediction_type,
+        guidance_scale=guidance_scale,
+        clip_sample_range=clip,
+        use_clipped_model_output=use_clipped,
+        noise=z,
+        components=torch.tensor([1, 1, 0], dtype=torch.int32, device=device),
+    )
     out = dg.ddim_step(m, x, 0.3, 0.6, **kw)
     _check(out, _ref64(R.ddim_step, m, x, 0.3, 0.6, **kw), torch.float32, scale=4.0)
     if clip is not None:
@@ -118,8 +135,9 @@ def test_internal_stream_equals_reference_stream(device, dtype):
     out = dg.ddim_step(m, x, 0.5, 0.8, **kw)
     ref = R.ddim_step(m.cpu(), x.cpu(), 0.5, 0.8, **{**kw, "gmm": gmm.to("cpu")})
     assert torch.equal(out.components.cpu(), ref.components)
-    torch.testing.assert_close(out.prev_sample.cpu(), ref.prev_sample, atol=1e-5 if dtype == torch.float32 else 1e-12,
-                               rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        out.prev_sample.cpu(), ref.prev_sample, atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=0
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -158,8 +176,9 @@ def test_batch_invariance_determinism_and_seeds(device):
     gmm = _gmm((6, 3, 9, 9), "rand", device)
 
     def run(sl, seed=0, step_index=1, offset=0):
-        return dg.ddim_step(m[sl], x[sl], 0.5, 0.8, eta=1.0, gmm=gmm, seed=seed, step_index=step_index,
-                            sample_offset=offset)  # fmt: skip
+        return dg.ddim_step(
+            m[sl], x[sl], 0.5, 0.8, eta=1.0, gmm=gmm, seed=seed, step_index=step_index, sample_offset=offset
+        )
 
     full = run(slice(None))
     part = run(slice(2, 5), offset=2)
@@ -217,8 +236,12 @@ def test_moment_matching_oracle(device, variant):
     x_s = dg.step(eps, x_t, a_t, b_t, a_s, b_s, c, gmm=gmm, step_index=1, seed=7).prev_sample.cpu()
     se = float(b_s) / math.sqrt(N)
     torch.testing.assert_close(x_s.mean(0), float(a_s) * x0.cpu(), atol=5 * se, rtol=0)
-    torch.testing.assert_close(x_s.var(0), torch.full((D,), float(b_s) ** 2, dtype=torch.float64),
-                               atol=5 * math.sqrt(2) * float(b_s) ** 2 / math.sqrt(N), rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        x_s.var(0),
+        torch.full((D,), float(b_s) ** 2, dtype=torch.float64),
+        atol=5 * math.sqrt(2) * float(b_s) ** 2 / math.sqrt(N),
+        rtol=0,
+    )
 
 
 # ---- registration ----------------------------------------------------------------------------------------
@@ -235,8 +258,12 @@ def _op_args(device, dtype=torch.float32, gmm=True, guided=False):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["gmm", "plain_guided", "half", "noise_and_components"])
 def test_opcheck(device, case):
-    args = _op_args(device, torch.float16 if case == "half" else torch.float32, gmm=case != "plain_guided",
-                    guided=case == "plain_guided")  # fmt: skip
+    args = _op_args(
+        device,
+        torch.float16 if case == "half" else torch.float32,
+        gmm=case != "plain_guided",
+        guided=case == "plain_guided",
+    )
     if case == "noise_and_components":
         args[6] = torch.randn(SHAPE, device=device)
         args[7] = torch.tensor([0, 3, 1], device=device)
@@ -265,8 +292,19 @@ def test_bad_input_to_the_op(device):
 
     def raises(match, **changes):
         args = _op_args(device)
-        names = ["model_output", "sample", "coeffs", "priors", "offsets", "var_offsets", "noise", "components",
-                 "prediction_type", "guidance_scale", "clip_sample_range"]  # fmt: skip
+        names = [
+            "model_output",
+            "sample",
+            "coeffs",
+            "priors",
+            "offsets",
+            "var_offsets",
+            "noise",
+            "components",
+            "prediction_type",
+            "guidance_scale",
+            "clip_sample_range",
+        ]
         for name, value in changes.items():
             args[names.index(name)] = value(args) if callable(value) else value
         with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
@@ -283,8 +321,13 @@ def test_bad_input_to_the_op(device):
     raises("prediction_type", prediction_type=4)
     raises("clip_sample_range", clip_sample_range=-1.0)
     raises("components must be an int32/int64", components=lambda a: torch.zeros(2, dtype=torch.int64, device=device))
-    raises("components given without GMM", priors=None, offsets=None, var_offsets=None,
-           components=lambda a: torch.zeros(3, dtype=torch.int64, device=device))  # fmt: skip
+    raises(
+        "components given without GMM",
+        priors=None,
+        offsets=None,
+        var_offsets=None,
+        components=lambda a: torch.zeros(3, dtype=torch.int64, device=device),
+    )
     raises("noise must be", noise=lambda a: torch.zeros(3, 2, device=device))
     raises("sample must be", sample=lambda a: a[1].int(), model_output=lambda a: a[0].int())
 

@@ -152,7 +152,7 @@ def train_denoiser(net_kind: str, iters: int, batch: int, lr: float, seed: int, 
         _cosine_lr(optimizer, lr, i, iters)
         optimizer.step()
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
+            for pe, p in zip(ema.parameters(), net.parameters(), strict=False):
                 pe.lerp_(p, 1 - 0.999)
         running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
         if i % 50 == 0:
@@ -224,10 +224,20 @@ def sha256(path: Path) -> str:
 
 def _architecture(net: nn.Module) -> dict:
     if isinstance(net, DenoiserMLP):
-        return {"class": "DenoiserMLP", "dim": net.inp.in_features, "hidden": net.inp.out_features,
-                "blocks": len(net.blocks), "time_dim": net.time_dim, "time_scale": net.time_scale}  # fmt: skip
-    return {"class": "DigitsClassifier", "dim": net.body[0].in_features, "hidden": net.body[0].out_features,
-            "feature_dim": net.body[2].out_features}  # fmt: skip
+        return {
+            "class": "DenoiserMLP",
+            "dim": net.inp.in_features,
+            "hidden": net.inp.out_features,
+            "blocks": len(net.blocks),
+            "time_dim": net.time_dim,
+            "time_scale": net.time_scale,
+        }
+    return {
+        "class": "DigitsClassifier",
+        "dim": net.body[0].in_features,
+        "hidden": net.body[0].out_features,
+        "feature_dim": net.body[2].out_features,
+    }
 
 
 def train(net_kind: str, out_dir, iters: int, batch: int, lr: float, seed: int, progress: bool = True) -> dict:
@@ -250,8 +260,22 @@ def train(net_kind: str, out_dir, iters: int, batch: int, lr: float, seed: int, 
         "bytes": weights.stat().st_size,
         "parameters": n_parameters(net),
         "architecture": _architecture(net),
-        "command": shlex.join(["ddim-gmm", "train-digits", "--net", net_kind, "--iters", str(iters), "--batch",
-                               str(batch), "--lr", str(lr), "--seed", str(seed)]),  # fmt: skip
+        "command": shlex.join(
+            [
+                "ddim-gmm",
+                "train-digits",
+                "--net",
+                net_kind,
+                "--iters",
+                str(iters),
+                "--batch",
+                str(batch),
+                "--lr",
+                str(lr),
+                "--seed",
+                str(seed),
+            ]
+        ),
         "seed": seed,
         "iters": iters,
         "batch": batch,
@@ -272,8 +296,7 @@ def manifest(net_kind: str, data_dir=DATA_DIR) -> dict:
         raise ValueError(f"net must be one of {NETS}, got {net_kind!r}")
     path = Path(data_dir) / f"digits_{net_kind}.json"
     if not path.exists():
-        raise FileNotFoundError(f"no {path}: train it with `ddim-gmm train-digits --net {net_kind} "
-                                f"--out {data_dir}`")  # fmt: skip
+        raise FileNotFoundError(f"no {path}: train it with `ddim-gmm train-digits --net {net_kind} --out {data_dir}`")
     return json.loads(path.read_text())
 
 

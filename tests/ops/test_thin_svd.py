@@ -9,8 +9,7 @@ import torch
 
 import ddim_gmm_ext as dg
 from ddim_gmm_ext import reference
-
-from .helpers import DEVICES, assert_close
+from tests.helpers import DEVICES, assert_close
 
 # (S, D, K): K = 1, K = D - 1, both fused-route bucket edges (K = 8, 17, 32) and the BLAS route (K = 40).
 SHAPES = [(1, 5, 1), (3, 64, 8), (2, 9, 8), (4, 200, 17), (2, 33, 32), (2, 300, 40), (1, 41, 40), (2, 20000, 4)]
@@ -22,27 +21,27 @@ def _gaussian(shape, dtype, device, seed=0):
     return torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
 
 
-def _lapack_u(O: torch.Tensor) -> torch.Tensor:
-    """float64 LAPACK U of O with the reference's sign convention, on the CPU."""
-    return reference.thin_svd(O.detach().to("cpu", torch.float64))
+def _lapack_u(A: torch.Tensor) -> torch.Tensor:
+    """float64 LAPACK U of A with the reference's sign convention, on the CPU."""
+    return reference.thin_svd(A.detach().to("cpu", torch.float64))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_lapack_and_is_orthonormal(shape, dtype, device):
-    O = _gaussian(shape, dtype, device)
-    U = dg.thin_svd(O)
-    assert U.shape == O.shape and U.dtype == dtype and U.device == O.device
-    expected = _lapack_u(O)
+    A = _gaussian(shape, dtype, device)
+    U = dg.thin_svd(A)
+    assert U.shape == A.shape and U.dtype == dtype and U.device == A.device
+    expected = _lapack_u(A)
     # Same signs by convention, so plain closeness; the gap between random singular values bounds how
     # well any method (LAPACK in float32 included) determines the vectors, hence the scale.
     assert_close(U, expected, scale=10)
     U64, K = U.to("cpu", torch.float64), shape[2]
     gram_error = torch.linalg.matrix_norm(U64.mT @ U64 - torch.eye(K, dtype=torch.float64))
     assert gram_error.max() <= (1e-5 if dtype == torch.float32 else 1e-12)
-    # span: U U^T O = O
-    O64 = O.to("cpu", torch.float64)
+    # span: U U^T A = A
+    O64 = A.to("cpu", torch.float64)
     assert_close(U64 @ (U64.mT @ O64), O64, dtype=dtype, scale=10)
 
 
@@ -52,8 +51,8 @@ def test_order_and_sign_convention(device):
     D, K = 50, 6
     Q = torch.linalg.qr(_gaussian((2, D, K), torch.float64, "cpu")).Q
     sigma = torch.tensor([0.5, 3.0, 1.0, 7.0, 2.0, 0.1], dtype=torch.float64)
-    O = (Q * sigma).to(device)
-    U = dg.thin_svd(O).cpu()
+    A = (Q * sigma).to(device)
+    U = dg.thin_svd(A).cpu()
     order = sigma.argsort(descending=True)
     # U's columns are Q's in decreasing singular value, up to sign; the sign makes the largest |entry|
     # positive.
@@ -65,29 +64,29 @@ def test_order_and_sign_convention(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_sign_ties_take_the_first_entry(device):
     # Column [-1, 1] / sqrt(2): both entries have the largest magnitude, the first decides -> [1, -1].
-    O = torch.tensor([[[-1.0], [1.0]]], dtype=torch.float64, device=device)
-    U = dg.thin_svd(O).cpu()
+    A = torch.tensor([[[-1.0], [1.0]]], dtype=torch.float64, device=device)
+    U = dg.thin_svd(A).cpu()
     assert_close(U, torch.tensor([[[1.0], [-1.0]]], dtype=torch.float64) / 2**0.5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_deterministic_and_independent_of_thread_count(device):
-    O = _gaussian((3, 9000, 5), torch.float32, device)
-    first = dg.thin_svd(O)
+    A = _gaussian((3, 9000, 5), torch.float32, device)
+    first = dg.thin_svd(A)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = dg.thin_svd(O)
+        single = dg.thin_svd(A)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(first, dg.thin_svd(O))
+    assert torch.equal(first, dg.thin_svd(A))
     assert torch.equal(first, single)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_input(device):
-    O = _gaussian((4, 8, 100), torch.float64, device).transpose(1, 2)
-    assert_close(dg.thin_svd(O), _lapack_u(O))
+    A = _gaussian((4, 8, 100), torch.float64, device).transpose(1, 2)
+    assert_close(dg.thin_svd(A), _lapack_u(A))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -106,25 +105,25 @@ def test_opcheck(shape, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("K", [3, 40])
 def test_rank_deficient_raises(K, device):
-    O = _gaussian((3, 60, K), torch.float64, device)
-    O[1, :, -1] = O[1, :, 0] * 2  # O[1] has rank K - 1
+    A = _gaussian((3, 60, K), torch.float64, device)
+    A[1, :, -1] = A[1, :, 0] * 2  # A[1] has rank K - 1
     with pytest.raises(RuntimeError, match=r"O\[1\] is numerically rank-deficient"):
-        torch.ops.ddimgmm.thin_svd(O)
+        torch.ops.ddimgmm.thin_svd(A)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("K", [3, 40])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_raises(bad, K, device):
-    O = _gaussian((2, 60, K), torch.float32, device)
-    O[1, 7, 1] = bad
+    A = _gaussian((2, 60, K), torch.float32, device)
+    A[1, 7, 1] = bad
     with pytest.raises(RuntimeError, match=r"O must be finite; O\[1\]"):
-        torch.ops.ddimgmm.thin_svd(O)
+        torch.ops.ddimgmm.thin_svd(A)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "O, error, message",
+    "A, error, message",
     [
         (torch.zeros(2, 3, 4), ValueError, "K <= D"),
         (torch.zeros(3, 4), ValueError, r"shape \[S, D, K\]"),
@@ -132,11 +131,11 @@ def test_non_finite_raises(bad, K, device):
         (torch.zeros(2, 5, 3, dtype=torch.float16), TypeError, "O must be float32 or float64"),
     ],
 )
-def test_bad_arguments(O, error, message, device):
+def test_bad_arguments(A, error, message, device):
     with pytest.raises(error, match=message):
-        dg.thin_svd(O.to(device))
+        dg.thin_svd(A.to(device))
     with pytest.raises(RuntimeError, match="thin_svd: O"):  # the op checks on its own too
-        torch.ops.ddimgmm.thin_svd(O.to(device))
+        torch.ops.ddimgmm.thin_svd(A.to(device))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -149,12 +148,22 @@ def test_bad_arguments(O, error, message, device):
 @pytest.mark.parametrize("uniform_priors", [True, False])
 def test_gmm_matches_reference(variant, uniform_priors, device):
     dim, K, steps = 300, 5, 4
-    gmm = dg.GMM.create(dim, K, steps, scale=0.7, variant=variant, uniform_priors=uniform_priors, seed=3,
-                        device=device, dtype=torch.float64)  # fmt: skip
+    gmm = dg.GMM.create(
+        dim,
+        K,
+        steps,
+        scale=0.7,
+        variant=variant,
+        uniform_priors=uniform_priors,
+        seed=3,
+        device=device,
+        dtype=torch.float64,
+    )
     base, shared = (variant.rstrip("*"), variant.endswith("*"))
-    expected = reference.gmm_parameters(dim, K, steps, 0.7, base, shared, uniform_priors, seed=3,
-                                        dtype=torch.float64, thin_svd_fn=reference.thin_svd)  # fmt: skip
-    for actual, ref in zip((gmm.priors, gmm.offsets, gmm.var_offsets), expected):
+    expected = reference.gmm_parameters(
+        dim, K, steps, 0.7, base, shared, uniform_priors, seed=3, dtype=torch.float64, thin_svd_fn=reference.thin_svd
+    )
+    for actual, ref in zip((gmm.priors, gmm.offsets, gmm.var_offsets), expected, strict=False):
         assert_close(actual, ref)
     # eq. 8, exactly up to float64 rounding of the centring
     mean = (gmm.priors[:, :, None] * gmm.offsets).sum(1)

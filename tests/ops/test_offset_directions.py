@@ -29,10 +29,12 @@ def test_offset_directions_bad_input():
 
 @pytest.mark.parametrize("variant", ["rand", "ortho", "ortho-vub"])
 def test_gmm_built_by_the_ops_equals_the_reference(variant):
-    gmm = dg.GMM.create(300, n_components=6, n_steps=3, scale=1.7, variant=variant, uniform_priors=False, seed=9,
-                        dtype=torch.float64)  # fmt: skip
-    priors, offsets, var_offsets = ref.gmm_parameters(300, 6, 3, 1.7, variant, uniform_priors=False, seed=9,
-                                                      dtype=torch.float64)  # fmt: skip
+    gmm = dg.GMM.create(
+        300, n_components=6, n_steps=3, scale=1.7, variant=variant, uniform_priors=False, seed=9, dtype=torch.float64
+    )
+    priors, offsets, var_offsets = ref.gmm_parameters(
+        300, 6, 3, 1.7, variant, uniform_priors=False, seed=9, dtype=torch.float64
+    )
     assert torch.equal(gmm.priors, priors)
     torch.testing.assert_close(gmm.offsets, offsets, atol=1e-12, rtol=0)
     torch.testing.assert_close(gmm.var_offsets, var_offsets, atol=1e-12, rtol=0)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (runs TORCH_LIBRARY(ddimgmm) and the CPU kernel registrations)
-from . import _draws_op  # noqa: F401
-from . import _step_op  # noqa: F401
-from . import _thin_svd_op  # noqa: F401
+from .. import _C  # noqa: F401  (runs TORCH_LIBRARY(ddimgmm) and the CPU kernel registrations)
+from . import offset_directions, step, thin_svd  # noqa: F401  (CUDA kernels and fake implementations)
 
 ddimgmm = torch.ops.ddimgmm

@@ -41,7 +41,7 @@ def _assert_parity(config, eta, use_clipped_model_output=False, steps=5):
     kwargs = dict(eta=eta, use_clipped_model_output=use_clipped_model_output)
     expected = _run(DDIMScheduler(**config), steps, x, noises, **kwargs)
     actual = _run(DDIMGMMScheduler(**config), steps, x, noises, **kwargs)
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=False):
         torch.testing.assert_close(a, e, atol=ATOL, rtol=RTOL)
 
 
@@ -73,7 +73,10 @@ def test_keeps_every_ddim_config_key_and_default():
     ours = inspect.signature(DDIMGMMScheduler.__init__).parameters
     for name, p in inspect.signature(DDIMScheduler.__init__).parameters.items():
         assert name in ours and ours[name].default == p.default, name
-    assert inspect.signature(DDIMGMMScheduler.step).parameters.keys() == inspect.signature(DDIMScheduler.step).parameters.keys()
+    assert (
+        inspect.signature(DDIMGMMScheduler.step).parameters.keys()
+        == inspect.signature(DDIMScheduler.step).parameters.keys()
+    )
 
 
 def test_generator_parity_single_and_list():
@@ -162,9 +165,15 @@ def test_add_noise_and_get_velocity_unchanged():
 def _tiny_pipeline():
     torch.manual_seed(0)
     unet = UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-        norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-    )  # fmt: skip
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(clip_sample=False))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -174,8 +183,13 @@ def test_ddim_pipeline_with_and_without_gmm():
     pipe = _tiny_pipeline()
 
     def images(eta=0.5, seed=0):
-        return pipe(batch_size=2, num_inference_steps=4, eta=eta, output_type="np",
-                    generator=torch.Generator().manual_seed(seed)).images  # fmt: skip
+        return pipe(
+            batch_size=2,
+            num_inference_steps=4,
+            eta=eta,
+            output_type="np",
+            generator=torch.Generator().manual_seed(seed),
+        ).images
 
     ddim = images()
     pipe.scheduler = DDIMGMMScheduler.from_config(pipe.scheduler.config)
@@ -202,7 +216,7 @@ def test_compiled_step_fullgraph_matches_eager():
     expected = eager.step(m, t, x, eta=0.5, return_dict=False)
     # the default (inductor) backend: the step is one fused op in the graph
     actual = torch.compile(compiled.step, fullgraph=True)(m, t, x, eta=0.5, return_dict=False)
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=False):
         torch.testing.assert_close(a, e)
     assert compiled.step_index == 2
 

@@ -21,8 +21,11 @@ def test_marginal_oracle(eta, gmm):
     B = 20000
     times = dg.reference.rf_times(4)
     x0 = torch.linspace(-1.0, 1.0, D, dtype=torch.float64)
-    tables = None if gmm is None else dg.GMM.create(D, n_components=2, n_steps=4, scale=0.3, variant=gmm,
-                                                    seed=3, dtype=torch.float64)  # fmt: skip
+    tables = (
+        None
+        if gmm is None
+        else dg.GMM.create(D, n_components=2, n_steps=4, scale=0.3, variant=gmm, seed=3, dtype=torch.float64)
+    )
     if tables is not None:
         assert (eta * times[-2]) ** 2 >= tables.var_offsets.max()
     x1 = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -43,7 +46,7 @@ def test_eta_zero_without_gmm_is_euler():
     times = dg.reference.rf_times(6, shift=3.0)
     x = torch.randn(4, D, dtype=torch.float64)
     expected = x
-    for t, s in zip(times[:-1], times[1:]):
+    for t, s in zip(times[:-1], times[1:], strict=False):
         expected = expected + (s - t) * _velocity(expected, t.expand(4))
     torch.testing.assert_close(sample_rfim(_velocity, x, times, progress=False), expected)
 
@@ -62,8 +65,13 @@ def test_extra_args_progress_and_callback(capsys):
     seen = {}
     times = dg.reference.rf_times(2)
     steps = []
-    sample_rfim(lambda x, t, **kw: seen.update(kw) or _velocity(x, t), torch.zeros(2, D), times,
-                extra_args={"cond": 1}, callback=steps.append)  # fmt: skip
+    sample_rfim(
+        lambda x, t, **kw: seen.update(kw) or _velocity(x, t),
+        torch.zeros(2, D),
+        times,
+        extra_args={"cond": 1},
+        callback=steps.append,
+    )
     assert seen == {"cond": 1}
     assert [s["i"] for s in steps] == [0, 1] and steps[-1]["s"] == 0.0
     assert "RFIM" in capsys.readouterr().err

@@ -49,8 +49,7 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
     fraction of fake points within the k-NN radius of some real point, recall the fraction of real points
     within the k-NN radius of some fake point (k = 3 as in Kynkaanniemi et al.). Computed in float64."""
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"real and fake must be [n, F] and [m, F], got {tuple(real.shape)} and "
-                         f"{tuple(fake.shape)}")  # fmt: skip
+        raise ValueError(f"real and fake must be [n, F] and [m, F], got {tuple(real.shape)} and {tuple(fake.shape)}")
     real, fake = real.double(), fake.double()
     precision = _fraction_covered(fake, real, _knn_radii(real, k))
     recall = _fraction_covered(real, fake, _knn_radii(fake, k))

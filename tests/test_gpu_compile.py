@@ -34,10 +34,23 @@ def _nvcc():
 @pytest.mark.parametrize("source", CU_FILES, ids=os.path.basename)
 def test_cu_compiles(source, tmp_path):
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [_nvcc(), "-c", source, "-o", str(tmp_path / "out.o"), "-O3", "-std=c++17", "--expt-relaxed-constexpr",
-           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=_C",
-           "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-Xcompiler", "-fPIC",
-           "-I", sysconfig.get_paths()["include"]]  # fmt: skip
+    cmd = [
+        _nvcc(),
+        "-c",
+        source,
+        "-o",
+        str(tmp_path / "out.o"),
+        "-O3",
+        "-std=c++17",
+        "--expt-relaxed-constexpr",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+        "-Xcompiler",
+        "-fPIC",
+        "-I",
+        sysconfig.get_paths()["include"],
+    ]
     for path in include_paths():
         cmd += ["-I", path]
     result = subprocess.run(cmd, capture_output=True, text=True)

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .reference import compute_dtype as _compute_dtype
+from ..reference import compute_dtype as _compute_dtype
 
 _MAX_INDEX = 2**32
 
@@ -16,10 +16,25 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _check(model_output, sample, coeffs, priors, offsets, var_offsets, noise, components, prediction_type,
-           guidance_scale, clip_sample_range, seed, sample_offset, step_index) -> None:  # fmt: skip
+def _check(
+    model_output,
+    sample,
+    coeffs,
+    priors,
+    offsets,
+    var_offsets,
+    noise,
+    components,
+    prediction_type,
+    guidance_scale,
+    clip_sample_range,
+    seed,
+    sample_offset,
+    step_index,
+) -> None:
     """The C++ kernel's TORCH_CHECKs for the CUDA and fake kernels: shapes, dtypes and devices only (reading
     values would sync)."""
+
     def fail(msg):
         raise ValueError(f"ddimgmm::step: {msg}")
 
@@ -34,11 +49,15 @@ def _check(model_output, sample, coeffs, priors, offsets, var_offsets, noise, co
     if tuple(model_output.shape) != expected:
         fail(f"model_output must have shape {expected}, got {tuple(model_output.shape)}")
     if model_output.dtype not in (sample.dtype, cdt):
-        fail(f"model_output must have the sample's dtype ({sample.dtype}) or the compute dtype ({cdt}), "
-             f"got {model_output.dtype}")  # fmt: skip
+        fail(
+            f"model_output must have the sample's dtype ({sample.dtype}) or the compute dtype ({cdt}), "
+            f"got {model_output.dtype}"
+        )
     if coeffs.dim() != 1 or coeffs.numel() != 5 or coeffs.dtype != cdt or coeffs.device != sample.device:
-        fail(f"coeffs must be a 1-D {cdt} tensor of 5 values (a_t, b_t, a_s, b_s, noise_std) on {sample.device}, "
-             f"got {coeffs.dtype} {tuple(coeffs.shape)} on {coeffs.device}")  # fmt: skip
+        fail(
+            f"coeffs must be a 1-D {cdt} tensor of 5 values (a_t, b_t, a_s, b_s, noise_std) on {sample.device}, "
+            f"got {coeffs.dtype} {tuple(coeffs.shape)} on {coeffs.device}"
+        )
     if not 0 <= prediction_type <= 3:
         fail(f"prediction_type must be 0 (epsilon), 1 (sample), 2 (v_prediction) or 3 (flow), got {prediction_type}")
     if clip_sample_range is not None and not clip_sample_range > 0:
@@ -55,12 +74,17 @@ def _check(model_output, sample, coeffs, priors, offsets, var_offsets, noise, co
         fail("pass all of priors, offsets, var_offsets or none")
     for t in (model_output, noise, components, *tables.values()):
         if t is not None and t.device != sample.device:
-            fail(f"every tensor must be on the sample's device {sample.device}; got one on {t.device} "
-                 "(move the GMM tables to the sample's device)")  # fmt: skip
+            fail(
+                f"every tensor must be on the sample's device {sample.device}; got one on {t.device} "
+                "(move the GMM tables to the sample's device)"
+            )
     if all(given):
         for name, t in tables.items():
             if t.dtype != cdt:
-                fail(f"{name} must be {_name(cdt)} (the compute dtype of a {_name(sample.dtype)} sample), got {_name(t.dtype)}")
+                fail(
+                    f"{name} must be {_name(cdt)} (the compute dtype of a {_name(sample.dtype)} sample), "
+                    f"got {_name(t.dtype)}"
+                )
         K = priors.shape[0] if priors.dim() == 1 else -1
         if K < 1:
             fail(f"priors must have shape [K], K >= 1, got {tuple(priors.shape)}")
@@ -69,36 +93,115 @@ def _check(model_output, sample, coeffs, priors, offsets, var_offsets, noise, co
         if var_offsets.dim() != 2 or var_offsets.shape[0] != K or var_offsets.shape[1] > D:
             fail(f"var_offsets must have shape [K, Dv] with K = {K} and Dv <= {D}, got {tuple(var_offsets.shape)}")
     if noise is not None and (not noise.is_floating_point() or noise.shape != sample.shape):
-        fail(f"noise must be a floating tensor of the sample's shape {tuple(sample.shape)}, got {noise.dtype} "
-             f"{tuple(noise.shape)}")  # fmt: skip
+        fail(
+            f"noise must be a floating tensor of the sample's shape {tuple(sample.shape)}, got {noise.dtype} "
+            f"{tuple(noise.shape)}"
+        )
     if components is not None:
         if not all(given):
             fail("components given without GMM tables")
         if components.dtype not in (torch.int32, torch.int64) or tuple(components.shape) != (B,):
-            fail(f"components must be an int32/int64 tensor of shape [{B}], got {components.dtype} "
-                 f"{tuple(components.shape)}")  # fmt: skip
+            fail(
+                f"components must be an int32/int64 tensor of shape [{B}], got {components.dtype} "
+                f"{tuple(components.shape)}"
+            )
 
 
 @torch.library.register_kernel("ddimgmm::step", "cuda")
-def _step_cuda(model_output, sample, coeffs, priors, offsets, var_offsets, noise, components, prediction_type,
-               guidance_scale, clip_sample_range, use_clipped_model_output, seed, sample_offset, step_index,
-               return_pred_original):  # fmt: skip
-    _check(model_output, sample, coeffs, priors, offsets, var_offsets, noise, components, prediction_type,
-           guidance_scale, clip_sample_range, seed, sample_offset, step_index)  # fmt: skip
-    from .triton_kernels.step import step  # triton is needed only once a CUDA tensor arrives
+def _step_cuda(
+    model_output,
+    sample,
+    coeffs,
+    priors,
+    offsets,
+    var_offsets,
+    noise,
+    components,
+    prediction_type,
+    guidance_scale,
+    clip_sample_range,
+    use_clipped_model_output,
+    seed,
+    sample_offset,
+    step_index,
+    return_pred_original,
+):
+    _check(
+        model_output,
+        sample,
+        coeffs,
+        priors,
+        offsets,
+        var_offsets,
+        noise,
+        components,
+        prediction_type,
+        guidance_scale,
+        clip_sample_range,
+        seed,
+        sample_offset,
+        step_index,
+    )
+    from .._triton import load_step_launcher  # triton is needed only once a CUDA tensor arrives
+
+    step = load_step_launcher()
 
     with torch.cuda.device(sample.device):
-        return step(model_output, sample, coeffs, priors, offsets, var_offsets, noise, components, prediction_type,
-                    guidance_scale, clip_sample_range, use_clipped_model_output, seed, sample_offset, step_index,
-                    return_pred_original)  # fmt: skip
+        return step(
+            model_output,
+            sample,
+            coeffs,
+            priors,
+            offsets,
+            var_offsets,
+            noise,
+            components,
+            prediction_type,
+            guidance_scale,
+            clip_sample_range,
+            use_clipped_model_output,
+            seed,
+            sample_offset,
+            step_index,
+            return_pred_original,
+        )
 
 
 @torch.library.register_fake("ddimgmm::step")
-def _step_fake(model_output, sample, coeffs, priors, offsets, var_offsets, noise, components, prediction_type,
-               guidance_scale, clip_sample_range, use_clipped_model_output, seed, sample_offset, step_index,
-               return_pred_original):  # fmt: skip
-    _check(model_output, sample, coeffs, priors, offsets, var_offsets, noise, components, prediction_type,
-           guidance_scale, clip_sample_range, seed, sample_offset, step_index)  # fmt: skip
+def _step_fake(
+    model_output,
+    sample,
+    coeffs,
+    priors,
+    offsets,
+    var_offsets,
+    noise,
+    components,
+    prediction_type,
+    guidance_scale,
+    clip_sample_range,
+    use_clipped_model_output,
+    seed,
+    sample_offset,
+    step_index,
+    return_pred_original,
+):
+    _check(
+        model_output,
+        sample,
+        coeffs,
+        priors,
+        offsets,
+        var_offsets,
+        noise,
+        components,
+        prediction_type,
+        guidance_scale,
+        clip_sample_range,
+        seed,
+        sample_offset,
+        step_index,
+    )
     prev = sample.new_empty(sample.shape)
     x0 = sample.new_empty(sample.shape if return_pred_original else (0,))
     comps = sample.new_empty((sample.shape[0] if priors is not None else 0,), dtype=torch.int64)

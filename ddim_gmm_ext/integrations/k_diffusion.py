@@ -1,0 +1,115 @@
+"""k-diffusion style sampler: :func:`sample_ddim_gmm`. Importable without k-diffusion installed.
+
+k-diffusion conventions: ``model(x, sigma * s_in, **extra_args)`` is a denoiser returning x0 on the VE path
+x = x0 + sigma * eps; ``sigmas`` decrease to 0; ``callback`` receives a dict with x, i, sigma, sigma_hat and
+denoised before each update; noise is drawn only for steps whose next sigma is > 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import api, reference
+from ._common import check_eta, check_seed, progress_bar, resolve_gmm, stream_seed
+
+__all__ = ["sample_ddim_gmm"]
+
+
+@torch.no_grad()
+def sample_ddim_gmm(
+    model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: dict | None = None,
+    callback=None,
+    disable: bool | None = None,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+    noise_sampler=None,
+    *,
+    gmm="ortho-vub",
+    n_components: int = 8,
+    scale: float = 1.0,
+    share_across_steps: bool = False,
+    uniform_priors: bool = True,
+    seed: int | None = None,
+    sample_offset: int = 0,
+) -> torch.Tensor:
+    """DDIM-GMM sampling of a k-diffusion denoiser over ``sigmas`` (eta = 0: DDIM / Euler; eta = 1: ancestral).
+
+    Each step is the VP DDIM(-GMM) step of the equivalent VP path, abar = 1 / (1 + sigma^2) and
+    x_VP = x * sqrt(abar), mapped back to VE: a run equals the DDIM(-GMM) run of the same model on the VP path
+    (offsets and GMM scale are in VP units, as the tables are for diffusers and latent-diffusion).
+
+    x: x_T on the VE path (x0 + sigmas[0] * noise), [B, ...]. sigmas: 1-D, strictly decreasing, finite, ending
+    in 0. eta in [0, 1]: noise std as k-diffusion's ancestral sigma_up. s_noise scales the drawn noise.
+    noise_sampler(sigma, sigma_next) -> standard normal like x; default: the Philox stream.
+    GMM options (extra keyword arguments): ``gmm`` None (plain DDIM), a variant name ("rand", "ortho",
+    "ortho-vub", "ortho-vub*") built with n_components / scale / share_across_steps / uniform_priors, or a
+    ``ddim_gmm_ext.GMM`` with a parameter set per step (len(sigmas) - 1) or shared; ``seed`` as described in
+    ``ddim_gmm_ext.integrations._common`` (None: ``extra_args["seed"]`` when present, as ComfyUI passes it, else drawn
+    from torch's default generator); ``sample_offset`` the global index of this batch's first sample.
+    Returns the final x (sigma = 0).
+    """
+    extra_args = {} if extra_args is None else extra_args
+    eta = check_eta(eta)
+    if not isinstance(s_noise, (int, float)) or not math.isfinite(s_noise) or s_noise < 0:
+        raise ValueError(f"s_noise must be a finite number >= 0, got {s_noise!r}")
+    sig = _check_sigmas(sigmas)
+    n_steps = len(sig) - 1
+    seed = check_seed(seed if seed is not None else extra_args.get("seed"))
+    gmm = resolve_gmm(
+        gmm,
+        x,
+        n_steps,
+        n_components=n_components,
+        scale=scale,
+        share_across_steps=share_across_steps,
+        uniform_priors=uniform_priors,
+        seed=seed,
+    )
+    run_seed = stream_seed(seed)
+    s_in = x.new_ones([x.shape[0]])
+    for i in progress_bar(range(n_steps), disable, "DDIM-GMM"):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        abar_t, abar_s = 1.0 / (1.0 + sig[i] ** 2), 1.0 / (1.0 + sig[i + 1] ** 2)
+        noise = None
+        if sig[i + 1] > 0 and eta > 0:
+            if noise_sampler is not None:
+                noise = noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise
+            elif s_noise != 1.0:
+                noise = s_noise * reference.gaussian_noise(x.shape, run_seed, sample_offset, i, x.dtype, x.device)
+        out = api.ddim_step(
+            denoised,
+            x * math.sqrt(abar_t),
+            abar_t,
+            abar_s,
+            eta=eta,
+            prediction_type="sample",
+            gmm=gmm,
+            step_index=i,
+            seed=run_seed,
+            sample_offset=sample_offset,
+            noise=noise,
+        )
+        x = out.prev_sample / math.sqrt(abar_s)
+    return x
+
+
+def _check_sigmas(sigmas) -> list[float]:
+    """The sigmas as host floats (one copy per run), checked: 1-D, >= 2 entries, finite, strictly
+    decreasing, ending in 0."""
+    if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or sigmas.numel() < 2:
+        raise ValueError("sigmas must be a 1-D tensor with at least 2 entries (the last one 0)")
+    sig = sigmas.detach().to("cpu", torch.float64).tolist()
+    if not all(math.isfinite(s) and s >= 0 for s in sig):
+        raise ValueError(f"sigmas must be finite and >= 0, got {sig}")
+    if any(b >= a for a, b in zip(sig, sig[1:], strict=False)):
+        raise ValueError(f"sigmas must be strictly decreasing, got {sig}")
+    if sig[-1] != 0:
+        raise ValueError(f"sigmas must end in 0 (k-diffusion convention), got last sigma {sig[-1]}")
+    return sig
