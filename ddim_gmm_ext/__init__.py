@@ -9,10 +9,10 @@ from . import (
     ops,  # noqa: F401  (registers torch.ops.ddimgmm)
     reference,
 )
+from ._version import __version__
 from .api import StepOutput, ddim_step, rfim_step, step, thin_svd
 from .gmm import GMM
 
-__version__ = "0.1.0"
 __all__ = [
     "GMM",
     "StepOutput",
