@@ -66,7 +66,7 @@ class GMMSchedulerMixin:
         if gmm_params is not None:
             if not isinstance(gmm_params, GMM):
                 raise TypeError(f"gmm_params must be a ddim_gmm_ext.GMM, got {type(gmm_params).__name__}")
-            if self.num_inference_steps is not None:
+            if self._rows is not None:
                 check_gmm_steps(gmm_params, self._n_steps(), "gmm_params")
         self._user_gmm = gmm_params
 
