@@ -356,3 +356,46 @@ def test_ddim_pipeline_constructor_keeps_the_gmm():
 
     converted = DDIMPipeline(unet=pipe.unet, scheduler=PNDMScheduler())
     assert type(converted.scheduler) is DDIMScheduler
+
+
+@pytest.mark.skipif(
+    not hasattr(dg.api, "step_from_table"), reason="needs the table form of the step op (device step index)"
+)
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("gmm_variant", [None, "ortho"])
+@pytest.mark.parametrize("family", ["ddim", "flow"])
+def test_whole_loop_compiles_once(family, gmm_variant, eta):
+    # model + step compiled with fullgraph; error_on_recompile turns any recompile (a step number baked into
+    # the graph) into a failure. Checked to fail with the host counter as the step index.
+    from ddim_gmm_ext.diffusers import FlowMatchEulerDiscreteGMMScheduler
+
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def make():
+        if family == "ddim":
+            s = DDIMGMMScheduler(clip_sample=False, gmm_variant=gmm_variant, gmm_n_components=2, seed=1)
+        else:
+            s = FlowMatchEulerDiscreteGMMScheduler(shift=3.0, rfim_eta=eta, gmm_variant=gmm_variant, seed=1)
+        s.set_timesteps(10)
+        s.prepare_gmm(x)
+        return s
+
+    def loop(s, fn):
+        y = x
+        for t in s.timesteps:
+            y = fn(s, y, t)
+        return y
+
+    def denoise(s, y, t):
+        with torch.no_grad():
+            m = torch.tanh(conv(y)) + t / 1000
+            kwargs = dict(eta=eta) if family == "ddim" else {}
+            return s.step(m, t, y, **kwargs).prev_sample
+
+    x = torch.randn(SHAPE[0], 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = loop(make(), denoise)
+    compiled = torch.compile(denoise, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        actual = loop(make(), compiled)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)

@@ -80,9 +80,10 @@ class GMMSchedulerMixin:
         return self._rows.shape[0]
 
     def _set_rows(self, rows: torch.Tensor) -> None:
-        """Install the [S, 6] float64 rows of a new schedule; picks the run's stream seed."""
+        """Install the [S, 6] float64 rows of a new schedule (and their float32 copy, so that a compiled step
+        finds it built); picks the run's stream seed."""
         self._rows = rows
-        self._tables = {}
+        self._tables = {(rows.device, torch.float32): rows.float()}
         self._stream_seed = stream_seed(self.config.seed)
         if self._user_gmm is not None:
             check_gmm_steps(self._user_gmm, rows.shape[0], "gmm_params")
@@ -96,6 +97,13 @@ class GMMSchedulerMixin:
             table = self._tables[key] = self._rows.to(sample.device, cdt)
         return table
 
+    def prepare_gmm(self, sample: torch.Tensor) -> GMM | None:
+        """Build (or check) the GMM tables for samples like ``sample`` now; call it after ``set_timesteps`` and
+        before running a compiled loop, which cannot build them inside the graph. Returns the tables in use."""
+        if self._rows is None:
+            raise ValueError("call set_timesteps before prepare_gmm")
+        return self._gmm_for(sample)
+
     def _gmm_for(self, sample: torch.Tensor) -> GMM | None:
         """The GMM tables of this schedule (None when GMM is off), built or checked against ``sample``."""
         gmm = self._user_gmm
@@ -108,6 +116,11 @@ class GMMSchedulerMixin:
             return None
         key = (tuple(sample.shape[1:]), n_steps, sample.device, sample.dtype == torch.float64)
         if key != self._built_key:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    "the GMM tables are built at the first step, which cannot happen inside a compiled graph: call "
+                    "scheduler.prepare_gmm(sample) (or set_gmm_params) after set_timesteps, before the compiled loop"
+                )
             self._built_gmm = build_gmm(
                 c.gmm_variant,
                 sample,

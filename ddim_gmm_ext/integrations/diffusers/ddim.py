@@ -170,8 +170,9 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], self.final_alpha_cumprod.double())
         self._path = reference.ddim_coefficients(abar[t], abar_prev, 1.0)  # a_t, b_t, a_s, b_s, DDIM sigma
         self._eta_rows = {}
-        self._set_rows(self._rows_for(0.0).to(self.timesteps.device))
-        self._rows_for(1.0)
+        self._set_rows(self._rows_for(0.0))
+        for eta in (0.0, 1.0):  # built here so that a compiled loop at eta 0 or 1 finds them
+            self._table_at(eta, self.timesteps.device, torch.float32)
         self._step_index = 0
 
     def _rows_for(self, eta: float) -> torch.Tensor:
@@ -183,12 +184,12 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
             self._eta_rows[eta] = rows
         return rows
 
-    def _table_at(self, eta: float, sample: torch.Tensor) -> torch.Tensor:
-        cdt = torch.float64 if sample.dtype == torch.float64 else torch.float32
-        key = (eta, sample.device, cdt)
+    def _table_at(self, eta: float, device: torch.device, cdt: torch.dtype) -> torch.Tensor:
+        """The rows at this eta on ``device`` in the compute dtype ``cdt`` (cached)."""
+        key = (eta, torch.device(device), cdt)
         table = self._tables.get(key)
         if table is None:
-            table = self._tables[key] = self._rows_for(eta).to(sample.device, cdt)
+            table = self._tables[key] = self._rows_for(eta).to(device, cdt)
         return table
 
     def _index(self, timestep, device: torch.device):
@@ -258,7 +259,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
             )
         if generator is not None and gmm is not None:
             components = draw_components(generator, gmm, int(i), sample)
-        table = self._table_at(eta, sample)
+        table = self._table_at(eta, sample.device, torch.float64 if sample.dtype == torch.float64 else torch.float32)
 
         if self.config.thresholding:
             out = self._thresholded_step(
