@@ -218,7 +218,6 @@ def test_compiled_step_fullgraph_matches_eager():
     actual = torch.compile(compiled.step, fullgraph=True)(m, t, x, eta=0.5, return_dict=False)
     for a, e in zip(actual, expected, strict=False):
         torch.testing.assert_close(a, e)
-    assert compiled.step_index == 2
 
 
 def test_mid_schedule_loop_takes_the_step_index_from_the_timestep():

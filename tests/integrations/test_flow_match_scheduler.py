@@ -36,6 +36,10 @@ CASES = {
         dict(sigmas=torch.linspace(1.0, 1 / 9, 9).tolist(), mu=0.8),
     ),
     "shift-terminal": (dict(shift=3.0, shift_terminal=0.1), dict(num_inference_steps=6)),
+    "custom-timesteps-and-sigmas": (
+        dict(shift=3.0),
+        dict(timesteps=[1000.0, 700.0, 420.0, 150.0], sigmas=[1.0, 0.7, 0.42, 0.15]),
+    ),
     "karras": (dict(use_karras_sigmas=True), dict(num_inference_steps=5)),
     "exponential": (dict(use_exponential_sigmas=True), dict(num_inference_steps=5)),
     "invert": (dict(invert_sigmas=True), dict(num_inference_steps=5)),

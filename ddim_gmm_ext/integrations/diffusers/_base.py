@@ -19,8 +19,9 @@ from numbers import Integral
 
 import torch
 
-from ... import api
+from ... import _checks, api
 from ...gmm import GMM
+from ...reference import StepOutput
 from .._common import build_gmm, check_gmm, check_gmm_options, check_gmm_steps, check_seed, stream_seed
 
 #: True once the op takes a whole [S, 6] coefficient table and a 0-d step-index tensor.
@@ -57,6 +58,7 @@ class GMMSchedulerMixin:
         self._built_key = None
         self._rows: torch.Tensor | None = None  # [S, 6] float64 on the schedule's device
         self._tables: dict = {}  # (device, dtype) -> the rows in that compute dtype
+        self._host_rows: dict = {}
         self._stream_seed = 0
 
     # -- GMM tables -------------------------------------------------------------------------------------
@@ -84,6 +86,7 @@ class GMMSchedulerMixin:
         finds it built); picks the run's stream seed."""
         self._rows = rows
         self._tables = {(rows.device, torch.float32): rows.float()}
+        self._host_rows = {}  # table -> its rows as [5] tensors (a_t, b_t, a_s, b_s, c), for the host op
         self._stream_seed = stream_seed(self.config.seed)
         if self._user_gmm is not None:
             check_gmm_steps(self._user_gmm, rows.shape[0], "gmm_params")
@@ -107,6 +110,8 @@ class GMMSchedulerMixin:
     def _gmm_for(self, sample: torch.Tensor) -> GMM | None:
         """The GMM tables of this schedule (None when GMM is off), built or checked against ``sample``."""
         gmm = self._user_gmm
+        if gmm is None and self.config.gmm_variant is None:
+            return None
         n_steps = self._n_steps()
         if gmm is not None:
             check_gmm(gmm, sample, n_steps, "gmm_params")
@@ -155,21 +160,51 @@ class GMMSchedulerMixin:
         gathers the row, the GMM parameter set and the Philox step itself: nothing about the step number is
         read on the host. Without it, the row is read at a host index (a tensor index is read once: a sync)."""
         table = self._table(sample) if rows is None else rows
-        options = dict(
-            gmm=gmm,
-            prediction_type=prediction_type,
-            clip_sample_range=clip_sample_range,
-            use_clipped_model_output=use_clipped_model_output,
-            seed=self._stream_seed,
-            noise=noise,
-            components=components,
-        )
         if HAS_TABLE_OP:
-            return api.step_from_table(model_output, sample, table, index, **options)
+            return api.step_from_table(
+                model_output,
+                sample,
+                table,
+                index,
+                gmm=gmm,
+                prediction_type=prediction_type,
+                clip_sample_range=clip_sample_range,
+                use_clipped_model_output=use_clipped_model_output,
+                seed=self._stream_seed,
+                noise=noise,
+                components=components,
+            )
+        # The host op: the row of step i as its 1-D (a_t, b_t, a_s, b_s, c), one precomputed tensor per step.
+        # The scheduler has settled every argument the public api.step would check (the op checks shapes).
         i = int(index)
-        a_t, b_t, a_s, big_b, c, _ = table[i].unbind()
-        b_s = (big_b.square() + c.square()).sqrt()
-        return api.step(model_output, sample, a_t, b_t, a_s, b_s, c, step_index=i, **options)
+        per_step = self._host_rows.get(table)
+        if per_step is None:
+            a_t, b_t, a_s, big_b, c, _ = table.double().unbind(-1)
+            five = torch.stack([a_t, b_t, a_s, (big_b.square() + c.square()).sqrt(), c], -1).to(table.dtype)
+            per_step = self._host_rows[table] = list(five.unbind(0))
+        cdt = table.dtype
+        if model_output.dtype not in (sample.dtype, cdt):
+            model_output = model_output.to(cdt)
+        priors, offsets, var_offsets = gmm.params(i, sample) if gmm is not None else (None, None, None)
+        prev, x0, k = torch.ops.ddimgmm.step(
+            model_output,
+            sample,
+            per_step[i],
+            priors,
+            offsets,
+            var_offsets,
+            noise,
+            components,
+            _checks.prediction_type_code(prediction_type),
+            None,
+            clip_sample_range,
+            use_clipped_model_output,
+            self._stream_seed,
+            0,
+            i,
+            True,
+        )
+        return StepOutput(prev, x0, k if gmm is not None else None)
 
 
 def check_step_count(value, name: str = "num_inference_steps") -> int:

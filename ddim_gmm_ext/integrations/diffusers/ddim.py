@@ -30,6 +30,7 @@ from ._base import (
 
 __all__ = ["DDIMGMMScheduler", "DDIMSchedulerOutput"]
 
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 _SPACINGS = ("leading", "trailing", "linspace")
 
@@ -174,6 +175,8 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         for eta in (0.0, 1.0):  # built here so that a compiled loop at eta 0 or 1 finds them
             self._table_at(eta, self.timesteps.device, torch.float32)
         self._step_index = 0
+        c = self.config  # read once per schedule: a config lookup costs as much as a tenth of the step
+        self._step_options = (c.thresholding, c.clip_sample_range if c.clip_sample else None, c.prediction_type)
 
     def _rows_for(self, eta: float) -> torch.Tensor:
         """[S, 6] float64 rows at this eta on the schedule's device (cached per eta)."""
@@ -186,7 +189,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
 
     def _table_at(self, eta: float, device: torch.device, cdt: torch.dtype) -> torch.Tensor:
         """The rows at this eta on ``device`` in the compute dtype ``cdt`` (cached)."""
-        key = (eta, torch.device(device), cdt)
+        key = (eta, device, cdt)
         table = self._tables.get(key)
         if table is None:
             table = self._tables[key] = self._rows_for(eta).to(device, cdt)
@@ -195,16 +198,17 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
     def _index(self, timestep, device: torch.device):
         """Position of ``timestep`` in the schedule: a host int, or a 0-d int64 tensor on ``device`` for device
         timesteps and under ``torch.compile`` (-1 there when the timestep is not in the schedule)."""
-        T = self.config.num_train_timesteps
+        T = self._index_of.shape[0]
         if isinstance(timestep, torch.Tensor):
-            if timestep.numel() != 1 or timestep.is_floating_point() or timestep.is_complex():
+            if timestep.numel() != 1 or timestep.dtype not in _INT_DTYPES:
                 raise ValueError(
                     f"timestep must be one integer timestep, got a {timestep.dtype} tensor of shape "
                     f"{tuple(timestep.shape)}"
                 )
-            if torch.compiler.is_compiling() and not HAS_TABLE_OP:
+            compiling = torch.compiler.is_compiling()
+            if compiling and not HAS_TABLE_OP:
                 return self._step_index  # the host op needs a host index: the counter (a recompile per step)
-            if timestep.device.type != "cpu" or torch.compiler.is_compiling():
+            if compiling or timestep.device.type != "cpu":
                 t = timestep.reshape(()).to(device)
                 inside = (t >= 0) & (t < T)
                 index = self._index_of.to(device)[t.clamp(0, T - 1)]
@@ -238,7 +242,8 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
-        eta = check_eta(eta)
+        if eta.__class__ is not float or not 0.0 <= eta <= 1.0:  # the common case checked in one test
+            eta = check_eta(eta)
         if eta > 0 and variance_noise is not None and generator is not None:
             raise ValueError(
                 "Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
@@ -248,7 +253,8 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
             raise ValueError(
                 f"variance_noise must have the sample's shape {tuple(sample.shape)}, got {tuple(variance_noise.shape)}"
             )
-        generator = check_generator(generator, sample.shape[0])
+        if generator is not None:
+            generator = check_generator(generator, sample.shape[0])
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
 
@@ -261,17 +267,17 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
             components = draw_components(generator, gmm, int(i), sample)
         table = self._table_at(eta, sample.device, torch.float64 if sample.dtype == torch.float64 else torch.float32)
 
-        if self.config.thresholding:
+        thresholding, clip, prediction_type = self._step_options
+        if thresholding:
             out = self._thresholded_step(
                 model_output, sample, table[int(i)], use_clipped_model_output, gmm, i, noise, components
             )
         else:
-            clip = self.config.clip_sample_range if self.config.clip_sample else None
             out = self._fused_step(
                 model_output,
                 sample,
                 i,
-                prediction_type=self.config.prediction_type,
+                prediction_type=prediction_type,
                 gmm=gmm,
                 clip_sample_range=clip,
                 use_clipped_model_output=use_clipped_model_output,
