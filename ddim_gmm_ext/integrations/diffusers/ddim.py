@@ -211,7 +211,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
             if compiling or timestep.device.type != "cpu":
                 t = timestep.reshape(()).to(device)
                 inside = (t >= 0) & (t < T)
-                index = self._index_of.to(device)[t.clamp(0, T - 1)]
+                index = self._index_of.to(device).index_select(0, t.clamp(0, T - 1).reshape(1)).reshape(())
                 return torch.where(inside, index, torch.full_like(index, -1))
             timestep = int(timestep)
         elif isinstance(timestep, bool) or not isinstance(timestep, Integral):
