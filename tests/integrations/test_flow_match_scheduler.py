@@ -268,3 +268,27 @@ def test_bad_use():
         s.step(x, t, x)
     with pytest.raises(ValueError, match="past the end"):
         s.step(x, s.timesteps[-1], x)
+
+
+@pytest.mark.parametrize("gmm_variant", ["ortho-vub", "rand"])
+def test_gmm_loop_equals_sample_rfim_with_the_same_seed(gmm_variant):
+    # The scheduler's RFIM-GMM (tables from the config, Philox stream of the seed) is the library's sampler:
+    # checked to fail with the step index off by one (GMM set and stream of the next step).
+    sigmas = [1.0, 0.8, 0.55, 0.3, 0.1]
+    s = FlowMatchEulerDiscreteGMMScheduler(rfim_eta=1.0, gmm_variant=gmm_variant, gmm_n_components=4, seed=3)
+    s.set_timesteps(sigmas=sigmas)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    y = x
+    for t in s.timesteps:
+        y = s.step(_velocity(y, t), t, y).prev_sample
+    expected = dg.sample_rfim(
+        lambda z, t: _velocity(z, t[0] * 1000),
+        x,
+        s.sigmas,
+        eta=1.0,
+        gmm=gmm_variant,
+        n_components=4,
+        seed=3,
+        progress=False,
+    )
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
