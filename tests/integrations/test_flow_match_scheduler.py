@@ -273,7 +273,7 @@ def test_bad_use():
 @pytest.mark.parametrize("gmm_variant", ["ortho-vub", "rand"])
 def test_gmm_loop_equals_sample_rfim_with_the_same_seed(gmm_variant):
     # The scheduler's RFIM-GMM (tables from the config, Philox stream of the seed) is the library's sampler:
-    # checked to fail with the step index off by one (GMM set and stream of the next step).
+    # checked to fail with the Philox step index off by one.
     sigmas = [1.0, 0.8, 0.55, 0.3, 0.1]
     s = FlowMatchEulerDiscreteGMMScheduler(rfim_eta=1.0, gmm_variant=gmm_variant, gmm_n_components=4, seed=3)
     s.set_timesteps(sigmas=sigmas)
@@ -292,3 +292,64 @@ def test_gmm_loop_equals_sample_rfim_with_the_same_seed(gmm_variant):
         progress=False,
     )
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flux_pipeline_dynamic_shifting_end_to_end_with_and_without_gmm():
+    # Flux passes its own sigmas and mu (resolution-dependent shift) to set_timesteps.
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+        axes_dims_rope=(2, 2, 4),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    config = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, shift=3.0)
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**config),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(1)
+    embeds, pooled = torch.randn(1, 5, 16, generator=gen), torch.randn(1, 8, generator=gen)
+
+    def latents():
+        return pipe(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled,
+            height=16,
+            width=16,
+            num_inference_steps=5,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        ).images
+
+    stock = latents()
+    pipe.scheduler = FlowMatchEulerDiscreteGMMScheduler.from_config(pipe.scheduler.config)
+    torch.testing.assert_close(latents(), stock, atol=1e-4, rtol=1e-4)
+    pipe.scheduler = FlowMatchEulerDiscreteGMMScheduler.from_config(
+        pipe.scheduler.config, rfim_eta=0.8, gmm_variant="ortho", gmm_n_components=3, seed=0
+    )
+    gmm = latents()
+    assert torch.isfinite(gmm).all() and not torch.allclose(gmm, stock, atol=1e-2)
