@@ -59,6 +59,7 @@ class GMMSchedulerMixin:
         self._rows: torch.Tensor | None = None  # [S, 6] float64 on the schedule's device
         self._tables: dict = {}  # (device, dtype) -> the rows in that compute dtype
         self._host_rows: dict = {}
+        self._gmm_sets = None  # (gmm, (device, dtype), [per-set (priors, offsets, var_offsets)]) for the host op
         self._stream_seed = 0
 
     # -- GMM tables -------------------------------------------------------------------------------------
@@ -185,7 +186,13 @@ class GMMSchedulerMixin:
         cdt = table.dtype
         if model_output.dtype not in (sample.dtype, cdt):
             model_output = model_output.to(cdt)
-        priors, offsets, var_offsets = gmm.params(i, sample) if gmm is not None else (None, None, None)
+        priors = offsets = var_offsets = None
+        if gmm is not None:
+            per_set = self._gmm_sets
+            if per_set is None or per_set[0] is not gmm or per_set[1] != (sample.device, cdt):
+                sets = [gmm.params(j, sample) for j in range(1 if gmm.shared else gmm.n_steps)]
+                per_set = self._gmm_sets = (gmm, (sample.device, cdt), sets)
+            priors, offsets, var_offsets = per_set[2][0 if gmm.shared else i]
         prev, x0, k = torch.ops.ddimgmm.step(
             model_output,
             sample,

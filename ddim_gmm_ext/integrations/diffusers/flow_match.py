@@ -140,7 +140,8 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
         if not torch.isfinite(sig).all() or (sig < 0).any() or (sig > 1).any():
             raise ValueError(f"the schedule's sigmas must lie in [0, 1], got {sig.tolist()[:8]}")
         t, s = sig[:-1], sig[1:]
-        self._set_rows(coefficient_rows(1 - t, t, 1 - s, s, self.eta * s).to(self.sigmas.device))
+        self._run_eta = self.eta  # read once per schedule (a config lookup is a noticeable part of a step)
+        self._set_rows(coefficient_rows(1 - t, t, 1 - s, s, self._run_eta * s).to(self.sigmas.device))
 
     def _index(self, timestep, device: torch.device):
         """The step index: the base class's host counter, or under ``torch.compile`` a 0-d device tensor (the
@@ -209,13 +210,14 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
                 f"model_output shape {tuple(model_output.shape)} does not match sample shape {tuple(sample.shape)}"
             )
         generator = check_generator(generator, sample.shape[0])
-        sample = sample.to(torch.float32)  # as the base class: the update in float32
+        if sample.dtype != torch.float32:
+            sample = sample.to(torch.float32)  # as the base class: the update in float32
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
 
         noise = components = None
         if generator is not None:
-            if self.eta > 0:
+            if self._run_eta > 0:
                 noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             if gmm is not None:
                 components = draw_components(generator, gmm, int(i), sample)
@@ -224,7 +226,9 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
         )
         if not isinstance(i, torch.Tensor):
             self._step_index += 1
-        prev_sample = out.prev_sample.to(model_output.dtype)
+        prev_sample = out.prev_sample
+        if prev_sample.dtype != model_output.dtype:
+            prev_sample = prev_sample.to(model_output.dtype)
         if not return_dict:
             return (prev_sample,)
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)
