@@ -398,3 +398,10 @@ def test_whole_loop_compiles_once(family, gmm_variant, eta):
     with torch._dynamo.config.patch(error_on_recompile=True):
         actual = loop(make(), compiled)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_flow_matching_config_is_refused():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteGMMScheduler"):
+        DDIMGMMScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)

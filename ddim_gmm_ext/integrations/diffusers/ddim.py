@@ -136,6 +136,21 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         self._eta_rows: dict = {}  # eta -> [S, 6] float64 rows
         self._step_index = 0
 
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """As ``DDIMScheduler.from_config``; a flow-matching scheduler's config (SD3, Flux) is refused: it would
+        silently become a linear-beta DDIM schedule the model was not trained on."""
+        name = config.get("_class_name") if isinstance(config, dict) else None
+        # an in-memory config has no _class_name: a flow-matching one has a shift and no beta schedule
+        if not isinstance(name, str) and isinstance(config, dict) and "shift" in config and "beta_start" not in config:
+            name = "flow-matching scheduler"
+        if isinstance(name, str) and name.startswith(("FlowMatch", "flow-matching")):
+            raise ValueError(
+                f"config is a {name} config (a flow-matching model); use "
+                "ddim_gmm_ext.diffusers.FlowMatchEulerDiscreteGMMScheduler.from_config(config) instead"
+            )
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     # -- schedule -------------------------------------------------------------------------------------------
     @property
     def step_index(self) -> int:
