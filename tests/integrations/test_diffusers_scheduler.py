@@ -218,18 +218,42 @@ def test_compiled_step_fullgraph_matches_eager():
     actual = torch.compile(compiled.step, fullgraph=True)(m, t, x, eta=0.5, return_dict=False)
     for a, e in zip(actual, expected, strict=False):
         torch.testing.assert_close(a, e)
-    assert compiled.step_index == 2
 
 
-def test_set_begin_index_starts_the_counter():
+def test_mid_schedule_loop_takes_the_step_index_from_the_timestep():
+    # A loop starting at step 2 without set_begin_index must use GMM set 2 and Philox step 2, as the full loop
+    # does there. Checked to fail with the index taken from a call counter (the previous behaviour).
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+
+    def run(start):
+        s = DDIMGMMScheduler(clip_sample=False, gmm_variant="ortho", gmm_n_components=3, gmm_scale=3.0, seed=7)
+        s.set_timesteps(7)
+        y, out = x, []
+        for t in s.timesteps[start:]:
+            y = s.step(_model(y, t), t, y, eta=1.0).prev_sample
+            out.append(y)
+        return out
+
+    mid = run(2)
+    # the same stream: stepping t_2 from the same x in a full-length schedule is bitwise the mid-start step
+    s = DDIMGMMScheduler(clip_sample=False, gmm_variant="ortho", gmm_n_components=3, gmm_scale=3.0, seed=7)
+    s.set_timesteps(7)
+    s.step(_model(x, s.timesteps[0]), s.timesteps[0], x, eta=1.0)
+    s.step(_model(x, s.timesteps[1]), s.timesteps[1], x, eta=1.0)
+    third = s.step(_model(x, s.timesteps[2]), s.timesteps[2], x, eta=1.0).prev_sample
+    torch.testing.assert_close(third, mid[0], rtol=0, atol=0)
+    assert s.step_index == 3
+
+
+def test_set_begin_index_is_accepted_and_the_timestep_decides():
     s = DDIMGMMScheduler(gmm_variant="rand", gmm_n_components=2)
     s.set_timesteps(4)
     s.set_begin_index(2)
     for t in s.timesteps[2:]:
         s.step(torch.zeros(SHAPE), t, torch.zeros(SHAPE))
     assert s.step_index == 4
-    with pytest.raises(ValueError, match="set_timesteps before sampling again"):
-        s.step(torch.zeros(SHAPE), s.timesteps[-1], torch.zeros(SHAPE))
+    with pytest.raises(ValueError, match="begin_index must be an int"):
+        s.set_begin_index(-1)
 
 
 @pytest.mark.parametrize(
@@ -242,7 +266,10 @@ def test_set_begin_index_starts_the_counter():
         (dict(generator="seed"), TypeError, "generator must be"),
         (dict(eta=0.5, generator=torch.Generator(), variance_noise=torch.zeros(SHAPE)), ValueError, "Cannot pass both"),
         (dict(timestep=torch.tensor([1, 2])), ValueError, "timestep must be one integer timestep"),
-        (dict(timestep=1000), ValueError, "timestep must be in"),
+        (dict(timestep=1000), ValueError, "timestep 1000 is not in the schedule"),
+        (dict(timestep=-1), ValueError, "timestep -1 is not in the schedule"),
+        (dict(timestep=torch.tensor(999)), ValueError, "timestep 999 is not in the schedule"),
+        (dict(timestep=2.5), TypeError, "timestep must be an int"),
     ],
 )
 def test_bad_step_input(kwargs, error, match):
@@ -271,3 +298,110 @@ def test_bad_use_and_config():
     s.set_timesteps(2)
     with pytest.raises(ValueError, match="gmm_params was built for dim=48"):
         s.step(torch.zeros(2, 2, 4, 4), s.timesteps[0], torch.zeros(2, 2, 4, 4))
+
+
+@pytest.mark.parametrize("steps", [0, -3, True, 2.0, 1001])
+def test_bad_step_counts(steps):
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        DDIMGMMScheduler().set_timesteps(steps)
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (dict(beta_start=-0.001), r"beta_start / beta_end \(linear\) must give betas in \[0, 1\]"),
+        (dict(steps_offset=-3), "steps_offset must be an int >= 0"),
+        (dict(trained_betas=[0.01] * 10), "trained_betas must have num_train_timesteps=1000 values, got 10"),
+        (dict(trained_betas=[1.5] * 1000), "trained_betas must give betas"),
+        (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr=True needs prediction_type='v_prediction'"),
+        (dict(timestep_spacing="sometimes"), "timestep_spacing must be one of"),
+    ],
+)
+def test_bad_config_values(config, match):
+    with pytest.raises(ValueError, match=match):
+        DDIMGMMScheduler(**config)
+
+
+def test_saved_pipeline_round_trips_with_our_scheduler(tmp_path, caplog):
+    # Checked to fail without the SchedulerMixin name in ddim_gmm_ext.diffusers ("cannot be loaded ...").
+    from diffusers import DiffusionPipeline
+
+    pipe = _tiny_pipeline()
+    pipe.scheduler = DDIMGMMScheduler.from_config(pipe.scheduler.config, gmm_variant="ortho", gmm_scale=2.0, seed=3)
+    pipe.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(loaded.scheduler) is DDIMGMMScheduler and loaded.scheduler.config.gmm_scale == 2.0
+    explicit = DiffusionPipeline.from_pretrained(tmp_path, scheduler=DDIMGMMScheduler(seed=1))
+    assert explicit.scheduler.config.seed == 1
+    # DDIMPipeline keeps a GMM scheduler (stock diffusers would convert it to a plain DDIMScheduler)
+    assert type(DDIMPipeline.from_pretrained(tmp_path).scheduler) is DDIMGMMScheduler
+    # the stock class loads our config; the GMM keys stay as hidden keys and come back in our class
+    stock = DDIMScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    assert type(stock) is DDIMScheduler and stock.config.clip_sample is False
+    assert DDIMGMMScheduler.from_config(stock.config).config.gmm_variant == "ortho"
+    assert DDIMGMMScheduler in pipe.scheduler.compatibles
+    assert DDIMGMMScheduler in _tiny_pipeline().scheduler.compatibles
+    from diffusers import EulerDiscreteScheduler
+
+    assert DDIMGMMScheduler in EulerDiscreteScheduler().compatibles
+
+
+def test_ddim_pipeline_constructor_keeps_the_gmm():
+    pipe = _tiny_pipeline()
+    gmm_sched = DDIMGMMScheduler.from_config(pipe.scheduler.config, gmm_variant="ortho-vub", gmm_scale=5.0)
+    kept = DDIMPipeline(unet=pipe.unet, scheduler=gmm_sched)
+    assert kept.scheduler is gmm_sched
+    from diffusers import PNDMScheduler
+
+    converted = DDIMPipeline(unet=pipe.unet, scheduler=PNDMScheduler())
+    assert type(converted.scheduler) is DDIMScheduler
+
+
+@pytest.mark.skipif(
+    not hasattr(dg.api, "step_from_table"), reason="needs the table form of the step op (device step index)"
+)
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("gmm_variant", [None, "ortho"])
+@pytest.mark.parametrize("family", ["ddim", "flow"])
+def test_whole_loop_compiles_once(family, gmm_variant, eta):
+    # model + step compiled with fullgraph; error_on_recompile turns any recompile (a step number baked into
+    # the graph) into a failure. Checked to fail with the host counter as the step index.
+    from ddim_gmm_ext.diffusers import FlowMatchEulerDiscreteGMMScheduler
+
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def make():
+        if family == "ddim":
+            s = DDIMGMMScheduler(clip_sample=False, gmm_variant=gmm_variant, gmm_n_components=2, seed=1)
+        else:
+            s = FlowMatchEulerDiscreteGMMScheduler(shift=3.0, rfim_eta=eta, gmm_variant=gmm_variant, seed=1)
+        s.set_timesteps(10)
+        s.prepare_gmm(x)
+        return s
+
+    def loop(s, fn):
+        y = x
+        for t in s.timesteps:
+            y = fn(s, y, t)
+        return y
+
+    def denoise(s, y, t):
+        with torch.no_grad():
+            m = torch.tanh(conv(y)) + t / 1000
+            kwargs = dict(eta=eta) if family == "ddim" else {}
+            return s.step(m, t, y, **kwargs).prev_sample
+
+    x = torch.randn(SHAPE[0], 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = loop(make(), denoise)
+    compiled = torch.compile(denoise, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        actual = loop(make(), compiled)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_flow_matching_config_is_refused():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteGMMScheduler"):
+        DDIMGMMScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)

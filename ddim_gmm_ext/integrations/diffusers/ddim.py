@@ -17,34 +17,30 @@ from diffusers.schedulers.scheduling_ddim import DDIMScheduler, DDIMSchedulerOut
 from diffusers.utils.torch_utils import randn_tensor
 
 from ... import api, reference
-from ...gmm import GMM
-from .._common import build_gmm, check_eta, check_gmm, check_gmm_options, check_gmm_steps, check_seed, stream_seed
+from .._common import check_eta
+from ._base import (
+    HAS_TABLE_OP,
+    GMMSchedulerMixin,
+    check_generator,
+    check_step_count,
+    coefficient_rows,
+    draw_components,
+    register_with_diffusers,
+)
 
 __all__ = ["DDIMGMMScheduler", "DDIMSchedulerOutput"]
 
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 _SPACINGS = ("leading", "trailing", "linspace")
 
 
-class DDIMGMMScheduler(DDIMScheduler):
+class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
     """``DDIMScheduler`` with the DDIM-GMM kernel (Gabbur, TMLR 2026) and a fused step.
 
     Every ``DDIMScheduler`` config key, default and method is kept; with ``gmm_variant=None`` (the default) and
     no :meth:`set_gmm_params`, outputs equal ``DDIMScheduler``'s given the same ``variance_noise`` or
-    ``generator``.
-
-    GMM config keys (saved with ``save_pretrained``, overridable in ``from_config(config, **keys)``):
-
-    * ``gmm_variant``: None (off), "rand", "ortho", "ortho-vub" or "ortho-vub*" (ORTHO-VUB shared by all steps);
-    * ``gmm_n_components`` (K), ``gmm_scale`` (s), ``gmm_share_across_steps``, ``gmm_uniform_priors``: as
-      :meth:`ddim_gmm_ext.GMM.create`;
-    * ``seed``: the GMM tables and the Philox noise / component stream (see "Randomness"); None: tables from
-      seed 0, stream seed drawn from torch's default generator at each ``set_timesteps``.
-
-    GMM tables are built on the first ``step`` after ``set_timesteps`` from that sample's per-sample size,
-    device and dtype, with one parameter set per inference step, and cached; a sample of another per-sample
-    size rebuilds them. Tables given with :meth:`set_gmm_params` take precedence and are never rebuilt (a
-    size mismatch is an error).
+    ``generator``. GMM config keys, tables and :meth:`set_gmm_params`: see :class:`GMMSchedulerMixin`.
 
     Randomness of a step, per source (z: the Gaussian noise, k: the GMM component of each sample):
 
@@ -55,11 +51,20 @@ class DDIMGMMScheduler(DDIMScheduler):
     * neither: z and k from the Philox stream of (seed, sample index, step index), drawn inside the fused
       step: no noise tensor, no host sync, compiles with ``fullgraph=True``.
 
-    Step index. The step coefficients follow the ``timestep`` argument exactly as in ``DDIMScheduler`` (a
-    gather from a table built in ``set_timesteps``, no ``.item()``), while the GMM parameter set and the
-    Philox step index come from a counter: 0 after ``set_timesteps`` (or ``set_begin_index(i)``, which
-    img2img pipelines call), +1 per step. The GMM kernel is applied at every step, the last one included.
+    Step index. The step's coefficients, GMM parameter set and Philox step all come from the position i of
+    ``timestep`` in ``self.timesteps`` (DDIM timesteps are distinct, so i is unambiguous): a loop that starts
+    mid-schedule (img2img, a hand-written loop) gets the right step without ``set_begin_index``. A timestep
+    that is not in the schedule is refused (``DDIMScheduler`` would step from it to t - T // n). A timestep
+    tensor on an accelerator, or any tensor under ``torch.compile``, is looked up on its device (a gather, no
+    host read); there an off-schedule timestep gives an all-NaN step (the op's out-of-range convention).
+    The GMM kernel is applied at every step, the last one included.
+
+    Compiling: ``set_timesteps(n, device)`` builds the coefficient table [n, 6] of every step on the device;
+    with the table op the step is one op call whose step index is a device tensor, so a compiled
+    ``model + step`` function compiles once for the whole loop.
     """
+
+    _compatibles = [*DDIMScheduler._compatibles, "DDIMScheduler"]
 
     @register_to_config
     def __init__(
@@ -103,66 +108,136 @@ class DDIMGMMScheduler(DDIMScheduler):
             timestep_spacing=timestep_spacing,
             rescale_betas_zero_snr=rescale_betas_zero_snr,
         )
-        # DDIMScheduler reports these only at the first step; the fused step needs them settled up front.
+        # DDIMScheduler reports these only at the first step (or never); the fused step needs them settled.
         if prediction_type not in _PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {_PREDICTION_TYPES}, got {prediction_type!r}")
         if timestep_spacing not in _SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {_SPACINGS}, got {timestep_spacing!r}")
-        check_gmm_options(gmm_variant, gmm_n_components, gmm_scale)
-        check_seed(seed)
-        self._user_gmm: GMM | None = None
-        self._built_gmm: GMM | None = None
-        self._built_key = None
-        self._coefficients: torch.Tensor | None = None  # [num_train_timesteps, 5]: a_t, b_t, a_s, b_s, DDIM sigma
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, Integral) or steps_offset < 0:
+            raise ValueError(f"steps_offset must be an int >= 0, got {steps_offset!r}")
+        T = num_train_timesteps
+        if trained_betas is not None and len(trained_betas) != T:
+            raise ValueError(f"trained_betas must have num_train_timesteps={T} values, got {len(trained_betas)}")
+        betas = self.betas.double()
+        if not (torch.isfinite(betas).all() and (betas >= 0).all() and (betas <= 1).all()):
+            source = "trained_betas" if trained_betas is not None else f"beta_start / beta_end ({beta_schedule})"
+            raise ValueError(
+                f"{source} must give betas in [0, 1], got values in [{betas.min().item()}, {betas.max().item()}]"
+            )
+        if rescale_betas_zero_snr and prediction_type == "epsilon":
+            # alpha_bar = 0 at the last train timestep: x0 = (x - b m) / a divides by zero there.
+            raise ValueError(
+                "rescale_betas_zero_snr=True needs prediction_type='v_prediction' (or 'sample'): with 'epsilon' the "
+                "zero-SNR timestep has a_t = 0 and x0 cannot be recovered from the predicted noise"
+            )
+        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed)
+        self._index_of: torch.Tensor | None = None  # [T] int64: position of each train timestep, -1 if absent
+        self._index_of_host: list[int] | None = None
+        self._eta_rows: dict = {}  # eta -> [S, 6] float64 rows
         self._step_index = 0
-        self._stream_seed = 0
 
-    # -- configuration -----------------------------------------------------------------------------------
-    def set_gmm_params(self, gmm_params: GMM | None = None) -> None:
-        """Use these GMM tables (one parameter set per inference step, or shared) instead of building them
-        from the config; None goes back to the config."""
-        if gmm_params is not None:
-            if not isinstance(gmm_params, GMM):
-                raise TypeError(f"gmm_params must be a ddim_gmm_ext.GMM, got {type(gmm_params).__name__}")
-            if self.num_inference_steps is not None:
-                check_gmm_steps(gmm_params, self.num_inference_steps, "gmm_params")
-        self._user_gmm = gmm_params
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """As ``DDIMScheduler.from_config``; a flow-matching scheduler's config (SD3, Flux) is refused: it would
+        silently become a linear-beta DDIM schedule the model was not trained on."""
+        name = config.get("_class_name") if isinstance(config, dict) else None
+        # an in-memory config has no _class_name: a flow-matching one has a shift and no beta schedule
+        if not isinstance(name, str) and isinstance(config, dict) and "shift" in config and "beta_start" not in config:
+            name = "flow-matching scheduler"
+        if isinstance(name, str) and name.startswith(("FlowMatch", "flow-matching")):
+            raise ValueError(
+                f"config is a {name} config (a flow-matching model); use "
+                "ddim_gmm_ext.diffusers.FlowMatchEulerDiscreteGMMScheduler.from_config(config) instead"
+            )
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
-    @property
-    def gmm(self) -> GMM | None:
-        """The GMM tables in use: those of :meth:`set_gmm_params`, else the ones built at the last step."""
-        return self._user_gmm if self._user_gmm is not None else self._built_gmm
-
+    # -- schedule -------------------------------------------------------------------------------------------
     @property
     def step_index(self) -> int:
-        """Index of the next step in sampling order (selects the GMM parameter set and the noise stream)."""
+        """Index of the next step in sampling order (host-side bookkeeping; the step itself takes its index
+        from the timestep)."""
         return self._step_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start the step counter at ``begin_index`` (diffusers' img2img pipelines call this after
-        ``set_timesteps`` when they skip the first steps)."""
+        """Accepted for diffusers' img2img pipelines, which call it after ``set_timesteps`` when they skip the
+        first steps; the step index comes from the timestep anyway, so this only sets :attr:`step_index`."""
         if isinstance(begin_index, bool) or not isinstance(begin_index, Integral) or begin_index < 0:
             raise ValueError(f"begin_index must be an int >= 0, got {begin_index!r}")
         self._step_index = int(begin_index)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """As ``DDIMScheduler.set_timesteps``; also builds the step coefficients of every timestep on
-        ``device``, resets the step counter and picks the run's stream seed."""
+        """As ``DDIMScheduler.set_timesteps``; also builds on ``device`` the coefficient table of every step
+        (eta 0 and 1; other eta on first use), the timestep -> step index map, and picks the stream seed."""
+        num_inference_steps = check_step_count(num_inference_steps)
         super().set_timesteps(num_inference_steps, device)
-        self._coefficients = self._coefficient_table().to(device)
-        self._step_index = 0
-        self._stream_seed = stream_seed(self.config.seed)
-        if self._user_gmm is not None:
-            check_gmm_steps(self._user_gmm, num_inference_steps, "gmm_params")
-
-    def _coefficient_table(self) -> torch.Tensor:
-        """(a_t, b_t, a_s, b_s, sigma) of the step from each train timestep t, with s = t - T // n as in
-        ``DDIMScheduler.step`` (final_alpha_cumprod below 0); sigma is DDIM's noise std at eta = 1."""
         T = self.config.num_train_timesteps
-        prev = torch.arange(T) - T // self.num_inference_steps
+        t = self.timesteps.cpu()
+        if t.min() < 0 or t.max() >= T:
+            raise ValueError(
+                f"the schedule has timesteps outside [0, {T}) (steps_offset={self.config.steps_offset}, "
+                f"timestep_spacing={self.config.timestep_spacing!r}, num_inference_steps={num_inference_steps})"
+            )
+        index_of = torch.full((T,), -1, dtype=torch.int64)
+        index_of[t] = torch.arange(len(t))
+        self._index_of_host = index_of.tolist()
+        self._index_of = index_of.to(self.timesteps.device)
+        prev = t - T // num_inference_steps
         abar = self.alphas_cumprod.detach().to("cpu", torch.float64)
         abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], self.final_alpha_cumprod.double())
-        return torch.stack(reference.ddim_coefficients(abar, abar_prev, 1.0), dim=-1).float()
+        self._path = reference.ddim_coefficients(abar[t], abar_prev, 1.0)  # a_t, b_t, a_s, b_s, DDIM sigma
+        self._eta_rows = {}
+        self._set_rows(self._rows_for(0.0))
+        for eta in (0.0, 1.0):  # built here so that a compiled loop at eta 0 or 1 finds them
+            self._table_at(eta, self.timesteps.device, torch.float32)
+        self._step_index = 0
+        c = self.config  # read once per schedule: a config lookup costs as much as a tenth of the step
+        self._step_options = (c.thresholding, c.clip_sample_range if c.clip_sample else None, c.prediction_type)
+
+    def _rows_for(self, eta: float) -> torch.Tensor:
+        """[S, 6] float64 rows at this eta on the schedule's device (cached per eta)."""
+        rows = self._eta_rows.get(eta)
+        if rows is None:
+            a_t, b_t, a_s, b_s, sigma = self._path
+            rows = coefficient_rows(a_t, b_t, a_s, b_s, eta * sigma).to(self.timesteps.device)
+            self._eta_rows[eta] = rows
+        return rows
+
+    def _table_at(self, eta: float, device: torch.device, cdt: torch.dtype) -> torch.Tensor:
+        """The rows at this eta on ``device`` in the compute dtype ``cdt`` (cached)."""
+        key = (eta, device, cdt)
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = self._rows_for(eta).to(device, cdt)
+        return table
+
+    def _index(self, timestep, device: torch.device):
+        """Position of ``timestep`` in the schedule: a host int, or a 0-d int64 tensor on ``device`` for device
+        timesteps and under ``torch.compile`` (-1 there when the timestep is not in the schedule)."""
+        T = self._index_of.shape[0]
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1 or timestep.dtype not in _INT_DTYPES:
+                raise ValueError(
+                    f"timestep must be one integer timestep, got a {timestep.dtype} tensor of shape "
+                    f"{tuple(timestep.shape)}"
+                )
+            compiling = torch.compiler.is_compiling()
+            if compiling and not HAS_TABLE_OP:
+                return self._step_index  # the host op needs a host index: the counter (a recompile per step)
+            if compiling or timestep.device.type != "cpu":
+                t = timestep.reshape(()).to(device)
+                inside = (t >= 0) & (t < T)
+                index = self._index_of.to(device).index_select(0, t.clamp(0, T - 1).reshape(1)).reshape(())
+                return torch.where(inside, index, torch.full_like(index, -1))
+            timestep = int(timestep)
+        elif isinstance(timestep, bool) or not isinstance(timestep, Integral):
+            raise TypeError(f"timestep must be an int or an integer tensor, got {type(timestep).__name__}")
+        i = self._index_of_host[timestep] if 0 <= timestep < T else -1
+        if i < 0:
+            raise ValueError(
+                f"timestep {timestep} is not in the schedule (scheduler.timesteps); pass one of "
+                f"{self.timesteps.tolist()[:8]}{' ...' if len(self.timesteps) > 8 else ''}"
+            )
+        return i
 
     # -- the step ------------------------------------------------------------------------------------------
     def step(
@@ -182,7 +257,8 @@ class DDIMGMMScheduler(DDIMScheduler):
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
-        eta = check_eta(eta)
+        if eta.__class__ is not float or not 0.0 <= eta <= 1.0:  # the common case checked in one test
+            eta = check_eta(eta)
         if eta > 0 and variance_noise is not None and generator is not None:
             raise ValueError(
                 "Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
@@ -192,10 +268,10 @@ class DDIMGMMScheduler(DDIMScheduler):
             raise ValueError(
                 f"variance_noise must have the sample's shape {tuple(sample.shape)}, got {tuple(variance_noise.shape)}"
             )
-        generator = _check_generator(generator, sample.shape[0])
-        a_t, b_t, a_s, b_s, sigma = self._coefficients_at(timestep, sample.device)
+        if generator is not None:
+            generator = check_generator(generator, sample.shape[0])
+        i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
-        i = self._step_index
 
         noise, components = variance_noise, None
         if noise is None and generator is not None and eta > 0:
@@ -203,114 +279,61 @@ class DDIMGMMScheduler(DDIMScheduler):
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
             )
         if generator is not None and gmm is not None:
-            components = _draw_components(generator, gmm, i, sample)
-        options = dict(gmm=gmm, step_index=i, seed=self._stream_seed, noise=noise, components=components)
-        coeffs = (a_t, b_t, a_s, b_s, eta * sigma)
+            components = draw_components(generator, gmm, int(i), sample)
+        table = self._table_at(eta, sample.device, torch.float64 if sample.dtype == torch.float64 else torch.float32)
 
-        if self.config.thresholding:
-            # Dynamic thresholding needs x0_hat before the update. The update then takes the thresholded x0 as
-            # a "sample" prediction on a sample shifted by a_t (x0_thr - x0_hat): that keeps eps_hat =
-            # (x_t - a_t x0_hat) / b_t, the model's eps, unless use_clipped_model_output re-derives it from x0_thr
-            # on the unshifted sample (diffusers' semantics).
-            x0 = api.step(
-                model_output, sample, a_t, b_t, a_t, b_t, 0.0, prediction_type=self.config.prediction_type
-            ).pred_original_sample
-            x0_thr = self._threshold_sample(x0)
-            shifted = sample if use_clipped_model_output else sample + a_t * (x0_thr - x0)
-            out = api.step(x0_thr, shifted, *coeffs, prediction_type="sample", **options)
+        thresholding, clip, prediction_type = self._step_options
+        if thresholding:
+            out = self._thresholded_step(
+                model_output, sample, table[int(i)], use_clipped_model_output, gmm, i, noise, components
+            )
         else:
-            clip = self.config.clip_sample_range if self.config.clip_sample else None
-            out = api.step(
+            out = self._fused_step(
                 model_output,
                 sample,
-                *coeffs,
-                prediction_type=self.config.prediction_type,
+                i,
+                prediction_type=prediction_type,
+                gmm=gmm,
                 clip_sample_range=clip,
                 use_clipped_model_output=use_clipped_model_output,
-                **options,
+                noise=noise,
+                components=components,
+                rows=table,
             )
-        self._step_index = i + 1
+        if not isinstance(i, torch.Tensor):
+            self._step_index = i + 1
 
         if not return_dict:
             return (out.prev_sample, out.pred_original_sample)
         return DDIMSchedulerOutput(prev_sample=out.prev_sample, pred_original_sample=out.pred_original_sample)
 
-    def _coefficients_at(self, timestep, device: torch.device):
-        """The five step coefficients of ``timestep`` as 0-d tensors on ``device``, without a device sync."""
-        if self._coefficients.device != device:  # once, when set_timesteps was not given the sample's device
-            self._coefficients = self._coefficients.to(device)
-        table = self._coefficients
-        T = table.shape[0]
-        if isinstance(timestep, torch.Tensor):
-            if timestep.numel() != 1 or timestep.is_floating_point() or timestep.is_complex():
-                raise ValueError(
-                    f"timestep must be one integer timestep, got a {timestep.dtype} tensor of shape "
-                    f"{tuple(timestep.shape)}"
-                )
-            if timestep.device.type == "cpu" and table.device.type != "cpu":
-                row = table[int(timestep)]  # a host read: no device sync
-            else:
-                row = table.index_select(0, timestep.reshape(1).to(device))[0]
-        elif isinstance(timestep, Integral) and not isinstance(timestep, bool):
-            if not 0 <= timestep < T:
-                raise ValueError(f"timestep must be in [0, num_train_timesteps={T}), got {timestep}")
-            row = table[int(timestep)]
-        else:
-            raise TypeError(f"timestep must be an int or an integer tensor, got {type(timestep).__name__}")
-        return row.unbind()
-
-    def _gmm_for(self, sample: torch.Tensor) -> GMM | None:
-        """The GMM tables of this step (None when GMM is off), built or checked against ``sample``."""
-        gmm = self._user_gmm
-        if gmm is not None:
-            check_gmm(gmm, sample, self.num_inference_steps, "gmm_params")
-        elif self.config.gmm_variant is not None:
-            key = (tuple(sample.shape[1:]), self.num_inference_steps, sample.device, sample.dtype == torch.float64)
-            if key != self._built_key:
-                c = self.config
-                self._built_gmm = build_gmm(
-                    c.gmm_variant,
-                    sample,
-                    self.num_inference_steps,
-                    n_components=c.gmm_n_components,
-                    scale=c.gmm_scale,
-                    share_across_steps=c.gmm_share_across_steps,
-                    uniform_priors=c.gmm_uniform_priors,
-                    seed=c.seed,
-                )
-                self._built_key = key
-            gmm = self._built_gmm
-        if gmm is not None and not gmm.shared and self._step_index >= gmm.n_steps:
-            raise ValueError(
-                f"step was called {self._step_index + 1} times since set_timesteps but the GMM has parameter sets "
-                f"for {gmm.n_steps} steps; call set_timesteps before sampling again"
-            )
-        return gmm
+    def _thresholded_step(self, model_output, sample, row, use_clipped_model_output, gmm, i, noise, components):
+        """Dynamic thresholding needs x0_hat before the update (two op calls, host step index). The update then
+        takes the thresholded x0 as a "sample" prediction on a sample shifted by a_t (x0_thr - x0_hat): that
+        keeps eps_hat = (x_t - a_t x0_hat) / b_t, the model's eps, unless use_clipped_model_output re-derives it
+        from x0_thr on the unshifted sample (diffusers' semantics)."""
+        a_t, b_t, a_s, big_b, c, _ = row.unbind()
+        b_s = (big_b.square() + c.square()).sqrt()
+        x0 = api.step(
+            model_output, sample, a_t, b_t, a_t, b_t, 0.0, prediction_type=self.config.prediction_type
+        ).pred_original_sample
+        x0_thr = self._threshold_sample(x0)
+        shifted = sample if use_clipped_model_output else sample + a_t.to(sample.dtype) * (x0_thr - x0)
+        return api.step(
+            x0_thr,
+            shifted,
+            a_t,
+            b_t,
+            a_s,
+            b_s,
+            c,
+            prediction_type="sample",
+            gmm=gmm,
+            step_index=int(i),
+            seed=self._stream_seed,
+            noise=noise,
+            components=components,
+        )
 
 
-def _check_generator(generator, batch: int):
-    """A generator, or a list of one per sample; a one-element list is one generator (as in randn_tensor)."""
-    if isinstance(generator, (list, tuple)):
-        if not all(isinstance(g, torch.Generator) for g in generator):
-            raise TypeError("generator must be a torch.Generator or a list of torch.Generator")
-        if len(generator) == 1:
-            return generator[0]
-        if len(generator) != batch:
-            raise ValueError(
-                f"generator is a list of {len(generator)} generators but the batch has {batch} samples; pass one "
-                "generator per sample"
-            )
-        return list(generator)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
-    return generator
-
-
-def _draw_components(generator, gmm: GMM, step_index: int, sample: torch.Tensor) -> torch.Tensor:
-    """k [B] ~ Categorical(priors of the step), from one generator for the batch or one per sample."""
-    priors = gmm.priors[gmm.set_index(step_index)]
-    if isinstance(generator, list):
-        k = torch.cat([torch.multinomial(priors.to(g.device), 1, generator=g) for g in generator])
-    else:
-        k = torch.multinomial(priors.to(generator.device), sample.shape[0], replacement=True, generator=generator)
-    return k.to(sample.device)
+register_with_diffusers(DDIMGMMScheduler, "DDIMScheduler")

@@ -1,0 +1,88 @@
+"""pytest-benchmark: the diffusers schedulers' step against the bare fused op and diffusers' own schedulers,
+side by side (the scheduler's Python overhead is the difference to the bare op):
+
+pytest benchmarks/bench_schedulers.py --benchmark-group-by=param:family,param:gmm
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E402
+
+from ddim_gmm_ext import api  # noqa: E402
+from ddim_gmm_ext.diffusers import DDIMGMMScheduler, FlowMatchEulerDiscreteGMMScheduler  # noqa: E402
+
+SHAPE = (1, 4, 64, 64)
+STEPS = 50
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _bare_op(scheduler, x, m, i, prediction_type):
+    """The op call the scheduler makes, with everything precomputed: its floor."""
+    gmm = scheduler.gmm
+    code = {"epsilon": 0, "flow": 3}[prediction_type]
+    seed = scheduler._stream_seed
+    table = scheduler._table_at(0.0, x.device, torch.float32) if prediction_type == "epsilon" else scheduler._table(x)
+    if hasattr(api, "step_from_table"):
+        tables = (None, None, None, None) if gmm is None else (gmm.priors, gmm.offsets, gmm.var_offsets, None)
+        index = torch.tensor(i, device=x.device)
+        return lambda: torch.ops.ddimgmm.step(
+            m, x, table, index, *tables, None, None, code, None, None, False, seed, 0, 0, True
+        )
+    a_t, b_t, a_s, big_b, c, _ = table[i].tolist()
+    coeffs = torch.tensor([a_t, b_t, a_s, (big_b**2 + c**2) ** 0.5, c], device=x.device)
+    tables = (None, None, None) if gmm is None else gmm.params(i, x)
+    return lambda: torch.ops.ddimgmm.step(m, x, coeffs, *tables, None, None, code, None, None, False, seed, 0, i, True)
+
+
+def _cases(family, gmm_variant, device):
+    x = torch.randn(SHAPE, device=device)
+    m = torch.randn(SHAPE, device=device)
+    i = STEPS // 2
+    gmm = dict(gmm_variant=gmm_variant, gmm_n_components=8, seed=0)
+    if family == "ddim":
+        ours, stock = DDIMGMMScheduler(clip_sample=False, **gmm), DDIMScheduler(clip_sample=False)
+        for s in (ours, stock):
+            s.set_timesteps(STEPS, device)
+        t = ours.timesteps[i]
+        ours.prepare_gmm(x)
+        return {
+            "ours": lambda: ours.step(m, t, x),
+            "bare_op": _bare_op(ours, x, m, i, "epsilon"),
+            "diffusers": None if gmm_variant else (lambda: stock.step(m, t, x)),
+        }
+    ours = FlowMatchEulerDiscreteGMMScheduler(shift=3.0, rfim_eta=1.0 if gmm_variant else 0.0, **gmm)
+    stock = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    for s in (ours, stock):
+        s.set_timesteps(STEPS, device)
+    t = ours.timesteps[i]
+    ours.prepare_gmm(x)
+
+    def step(s):
+        s._step_index = i  # the base class counts steps; keep stepping the same one
+        return s.step(m, t, x)
+
+    return {
+        "ours": lambda: step(ours),
+        "bare_op": _bare_op(ours, x, m, i, "flow"),
+        "diffusers": None if gmm_variant else (lambda: step(stock)),
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gmm", [None, "ortho-vub"])
+@pytest.mark.parametrize("family", ["ddim", "flow"])
+@pytest.mark.parametrize("name", ["ours", "bare_op", "diffusers"])
+def test_scheduler_step(benchmark, name, family, gmm, device):
+    fn = _cases(family, gmm, device)[name]
+    if fn is None:
+        pytest.skip("diffusers has no GMM step")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()
+
+    def run():
+        fn()
+        sync()
+
+    benchmark(run)

@@ -1,0 +1,237 @@
+"""diffusers integration: :class:`FlowMatchEulerDiscreteGMMScheduler`, a drop-in
+``FlowMatchEulerDiscreteScheduler`` (Stable Diffusion 3, Flux and other rectified-flow pipelines) whose step is
+one fused RFIM(-GMM) op call.
+
+    from ddim_gmm_ext.diffusers import FlowMatchEulerDiscreteGMMScheduler
+    pipe.scheduler = FlowMatchEulerDiscreteGMMScheduler.from_config(
+        pipe.scheduler.config, rfim_eta=1.0, gmm_variant="ortho-vub", seed=0
+    )
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchEulerDiscreteSchedulerOutput,
+)
+from diffusers.utils.torch_utils import randn_tensor
+
+from .._common import check_eta
+from ._base import (
+    HAS_TABLE_OP,
+    GMMSchedulerMixin,
+    check_generator,
+    check_step_count,
+    coefficient_rows,
+    draw_components,
+    register_with_diffusers,
+)
+
+__all__ = ["FlowMatchEulerDiscreteGMMScheduler", "FlowMatchEulerDiscreteSchedulerOutput"]
+
+
+class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscreteScheduler):
+    """``FlowMatchEulerDiscreteScheduler`` with the RFIM / RFIM-GMM kernel (Gabbur, TMLR 2026, section 4) and a
+    fused step.
+
+    Path and step. The model predicts the velocity v = eps - x0 on x_t = (1 - t) x0 + t eps, t = sigma. The step
+    from sigma_i = t to sigma_(i+1) = s is
+
+        x0 = x - t v,   eps = x + (1 - t) v,   x_s = (1 - s) x0 + sqrt(s^2 - c^2) eps + c z,   c = rfim_eta * s
+
+    rfim_eta = 0 is the Euler step x + (s - t) v of the base class; rfim_eta = 1 is its ``stochastic_sampling``
+    step (1 - s) x0 + s z. With GMM on, c z becomes delta_k + sqrt(max(c^2 - v_k, 0)) z (k ~ Categorical(pi)),
+    which keeps E[x_s | x0] = (1 - s) x0 and the per-coordinate variance s^2 of the exact-velocity marginal; the
+    GMM needs noise (rfim_eta > 0) to replace.
+
+    Config: every key, default and method of the base class, plus ``rfim_eta`` in [0, 1] and the GMM keys of
+    :class:`GMMSchedulerMixin`. ``stochastic_sampling=True`` is rfim_eta = 1 (an rfim_eta strictly between 0 and
+    1 with it is refused as contradictory). With GMM off and rfim_eta = 0 the samples equal the base class's to
+    float32 rounding; with ``stochastic_sampling`` and a ``generator``, the base class's noise is drawn the same
+    way, so the samples match too.
+
+    Randomness: with ``generator``, z (and the components k) are drawn from it as the base class draws its noise;
+    without, z and k come from the Philox stream of (seed, sample index, step index) inside the fused step (no
+    host sync, compiles with ``fullgraph=True``).
+
+    Step index: as the base class (the first ``step`` finds the timestep in the schedule, or starts at
+    ``set_begin_index``; +1 per step). Under ``torch.compile`` the index is the timestep's first position in
+    ``self.timesteps``, looked up on the device, so nothing about the step number is baked into the graph.
+    """
+
+    _compatibles = ["FlowMatchEulerDiscreteScheduler"]
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float | None = 0.5,
+        max_shift: float | None = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        invert_sigmas: bool = False,
+        shift_terminal: float | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        time_shift_type: str = "exponential",
+        stochastic_sampling: bool = False,
+        rfim_eta: float = 0.0,
+        gmm_variant: str | None = None,
+        gmm_n_components: int = 8,
+        gmm_scale: float = 1.0,
+        gmm_share_across_steps: bool = False,
+        gmm_uniform_priors: bool = True,
+        seed: int | None = None,
+    ):
+        if not isinstance(shift, Real) or isinstance(shift, bool) or not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+        if shift_terminal is not None and not (isinstance(shift_terminal, Real) and 0 <= shift_terminal < 1):
+            raise ValueError(f"shift_terminal must be None or a number in [0, 1), got {shift_terminal!r}")
+        eta = check_eta(rfim_eta, "rfim_eta")
+        if stochastic_sampling and 0 < eta < 1:
+            raise ValueError(f"stochastic_sampling=True is rfim_eta = 1; got rfim_eta={rfim_eta}: set one or the other")
+        super().__init__(
+            num_train_timesteps=num_train_timesteps,
+            shift=shift,
+            use_dynamic_shifting=use_dynamic_shifting,
+            base_shift=base_shift,
+            max_shift=max_shift,
+            base_image_seq_len=base_image_seq_len,
+            max_image_seq_len=max_image_seq_len,
+            invert_sigmas=invert_sigmas,
+            shift_terminal=shift_terminal,
+            use_karras_sigmas=use_karras_sigmas,
+            use_exponential_sigmas=use_exponential_sigmas,
+            use_beta_sigmas=use_beta_sigmas,
+            time_shift_type=time_shift_type,
+            stochastic_sampling=stochastic_sampling,
+        )
+        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed)
+
+    @property
+    def eta(self) -> float:
+        """The RFIM noise level in use: 1 with ``stochastic_sampling``, else ``rfim_eta``."""
+        return 1.0 if self.config.stochastic_sampling else float(self.config.rfim_eta)
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
+        timesteps: list[float] | None = None,
+    ):
+        """As the base class; also builds on ``device`` the [n, 6] coefficient table of every step and picks
+        the run's stream seed."""
+        if num_inference_steps is not None:
+            num_inference_steps = check_step_count(num_inference_steps)
+        elif sigmas is None and timesteps is None:
+            raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
+        super().set_timesteps(num_inference_steps, device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+        sig = self.sigmas.detach().to("cpu", torch.float64)
+        if not torch.isfinite(sig).all() or (sig < 0).any() or (sig > 1).any():
+            raise ValueError(f"the schedule's sigmas must lie in [0, 1], got {sig.tolist()[:8]}")
+        t, s = sig[:-1], sig[1:]
+        self._run_eta = self.eta  # read once per schedule (a config lookup is a noticeable part of a step)
+        self._set_rows(coefficient_rows(1 - t, t, 1 - s, s, self._run_eta * s).to(self.sigmas.device))
+
+    def _index(self, timestep, device: torch.device):
+        """The step index: the base class's host counter, or under ``torch.compile`` a 0-d device tensor (the
+        timestep's first position in the schedule; -1 when absent: an all-NaN step)."""
+        if torch.compiler.is_compiling() and HAS_TABLE_OP:
+            t = torch.as_tensor(timestep, device=device).reshape(())
+            match = self.timesteps.to(device) == t.to(self.timesteps.dtype)
+            first = match.to(torch.int64).argmax()
+            return torch.where(match.any(), first, torch.full_like(first, -1))
+        if self.step_index is None:
+            try:
+                self._init_step_index(timestep)
+            except IndexError:
+                raise ValueError(
+                    f"timestep {float(timestep)} is not in the schedule (scheduler.timesteps); pass one of "
+                    f"scheduler.timesteps or call set_begin_index"
+                ) from None
+        i = self.step_index
+        if not 0 <= i < self._n_steps():
+            raise ValueError(
+                f"step {i} is past the end of the {self._n_steps()}-step schedule; call set_timesteps before "
+                "sampling again"
+            )
+        return i
+
+    def step(
+        self,
+        model_output: torch.FloatTensor,
+        timestep: float | torch.FloatTensor,
+        sample: torch.FloatTensor,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        per_token_timesteps: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> FlowMatchEulerDiscreteSchedulerOutput | tuple:
+        """One RFIM(-GMM) step from ``timestep`` to the next sigma; arguments and outputs as the base class
+        (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise`` are accepted and unused, as there)."""
+        if self._rows is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+            )
+        if isinstance(timestep, int) or (
+            isinstance(timestep, torch.Tensor) and not (timestep.is_floating_point() or torch.is_complex(timestep))
+        ):
+            raise ValueError(
+                "Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to"
+                f" `{type(self).__name__}.step()` is not supported. Make sure to pass"
+                " one of the `scheduler.timesteps` as a timestep."
+            )
+        if per_token_timesteps is not None:
+            if self.eta > 0 or self.gmm is not None or self.config.gmm_variant is not None:
+                raise ValueError("per_token_timesteps is supported only with GMM off and rfim_eta = 0")
+            return super().step(
+                model_output,
+                timestep,
+                sample,
+                generator=generator,
+                per_token_timesteps=per_token_timesteps,
+                return_dict=return_dict,
+            )
+        if tuple(model_output.shape) != tuple(sample.shape):
+            raise ValueError(
+                f"model_output shape {tuple(model_output.shape)} does not match sample shape {tuple(sample.shape)}"
+            )
+        generator = check_generator(generator, sample.shape[0])
+        if sample.dtype != torch.float32:
+            sample = sample.to(torch.float32)  # as the base class: the update in float32
+        i = self._index(timestep, sample.device)
+        gmm = self._gmm_for(sample)
+
+        noise = components = None
+        if generator is not None:
+            if self._run_eta > 0:
+                noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+            if gmm is not None:
+                components = draw_components(generator, gmm, int(i), sample)
+        out = self._fused_step(
+            model_output, sample, i, prediction_type="flow", gmm=gmm, noise=noise, components=components
+        )
+        if not isinstance(i, torch.Tensor):
+            self._step_index += 1
+        prev_sample = out.prev_sample
+        if prev_sample.dtype != model_output.dtype:
+            prev_sample = prev_sample.to(model_output.dtype)
+        if not return_dict:
+            return (prev_sample,)
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)
+
+
+register_with_diffusers(FlowMatchEulerDiscreteGMMScheduler, "FlowMatchEulerDiscreteScheduler")
