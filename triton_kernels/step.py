@@ -116,6 +116,13 @@ def _normals(blk, n, step, k0, k1, F64: tl.constexpr, LIBDEVICE: tl.constexpr, B
 
 
 @triton.jit
+def _and(block_mask, flag):
+    """block_mask & scalar flag. (``&`` of a block and a scalar gives the interpreter a broadcast view that its
+    masked load rejects; a select is the same instruction when compiled.)"""
+    return tl.where(flag, block_mask, False)
+
+
+@triton.jit
 def _u32(word):
     """An i32 argument holding a 32-bit pattern, as uint32."""
     return word.to(tl.uint32, bitcast=True)
@@ -132,7 +139,7 @@ def _step_index(step_ptr, step_word, from_tensor, n_rows, n_sets):
     """(i, ok): the step index (int64) from the 0-d device tensor when ``from_tensor`` else from the host word,
     and whether it is a valid Philox counter (0 <= i < 2^32), a row of the coefficient table (``n_rows`` > 0
     rows; 0: one row used as is) and a GMM parameter set (``n_sets`` > 1 sets; else set 0)."""
-    if from_tensor != 0:
+    if from_tensor != 0:  # noqa: SIM108 (a ternary evaluates both sides: it would load a null pointer)
         i = tl.load(step_ptr).to(tl.int64)
     else:
         i = _u32(step_word).to(tl.int64)
@@ -240,7 +247,7 @@ def _project_kernel(
     w_set = basis_ptr + s * Dv * D
     out = partial_ptr + b * Dv * n_blocks + blk
     for r in range(Dv):
-        w = tl.load(w_set + r * D + j, mask=inside & ok, other=0.0)
+        w = tl.load(w_set + r * D + j, mask=_and(inside, ok), other=0.0)
         tl.store(out + r * n_blocks, tl.sum(w * z, axis=0))
 
 
@@ -367,11 +374,11 @@ def _step_kernel(
         tl.store(comps_out_ptr + b, tl.where(ok, k, -1), mask=blk == 0)
         valid = ok & (k >= 0) & (k < K)
         k_safe = tl.where(valid, k, 0)
-        delta = tl.load(offsets_ptr + (s * K + k_safe) * D + j, mask=inside & valid, other=0.0)
+        delta = tl.load(offsets_ptr + (s * K + k_safe) * D + j, mask=_and(inside, valid), other=0.0)
         out = out + g * delta
         var_row = var_ptr + (s * K + k_safe) * Dv
         if MODE == 1:
-            v = tl.load(var_row + j, mask=inside & (j < Dv) & valid, other=0.0)
+            v = tl.load(var_row + j, mask=_and(inside & (j < Dv), valid), other=0.0)
             sd = _sqrt(_relu_nan(c * c - (g * g) * v), F64)
             if noise_given != 0:
                 out = out + sd * tl.load(noise_ptr + b * D + j, mask=inside, other=0.0)
@@ -393,7 +400,7 @@ def _step_kernel(
                 for q in range(0, n_blocks, 32):
                     acc += tl.load(partials + t * n_blocks + q + lanes, mask=q + lanes < n_blocks, other=0.0)
                 p_t = tl.sum(acc, axis=0)
-                w = tl.load(w_set + t * D + j, mask=inside & valid, other=0.0)
+                w = tl.load(w_set + t * D + j, mask=_and(inside, valid), other=0.0)
                 corr += ((s_t - c) * p_t) * w
             out = out + corr
 
