@@ -1,8 +1,19 @@
-"""Triton kernel of ``ddimgmm::step`` (DESIGN.md 2.1-2.3, 3) and its launcher.
+"""Triton kernels of ``ddimgmm::step`` and their launcher.
 
-Semantics are those of :func:`ddim_gmm_ext.reference.step`; the CPU twin is ``csrc/cpu/step.cpp`` and both
-draw the same random stream (Philox4x32-10 counters as in ``reference.py``), so a seed gives the same samples
-on every device to float32 rounding.
+Semantics are those of the ``ddimgmm::step`` schema (csrc/ops.cpp); the CPU twin is ``csrc/cpu/step.cpp`` and
+both draw the same random stream (Philox4x32-10 counters as in ``reference.py``), so a seed gives the same
+samples on every device to float32 rounding.
+
+Numerics: every division is correctly rounded (``div.rn``), every square root too (``sqrt.rn``), normals use
+libdevice's log / sin / cos (no ``*.approx`` instruction), products are never contracted into fma
+(``enable_fp_fusion=False``: c^2 - g^2 v = 0 must stay 0, not the rounding error of one of its products) and
+max(., 0) propagates NaN as torch.clamp does.
+
+No recompilation between calls: every scalar that changes from call to call (seed words, counters, the step
+index, the bit words of guidance and clip, sizes) is unspecialised and passed as a 32-bit word (values
+>= 2^31 as their two's-complement bit pattern), so its Triton type is always ``i32``. Only the dtypes, the GMM
+mode and the block size select a kernel: :func:`launch_plan` lists them and ``tests/test_gpu_compile.py``
+compiles every one ahead of time from the same plan.
 """
 
 from __future__ import annotations
@@ -10,39 +21,48 @@ from __future__ import annotations
 import math
 import os
 import struct
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-NOISE, COMPONENT = 0, 1  # Philox c3 of reference.NOISE / reference.COMPONENT
-_INT32_LIMIT = 2**31
+try:  # dispatching module (triton >= 3.0); older layouts kept the CUDA one only
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - depends on the installed triton
+    from triton.language.extra.cuda import libdevice
+
 # Read at import, as triton reads it when decorating: the interpreter runs the kernel in numpy on the CPU.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INT32_MAX = 2**31 - 1
+# GMM modes (the MODE constexpr): none, per-coordinate variance offsets, low-rank basis ("ortho-lr").
+MODE_NONE, MODE_DIAG, MODE_BASIS = 0, 1, 2
+# Partial projections of one sample are summed in chunks of this many blocks (a fixed, deterministic order).
+_PARTIAL_CHUNK = 32
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Device helpers
+# ---------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _philox4x32_10(c0, c1, c2, c3, k0, k1):
     """Philox4x32-10 of uint32 counters under the key (k0, k1); reference.philox4x32."""
-    M0: tl.constexpr = 0xD2511F53
-    M1: tl.constexpr = 0xCD9E8D57
-    W0: tl.constexpr = 0x9E3779B9
-    W1: tl.constexpr = 0xBB67AE85
     for _ in tl.static_range(10):
         _c0, _c2 = c0, c2
-        c0 = tl.umulhi(M1, _c2) ^ c1 ^ k0
-        c2 = tl.umulhi(M0, _c0) ^ c3 ^ k1
-        c1 = M1 * _c2
-        c3 = M0 * _c0
-        k0 = k0 + W0
-        k1 = k1 + W1
+        c0 = tl.umulhi(_c2, 0xCD9E8D57) ^ c1 ^ k0
+        c2 = tl.umulhi(_c0, 0xD2511F53) ^ c3 ^ k1
+        c1 = _c2 * 0xCD9E8D57
+        c3 = _c0 * 0xD2511F53
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
     return c0, c1, c2, c3
 
 
 @triton.jit
 def _sqrt(x, F64: tl.constexpr):
-    """Correctly rounded sqrt (tl.sqrt may lower to an approximation for float32; float64 sqrt is exact)."""
+    """Correctly rounded sqrt (float32 tl.sqrt may lower to sqrt.approx; float64 sqrt is always rounded)."""
     if F64:
         return tl.sqrt(x)
     else:
@@ -50,11 +70,26 @@ def _sqrt(x, F64: tl.constexpr):
 
 
 @triton.jit
+def _div(x, y, F64: tl.constexpr):
+    """Correctly rounded x / y (float32 ``/`` lowers to the approximate div.full.f32)."""
+    if F64:
+        return x / y
+    else:
+        return tl.div_rn(x, y)
+
+
+@triton.jit
+def _relu_nan(x):
+    """max(x, 0) that keeps NaN (torch.clamp(min=0) semantics; a plain max.f32 returns 0 for NaN)."""
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _box_muller(wa, wb, F64: tl.constexpr, LIBDEVICE: tl.constexpr):
     """Two normals from two uint32 words, exactly the reference's formula in the compute dtype:
     u1 = ((wa >> 8) + 1) 2^-24, u2 = (wb >> 8) 2^-24, r = sqrt(-2 log u1), th = 2 pi (u2 - 1/2),
-    (r cos th, r sin th). On the GPU libdevice and sqrt_rn keep it within ~1 ulp, as on the CPU (tl.log /
-    tl.cos may lower to approximate instructions); the interpreter has no libdevice and uses numpy's."""
+    (r cos th, r sin th). libdevice keeps log / sin / cos within ~1 ulp over the whole range as on the CPU
+    (tl.log / tl.cos lower to lg2.approx / cos.approx); the interpreter has no libdevice and uses numpy's."""
     dt = tl.float64 if F64 else tl.float32
     u1 = ((wa >> 8) + 1).to(dt) * 5.9604644775390625e-08  # 2^-24
     u2 = (wb >> 8).to(dt) * 5.9604644775390625e-08
@@ -68,22 +103,165 @@ def _box_muller(wa, wb, F64: tl.constexpr, LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
+def _normals(blk, n, step, k0, k1, F64: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+    """z[j] for the BLOCK elements j = blk * BLOCK + [0, BLOCK) of global sample n at Philox step ``step``:
+    lane j % 4 of Philox(j // 4, n, step, NOISE = 0)."""
+    grp = (blk * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.uint32)
+    zero = grp * 0
+    w0, w1, w2, w3 = _philox4x32_10(grp, zero + n, zero + step, zero, k0, k1)
+    z0, z1 = _box_muller(w0, w1, F64, LIBDEVICE)
+    z2, z3 = _box_muller(w2, w3, F64, LIBDEVICE)
+    # interleave the lanes: z[4 g + l] = z_l[g]
+    return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
+
+
+@triton.jit
+def _and(block_mask, flag):
+    """block_mask & scalar flag. (``&`` of a block and a scalar gives the interpreter a broadcast view that its
+    masked load rejects; a select is the same instruction when compiled.)"""
+    return tl.where(flag, block_mask, False)
+
+
+@triton.jit
+def _u32(word):
+    """An i32 argument holding a 32-bit pattern, as uint32."""
+    return word.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def _f64(lo, hi):
-    """The float64 whose bit pattern has the 32-bit words (lo, hi): Triton passes Python floats as float32."""
-    return ((hi.to(tl.uint64) << 32) | lo.to(tl.uint64)).to(tl.float64, bitcast=True)
+    """The float64 whose bit pattern has the 32-bit words (lo, hi) (i32 arguments: no float64 scalar type)."""
+    return ((_u32(hi).to(tl.uint64) << 32) | _u32(lo).to(tl.uint64)).to(tl.float64, bitcast=True)
 
 
-# Counters and bit patterns change every call: specialising on their values would recompile the kernel.
-@triton.jit(
-    do_not_specialize=["seed_lo", "seed_hi", "sample_offset", "step_index", "w_lo", "w_hi", "clip_lo", "clip_hi"]
-)
+@triton.jit
+def _step_index(step_ptr, step_word, from_tensor, n_rows, n_sets):
+    """(i, ok): the step index (int64) from the 0-d device tensor when ``from_tensor`` else from the host word,
+    and whether it is a valid Philox counter (0 <= i < 2^32), a row of the coefficient table (``n_rows`` > 0
+    rows; 0: one row used as is) and a GMM parameter set (``n_sets`` > 1 sets; else set 0)."""
+    if from_tensor != 0:  # noqa: SIM108 (a ternary evaluates both sides: it would load a null pointer)
+        i = tl.load(step_ptr).to(tl.int64)
+    else:
+        i = _u32(step_word).to(tl.int64)
+    ok = (i >= 0) & (i < 4294967296)
+    ok = ok & ((n_rows == 0) | (i < n_rows)) & ((n_sets <= 1) | (i < n_sets))
+    return i, ok
+
+
+@triton.jit
+def _component(comps_in_ptr, priors_ptr, b, n, step, k0, k1, K, comps_given, ok, F64: tl.constexpr):
+    """k (int64 scalar) of sample b: ``components[b]`` when given, else the inverse CDF of the priors at
+    u = (word 0 of Philox(0, n, step, COMPONENT = 1) >> 8) 2^-24, the cdf accumulated in float64 and rounded
+    to the compute dtype (as torch.cumsum on the CPU). Nothing is read when the step is invalid."""
+    cdt = tl.float64 if F64 else tl.float32
+    k = tl.zeros([], dtype=tl.int64)
+    if comps_given != 0:
+        k = tl.load(comps_in_ptr + b, mask=ok, other=0)
+    else:
+        wc, _, _, _ = _philox4x32_10(n * 0, n, step, n * 0 + 1, k0, k1)
+        u = (wc >> 8).to(cdt) * 5.9604644775390625e-08
+        cum = tl.zeros([], dtype=tl.float64)
+        for t in range(K - 1):
+            cum += tl.load(priors_ptr + t, mask=ok, other=0.0).to(tl.float64)
+            k += (u >= cum.to(cdt)).to(tl.int64)
+    return k
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------
+
+# Every scalar may change between calls: specialising on its value (== 1, divisibility by 16) would compile a
+# new kernel mid-run (and fail inside CUDA-graph capture).
+_SCALARS = [
+    "B",
+    "D",
+    "K",
+    "Dv",
+    "n_blocks",
+    "n_rows",
+    "n_sets",
+    "pred",
+    "guided",
+    "rederive",
+    "write_x0",
+    "noise_given",
+    "comps_given",
+    "from_tensor",
+    "step_word",
+    "seed_lo",
+    "seed_hi",
+    "sample_offset",
+    "w_lo",
+    "w_hi",
+    "clip_lo",
+    "clip_hi",
+]
+_PROJECT_SCALARS = ["D", "Dv", "n_blocks", "n_rows", "n_sets", "noise_given", "from_tensor", "step_word"]
+_PROJECT_SCALARS += ["seed_lo", "seed_hi", "sample_offset"]
+
+
+@triton.jit(do_not_specialize=_PROJECT_SCALARS)
+def _project_kernel(
+    basis_ptr,
+    noise_ptr,
+    step_ptr,
+    partial_ptr,
+    D,
+    Dv,
+    n_blocks,
+    n_rows,
+    n_sets,
+    noise_given,
+    from_tensor,
+    step_word,
+    seed_lo,
+    seed_hi,
+    sample_offset,
+    F64: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """First pass of the low-rank ("ortho-lr") GMM step: partial projections of the noise on the basis.
+
+    One program = BLOCK elements of sample b (program id = b * n_blocks + blk):
+        partial[b, i, blk] = sum_{j in block} w_i[j] z[b, j]      for i < Dv,
+    W = basis[set] [Dv, D] (compute dtype), z the explicit noise [B, D] or the Philox normals of
+    :func:`_normals`, partial [B, Dv, n_blocks] in the compute dtype. :func:`_step_kernel` sums the partials in
+    a fixed order, so the projection p[b, i] = w_i . z is deterministic.
+    """
+    cdt = tl.float64 if F64 else tl.float32
+    pid = tl.program_id(0)
+    b = (pid // n_blocks).to(tl.int64)
+    blk = pid % n_blocks
+    j = blk * BLOCK + tl.arange(0, BLOCK)
+    inside = j < D
+    i, ok = _step_index(step_ptr, step_word, from_tensor, n_rows, n_sets)
+    s = tl.where(ok & (n_sets > 1), i, 0)
+    if noise_given != 0:
+        z = tl.load(noise_ptr + b * D + j, mask=inside, other=0.0).to(cdt)
+    else:
+        n = _u32(sample_offset) + b.to(tl.uint32)
+        z = _normals(blk, n, i.to(tl.uint32), _u32(seed_lo), _u32(seed_hi), F64, LIBDEVICE, BLOCK)
+        z = tl.where(inside, z, 0.0)
+    w_set = basis_ptr + s * Dv * D
+    out = partial_ptr + b * Dv * n_blocks + blk
+    for r in range(Dv):
+        w = tl.load(w_set + r * D + j, mask=_and(inside, ok), other=0.0)
+        tl.store(out + r * n_blocks, tl.sum(w * z, axis=0))
+
+
+@triton.jit(do_not_specialize=_SCALARS)
 def _step_kernel(
     x_ptr,
     m_ptr,
     coeffs_ptr,
+    step_ptr,
     priors_ptr,
     offsets_ptr,
     var_ptr,
+    basis_ptr,
+    partial_ptr,
     noise_ptr,
     comps_in_ptr,
     out_ptr,
@@ -94,162 +272,333 @@ def _step_kernel(
     K,
     Dv,
     n_blocks,
+    n_rows,
+    n_sets,
+    pred,
+    guided,
+    rederive,
+    write_x0,
+    noise_given,
+    comps_given,
+    from_tensor,
+    step_word,
     seed_lo,
     seed_hi,
     sample_offset,
-    step_index,
     w_lo,
     w_hi,
     clip_lo,
     clip_hi,
-    PRED: tl.constexpr,
-    GUIDANCE: tl.constexpr,
-    CLIP: tl.constexpr,
-    REDERIVE_EPS: tl.constexpr,
-    GMM: tl.constexpr,
-    NOISE_GIVEN: tl.constexpr,
-    COMPONENTS_GIVEN: tl.constexpr,
-    WRITE_X0: tl.constexpr,
+    MODE: tl.constexpr,
     F64: tl.constexpr,
-    INDEX64: tl.constexpr,
     LIBDEVICE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One program = BLOCK elements of one sample b (program id = b * n_blocks + block).
+    """One program = BLOCK elements of one sample b (program id = b * n_blocks + blk).
 
-    x [B, D], m [B, D] or [2B, D] (uncond rows first), out / x0 [B, D] in the storage dtype; coeffs [5]
-    (a_t, b_t, a_s, b_s, c), priors [K], offsets [K, D], var_offsets [K, Dv], noise [B, D] in the compute
-    dtype; components [B] int64.
+    x [B, D], m [B, D] or [2B, D] (uncond rows first), out / x0 [B, D] in their storage dtypes; coeffs [6] or
+    [S, 6] rows (a_t, b_t, A, B, c, g); priors [(S_g,) K], offsets [(S_g,) K, D], var_offsets [(S_g,) K, Dv],
+    basis [(S_g,) Dv, D], noise [B, D] in the compute dtype; components [B] int64; step index i from the 0-d
+    int64 ``step_ptr`` (``from_tensor``) or the host word ``step_word``.
 
-        m    = m_u + w (m_c - m_u)                  (GUIDANCE)
-        x0   = p_x x + p_m m, eps = q_x x + q_m m   (linear in (x, m) for every prediction type PRED)
-        x0   = clamp(x0, -r, r); eps = (x - a_t x0) / b_t if REDERIVE_EPS
-        x_s  = a_s x0 + sqrt(b_s^2 - c^2) eps + delta_k + sqrt(max(c^2 - v_k, 0)) z
+        m    = m_u + w (m_c - m_u)                                  (guided)
+        x0, eps from (x, m) by ``pred``:  0 epsilon (x - b_t m) / a_t, m;  1 sample m, (x - a_t m) / b_t;
+             2 v_prediction, n^2 = a_t^2 + b_t^2: (a_t x - b_t n m) / n^2, (b_t x + a_t n m) / n^2;
+             3 flow x - b_t m, x + a_t m
+        x0   = clamp(x0, -r, r) (r = inf without clipping); eps = (x - a_t x0) / b_t  (rederive)
+        mean = A x0 + B eps
+        MODE 0:  x_s = mean + c z
+        MODE 1:  x_s = mean + g delta_k + sqrt(max(c^2 - g^2 v_k[d], 0)) z          (v_k[d] = 0 for d >= Dv)
+        MODE 2:  x_s = mean + g delta_k + c z + sum_i (sqrt(max(c^2 - g^2 v_k[i], 0)) - c) p_i w_i,
+                 p_i = w_i . z summed from the partials of :func:`_project_kernel`
 
-    z[n, j] = lane j % 4 of Philox(j // 4, n, step_index, NOISE), n = sample_offset + b; k[n] is the inverse
-    CDF of the priors at u = (word 0 of Philox(0, n, step_index, COMPONENT) >> 8) 2^-24, cdf accumulated in
-    float64 and rounded to the compute dtype (as torch.cumsum on CPU). An explicit component outside
-    [0, K) gives NaN for its sample (checking it on the host would need a sync) and reads nothing out of bounds.
+    z[n, j] as in :func:`_normals` with n = sample_offset + b, k as in :func:`_component`. Invalid step index
+    (see :func:`_step_index`): prev_sample and x0 NaN, components -1, nothing read from the tables. An
+    explicit component outside [0, K): NaN for its sample, nothing read out of bounds.
     """
     cdt = tl.float64 if F64 else tl.float32
     pid = tl.program_id(0)
-    b = pid // n_blocks
+    b = (pid // n_blocks).to(tl.int64)
     blk = pid % n_blocks
-    if INDEX64:
-        b = b.to(tl.int64)
-        blk = blk.to(tl.int64)
     j = blk * BLOCK + tl.arange(0, BLOCK)
     inside = j < D
-    k0 = seed_lo.to(tl.uint32)
-    k1 = seed_hi.to(tl.uint32)
-    n = (sample_offset + b).to(tl.uint32)
-    step = step_index.to(tl.uint32)
+    i, ok = _step_index(step_ptr, step_word, from_tensor, n_rows, n_sets)
+    s = tl.where(ok & (n_sets > 1), i, 0)
+    step = i.to(tl.uint32)
+    k0 = _u32(seed_lo)
+    k1 = _u32(seed_hi)
+    n = _u32(sample_offset) + b.to(tl.uint32)
 
-    a_t = tl.load(coeffs_ptr + 0)
-    b_t = tl.load(coeffs_ptr + 1)
-    a_s = tl.load(coeffs_ptr + 2)
-    b_s = tl.load(coeffs_ptr + 3)
-    c = tl.load(coeffs_ptr + 4)
-    if PRED == 0:  # epsilon: x0 = (x - b_t m) / a_t, eps = m
-        p_x = 1.0 / a_t
-        p_m = -b_t / a_t
-        q_x = 0.0
-        q_m = 1.0
-    elif PRED == 1:  # sample: x0 = m, eps = (x - a_t m) / b_t
-        p_x = 0.0
-        p_m = 1.0
-        q_x = 1.0 / b_t
-        q_m = -a_t / b_t
-    elif PRED == 2:  # v_prediction: x0 = a_t x - b_t m, eps = a_t m + b_t x
-        p_x = a_t
-        p_m = -b_t
-        q_x = b_t
-        q_m = a_t
-    else:  # flow (v = eps - x0, a_t = 1 - t, b_t = t): x0 = x - b_t m, eps = x + a_t m
-        p_x = 1.0
-        p_m = -b_t
-        q_x = 1.0
-        q_m = a_t
-    c2 = c * c
-    eps_coef = _sqrt(tl.maximum(b_s * b_s - c2, 0.0), F64)
+    row = coeffs_ptr + tl.where(ok & (n_rows > 0), i, 0) * 6
+    a_t = tl.load(row + 0, mask=ok, other=float("nan"))
+    b_t = tl.load(row + 1, mask=ok, other=float("nan"))
+    c_x0 = tl.load(row + 2, mask=ok, other=float("nan"))
+    c_eps = tl.load(row + 3, mask=ok, other=float("nan"))
+    c = tl.load(row + 4, mask=ok, other=float("nan"))
+    g = tl.load(row + 5, mask=ok, other=float("nan"))
 
     x = tl.load(x_ptr + b * D + j, mask=inside, other=0.0).to(cdt)
-    m = tl.load(m_ptr + (B + b if GUIDANCE else b) * D + j, mask=inside, other=0.0).to(cdt)
-    if GUIDANCE:
-        w = _f64(w_lo, w_hi).to(cdt)
+    m = tl.load(m_ptr + (b + guided * B) * D + j, mask=inside, other=0.0).to(cdt)
+    if guided != 0:
         m_u = tl.load(m_ptr + b * D + j, mask=inside, other=0.0).to(cdt)
-        m = m_u + w * (m - m_u)
-    x0 = p_x * x + p_m * m
-    if CLIP:
-        r = _f64(clip_lo, clip_hi).to(cdt)
-        x0 = tl.where(x0 < -r, -r, x0)  # NaN passes through, as in torch.clamp
-        x0 = tl.where(x0 > r, r, x0)
-    if REDERIVE_EPS:  # noqa: SIM108 (a constexpr branch: the untaken side is not compiled)
-        eps = (x - a_t * x0) * (1.0 / b_t)
+        m = m_u + _f64(w_lo, w_hi).to(cdt) * (m - m_u)
+    if pred == 0:
+        x0 = _div(x - b_t * m, a_t, F64)
+        eps = m
+    elif pred == 1:
+        x0 = m
+        eps = _div(x - a_t * m, b_t, F64)
+    elif pred == 2:
+        n2 = a_t * a_t + b_t * b_t
+        nrm = _sqrt(n2, F64)
+        x0 = _div(a_t * x - (b_t * nrm) * m, n2, F64)
+        eps = _div(b_t * x + (a_t * nrm) * m, n2, F64)
     else:
-        eps = q_x * x + q_m * m
-    out = a_s * x0 + eps_coef * eps
+        x0 = x - b_t * m
+        eps = x + a_t * m
+    r = _f64(clip_lo, clip_hi).to(cdt)
+    x0 = tl.where(x0 < -r, -r, x0)  # NaN passes through, as in torch.clamp
+    x0 = tl.where(x0 > r, r, x0)
+    if rederive != 0:
+        eps = _div(x - a_t * x0, b_t, F64)
+    out = c_x0 * x0 + c_eps * eps
 
-    sd = tl.zeros([BLOCK], dtype=cdt) + _sqrt(c2, F64)
-    if GMM:
-        if COMPONENTS_GIVEN:
-            k = tl.load(comps_in_ptr + b)
+    valid = ok
+    if MODE == 0:
+        if noise_given != 0:
+            out = out + c * tl.load(noise_ptr + b * D + j, mask=inside, other=0.0)
+        elif c != 0:  # the normals cost more than the rest: draw them only when used (NaN c draws)
+            out = out + c * _normals(blk, n, step, k0, k1, F64, LIBDEVICE, BLOCK)
+    else:
+        k = _component(comps_in_ptr, priors_ptr + s * K, b, n, step, k0, k1, K, comps_given, ok, F64)
+        tl.store(comps_out_ptr + b, tl.where(ok, k, -1), mask=blk == 0)
+        valid = ok & (k >= 0) & (k < K)
+        k_safe = tl.where(valid, k, 0)
+        delta = tl.load(offsets_ptr + (s * K + k_safe) * D + j, mask=_and(inside, valid), other=0.0)
+        out = out + g * delta
+        var_row = var_ptr + (s * K + k_safe) * Dv
+        if MODE == 1:
+            v = tl.load(var_row + j, mask=_and(inside & (j < Dv), valid), other=0.0)
+            sd = _sqrt(_relu_nan(c * c - (g * g) * v), F64)
+            if noise_given != 0:
+                out = out + sd * tl.load(noise_ptr + b * D + j, mask=inside, other=0.0)
+            elif tl.max((sd != 0).to(tl.int32), axis=0) != 0:  # NaN != 0 draws, so NaN propagates
+                out = out + sd * _normals(blk, n, step, k0, k1, F64, LIBDEVICE, BLOCK)
         else:
-            w0, _, _, _ = _philox4x32_10(n * 0, n, step, (n * 0 + COMPONENT), k0, k1)
-            u = (w0 >> 8).to(cdt) * 5.9604644775390625e-08
-            cum = tl.zeros([], dtype=tl.float64)
-            k = tl.zeros([], dtype=tl.int64)
-            for i in range(K - 1):
-                cum += tl.load(priors_ptr + i).to(tl.float64)
-                k += (u >= cum.to(cdt)).to(tl.int64)
-        tl.store(comps_out_ptr + b, k, mask=blk == 0)
-        valid = (k >= 0) & (k < K)
-        k_safe = tl.where(valid, k, 0).to(tl.int64)
-        delta = tl.load(offsets_ptr + k_safe * D + j, mask=inside, other=0.0)
-        v = tl.load(var_ptr + k_safe * Dv + j, mask=inside & (j < Dv), other=0.0)
-        out = out + delta
-        sd = _sqrt(tl.maximum(c2 - v, 0.0), F64)
-    if NOISE_GIVEN:
-        out = out + sd * tl.load(noise_ptr + b * D + j, mask=inside, other=0.0)
-    elif tl.max(sd, axis=0) > 0:  # the normals cost more than the rest: draw them only when used
-        g = (blk * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.uint32)
-        zero = g * 0
-        w0, w1, w2, w3 = _philox4x32_10(g, zero + n, zero + step, zero + NOISE, k0, k1)
-        z0, z1 = _box_muller(w0, w1, F64, LIBDEVICE)
-        z2, z3 = _box_muller(w2, w3, F64, LIBDEVICE)
-        # interleave the lanes: z[4 g + l] = z_l[g]
-        z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
-        out = out + sd * z
-    if GMM:
-        out = tl.where(valid, out, float("nan"))
+            if noise_given != 0:
+                out = out + c * tl.load(noise_ptr + b * D + j, mask=inside, other=0.0)
+            elif c != 0:
+                out = out + c * _normals(blk, n, step, k0, k1, F64, LIBDEVICE, BLOCK)
+            w_set = basis_ptr + s * Dv * D
+            partials = partial_ptr + b * Dv * n_blocks
+            lanes = tl.arange(0, 32)
+            corr = tl.zeros([BLOCK], dtype=cdt)
+            for t in range(Dv):
+                v_t = tl.load(var_row + t, mask=valid, other=0.0)
+                s_t = _sqrt(_relu_nan(c * c - (g * g) * v_t), F64)
+                acc = tl.zeros([32], dtype=cdt)
+                for q in range(0, n_blocks, 32):
+                    acc += tl.load(partials + t * n_blocks + q + lanes, mask=q + lanes < n_blocks, other=0.0)
+                p_t = tl.sum(acc, axis=0)
+                w = tl.load(w_set + t * D + j, mask=_and(inside, valid), other=0.0)
+                corr += ((s_t - c) * p_t) * w
+            out = out + corr
+
+    out = tl.where(valid, out, float("nan"))
     tl.store(out_ptr + b * D + j, out.to(out_ptr.dtype.element_ty), mask=inside)
-    if WRITE_X0:
+    if write_x0 != 0:
+        x0 = tl.where(ok, x0, float("nan"))
         tl.store(x0_ptr + b * D + j, x0.to(x0_ptr.dtype.element_ty), mask=inside)
 
 
-def _words(value: int) -> tuple[int, int]:
-    """(low, high) 32-bit words of a 64-bit pattern, as Python ints for the kernel's scalar arguments."""
-    return value & 0xFFFFFFFF, (value >> 32) & 0xFFFFFFFF
+# ---------------------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------------------
+
+_TRITON_TYPES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+}
 
 
-def _f64_words(value: float | None) -> tuple[int, int]:
-    return _words(struct.unpack("<Q", struct.pack("<d", 0.0 if value is None else float(value)))[0])
+class Launch(NamedTuple):
+    """One kernel launch: the kernel, its grid, arguments by name (tensors and Python ints), constexprs and
+    compile options. :func:`signature` gives the Triton types of the arguments."""
+
+    kernel: object
+    grid: tuple[int]
+    args: dict
+    constexprs: dict
+    options: dict
 
 
-def _block_config(D: int) -> tuple[int, int]:
+def signature(launch: Launch) -> dict[str, str]:
+    """Triton signature of ``launch``: ``*<dtype>`` for tensors, ``i32`` for every scalar (the launcher keeps
+    every scalar in [-2^31, 2^31), so its type never depends on its value), constexprs as ``constexpr``."""
+    sig = {}
+    for name, value in launch.args.items():
+        if isinstance(value, torch.Tensor):
+            sig[name] = "*" + _TRITON_TYPES[value.dtype]
+        else:
+            assert -(2**31) <= value <= _INT32_MAX, (name, value)
+            sig[name] = "i32"
+    return sig | dict.fromkeys(launch.constexprs, "constexpr")
+
+
+def _i32(value: int) -> int:
+    """The 32-bit word of ``value`` (taken modulo 2^32) as a signed int, so triton types it i32."""
+    value &= 0xFFFFFFFF
+    return value - 2**32 if value > _INT32_MAX else value
+
+
+def _f64_words(value: float) -> tuple[int, int]:
+    bits = struct.unpack("<q", struct.pack("<d", float(value)))[0]
+    return _i32(bits), _i32(bits >> 32)
+
+
+def block_config(D: int) -> tuple[int, int]:
     """(BLOCK, num_warps): a power of two between 256 and 2048 elements covering one sample where it can,
     8 elements per thread."""
     block = min(2048, max(256, triton.next_power_of_2(D)))
-    return block, max(1, min(8, block // 256))
+    return block, block // 256
+
+
+BLOCK_SIZES = (256, 512, 1024, 2048)
+
+
+def _check_size(name: str, value: int) -> None:
+    if value > _INT32_MAX - 4096:
+        raise ValueError(f"ddimgmm::step (Triton): {name} = {value} exceeds the kernel's 32-bit index range")
+
+
+def launch_plan(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    coeffs: torch.Tensor,
+    step_tensor: torch.Tensor | None,
+    priors: torch.Tensor | None,
+    offsets: torch.Tensor | None,
+    var_offsets: torch.Tensor | None,
+    basis: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    components: torch.Tensor | None,
+    prediction_type: int,
+    guidance_scale: float | None,
+    clip_sample_range: float | None,
+    use_clipped_model_output: bool,
+    seed: int,
+    sample_offset: int,
+    step_index: int,
+    return_pred_original: bool,
+) -> tuple[list[Launch], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The launches of one step (the projection pass first when ``basis`` is given) and the outputs they
+    write (prev_sample, pred_original_sample or empty, components or empty). Arguments as the schema,
+    already validated by the caller; works on tensors of any device (nothing is launched or read)."""
+    B = sample.shape[0]
+    D = math.prod(sample.shape[1:])
+    cdt = torch.float64 if sample.dtype == torch.float64 else torch.float32
+    gmm = priors is not None
+    mode = MODE_NONE if not gmm else MODE_BASIS if basis is not None else MODE_DIAG
+    dev = sample.device
+    prev = torch.empty(sample.shape, dtype=sample.dtype, device=dev)
+    x0 = torch.empty(sample.shape if return_pred_original else (0,), dtype=sample.dtype, device=dev)
+    comps = torch.empty((B if gmm else 0,), dtype=torch.int64, device=dev)
+    outputs = (prev, x0, comps)
+    if B == 0:
+        return [], outputs
+    block, num_warps = block_config(D)
+    n_blocks = max(1, triton.cdiv(D, block))  # >= 1: components are drawn even when D = 0
+    for name, size in (("batch size x blocks", B * n_blocks), ("per-sample numel", D)):
+        _check_size(name, size)
+
+    x = sample.contiguous()
+    m = model_output.contiguous()
+    z = noise.to(cdt).contiguous() if noise is not None else x.new_empty(0, dtype=cdt)
+    k_in = components.to(torch.int64).contiguous() if components is not None else comps
+    if gmm:
+        stacked = priors.dim() == 2
+        n_sets = priors.shape[0] if stacked else 0
+        K = priors.shape[-1]
+        Dv = var_offsets.shape[-1]
+        tables = [t.contiguous() for t in (priors, offsets, var_offsets)]
+        tables.append(basis.contiguous() if basis is not None else tables[2])
+        for name, size in (("K x D", K * D), ("Dv x D", Dv * D), ("sets", max(n_sets, 1) * K * max(D, Dv))):
+            _check_size(name, size)
+    else:
+        n_sets, K, Dv = 0, 1, 0
+        tables = [coeffs] * 4
+    step_ptr = step_tensor if step_tensor is not None else comps.new_empty(0)
+    words = {
+        "from_tensor": int(step_tensor is not None),
+        "step_word": _i32(step_index),
+        "seed_lo": _i32(seed),
+        "seed_hi": _i32(seed >> 32),
+        "sample_offset": _i32(sample_offset),
+    }
+    common = {"n_blocks": n_blocks, "n_rows": coeffs.shape[0] if coeffs.dim() == 2 else 0, "n_sets": n_sets}
+    constexprs = {"F64": cdt == torch.float64, "LIBDEVICE": not _INTERPRETED, "BLOCK": block}
+    options = {"num_warps": num_warps, "enable_fp_fusion": False}
+    grid = (B * n_blocks,)
+
+    launches = []
+    partial = z  # unused outside MODE_BASIS
+    if mode == MODE_BASIS:
+        partial = torch.empty((B, Dv, n_blocks), dtype=cdt, device=dev)
+        args = {"basis_ptr": tables[3], "noise_ptr": z, "step_ptr": step_ptr, "partial_ptr": partial, "D": D}
+        args |= {"Dv": Dv} | common | {"noise_given": int(noise is not None)}
+        args |= {k: words[k] for k in ("from_tensor", "step_word", "seed_lo", "seed_hi", "sample_offset")}
+        launches.append(Launch(_project_kernel, grid, args, constexprs, options))
+
+    w_lo, w_hi = _f64_words(guidance_scale if guidance_scale is not None else 0.0)
+    clip_lo, clip_hi = _f64_words(clip_sample_range if clip_sample_range is not None else math.inf)
+    args = {
+        "x_ptr": x,
+        "m_ptr": m,
+        "coeffs_ptr": coeffs,
+        "step_ptr": step_ptr,
+        "priors_ptr": tables[0],
+        "offsets_ptr": tables[1],
+        "var_ptr": tables[2],
+        "basis_ptr": tables[3],
+        "partial_ptr": partial,
+        "noise_ptr": z,
+        "comps_in_ptr": k_in,
+        "out_ptr": prev,
+        "x0_ptr": x0 if return_pred_original else prev,
+        "comps_out_ptr": comps,
+        "B": B,
+        "D": D,
+        "K": K,
+        "Dv": Dv,
+    }
+    args |= common
+    args |= {
+        "pred": prediction_type,
+        "guided": int(guidance_scale is not None),
+        "rederive": int(clip_sample_range is not None and use_clipped_model_output),
+        "write_x0": int(return_pred_original),
+        "noise_given": int(noise is not None),
+        "comps_given": int(components is not None),
+    }
+    args |= words
+    args |= {"w_lo": w_lo, "w_hi": w_hi, "clip_lo": clip_lo, "clip_hi": clip_hi}
+    launches.append(Launch(_step_kernel, grid, args, {"MODE": mode} | constexprs, options))
+    return launches, outputs
 
 
 def step(
     model_output: torch.Tensor,
     sample: torch.Tensor,
     coeffs: torch.Tensor,
+    step_tensor: torch.Tensor | None,
     priors: torch.Tensor | None,
     offsets: torch.Tensor | None,
     var_offsets: torch.Tensor | None,
+    basis: torch.Tensor | None,
     noise: torch.Tensor | None,
     components: torch.Tensor | None,
     prediction_type: int,
@@ -261,60 +610,30 @@ def step(
     step_index: int,
     return_pred_original: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch :func:`_step_kernel`; arguments and results as the ``ddimgmm::step`` schema (csrc/ops.cpp),
-    already validated by the caller. Returns (prev_sample, pred_original_sample or empty, components [B] int64
-    or empty). Inputs are read as they are if contiguous (otherwise copied once); nothing is synced."""
-    B = sample.shape[0]
-    D = math.prod(sample.shape[1:])
-    cdt = torch.float64 if sample.dtype == torch.float64 else torch.float32
-    gmm = priors is not None
-    x = sample.contiguous()
-    m = model_output.contiguous()
-    prev = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
-    x0 = torch.empty(sample.shape if return_pred_original else (0,), dtype=sample.dtype, device=sample.device)
-    comps = torch.empty((B if gmm else 0,), dtype=torch.int64, device=sample.device)
-    if B == 0:
-        return prev, x0, comps
-    z = noise.to(cdt).contiguous() if noise is not None else x
-    k_in = components.to(torch.int64).contiguous() if components is not None else comps
-    tables = (priors.contiguous(), offsets.contiguous(), var_offsets.contiguous()) if gmm else (coeffs,) * 3
-    K = priors.shape[0] if gmm else 1
-    Dv = var_offsets.shape[1] if gmm else 0
-    block, num_warps = _block_config(D)
-    n_blocks = max(1, triton.cdiv(D, block))  # >= 1: components are drawn even when D = 0
-    index64 = m.numel() >= _INT32_LIMIT or K * D >= _INT32_LIMIT or B * n_blocks * block >= _INT32_LIMIT
-    _step_kernel[(B * n_blocks,)](
-        x,
-        m,
-        coeffs.contiguous(),
-        *tables,
-        z,
-        k_in,
-        prev,
-        x0 if return_pred_original else prev,
-        comps,
-        B,
-        D,
-        K,
-        Dv,
-        n_blocks,
-        *_words(seed),
+    """Run ``ddimgmm::step`` with the Triton kernels; arguments and results as the schema (csrc/ops.cpp),
+    already validated by the caller. Returns (prev_sample, pred_original_sample or empty, components [B]
+    int64 or empty). Inputs are read as they are if contiguous (otherwise copied once); nothing is read on
+    the host (the step index may be a device tensor), so the call can be captured in a CUDA graph."""
+    launches, outputs = launch_plan(
+        model_output,
+        sample,
+        coeffs,
+        step_tensor,
+        priors,
+        offsets,
+        var_offsets,
+        basis,
+        noise,
+        components,
+        prediction_type,
+        guidance_scale,
+        clip_sample_range,
+        use_clipped_model_output,
+        seed,
         sample_offset,
         step_index,
-        *_f64_words(guidance_scale),
-        *_f64_words(clip_sample_range),
-        PRED=prediction_type,
-        GUIDANCE=guidance_scale is not None,
-        CLIP=clip_sample_range is not None,
-        REDERIVE_EPS=clip_sample_range is not None and use_clipped_model_output,
-        GMM=gmm,
-        NOISE_GIVEN=noise is not None,
-        COMPONENTS_GIVEN=components is not None,
-        WRITE_X0=return_pred_original,
-        F64=cdt == torch.float64,
-        INDEX64=index64,
-        LIBDEVICE=not _INTERPRETED,
-        BLOCK=block,
-        num_warps=num_warps,
+        return_pred_original,
     )
-    return prev, x0, comps
+    for launch in launches:
+        launch.kernel[launch.grid](*launch.args.values(), **launch.constexprs, **launch.options)
+    return outputs
