@@ -7,7 +7,7 @@ of CUDA tensors) are skipped: they belong where the values are made (``GMM`` val
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 
@@ -15,6 +15,11 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow")
 NOISE_SCHEDULES = ("ddim", "rfim", "gddim")
 # Philox counters hold the global sample index and the step index in 32-bit words.
 MAX_INDEX = 2**32
+#: Seeds are 64-bit Philox keys: every public entry point takes an int in [0, 2**64).
+SEED_RANGE = 2**64
+#: What the last sampling step does: "gaussian" (no mixture; the paper's model is Gaussian at the last step,
+#: where offsets would land on the output uncompensated) or "gmm" (the mixture at every step).
+FINAL_STEPS = ("gaussian", "gmm")
 
 
 def prediction_type_code(prediction_type: str) -> int:
@@ -61,6 +66,27 @@ def check_noise_std(noise_std, b_s) -> None:
         raise ValueError(f"noise_std must be >= 0, got {c}")
     if c is not None and b is not None and c > b * (1 + 1e-6) + 1e-12:
         raise ValueError(f"noise_std ({c}) must not exceed b_s ({b}), the total noise level at the target time")
+
+
+def check_seed(seed, name: str = "seed", *, allow_none: bool = False) -> int | None:
+    """A seed as an int in [0, 2**64) (bool refused); None where ``allow_none``."""
+    if seed is None and allow_none:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < SEED_RANGE:
+        expected = "None or an int" if allow_none else "an int"
+        raise ValueError(f"{name} must be {expected} in [0, 2**64), got {seed!r}")
+    return int(seed)
+
+
+def op_seed(seed: int) -> int:
+    """The op's ``int seed`` argument (a signed 64-bit int) carrying the bits of an unsigned 64-bit seed."""
+    return seed - SEED_RANGE if seed >= SEED_RANGE // 2 else seed
+
+
+def check_final_step(final_step) -> str:
+    if final_step not in FINAL_STEPS:
+        raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {final_step!r}")
+    return final_step
 
 
 def check_index(name: str, value: int, upper: int) -> None:

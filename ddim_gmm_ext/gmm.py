@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 import torch
 
 from . import _checks, api, reference
@@ -17,6 +20,23 @@ def _resolve_device(device=None, gpu=None) -> torch.device:
             raise ValueError("pass either device or gpu, not both")
         return torch.device("cuda", int(gpu))
     return torch.device(device if device is not None else "cpu")
+
+
+def resolve_scale(scale: float | None, scale_per_dim: float | None, dim: int) -> float:
+    """The paper's scale s from either ``scale`` or ``scale_per_dim`` (s = scale_per_dim * sqrt(dim)); neither
+    given: s = 1. Both given, or a negative / non-finite value: ValueError."""
+    if scale is not None and scale_per_dim is not None:
+        raise ValueError(
+            f"pass scale or scale_per_dim, not both (got scale={scale!r}, scale_per_dim={scale_per_dim!r})"
+        )
+    for name, value in (("scale", scale), ("scale_per_dim", scale_per_dim)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0
+        ):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if scale_per_dim is not None:
+        return float(scale_per_dim) * math.sqrt(dim)
+    return 1.0 if scale is None else float(scale)
 
 
 class GMM:
@@ -36,6 +56,9 @@ class GMM:
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         self.dtype = dtype
         self.priors = self.offsets = self.var_offsets = None
+        # [S, r, D] orthonormal rows for a low-rank variant: var_offsets [S, K, r] are then the eigenvalues of
+        # each component's variance offset in that basis, not per-coordinate values.
+        self.basis: torch.Tensor | None = None
         self.variant = None
         self.scale = None
         self.shared = False
@@ -91,15 +114,22 @@ class GMM:
         dim: int,
         n_components: int = 8,
         n_steps: int = 50,
-        scale: float = 1.0,
+        scale: float | None = None,
         variant: str = "ortho-vub",
         share_across_steps: bool = False,
         uniform_priors: bool = True,
         seed: int = 0,
         device=None,
         dtype: torch.dtype = torch.float32,
+        *,
+        scale_per_dim: float | None = None,
     ) -> GMM:
-        """variant: "rand", "ortho", "ortho-vub", or "ortho-vub*" (ORTHO-VUB shared across steps)."""
+        """variant: "rand", "ortho", "ortho-vub", or "ortho-vub*" (ORTHO-VUB shared across steps).
+
+        The offsets' size is given either as the paper's ``scale`` s (default 1.0) or as ``scale_per_dim``,
+        with s = scale_per_dim * sqrt(dim): the per-coordinate size of an offset is s / sqrt(dim), so a
+        ``scale_per_dim`` means the same thing at every model size (see :func:`resolve_scale`)."""
+        scale = resolve_scale(scale, scale_per_dim, dim)
         if variant in _VARIANT_ALIASES:
             variant, share_across_steps = _VARIANT_ALIASES[variant]
         if variant not in reference.VARIANTS:
@@ -149,10 +179,11 @@ class GMM:
         )
         return gmm
 
-    def _set(self, priors, offsets, var_offsets, *, variant, scale, n_steps, shared):
+    def _set(self, priors, offsets, var_offsets, *, variant, scale, n_steps, shared, basis=None):
         if not shared and priors.shape[0] != n_steps:
             raise ValueError(f"n_steps ({n_steps}) must equal the number of parameter sets ({priors.shape[0]})")
         self.priors, self.offsets, self.var_offsets = priors, offsets, var_offsets
+        self.basis = basis
         self.variant, self.scale, self.n_steps, self.shared = variant, scale, n_steps, shared
         self._cache = {}
 
@@ -177,16 +208,23 @@ class GMM:
         _checks.check_index("step_index", step_index, self.n_steps)
         return 0 if self.shared else step_index
 
-    def params(self, step_index: int, like: torch.Tensor):
-        """(priors [K], offsets [K, D], var_offsets [K, Dv]) of a step, on ``like``'s device in its compute
-        dtype (float64 for float64 samples, float32 otherwise); converted tables are cached."""
-        i = self.set_index(step_index)
+    def tables(self, like: torch.Tensor):
+        """All parameter sets as the op takes them: (priors [S, K], offsets [S, K, D], var_offsets [S, K, Dv],
+        basis [S, r, D] or None), on ``like``'s device in its compute dtype (float64 for float64 samples,
+        float32 otherwise). Converted tables are cached, so a sampling loop converts them once."""
+        self._require()
         key = (like.device, reference.compute_dtype(like.dtype))
         if key not in self._cache:
             self._cache[key] = tuple(
-                t.to(device=key[0], dtype=key[1]) for t in (self.priors, self.offsets, self.var_offsets)
+                None if t is None else t.to(device=key[0], dtype=key[1])
+                for t in (self.priors, self.offsets, self.var_offsets, self.basis)
             )
-        priors, offsets, var_offsets = self._cache[key]
+        return self._cache[key]
+
+    def params(self, step_index: int, like: torch.Tensor):
+        """(priors [K], offsets [K, D], var_offsets [K, Dv]) of a step, as :meth:`tables` (without the basis)."""
+        i = self.set_index(step_index)
+        priors, offsets, var_offsets, _ = self.tables(like)
         return priors[i], offsets[i], var_offsets[i]
 
     def to(self, device=None, dtype=None) -> GMM:
@@ -199,6 +237,7 @@ class GMM:
             scale=self.scale,
             n_steps=self.n_steps,
             shared=self.shared,
+            basis=None if self.basis is None else self.basis.to(out.device, out.dtype),
         )
         return out
 

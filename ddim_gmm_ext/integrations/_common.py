@@ -16,9 +16,8 @@ from numbers import Integral, Real
 
 import torch
 
+from .. import _checks
 from ..gmm import GMM, GMM_VARIANTS
-
-_MAX_SEED = 2**63
 
 
 def check_eta(eta, name: str = "eta") -> float:
@@ -29,16 +28,15 @@ def check_eta(eta, name: str = "eta") -> float:
 
 
 def check_seed(seed) -> int | None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < _MAX_SEED):
-        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
-    return None if seed is None else int(seed)
+    """A sampler's ``seed``: None or an int in [0, 2**64)."""
+    return _checks.check_seed(seed, allow_none=True)
 
 
 def stream_seed(seed: int | None) -> int:
     """The Philox seed of one sampling run (see the module docstring)."""
     if seed is not None:
         return seed
-    return int(torch.randint(0, _MAX_SEED - 1, (), dtype=torch.int64))
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
 
 
 def check_gmm_options(variant, n_components, scale) -> None:
@@ -85,13 +83,16 @@ def build_gmm(
     share_across_steps,
     uniform_priors,
     seed: int | None,
+    scale_per_dim: float | None = None,
 ) -> GMM:
-    """GMM tables for ``sample``'s per-sample size on its device (float64 tables for float64 samples)."""
+    """GMM tables for ``sample``'s per-sample size on its device (float64 tables for float64 samples).
+    ``scale_per_dim``, when given, replaces ``scale`` (s = scale_per_dim * sqrt(D), :func:`GMM.create`)."""
     return GMM.create(
         per_sample_dim(sample),
         n_components=n_components,
         n_steps=n_steps,
-        scale=float(scale),
+        scale=None if scale_per_dim is not None else float(scale),
+        scale_per_dim=scale_per_dim,
         variant=variant,
         share_across_steps=share_across_steps,
         uniform_priors=uniform_priors,
@@ -111,6 +112,7 @@ def resolve_gmm(
     share_across_steps,
     uniform_priors,
     seed: int | None,
+    scale_per_dim: float | None = None,
 ) -> GMM | None:
     """``gmm`` as a sampler argument: None (plain DDIM / RFIM), a :class:`GMM` (checked against the sample and
     the number of steps), or a variant name (tables built for this run from the other options)."""
@@ -127,6 +129,7 @@ def resolve_gmm(
             share_across_steps=share_across_steps,
             uniform_priors=uniform_priors,
             seed=seed,
+            scale_per_dim=scale_per_dim,
         )
     check_gmm(gmm, sample, n_steps)
     return gmm
