@@ -1,6 +1,6 @@
 // Schemas of the ddimgmm operator library. Kernels live one file per device: csrc/cpu/*.cpp registers the
 // CPU kernels with TORCH_LIBRARY_IMPL(ddimgmm, CPU); the CUDA step kernel is a Triton launcher registered from
-// Python (ddim_gmm_ext/ops.py), the CUDA thin SVD is csrc/cuda/*.cu. Fake (meta) kernels are registered in
+// Python (ddim_gmm_ext/ops/step.py), the CUDA thin SVD is csrc/cuda/*.cu. Fake (meta) kernels are registered in
 // Python. The semantics of every op are defined by ddim_gmm_ext/reference.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -14,22 +14,27 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(ddimgmm, m) {
-  // One DDIM / RFIM / DDIM-GMM sampler step x_t -> x_s (DESIGN.md 2.1-2.3, reference.step).
+  // One sampler step x_t -> x_s of a Gaussian path (docs/design.md section 3; spec: reference.step_from_table).
   //   model_output [B, ...] or [2B, ...] with guidance (unconditional half first); sample [B, ...].
-  //   coeffs: 1-D, 5 values (a_t, b_t, a_s, b_s, noise_std c), on the sample's device.
-  //   priors [K], offsets [K, D], var_offsets [K, Dv] (Dv <= D, zero beyond): one GMM parameter set, in the
-  //     compute dtype (float64 for float64 samples, float32 otherwise); all three or none.
-  //   noise [B, ...] and components [B] (int64) override the Philox draws of (seed, sample_offset + b,
-  //     step_index).
-  //   prediction_type: 0 epsilon, 1 sample, 2 v_prediction, 3 flow.
+  //   coeffs: one row [6] or a table [S, 6] of (a_t, b_t, A, B, c, g), compute dtype, sample's device:
+  //     x_t = a_t x0 + b_t eps, mean = A x0 + B eps, noise std c, GMM scale g (offsets g delta, variance
+  //     offsets g^2 v; 0: a Gaussian step).
+  //   step index i: the 0-d int64 step_tensor (read on the device; step_index must then be 0) or step_index.
+  //     i selects the row of a table, the GMM parameter set of [S_g, ...] tables (S_g == 1: shared) and the
+  //     Philox step counter. Out of range: an error for step_index; NaN outputs and components -1 for a tensor.
+  //   priors [(S_g,) K], offsets [(S_g,) K, D], var_offsets [(S_g,) K, Dv] (Dv <= D, zero beyond): compute
+  //     dtype, all three or none. basis [(S_g,) Dv, D] (orthonormal rows): the low-rank form, var_offsets are
+  //     then eigenvalues in that basis: noise c z + sum_i (sqrt(max(c^2 - g^2 v_k[i], 0)) - c)(w_i . z) w_i.
+  //   noise [B, ...] and components [B] (int32/int64) override the Philox draws of (seed, sample_offset + b, i).
+  //   prediction_type: 0 epsilon, 1 sample, 2 v_prediction, 3 flow. seed: the 64-bit key's bits as an int64.
   // Returns (prev_sample, pred_original_sample or an empty tensor, components [B] int64 or an empty tensor).
   m.def(
-      "step(Tensor model_output, Tensor sample, Tensor coeffs, Tensor? priors, Tensor? offsets, "
-      "Tensor? var_offsets, Tensor? noise, Tensor? components, int prediction_type, float? guidance_scale, "
-      "float? clip_sample_range, bool use_clipped_model_output, int seed, int sample_offset, int step_index, "
-      "bool return_pred_original) -> (Tensor, Tensor, Tensor)",
+      "step(Tensor model_output, Tensor sample, Tensor coeffs, Tensor? step_tensor, Tensor? priors, "
+      "Tensor? offsets, Tensor? var_offsets, Tensor? basis, Tensor? noise, Tensor? components, "
+      "int prediction_type, float? guidance_scale, float? clip_sample_range, bool use_clipped_model_output, "
+      "int seed, int sample_offset, int step_index, bool return_pred_original) -> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
-  // Batched thin SVD (DESIGN.md 2.4): O [S, D, K] -> U [S, D, K], orthonormal columns ordered by singular
+  // Batched thin SVD (docs/design.md 1.4): O [S, D, K] -> U [S, D, K], orthonormal columns ordered by singular
   // value, equal to LAPACK's U up to column signs (sign convention in reference.thin_svd).
   m.def("thin_svd(Tensor O) -> Tensor", {at::Tag::pt2_compliant_tag});
   // The GMM direction matrices O [n_sets, dim, n_components] float64 (CPU) of the package's random stream

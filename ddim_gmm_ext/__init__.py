@@ -10,13 +10,16 @@ from . import (
     reference,
 )
 from ._version import __version__
-from .api import StepOutput, ddim_step, rfim_step, step, thin_svd
+from .api import StepOutput, ddim_step, rfim_step, step, step_from_table, thin_svd
 from .gmm import GMM
+from .reference import coefficient_row
 
 __all__ = [
     "GMM",
     "StepOutput",
     "step",
+    "step_from_table",
+    "coefficient_row",
     "ddim_step",
     "rfim_step",
     "thin_svd",

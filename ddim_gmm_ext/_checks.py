@@ -137,7 +137,7 @@ def check_step_inputs(
         v = host_value(clip_sample_range)
         if v is None or not v > 0:
             raise ValueError(f"clip_sample_range must be a positive number or None, got {clip_sample_range!r}")
-    check_index("seed", seed, 2**63)
+    check_index("seed", seed, SEED_RANGE)
     check_index("step_index", step_index, MAX_INDEX)
     check_index("sample_offset", sample_offset, MAX_INDEX)
     if sample_offset + batch > MAX_INDEX:

@@ -1,4 +1,4 @@
-"""Public sampler functions (DESIGN.md section 4). Semantics are those of :mod:`ddim_gmm_ext.reference`."""
+"""Public sampler functions. Semantics are those of :mod:`ddim_gmm_ext.reference`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from . import _checks, reference
 from .reference import StepOutput, ddim_coefficients, rfim_coefficients
 
-__all__ = ["step", "ddim_step", "rfim_step", "thin_svd", "offset_directions", "StepOutput"]
+__all__ = ["step", "step_from_table", "ddim_step", "rfim_step", "thin_svd", "offset_directions", "StepOutput"]
 
 
 def step(
@@ -34,8 +34,11 @@ def step(
     """One step x_t -> x_s of the Gaussian path x_t = a_t x0 + b_t eps with noise std ``noise_std``; with
     ``gmm``, the Gaussian-mixture kernel of parameter set ``step_index``. See :func:`reference.step`.
 
-    Runs the fused ``torch.ops.ddimgmm.step`` (one pass over memory, no host sync). A model output in another
-    dtype than the sample is converted to the compute dtype first (one extra copy)."""
+    Runs the fused ``torch.ops.ddimgmm.step`` (one pass over memory, no host sync) on the row
+    :func:`reference.coefficient_row`. A model output in another dtype than the sample is converted to the
+    compute dtype first (one extra copy)."""
+    if gmm is not None:
+        gmm.set_index(step_index)
     _checks.check_step_inputs(
         model_output,
         sample,
@@ -51,41 +54,142 @@ def step(
         noise=noise,
         components=components,
     )
-    priors, offsets, var_offsets = gmm.params(step_index, sample) if gmm is not None else (None, None, None)
+    cdt = reference.compute_dtype(sample.dtype)
+    row = reference.step_row(a_t, b_t, a_s, b_s, noise_std, 1.0, cdt, sample.device)
+    return _run(
+        model_output,
+        sample,
+        row,
+        step_index,
+        gmm,
+        prediction_type,
+        guidance_scale,
+        clip_sample_range,
+        use_clipped_model_output,
+        seed,
+        sample_offset,
+        noise,
+        components,
+        return_pred_original,
+    )
+
+
+def step_from_table(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    coeffs: torch.Tensor,
+    step_index,
+    *,
+    gmm=None,
+    prediction_type: str = "epsilon",
+    guidance_scale: float | None = None,
+    clip_sample_range: float | None = None,
+    use_clipped_model_output: bool = False,
+    seed: int = 0,
+    sample_offset: int = 0,
+    noise: torch.Tensor | None = None,
+    components: torch.Tensor | None = None,
+    return_pred_original: bool = True,
+) -> StepOutput:
+    """One step from row ``step_index`` of a coefficient table, in one fused op call. See
+    :func:`reference.step_from_table` for the math.
+
+    Args:
+        coeffs: [S, 6] rows (or one row [6]) of (a_t, b_t, A, B, c, g) on the sample's device in the compute
+            dtype (float64 for float64 samples, float32 otherwise); build rows with
+            :func:`reference.coefficient_row`.
+        step_index: an int, or a 0-d int64 tensor on the sample's device. A tensor is never read on the host,
+            so a compiled or CUDA-graph-captured loop bakes in no step number; outside the table it gives NaN
+            samples and components -1.
+        gmm: a :class:`GMM` (its parameter set ``step_index``, or its shared set) or None.
+        Other arguments as :func:`step`.
+    """
+    if not isinstance(coeffs, torch.Tensor):
+        raise TypeError(f"coeffs must be a torch.Tensor of rows (a_t, b_t, A, B, c, g), got {type(coeffs).__name__}")
+    if isinstance(step_index, torch.Tensor):
+        if step_index.dim() != 0 or step_index.dtype != torch.int64 or step_index.device != sample.device:
+            raise ValueError(
+                f"step_index must be an int or a 0-d int64 tensor on the sample's device {sample.device}, got a "
+                f"{step_index.dtype} tensor of shape {tuple(step_index.shape)} on {step_index.device}"
+            )
+        host_index = 0
+    else:
+        host_index = step_index
+        if gmm is not None:
+            gmm.set_index(step_index)
+    _checks.check_step_inputs(
+        model_output,
+        sample,
+        b_s=None,
+        noise_std=None,
+        gmm=gmm,
+        guidance_scale=guidance_scale,
+        prediction_type=prediction_type,
+        clip_sample_range=clip_sample_range,
+        seed=seed,
+        sample_offset=sample_offset,
+        step_index=host_index,
+        noise=noise,
+        components=components,
+    )
+    return _run(
+        model_output,
+        sample,
+        coeffs,
+        step_index,
+        gmm,
+        prediction_type,
+        guidance_scale,
+        clip_sample_range,
+        use_clipped_model_output,
+        seed,
+        sample_offset,
+        noise,
+        components,
+        return_pred_original,
+    )
+
+
+def _run(
+    model_output,
+    sample,
+    coeffs,
+    step_index,
+    gmm,
+    prediction_type,
+    guidance_scale,
+    clip_sample_range,
+    use_clipped_model_output,
+    seed,
+    sample_offset,
+    noise,
+    components,
+    return_pred_original,
+) -> StepOutput:
+    """The op call of checked arguments (the op checks shapes, dtypes and devices itself)."""
     cdt = reference.compute_dtype(sample.dtype)
     if model_output.dtype not in (sample.dtype, cdt):
         model_output = model_output.to(cdt)
+    tables = gmm.tables(sample) if gmm is not None else (None, None, None, None)
+    from_tensor = isinstance(step_index, torch.Tensor)
     prev, x0, k = torch.ops.ddimgmm.step(
         model_output,
         sample,
-        _coeffs((a_t, b_t, a_s, b_s, noise_std), cdt, sample.device),
-        priors,
-        offsets,
-        var_offsets,
+        coeffs,
+        step_index if from_tensor else None,
+        *tables,
         noise,
         components,
         _checks.prediction_type_code(prediction_type),
         None if guidance_scale is None else float(guidance_scale),
         None if clip_sample_range is None else float(clip_sample_range),
         bool(use_clipped_model_output),
-        seed,
+        _checks.op_seed(seed),
         sample_offset,
-        step_index,
+        0 if from_tensor else step_index,
         bool(return_pred_original),
     )
     return StepOutput(prev, x0 if return_pred_original else None, k if gmm is not None else None)
-
-
-def _coeffs(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(a_t, b_t, a_s, b_s, c) as the op's 1-D coeffs tensor on ``device``, rounded to the compute dtype as
-    the reference does. Python numbers and CPU tensors are gathered on the host and moved in one copy; device
-    tensors stay on the device: no device-to-host sync either way."""
-    if all(isinstance(v, float) for v in values):
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-    values = [torch.as_tensor(v, dtype=dtype).reshape(()) for v in values]
-    if all(v.device.type == "cpu" for v in values):
-        return torch.stack(values).to(device, non_blocking=True)
-    return torch.stack([v.to(device) for v in values])
 
 
 def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_prev, *, eta: float = 0.0, **options) -> StepOutput:

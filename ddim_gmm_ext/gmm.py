@@ -147,10 +147,13 @@ class GMM:
         )
 
     @classmethod
-    def from_params(cls, priors, offsets, var_offsets, *, n_steps: int | None = None) -> GMM:
+    def from_params(cls, priors, offsets, var_offsets, *, n_steps: int | None = None, basis=None) -> GMM:
         """A GMM from user tables: priors [S, K], offsets [S, K, D], var_offsets [S, K, Dv] with Dv <= D.
-        S = 1 is shared across steps. The tables are validated (priors non-negative, summing to one, and
-        sum_k pi_k delta_k = 0 to 1e-4 relative) and not modified."""
+        S = 1 is shared across steps. With ``basis`` [S, Dv, D] (orthonormal rows), the low-rank form:
+        var_offsets are then the eigenvalues, per component, of the variance offset in that basis (the noise
+        covariance of component k is c^2 I - W^T diag(v_k) W, each direction clipped at 0). The tables are
+        validated (finite, priors non-negative and summing to one, var_offsets >= 0, sum_k pi_k delta_k = 0 to
+        1e-4 relative, basis rows orthonormal to 1e-4) and not modified."""
         for name, t in (("priors", priors), ("offsets", offsets), ("var_offsets", var_offsets)):
             _checks.check_floating(name, t)
         _checks.check_same_device(priors=priors, offsets=offsets, var_offsets=var_offsets)
@@ -163,6 +166,23 @@ class GMM:
                 f"var_offsets {tuple(var_offsets.shape)} (expected [S, K], [S, K, D], [S, K, Dv <= D])"
             )
         _checks.check_priors(priors)
+        for name, t in (("offsets", offsets), ("var_offsets", var_offsets)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{name} must be finite")
+        if (var_offsets < 0).any():
+            raise ValueError("var_offsets must be >= 0 (a negative variance offset would add noise beyond c)")
+        if basis is not None:
+            _checks.check_floating("basis", basis)
+            _checks.check_same_device(priors=priors, basis=basis)
+            Dv, D = var_offsets.shape[2], offsets.shape[2]
+            if tuple(basis.shape) != (S, Dv, D):
+                raise ValueError(f"basis must have shape [S, Dv, D] = [{S}, {Dv}, {D}], got {tuple(basis.shape)}")
+            gram = basis.double() @ basis.double().transpose(1, 2)
+            if (
+                not torch.isfinite(gram).all()
+                or (gram - torch.eye(Dv, dtype=torch.float64, device=gram.device)).abs().max() > 1e-4
+            ):
+                raise ValueError("basis rows must be orthonormal (basis @ basis^T = I to 1e-4)")
         mean = (priors.double()[:, :, None] * offsets.double()).sum(1)
         tol = 1e-4 * offsets.double().abs().amax().clamp(min=1e-30)
         if (mean.abs() > tol).any():
@@ -176,6 +196,7 @@ class GMM:
             scale=None,
             n_steps=n_steps if n_steps is not None else S,
             shared=S == 1,
+            basis=None if basis is None else basis.to(gmm.dtype),
         )
         return gmm
 

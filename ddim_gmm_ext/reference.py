@@ -1,4 +1,4 @@
-"""Pure-torch reference of DDIM-GMM: the specification in code (DESIGN.md sections 2 and 3).
+"""Pure-torch reference of DDIM-GMM: the specification in code (docs/design.md sections 1 and 2).
 
 Everything the fused kernels compute is defined here, readably and float64-capable:
 
@@ -36,6 +36,8 @@ __all__ = [
     "vp_coefficients",
     "noise_std",
     "predict_x0_eps",
+    "coefficient_row",
+    "step_from_table",
     "step",
     "ddim_step",
     "rfim_step",
@@ -292,7 +294,7 @@ def draw_components(priors: torch.Tensor, batch: int, seed: int, sample_offset: 
 
 
 def offset_directions(n_sets: int, dim: int, n_components: int, seed: int, device="cpu") -> torch.Tensor:
-    """O [S, D, K] float64 ~ N(0, I) from the stream (DESIGN.md 2.3)."""
+    """O [S, D, K] float64 ~ N(0, I) from the stream (docs/design.md 1.3)."""
     numel = dim * n_components
     s = torch.arange(n_sets, dtype=torch.int64, device=device)[:, None]
     groups = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
@@ -316,17 +318,117 @@ def random_priors(n_sets: int, n_components: int, seed: int, device="cpu") -> to
 
 
 def predict_x0_eps(model_output, sample, a_t, b_t, prediction_type: str):
-    """(x0_hat, eps_hat) from the model output m on the path x_t = a_t x0 + b_t eps (DESIGN.md 2.1)."""
+    """(x0_hat, eps_hat) from the model output m on the path x_t = a_t x0 + b_t eps (docs/design.md 1.1).
+
+    v_prediction is defined on every Gaussian path with n = sqrt(a_t^2 + b_t^2): v = (a_t eps - b_t x0) / n,
+    so x0 = (a_t x - b_t n m) / n^2 and eps = (b_t x + a_t n m) / n^2 (n = 1 on VP paths; on VE paths, a_t = 1
+    and b_t = sigma, this is diffusers' Euler v_prediction)."""
     m, x = model_output, sample
     if prediction_type == "epsilon":
         return (x - b_t * m) / a_t, m
     if prediction_type == "sample":
         return m, (x - a_t * m) / b_t
-    if prediction_type == "v_prediction":  # VP only: a^2 + b^2 = 1
-        return a_t * x - b_t * m, a_t * m + b_t * x
+    if prediction_type == "v_prediction":
+        n2 = a_t * a_t + b_t * b_t
+        n = n2**0.5
+        return (a_t * x - (b_t * n) * m) / n2, (b_t * x + (a_t * n) * m) / n2
     if prediction_type == "flow":  # v = eps - x0 on x_t = (1 - t) x0 + t eps, a_t = 1 - t, b_t = t
         return x - b_t * m, x + a_t * m
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def coefficient_row(a_t, b_t, a_s, b_s, c, g=1.0) -> tuple:
+    """The op's coefficient row (a_t, b_t, A, B, c, g) of a step x_t -> x_s with noise std c and GMM scale g:
+    mean = A x0 + B eps with A = a_s and B = sqrt(max(b_s^2 - c^2, 0)) (the DDIM / RFIM mean). Numbers give
+    numbers (B in float64), tensors give tensors."""
+    return a_t, b_t, a_s, _sqrt_pos(b_s * b_s - c * c), c, g
+
+
+def step_from_table(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    coeffs: torch.Tensor,
+    step_index,
+    *,
+    gmm=None,
+    prediction_type: str = "epsilon",
+    guidance_scale: float | None = None,
+    clip_sample_range: float | None = None,
+    use_clipped_model_output: bool = False,
+    seed: int = 0,
+    sample_offset: int = 0,
+    noise: torch.Tensor | None = None,
+    components: torch.Tensor | None = None,
+    return_pred_original: bool = True,
+) -> StepOutput:
+    """One step x_t -> x_s from row ``step_index`` of a coefficient table (the spec of ``ddimgmm::step``).
+
+    coeffs: [S, 6] rows, or one row [6], of (a_t, b_t, A, B, c, g) in the compute dtype; step_index i: an int
+    or a 0-d int64 tensor. i selects the row, the GMM parameter set (set 0 when the GMM is shared) and the
+    Philox step of the noise and component draws.
+
+        m    = m_u + w (m_c - m_u)                    with guidance_scale w ([2B, ...] output, uncond first)
+        x0, eps from m (:func:`predict_x0_eps`); x0 <- clamp(x0, -r, r); eps <- (x_t - a_t x0) / b_t if
+             use_clipped_model_output
+        mean = A x0 + B eps
+        x_s  = mean + c z                                                   without GMM
+        x_s  = mean + g delta_k + sqrt(max(c^2 - g^2 v_k, 0)) z             k ~ Categorical(pi), one per sample
+        x_s  = mean + g delta_k + c z + sum_i (sqrt(max(c^2 - g^2 v_k[i], 0)) - c) (w_i . z) w_i
+                                                        low-rank GMM (basis W, var_offsets its eigenvalues)
+
+    The last form has noise covariance c^2 I - g^2 W^T diag(v_k) W, each eigen-direction clipped at 0.
+    A tensor index outside the table gives NaN samples and components -1 (the op's device convention).
+    """
+    cdt = compute_dtype(sample.dtype)
+    i = step_index
+    n_rows = coeffs.shape[0] if coeffs.dim() == 2 else 0
+    n_sets = 0 if gmm is None or gmm.shared else gmm.n_steps
+    if isinstance(i, torch.Tensor):
+        i = int(i)  # the reference may read it; the op never does
+        valid = 0 <= i < _checks.MAX_INDEX and (n_rows == 0 or i < n_rows) and (n_sets == 0 or i < n_sets)
+        if not valid:
+            nan = torch.full_like(sample, math.nan)
+            k = None if gmm is None else torch.full((sample.shape[0],), -1, dtype=torch.int64)
+            return StepOutput(nan, nan.clone() if return_pred_original else None, k)
+    a_t, b_t, A, B, c, g = (coeffs[i] if n_rows else coeffs).to(cdt).unbind()
+
+    x = sample.to(cdt)
+    m = model_output.to(cdt)
+    if guidance_scale is not None:
+        m_uncond, m_cond = m.chunk(2)
+        m = m_uncond + guidance_scale * (m_cond - m_uncond)
+    x0, eps = predict_x0_eps(m, x, a_t, b_t, prediction_type)
+    if clip_sample_range is not None:
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+        if use_clipped_model_output:
+            eps = (x - a_t * x0) / b_t
+
+    batch = sample.shape[0]
+    flat = (batch, math.prod(sample.shape[1:]))
+    mean = (A * x0 + B * eps).reshape(flat)
+    z = noise.to(cdt) if noise is not None else gaussian_noise(sample.shape, seed, sample_offset, i, cdt, sample.device)
+    z = z.reshape(flat)
+    k = None
+    if gmm is None:
+        prev = mean + c * z
+    else:
+        priors, offsets, var_offsets, basis = (None if t is None else t[0 if gmm.shared else i] for t in gmm.tables(x))
+        k = (
+            components.to(torch.int64)
+            if components is not None
+            else draw_components(priors, batch, seed, sample_offset, i)
+        )
+        v = var_offsets[k]  # [B, Dv]
+        sd = (c * c - (g * g) * v).clamp(min=0).sqrt()
+        if basis is None:
+            std = torch.full(flat, 1.0, dtype=cdt, device=x.device) * c
+            std[:, : v.shape[1]] = sd  # v_k is zero beyond Dv
+            prev = mean + g * offsets[k] + std * z
+        else:
+            p = z @ basis.T  # [B, Dv]: the noise in the basis
+            prev = mean + g * offsets[k] + c * z + ((sd - c) * p) @ basis
+    prev = prev.reshape(sample.shape)
+    return StepOutput(prev.to(sample.dtype), x0.to(sample.dtype) if return_pred_original else None, k)
 
 
 def step(
@@ -350,21 +452,20 @@ def step(
     components: torch.Tensor | None = None,
     return_pred_original: bool = True,
 ) -> StepOutput:
-    """One step x_t -> x_s of a Gaussian path x_t = a_t x0 + b_t eps (DESIGN.md 2.2, 2.3).
+    """One step x_t -> x_s of a Gaussian path x_t = a_t x0 + b_t eps with noise std c = ``noise_std``
+    (docs/design.md 1.2, 1.3): :func:`step_from_table` with the one row :func:`coefficient_row` (g = 1) and
+    ``gmm``'s parameter set ``step_index``:
 
-        m    = m_u + w (m_c - m_u)                    with guidance_scale w ([2B, ...] output, uncond first)
-        x0, eps from m (prediction_type); x0 <- clamp(x0, -r, r); eps <- (x_t - a_t x0) / b_t if
-             use_clipped_model_output
-        mu   = a_s x0 + sqrt(b_s^2 - c^2) eps
-        x_s  = mu + c z                                without GMM
-        x_s  = mu + delta_k + sqrt(max(c^2 - v_k, 0)) z,  k ~ Categorical(pi)  one k per sample
+        x_s  = a_s x0 + sqrt(b_s^2 - c^2) eps + c z                              without GMM
+        x_s  = a_s x0 + sqrt(b_s^2 - c^2) eps + delta_k + sqrt(max(c^2 - v_k, 0)) z,  k ~ Categorical(pi)
 
     Coefficients are Python numbers or 0-d tensors; z and k come from the Philox stream of
     (seed, sample_offset + b, step_index) unless ``noise`` / ``components`` are given.
     ``return_pred_original=False`` leaves pred_original_sample None (a fused step then writes 12 B per
     element instead of 16).
     """
-    params = gmm.params(step_index, sample) if gmm is not None else None
+    if gmm is not None:
+        gmm.set_index(step_index)  # checks the index against the GMM's steps
     _checks.check_step_inputs(
         model_output,
         sample,
@@ -380,46 +481,33 @@ def step(
         noise=noise,
         components=components,
     )
-    cdt = compute_dtype(sample.dtype)
-    a_t, b_t, a_s, b_s, c = (
-        torch.as_tensor(v, dtype=cdt, device=sample.device) for v in (a_t, b_t, a_s, b_s, noise_std)
+    row = step_row(a_t, b_t, a_s, b_s, noise_std, 1.0, compute_dtype(sample.dtype), sample.device)
+    return step_from_table(
+        model_output,
+        sample,
+        row,
+        step_index,
+        gmm=gmm,
+        prediction_type=prediction_type,
+        guidance_scale=guidance_scale,
+        clip_sample_range=clip_sample_range,
+        use_clipped_model_output=use_clipped_model_output,
+        seed=seed,
+        sample_offset=sample_offset,
+        noise=noise,
+        components=components,
+        return_pred_original=return_pred_original,
     )
 
-    x = sample.to(cdt)
-    m = model_output.to(cdt)
-    if guidance_scale is not None:
-        m_uncond, m_cond = m.chunk(2)
-        m = m_uncond + guidance_scale * (m_cond - m_uncond)
-    x0, eps = predict_x0_eps(m, x, a_t, b_t, prediction_type)
-    if clip_sample_range is not None:
-        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
-        if use_clipped_model_output:
-            eps = (x - a_t * x0) / b_t
 
-    mu = a_s * x0 + (b_s**2 - c**2).clamp(min=0).sqrt() * eps
-    batch = sample.shape[0]
-    z = (
-        noise.to(cdt)
-        if noise is not None
-        else gaussian_noise(sample.shape, seed, sample_offset, step_index, cdt, sample.device)
-    )
-    if params is None:
-        prev = mu + c * z
-        k = None
-    else:
-        priors, offsets, var_offsets = params
-        k = (
-            components.to(torch.int64)
-            if components is not None
-            else draw_components(priors, batch, seed, sample_offset, step_index)
-        )
-        flat = (batch, offsets.shape[-1])
-        delta = offsets[k]  # [B, D]
-        v = torch.zeros_like(delta)
-        v[:, : var_offsets.shape[-1]] = var_offsets[k]  # zero beyond Dv
-        std = (c**2 - v).clamp(min=0).sqrt()
-        prev = (mu.reshape(flat) + delta + std * z.reshape(flat)).reshape(sample.shape)
-    return StepOutput(prev.to(sample.dtype), x0.to(sample.dtype) if return_pred_original else None, k)
+def step_row(a_t, b_t, a_s, b_s, c, g, dtype: torch.dtype, device) -> torch.Tensor:
+    """:func:`coefficient_row` as a [6] tensor in ``dtype`` on ``device``. Host numbers (and CPU tensors) are
+    combined in float64 on the host and moved in one copy; device tensors stay on the device: no sync."""
+    values = [_scalar(v) for v in (a_t, b_t, a_s, b_s, c, g)]
+    if all(isinstance(v, float) for v in values):
+        return torch.tensor(coefficient_row(*values), dtype=dtype).to(device, non_blocking=True)
+    values = [torch.as_tensor(v, dtype=torch.float64).reshape(()).to(device) for v in values]
+    return torch.stack(coefficient_row(*values)).to(dtype)
 
 
 def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_prev, *, eta: float = 0.0, **options) -> StepOutput:
@@ -450,7 +538,7 @@ def rfim_step(model_output, sample, t, s, *, eta: float = 0.0, prediction_type: 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# GMM parameters (paper eq. 9-12, DESIGN.md 2.3, 2.4)
+# GMM parameters (paper eq. 9-12, docs/design.md 1.3, 1.4)
 # ---------------------------------------------------------------------------------------------------------
 
 VARIANTS = ("rand", "ortho", "ortho-vub")

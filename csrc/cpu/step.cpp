@@ -1,4 +1,5 @@
-// CPU kernel of ddimgmm::step (DESIGN.md 2.1-2.3 and 3; semantics: ddim_gmm_ext/reference.py, `step`).
+// CPU kernel of ddimgmm::step (docs/design.md sections 1-3; semantics: ddim_gmm_ext/reference.py,
+// `step_from_table`).
 //
 // One pass over memory: each task is one block of one sample; per chunk of CH elements it draws the normals
 // z (Philox4x32-10 in registers, Box-Muller, 4 normals per Philox call), builds the GMM mean offset and noise
@@ -8,6 +9,7 @@
 // Compute precision: float64 samples in float64, every other dtype in float32 (at::opmath_type).
 // The random stream is the reference's, element for element:
 //   z[n, j]  = lane j % 4 of normals(philox(c0 = j / 4, c1 = n, c2 = step_index, c3 = NOISE), key = seed)
+//   (seed: the 64-bit key, passed as the int64 with its bits)
 //   k[n]     = #{j < K - 1 : u >= cdf_j},  u = (word0 of philox(0, n, step_index, COMPONENT) >> 8) 2^-24
 // with n = sample_offset + b the global sample index.
 #include <ATen/ATen.h>
@@ -26,6 +28,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace ddimgmm {
 namespace {
@@ -82,13 +85,15 @@ int64_t draw_component(const T* priors, int64_t K, uint32_t sample, uint32_t ste
   return k;
 }
 
-// Per-call constants. x0_hat = p_x x + p_m m and eps_hat = q_x x + q_m m are linear for every prediction type.
+// Per-call constants from the coefficient row (a_t, b_t, A, B, c, g). x0_hat = p_x x + p_m m and
+// eps_hat = q_x x + q_m m are linear in (x_t, m) for every prediction type.
 template <typename T>
 struct Coeffs {
   T p_x, p_m, q_x, q_m;  // x0_hat, eps_hat from (x_t, m)
   T a_t, inv_b_t;        // eps re-derived from the clipped x0_hat: (x_t - a_t x0) / b_t
-  T a_s, eps_coef;       // mu = a_s x0 + sqrt(b_s^2 - c^2) eps
+  T a_s, eps_coef;       // mean = A x0 + B eps
   T c2, c;               // noise variance and std of the Gaussian kernel
+  T g, g2;               // GMM scale of the step: offsets g delta, variance offsets g^2 v
   T lo, hi;              // clip range (+-inf without clipping)
   T w;                   // guidance scale
   bool rederive_eps;     // clip_sample_range and use_clipped_model_output
@@ -97,7 +102,7 @@ struct Coeffs {
 template <typename T>
 Coeffs<T> make_coeffs(const T* v, int64_t prediction_type, std::optional<double> guidance,
                       std::optional<double> clip, bool use_clipped) {
-  const T a_t = v[0], b_t = v[1], a_s = v[2], b_s = v[3], c = v[4];
+  const T a_t = v[0], b_t = v[1];
   Coeffs<T> k{};
   switch (prediction_type) {
     case 0:  // epsilon: x0 = (x - b_t m) / a_t, eps = m
@@ -106,18 +111,23 @@ Coeffs<T> make_coeffs(const T* v, int64_t prediction_type, std::optional<double>
     case 1:  // sample: x0 = m, eps = (x - a_t m) / b_t
       k.p_x = 0, k.p_m = 1, k.q_x = T(1) / b_t, k.q_m = -a_t / b_t;
       break;
-    case 2:  // v_prediction: x0 = a_t x - b_t m, eps = a_t m + b_t x
-      k.p_x = a_t, k.p_m = -b_t, k.q_x = b_t, k.q_m = a_t;
+    case 2: {  // v_prediction, n^2 = a_t^2 + b_t^2 (1 on VP paths): x0 = (a_t x - b_t n m) / n^2,
+               // eps = (b_t x + a_t n m) / n^2
+      const T n2 = a_t * a_t + b_t * b_t, n = std::sqrt(n2);
+      k.p_x = a_t / n2, k.p_m = -b_t / n, k.q_x = b_t / n2, k.q_m = a_t / n;
       break;
+    }
     default:  // flow (v = eps - x0, a_t = 1 - t, b_t = t): x0 = x - b_t m, eps = x + a_t m
       k.p_x = 1, k.p_m = -b_t, k.q_x = 1, k.q_m = a_t;
   }
   k.a_t = a_t;
   k.inv_b_t = T(1) / b_t;
-  k.a_s = a_s;
-  k.c2 = c * c;
-  k.c = c;
-  k.eps_coef = std::sqrt(std::max(b_s * b_s - k.c2, T(0)));
+  k.a_s = v[2];
+  k.eps_coef = v[3];
+  k.c = v[4];
+  k.c2 = k.c * k.c;
+  k.g = v[5];
+  k.g2 = k.g * k.g;
   const T inf = std::numeric_limits<T>::infinity();
   k.lo = clip ? -T(*clip) : -inf;
   k.hi = clip ? T(*clip) : inf;
@@ -126,9 +136,16 @@ Coeffs<T> make_coeffs(const T* v, int64_t prediction_type, std::optional<double>
   return k;
 }
 
-// The fused update of n elements. x, m_u, m_c, out, x0_out point at the chunk's first element; add (the mean
-// offset delta_k), sd (noise std) and z are chunk buffers. With guidance, m = m_u + w (m_c - m_u); without,
-// m = m_c.
+// sqrt(max(c^2 - g^2 v, 0)), NaN propagating as torch.clamp does.
+template <typename T>
+DDIMGMM_INLINE T clipped_sd(const Coeffs<T>& k, T v) {
+  const T r = k.c2 - k.g2 * v;
+  return std::sqrt(r < T(0) ? T(0) : r);
+}
+
+// The fused update of n elements. x, m_u, m_c, out, x0_out point at the chunk's first element; add (the GMM
+// term added to the mean), sd (noise std) and z are chunk buffers. With guidance, m = m_u + w (m_c - m_u);
+// without, m = m_c.
 template <typename scalar_t, typename m_t, typename T, bool kGuidance, bool kWriteX0>
 DDIMGMM_ISA_CLONES void update(const Coeffs<T>& k, int64_t n, const scalar_t* __restrict__ x, const m_t* __restrict__ m_u,
                    const m_t* __restrict__ m_c, const T* __restrict__ add, const T* __restrict__ sd,
@@ -150,21 +167,24 @@ DDIMGMM_ISA_CLONES void update(const Coeffs<T>& k, int64_t n, const scalar_t* __
   }
 }
 
+// One GMM parameter set, already offset to the step's set: priors [K], offsets [K, D], var_offsets [K, Dv]
+// and, for the low-rank form, basis [Dv, D] (var_offsets then hold eigenvalues in that basis).
 struct Tables {
   const void* priors = nullptr;
   const void* offsets = nullptr;
   const void* var_offsets = nullptr;
+  const void* basis = nullptr;
   int64_t K = 0, Dv = 0;
 };
 
 template <typename scalar_t, typename m_t, bool kGuidance, bool kWriteX0>
-void run(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& coeffs, const Tables& tab,
+void run(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& row, const Tables& tab,
          const at::Tensor& noise, const at::Tensor& comps_in, int64_t prediction_type, std::optional<double> guidance,
          std::optional<double> clip, bool use_clipped, int64_t seed, int64_t sample_offset, int64_t step_index,
          at::Tensor& prev, at::Tensor& x0_out, at::Tensor& comps_out) {
   using T = at::opmath_type<scalar_t>;
   const int64_t B = sample.size(0), D = c10::multiply_integers(sample.sizes().slice(1));
-  const Coeffs<T> k = make_coeffs(coeffs.contiguous().data_ptr<T>(), prediction_type, guidance, clip, use_clipped);
+  const Coeffs<T> k = make_coeffs(row.data_ptr<T>(), prediction_type, guidance, clip, use_clipped);
   const uint32_t k0 = uint32_t(uint64_t(seed) & 0xFFFFFFFFu), k1 = uint32_t(uint64_t(seed) >> 32);
   const uint32_t step = uint32_t(step_index);
 
@@ -175,47 +195,109 @@ void run(const at::Tensor& model_output, const at::Tensor& sample, const at::Ten
   const T* priors = static_cast<const T*>(tab.priors);
   const T* offsets = static_cast<const T*>(tab.offsets);
   const T* var_offsets = static_cast<const T*>(tab.var_offsets);
+  const T* basis = static_cast<const T*>(tab.basis);
+  const int64_t Dv = tab.Dv;
   scalar_t* out = prev.data_ptr<scalar_t>();
   scalar_t* x0p = kWriteX0 ? x0_out.data_ptr<scalar_t>() : nullptr;
   int64_t* kout = priors ? comps_out.data_ptr<int64_t>() : nullptr;
 
   const int64_t blocks = std::max<int64_t>(1, (D + kBlock - 1) / kBlock);  // >= 1: components even when D = 0
+  // Components first (one per sample), so both passes below read them.
+  std::vector<int64_t> comp(priors ? B : 0);
+  if (priors) {
+    at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        comp[b] = k_given ? k_given[b] : draw_component(priors, tab.K, uint32_t(sample_offset + b), step, k0, k1);
+        kout[b] = comp[b];
+      }
+    });
+  }
+  // z of chunk [j0, j0 + len) of sample b: the given noise, the Philox normals, or zeros when unused.
+  alignas(64) static const T zeros[kChunk] = {};
+  auto noise_chunk = [&](T* buf, int64_t b, int64_t j0, int64_t len, bool needed) -> const T* {
+    if (z_given) return z_given + b * D + j0;
+    if (!needed) return zeros;
+    draw_normals_any(buf, j0, len, uint32_t(sample_offset + b), step, k0, k1);
+    return buf;
+  };
+
+  // Low-rank form, first pass: partial projections p[b, blk, i] = sum_{j in block} w_i[j] z[b, j], summed per
+  // sample in block order below (deterministic whatever the thread count). The noise is needed only if c != 0.
+  const bool lowrank = basis != nullptr;
+  const bool lowrank_noise = lowrank && k.c2 != T(0);
+  std::vector<T> partial(lowrank ? B * blocks * Dv : 0, T(0));
+  if (lowrank_noise && Dv > 0) {
+    at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+      alignas(64) T z[kChunk];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, j_begin = (task % blocks) * kBlock, j_end = std::min(D, j_begin + kBlock);
+        T* p = partial.data() + task * Dv;
+        for (int64_t j0 = j_begin; j0 < j_end; j0 += kChunk) {
+          const int64_t len = std::min(kChunk, j_end - j0);
+          const T* zc = noise_chunk(z, b, j0, len, true);
+          for (int64_t i = 0; i < Dv; ++i) {
+            const T* w = basis + i * D + j0;
+            T acc = 0;
+            for (int64_t j = 0; j < len; ++j) acc += w[j] * zc[j];
+            p[i] += acc;
+          }
+        }
+      }
+    });
+  }
+
   at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) T z[kChunk], sd[kChunk];
-    alignas(64) static const T zeros[kChunk] = {};
+    alignas(64) T z[kChunk], sd[kChunk], add[kChunk];
+    std::vector<T> coef(lowrank ? Dv : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, j_begin = (task % blocks) * kBlock, j_end = std::min(D, j_begin + kBlock);
-      const uint32_t n = uint32_t(sample_offset + b);
       const T* delta = nullptr;
       const T* var = nullptr;
       if (priors) {
-        const int64_t kb = k_given ? k_given[b] : draw_component(priors, tab.K, n, step, k0, k1);
-        if (j_begin == 0) kout[b] = kb;
-        delta = offsets + kb * D;
-        var = var_offsets + kb * tab.Dv;
+        delta = offsets + comp[b] * D;
+        var = var_offsets + comp[b] * Dv;
+      }
+      if (lowrank) {  // (sqrt(max(c^2 - g^2 v_k[i], 0)) - c) (w_i . z)
+        for (int64_t i = 0; i < Dv; ++i) {
+          T p = 0;
+          for (int64_t blk = 0; blk < blocks; ++blk) p += partial[(b * blocks + blk) * Dv + i];
+          coef[i] = (clipped_sd(k, var[i]) - k.c) * p;
+        }
       }
       const scalar_t* xb = x + b * D;
       const m_t* m_c = m + (kGuidance ? B + b : b) * D;
       const m_t* m_u = m + b * D;
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kChunk) {
         const int64_t len = std::min(kChunk, j_end - j0);
-        // noise std sqrt(max(c^2 - v_k, 0)), v_k zero beyond Dv; the noise is drawn only where it is used.
-        const int64_t nv = var ? std::clamp(tab.Dv - j0, int64_t(0), len) : 0;
-        bool noisy = false;
-        for (int64_t i = 0; i < nv; ++i) {
-          sd[i] = std::sqrt(std::max(k.c2 - var[j0 + i], T(0)));
-          noisy |= sd[i] != T(0);
+        bool noisy;
+        const T* addc = zeros;
+        if (lowrank) {
+          // x_s = mean + g delta_k + c z + sum_i coef_i w_i
+          std::fill(sd, sd + len, k.c);
+          for (int64_t j = 0; j < len; ++j) add[j] = k.g * delta[j0 + j];
+          for (int64_t i = 0; i < Dv; ++i) {
+            const T* w = basis + i * D + j0;
+            const T ci = coef[i];
+            for (int64_t j = 0; j < len; ++j) add[j] += ci * w[j];
+          }
+          addc = add;
+          noisy = lowrank_noise;
+        } else {
+          // noise std sqrt(max(c^2 - g^2 v_k, 0)), v_k zero beyond Dv (c itself without a GMM)
+          const int64_t nv = var ? std::clamp(Dv - j0, int64_t(0), len) : 0;
+          noisy = false;
+          for (int64_t i = 0; i < nv; ++i) {
+            sd[i] = clipped_sd(k, var[j0 + i]);
+            noisy |= sd[i] != T(0);
+          }
+          std::fill(sd + nv, sd + len, k.c);
+          noisy |= nv < len && k.c != T(0);
+          if (delta) {
+            for (int64_t j = 0; j < len; ++j) add[j] = k.g * delta[j0 + j];
+            addc = add;
+          }
         }
-        std::fill(sd + nv, sd + len, std::abs(k.c));  // beyond Dv: sqrt(max(c^2 - 0, 0)) = |c|
-        noisy |= nv < len && k.c2 != T(0);
-        const T* zc = zeros;
-        if (z_given) {
-          zc = z_given + b * D + j0;
-        } else if (noisy) {
-          draw_normals_any(z, j0, len, n, step, k0, k1);
-          zc = z;
-        }
-        const T* addc = delta ? delta + j0 : zeros;
+        const T* zc = noise_chunk(z, b, j0, len, noisy);
         update<scalar_t, m_t, T, kGuidance, kWriteX0>(k, len, xb + j0, m_u + j0, m_c + j0, addc, sd, zc, out + b * D + j0,
                                                        kWriteX0 ? x0p + b * D + j0 : nullptr);
       }
@@ -236,112 +318,180 @@ std::string dtype_name(at::ScalarType t) {
   }
 }
 
+// Argument checks, in the order and with the messages and exception types of the Python checks of the CUDA
+// and fake kernels (ddim_gmm_ext/ops/step.py, `check`): one bad call raises the same error on every backend.
+#define STEP_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "ddimgmm::step: ", __VA_ARGS__)
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
     const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& coeffs,
-    const std::optional<at::Tensor>& priors, const std::optional<at::Tensor>& offsets,
-    const std::optional<at::Tensor>& var_offsets, const std::optional<at::Tensor>& noise,
+    const std::optional<at::Tensor>& step_tensor, const std::optional<at::Tensor>& priors,
+    const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& var_offsets,
+    const std::optional<at::Tensor>& basis, const std::optional<at::Tensor>& noise,
     const std::optional<at::Tensor>& components, int64_t prediction_type, std::optional<double> guidance_scale,
     std::optional<double> clip_sample_range, bool use_clipped_model_output, int64_t seed, int64_t sample_offset,
     int64_t step_index, bool return_pred_original) {
   const auto dtype = sample.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-              "ddimgmm::step: sample must be float16, bfloat16, float32 or float64, got ", dtype_name(dtype));
-  TORCH_CHECK(sample.dim() >= 1, "ddimgmm::step: sample must have a batch dimension, got a 0-d tensor");
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+                   "ddimgmm::step: sample must be float16, bfloat16, float32 or float64, got ", dtype_name(dtype));
+  STEP_CHECK(sample.dim() >= 1, "sample must have a batch dimension, got a 0-d tensor");
   const auto cdt = dtype == at::kDouble ? at::kDouble : at::kFloat;  // compute dtype
   const int64_t B = sample.size(0), D = c10::multiply_integers(sample.sizes().slice(1));
   const bool guided = guidance_scale.has_value();
 
   auto expected = sample.sizes().vec();
   if (guided) expected[0] = 2 * B;
-  TORCH_CHECK(model_output.sizes() == at::IntArrayRef(expected), "ddimgmm::step: model_output must have shape ",
-              at::IntArrayRef(expected), guided ? " ([2B, ...], unconditional half first)" : " (the sample's)",
-              ", got ", model_output.sizes());
-  TORCH_CHECK(model_output.scalar_type() == dtype || model_output.scalar_type() == cdt,
-              "ddimgmm::step: model_output must have the sample's dtype (", dtype_name(dtype),
-              ") or the compute dtype (", dtype_name(cdt), "), got ", dtype_name(model_output.scalar_type()));
-  TORCH_CHECK(model_output.device() == sample.device(), "ddimgmm::step: model_output is on ", model_output.device(),
-              " but sample is on ", sample.device());
-  TORCH_CHECK(coeffs.dim() == 1 && coeffs.numel() == 5 && coeffs.scalar_type() == cdt && coeffs.is_cpu(),
-              "ddimgmm::step: coeffs must be a 1-D ", dtype_name(cdt),
-              " tensor of 5 values (a_t, b_t, a_s, b_s, noise_std) on the sample's device (cpu), got ",
-              dtype_name(coeffs.scalar_type()), " ", coeffs.sizes(), " on ", coeffs.device());
-  TORCH_CHECK(prediction_type >= 0 && prediction_type <= 3,
-              "ddimgmm::step: prediction_type must be 0 (epsilon), 1 (sample), 2 (v_prediction) or 3 (flow), got ",
-              prediction_type);
-  TORCH_CHECK(!clip_sample_range || *clip_sample_range > 0, "ddimgmm::step: clip_sample_range must be > 0, got ",
-              clip_sample_range.value_or(0));
-  TORCH_CHECK(seed >= 0, "ddimgmm::step: seed must be >= 0, got ", seed);
-  TORCH_CHECK(step_index >= 0 && step_index < kMaxIndex, "ddimgmm::step: step_index must be in [0, 2**32), got ",
-              step_index);
-  TORCH_CHECK(sample_offset >= 0 && sample_offset + B <= kMaxIndex,
-              "ddimgmm::step: sample_offset must be >= 0 with sample_offset + batch size <= 2**32, got ", sample_offset,
-              " + ", B);
-  TORCH_CHECK(D <= 4 * kMaxIndex, "ddimgmm::step: per-sample numel must be <= 2**34 (32-bit Philox counter), got ", D);
-
-  Tables tab;
-  at::Tensor pri, off, var;
-  const int n_tables = int(priors.has_value()) + int(offsets.has_value()) + int(var_offsets.has_value());
-  TORCH_CHECK(n_tables == 0 || n_tables == 3, "ddimgmm::step: pass all of priors, offsets, var_offsets or none");
-  if (n_tables == 3) {
-    for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"priors", *priors},
-                                  {"offsets", *offsets}, {"var_offsets", *var_offsets}}) {
-      TORCH_CHECK(t.device() == sample.device(), "ddimgmm::step: ", name, " is on ", t.device(),
-                  " but sample is on ", sample.device(), "; move the GMM tables to the sample's device");
-      TORCH_CHECK(t.scalar_type() == cdt, "ddimgmm::step: ", name, " must be ", dtype_name(cdt),
-                  " (the compute dtype of a ", dtype_name(dtype), " sample), got ", dtype_name(t.scalar_type()));
-    }
-    TORCH_CHECK(priors->dim() == 1 && priors->numel() >= 1, "ddimgmm::step: priors must have shape [K], K >= 1, got ",
-                priors->sizes());
-    tab.K = priors->numel();
-    TORCH_CHECK(offsets->dim() == 2 && offsets->size(0) == tab.K && offsets->size(1) == D,
-                "ddimgmm::step: offsets must have shape [K, D] = [", tab.K, ", ", D, "] (D = per-sample numel), got ",
-                offsets->sizes());
-    TORCH_CHECK(var_offsets->dim() == 2 && var_offsets->size(0) == tab.K && var_offsets->size(1) <= D,
-                "ddimgmm::step: var_offsets must have shape [K, Dv] with K = ", tab.K, " and Dv <= ", D, ", got ",
-                var_offsets->sizes());
-    pri = priors->contiguous();
-    off = offsets->contiguous();
-    var = var_offsets->contiguous();
-    tab.priors = pri.data_ptr();
-    tab.offsets = off.data_ptr();
-    tab.var_offsets = var.data_ptr();
-    tab.Dv = var.size(1);
+  STEP_CHECK(model_output.sizes() == at::IntArrayRef(expected), "model_output must have shape ",
+             at::IntArrayRef(expected), guided ? " ([2B, ...], unconditional half first)" : " (the sample's)",
+             ", got ", model_output.sizes());
+  STEP_CHECK(model_output.scalar_type() == dtype || model_output.scalar_type() == cdt,
+             "model_output must have the sample's dtype (", dtype_name(dtype), ") or the compute dtype (",
+             dtype_name(cdt), "), got ", dtype_name(model_output.scalar_type()));
+  STEP_CHECK((coeffs.dim() == 1 && coeffs.size(0) == 6) || (coeffs.dim() == 2 && coeffs.size(1) == 6 &&
+                                                            coeffs.size(0) >= 1),
+             "coeffs must be one row [6] or a table [S, 6] of (a_t, b_t, A, B, c, g), got shape ", coeffs.sizes());
+  STEP_CHECK(coeffs.scalar_type() == cdt, "coeffs must be ", dtype_name(cdt), " (the compute dtype of a ",
+             dtype_name(dtype), " sample), got ", dtype_name(coeffs.scalar_type()));
+  if (step_tensor) {
+    STEP_CHECK(step_tensor->dim() == 0 && step_tensor->scalar_type() == at::kLong,
+               "step_tensor must be a 0-d int64 tensor, got ", dtype_name(step_tensor->scalar_type()), " of shape ",
+               step_tensor->sizes());
+    STEP_CHECK(step_index == 0, "pass the step index as step_tensor or as step_index, not both (step_index = ",
+               step_index, ")");
   }
-  at::Tensor z, kin;
+  STEP_CHECK(prediction_type >= 0 && prediction_type <= 3,
+             "prediction_type must be 0 (epsilon), 1 (sample), 2 (v_prediction) or 3 (flow), got ", prediction_type);
+  STEP_CHECK(!clip_sample_range || *clip_sample_range > 0, "clip_sample_range must be > 0, got ",
+             clip_sample_range.value_or(0));
+  STEP_CHECK(step_index >= 0 && step_index < kMaxIndex, "step_index must be in [0, 2**32), got ", step_index);
+  // sample_offset + B <= 2**32 written without the sum, which could overflow int64.
+  STEP_CHECK(sample_offset >= 0 && sample_offset <= kMaxIndex && B <= kMaxIndex - sample_offset,
+             "sample_offset must be >= 0 with sample_offset + batch size <= 2**32, got ", sample_offset, " + ", B);
+  STEP_CHECK(D <= 4 * kMaxIndex, "per-sample numel must be <= 2**34 (32-bit Philox counter), got ", D);
+
+  const int n_tables = int(priors.has_value()) + int(offsets.has_value()) + int(var_offsets.has_value());
+  STEP_CHECK(n_tables == 0 || n_tables == 3, "pass all of priors, offsets, var_offsets or none");
+  STEP_CHECK(!basis || n_tables == 3, "basis given without GMM tables (priors, offsets, var_offsets)");
+  const bool gmm = n_tables == 3;
+  auto on_device = [&](const char* name, const at::Tensor* t) {
+    STEP_CHECK(!t || t->device() == sample.device(), "every tensor must be on the sample's device ",
+               sample.device(), "; ", name, " is on ", t->device());
+  };
+  auto opt = [](const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; };
+  on_device("model_output", &model_output);
+  on_device("coeffs", &coeffs);
+  on_device("step_tensor", opt(step_tensor));
+  on_device("priors", opt(priors));
+  on_device("offsets", opt(offsets));
+  on_device("var_offsets", opt(var_offsets));
+  on_device("basis", opt(basis));
+  on_device("noise", opt(noise));
+  on_device("components", opt(components));
+  int64_t n_sets = 0, K = 0, Dv = 0;  // n_sets: 0 for one set given as is ([K], ...), else S_g of [S_g, K]
+  if (gmm) {
+    auto in_cdt = [&](const char* name, const at::Tensor* t) {
+      STEP_CHECK(!t || t->scalar_type() == cdt, name, " must be ", dtype_name(cdt), " (the compute dtype of a ",
+                 dtype_name(dtype), " sample), got ", dtype_name(t->scalar_type()));
+    };
+    in_cdt("priors", opt(priors));
+    in_cdt("offsets", opt(offsets));
+    in_cdt("var_offsets", opt(var_offsets));
+    in_cdt("basis", opt(basis));
+    const bool stacked = priors->dim() == 2;
+    STEP_CHECK((priors->dim() == 1 || stacked) && priors->size(-1) >= 1 && (!stacked || priors->size(0) >= 1),
+               "priors must have shape [K] or [S, K] with K >= 1, got ", priors->sizes());
+    K = priors->size(-1);
+    n_sets = stacked ? priors->size(0) : 0;
+    const int64_t lead = stacked ? 1 : 0;
+    auto head = [&]() { return stacked ? std::vector<int64_t>{n_sets} : std::vector<int64_t>{}; };
+    std::vector<int64_t> want = head();
+    want.insert(want.end(), {K, D});
+    STEP_CHECK(offsets->sizes() == at::IntArrayRef(want), "offsets must have shape ", at::IntArrayRef(want),
+               " (priors ", priors->sizes(), ", D = per-sample numel), got ", offsets->sizes());
+    Dv = var_offsets->dim() == 2 + lead ? var_offsets->size(-1) : -1;
+    want = head();
+    want.insert(want.end(), {K, Dv});
+    STEP_CHECK(var_offsets->dim() == 2 + lead && var_offsets->sizes() == at::IntArrayRef(want) && Dv <= D,
+               "var_offsets must have shape [", stacked ? "S, " : "", "K, Dv] with K = ", K, " and Dv <= ", D,
+               ", got ", var_offsets->sizes());
+    if (basis) {
+      want = head();
+      want.insert(want.end(), {Dv, D});
+      STEP_CHECK(basis->sizes() == at::IntArrayRef(want), "basis must have shape ", at::IntArrayRef(want),
+                 " (one row per variance offset), got ", basis->sizes());
+    }
+  }
   if (noise) {
-    TORCH_CHECK(noise->is_floating_point() && noise->sizes() == sample.sizes() && noise->device() == sample.device(),
-                "ddimgmm::step: noise must be a floating tensor of the sample's shape ", sample.sizes(), " on ",
-                sample.device(), ", got ", dtype_name(noise->scalar_type()), " ", noise->sizes(), " on ",
-                noise->device());
-    z = noise->to(cdt).contiguous();
+    STEP_CHECK(noise->is_floating_point() && noise->sizes() == sample.sizes(),
+               "noise must be a floating tensor of the sample's shape ", sample.sizes(), ", got ",
+               dtype_name(noise->scalar_type()), " ", noise->sizes());
   }
   if (components) {
-    TORCH_CHECK(n_tables == 3, "ddimgmm::step: components given without GMM tables");
-    TORCH_CHECK((components->scalar_type() == at::kLong || components->scalar_type() == at::kInt) &&
-                    components->dim() == 1 && components->size(0) == B && components->device() == sample.device(),
-                "ddimgmm::step: components must be an int32/int64 tensor of shape [", B, "] on ", sample.device(),
-                ", got ", dtype_name(components->scalar_type()), " ", components->sizes(), " on ",
-                components->device());
+    STEP_CHECK(gmm, "components given without GMM tables");
+    STEP_CHECK((components->scalar_type() == at::kLong || components->scalar_type() == at::kInt) &&
+                   components->dim() == 1 && components->size(0) == B,
+               "components must be an int32/int64 tensor of shape [", B, "], got ",
+               dtype_name(components->scalar_type()), " ", components->sizes());
+  }
+  // A host step index must address the tables; a tensor index is data (out of range: NaN outputs, below).
+  const int64_t n_rows = coeffs.dim() == 2 ? coeffs.size(0) : 0;
+  if (!step_tensor) {
+    STEP_CHECK(n_rows == 0 || step_index < n_rows, "step_index ", step_index, " is outside the coefficient table [",
+               n_rows, ", 6]");
+    STEP_CHECK(n_sets <= 1 || step_index < n_sets, "step_index ", step_index, " is outside the GMM tables (",
+               n_sets, " parameter sets)");
+  }
+
+  at::Tensor kin;
+  if (components) {
     kin = components->to(at::kLong).contiguous();
     if (B > 0) {
       const int64_t lo = kin.min().item<int64_t>(), hi = kin.max().item<int64_t>();
-      TORCH_CHECK(lo >= 0 && hi < tab.K, "ddimgmm::step: components must be in [0, ", tab.K, "), got values in [", lo,
-                  ", ", hi, "]");
+      STEP_CHECK(lo >= 0 && hi < K, "components must be in [0, ", K, "), got values in [", lo, ", ", hi, "]");
     }
   }
 
-  const at::Tensor x = sample.contiguous(), m = model_output.contiguous();
   at::Tensor prev = at::empty(sample.sizes(), sample.options());
   at::Tensor x0 = return_pred_original ? at::empty(sample.sizes(), sample.options()) : at::empty({0}, sample.options());
-  at::Tensor comps = at::empty({n_tables ? B : 0}, sample.options().dtype(at::kLong));
+  at::Tensor comps = at::empty({gmm ? B : 0}, sample.options().dtype(at::kLong));
   if (B == 0) return {prev, x0, comps};
+
+  int64_t i = step_index;
+  if (step_tensor) {
+    i = step_tensor->item<int64_t>();
+    const bool ok = i >= 0 && i < kMaxIndex && (n_rows == 0 || i < n_rows) && (n_sets <= 1 || i < n_sets);
+    if (!ok) {  // the device convention: this call's outputs are NaN and its components -1
+      prev.fill_(std::numeric_limits<double>::quiet_NaN());
+      x0.fill_(std::numeric_limits<double>::quiet_NaN());
+      comps.fill_(-1);
+      return {prev, x0, comps};
+    }
+  }
+  const at::Tensor row = (n_rows ? coeffs[i] : coeffs).contiguous();
+  const int64_t set = n_sets > 1 ? i : 0;
+  Tables tab;
+  at::Tensor pri, off, var, bas;
+  if (gmm) {
+    auto pick = [&](const at::Tensor& t) { return (n_sets ? t[set] : t).contiguous(); };
+    pri = pick(*priors), off = pick(*offsets), var = pick(*var_offsets);
+    tab.priors = pri.data_ptr();
+    tab.offsets = off.data_ptr();
+    tab.var_offsets = var.data_ptr();
+    if (basis) {
+      bas = pick(*basis);
+      tab.basis = bas.data_ptr();
+    }
+    tab.K = K;
+    tab.Dv = Dv;
+  }
+  at::Tensor z = noise ? noise->to(cdt).contiguous() : at::Tensor();
+  const at::Tensor x = sample.contiguous(), m = model_output.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "ddimgmm_step_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     auto go = [&](auto m_tag) {
       using m_t = decltype(m_tag);
-      auto args = std::tie(m, x, coeffs, tab, z, kin, prediction_type, guidance_scale, clip_sample_range,
-                           use_clipped_model_output, seed, sample_offset, step_index, prev, x0, comps);
+      auto args = std::tie(m, x, row, tab, z, kin, prediction_type, guidance_scale, clip_sample_range,
+                           use_clipped_model_output, seed, sample_offset, i, prev, x0, comps);
       if (guided && return_pred_original) std::apply(run<scalar_t, m_t, true, true>, args);
       if (guided && !return_pred_original) std::apply(run<scalar_t, m_t, true, false>, args);
       if (!guided && return_pred_original) std::apply(run<scalar_t, m_t, false, true>, args);

@@ -1,5 +1,6 @@
 """CUDA kernel (the Triton launcher) and fake implementation of ``ddimgmm::step``; the CPU kernel is C++
-(csrc/cpu/step.cpp). Arguments are documented with the schema in csrc/ops.cpp."""
+(csrc/cpu/step.cpp). Arguments are documented with the schema in csrc/ops.cpp; autograd is registered here
+for every backend."""
 
 from __future__ import annotations
 
@@ -10,198 +11,213 @@ import torch
 from ..reference import compute_dtype as _compute_dtype
 
 _MAX_INDEX = 2**32
+#: The op's arguments in schema order (csrc/ops.cpp); the CUDA and fake kernels take them by these names.
+ARGUMENTS = (
+    "model_output",
+    "sample",
+    "coeffs",
+    "step_tensor",
+    "priors",
+    "offsets",
+    "var_offsets",
+    "basis",
+    "noise",
+    "components",
+    "prediction_type",
+    "guidance_scale",
+    "clip_sample_range",
+    "use_clipped_model_output",
+    "seed",
+    "sample_offset",
+    "step_index",
+    "return_pred_original",
+)
 
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _check(
+def _shape(shape) -> str:
+    return "[" + ", ".join(str(int(v)) for v in shape) + "]"
+
+
+def check(
     model_output,
     sample,
     coeffs,
+    step_tensor,
     priors,
     offsets,
     var_offsets,
+    basis,
     noise,
     components,
     prediction_type,
     guidance_scale,
     clip_sample_range,
+    use_clipped_model_output,
     seed,
     sample_offset,
     step_index,
+    return_pred_original,
 ) -> None:
-    """The C++ kernel's TORCH_CHECKs for the CUDA and fake kernels: shapes, dtypes and devices only (reading
-    values would sync)."""
+    """The argument checks of ``ddimgmm::step`` for the CUDA and fake kernels: shapes, dtypes, devices and host
+    scalars only (reading a tensor's values would sync). The C++ kernel (csrc/cpu/step.cpp) makes the same
+    checks in the same order with the same messages and exception types (TypeError for the sample's dtype,
+    ValueError otherwise); it also checks explicit components' values, which it can read."""
 
-    def fail(msg):
-        raise ValueError(f"ddimgmm::step: {msg}")
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"ddimgmm::step: {msg}")
 
     if sample.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"ddimgmm::step: sample must be float16, bfloat16, float32 or float64, got {sample.dtype}")
-    if sample.dim() < 1:
-        fail("sample must have a batch dimension, got a 0-d tensor")
+        raise TypeError(
+            f"ddimgmm::step: sample must be float16, bfloat16, float32 or float64, got {_name(sample.dtype)}"
+        )
+    need(sample.dim() >= 1, "sample must have a batch dimension, got a 0-d tensor")
     cdt = _compute_dtype(sample.dtype)
     B = sample.shape[0]
     D = math.prod(sample.shape[1:])
-    expected = ((2 * B,) if guidance_scale is not None else (B,)) + tuple(sample.shape[1:])
-    if tuple(model_output.shape) != expected:
-        fail(f"model_output must have shape {expected}, got {tuple(model_output.shape)}")
-    if model_output.dtype not in (sample.dtype, cdt):
-        fail(
-            f"model_output must have the sample's dtype ({sample.dtype}) or the compute dtype ({cdt}), "
-            f"got {model_output.dtype}"
+    guided = guidance_scale is not None
+    expected = ((2 * B,) if guided else (B,)) + tuple(sample.shape[1:])
+    hint = " ([2B, ...], unconditional half first)" if guided else " (the sample's)"
+    need(
+        tuple(model_output.shape) == expected,
+        f"model_output must have shape {_shape(expected)}{hint}, got {_shape(model_output.shape)}",
+    )
+    need(
+        model_output.dtype in (sample.dtype, cdt),
+        f"model_output must have the sample's dtype ({_name(sample.dtype)}) or the compute dtype ({_name(cdt)}), "
+        f"got {_name(model_output.dtype)}",
+    )
+    need(
+        (coeffs.dim() == 1 and coeffs.shape[0] == 6) or (coeffs.dim() == 2 and coeffs.shape[1] == 6 and len(coeffs)),
+        f"coeffs must be one row [6] or a table [S, 6] of (a_t, b_t, A, B, c, g), got shape {_shape(coeffs.shape)}",
+    )
+    need(
+        coeffs.dtype == cdt,
+        f"coeffs must be {_name(cdt)} (the compute dtype of a {_name(sample.dtype)} sample), got {_name(coeffs.dtype)}",
+    )
+    if step_tensor is not None:
+        need(
+            step_tensor.dim() == 0 and step_tensor.dtype == torch.int64,
+            f"step_tensor must be a 0-d int64 tensor, got {_name(step_tensor.dtype)} of shape "
+            f"{_shape(step_tensor.shape)}",
         )
-    if coeffs.dim() != 1 or coeffs.numel() != 5 or coeffs.dtype != cdt or coeffs.device != sample.device:
-        fail(
-            f"coeffs must be a 1-D {cdt} tensor of 5 values (a_t, b_t, a_s, b_s, noise_std) on {sample.device}, "
-            f"got {coeffs.dtype} {tuple(coeffs.shape)} on {coeffs.device}"
+        need(
+            step_index == 0,
+            f"pass the step index as step_tensor or as step_index, not both (step_index = {step_index})",
         )
-    if not 0 <= prediction_type <= 3:
-        fail(f"prediction_type must be 0 (epsilon), 1 (sample), 2 (v_prediction) or 3 (flow), got {prediction_type}")
-    if clip_sample_range is not None and not clip_sample_range > 0:
-        fail(f"clip_sample_range must be > 0, got {clip_sample_range}")
-    if seed < 0:
-        fail(f"seed must be >= 0, got {seed}")
-    if not 0 <= step_index < _MAX_INDEX:
-        fail(f"step_index must be in [0, 2**32), got {step_index}")
-    if sample_offset < 0 or sample_offset + B > _MAX_INDEX:
-        fail(f"sample_offset must be >= 0 with sample_offset + batch size <= 2**32, got {sample_offset} + {B}")
-    tables = {"priors": priors, "offsets": offsets, "var_offsets": var_offsets}
-    given = [t is not None for t in tables.values()]
-    if any(given) and not all(given):
-        fail("pass all of priors, offsets, var_offsets or none")
-    for t in (model_output, noise, components, *tables.values()):
-        if t is not None and t.device != sample.device:
-            fail(
-                f"every tensor must be on the sample's device {sample.device}; got one on {t.device} "
-                "(move the GMM tables to the sample's device)"
+    need(
+        0 <= prediction_type <= 3,
+        f"prediction_type must be 0 (epsilon), 1 (sample), 2 (v_prediction) or 3 (flow), got {prediction_type}",
+    )
+    if clip_sample_range is not None:
+        need(clip_sample_range > 0, f"clip_sample_range must be > 0, got {clip_sample_range:g}")
+    need(0 <= step_index < _MAX_INDEX, f"step_index must be in [0, 2**32), got {step_index}")
+    need(
+        0 <= sample_offset <= _MAX_INDEX - B,
+        f"sample_offset must be >= 0 with sample_offset + batch size <= 2**32, got {sample_offset} + {B}",
+    )
+    need(D <= 4 * _MAX_INDEX, f"per-sample numel must be <= 2**34 (32-bit Philox counter), got {D}")
+    tables = (priors, offsets, var_offsets)
+    n_tables = sum(t is not None for t in tables)
+    need(n_tables in (0, 3), "pass all of priors, offsets, var_offsets or none")
+    need(basis is None or n_tables == 3, "basis given without GMM tables (priors, offsets, var_offsets)")
+    gmm = n_tables == 3
+    named = {
+        "model_output": model_output,
+        "coeffs": coeffs,
+        "step_tensor": step_tensor,
+        "priors": priors,
+        "offsets": offsets,
+        "var_offsets": var_offsets,
+        "basis": basis,
+        "noise": noise,
+        "components": components,
+    }
+    for name, t in named.items():
+        if t is not None:
+            need(
+                t.device == sample.device,
+                f"every tensor must be on the sample's device {sample.device}; {name} is on {t.device}",
             )
-    if all(given):
-        for name, t in tables.items():
-            if t.dtype != cdt:
-                fail(
+    n_sets = 0
+    if gmm:
+        for name in ("priors", "offsets", "var_offsets", "basis"):
+            t = named[name]
+            if t is not None:
+                need(
+                    t.dtype == cdt,
                     f"{name} must be {_name(cdt)} (the compute dtype of a {_name(sample.dtype)} sample), "
-                    f"got {_name(t.dtype)}"
+                    f"got {_name(t.dtype)}",
                 )
-        K = priors.shape[0] if priors.dim() == 1 else -1
-        if K < 1:
-            fail(f"priors must have shape [K], K >= 1, got {tuple(priors.shape)}")
-        if tuple(offsets.shape) != (K, D):
-            fail(f"offsets must have shape [K, D] = [{K}, {D}] (D = per-sample numel), got {tuple(offsets.shape)}")
-        if var_offsets.dim() != 2 or var_offsets.shape[0] != K or var_offsets.shape[1] > D:
-            fail(f"var_offsets must have shape [K, Dv] with K = {K} and Dv <= {D}, got {tuple(var_offsets.shape)}")
-    if noise is not None and (not noise.is_floating_point() or noise.shape != sample.shape):
-        fail(
-            f"noise must be a floating tensor of the sample's shape {tuple(sample.shape)}, got {noise.dtype} "
-            f"{tuple(noise.shape)}"
+        stacked = priors.dim() == 2
+        need(
+            priors.dim() in (1, 2) and priors.shape[-1] >= 1 and (not stacked or priors.shape[0] >= 1),
+            f"priors must have shape [K] or [S, K] with K >= 1, got {_shape(priors.shape)}",
+        )
+        K = priors.shape[-1]
+        n_sets = priors.shape[0] if stacked else 0
+        head = (n_sets,) if stacked else ()
+        want = head + (K, D)
+        need(
+            tuple(offsets.shape) == want,
+            f"offsets must have shape {_shape(want)} (priors {_shape(priors.shape)}, D = per-sample numel), "
+            f"got {_shape(offsets.shape)}",
+        )
+        Dv = var_offsets.shape[-1] if var_offsets.dim() == 2 + stacked else -1
+        need(
+            var_offsets.dim() == 2 + stacked and tuple(var_offsets.shape) == head + (K, Dv) and Dv <= D,
+            f"var_offsets must have shape [{'S, ' if stacked else ''}K, Dv] with K = {K} and Dv <= {D}, "
+            f"got {_shape(var_offsets.shape)}",
+        )
+        if basis is not None:
+            want = head + (Dv, D)
+            need(
+                tuple(basis.shape) == want,
+                f"basis must have shape {_shape(want)} (one row per variance offset), got {_shape(basis.shape)}",
+            )
+    if noise is not None:
+        need(
+            noise.is_floating_point() and noise.shape == sample.shape,
+            f"noise must be a floating tensor of the sample's shape {_shape(sample.shape)}, got "
+            f"{_name(noise.dtype)} {_shape(noise.shape)}",
         )
     if components is not None:
-        if not all(given):
-            fail("components given without GMM tables")
-        if components.dtype not in (torch.int32, torch.int64) or tuple(components.shape) != (B,):
-            fail(
-                f"components must be an int32/int64 tensor of shape [{B}], got {components.dtype} "
-                f"{tuple(components.shape)}"
-            )
+        need(gmm, "components given without GMM tables")
+        need(
+            components.dtype in (torch.int32, torch.int64) and tuple(components.shape) == (B,),
+            f"components must be an int32/int64 tensor of shape [{B}], got {_name(components.dtype)} "
+            f"{_shape(components.shape)}",
+        )
+    n_rows = coeffs.shape[0] if coeffs.dim() == 2 else 0
+    if step_tensor is None:
+        need(
+            n_rows == 0 or step_index < n_rows,
+            f"step_index {step_index} is outside the coefficient table [{n_rows}, 6]",
+        )
+        need(
+            n_sets <= 1 or step_index < n_sets,
+            f"step_index {step_index} is outside the GMM tables ({n_sets} parameter sets)",
+        )
 
 
 @torch.library.register_kernel("ddimgmm::step", "cuda")
-def _step_cuda(
-    model_output,
-    sample,
-    coeffs,
-    priors,
-    offsets,
-    var_offsets,
-    noise,
-    components,
-    prediction_type,
-    guidance_scale,
-    clip_sample_range,
-    use_clipped_model_output,
-    seed,
-    sample_offset,
-    step_index,
-    return_pred_original,
-):
-    _check(
-        model_output,
-        sample,
-        coeffs,
-        priors,
-        offsets,
-        var_offsets,
-        noise,
-        components,
-        prediction_type,
-        guidance_scale,
-        clip_sample_range,
-        seed,
-        sample_offset,
-        step_index,
-    )
+def _step_cuda(*args):
+    check(*args)
     from .._triton import load_step_launcher  # triton is needed only once a CUDA tensor arrives
 
     step = load_step_launcher()
-
-    with torch.cuda.device(sample.device):
-        return step(
-            model_output,
-            sample,
-            coeffs,
-            priors,
-            offsets,
-            var_offsets,
-            noise,
-            components,
-            prediction_type,
-            guidance_scale,
-            clip_sample_range,
-            use_clipped_model_output,
-            seed,
-            sample_offset,
-            step_index,
-            return_pred_original,
-        )
+    with torch.cuda.device(args[1].device):  # the sample's device, whatever the current one
+        return step(*args)
 
 
 @torch.library.register_fake("ddimgmm::step")
-def _step_fake(
-    model_output,
-    sample,
-    coeffs,
-    priors,
-    offsets,
-    var_offsets,
-    noise,
-    components,
-    prediction_type,
-    guidance_scale,
-    clip_sample_range,
-    use_clipped_model_output,
-    seed,
-    sample_offset,
-    step_index,
-    return_pred_original,
-):
-    _check(
-        model_output,
-        sample,
-        coeffs,
-        priors,
-        offsets,
-        var_offsets,
-        noise,
-        components,
-        prediction_type,
-        guidance_scale,
-        clip_sample_range,
-        seed,
-        sample_offset,
-        step_index,
-    )
+def _step_fake(*args):
+    check(*args)
+    sample, priors, return_pred_original = args[1], args[4], args[-1]
     prev = sample.new_empty(sample.shape)
     x0 = sample.new_empty(sample.shape if return_pred_original else (0,))
     comps = sample.new_empty((sample.shape[0] if priors is not None else 0,), dtype=torch.int64)

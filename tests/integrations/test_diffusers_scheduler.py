@@ -357,9 +357,6 @@ def test_ddim_pipeline_constructor_keeps_the_gmm():
     assert type(converted.scheduler) is DDIMScheduler
 
 
-@pytest.mark.skipif(
-    not hasattr(dg.api, "step_from_table"), reason="needs the table form of the step op (device step index)"
-)
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("gmm_variant", [None, "ortho"])
 @pytest.mark.parametrize("family", ["ddim", "flow"])

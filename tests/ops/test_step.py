@@ -1,5 +1,5 @@
 """torch.ops.ddimgmm.step (through dg.step / dg.ddim_step / dg.rfim_step) against the pure-torch reference,
-the randomness contract of DESIGN.md 3, the oracles of DESIGN.md 2.5, and op registration (opcheck, compile)."""
+the randomness contract (docs/design.md 2), moment oracles, and op registration (opcheck, compile)."""
 
 import math
 
@@ -167,7 +167,7 @@ def test_mixed_model_output_dtype(device):
     assert_close(out.prev_sample, _ref64(R.ddim_step, m.bfloat16(), x16, 0.5, 0.8, eta=1.0, noise=z).prev_sample)
 
 
-# ---- the randomness contract (DESIGN.md 3) -------------------------------------------------------------
+# ---- the randomness contract (docs/design.md 2) -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -221,7 +221,7 @@ def test_component_frequencies_match_priors(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", ["rand", "ortho"])
 def test_moment_matching_oracle(device, variant):
-    """DESIGN.md 2.5: x_t = a_t x0 + b_t eps with the exact eps as model output gives E[x_s] = a_s x0 and
+    """Oracle: x_t = a_t x0 + b_t eps with the exact eps as model output gives E[x_s] = a_s x0 and
     Var[x_s[d]] = b_s^2 per coordinate when c^2 >= max v_k; in-kernel noise and components."""
     N, D = 40000, 16
     a_t, b_t = R.vp_coefficients(0.3)
@@ -247,27 +247,36 @@ def test_moment_matching_oracle(device, variant):
 # ---- registration ----------------------------------------------------------------------------------------
 
 
-def _op_args(device, dtype=torch.float32, gmm=True, guided=False):
+from ddim_gmm_ext.ops.step import ARGUMENTS  # noqa: E402 (the schema's argument names, in order)
+
+
+def _op_args(device, dtype=torch.float32, gmm=True, guided=False, table=False):
+    """Positional arguments of one valid op call, as a name -> value dict in schema order."""
     x, m, _ = _inputs(SHAPE, dtype, device, guided=guided)
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
     tables = _gmm(SHAPE, "ortho-vub", device, dtype=cdt).params(0, x) if gmm else (None, None, None)
-    coeffs = torch.tensor([0.7, 0.7, 0.8, 0.6, 0.3], dtype=cdt, device=device)
-    return [m, x, coeffs, *tables, None, None, 0, 2.0 if guided else None, 1.0, True, 3, 0, 1, True]
+    row = [0.7, 0.7, 0.8, 0.6, 0.3, 1.0]
+    coeffs = torch.tensor([row, row] if table else row, dtype=cdt, device=device)
+    values = [m, x, coeffs, None, *tables, None, None, None, 0, 2.0 if guided else None, 1.0, True, 3, 0, 1, True]
+    return dict(zip(ARGUMENTS, values, strict=True))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", ["gmm", "plain_guided", "half", "noise_and_components"])
+@pytest.mark.parametrize("case", ["gmm", "plain_guided", "half", "noise_and_components", "table_step_tensor"])
 def test_opcheck(device, case):
     args = _op_args(
         device,
         torch.float16 if case == "half" else torch.float32,
         gmm=case != "plain_guided",
         guided=case == "plain_guided",
+        table=case == "table_step_tensor",
     )
     if case == "noise_and_components":
-        args[6] = torch.randn(SHAPE, device=device)
-        args[7] = torch.tensor([0, 3, 1], device=device)
-    torch.library.opcheck(torch.ops.ddimgmm.step, tuple(args))
+        args["noise"] = torch.randn(SHAPE, device=device)
+        args["components"] = torch.tensor([0, 3, 1], device=device)
+    if case == "table_step_tensor":
+        args["step_tensor"], args["step_index"] = torch.tensor(1, device=device), 0
+    torch.library.opcheck(torch.ops.ddimgmm.step, tuple(args.values()))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -285,58 +294,84 @@ def test_compile_fullgraph(device):
 
 # ---- bad input -------------------------------------------------------------------------------------------
 
+# One table of bad op calls: (expected exception, message pattern, changes to a valid call). Every backend
+# (the C++ CPU kernel, the fake kernel on meta tensors, the Triton launcher on CUDA) must raise the same type
+# with the same message, before any work.
+BAD_OP_CALLS = [
+    (TypeError, "sample must be float16, bfloat16, float32 or float64, got int32",
+     dict(sample=lambda a: a["sample"].int(), model_output=lambda a: a["model_output"].int())),
+    (ValueError, "model_output must have shape", dict(model_output=lambda a: a["model_output"][:2])),
+    (ValueError, "coeffs must be one row", dict(coeffs=lambda a: a["coeffs"][:5])),
+    (ValueError, "coeffs must be float32", dict(coeffs=lambda a: a["coeffs"].double())),
+    (ValueError, "step_tensor must be a 0-d int64", dict(step_tensor=lambda a: a["coeffs"].new_zeros(1).long())),
+    (ValueError, "step_tensor must be a 0-d int64", dict(step_tensor=lambda a: a["coeffs"].new_zeros(()).int())),
+    (ValueError, "not both", dict(step_tensor=lambda a: a["coeffs"].new_zeros((), dtype=torch.int64))),
+    (ValueError, "prediction_type", dict(prediction_type=4)),
+    (ValueError, "clip_sample_range must be > 0, got -1", dict(clip_sample_range=-1.0)),
+    (ValueError, r"step_index must be in \[0, 2\*\*32\)", dict(step_index=2**32)),
+    # sample_offset + B near 2**63 must not wrap around (it would alias other samples' noise)
+    (ValueError, "sample_offset must be >= 0", dict(sample_offset=2**63 - 2)),
+    (ValueError, "sample_offset must be >= 0", dict(sample_offset=-1)),
+    (ValueError, "all of priors, offsets, var_offsets", dict(var_offsets=None)),
+    (ValueError, "basis given without GMM tables", dict(priors=None, offsets=None, var_offsets=None,
+                                                        basis=lambda a: a["sample"].new_zeros(2, 16))),
+    (ValueError, "on the sample's device", dict(offsets=lambda a: a["offsets"].to("meta"))),
+    (ValueError, "priors must be float32 .the compute dtype", dict(priors=lambda a: a["priors"].double())),
+    (ValueError, "offsets must have shape", dict(offsets=lambda a: a["offsets"][:, :-1])),
+    (ValueError, "var_offsets must have shape", dict(var_offsets=lambda a: a["sample"].new_zeros(4, 200))),
+    (ValueError, "basis must have shape", dict(basis=lambda a: a["sample"].new_zeros(3, 16))),
+    (ValueError, "noise must be", dict(noise=lambda a: a["sample"].new_zeros(3, 2))),
+    (ValueError, "components must be an int32/int64",
+     dict(components=lambda a: a["sample"].new_zeros(2, dtype=torch.int64))),
+    (ValueError, "components given without GMM", dict(priors=None, offsets=None, var_offsets=None,
+                                                      components=lambda a: a["sample"].new_zeros(3).long())),
+    (ValueError, r"step_index 2 is outside the coefficient table \[2, 6\]",
+     dict(coeffs=lambda a: torch.stack([a["coeffs"]] * 2), step_index=2)),
+]  # fmt: skip
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_bad_input_to_the_op(device):
-    op = torch.ops.ddimgmm.step
 
-    def raises(match, **changes):
-        args = _op_args(device)
-        names = [
-            "model_output",
-            "sample",
-            "coeffs",
-            "priors",
-            "offsets",
-            "var_offsets",
-            "noise",
-            "components",
-            "prediction_type",
-            "guidance_scale",
-            "clip_sample_range",
-        ]
-        for name, value in changes.items():
-            args[names.index(name)] = value(args) if callable(value) else value
-        with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
-            op(*args)
+def _bad_call(device, changes):
+    """The bad call on ``device``; for "meta", tensors are swapped cpu <-> meta, so one put on another device
+    than the sample stays on another device."""
+    args = _op_args("cpu" if device == "meta" else device)
+    for name, value in changes.items():
+        args[name] = value(args) if callable(value) else value
+    if device == "meta":
 
-    raises("priors must be float32 .the compute dtype", priors=lambda a: a[3].double())
-    raises("device", offsets=lambda a: a[4].to("meta"))
-    raises("offsets must have shape", offsets=lambda a: a[4][:, :-1])
-    raises("var_offsets must have shape", var_offsets=lambda a: torch.zeros(4, 200, device=device))
-    raises("all of priors, offsets, var_offsets", var_offsets=None)
-    raises("coeffs must be a 1-D", coeffs=lambda a: a[2][:4])
-    raises("coeffs must be a 1-D", coeffs=lambda a: a[2].double())
-    raises("model_output must have shape", model_output=lambda a: a[0][:2])
-    raises("prediction_type", prediction_type=4)
-    raises("clip_sample_range", clip_sample_range=-1.0)
-    raises("components must be an int32/int64", components=lambda a: torch.zeros(2, dtype=torch.int64, device=device))
-    raises(
-        "components given without GMM",
-        priors=None,
-        offsets=None,
-        var_offsets=None,
-        components=lambda a: torch.zeros(3, dtype=torch.int64, device=device),
-    )
-    raises("noise must be", noise=lambda a: torch.zeros(3, 2, device=device))
-    raises("sample must be", sample=lambda a: a[1].int(), model_output=lambda a: a[0].int())
+        def swap(a):
+            return torch.empty_like(a, device="cpu") if a.device.type == "meta" else a.to("meta")
+
+        args = {n: swap(a) if isinstance(a, torch.Tensor) else a for n, a in args.items()}
+    return tuple(args.values())
+
+
+@pytest.mark.parametrize("device", [*DEVICES, "meta"])
+@pytest.mark.parametrize(("error", "match", "changes"), BAD_OP_CALLS, ids=[c[1][:40] for c in BAD_OP_CALLS])
+def test_bad_input_to_the_op(device, error, match, changes):
+    # meta runs the fake kernel (what torch.compile traces); the messages are checked equal across backends
+    # below. Checked to fail when the C++ kernel raises RuntimeError (TORCH_CHECK) instead of ValueError.
+    args = _bad_call(device, changes)
+    with pytest.raises(error, match=match) as info:
+        torch.ops.ddimgmm.step(*args)
+    assert type(info.value) is error  # not a subclass such as torch's own error types
+
+
+@pytest.mark.parametrize(("error", "match", "changes"), BAD_OP_CALLS, ids=[c[1][:40] for c in BAD_OP_CALLS])
+def test_bad_input_same_message_on_every_backend(error, match, changes):
+    # The C++ checks mirror ops/step.py's `check`: same text, so a user sees one message whatever the device.
+    messages = set()
+    for device in ["cpu", "meta"]:
+        with pytest.raises(error) as info:
+            torch.ops.ddimgmm.step(*_bad_call(device, changes))
+        messages.add(str(info.value).split("\n")[0].replace("meta", "X").replace("cpu", "X"))
+    assert len(messages) == 1, messages
 
 
 def test_components_out_of_range_rejected_on_cpu():
     args = _op_args("cpu")
-    args[7] = torch.tensor([0, 4, 1])
-    with pytest.raises(RuntimeError, match=r"components must be in \[0, 4\)"):
-        torch.ops.ddimgmm.step(*args)
+    args["components"] = torch.tensor([0, 4, 1])
+    with pytest.raises(ValueError, match=r"components must be in \[0, 4\)"):
+        torch.ops.ddimgmm.step(*args.values())
 
 
 @pytest.mark.parametrize("device", DEVICES)

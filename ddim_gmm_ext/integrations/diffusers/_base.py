@@ -19,13 +19,10 @@ from numbers import Integral
 
 import torch
 
-from ... import _checks, api
+from ... import _checks
 from ...gmm import GMM
 from ...reference import StepOutput
 from .._common import build_gmm, check_gmm, check_gmm_options, check_gmm_steps, check_seed, stream_seed
-
-#: True once the op takes a whole [S, 6] coefficient table and a 0-d step-index tensor.
-HAS_TABLE_OP = hasattr(api, "step_from_table")
 
 
 def coefficient_rows(a_t, b_t, a_s, b_s, c) -> torch.Tensor:
@@ -58,8 +55,6 @@ class GMMSchedulerMixin:
         self._built_key = None
         self._rows: torch.Tensor | None = None  # [S, 6] float64 on the schedule's device
         self._tables: dict = {}  # (device, dtype) -> the rows in that compute dtype
-        self._host_rows: dict = {}
-        self._gmm_sets = None  # (gmm, (device, dtype), [per-set (priors, offsets, var_offsets)]) for the host op
         self._stream_seed = 0
 
     # -- GMM tables -------------------------------------------------------------------------------------
@@ -87,7 +82,6 @@ class GMMSchedulerMixin:
         finds it built); picks the run's stream seed."""
         self._rows = rows
         self._tables = {(rows.device, torch.float32): rows.float()}
-        self._host_rows = {}  # table -> its rows as [5] tensors (a_t, b_t, a_s, b_s, c), for the host op
         self._stream_seed = stream_seed(self.config.seed)
         if self._user_gmm is not None:
             check_gmm_steps(self._user_gmm, rows.shape[0], "gmm_params")
@@ -106,7 +100,11 @@ class GMMSchedulerMixin:
         before running a compiled loop, which cannot build them inside the graph. Returns the tables in use."""
         if self._rows is None:
             raise ValueError("call set_timesteps before prepare_gmm")
-        return self._gmm_for(sample)
+        gmm = self._gmm_for(sample)
+        if gmm is not None:
+            gmm.tables(sample)  # converted to the sample's device and compute dtype outside the graph
+        self._table(sample)
+        return gmm
 
     def _gmm_for(self, sample: torch.Tensor) -> GMM | None:
         """The GMM tables of this schedule (None when GMM is off), built or checked against ``sample``."""
@@ -157,58 +155,31 @@ class GMMSchedulerMixin:
     ):
         """One fused op call for step ``index`` (a host int, or a 0-d int64 tensor on the sample's device).
 
-        ``rows``: the [S, 6] table in the compute dtype (default: this schedule's). With the table op, the op
-        gathers the row, the GMM parameter set and the Philox step itself: nothing about the step number is
-        read on the host. Without it, the row is read at a host index (a tensor index is read once: a sync)."""
+        ``rows``: the [S, 6] table in the compute dtype (default: this schedule's). The op gathers the row, the
+        GMM parameter set and the Philox step itself: nothing about the step number is read on the host. The
+        scheduler has settled every argument :func:`ddim_gmm_ext.step_from_table` would check, so the op is
+        called directly (it checks shapes, dtypes and devices itself)."""
         table = self._table(sample) if rows is None else rows
-        if HAS_TABLE_OP:
-            return api.step_from_table(
-                model_output,
-                sample,
-                table,
-                index,
-                gmm=gmm,
-                prediction_type=prediction_type,
-                clip_sample_range=clip_sample_range,
-                use_clipped_model_output=use_clipped_model_output,
-                seed=self._stream_seed,
-                noise=noise,
-                components=components,
-            )
-        # The host op: the row of step i as its 1-D (a_t, b_t, a_s, b_s, c), one precomputed tensor per step.
-        # The scheduler has settled every argument the public api.step would check (the op checks shapes).
-        i = int(index)
-        per_step = self._host_rows.get(table)
-        if per_step is None:
-            a_t, b_t, a_s, big_b, c, _ = table.double().unbind(-1)
-            five = torch.stack([a_t, b_t, a_s, (big_b.square() + c.square()).sqrt(), c], -1).to(table.dtype)
-            per_step = self._host_rows[table] = list(five.unbind(0))
         cdt = table.dtype
         if model_output.dtype not in (sample.dtype, cdt):
             model_output = model_output.to(cdt)
-        priors = offsets = var_offsets = None
-        if gmm is not None:
-            per_set = self._gmm_sets
-            if per_set is None or per_set[0] is not gmm or per_set[1] != (sample.device, cdt):
-                sets = [gmm.params(j, sample) for j in range(1 if gmm.shared else gmm.n_steps)]
-                per_set = self._gmm_sets = (gmm, (sample.device, cdt), sets)
-            priors, offsets, var_offsets = per_set[2][0 if gmm.shared else i]
+        tables = gmm.tables(sample) if gmm is not None else (None, None, None, None)
+        from_tensor = isinstance(index, torch.Tensor)
         prev, x0, k = torch.ops.ddimgmm.step(
             model_output,
             sample,
-            per_step[i],
-            priors,
-            offsets,
-            var_offsets,
+            table,
+            index if from_tensor else None,
+            *tables,
             noise,
             components,
             _checks.prediction_type_code(prediction_type),
             None,
             clip_sample_range,
             use_clipped_model_output,
-            self._stream_seed,
+            _checks.op_seed(self._stream_seed),
             0,
-            i,
+            0 if from_tensor else index,
             True,
         )
         return StepOutput(prev, x0, k if gmm is not None else None)

@@ -19,7 +19,6 @@ from diffusers.utils.torch_utils import randn_tensor
 from ... import api, reference
 from .._common import check_eta
 from ._base import (
-    HAS_TABLE_OP,
     GMMSchedulerMixin,
     check_generator,
     check_step_count,
@@ -221,8 +220,6 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
                     f"{tuple(timestep.shape)}"
                 )
             compiling = torch.compiler.is_compiling()
-            if compiling and not HAS_TABLE_OP:
-                return self._step_index  # the host op needs a host index: the counter (a recompile per step)
             if compiling or timestep.device.type != "cpu":
                 t = timestep.reshape(()).to(device)
                 inside = (t >= 0) & (t < T)

@@ -23,7 +23,6 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .._common import check_eta
 from ._base import (
-    HAS_TABLE_OP,
     GMMSchedulerMixin,
     check_generator,
     check_step_count,
@@ -146,7 +145,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
     def _index(self, timestep, device: torch.device):
         """The step index: the base class's host counter, or under ``torch.compile`` a 0-d device tensor (the
         timestep's first position in the schedule; -1 when absent: an all-NaN step)."""
-        if torch.compiler.is_compiling() and HAS_TABLE_OP:
+        if torch.compiler.is_compiling():
             t = torch.as_tensor(timestep, device=device).reshape(())
             match = self.timesteps.to(device) == t.to(self.timesteps.dtype)
             first = match.to(torch.int64).argmax()
