@@ -222,3 +222,84 @@ def _step_fake(*args):
     x0 = sample.new_empty(sample.shape if return_pred_original else (0,))
     comps = sample.new_empty((sample.shape[0] if priors is not None else 0,), dtype=torch.int64)
     return prev, x0, comps
+
+
+# ---- autograd ----------------------------------------------------------------------------------------------
+# For fixed noise and components the step is affine in (model_output, sample) up to the clamp of x0:
+#   m = m_u + w (m_c - m_u);  x0' = p_x x + p_m m;  x0 = clamp(x0', -r, r);  eps = q_x x + q_m m
+#   (or eps = (x - a_t x0) / b_t with use_clipped_model_output);  x_s = A x0 + B eps + (terms free of x, m).
+# The backward applies the transposed coefficients; the clamp passes gradient only where it did not clip.
+# Coefficients, GMM tables and noise get no gradient (they are schedule constants and draws); asking for one
+# is an error rather than a silent zero.
+
+_NO_GRAD_INPUTS = ("coeffs", "priors", "offsets", "var_offsets", "basis", "noise")
+
+
+def _linear_coefficients(a_t, b_t, prediction_type: int):
+    """(p_x, p_m, q_x, q_m): x0 = p_x x + p_m m and eps = q_x x + q_m m for each prediction type (0-d tensors)."""
+    one, zero = torch.ones_like(a_t), torch.zeros_like(a_t)
+    if prediction_type == 0:
+        return 1 / a_t, -b_t / a_t, zero, one
+    if prediction_type == 1:
+        return zero, one, 1 / b_t, -a_t / b_t
+    if prediction_type == 2:
+        n2 = a_t * a_t + b_t * b_t
+        n = n2.sqrt()
+        return a_t / n2, -b_t / n, b_t / n2, a_t / n
+    return one, -b_t, one, a_t
+
+
+def _setup_context(ctx, inputs, output):
+    named = dict(zip(ARGUMENTS, inputs, strict=True))
+    for name in _NO_GRAD_INPUTS:
+        t = named[name]
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise NotImplementedError(
+                f"ddimgmm::step: no gradient with respect to {name} (schedule constants and draws); detach it, or "
+                "differentiate through dg.reference.step_from_table"
+            )
+    ctx.save_for_backward(named["model_output"], named["sample"], named["coeffs"], named["step_tensor"])
+    ctx.options = tuple(
+        named[n] for n in ("prediction_type", "guidance_scale", "clip_sample_range", "use_clipped_model_output")
+    )
+    ctx.step_index = named["step_index"]
+
+
+def _backward(ctx, grad_prev, grad_x0, grad_components):
+    model_output, sample, coeffs, step_tensor = ctx.saved_tensors
+    prediction_type, w, clip, use_clipped = ctx.options
+    cdt = _compute_dtype(sample.dtype)
+    row = coeffs
+    if coeffs.dim() == 2:
+        i = step_tensor if step_tensor is not None else torch.tensor(ctx.step_index, device=coeffs.device)
+        row = coeffs.index_select(0, i.clamp(0, coeffs.shape[0] - 1).reshape(1))[0]
+    a_t, b_t, A, B = row.to(cdt).unbind()[:4]
+    p_x, p_m, q_x, q_m = _linear_coefficients(a_t, b_t, prediction_type)
+    x = sample.to(cdt)
+    m = model_output.to(cdt)
+    if w is not None:
+        m_u, m_c = m.chunk(2)
+        m = m_u + w * (m_c - m_u)
+    g_prev = grad_prev.to(cdt) if grad_prev is not None else torch.zeros_like(x)
+    g_x0 = A * g_prev
+    if grad_x0 is not None and grad_x0.numel():
+        g_x0 = g_x0 + grad_x0.to(cdt)
+    g_x, g_m = torch.zeros_like(x), torch.zeros_like(x)
+    if clip is not None and use_clipped:  # eps = (x - a_t x0) / b_t
+        g_x = g_x + (B / b_t) * g_prev
+        g_x0 = g_x0 - (a_t * B / b_t) * g_prev
+    else:
+        g_x, g_m = g_x + q_x * B * g_prev, g_m + q_m * B * g_prev
+    if clip is not None:
+        x0 = p_x * x + p_m * m
+        g_x0 = torch.where((x0 >= -clip) & (x0 <= clip), g_x0, torch.zeros_like(g_x0))
+    g_x, g_m = g_x + p_x * g_x0, g_m + p_m * g_x0
+    if w is not None:
+        g_m = torch.cat([(1 - w) * g_m, w * g_m])
+    grads = dict.fromkeys(ARGUMENTS)
+    grads["model_output"] = g_m.to(model_output.dtype)
+    grads["sample"] = g_x.to(sample.dtype)
+    return tuple(grads.values())
+
+
+torch.library.register_autograd("ddimgmm::step", _backward, setup_context=_setup_context)
