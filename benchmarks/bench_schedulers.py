@@ -10,7 +10,6 @@ import torch
 pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E402
 
-from ddim_gmm_ext import api  # noqa: E402
 from ddim_gmm_ext.diffusers import DDIMGMMScheduler, FlowMatchEulerDiscreteGMMScheduler  # noqa: E402
 
 SHAPE = (1, 4, 64, 64)
@@ -24,16 +23,11 @@ def _bare_op(scheduler, x, m, i, prediction_type):
     code = {"epsilon": 0, "flow": 3}[prediction_type]
     seed = scheduler._stream_seed
     table = scheduler._table_at(0.0, x.device, torch.float32) if prediction_type == "epsilon" else scheduler._table(x)
-    if hasattr(api, "step_from_table"):
-        tables = (None, None, None, None) if gmm is None else (gmm.priors, gmm.offsets, gmm.var_offsets, None)
-        index = torch.tensor(i, device=x.device)
-        return lambda: torch.ops.ddimgmm.step(
-            m, x, table, index, *tables, None, None, code, None, None, False, seed, 0, 0, True
-        )
-    a_t, b_t, a_s, big_b, c, _ = table[i].tolist()
-    coeffs = torch.tensor([a_t, b_t, a_s, (big_b**2 + c**2) ** 0.5, c], device=x.device)
-    tables = (None, None, None) if gmm is None else gmm.params(i, x)
-    return lambda: torch.ops.ddimgmm.step(m, x, coeffs, *tables, None, None, code, None, None, False, seed, 0, i, True)
+    tables = (None, None, None, None) if gmm is None else gmm.tables(x)
+    index = torch.tensor(i, device=x.device)
+    return lambda: torch.ops.ddimgmm.step(
+        m, x, table, index, *tables, None, None, code, None, None, False, seed, 0, 0, True
+    )
 
 
 def _cases(family, gmm_variant, device):
