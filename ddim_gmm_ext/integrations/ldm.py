@@ -26,9 +26,10 @@ class DDIMSampler:
     authors' README) those tables are used, otherwise tables are built per ``sample`` call for the sample
     size ("ortho-vub" for True) with ``n_components`` / ``scale``. seed: see ``ddim_gmm_ext.integrations._common``.
 
-    The schedule is latent-diffusion's: ``ddim_discretize`` "uniform" (timesteps 1, 1 + c, ..., c = T // S) or
-    "quad"; the last step goes to alphas_cumprod[0]. The initial noise x_T is drawn with ``torch.randn`` (the
-    global generator) when not given, as latent-diffusion does.
+    The schedule is latent-diffusion's (:func:`ddim_timesteps`): "uniform" runs every c-th timestep with
+    c = T // S, which is more than S steps when S does not divide T (31 for S = 30), and all of them are run,
+    each with its own coefficients and GMM parameter set; the last step goes to alphas_cumprod[0]. The
+    initial noise x_T is drawn with ``torch.randn`` (the global generator) when not given, as upstream does.
     """
 
     def __init__(
@@ -65,13 +66,7 @@ class DDIMSampler:
         T = self.ddpm_num_timesteps
         if isinstance(ddim_num_steps, bool) or not isinstance(ddim_num_steps, Integral) or not 1 <= ddim_num_steps <= T:
             raise ValueError(f"ddim_num_steps must be an int in [1, {T}], got {ddim_num_steps!r}")
-        if ddim_discretize == "uniform":
-            steps = np.arange(0, T, T // ddim_num_steps)
-        elif ddim_discretize == "quad":
-            steps = (np.linspace(0, np.sqrt(T * 0.8), ddim_num_steps) ** 2).astype(int)
-        else:
-            raise ValueError(f"ddim_discretize must be 'uniform' or 'quad', got {ddim_discretize!r}")
-        self.ddim_timesteps = steps + 1
+        self.ddim_timesteps = ddim_timesteps(ddim_discretize, ddim_num_steps, T)
         eta = check_eta(ddim_eta, "ddim_eta")
         abar = self.model.alphas_cumprod.detach().to("cpu", torch.float64)
         self.ddim_alphas = abar[self.ddim_timesteps]
@@ -124,6 +119,7 @@ class DDIMSampler:
         else:
             x = x_T
         guided = unconditional_conditioning is not None and unconditional_guidance_scale != 1.0
+        steps = len(self.ddim_timesteps)  # the steps upstream runs: more than asked when S does not divide T
         gmm = resolve_gmm(
             self.gmm_params if self.gmm_params is not None else self.gmm,
             x,
@@ -169,6 +165,25 @@ class DDIMSampler:
                 intermediates["x_inter"].append(x)
                 intermediates["pred_x0"].append(pred_x0)
         return x, intermediates
+
+
+def ddim_timesteps(discretize: str, num_steps: int, num_train_timesteps: int) -> np.ndarray:
+    """The train timesteps latent-diffusion's DDIM sampler runs, increasing (int64 numpy, as upstream).
+
+    "uniform": 1 + (0, c, 2c, ...) below T + 1 with c = T // S: ceil(T / c) timesteps, more than S when S does
+    not divide T. "quad": 1 + floor(linspace(0, sqrt(0.8 T), S)^2). Upstream then indexes alphas_cumprod at
+    T for some S (S = 3 on T = 1000 gives 1, 334, 667, 1000) and fails; here a timestep past the last train
+    timestep is taken as T - 1 (the sampling still starts from the noisiest timestep), and a repeat that
+    this creates (S = T) is dropped.
+    """
+    if discretize == "uniform":
+        steps = np.arange(0, num_train_timesteps, num_train_timesteps // num_steps)
+    elif discretize == "quad":
+        steps = (np.linspace(0, np.sqrt(num_train_timesteps * 0.8), num_steps) ** 2).astype(int)
+    else:
+        raise ValueError(f"ddim_discretize must be 'uniform' or 'quad', got {discretize!r}")
+    steps = np.minimum(steps + 1, num_train_timesteps - 1)
+    return steps[np.concatenate([[True], np.diff(steps) > 0])].astype(np.int64)
 
 
 def _stack_conditioning(uncond, cond):

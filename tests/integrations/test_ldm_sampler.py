@@ -118,3 +118,69 @@ def test_bad_input():
         dg.DDIMSampler(model).sample(STEPS, BATCH, SHAPE, x_T=torch.zeros(1, *SHAPE), progress=False)
     with pytest.raises(ValueError, match="ddim_discretize"):
         sampler.make_schedule(STEPS, ddim_discretize="cubic")
+
+
+# ---- latent-diffusion's own schedule, step counts that do not divide 1000 --------------------------------
+
+
+def _upstream_uniform(S: int, T: int = 1000) -> list[int]:
+    """latent-diffusion's "uniform" DDIM timesteps, derived from its rule: every c-th train step from 0 with
+    c = T // S, shifted by one; the timestep T it can produce is not a train timestep (clamped to T - 1)."""
+    c = T // S
+    out, t = [], 0
+    while t < T:
+        out.append(min(t + 1, T - 1))
+        t += c
+    return sorted(set(out))
+
+
+def test_uniform_schedule_for_every_step_count():
+    # Checked to fail with the old rule that ran exactly S steps (31 timesteps for S = 30, 7 -> 8, 3 -> 4).
+    from ddim_gmm_ext.integrations.ldm import ddim_timesteps
+
+    for S in range(1, 1001):
+        assert ddim_timesteps("uniform", S, 1000).tolist() == _upstream_uniform(S), S
+    assert len(ddim_timesteps("uniform", 30, 1000)) == 31 and len(ddim_timesteps("uniform", 7, 1000)) == 8
+
+
+def _upstream_loop(model, x_T, S, eta, seed):
+    """latent-diffusion's p_sample_ddim loop from its formulas (eps parameterisation), every timestep of its
+    schedule, with our Philox noise of step i as its noise draw."""
+    abar = model.alphas_cumprod.double()
+    ts = _upstream_uniform(S)
+    alphas = abar[ts]
+    alphas_prev = torch.cat([abar[:1], abar[ts[:-1]]])
+    sigmas = eta * ((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev)).sqrt()
+    x = x_T.double()
+    n = len(ts)
+    for i, t in enumerate(reversed(ts)):
+        index = n - 1 - i
+        e = model.apply_model(x.float(), torch.full((x.shape[0],), t), None).double()
+        a_t, a_prev, sigma = alphas[index], alphas_prev[index], sigmas[index]
+        pred_x0 = (x - (1 - a_t).sqrt() * e) / a_t.sqrt()
+        dir_xt = (1 - a_prev - sigma**2).sqrt() * e
+        z = dg.reference.gaussian_noise(x.shape, seed, 0, i, torch.float64)
+        x = a_prev.sqrt() * pred_x0 + dir_xt + sigma * z
+    return x
+
+
+@pytest.mark.parametrize("S", [7, 30, 50, 250])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_whole_loop_equals_upstream_schedule(S, eta):
+    # Checked to fail (relative difference 0.16 at S = 30) with the old loop that paired S model calls with
+    # the coefficients of the wrong timesteps.
+    model = StandIn()
+    x_T = torch.randn(BATCH, *SHAPE, generator=torch.Generator().manual_seed(S))
+    samples, _ = dg.DDIMSampler(model, seed=9).sample(S=S, batch_size=BATCH, shape=SHAPE, eta=eta, x_T=x_T,
+                                                      progress=False)  # fmt: skip
+    assert len(model.calls) == len(_upstream_uniform(S))
+    torch.testing.assert_close(samples.double(), _upstream_loop(model, x_T, S, eta, seed=9), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("S", [3, 600, 1000])
+def test_step_counts_upstream_cannot_index_run(S):
+    model = StandIn()
+    samples, _ = dg.DDIMSampler(model, gmm="ortho", n_components=2, seed=0).sample(
+        S=S if S != 1000 else 1000, batch_size=1, shape=SHAPE, progress=False
+    )
+    assert torch.isfinite(samples).all()
