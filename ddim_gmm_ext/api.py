@@ -215,4 +215,5 @@ def thin_svd(O: torch.Tensor) -> torch.Tensor:  # noqa: E741 (the paper's name; 
 def offset_directions(n_sets: int, dim: int, n_components: int, seed: int, device="cpu") -> torch.Tensor:
     """The GMM direction matrices O [n_sets, dim, n_components] float64 of :func:`reference.offset_directions`,
     drawn by ``torch.ops.ddimgmm.offset_directions`` (C++, parallel) and moved to ``device``."""
-    return torch.ops.ddimgmm.offset_directions(n_sets, dim, n_components, seed).to(device)
+    _checks.check_seed(seed)
+    return torch.ops.ddimgmm.offset_directions(n_sets, dim, n_components, _checks.op_seed(seed)).to(device)

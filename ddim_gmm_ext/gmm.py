@@ -80,6 +80,7 @@ class GMM:
     ) -> GMM:
         """Reference-repository names: orthonormal=False -> RAND; orthonormal=True -> ORTHO;
         orthonormal=True, upper_bound_vars=True -> ORTHO-VUB."""
+        seed = _checks.check_seed(seed)
         if upper_bound_vars and not orthonormal:
             raise ValueError("upper_bound_vars=True needs orthonormal=True (the VUB bounds hold for ORTHO offsets)")
         variant = ("ortho-vub" if upper_bound_vars else "ortho") if orthonormal else "rand"

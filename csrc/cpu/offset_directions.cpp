@@ -19,7 +19,7 @@ at::Tensor offset_directions(int64_t n_sets, int64_t dim, int64_t n_components, 
               "ddimgmm::offset_directions: n_sets, dim, n_components must be >= 0, got ", n_sets, ", ", dim, ", ",
               n_components);
   TORCH_CHECK(n_sets < (int64_t(1) << 32), "ddimgmm::offset_directions: n_sets must be < 2**32, got ", n_sets);
-  TORCH_CHECK(seed >= 0, "ddimgmm::offset_directions: seed must be >= 0, got ", seed);
+  // seed: the 64-bit Philox key's bits as an int64 (Python passes seeds >= 2**63 as negative numbers).
   at::Tensor out = at::empty({n_sets, dim, n_components}, at::kDouble);
   const int64_t numel = dim * n_components, groups = (numel + 3) / 4;
   const uint32_t k0 = uint32_t(uint64_t(seed)), k1 = uint32_t(uint64_t(seed) >> 32);

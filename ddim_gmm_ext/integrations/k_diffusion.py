@@ -1,8 +1,9 @@
 """k-diffusion style sampler: :func:`sample_ddim_gmm`. Importable without k-diffusion installed.
 
 k-diffusion conventions: ``model(x, sigma * s_in, **extra_args)`` is a denoiser returning x0 on the VE path
-x = x0 + sigma * eps; ``sigmas`` decrease to 0; ``callback`` receives a dict with x, i, sigma, sigma_hat and
-denoised before each update; noise is drawn only for steps whose next sigma is > 0.
+x = x0 + sigma * eps; ``sigmas`` do not increase and may end above 0 (the high half of a split schedule, a
+partial denoise) or repeat; ``callback`` receives a dict with x, i, sigma, sigma_hat and denoised before each
+update; noise is drawn only for steps whose next sigma is > 0.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ def sample_ddim_gmm(
     x_VP = x * sqrt(abar), mapped back to VE: a run equals the DDIM(-GMM) run of the same model on the VP path
     (offsets and GMM scale are in VP units, as the tables are for diffusers and latent-diffusion).
 
-    x: x_T on the VE path (x0 + sigmas[0] * noise), [B, ...]. sigmas: 1-D, strictly decreasing, finite, ending
-    in 0. eta in [0, 1]: noise std as k-diffusion's ancestral sigma_up. s_noise scales the drawn noise.
+    x: x_T on the VE path (x0 + sigmas[0] * noise), [B, ...]. sigmas: 1-D, finite, >= 0, non-increasing (the
+    schedules k-diffusion's sample_euler / sample_euler_ancestral run); a step between equal sigmas leaves x
+    as it is, as theirs do; a last sigma above 0 returns the partially denoised x. eta in [0, 1]: noise std
+    as k-diffusion's ancestral sigma_up. s_noise scales the drawn noise.
     noise_sampler(sigma, sigma_next) -> standard normal like x; default: the Philox stream.
     GMM options (extra keyword arguments): ``gmm`` None (plain DDIM), a variant name ("rand", "ortho",
     "ortho-vub", "ortho-vub*") built with n_components / scale / share_across_steps / uniform_priors, or a
@@ -79,10 +82,12 @@ def sample_ddim_gmm(
         abar_t, abar_s = 1.0 / (1.0 + sig[i] ** 2), 1.0 / (1.0 + sig[i + 1] ** 2)
         noise = None
         if sig[i + 1] > 0 and eta > 0:
-            if noise_sampler is not None:
+            if noise_sampler is not None:  # called whenever k-diffusion calls it, so shared samplers stay aligned
                 noise = noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise
             elif s_noise != 1.0:
                 noise = s_noise * reference.gaussian_noise(x.shape, run_seed, sample_offset, i, x.dtype, x.device)
+        if sig[i + 1] == sig[i]:
+            continue  # no time passes: Euler's x + d * 0 (and no GMM offset either)
         out = api.ddim_step(
             denoised,
             x * math.sqrt(abar_t),
@@ -101,15 +106,15 @@ def sample_ddim_gmm(
 
 
 def _check_sigmas(sigmas) -> list[float]:
-    """The sigmas as host floats (one copy per run), checked: 1-D, >= 2 entries, finite, strictly
-    decreasing, ending in 0."""
+    """The sigmas as host floats (one copy per run), checked: 1-D, >= 2 entries, finite, >= 0, non-increasing
+    (an increasing step would need noise added, which neither these samplers nor k-diffusion's do)."""
     if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or sigmas.numel() < 2:
-        raise ValueError("sigmas must be a 1-D tensor with at least 2 entries (the last one 0)")
+        raise ValueError(f"sigmas must be a 1-D tensor with at least 2 entries, got {sigmas!r}")
     sig = sigmas.detach().to("cpu", torch.float64).tolist()
     if not all(math.isfinite(s) and s >= 0 for s in sig):
         raise ValueError(f"sigmas must be finite and >= 0, got {sig}")
-    if any(b >= a for a, b in zip(sig, sig[1:], strict=False)):
-        raise ValueError(f"sigmas must be strictly decreasing, got {sig}")
-    if sig[-1] != 0:
-        raise ValueError(f"sigmas must end in 0 (k-diffusion convention), got last sigma {sig[-1]}")
+    rising = [i for i, (a, b) in enumerate(zip(sig, sig[1:], strict=False)) if b > a]
+    if rising:
+        i = rising[0]
+        raise ValueError(f"sigmas must not increase, got sigmas[{i}] = {sig[i]} < sigmas[{i + 1}] = {sig[i + 1]}")
     return sig

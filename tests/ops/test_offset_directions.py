@@ -23,8 +23,17 @@ def test_offset_directions_opcheck():
 def test_offset_directions_bad_input():
     with pytest.raises(RuntimeError, match="n_sets, dim, n_components must be >= 0"):
         torch.ops.ddimgmm.offset_directions(1, -2, 3, 0)
-    with pytest.raises(RuntimeError, match="seed must be >= 0"):
-        torch.ops.ddimgmm.offset_directions(1, 4, 3, -1)
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
+        dg.api.offset_directions(1, 4, 3, -1)
+
+
+def test_seeds_above_2_63_are_unsigned_keys():
+    # The op takes the key's bits as an int64: seed 2**64 - 1 arrives as -1 and draws the reference's stream.
+    ours = dg.api.offset_directions(2, 5, 3, 2**64 - 1)
+    assert torch.equal(ours, ref.offset_directions(2, 5, 3, 2**64 - 1))
+    assert not torch.equal(ours, ref.offset_directions(2, 5, 3, 2**63 - 1))
+    gmm = dg.GMM.create(16, n_components=2, n_steps=2, seed=2**64 - 1)
+    assert torch.isfinite(gmm.offsets).all()
 
 
 @pytest.mark.parametrize("variant", ["rand", "ortho", "ortho-vub"])
