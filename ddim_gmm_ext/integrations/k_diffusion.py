@@ -15,7 +15,12 @@ import torch
 from .. import api, reference
 from ._common import check_eta, check_seed, progress_bar, resolve_gmm, stream_seed
 
-__all__ = ["sample_ddim_gmm"]
+__all__ = ["sample_ddim_gmm", "sample_rfim_gmm", "FLOW_NOISE"]
+
+#: How sample_rfim_gmm sets the noise std c of a flow step t -> s from eta (B^2 + c^2 = s^2 either way):
+#: "rfim": c = eta s (the paper's RFIM); "ancestral_rf": ComfyUI's euler_ancestral_RF (Euler to
+#: sigma_down = s (1 + (s / t - 1) eta), then renoise to s).
+FLOW_NOISE = ("rfim", "ancestral_rf")
 
 
 @torch.no_grad()
@@ -118,3 +123,96 @@ def _check_sigmas(sigmas) -> list[float]:
         i = rising[0]
         raise ValueError(f"sigmas must not increase, got sigmas[{i}] = {sig[i]} < sigmas[{i + 1}] = {sig[i + 1]}")
     return sig
+
+
+def flow_noise_std(t: float, s: float, eta: float, noise: str = "rfim") -> float:
+    """Noise std c of the flow step t -> s on x_t = (1 - t) x0 + t eps (see :data:`FLOW_NOISE`)."""
+    if noise == "rfim" or s == 0:
+        return eta * s
+    sigma_down = s * (1 + (s / t - 1) * eta)
+    return math.sqrt(max(s * s - (sigma_down * (1 - s) / (1 - sigma_down)) ** 2, 0.0))
+
+
+@torch.no_grad()
+def sample_rfim_gmm(
+    model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: dict | None = None,
+    callback=None,
+    disable: bool | None = None,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+    noise_sampler=None,
+    *,
+    noise: str = "rfim",
+    gmm="ortho-vub",
+    n_components: int = 8,
+    scale: float = 1.0,
+    share_across_steps: bool = False,
+    uniform_priors: bool = True,
+    seed: int | None = None,
+    sample_offset: int = 0,
+) -> torch.Tensor:
+    """RFIM(-GMM) sampling of a k-diffusion-style flow denoiser (ComfyUI's CONST model sampling: SD3, Flux).
+
+    ``model(x, sigma * s_in, **extra_args)`` returns x0 on the flow path x = (1 - sigma) x0 + sigma eps, and
+    sigmas (in [0, 1], non-increasing, as ComfyUI passes them for flow models) are the flow times t. Each step
+    t -> s is x_s = (1 - s) x0 + sqrt(s^2 - c^2) eps + c z (the GMM kernel in place of c z when ``gmm``):
+    with GMM off it is Euler at eta = 0 and, with ``noise="ancestral_rf"``, ComfyUI's euler_ancestral_RF for
+    every eta; ``noise="rfim"`` is the paper's c = eta s. A step between equal sigmas leaves x as it is; a
+    last sigma above 0 returns the partially denoised x. Other arguments as :func:`sample_ddim_gmm`.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    eta = check_eta(eta)
+    if noise not in FLOW_NOISE:
+        raise ValueError(f"noise must be one of {FLOW_NOISE}, got {noise!r}")
+    if not isinstance(s_noise, (int, float)) or not math.isfinite(s_noise) or s_noise < 0:
+        raise ValueError(f"s_noise must be a finite number >= 0, got {s_noise!r}")
+    sig = _check_sigmas(sigmas)
+    if sig[0] > 1 or sig[0] == 0:
+        raise ValueError(f"flow sigmas are times in [0, 1] starting above 0, got sigmas[0] = {sig[0]}")
+    n_steps = len(sig) - 1
+    seed = check_seed(seed if seed is not None else extra_args.get("seed"))
+    gmm = resolve_gmm(
+        gmm,
+        x,
+        n_steps,
+        n_components=n_components,
+        scale=scale,
+        share_across_steps=share_across_steps,
+        uniform_priors=uniform_priors,
+        seed=seed,
+    )
+    run_seed = stream_seed(seed)
+    s_in = x.new_ones([x.shape[0]])
+    for i in progress_bar(range(n_steps), disable, "RFIM-GMM"):
+        t, s = sig[i], sig[i + 1]
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        z = None
+        if s > 0 and eta > 0:
+            if noise_sampler is not None:  # called whenever ComfyUI's sampler calls it
+                z = noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise
+            elif s_noise != 1.0:
+                z = s_noise * reference.gaussian_noise(x.shape, run_seed, sample_offset, i, x.dtype, x.device)
+        if s == t:
+            continue  # no time passes
+        out = api.step(
+            denoised,
+            x,
+            1.0 - t,
+            t,
+            1.0 - s,
+            s,
+            flow_noise_std(t, s, eta, noise),
+            prediction_type="sample",
+            gmm=gmm,
+            step_index=i,
+            seed=run_seed,
+            sample_offset=sample_offset,
+            noise=z,
+        )
+        x = out.prev_sample
+    return x
