@@ -84,6 +84,10 @@ class GMM:
         if upper_bound_vars and not orthonormal:
             raise ValueError("upper_bound_vars=True needs orthonormal=True (the VUB bounds hold for ORTHO offsets)")
         variant = ("ortho-vub" if upper_bound_vars else "ortho") if orthonormal else "rand"
+        return self._build(dim, n_components, n_steps, scale, variant, share_across_steps, uniform_priors, seed)
+
+    def _build(self, dim, n_components, n_steps, scale, variant, share_across_steps, uniform_priors, seed) -> GMM:
+        """Tables of ``variant`` from the package's random stream, by the fused ops (reference.gmm_parameters)."""
         priors, offsets, var_offsets = reference.gmm_parameters(
             dim,
             n_components,
@@ -94,18 +98,23 @@ class GMM:
             uniform_priors,
             seed,
             device=self.device,
-            dtype=self.dtype,
+            dtype=torch.float64,
             thin_svd_fn=api.thin_svd,
             offset_directions_fn=api.offset_directions,
         )
+        basis = reference.low_rank_moments(offsets, priors)[1] if variant == "ortho-lr" else None
+        offsets, var_offsets = offsets.to(self.dtype), var_offsets.to(self.dtype)
+        if not (torch.isfinite(offsets).all() and torch.isfinite(var_offsets).all()):
+            raise ValueError(f"scale {scale} is too large: the GMM tables overflow {self.dtype}")
         self._set(
-            priors,
+            priors.to(self.dtype),
             offsets,
             var_offsets,
             variant=variant,
             scale=float(scale),
             n_steps=n_steps,
             shared=share_across_steps,
+            basis=None if basis is None else basis.to(self.dtype),
         )
         return self
 
@@ -125,7 +134,9 @@ class GMM:
         *,
         scale_per_dim: float | None = None,
     ) -> GMM:
-        """variant: "rand", "ortho", "ortho-vub", or "ortho-vub*" (ORTHO-VUB shared across steps).
+        """variant: "rand", "ortho", "ortho-vub", "ortho-vub*" (ORTHO-VUB shared across steps) or "ortho-lr"
+        (ORTHO's offsets with the exact low-rank covariance: the mixture's covariance is c^2 I in every direction,
+        see :func:`reference.low_rank_moments`; needs K < D).
 
         The offsets' size is given either as the paper's ``scale`` s (default 1.0) or as ``scale_per_dim``,
         with s = scale_per_dim * sqrt(dim): the per-coordinate size of an offset is s / sqrt(dim), so a
@@ -135,16 +146,9 @@ class GMM:
             variant, share_across_steps = _VARIANT_ALIASES[variant]
         if variant not in reference.VARIANTS:
             raise ValueError(f"variant must be one of {GMM_VARIANTS}, got {variant!r}")
-        return cls(device=device, dtype=dtype).initialize(
-            dim,
-            n_components,
-            n_steps,
-            scale,
-            uniform_priors=uniform_priors,
-            orthonormal=variant != "rand",
-            upper_bound_vars=variant == "ortho-vub",
-            share_across_steps=share_across_steps,
-            seed=seed,
+        seed = _checks.check_seed(seed)
+        return cls(device=device, dtype=dtype)._build(
+            dim, n_components, n_steps, scale, variant, share_across_steps, uniform_priors, seed
         )
 
     @classmethod

@@ -541,7 +541,7 @@ def rfim_step(model_output, sample, t, s, *, eta: float = 0.0, prediction_type: 
 # GMM parameters (paper eq. 9-12, docs/design.md 1.3, 1.4)
 # ---------------------------------------------------------------------------------------------------------
 
-VARIANTS = ("rand", "ortho", "ortho-vub")
+VARIANTS = ("rand", "ortho", "ortho-vub", "ortho-lr")
 
 
 def thin_svd(O: torch.Tensor) -> torch.Tensor:  # noqa: E741 (the paper's name; a public keyword)
@@ -590,6 +590,25 @@ def vub_var_offsets(priors: torch.Tensor, scale: float) -> torch.Tensor:
     return scale**2 * inv[:, :, None] * ascending[:, None, :]
 
 
+def low_rank_moments(offsets: torch.Tensor, priors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ORTHO-LR's exact second moments in the offsets' span: (var_offsets [S, K, r], basis [S, r, D]), r = K - 1.
+
+    The mixture's offsets contribute M = sum_l pi_l delta_l delta_l^T (rank <= K - 1, since sum pi_l delta_l
+    = 0) to the covariance. With M = W^T diag(lam) W (eigen-decomposition, orthonormal rows W) and component
+    k's noise covariance c^2 I - W^T diag(v_k) W, v_k = lam / (K pi_k) (the weighting of the diagonal
+    variant, so sum_k pi_k v_k = lam), the mixture's covariance is c^2 I exactly, in every direction, as long
+    as c^2 >= g^2 v_k (each direction is clipped at 0 beyond). Computed in float64 from the thin SVD of
+    diag(sqrt(pi)) offsets."""
+    p64, d64 = priors.double(), offsets.double()
+    K = d64.shape[1]
+    weighted = d64 * p64[:, :, None].sqrt()  # [S, K, D]: M = weighted^T weighted
+    _, sv, Vh = torch.linalg.svd(weighted, full_matrices=False)  # Vh [S, K, D], rows ordered by sv
+    r = max(K - 1, 0)
+    lam = sv[:, :r] ** 2  # [S, r]
+    inv = torch.where(p64 > 0, 1.0 / (K * p64), torch.zeros_like(p64))  # [S, K]
+    return inv[:, :, None] * lam[:, None, :], Vh[:, :r].contiguous()
+
+
 def gmm_parameters(
     dim: int,
     n_components: int,
@@ -609,7 +628,9 @@ def gmm_parameters(
     RAND (eq. 9):  C_k = O_k - sum_l pi_l O_l, delta_k = s C_k / ||C_k||, then centred once more so that
                    sum_k pi_k delta_k = 0 holds exactly (normalising each column breaks it by O(1/sqrt(D))).
     ORTHO (eq. 10): U = thin SVD of O, delta_k = s (U_k - sum_l pi_l U_l).
-    var_offsets: diagonal of eq. 11 for RAND / ORTHO (Dv = D); VUB bounds of eq. 12 for ORTHO-VUB (Dv = K).
+    var_offsets: diagonal of eq. 11 for RAND / ORTHO (Dv = D); VUB bounds of eq. 12 for ORTHO-VUB (Dv = K);
+    for ORTHO-LR (ORTHO's offsets) the eigenvalues of :func:`low_rank_moments` (Dv = K - 1), whose basis
+    :class:`GMM` keeps beside them. RAND with K = 1: the one centred offset is 0 (the Gaussian kernel).
     Built in float64, returned in ``dtype``. ``thin_svd_fn`` and ``offset_directions_fn`` let the fused ops
     stand in for the reference's (GMM does so); they must compute the same values.
     """
@@ -623,12 +644,19 @@ def gmm_parameters(
     directions = offset_directions_fn(n_sets, dim, n_components, seed, device)
     if variant == "rand":
         C = _centre(directions, priors)
-        C = scale * C / C.norm(dim=1, keepdim=True)
+        C = scale * C / C.norm(dim=1, keepdim=True).clamp(min=torch.finfo(C.dtype).tiny)  # K = 1: C = 0
         C = _centre(C, priors)
     else:
         C = scale * _centre(thin_svd_fn(directions), priors)
     offsets = C.transpose(1, 2).contiguous()
-    var_offsets = vub_var_offsets(priors, scale) if variant == "ortho-vub" else diagonal_var_offsets(offsets, priors)
+    if variant == "ortho-vub":
+        var_offsets = vub_var_offsets(priors, scale)
+    elif variant == "ortho-lr":
+        var_offsets = low_rank_moments(offsets, priors)[0]
+    else:
+        var_offsets = diagonal_var_offsets(offsets, priors)
+    if not (torch.isfinite(offsets).all() and torch.isfinite(var_offsets.to(dtype)).all()):
+        raise ValueError(f"scale {scale} is too large: the GMM tables overflow {dtype}")
     return priors.to(dtype), offsets.to(dtype), var_offsets.to(dtype)
 
 
