@@ -89,6 +89,12 @@ def check_final_step(final_step) -> str:
     return final_step
 
 
+def gmm_for_step(gmm, step_index: int, n_steps: int, final_step: str):
+    """The GMM a sampler passes for step ``step_index`` of ``n_steps``: None on the last step when
+    ``final_step`` is "gaussian" (there c is 0 or tiny, so offsets would land on the output uncompensated)."""
+    return None if final_step == "gaussian" and step_index == n_steps - 1 else gmm
+
+
 def check_index(name: str, value: int, upper: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -44,7 +44,7 @@ def run_demo(args) -> dict:
         for steps in args.steps:
             gmms = make_gmms(sampler_list, mixture.dim, args.components, steps, seed)
             for eta in args.etas:
-                x0s = sample_ddim(mixture.eps_model, x_T, steps, eta, gmms, seed)
+                x0s = sample_ddim(mixture.eps_model, x_T, steps, eta, gmms, seed, final_step=args.final_step)
                 for (name, _, _), x0 in zip(sampler_list, x0s, strict=False):
                     row = rows.setdefault((eta, name, steps), {"sw": [], "nll": []})
                     row["sw"].append(sliced_wasserstein(x0.double(), fresh, seed=seed))
@@ -144,6 +144,7 @@ def digits_demo(args) -> int:
         components=args.components,
         samples=args.samples,
         seeds=tuple(args.seeds),
+        final_step=args.final_step,
     )
     try:
         sweep.check()
@@ -240,7 +241,7 @@ def _eval_settings(args) -> dict:
         k: getattr(args, k) if getattr(args, k) is not None else defaults[k]
         for k in ("steps", "etas", "scales", "variants", "samples", "seeds")
     }
-    return settings | {"components": args.components}
+    return settings | {"components": args.components, "final_step": args.final_step}
 
 
 def cmd_train_digits(args) -> int:
@@ -278,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sigma0", type=float, help="analytic: width of each mixture component (default 0.1)")
     demo.add_argument("--png", help="digits: where to write the sample grid (default ddim_gmm_demo.png)")
     demo.add_argument("--json", help="also write the results to this JSON file")
+    demo.add_argument(
+        "--final-step",
+        choices=("gaussian", "gmm"),
+        default="gaussian",
+        help="gaussian (default, the paper's model): no mixture on the last step; gmm: mixture at every step",
+    )
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser(
@@ -308,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--out", default="ddim_gmm_eval", help="output folder (default ddim_gmm_eval)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument(
+        "--final-step",
+        choices=("gaussian", "gmm"),
+        default="gaussian",
+        help="gaussian (default, the paper's model): no mixture on the last step; gmm: mixture at every step",
+    )
     ev.set_defaults(func=cmd_eval)
 
     train = sub.add_parser("train-digits", help="train a shipped digits network (eps, flow, classifier)")

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .. import api, reference
+from .. import _checks, api, reference
 from ._common import check_eta, check_seed, progress_bar, resolve_gmm, stream_seed
 
 __all__ = ["sample_ddim_gmm", "sample_rfim_gmm", "FLOW_NOISE"]
@@ -42,6 +42,8 @@ def sample_ddim_gmm(
     uniform_priors: bool = True,
     seed: int | None = None,
     sample_offset: int = 0,
+    final_step: str = "gaussian",
+    scale_per_dim: float | None = None,
 ) -> torch.Tensor:
     """DDIM-GMM sampling of a k-diffusion denoiser over ``sigmas`` (eta = 0: DDIM / Euler; eta = 1: ancestral).
 
@@ -58,7 +60,9 @@ def sample_ddim_gmm(
     "ortho-vub", "ortho-vub*") built with n_components / scale / share_across_steps / uniform_priors, or a
     ``ddim_gmm_ext.GMM`` with a parameter set per step (len(sigmas) - 1) or shared; ``seed`` as described in
     ``ddim_gmm_ext.integrations._common`` (None: ``extra_args["seed"]`` when present, as ComfyUI passes it, else drawn
-    from torch's default generator); ``sample_offset`` the global index of this batch's first sample.
+    from torch's default generator); ``sample_offset`` the global index of this batch's first sample;
+    ``final_step`` "gaussian" (default: no mixture on the last step, the paper's model) or "gmm";
+    ``scale_per_dim`` instead of ``scale`` (s = scale_per_dim * sqrt(D)).
     Returns the final x (sigma = 0).
     """
     extra_args = {} if extra_args is None else extra_args
@@ -77,7 +81,9 @@ def sample_ddim_gmm(
         share_across_steps=share_across_steps,
         uniform_priors=uniform_priors,
         seed=seed,
+        scale_per_dim=scale_per_dim,
     )
+    _checks.check_final_step(final_step)
     run_seed = stream_seed(seed)
     s_in = x.new_ones([x.shape[0]])
     for i in progress_bar(range(n_steps), disable, "DDIM-GMM"):
@@ -100,7 +106,7 @@ def sample_ddim_gmm(
             abar_s,
             eta=eta,
             prediction_type="sample",
-            gmm=gmm,
+            gmm=_checks.gmm_for_step(gmm, i, n_steps, final_step),
             step_index=i,
             seed=run_seed,
             sample_offset=sample_offset,
@@ -153,6 +159,8 @@ def sample_rfim_gmm(
     uniform_priors: bool = True,
     seed: int | None = None,
     sample_offset: int = 0,
+    final_step: str = "gaussian",
+    scale_per_dim: float | None = None,
 ) -> torch.Tensor:
     """RFIM(-GMM) sampling of a k-diffusion-style flow denoiser (ComfyUI's CONST model sampling: SD3, Flux).
 
@@ -183,7 +191,9 @@ def sample_rfim_gmm(
         share_across_steps=share_across_steps,
         uniform_priors=uniform_priors,
         seed=seed,
+        scale_per_dim=scale_per_dim,
     )
+    _checks.check_final_step(final_step)
     run_seed = stream_seed(seed)
     s_in = x.new_ones([x.shape[0]])
     for i in progress_bar(range(n_steps), disable, "RFIM-GMM"):
@@ -208,7 +218,7 @@ def sample_rfim_gmm(
             s,
             flow_noise_std(t, s, eta, noise),
             prediction_type="sample",
-            gmm=gmm,
+            gmm=_checks.gmm_for_step(gmm, i, n_steps, final_step),
             step_index=i,
             seed=run_seed,
             sample_offset=sample_offset,

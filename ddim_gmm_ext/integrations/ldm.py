@@ -8,7 +8,7 @@ from numbers import Integral
 import numpy as np
 import torch
 
-from .. import api, reference
+from .. import _checks, api, reference
 from ..gmm import GMM
 from ._common import check_eta, check_seed, progress_bar, resolve_gmm, stream_seed
 
@@ -24,7 +24,9 @@ class DDIMSampler:
     and optionally ``parameterization`` ("eps" default, "x0" or "v"), as ``LatentDiffusion`` does.
     gmm: False (DDIM), True, or a variant name; with ``gmm_params`` (a ``ddim_gmm_ext.GMM``, as in the
     authors' README) those tables are used, otherwise tables are built per ``sample`` call for the sample
-    size ("ortho-vub" for True) with ``n_components`` / ``scale``. seed: see ``ddim_gmm_ext.integrations._common``.
+    size ("ortho-vub" for True) with ``n_components`` / ``scale`` (or ``scale_per_dim``, s = scale_per_dim
+    sqrt(D)). final_step: "gaussian" (default: no mixture on the last step, the paper's model) or "gmm".
+    seed: see ``ddim_gmm_ext.integrations._common``.
 
     The schedule is latent-diffusion's (:func:`ddim_timesteps`): "uniform" runs every c-th timestep with
     c = T // S, which is more than S steps when S does not divide T (31 for S = 30), and all of them are run,
@@ -41,6 +43,8 @@ class DDIMSampler:
         n_components: int = 8,
         scale: float = 1.0,
         seed: int | None = None,
+        final_step: str = "gaussian",
+        scale_per_dim: float | None = None,
     ):
         for attr in ("apply_model", "alphas_cumprod"):
             if not hasattr(model, attr):
@@ -54,6 +58,8 @@ class DDIMSampler:
         self.gmm_params = gmm_params
         self.n_components, self.scale = n_components, scale
         self.seed = check_seed(seed)
+        self.final_step = _checks.check_final_step(final_step)
+        self.scale_per_dim = scale_per_dim
         self.ddpm_num_timesteps = int(model.alphas_cumprod.shape[0])
         self.ddim_timesteps = None
 
@@ -129,6 +135,7 @@ class DDIMSampler:
             share_across_steps=False,
             uniform_priors=True,
             seed=self.seed,
+            scale_per_dim=self.scale_per_dim,
         )
         run_seed = stream_seed(self.seed)
         prediction_type = _PARAMETERIZATIONS[getattr(self.model, "parameterization", "eps")]
@@ -149,7 +156,7 @@ class DDIMSampler:
                 m,
                 x,
                 *self._coefficients[index].unbind(),
-                gmm=gmm,
+                gmm=_checks.gmm_for_step(gmm, i, steps, self.final_step),
                 step_index=i,
                 prediction_type=prediction_type,
                 guidance_scale=unconditional_guidance_scale if guided else None,

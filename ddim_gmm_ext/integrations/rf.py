@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .. import api
+from .. import _checks, api
 from ._common import check_eta, check_seed, progress_bar, resolve_gmm, stream_seed
 
 __all__ = ["sample_rfim"]
@@ -32,6 +32,8 @@ def sample_rfim(
     uniform_priors: bool = True,
     seed: int | None = None,
     sample_offset: int = 0,
+    final_step: str = "gaussian",
+    scale_per_dim: float | None = None,
 ) -> torch.Tensor:
     """RFIM / RFIM-GMM sampling of a flow model on x_t = (1 - t) x0 + t eps (t = 1 noise, t = 0 data).
 
@@ -41,7 +43,9 @@ def sample_rfim(
     ``ddim_gmm_ext.reference.rf_times(n)``. eta in [0, 1]: noise std c = eta * s at each step t -> s (eta = 0
     without GMM is Euler integration of dx/dt = v). gmm: None, a variant name ("rand", "ortho", "ortho-vub",
     "ortho-vub*") built from the other GMM options, or a ``ddim_gmm_ext.GMM``; seed / sample_offset: the
-    randomness contract (see ``ddim_gmm_ext.integrations._common``).
+    randomness contract (see ``ddim_gmm_ext.integrations._common``); final_step: "gaussian" (default: no
+    mixture on the last step, the paper's model) or "gmm"; scale_per_dim instead of scale (s = scale_per_dim
+    * sqrt(D)).
     callback({"x", "i", "t", "s", "denoised"}) after each step, with x the new sample at time s and denoised
     the x0 prediction. Returns x at times[-1].
     """
@@ -61,7 +65,9 @@ def sample_rfim(
         share_across_steps=share_across_steps,
         uniform_priors=uniform_priors,
         seed=seed,
+        scale_per_dim=scale_per_dim,
     )
+    _checks.check_final_step(final_step)
     run_seed = stream_seed(seed)
     for i in progress_bar(range(n_steps), not progress, "RFIM-GMM" if gmm is not None else "RFIM"):
         t, s = ts[i], ts[i + 1]
@@ -72,7 +78,7 @@ def sample_rfim(
             s,
             eta=eta,
             prediction_type=prediction_type,
-            gmm=gmm,
+            gmm=_checks.gmm_for_step(gmm, i, n_steps, final_step),
             step_index=i,
             seed=run_seed,
             sample_offset=sample_offset,

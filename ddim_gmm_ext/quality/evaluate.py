@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .. import _checks
 from .sampling import GMM_VARIANTS, make_gmms, sample_ddim, sample_rfim, samplers
 
 DIM = 64
@@ -41,11 +42,14 @@ class Sweep:
     components: int = 8
     samples: int = 1000
     seeds: tuple = (0, 1, 2)
+    final_step: str = "gaussian"
 
     def check(self) -> None:
         """ValueError naming the field for a grid that cannot run."""
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {self.family!r}")
+        if self.final_step not in _checks.FINAL_STEPS:
+            raise ValueError(f"final_step must be one of {_checks.FINAL_STEPS}, got {self.final_step!r}")
         unknown = [v for v in self.variants if v not in GMM_VARIANTS]
         if unknown:
             raise ValueError(f"variants: unknown {unknown}; choose from {GMM_VARIANTS}")
@@ -116,7 +120,7 @@ def sample_and_score(model, sweep: Sweep, steps: int, eta: float, seed: int, qua
     x_T = torch.randn(sweep.samples, DIM, generator=torch.Generator().manual_seed(seed))
     gmms = make_gmms(sampler_list, DIM, sweep.components, steps, seed)
     with torch.no_grad():
-        xs = sample_fn(model, x_T, steps, eta, gmms, seed, progress=progress)
+        xs = sample_fn(model, x_T, steps, eta, gmms, seed, progress=progress, final_step=sweep.final_step)
     pairs = zip(sampler_list, xs, strict=True)
     return [(name, variant, scale, x0, quality(x0)) for (name, variant, scale), x0 in pairs]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
+from .. import _checks, reference
 from ..api import ddim_step, rfim_step
 from ..gmm import GMM, GMM_VARIANTS
 
@@ -56,24 +56,37 @@ def _steps(items, progress: bool, desc: str):
     return tqdm(items, desc=desc, disable=not progress, leave=False)
 
 
-def sample_ddim(eps_model, x_T, steps: int, eta: float, gmms, seed: int, progress: bool = False) -> list:
+def sample_ddim(
+    eps_model, x_T, steps: int, eta: float, gmms, seed: int, progress: bool = False, final_step: str = "gaussian"
+) -> list:
     """DDIM(-GMM) sampling loops of an epsilon model ``eps_model(x [B, D], t [B] int64)``, one per entry of
     ``gmms`` (None = DDIM), all from ``x_T`` [N, D] with the same step noise (paired). The model sees one
-    stacked batch [len(gmms) * N, D] per step. Returns one x0 [N, D] per entry of ``gmms``."""
+    stacked batch [len(gmms) * N, D] per step. ``final_step``: "gaussian" (no mixture on the last step) or
+    "gmm". Returns one x0 [N, D] per entry of ``gmms``."""
     xs = [x_T] * len(gmms)
     for i, (t, abar_t, abar_prev) in enumerate(_steps(vp_schedule(steps), progress, "DDIM steps")):
         x = torch.cat(xs)
         eps = eps_model(x, torch.full((len(x),), t, dtype=torch.int64)).split(len(x_T))
         xs = [
             ddim_step(
-                e, x, abar_t, abar_prev, eta=eta, gmm=gmm, step_index=i, seed=seed, return_pred_original=False
+                e,
+                x,
+                abar_t,
+                abar_prev,
+                eta=eta,
+                gmm=_checks.gmm_for_step(gmm, i, steps, final_step),
+                step_index=i,
+                seed=seed,
+                return_pred_original=False,
             ).prev_sample
             for e, x, gmm in zip(eps, xs, gmms, strict=False)
         ]
     return xs
 
 
-def sample_rfim(flow_model, x_T, steps: int, eta: float, gmms, seed: int, progress: bool = False) -> list:
+def sample_rfim(
+    flow_model, x_T, steps: int, eta: float, gmms, seed: int, progress: bool = False, final_step: str = "gaussian"
+) -> list:
     """RFIM(-GMM) loops of a velocity model ``flow_model(x [B, D], t [B] float) -> v = eps - x0`` from t = 1 to
     0 on the uniform grid, as :func:`sample_ddim` (paired, one x0 [N, D] per entry of ``gmms``)."""
     times = reference.rf_times(steps)
@@ -83,7 +96,17 @@ def sample_rfim(flow_model, x_T, steps: int, eta: float, gmms, seed: int, progre
         x = torch.cat(xs)
         v = flow_model(x, torch.full((len(x),), float(t))).split(len(x_T))
         xs = [
-            rfim_step(m, x, t, s, eta=eta, gmm=gmm, step_index=i, seed=seed, return_pred_original=False).prev_sample
+            rfim_step(
+                m,
+                x,
+                t,
+                s,
+                eta=eta,
+                gmm=_checks.gmm_for_step(gmm, i, steps, final_step),
+                step_index=i,
+                seed=seed,
+                return_pred_original=False,
+            ).prev_sample
             for m, x, gmm in zip(v, xs, gmms, strict=False)
         ]
     return xs

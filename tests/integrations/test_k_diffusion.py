@@ -28,13 +28,15 @@ def _schedule():
     return torch.from_numpy(ts), ab
 
 
-def _vp_run(x_T, eta, gmm, seed):
-    """Plain loop of dg.ddim_step on the VP path; returns the samples after each step."""
+def _vp_run(x_T, eta, gmm, seed, final_step="gaussian"):
+    """Plain loop of dg.ddim_step on the VP path (no GMM on the last step for final_step="gaussian"); returns
+    the samples after each step."""
     ts, ab = _schedule()
     x, xs = x_T, []
     for i in range(STEPS):
         eps = _eps_model(x, ts[i].expand(x.shape[0]))
-        x = dg.ddim_step(eps, x, ab[i], ab[i + 1], eta=eta, gmm=gmm, step_index=i, seed=seed).prev_sample
+        step_gmm = None if final_step == "gaussian" and i == STEPS - 1 else gmm
+        x = dg.ddim_step(eps, x, ab[i], ab[i + 1], eta=eta, gmm=step_gmm, step_index=i, seed=seed).prev_sample
         xs.append(x)
     return xs
 
@@ -52,9 +54,10 @@ def _ve_denoiser():
     return model, sigmas
 
 
+@pytest.mark.parametrize("final_step", ["gaussian", "gmm"])
 @pytest.mark.parametrize("eta", [0.0, 0.6, 1.0])
 @pytest.mark.parametrize("gmm", [None, "ortho", "rand"])
-def test_ve_run_equals_vp_run(eta, gmm):
+def test_ve_run_equals_vp_run(eta, gmm, final_step):
     """x_VE = x_VP / sqrt(abar) after every step, with the same Philox noise and components."""
     model, sigmas = _ve_denoiser()
     _, ab = _schedule()
@@ -64,10 +67,18 @@ def test_ve_run_equals_vp_run(eta, gmm):
         if gmm is None
         else dg.GMM.create(32, n_components=3, n_steps=STEPS, variant=gmm, seed=1, dtype=torch.float64)
     )
-    expected = _vp_run(x_T, eta, tables, seed=7)
+    expected = _vp_run(x_T, eta, tables, seed=7, final_step=final_step)
     seen = []
     out = sample_ddim_gmm(
-        model, x_T / ab[0].sqrt(), sigmas, eta=eta, gmm=tables, seed=7, disable=True, callback=lambda d: seen.append(d)
+        model,
+        x_T / ab[0].sqrt(),
+        sigmas,
+        eta=eta,
+        gmm=tables,
+        seed=7,
+        disable=True,
+        callback=lambda d: seen.append(d),
+        final_step=final_step,
     )
     ve_after = [d["x"] for d in seen[1:]] + [out]
     for i in range(STEPS):

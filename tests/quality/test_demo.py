@@ -10,7 +10,7 @@ pytest.importorskip("sklearn")
 
 from ddim_gmm_ext import cli  # noqa: E402
 from ddim_gmm_ext.quality.analytic import DigitsMixture, sliced_wasserstein  # noqa: E402
-from ddim_gmm_ext.quality.sampling import sample_ddim  # noqa: E402
+from ddim_gmm_ext.quality.sampling import GMM_VARIANTS, sample_ddim  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     for name in ["DDIM", "GMM-RAND s=1", "GMM-ORTHO s=1", "GMM-ORTHO-VUB s=1", "GMM-ORTHO-VUB* s=1", "SW@3", "NLL@2"]:
         assert name in text
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 2 * 5 * 2  # etas x samplers x steps
+    assert len(rows) == 2 * (1 + len(GMM_VARIANTS)) * 2  # etas x samplers (DDIM + variants) x steps
     assert all(len(r["sw"]) == 2 and all(math.isfinite(v) for v in r["sw"] + r["nll"]) for r in rows)
 
 

@@ -20,15 +20,19 @@ from numbers import Integral
 import torch
 
 from ... import _checks
-from ...gmm import GMM
+from ...gmm import GMM, resolve_scale
 from ...reference import StepOutput
 from .._common import build_gmm, check_gmm, check_gmm_options, check_gmm_steps, check_seed, stream_seed
 
 
-def coefficient_rows(a_t, b_t, a_s, b_s, c) -> torch.Tensor:
-    """[S, 6] float64 rows (a_t, b_t, A, B, c, g = 1) from [S] float64 path coefficients and noise stds."""
+def coefficient_rows(a_t, b_t, a_s, b_s, c, final_step: str = "gmm") -> torch.Tensor:
+    """[S, 6] float64 rows (a_t, b_t, A, B, c, g) from [S] float64 path coefficients and noise stds: g = 1,
+    except g = 0 (the Gaussian step) on the last row when ``final_step`` is "gaussian"."""
     big_b = (b_s.square() - c.square()).clamp(min=0).sqrt()
-    return torch.stack([a_t, b_t, a_s, big_b, c, torch.ones_like(a_t)], dim=-1)
+    g = torch.ones_like(a_t)
+    if final_step == "gaussian":
+        g[-1] = 0.0
+    return torch.stack([a_t, b_t, a_s, big_b, c, g], dim=-1)
 
 
 class GMMSchedulerMixin:
@@ -39,6 +43,10 @@ class GMMSchedulerMixin:
     * ``gmm_variant``: None (off), "rand", "ortho", "ortho-vub" or "ortho-vub*" (ORTHO-VUB shared by all steps);
     * ``gmm_n_components`` (K), ``gmm_scale``, ``gmm_share_across_steps``, ``gmm_uniform_priors``: as
       :meth:`ddim_gmm_ext.GMM.create`;
+    * ``gmm_scale_per_dim``: the scale per coordinate instead of ``gmm_scale`` (s = gmm_scale_per_dim *
+      sqrt(D)); None: ``gmm_scale`` is used;
+    * ``final_step``: "gaussian" (default, the paper's model: no mixture on the last step, where the offsets
+      would land on the output uncompensated) or "gmm" (the mixture at every step);
     * ``seed``: the GMM tables and the Philox noise / component stream; None: tables from seed 0, stream seed
       drawn from torch's default generator at each ``set_timesteps``.
 
@@ -47,8 +55,11 @@ class GMMSchedulerMixin:
     precedence and are never rebuilt (a size mismatch is an error).
     """
 
-    def _init_gmm(self, gmm_variant, gmm_n_components, gmm_scale, seed) -> None:
+    def _init_gmm(self, gmm_variant, gmm_n_components, gmm_scale, seed, final_step="gaussian", scale_per_dim=None):
         check_gmm_options(gmm_variant, gmm_n_components, gmm_scale)
+        _checks.check_final_step(final_step)
+        if scale_per_dim is not None:
+            resolve_scale(None, scale_per_dim, 1)  # the value's check; the dimension comes with the first sample
         check_seed(seed)
         self._user_gmm: GMM | None = None
         self._built_gmm: GMM | None = None
@@ -134,6 +145,7 @@ class GMMSchedulerMixin:
                 share_across_steps=c.gmm_share_across_steps,
                 uniform_priors=c.gmm_uniform_priors,
                 seed=c.seed,
+                scale_per_dim=c.gmm_scale_per_dim,
             )
             self._built_key = key
         return self._built_gmm

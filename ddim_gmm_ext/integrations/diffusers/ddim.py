@@ -56,7 +56,8 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
     that is not in the schedule is refused (``DDIMScheduler`` would step from it to t - T // n). A timestep
     tensor on an accelerator, or any tensor under ``torch.compile``, is looked up on its device (a gather, no
     host read); there an off-schedule timestep gives an all-NaN step (the op's out-of-range convention).
-    The GMM kernel is applied at every step, the last one included.
+    The GMM kernel is applied at every step but the last (``final_step="gaussian"``, the default) or at every
+    step (``final_step="gmm"``).
 
     Compiling: ``set_timesteps(n, device)`` builds the coefficient table [n, 6] of every step on the device;
     with the table op the step is one op call whose step index is a device tensor, so a compiled
@@ -89,6 +90,8 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         gmm_share_across_steps: bool = False,
         gmm_uniform_priors: bool = True,
         seed: int | None = None,
+        gmm_scale_per_dim: float | None = None,
+        final_step: str = "gaussian",
     ):
         super().__init__(
             num_train_timesteps=num_train_timesteps,
@@ -129,7 +132,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
                 "rescale_betas_zero_snr=True needs prediction_type='v_prediction' (or 'sample'): with 'epsilon' the "
                 "zero-SNR timestep has a_t = 0 and x0 cannot be recovered from the predicted noise"
             )
-        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed)
+        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim)
         self._index_of: torch.Tensor | None = None  # [T] int64: position of each train timestep, -1 if absent
         self._index_of_host: list[int] | None = None
         self._eta_rows: dict = {}  # eta -> [S, 6] float64 rows
@@ -197,7 +200,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         rows = self._eta_rows.get(eta)
         if rows is None:
             a_t, b_t, a_s, b_s, sigma = self._path
-            rows = coefficient_rows(a_t, b_t, a_s, b_s, eta * sigma).to(self.timesteps.device)
+            rows = coefficient_rows(a_t, b_t, a_s, b_s, eta * sigma, self.config.final_step).to(self.timesteps.device)
             self._eta_rows[eta] = rows
         return rows
 
@@ -309,24 +312,19 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         takes the thresholded x0 as a "sample" prediction on a sample shifted by a_t (x0_thr - x0_hat): that
         keeps eps_hat = (x_t - a_t x0_hat) / b_t, the model's eps, unless use_clipped_model_output re-derives it
         from x0_thr on the unshifted sample (diffusers' semantics)."""
-        a_t, b_t, a_s, big_b, c, _ = row.unbind()
-        b_s = (big_b.square() + c.square()).sqrt()
+        a_t, b_t = row[0], row[1]
         x0 = api.step(
             model_output, sample, a_t, b_t, a_t, b_t, 0.0, prediction_type=self.config.prediction_type
         ).pred_original_sample
         x0_thr = self._threshold_sample(x0)
         shifted = sample if use_clipped_model_output else sample + a_t.to(sample.dtype) * (x0_thr - x0)
-        return api.step(
+        return api.step_from_table(
             x0_thr,
             shifted,
-            a_t,
-            b_t,
-            a_s,
-            b_s,
-            c,
+            row,
+            int(i),
             prediction_type="sample",
             gmm=gmm,
-            step_index=int(i),
             seed=self._stream_seed,
             noise=noise,
             components=components,

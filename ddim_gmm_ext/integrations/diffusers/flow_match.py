@@ -89,6 +89,8 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
         gmm_share_across_steps: bool = False,
         gmm_uniform_priors: bool = True,
         seed: int | None = None,
+        gmm_scale_per_dim: float | None = None,
+        final_step: str = "gaussian",
     ):
         if not isinstance(shift, Real) or isinstance(shift, bool) or not (math.isfinite(shift) and shift > 0):
             raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
@@ -113,7 +115,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
             time_shift_type=time_shift_type,
             stochastic_sampling=stochastic_sampling,
         )
-        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed)
+        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim)
 
     @property
     def eta(self) -> float:
@@ -140,7 +142,9 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
             raise ValueError(f"the schedule's sigmas must lie in [0, 1], got {sig.tolist()[:8]}")
         t, s = sig[:-1], sig[1:]
         self._run_eta = self.eta  # read once per schedule (a config lookup is a noticeable part of a step)
-        self._set_rows(coefficient_rows(1 - t, t, 1 - s, s, self._run_eta * s).to(self.sigmas.device))
+        self._set_rows(
+            coefficient_rows(1 - t, t, 1 - s, s, self._run_eta * s, self.config.final_step).to(self.sigmas.device)
+        )
 
     def _index(self, timestep, device: torch.device):
         """The step index: the base class's host counter, or under ``torch.compile`` a 0-d device tensor (the
