@@ -21,11 +21,14 @@ from diffusers import SchedulerMixin  # noqa: F401
 from diffusers.pipelines.ddim.pipeline_ddim import DDIMPipeline
 
 from .ddim import DDIMGMMScheduler, DDIMSchedulerOutput
+from .ddpm import DDPMGMMScheduler, DDPMSchedulerOutput
 from .flow_match import FlowMatchEulerDiscreteGMMScheduler, FlowMatchEulerDiscreteSchedulerOutput
 
 __all__ = [
     "DDIMGMMScheduler",
     "DDIMSchedulerOutput",
+    "DDPMGMMScheduler",
+    "DDPMSchedulerOutput",
     "FlowMatchEulerDiscreteGMMScheduler",
     "FlowMatchEulerDiscreteSchedulerOutput",
 ]
