@@ -22,6 +22,12 @@ from diffusers.pipelines.ddim.pipeline_ddim import DDIMPipeline
 
 from .ddim import DDIMGMMScheduler, DDIMSchedulerOutput
 from .ddpm import DDPMGMMScheduler, DDPMSchedulerOutput
+from .euler import (
+    EulerAncestralDiscreteGMMScheduler,
+    EulerAncestralDiscreteSchedulerOutput,
+    EulerDiscreteGMMScheduler,
+    EulerDiscreteSchedulerOutput,
+)
 from .flow_match import FlowMatchEulerDiscreteGMMScheduler, FlowMatchEulerDiscreteSchedulerOutput
 
 __all__ = [
@@ -29,6 +35,10 @@ __all__ = [
     "DDIMSchedulerOutput",
     "DDPMGMMScheduler",
     "DDPMSchedulerOutput",
+    "EulerAncestralDiscreteGMMScheduler",
+    "EulerAncestralDiscreteSchedulerOutput",
+    "EulerDiscreteGMMScheduler",
+    "EulerDiscreteSchedulerOutput",
     "FlowMatchEulerDiscreteGMMScheduler",
     "FlowMatchEulerDiscreteSchedulerOutput",
 ]
