@@ -133,3 +133,24 @@ def test_gmm_one_step_moments_match_forward_marginal(variant):
     dropped = dg.GMM.from_params(g.priors, g.offsets, torch.zeros_like(g.var_offsets))
     x_bad, *_ = _one_step(variant, dropped)
     assert (x_bad.var(0) / b_s**2 - 1).abs().max() > 0.08
+
+
+# Mutation checked: ignoring g on the host path (always passing the GMM) makes the "gaussian" run equal the "gmm"
+# one.
+def test_final_step_gaussian_drops_the_mixture_only_on_the_last_step():
+    def run(**kw):
+        s = DDPMGMMScheduler(gmm_variant="ortho", gmm_n_components=2, seed=3, timestep_spacing="trailing", **kw)
+        s.set_timesteps(5)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+        xs = []
+        for t in s.timesteps:
+            x = s.step(_model(x, t), t, x).prev_sample
+            xs.append(x)
+        return xs
+
+    gauss, gmm = run(), run(final_step="gmm")
+    for a, b in zip(gauss[:-1], gmm[:-1], strict=True):
+        torch.testing.assert_close(a, b)
+    assert not torch.allclose(gauss[-1], gmm[-1])
+    with pytest.raises(ValueError, match="final_step"):
+        DDPMGMMScheduler(final_step="last")

@@ -159,7 +159,8 @@ class GMMSchedulerMixin:
 
         ``rows``: the [S, 6] table in the compute dtype (default: this schedule's). With the table op, the op
         gathers the row, the GMM parameter set and the Philox step itself: nothing about the step number is
-        read on the host. Without it, the row is read at a host index (a tensor index is read once: a sync)."""
+        read on the host. Without it, the row is read at a host index (a tensor index is read once: a sync), and
+        a row with g = 0 is a Gaussian step: the op is called without the GMM tables."""
         table = self._table(sample) if rows is None else rows
         if HAS_TABLE_OP:
             return api.step_from_table(
@@ -182,10 +183,15 @@ class GMMSchedulerMixin:
         if per_step is None:
             a_t, b_t, a_s, big_b, c, _ = table.double().unbind(-1)
             five = torch.stack([a_t, b_t, a_s, (big_b.square() + c.square()).sqrt(), c], -1).to(table.dtype)
-            per_step = self._host_rows[table] = list(five.unbind(0))
+            # g = 0 marks a Gaussian step (no GMM tables passed), as the table op reads its g column
+            gaussian = (table[:, 5] == 0).tolist()
+            per_step = self._host_rows[table] = list(zip(five.unbind(0), gaussian, strict=True))
         cdt = table.dtype
         if model_output.dtype not in (sample.dtype, cdt):
             model_output = model_output.to(cdt)
+        row, gaussian = per_step[i]
+        if gaussian:
+            gmm = None
         priors = offsets = var_offsets = None
         if gmm is not None:
             per_set = self._gmm_sets
@@ -196,7 +202,7 @@ class GMMSchedulerMixin:
         prev, x0, k = torch.ops.ddimgmm.step(
             model_output,
             sample,
-            per_step[i],
+            row,
             priors,
             offsets,
             var_offsets,

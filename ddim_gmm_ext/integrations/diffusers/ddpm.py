@@ -13,6 +13,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..._checks import check_final_step
 from ._base import (
     GMMSchedulerMixin,
     check_generator,
@@ -51,6 +52,9 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
     ``variance_type="fixed_large_log"``: std = exp(0.5 log beta_t) = sqrt(beta_t), as "fixed_large" (diffusers'
     own step takes the square root of log beta_t there, which is NaN).
 
+    ``final_step``: "gaussian" (default) takes the last step with Gaussian noise (g = 0 on its row), "gmm" with
+    the mixture as every other step.
+
     Falls back to ``DDPMScheduler.step`` (GMM off only) where the step is not one row of the table:
     ``thresholding=True`` (x0 needs a batch quantile first) and ``variance_type`` "learned" / "learned_range"
     (the std comes from the model output). With GMM on these are refused.
@@ -82,6 +86,7 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
         gmm_share_across_steps: bool = False,
         gmm_uniform_priors: bool = True,
         seed: int | None = None,
+        final_step: str = "gaussian",
     ):
         super().__init__(
             num_train_timesteps=num_train_timesteps,
@@ -107,6 +112,7 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
                 f"gmm_variant={gmm_variant!r} needs a fixed variance_type {_FIXED_VARIANCES} and thresholding=False, "
                 f"got variance_type={variance_type!r}, thresholding={thresholding}"
             )
+        check_final_step(final_step)
         self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed)
         self._index_of_host: dict[int, int] = {}
 
@@ -137,6 +143,8 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
                     else:
                         std[i] = v.sqrt()
         rows = torch.stack([a_t, b_t, k0 + kt * a_t, kt * b_t, std, torch.ones_like(a_t)], dim=-1)
+        if self.config.final_step == "gaussian":
+            rows[-1, 5] = 0  # g = 0: the last step (to x0) draws Gaussian noise, not the mixture
         self._set_rows(rows.to(self.timesteps.device))
 
     def _index(self, timestep) -> int:
