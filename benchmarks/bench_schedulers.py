@@ -80,3 +80,43 @@ def test_scheduler_step(benchmark, name, family, gmm, device):
         sync()
 
     benchmark(run)
+
+
+# -- DDPM and Euler: each fused scheduler's step next to its diffusers base class, on two CPU shapes -----------
+def _new_family_case(family, which, shape):
+    """One step (the middle one of a 50-step schedule) of ``family`` by ours or by the diffusers base class."""
+    from diffusers import DDPMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+
+    from ddim_gmm_ext.diffusers import (
+        DDPMGMMScheduler,
+        EulerAncestralDiscreteGMMScheduler,
+        EulerDiscreteGMMScheduler,
+    )
+
+    classes = {
+        "ddpm": (DDPMGMMScheduler, DDPMScheduler),
+        "euler": (EulerDiscreteGMMScheduler, EulerDiscreteScheduler),
+        "euler_a": (EulerAncestralDiscreteGMMScheduler, EulerAncestralDiscreteScheduler),
+    }[family]
+    s = classes[0 if which == "ours" else 1]()
+    s.set_timesteps(STEPS)
+    x, m = torch.randn(shape), torch.randn(shape)
+    i = STEPS // 2
+    t = s.timesteps[i]
+    gen = torch.Generator().manual_seed(0)
+    if family == "ddpm":
+        return lambda: s.step(m, t, x, generator=gen)
+
+    def step():
+        s._step_index = i  # the base class counts steps; keep stepping the same one
+        return s.step(m, t, x, generator=gen)
+
+    return step
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 64, 64), (4, 4, 128, 128)], ids=["1x4x64x64", "4x4x128x128"])
+@pytest.mark.parametrize("family", ["ddpm", "euler", "euler_a"])
+@pytest.mark.parametrize("which", ["ours", "diffusers"])
+def test_new_scheduler_step_vs_base(benchmark, which, family, shape):
+    """With a generator (the noise drawn by randn_tensor in both), so the comparison is like for like."""
+    benchmark(_new_family_case(family, which, shape))

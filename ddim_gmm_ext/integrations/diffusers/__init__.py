@@ -21,11 +21,24 @@ from diffusers import SchedulerMixin  # noqa: F401
 from diffusers.pipelines.ddim.pipeline_ddim import DDIMPipeline
 
 from .ddim import DDIMGMMScheduler, DDIMSchedulerOutput
+from .ddpm import DDPMGMMScheduler, DDPMSchedulerOutput
+from .euler import (
+    EulerAncestralDiscreteGMMScheduler,
+    EulerAncestralDiscreteSchedulerOutput,
+    EulerDiscreteGMMScheduler,
+    EulerDiscreteSchedulerOutput,
+)
 from .flow_match import FlowMatchEulerDiscreteGMMScheduler, FlowMatchEulerDiscreteSchedulerOutput
 
 __all__ = [
     "DDIMGMMScheduler",
     "DDIMSchedulerOutput",
+    "DDPMGMMScheduler",
+    "DDPMSchedulerOutput",
+    "EulerAncestralDiscreteGMMScheduler",
+    "EulerAncestralDiscreteSchedulerOutput",
+    "EulerDiscreteGMMScheduler",
+    "EulerDiscreteSchedulerOutput",
     "FlowMatchEulerDiscreteGMMScheduler",
     "FlowMatchEulerDiscreteSchedulerOutput",
 ]

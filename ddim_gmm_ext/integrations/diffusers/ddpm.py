@@ -1,0 +1,211 @@
+"""diffusers integration: :class:`DDPMGMMScheduler`, a drop-in ``DDPMScheduler`` whose step is one fused
+``torch.ops.ddimgmm.step`` call (with the DDIM-GMM kernel when a GMM variant is configured).
+
+Importing this module imports diffusers; ``import ddim_gmm_ext`` does not.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ._base import (
+    GMMSchedulerMixin,
+    check_generator,
+    check_step_count,
+    draw_components,
+    register_with_diffusers,
+)
+
+__all__ = ["DDPMGMMScheduler", "DDPMSchedulerOutput"]
+
+#: variance types whose noise std depends only on the timestep (a learned one is read from the model output)
+_FIXED_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
+
+
+class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
+    """``DDPMScheduler`` with a fused step and the optional DDIM-GMM noise (Gabbur, TMLR 2026).
+
+    Every ``DDPMScheduler`` config key, default and method is kept; GMM config keys, tables and
+    :meth:`set_gmm_params`: see :class:`GMMSchedulerMixin`.
+
+    The DDPM ancestral step x_t -> x_s (s the previous inference timestep, a = sqrt(alpha_bar), b = sqrt(1 - a^2)):
+
+        x_s = k0 x0_hat + kt x_t + c z,   k0 = a_s beta / b_t^2,  kt = sqrt(alpha) b_s^2 / b_t^2,
+        alpha = a_t^2 / a_s^2, beta = 1 - alpha, c the std of ``variance_type`` (0 when t = 0).
+
+    With x_t = a_t x0_hat + b_t eps' (eps' re-derived from the clipped x0_hat, i.e. the op's
+    ``use_clipped_model_output=True``) this is the op's row mean = A x0_hat + B eps' with A = k0 + kt a_t
+    (= a_s) and B = kt b_t, noise std c. With GMM on, z is replaced by the moment-matched mixture noise of
+    the step's parameter set (same mean and per-coordinate variance of x_s).
+
+    Randomness: ``generator`` (one or one per sample): z drawn exactly as ``DDPMScheduler`` draws it
+    (``randn_tensor``, only when t > 0), then the GMM component from the same generator(s); GMM off equals
+    ``DDPMScheduler`` for the same generator. No generator: z and k from the op's Philox stream of
+    (seed, sample index, step index), drawn inside the op.
+
+    ``variance_type="fixed_large_log"``: std = exp(0.5 log beta_t) = sqrt(beta_t), as "fixed_large" (diffusers'
+    own step takes the square root of log beta_t there, which is NaN).
+
+    ``final_step``: "gaussian" (default) takes the last step with Gaussian noise (g = 0 on its row), "gmm" with
+    the mixture as every other step.
+
+    Falls back to ``DDPMScheduler.step`` (GMM off only) where the step is not one row of the table:
+    ``thresholding=True`` (x0 needs a batch quantile first) and ``variance_type`` "learned" / "learned_range"
+    (the std comes from the model output). With GMM on these are refused.
+    """
+
+    _compatibles = [*DDPMScheduler._compatibles, "DDPMScheduler"]
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        variance_type: str = "fixed_small",
+        clip_sample: bool = True,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        gmm_variant: str | None = None,
+        gmm_n_components: int = 8,
+        gmm_scale: float = 1.0,
+        gmm_share_across_steps: bool = False,
+        gmm_uniform_priors: bool = True,
+        seed: int | None = None,
+        final_step: str = "gaussian",
+        gmm_scale_per_dim: float | None = None,
+    ):
+        super().__init__(
+            num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=beta_schedule,
+            trained_betas=trained_betas,
+            variance_type=variance_type,
+            clip_sample=clip_sample,
+            prediction_type=prediction_type,
+            thresholding=thresholding,
+            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+            clip_sample_range=clip_sample_range,
+            sample_max_value=sample_max_value,
+            timestep_spacing=timestep_spacing,
+            steps_offset=steps_offset,
+            rescale_betas_zero_snr=rescale_betas_zero_snr,
+        )
+        if prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
+        if gmm_variant is not None and (thresholding or variance_type not in _FIXED_VARIANCES):
+            raise ValueError(
+                f"gmm_variant={gmm_variant!r} needs a fixed variance_type {_FIXED_VARIANCES} and thresholding=False, "
+                f"got variance_type={variance_type!r}, thresholding={thresholding}"
+            )
+        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim)
+        self._index_of_host: dict[int, int] = {}
+
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None) -> None:
+        """As ``DDPMScheduler.set_timesteps``; also builds the [S, 6] coefficient table of the schedule."""
+        if num_inference_steps is not None:
+            num_inference_steps = check_step_count(num_inference_steps)
+        super().set_timesteps(num_inference_steps=num_inference_steps, device=device, timesteps=timesteps)
+        t = self.timesteps.cpu().long()
+        self._index_of_host = {int(v): i for i, v in enumerate(t.tolist())}
+        prev = torch.cat([t[1:], t.new_tensor([-1])])
+        abar = self.alphas_cumprod.detach().to("cpu", torch.float64)
+        abar_t = abar[t]
+        abar_s = torch.where(prev >= 0, abar[prev.clamp(min=0)], torch.ones_like(abar_t))
+        alpha = abar_t / abar_s
+        k0 = abar_s.sqrt() * (1 - alpha) / (1 - abar_t)
+        kt = alpha.sqrt() * (1 - abar_s) / (1 - abar_t)
+        a_t, b_t = abar_t.sqrt(), (1 - abar_t).sqrt()
+        std = torch.zeros_like(abar_t)
+        if self.config.variance_type in _FIXED_VARIANCES:
+            for i, ti in enumerate(t.tolist()):
+                if ti > 0:  # DDPMScheduler's own variance at t (float32), so GMM off matches it
+                    v = self._get_variance(ti).double()
+                    if self.config.variance_type == "fixed_small_log":
+                        std[i] = v  # already exp(0.5 log var)
+                    elif self.config.variance_type == "fixed_large_log":
+                        std[i] = (0.5 * v).exp()  # v = log beta_t (DDPMScheduler.step takes its sqrt: NaN)
+                    else:
+                        std[i] = v.sqrt()
+        rows = torch.stack([a_t, b_t, k0 + kt * a_t, kt * b_t, std, torch.ones_like(a_t)], dim=-1)
+        if self.config.final_step == "gaussian":
+            rows[-1, 5] = 0  # g = 0: the last step (to x0) draws Gaussian noise, not the mixture
+        self._set_rows(rows.to(self.timesteps.device))
+
+    def _index(self, timestep) -> int:
+        """Position of ``timestep`` in ``self.timesteps`` (a host int; a timestep tensor is read once)."""
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1 or timestep.is_floating_point() or timestep.dtype == torch.bool:
+                raise ValueError(
+                    f"timestep must be one integer timestep, got a {timestep.dtype} tensor of shape "
+                    f"{tuple(timestep.shape)}"
+                )
+            timestep = int(timestep)
+        elif isinstance(timestep, bool) or not isinstance(timestep, Integral):
+            raise TypeError(f"timestep must be an int or an integer tensor, got {type(timestep).__name__}")
+        i = self._index_of_host.get(int(timestep))
+        if i is None:
+            raise ValueError(
+                f"timestep {timestep} is not in the schedule (scheduler.timesteps); pass one of "
+                f"{self.timesteps.tolist()[:8]}{' ...' if len(self.timesteps) > 8 else ''}"
+            )
+        return i
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        return_dict: bool = True,
+    ) -> DDPMSchedulerOutput | tuple:
+        """One DDPM(-GMM) ancestral step; arguments and outputs as ``DDPMScheduler.step``."""
+        c = self.config
+        learned = c.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]
+        if self._rows is None or c.thresholding or learned or c.variance_type not in _FIXED_VARIANCES:
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        if generator is not None:
+            generator = check_generator(generator, sample.shape[0])
+        i = self._index(timestep)
+        gmm = self._gmm_for(sample)
+        noise = components = None
+        if generator is not None:
+            if int(self.timesteps[i]) > 0:
+                noise = randn_tensor(
+                    model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+                )
+            else:  # no noise at t = 0 (std 0): keep the op off the Philox stream for a reproducible run
+                noise = torch.zeros_like(sample)
+            if gmm is not None:
+                components = draw_components(generator, gmm, i, sample)
+        out = self._fused_step(
+            model_output,
+            sample,
+            i,
+            prediction_type=c.prediction_type,
+            gmm=gmm,
+            clip_sample_range=c.clip_sample_range if c.clip_sample else None,
+            use_clipped_model_output=True,  # DDPM's mean uses x_t itself: eps' = (x_t - a_t x0_clipped) / b_t
+            noise=noise,
+            components=components,
+        )
+        if not return_dict:
+            return (out.prev_sample, out.pred_original_sample)
+        return DDPMSchedulerOutput(prev_sample=out.prev_sample, pred_original_sample=out.pred_original_sample)
+
+
+register_with_diffusers(DDPMGMMScheduler, "DDPMScheduler")
