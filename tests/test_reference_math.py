@@ -1,5 +1,6 @@
-"""Oracles of DESIGN.md 2.5 on the reference and the public API: moment matching, the eq. 8 constraint, VUB
-tables, the RFIM marginal, noise schedules, thin SVD, and the random stream."""
+"""Oracles (properties that hold by the mathematics, not by agreement with our own code) on the reference and
+the public API: moment matching, the eq. 8 constraint, VUB tables, the RFIM marginal, noise schedules, thin
+SVD, and the random stream."""
 
 import math
 

@@ -1,4 +1,4 @@
-// Batched thin SVD, CPU kernel of ddimgmm::thin_svd (DESIGN.md 2.4; semantics: reference.thin_svd).
+// Batched thin SVD, CPU kernel of ddimgmm::thin_svd (docs/design.md 1.4; semantics: reference.thin_svd).
 //
 // For each of the S matrices O_s [D, K] (K <= D) the left singular vectors U_s [D, K] come from the K x K
 // Gram matrix instead of a full SVD:

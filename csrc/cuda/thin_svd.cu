@@ -1,4 +1,4 @@
-// Batched thin SVD, CUDA kernel of ddimgmm::thin_svd (DESIGN.md 2.4; CPU twin: csrc/cpu/thin_svd.cpp).
+// Batched thin SVD, CUDA kernel of ddimgmm::thin_svd (docs/design.md 1.4; CPU twin: csrc/cpu/thin_svd.cpp).
 //
 //   G = O^T O = V L V^T,  U1 = O W with W = V L^(-1/2),  U1^T U1 = R^T R,  U = O M with M = W R^(-1)
 //

@@ -3,7 +3,7 @@
 Seeds (one rule for every integration):
 
 * ``seed`` an int: the GMM tables are built from it and the per-step noise / component draws come from the
-  Philox stream of ``(seed, sample index, step index)`` (DESIGN.md section 3): reproducible, and the same
+  Philox stream of ``(seed, sample index, step index)`` (docs/design.md section 2): reproducible, and the same
   sample whatever the batch size or position.
 * ``seed=None``: the tables are built from seed 0 and each sampling run draws its stream seed from torch's
   default CPU generator, so ``torch.manual_seed`` controls the run as it does for diffusers / k-diffusion.

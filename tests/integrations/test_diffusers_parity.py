@@ -1,5 +1,5 @@
-"""Oracle: without GMM, a full sampling loop equals diffusers' DDIMScheduler given the same variance_noise
-(DESIGN.md 2.5), for every prediction type, clip on/off, eta 0 / 0.5 / 1, beta schedule and spacing. Our
+"""Oracle: without GMM, a full sampling loop equals diffusers' DDIMScheduler given the same variance_noise,
+for every prediction type, clip on/off, eta 0 / 0.5 / 1, beta schedule and spacing. Our
 schedules (make_betas, ddim_timesteps) are used, so they are checked against diffusers too."""
 
 import itertools

@@ -1,7 +1,7 @@
-"""torch.ops.ddimgmm.thin_svd (DESIGN.md 2.4) against LAPACK, and the GMM initialisation built on it.
+"""torch.ops.ddimgmm.thin_svd (docs/design.md 1.4) against LAPACK, and the GMM initialisation built on it.
 
 Oracles: torch.linalg.svd in float64 (up to column signs), orthonormality, span, singular-value order, the
-sign convention of reference.thin_svd, and the GMM identities of DESIGN.md 2.3 (eq. 8, VUB table).
+sign convention of reference.thin_svd, and the GMM identities of docs/design.md 1.3 (eq. 8, VUB table).
 """
 
 import pytest
