@@ -65,11 +65,46 @@ def sample_ddim_gmm(
     ``scale_per_dim`` instead of ``scale`` (s = scale_per_dim * sqrt(D)).
     Returns the final x (sigma = 0).
     """
+    sig = _check_sigmas(sigmas)
+
+    def ve_step(i, x, denoised, gmm, run_seed, noise):
+        # the VP DDIM step of x_VP = x sqrt(abar), abar = 1 / (1 + sigma^2), mapped back to VE
+        abar_t, abar_s = 1.0 / (1.0 + sig[i] ** 2), 1.0 / (1.0 + sig[i + 1] ** 2)
+        out = api.ddim_step(
+            denoised,
+            x * math.sqrt(abar_t),
+            abar_t,
+            abar_s,
+            eta=eta,
+            prediction_type="sample",
+            gmm=gmm,
+            step_index=i,
+            seed=run_seed,
+            sample_offset=sample_offset,
+            noise=noise,
+        )
+        return out.prev_sample / math.sqrt(abar_s)
+
+    return _sample(
+        model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, noise_sampler, ve_step, "DDIM-GMM",
+        gmm=gmm, n_components=n_components, scale=scale, share_across_steps=share_across_steps,
+        uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset, final_step=final_step,
+        scale_per_dim=scale_per_dim,
+    )  # fmt: skip
+
+
+def _sample(model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, noise_sampler, step, desc, *,
+            gmm, n_components, scale, share_across_steps, uniform_priors, seed, sample_offset, final_step,
+            scale_per_dim):  # fmt: skip
+    """The loop both samplers share: checks, GMM tables, the denoiser call and callback, the noise k-diffusion
+    would draw (``noise_sampler`` called exactly when k-diffusion calls it, so a shared sampler stays
+    aligned), steps between equal sigmas left out (Euler's x + d * 0), then ``step(i, x, denoised, gmm of step
+    i, run seed, noise or None) -> x``."""
     extra_args = {} if extra_args is None else extra_args
     eta = check_eta(eta)
     if not isinstance(s_noise, (int, float)) or not math.isfinite(s_noise) or s_noise < 0:
         raise ValueError(f"s_noise must be a finite number >= 0, got {s_noise!r}")
-    sig = _check_sigmas(sigmas)
+    _checks.check_final_step(final_step)
     n_steps = len(sig) - 1
     seed = check_seed(seed if seed is not None else extra_args.get("seed"))
     gmm = resolve_gmm(
@@ -83,36 +118,21 @@ def sample_ddim_gmm(
         seed=seed,
         scale_per_dim=scale_per_dim,
     )
-    _checks.check_final_step(final_step)
     run_seed = stream_seed(seed)
     s_in = x.new_ones([x.shape[0]])
-    for i in progress_bar(range(n_steps), disable, "DDIM-GMM"):
+    for i in progress_bar(range(n_steps), disable, desc):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        abar_t, abar_s = 1.0 / (1.0 + sig[i] ** 2), 1.0 / (1.0 + sig[i + 1] ** 2)
         noise = None
         if sig[i + 1] > 0 and eta > 0:
-            if noise_sampler is not None:  # called whenever k-diffusion calls it, so shared samplers stay aligned
+            if noise_sampler is not None:
                 noise = noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise
             elif s_noise != 1.0:
                 noise = s_noise * reference.gaussian_noise(x.shape, run_seed, sample_offset, i, x.dtype, x.device)
         if sig[i + 1] == sig[i]:
-            continue  # no time passes: Euler's x + d * 0 (and no GMM offset either)
-        out = api.ddim_step(
-            denoised,
-            x * math.sqrt(abar_t),
-            abar_t,
-            abar_s,
-            eta=eta,
-            prediction_type="sample",
-            gmm=_checks.gmm_for_step(gmm, i, n_steps, final_step),
-            step_index=i,
-            seed=run_seed,
-            sample_offset=sample_offset,
-            noise=noise,
-        )
-        x = out.prev_sample / math.sqrt(abar_s)
+            continue
+        x = step(i, x, denoised, _checks.gmm_for_step(gmm, i, n_steps, final_step), run_seed, noise)
     return x
 
 
@@ -171,58 +191,34 @@ def sample_rfim_gmm(
     every eta; ``noise="rfim"`` is the paper's c = eta s. A step between equal sigmas leaves x as it is; a
     last sigma above 0 returns the partially denoised x. Other arguments as :func:`sample_ddim_gmm`.
     """
-    extra_args = {} if extra_args is None else extra_args
-    eta = check_eta(eta)
     if noise not in FLOW_NOISE:
         raise ValueError(f"noise must be one of {FLOW_NOISE}, got {noise!r}")
-    if not isinstance(s_noise, (int, float)) or not math.isfinite(s_noise) or s_noise < 0:
-        raise ValueError(f"s_noise must be a finite number >= 0, got {s_noise!r}")
     sig = _check_sigmas(sigmas)
     if sig[0] > 1 or sig[0] == 0:
         raise ValueError(f"flow sigmas are times in [0, 1] starting above 0, got sigmas[0] = {sig[0]}")
-    n_steps = len(sig) - 1
-    seed = check_seed(seed if seed is not None else extra_args.get("seed"))
-    gmm = resolve_gmm(
-        gmm,
-        x,
-        n_steps,
-        n_components=n_components,
-        scale=scale,
-        share_across_steps=share_across_steps,
-        uniform_priors=uniform_priors,
-        seed=seed,
-        scale_per_dim=scale_per_dim,
-    )
-    _checks.check_final_step(final_step)
-    run_seed = stream_seed(seed)
-    s_in = x.new_ones([x.shape[0]])
-    for i in progress_bar(range(n_steps), disable, "RFIM-GMM"):
+
+    def flow_step(i, x, denoised, gmm, run_seed, z):
         t, s = sig[i], sig[i + 1]
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        z = None
-        if s > 0 and eta > 0:
-            if noise_sampler is not None:  # called whenever ComfyUI's sampler calls it
-                z = noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise
-            elif s_noise != 1.0:
-                z = s_noise * reference.gaussian_noise(x.shape, run_seed, sample_offset, i, x.dtype, x.device)
-        if s == t:
-            continue  # no time passes
-        out = api.step(
+        c = flow_noise_std(t, s, eta, noise)
+        return api.step(
             denoised,
             x,
             1.0 - t,
             t,
             1.0 - s,
             s,
-            flow_noise_std(t, s, eta, noise),
+            c,
             prediction_type="sample",
-            gmm=_checks.gmm_for_step(gmm, i, n_steps, final_step),
+            gmm=gmm,
             step_index=i,
             seed=run_seed,
             sample_offset=sample_offset,
             noise=z,
-        )
-        x = out.prev_sample
-    return x
+        ).prev_sample
+
+    return _sample(
+        model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, noise_sampler, flow_step, "RFIM-GMM",
+        gmm=gmm, n_components=n_components, scale=scale, share_across_steps=share_across_steps,
+        uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset, final_step=final_step,
+        scale_per_dim=scale_per_dim,
+    )  # fmt: skip
