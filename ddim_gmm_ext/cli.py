@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ._checks import FINAL_STEPS, check_seed
 from .quality.sampling import GMM_VARIANTS, make_gmms, sample_ddim, samplers
 
 # The digits demo's setting: at 10 steps the paper's gains, and ours (benchmarks/results/quality_digits.json),
@@ -36,15 +37,15 @@ def run_demo(args) -> dict:
 
     start = time.perf_counter()
     mixture = DigitsMixture(sigma0=args.sigma0)
-    sampler_list = list(samplers(args.scales))
+    sampler_list = list(samplers(args.scales, per_dim=args.scale_per_dim))
     rows: dict = {}
     for seed in args.seeds:
         x_T = torch.randn(args.samples, mixture.dim, generator=torch.Generator().manual_seed(seed))
         fresh = mixture.sample(args.samples, torch.Generator().manual_seed(10_000 + seed))
         for steps in args.steps:
-            gmms = make_gmms(sampler_list, mixture.dim, args.components, steps, seed)
+            gmms = make_gmms(sampler_list, mixture.dim, args.components, steps, seed, per_dim=args.scale_per_dim)
             for eta in args.etas:
-                x0s = sample_ddim(mixture.eps_model, x_T, steps, eta, gmms, seed)
+                x0s = sample_ddim(mixture.eps_model, x_T, steps, eta, gmms, seed, final_step=args.final_step)
                 for (name, _, _), x0 in zip(sampler_list, x0s, strict=False):
                     row = rows.setdefault((eta, name, steps), {"sw": [], "nll": []})
                     row["sw"].append(sliced_wasserstein(x0.double(), fresh, seed=seed))
@@ -61,7 +62,7 @@ def _fmt(values) -> str:
 def print_table(args, result, out=None) -> None:
     out = out or sys.stdout
     rows = result["rows"]
-    names = [name for name, _, _ in samplers(args.scales)]
+    names = [name for name, _, _ in samplers(args.scales, per_dim=args.scale_per_dim)]
     print(
         f"ddim-gmm demo: analytic digits mixture (1797 x 64, sigma0 = {args.sigma0}), exact epsilon model;\n"
         f"{args.samples} samples per run, seeds {args.seeds} (paired: same x_T and step noise for every sampler), "
@@ -144,6 +145,8 @@ def digits_demo(args) -> int:
         components=args.components,
         samples=args.samples,
         seeds=tuple(args.seeds),
+        final_step=args.final_step,
+        scale_per_dim=args.scale_per_dim,
     )
     try:
         sweep.check()
@@ -233,14 +236,19 @@ EVAL_QUICK = {
 
 def _eval_settings(args) -> dict:
     """The sweep settings: explicit options, else --quick's, else the family's paper grid."""
-    defaults = dict(EVAL_DEFAULTS[args.family], variants=list(GMM_VARIANTS), samples=1000, seeds=[0, 1, 2])
+    defaults = dict(EVAL_DEFAULTS[args.family], variants=list(GMM_VARIANTS), samples=1000, seeds=[0, 1, 2, 3, 4])
     if args.quick:
         defaults.update(EVAL_QUICK[args.family])
     settings = {
         k: getattr(args, k) if getattr(args, k) is not None else defaults[k]
         for k in ("steps", "etas", "scales", "variants", "samples", "seeds")
     }
-    return settings | {"components": args.components}
+    return settings | {
+        "components": args.components,
+        "final_step": args.final_step,
+        "scale_per_dim": args.scale_per_dim,
+        "precision_floor": args.precision_floor,
+    }
 
 
 def cmd_train_digits(args) -> int:
@@ -264,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="digits: the shipped trained eps model (default); analytic: the exact-denoiser "
         "mixture benchmark over every variant",
     )
-    demo.add_argument("--seeds", type=int, nargs="+", help="paired seeds (digits: 0; analytic: 0 1 2)")
+    demo.add_argument("--seeds", type=_seed, nargs="+", help="paired seeds (digits: 0; analytic: 0 1 2)")
     demo.add_argument("--samples", type=_positive_int, help="samples per run (digits: 1000; analytic: 500)")
     demo.add_argument("--steps", type=_positive_int, nargs="+", help="digits: 10; analytic: 5 10 20")
     demo.add_argument("--etas", type=_nonnegative_float, nargs="+", help=f"digits: {DIGITS_DEMO_ETA:g}; analytic: 0 1")
@@ -278,6 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sigma0", type=float, help="analytic: width of each mixture component (default 0.1)")
     demo.add_argument("--png", help="digits: where to write the sample grid (default ddim_gmm_demo.png)")
     demo.add_argument("--json", help="also write the results to this JSON file")
+    demo.add_argument(
+        "--final-step",
+        choices=FINAL_STEPS,
+        default="gaussian",
+        help="gaussian (default, the paper's model): no mixture on the last step; gmm: offsets on every step",
+    )
+    demo.add_argument(
+        "--scale-per-dim",
+        action="store_true",
+        help="read --scales as per-coordinate scales: s = value * sqrt(D), the same meaning at every D",
+    )
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser(
@@ -298,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scales", type=_nonnegative_float, nargs="+", help="offset scales s (0.01 0.1 1 10)")
     ev.add_argument("--components", type=_positive_int, default=8, help="K (default 8)")
     ev.add_argument("--samples", type=_positive_int, help="samples per seed and sampler (default 1000)")
-    ev.add_argument("--seeds", type=int, nargs="+", help="paired seeds (default 0 1 2)")
+    ev.add_argument("--seeds", type=_seed, nargs="+", help="paired seeds (default 0 1 2 3 4)")
     ev.add_argument(
         "--quick",
         action="store_true",
@@ -308,6 +327,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--out", default="ddim_gmm_eval", help="output folder (default ddim_gmm_eval)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument(
+        "--final-step",
+        choices=FINAL_STEPS,
+        default="gaussian",
+        help="gaussian (default, the paper's model): no mixture on the last step; gmm: offsets on every step",
+    )
+    ev.add_argument(
+        "--scale-per-dim",
+        action="store_true",
+        help="read --scales as per-coordinate scales: s = value * sqrt(D), the same meaning at every D",
+    )
+    ev.add_argument(
+        "--precision-floor",
+        type=_unit_float,
+        default=0.9,
+        help="best-s selection refuses settings whose mean precision is below this fraction of the baseline's "
+        "(default 0.9)",
+    )
     ev.set_defaults(func=cmd_eval)
 
     train = sub.add_parser("train-digits", help="train a shipped digits network (eps, flow, classifier)")
@@ -315,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--iters", type=_positive_int, help="optimiser steps (default 10000; classifier 3000)")
     train.add_argument("--batch", type=_positive_int, default=256, help="batch size (default 256)")
     train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batches (default 0)")
+    train.add_argument("--seed", type=_seed, default=0, help="seed of the initialisation and batches (default 0)")
     train.add_argument(
         "--out",
         default=".",
@@ -331,6 +368,20 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        return check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {text!r}") from None
+
+
+def _unit_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
     return value
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from .._checks import check_final_step
 from ..api import ddim_step, rfim_step
 from ..gmm import GMM, GMM_VARIANTS
 
@@ -17,25 +18,36 @@ from ..gmm import GMM, GMM_VARIANTS
 BETAS = dict(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="linear")
 
 
-def samplers(scales, variants=GMM_VARIANTS, baseline: str | None = "DDIM"):
+def samplers(scales, variants=GMM_VARIANTS, baseline: str | None = "DDIM", per_dim: bool = False):
     """(name, variant, scale) of the baseline (variant None; left out if ``baseline`` is None) and of every
-    GMM variant at every offset scale, named like "GMM-ORTHO-VUB s=1"."""
+    GMM variant at every offset scale, named like "GMM-ORTHO-VUB s=1" (or "GMM-ORTHO-VUB s/vD=0.1" when the
+    scales are per-coordinate, ``per_dim``: s = scale_per_dim * sqrt(D))."""
     if baseline is not None:
         yield baseline, None, None
+    label = "s/vD" if per_dim else "s"
     for variant in variants:
         for s in scales:
-            yield f"GMM-{variant.upper()} s={s:g}", variant, s
+            yield f"GMM-{variant.upper()} {label}={s:g}", variant, s
 
 
-def make_gmms(sampler_list, dim: int, n_components: int, steps: int, seed: int) -> list:
+def make_gmms(sampler_list, dim: int, n_components: int, steps: int, seed: int, per_dim: bool = False) -> list:
     """One GMM (None for the baseline) per (name, variant, scale) of ``sampler_list``, for ``steps`` sampling
-    steps, uniform priors, drawn from ``seed``."""
+    steps, uniform priors, drawn from ``seed``; ``per_dim``: the scales are ``scale_per_dim`` of
+    :meth:`GMM.create` (s = scale_per_dim * sqrt(dim))."""
+    key = "scale_per_dim" if per_dim else "scale"
     return [
         None
         if variant is None
-        else GMM.create(dim, n_components=n_components, n_steps=steps, scale=scale, variant=variant, seed=seed)
+        else GMM.create(dim, n_components=n_components, n_steps=steps, variant=variant, seed=seed, **{key: scale})
         for _, variant, scale in sampler_list
     ]
+
+
+def step_gmm(gmm, step_index: int, steps: int, final_step: str):
+    """The mixture the step ``step_index`` of ``steps`` uses: none on the last step when ``final_step`` is
+    "gaussian" (the paper's model is Gaussian at the last step; offsets added where the step's noise std c is
+    ~0 land uncompensated on the output), ``gmm`` otherwise."""
+    return None if final_step == "gaussian" and step_index == steps - 1 else gmm
 
 
 def training_alphas_cumprod() -> torch.Tensor:
@@ -56,26 +68,41 @@ def _steps(items, progress: bool, desc: str):
     return tqdm(items, desc=desc, disable=not progress, leave=False)
 
 
-def sample_ddim(eps_model, x_T, steps: int, eta: float, gmms, seed: int, progress: bool = False) -> list:
+def sample_ddim(
+    eps_model, x_T, steps: int, eta: float, gmms, seed: int, progress: bool = False, final_step: str = "gaussian"
+) -> list:
     """DDIM(-GMM) sampling loops of an epsilon model ``eps_model(x [B, D], t [B] int64)``, one per entry of
     ``gmms`` (None = DDIM), all from ``x_T`` [N, D] with the same step noise (paired). The model sees one
-    stacked batch [len(gmms) * N, D] per step. Returns one x0 [N, D] per entry of ``gmms``."""
+    stacked batch [len(gmms) * N, D] per step. ``final_step``: "gaussian" (no mixture on the last step) or
+    "gmm" (see :func:`step_gmm`). Returns one x0 [N, D] per entry of ``gmms``."""
+    check_final_step(final_step)
     xs = [x_T] * len(gmms)
     for i, (t, abar_t, abar_prev) in enumerate(_steps(vp_schedule(steps), progress, "DDIM steps")):
         x = torch.cat(xs)
         eps = eps_model(x, torch.full((len(x),), t, dtype=torch.int64)).split(len(x_T))
         xs = [
             ddim_step(
-                e, x, abar_t, abar_prev, eta=eta, gmm=gmm, step_index=i, seed=seed, return_pred_original=False
+                e,
+                x,
+                abar_t,
+                abar_prev,
+                eta=eta,
+                gmm=step_gmm(gmm, i, steps, final_step),
+                step_index=i,
+                seed=seed,
+                return_pred_original=False,
             ).prev_sample
             for e, x, gmm in zip(eps, xs, gmms, strict=False)
         ]
     return xs
 
 
-def sample_rfim(flow_model, x_T, steps: int, eta: float, gmms, seed: int, progress: bool = False) -> list:
+def sample_rfim(
+    flow_model, x_T, steps: int, eta: float, gmms, seed: int, progress: bool = False, final_step: str = "gaussian"
+) -> list:
     """RFIM(-GMM) loops of a velocity model ``flow_model(x [B, D], t [B] float) -> v = eps - x0`` from t = 1 to
     0 on the uniform grid, as :func:`sample_ddim` (paired, one x0 [N, D] per entry of ``gmms``)."""
+    check_final_step(final_step)
     times = reference.rf_times(steps)
     xs = [x_T] * len(gmms)
     for i in _steps(range(steps), progress, "RFIM steps"):
@@ -83,7 +110,17 @@ def sample_rfim(flow_model, x_T, steps: int, eta: float, gmms, seed: int, progre
         x = torch.cat(xs)
         v = flow_model(x, torch.full((len(x),), float(t))).split(len(x_T))
         xs = [
-            rfim_step(m, x, t, s, eta=eta, gmm=gmm, step_index=i, seed=seed, return_pred_original=False).prev_sample
+            rfim_step(
+                m,
+                x,
+                t,
+                s,
+                eta=eta,
+                gmm=step_gmm(gmm, i, steps, final_step),
+                step_index=i,
+                seed=seed,
+                return_pred_original=False,
+            ).prev_sample
             for m, x, gmm in zip(v, xs, gmms, strict=False)
         ]
     return xs

@@ -253,3 +253,27 @@ def test_paired_samplers_share_noise_and_tables():
     xs = sample_ddim(zero_model, x_T, 3, 1.0, gmms, seed=0)
     for x in xs[1:]:
         torch.testing.assert_close(x, xs[0])
+
+
+@pytest.mark.parametrize("family", ["ddim", "rfim"])
+def test_final_step_gaussian_drops_only_the_last_mixture(family):
+    """One step: "gaussian" gives DDIM / RFIM exactly, "gmm" does not; the per-coordinate scale gives the same
+    GMM as s = scale_per_dim * sqrt(D). Checked to fail when step_gmm ignores final_step (returns gmm always)."""
+    from ddim_gmm_ext.quality.sampling import sample_rfim
+
+    sample = sample_ddim if family == "ddim" else sample_rfim
+    eta = 1.0 if family == "ddim" else 0.5
+    sampler_list = list(samplers([1.0], ["ortho-vub"]))
+    x_T = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    for steps in (1, 3):
+        gmms = make_gmms(sampler_list, 64, 8, steps, seed=0)
+        base, gauss = sample(zero_model, x_T, steps, eta, gmms, seed=0, final_step="gaussian")
+        _, mixed = sample(zero_model, x_T, steps, eta, gmms, seed=0, final_step="gmm")
+        assert not torch.allclose(gauss, mixed)
+        if steps == 1:
+            torch.testing.assert_close(gauss, base)
+    per_dim = make_gmms(list(samplers([1.0 / 8], ["ortho-vub"], per_dim=True)), 64, 8, 3, seed=0, per_dim=True)
+    _, x_per_dim = sample(zero_model, x_T, 3, eta, per_dim, seed=0, final_step="gmm")
+    torch.testing.assert_close(x_per_dim, mixed)
+    with pytest.raises(ValueError, match="final_step"):
+        sample(zero_model, x_T, 1, eta, gmms, seed=0, final_step="last")
