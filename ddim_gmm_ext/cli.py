@@ -248,6 +248,7 @@ def _eval_settings(args) -> dict:
         "final_step": args.final_step,
         "scale_per_dim": args.scale_per_dim,
         "precision_floor": args.precision_floor,
+        "controls": not args.no_controls,
     }
 
 
@@ -337,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale-per-dim",
         action="store_true",
         help="read --scales as per-coordinate scales: s = value * sqrt(D), the same meaning at every D",
+    )
+    ev.add_argument(
+        "--no-controls",
+        action="store_true",
+        help="leave out the 'baseline + matched output noise' control of each GMM sampler (run with --final-step gmm)",
     )
     ev.add_argument(
         "--precision-floor",

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .._checks import check_final_step, check_seed
-from .sampling import GMM_VARIANTS, make_gmms, sample_ddim, sample_rfim, samplers
+from .sampling import GMM_VARIANTS, make_gmms, matched_output_noise, sample_ddim, sample_rfim, samplers
 
 DIM = 64
 FAMILIES = {"ddim": ("DDIM", sample_ddim, "eps"), "rfim": ("RFIM", sample_rfim, "flow")}
@@ -45,6 +45,7 @@ class Sweep:
     final_step: str = "gaussian"
     scale_per_dim: bool = False  # the scales are per-coordinate: s = scale * sqrt(64)
     precision_floor: float = 0.9  # best-s selection refuses a mean precision below this fraction of the baseline's
+    controls: bool = True  # add "DDIM + matched output noise" per GMM sampler (when final_step is "gmm")
 
     def check(self) -> None:
         """ValueError naming the field for a grid that cannot run."""
@@ -126,6 +127,12 @@ def sample_and_score(model, sweep: Sweep, steps: int, eta: float, seed: int, qua
     gmms = make_gmms(sampler_list, DIM, sweep.components, steps, seed, per_dim=sweep.scale_per_dim)
     with torch.no_grad():
         xs = sample_fn(model, x_T, steps, eta, gmms, seed, progress=progress, final_step=sweep.final_step)
+    if sweep.controls and sweep.final_step == "gmm":
+        # With a Gaussian last step the mixture adds nothing to the output, and the control would be the baseline.
+        for (name, variant, scale), gmm in zip(list(sampler_list), gmms, strict=True):
+            if gmm is not None:
+                sampler_list.append((f"{baseline}+noise~{name}", f"noise~{variant}", scale))
+                xs.append(matched_output_noise(xs[0], gmm, steps, seed))
     pairs = zip(sampler_list, xs, strict=True)
     return [(name, variant, scale, x0, quality(x0)) for (name, variant, scale), x0 in pairs]
 
@@ -265,7 +272,13 @@ def table_markdown(result: dict, sweep: Sweep, model_name: str) -> str:
     def rows(variants, cell):
         for eta in sweep.etas:
             for variant in variants:
-                name = baseline if variant == baseline else f"{baseline}-GMM-{variant.upper()}"
+                name = (
+                    baseline
+                    if variant == baseline
+                    else f"{baseline}+noise~GMM-{variant[6:].upper()}"
+                    if variant.startswith("noise~")
+                    else f"{baseline}-GMM-{variant.upper()}"
+                )
                 cells = [
                     cell(best[(eta, steps, variant)]) if (eta, steps, variant) in best else "refused"
                     for steps in sweep.steps
@@ -285,6 +298,7 @@ def table_markdown(result: dict, sweep: Sweep, model_name: str) -> str:
             f"{e['recall_diff']:+.3f}±{e['recall_diff_std']:.3f}"
         )
 
+    controls = sorted({e["variant"] for e in result["best"] if e["variant"].startswith("noise~")})
     ref = result["reference"]
     seeds = (
         f"mean ± std over seeds {list(sweep.seeds)}, {sweep.samples} samples each, K = {sweep.components}, "
@@ -298,13 +312,13 @@ def table_markdown(result: dict, sweep: Sweep, model_name: str) -> str:
             f"in parentheses, then precision / recall (higher is better); {seeds}.",
             "",
             *header,
-            *rows([baseline] + list(sweep.variants), metrics),
+            *rows([baseline] + list(sweep.variants) + controls, metrics),
             "",
             f"Paired differences to {baseline} at that s (same seed, same initial noise): "
             "digits-FD, precision, recall (each ± std over seeds of the paired difference).",
             "",
             *header,
-            *rows(list(sweep.variants), differences),
+            *rows(list(sweep.variants) + controls, differences),
             "",
             f"Real digits ({min(sweep.samples, 1797)} of the 1797, against all): digits-FD {ref['fd']:.2f}, "
             f"precision {ref['precision']:.2f}, recall {ref['recall']:.2f}.",

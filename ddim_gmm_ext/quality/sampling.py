@@ -124,3 +124,16 @@ def sample_rfim(
             for m, x, gmm in zip(v, xs, gmms, strict=False)
         ]
     return xs
+
+
+def matched_output_noise(x0: torch.Tensor, gmm: GMM, steps: int, seed: int) -> torch.Tensor:
+    """The "DDIM + matched output noise" control of a GMM sampler: ``x0`` [N, D] (the baseline's output) plus
+    white noise whose per-coordinate variance is what the mixture's last-step offsets add to the output,
+    sum_k pi_k delta_k^2 [D] (the offset delta_k is added to the step's mean, with the step's noise std c ~ 0
+    at the last step). If the GMM's gain at the last step matches this control's, it is a noise effect, not
+    moment matching. The noise is torch.randn of torch.Generator().manual_seed(seed + 1) (paired over
+    samplers of a seed, independent of x_T)."""
+    priors, offsets, _ = gmm.params(steps - 1, x0)
+    std = (priors[:, None] * offsets**2).sum(0).sqrt()
+    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed((seed + 1) % 2**64), dtype=std.dtype)
+    return (x0 + std * z).to(x0.dtype)

@@ -277,3 +277,42 @@ def test_final_step_gaussian_drops_only_the_last_mixture(family):
     torch.testing.assert_close(x_per_dim, mixed)
     with pytest.raises(ValueError, match="final_step"):
         sample(zero_model, x_T, 1, eta, gmms, seed=0, final_step="last")
+
+
+def test_matched_output_noise_has_the_last_step_offsets_second_moment():
+    """At eta = 0 a one-step GMM sampler's output differs from DDIM's by exactly the drawn offset; the control's
+    added noise has the same mean square per coordinate. Checked to fail with the priors' weighting dropped
+    (sum_k delta_k^2: K times too large) and with the variance used as the std."""
+    from ddim_gmm_ext.quality.sampling import matched_output_noise
+
+    sampler_list = list(samplers([2.0], ["ortho", "rand"]))
+    gmms = make_gmms(sampler_list, 64, 8, 1, seed=3)
+    x_T = torch.randn(4000, 64, generator=torch.Generator().manual_seed(0))
+    xs = sample_ddim(zero_model, x_T, 1, 0.0, gmms, seed=3, final_step="gmm")
+    for x_gmm, gmm in zip(xs[1:], gmms[1:], strict=True):
+        added = ((x_gmm - xs[0]) ** 2).mean()
+        control = ((matched_output_noise(xs[0], gmm, 1, seed=3) - xs[0]) ** 2).mean()
+        assert abs(control / added - 1) < 0.05, (float(control), float(added))
+
+
+def test_eval_with_controls_and_precision_floor(tmp_path):
+    """--final-step gmm adds a control row per GMM sampler; a floor of 1.0 refuses settings that lose precision."""
+    sweep = evaluate.Sweep(
+        steps=(3,),
+        etas=(1.0,),
+        variants=("ortho-vub",),
+        scales=(0.0, 3.0),
+        samples=60,
+        seeds=(0, 1),
+        final_step="gmm",
+        precision_floor=1.0,
+    )
+    result = evaluate.run(zero_model, sweep, DigitsQuality(), progress=False)
+    names = {r["sampler"] for r in result["rows"]}
+    assert "DDIM+noise~GMM-ORTHO-VUB s=3" in names and len(names) == 5
+    zero = [r for r in result["rows"] if r["sampler"] == "DDIM+noise~GMM-ORTHO-VUB s=0"]
+    base = [r for r in result["rows"] if r["sampler"] == "DDIM"]
+    assert [r["fd"] for r in zero] == pytest.approx([r["fd"] for r in base])
+    base_p = next(e["precision"] for e in result["summary"] if e["scale"] is None)
+    assert all(e["precision"] >= base_p for e in result["best"])
+    assert "±" in evaluate.table_markdown(result, sweep, "zero")
