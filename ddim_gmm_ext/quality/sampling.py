@@ -62,6 +62,18 @@ def vp_schedule(steps: int):
     return [(int(t), abar[t], abar[p] if p >= 0 else abar[0]) for t, p in zip(timesteps, prev, strict=False)]
 
 
+def check_finite(xs, step_index: int, where: str) -> None:
+    """FloatingPointError naming the sampler (its position in ``gmms``), the samples and the step at which a
+    sampling loop went non-finite (a model that returns NaN at some timesteps, for example)."""
+    for j, x in enumerate(xs):
+        bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten()
+        if len(bad):
+            raise FloatingPointError(
+                f"sampler {j}: samples {bad[:8].tolist()}{' ...' if len(bad) > 8 else ''} ({len(bad)} of {len(x)}) "
+                f"went non-finite at step {step_index} ({where})"
+            )
+
+
 def _steps(items, progress: bool, desc: str):
     from tqdm import tqdm
 
@@ -94,6 +106,7 @@ def sample_ddim(
             ).prev_sample
             for e, x, gmm in zip(eps, xs, gmms, strict=False)
         ]
+        check_finite(xs, i, f"t = {t}")
     return xs
 
 
@@ -123,6 +136,7 @@ def sample_rfim(
             ).prev_sample
             for m, x, gmm in zip(v, xs, gmms, strict=False)
         ]
+        check_finite(xs, i, f"t = {float(t):.4g}")
     return xs
 
 
