@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ._checks import FINAL_STEPS, check_seed
 from .quality.sampling import GMM_VARIANTS, make_gmms, sample_ddim, samplers
 
 # The digits demo's setting: at 10 steps the paper's gains, and ours (benchmarks/results/quality_digits.json),
@@ -36,13 +37,13 @@ def run_demo(args) -> dict:
 
     start = time.perf_counter()
     mixture = DigitsMixture(sigma0=args.sigma0)
-    sampler_list = list(samplers(args.scales))
+    sampler_list = list(samplers(args.scales, per_dim=args.scale_per_dim))
     rows: dict = {}
     for seed in args.seeds:
         x_T = torch.randn(args.samples, mixture.dim, generator=torch.Generator().manual_seed(seed))
         fresh = mixture.sample(args.samples, torch.Generator().manual_seed(10_000 + seed))
         for steps in args.steps:
-            gmms = make_gmms(sampler_list, mixture.dim, args.components, steps, seed)
+            gmms = make_gmms(sampler_list, mixture.dim, args.components, steps, seed, per_dim=args.scale_per_dim)
             for eta in args.etas:
                 x0s = sample_ddim(mixture.eps_model, x_T, steps, eta, gmms, seed, final_step=args.final_step)
                 for (name, _, _), x0 in zip(sampler_list, x0s, strict=False):
@@ -61,7 +62,7 @@ def _fmt(values) -> str:
 def print_table(args, result, out=None) -> None:
     out = out or sys.stdout
     rows = result["rows"]
-    names = [name for name, _, _ in samplers(args.scales)]
+    names = [name for name, _, _ in samplers(args.scales, per_dim=args.scale_per_dim)]
     print(
         f"ddim-gmm demo: analytic digits mixture (1797 x 64, sigma0 = {args.sigma0}), exact epsilon model;\n"
         f"{args.samples} samples per run, seeds {args.seeds} (paired: same x_T and step noise for every sampler), "
@@ -91,12 +92,13 @@ def _write_json(path, args, result) -> None:
     with open(path, "w") as f:
         json.dump(
             {
-                "config": {k: v for k, v in vars(args).items() if k != "func"},
+                "config": {k: v for k, v in vars(args).items() if k not in ("func", "error")},
                 "rows": rows,
                 "seconds": result["seconds"],
             },
             f,
             indent=1,
+            default=str,
         )
 
 
@@ -111,13 +113,13 @@ DEMO_DEFAULTS = {
 
 def cmd_demo(args) -> int:
     if args.model == "digits" and args.sigma0 is not None:
-        raise SystemExit("ddim-gmm demo: --sigma0 applies to --model analytic only")
+        args.error("--sigma0 applies to --model analytic only")
     for name, value in DEMO_DEFAULTS[args.model].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.model == "analytic":
         if args.png:
-            raise SystemExit("ddim-gmm demo: --png applies to --model digits only")
+            args.error("--png applies to --model digits only")
         result = run_demo(args)
         print_table(args, result)
         if args.json:
@@ -125,7 +127,7 @@ def cmd_demo(args) -> int:
         return 0
     for name in ("steps", "etas", "scales"):
         if len(getattr(args, name)) != 1:
-            raise SystemExit(f"ddim-gmm demo: --model digits takes one value of --{name}, got {getattr(args, name)}")
+            args.error(f"--model digits takes one value of --{name}, got {getattr(args, name)}")
     return digits_demo(args)
 
 
@@ -145,11 +147,12 @@ def digits_demo(args) -> int:
         samples=args.samples,
         seeds=tuple(args.seeds),
         final_step=args.final_step,
+        scale_per_dim=args.scale_per_dim,
     )
     try:
         sweep.check()
     except ValueError as error:
-        raise SystemExit(f"ddim-gmm demo: {error}") from None
+        args.error(str(error))
     model, quality = evaluate.load_model("digits"), DigitsQuality()
     steps, eta = args.steps[0], args.etas[0]
     per_seed = [
@@ -174,9 +177,14 @@ def digits_demo(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"config": {k: v for k, v in vars(args).items() if k != "func"}, "rows": results, "reference": ref},
+                {
+                    "config": {k: v for k, v in vars(args).items() if k not in ("func", "error")},
+                    "rows": results,
+                    "reference": ref,
+                },
                 f,
                 indent=1,
+                default=str,
             )
     return 0
 
@@ -213,7 +221,7 @@ def cmd_eval(args) -> int:
         sweep.check()
         model = evaluate.load_model(args.model, args.family)
     except ValueError as error:
-        raise SystemExit(f"ddim-gmm eval: {error}") from None
+        args.error(str(error))
     result = evaluate.run(model, sweep, DigitsQuality(), progress=not args.no_progress)
     paths = evaluate.write_outputs(result, sweep, args.out, args.model)
     print((Path(args.out) / "table.md").read_text())
@@ -234,14 +242,20 @@ EVAL_QUICK = {
 
 def _eval_settings(args) -> dict:
     """The sweep settings: explicit options, else --quick's, else the family's paper grid."""
-    defaults = dict(EVAL_DEFAULTS[args.family], variants=list(GMM_VARIANTS), samples=1000, seeds=[0, 1, 2])
+    defaults = dict(EVAL_DEFAULTS[args.family], variants=list(GMM_VARIANTS), samples=1000, seeds=[0, 1, 2, 3, 4])
     if args.quick:
         defaults.update(EVAL_QUICK[args.family])
     settings = {
         k: getattr(args, k) if getattr(args, k) is not None else defaults[k]
         for k in ("steps", "etas", "scales", "variants", "samples", "seeds")
     }
-    return settings | {"components": args.components, "final_step": args.final_step}
+    return settings | {
+        "components": args.components,
+        "final_step": args.final_step,
+        "scale_per_dim": args.scale_per_dim,
+        "precision_floor": args.precision_floor,
+        "controls": not args.no_controls,
+    }
 
 
 def cmd_train_digits(args) -> int:
@@ -265,27 +279,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="digits: the shipped trained eps model (default); analytic: the exact-denoiser "
         "mixture benchmark over every variant",
     )
-    demo.add_argument("--seeds", type=int, nargs="+", help="paired seeds (digits: 0; analytic: 0 1 2)")
+    demo.add_argument("--seeds", type=_seed, nargs="+", help="paired seeds (digits: 0; analytic: 0 1 2)")
     demo.add_argument("--samples", type=_positive_int, help="samples per run (digits: 1000; analytic: 500)")
-    demo.add_argument("--steps", type=_positive_int, nargs="+", help="digits: 10; analytic: 5 10 20")
-    demo.add_argument("--etas", type=_nonnegative_float, nargs="+", help=f"digits: {DIGITS_DEMO_ETA:g}; analytic: 0 1")
+    demo.add_argument("--steps", type=_ddim_steps, nargs="+", help="digits: 10; analytic: 5 10 20")
+    demo.add_argument("--etas", type=_eta, nargs="+", help=f"digits: {DIGITS_DEMO_ETA:g}; analytic: 0 1")
     demo.add_argument(
         "--scales",
         type=_nonnegative_float,
         nargs="+",
         help=f"offset scale s (digits: {DIGITS_DEMO_SCALE:g}; analytic: 0.1 1)",
     )
-    demo.add_argument("--components", type=_positive_int, default=8, help="K (default 8)")
-    demo.add_argument("--sigma0", type=float, help="analytic: width of each mixture component (default 0.1)")
-    demo.add_argument("--png", help="digits: where to write the sample grid (default ddim_gmm_demo.png)")
-    demo.add_argument("--json", help="also write the results to this JSON file")
+    demo.add_argument("--components", type=_components, default=8, help="K (default 8)")
+    demo.add_argument("--sigma0", type=_positive_float, help="analytic: width of each mixture component (default 0.1)")
+    demo.add_argument(
+        "--png", type=_output_file, help="digits: where to write the sample grid (default ddim_gmm_demo.png)"
+    )
+    demo.add_argument("--json", type=_output_file, help="also write the results to this JSON file")
     demo.add_argument(
         "--final-step",
-        choices=("gaussian", "gmm"),
+        choices=FINAL_STEPS,
         default="gaussian",
-        help="gaussian (default, the paper's model): no mixture on the last step; gmm: mixture at every step",
+        help="gaussian (default, the paper's model): no mixture on the last step; gmm: offsets on every step",
     )
-    demo.set_defaults(func=cmd_demo)
+    demo.add_argument(
+        "--scale-per-dim",
+        action="store_true",
+        help="read --scales as per-coordinate scales: s = value * sqrt(D), the same meaning at every D",
+    )
+    demo.set_defaults(func=cmd_demo, error=demo.error)
 
     ev = sub.add_parser(
         "eval", help="the paper's sweep on a digits model: CSV/JSON, Fig. 1 style plot, Table 8 style table"
@@ -298,14 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--family", choices=tuple(EVAL_DEFAULTS), default="ddim", help="ddim (default) or rfim")
     ev.add_argument("--steps", type=_positive_int, nargs="+", help="ddim: 5 10 20 50; rfim: 2 5 10")
-    ev.add_argument("--etas", type=_nonnegative_float, nargs="+", help="ddim: 0 0.2 0.5 1; rfim: 0 0.2 0.5")
+    ev.add_argument("--etas", type=_eta, nargs="+", help="ddim: 0 0.2 0.5 1; rfim: 0 0.2 0.5")
     ev.add_argument(
         "--variants", nargs="+", help=f"GMM variants (default all: {' '.join(GMM_VARIANTS)}); the baseline always runs"
     )
     ev.add_argument("--scales", type=_nonnegative_float, nargs="+", help="offset scales s (0.01 0.1 1 10)")
-    ev.add_argument("--components", type=_positive_int, default=8, help="K (default 8)")
+    ev.add_argument("--components", type=_components, default=8, help="K (default 8)")
     ev.add_argument("--samples", type=_positive_int, help="samples per seed and sampler (default 1000)")
-    ev.add_argument("--seeds", type=int, nargs="+", help="paired seeds (default 0 1 2)")
+    ev.add_argument("--seeds", type=_seed, nargs="+", help="paired seeds (default 0 1 2 3 4)")
     ev.add_argument(
         "--quick",
         action="store_true",
@@ -313,37 +334,120 @@ def build_parser() -> argparse.ArgumentParser:
         "rfim: 2, 5, 10 steps, eta 0, 0.5; every variant, s 0.1, 1, 500 samples, seeds 0 1) in a few "
         "minutes; explicit options still apply",
     )
-    ev.add_argument("--out", default="ddim_gmm_eval", help="output folder (default ddim_gmm_eval)")
+    ev.add_argument("--out", type=_output_folder, default="ddim_gmm_eval", help="output folder (default ddim_gmm_eval)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument(
         "--final-step",
-        choices=("gaussian", "gmm"),
+        choices=FINAL_STEPS,
         default="gaussian",
-        help="gaussian (default, the paper's model): no mixture on the last step; gmm: mixture at every step",
+        help="gaussian (default, the paper's model): no mixture on the last step; gmm: offsets on every step",
     )
-    ev.set_defaults(func=cmd_eval)
+    ev.add_argument(
+        "--scale-per-dim",
+        action="store_true",
+        help="read --scales as per-coordinate scales: s = value * sqrt(D), the same meaning at every D",
+    )
+    ev.add_argument(
+        "--no-controls",
+        action="store_true",
+        help="leave out the 'baseline + matched output noise' control of each GMM sampler (run with --final-step gmm)",
+    )
+    ev.add_argument(
+        "--precision-floor",
+        type=_unit_float,
+        default=0.9,
+        help="best-s selection refuses settings whose mean precision is below this fraction of the baseline's "
+        "(default 0.9)",
+    )
+    ev.set_defaults(func=cmd_eval, error=ev.error)
 
     train = sub.add_parser("train-digits", help="train a shipped digits network (eps, flow, classifier)")
     train.add_argument("--net", choices=("eps", "flow", "classifier"), required=True)
     train.add_argument("--iters", type=_positive_int, help="optimiser steps (default 10000; classifier 3000)")
     train.add_argument("--batch", type=_positive_int, default=256, help="batch size (default 256)")
-    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batches (default 0)")
+    train.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate (default 1e-3)")
+    train.add_argument("--seed", type=_seed, default=0, help="seed of the initialisation and batches (default 0)")
     train.add_argument(
         "--out",
         default=".",
+        type=_output_folder,
         help="folder for digits_<net>.pt / .json (default: current folder; "
         "the shipped files live in ddim_gmm_ext/data)",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.set_defaults(func=cmd_train_digits)
+    train.set_defaults(func=cmd_train_digits, error=train.error)
     return parser
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _ddim_steps(text: str) -> int:
+    value = _positive_int(text)
+    if value > 1000:
+        raise argparse.ArgumentTypeError(f"must be <= 1000 (the training timesteps), got {value}")
+    return value
+
+
+def _eta(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (c = eta * sigma <= the step's noise budget), got {value}")
+    return value
+
+
+def _components(text: str) -> int:
+    value = _positive_int(text)
+    if value >= 64:
+        raise argparse.ArgumentTypeError(f"K must be < D = 64 (the digits' dimension), got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be finite and > 0, got {value}")
+    return value
+
+
+def _output_folder(text: str) -> Path:
+    """A folder to write into: an existing directory, or a new one whose parent exists."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    if not path.exists() and not path.absolute().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the parent folder of {text!r} does not exist")
+    return path
+
+
+def _output_file(text: str) -> Path:
+    """A file to write: not a directory, in an existing folder."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, expected a file name")
+    if not path.absolute().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder of {text!r} does not exist")
+    return path
+
+
+def _seed(text: str) -> int:
+    try:
+        return check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {text!r}") from None
+
+
+def _unit_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
     return value
 
 
@@ -357,7 +461,11 @@ def _nonnegative_float(text: str) -> float:
 def main(argv=None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except FloatingPointError as error:  # a model or a training run that went NaN / Inf: say where, exit 1
+        print(f"ddim-gmm {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

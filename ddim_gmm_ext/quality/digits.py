@@ -127,6 +127,13 @@ def _denoising_batch(net_kind: str, x0: torch.Tensor, gen: torch.Generator, abar
     return (1 - t[:, None]) * x0 + t[:, None] * eps, t, eps - x0
 
 
+def check_finite_loss(loss: torch.Tensor, step: int) -> None:
+    """FloatingPointError naming the optimiser step at which the training loss went non-finite (a diverging
+    learning rate, for example), instead of writing NaN weights."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss went non-finite ({float(loss.detach())}) at optimiser step {step}")
+
+
 def train_denoiser(net_kind: str, iters: int, batch: int, lr: float, seed: int, progress: bool = True):
     """Train a :class:`DenoiserMLP` on all 1797 digits with the MSE of eq. 4 (eps) or eq. 16 (flow), Adam with
     warm-up and cosine decay, and an exponential moving average (decay 0.999) of the weights, which is what is
@@ -147,6 +154,7 @@ def train_denoiser(net_kind: str, iters: int, batch: int, lr: float, seed: int, 
         x0 = data[torch.randint(0, len(data), (batch,), generator=gen)]
         x_t, times, target = _denoising_batch(net_kind, x0, gen, abar)
         loss = nn.functional.mse_loss(net(x_t, times), target)
+        check_finite_loss(loss, i)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         _cosine_lr(optimizer, lr, i, iters)
@@ -199,6 +207,7 @@ def train_classifier(iters: int, batch: int, lr: float, seed: int, progress: boo
         idx = torch.randint(0, len(x_train), (batch,), generator=gen)
         x = x_train[idx] + 0.1 * torch.randn(batch, x_train.shape[1], generator=gen)
         loss = nn.functional.cross_entropy(net(x), y_train[idx])
+        check_finite_loss(loss, i)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         _cosine_lr(optimizer, lr, i, iters)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .. import _checks
-from .sampling import GMM_VARIANTS, make_gmms, sample_ddim, sample_rfim, samplers
+from .._checks import check_final_step, check_seed
+from .sampling import GMM_VARIANTS, make_gmms, matched_output_noise, sample_ddim, sample_rfim, samplers
 
 DIM = 64
 FAMILIES = {"ddim": ("DDIM", sample_ddim, "eps"), "rfim": ("RFIM", sample_rfim, "flow")}
@@ -41,15 +41,16 @@ class Sweep:
     scales: tuple = (0.01, 0.1, 1.0, 10.0)
     components: int = 8
     samples: int = 1000
-    seeds: tuple = (0, 1, 2)
+    seeds: tuple = (0, 1, 2, 3, 4)
     final_step: str = "gaussian"
+    scale_per_dim: bool = False  # the scales are per-coordinate: s = scale * sqrt(64)
+    precision_floor: float = 0.9  # best-s selection refuses a mean precision below this fraction of the baseline's
+    controls: bool = True  # add "DDIM + matched output noise" per GMM sampler (when final_step is "gmm")
 
     def check(self) -> None:
         """ValueError naming the field for a grid that cannot run."""
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {self.family!r}")
-        if self.final_step not in _checks.FINAL_STEPS:
-            raise ValueError(f"final_step must be one of {_checks.FINAL_STEPS}, got {self.final_step!r}")
         unknown = [v for v in self.variants if v not in GMM_VARIANTS]
         if unknown:
             raise ValueError(f"variants: unknown {unknown}; choose from {GMM_VARIANTS}")
@@ -71,6 +72,11 @@ class Sweep:
             raise ValueError(f"samples must be >= 4 (k-NN radii with k = 3), got {self.samples}")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
+        for seed in self.seeds:
+            check_seed(seed, "seeds")
+        check_final_step(self.final_step)
+        if not 0 <= self.precision_floor <= 1:
+            raise ValueError(f"precision_floor must be in [0, 1], got {self.precision_floor}")
 
 
 def load_model(spec: str, family: str = "ddim"):
@@ -116,11 +122,17 @@ def sample_and_score(model, sweep: Sweep, steps: int, eta: float, seed: int, qua
     (steps, eta, seed): [(name, variant, scale, x0, metrics)]. The initial noise is
     torch.randn(N, 64) of torch.Generator().manual_seed(seed); GMM tables and step noise use ``seed`` too."""
     baseline, sample_fn, _ = FAMILIES[sweep.family]
-    sampler_list = list(samplers(sweep.scales, sweep.variants, baseline))
+    sampler_list = list(samplers(sweep.scales, sweep.variants, baseline, per_dim=sweep.scale_per_dim))
     x_T = torch.randn(sweep.samples, DIM, generator=torch.Generator().manual_seed(seed))
-    gmms = make_gmms(sampler_list, DIM, sweep.components, steps, seed)
+    gmms = make_gmms(sampler_list, DIM, sweep.components, steps, seed, per_dim=sweep.scale_per_dim)
     with torch.no_grad():
         xs = sample_fn(model, x_T, steps, eta, gmms, seed, progress=progress, final_step=sweep.final_step)
+    if sweep.controls and sweep.final_step == "gmm":
+        # With a Gaussian last step the mixture adds nothing to the output, and the control would be the baseline.
+        for (name, variant, scale), gmm in zip(list(sampler_list), gmms, strict=True):
+            if gmm is not None:
+                sampler_list.append((f"{baseline}+noise~{name}", f"noise~{variant}", scale))
+                xs.append(matched_output_noise(xs[0], gmm, steps, seed))
     pairs = zip(sampler_list, xs, strict=True)
     return [(name, variant, scale, x0, quality(x0)) for (name, variant, scale), x0 in pairs]
 
@@ -162,7 +174,7 @@ def run(model, sweep: Sweep, quality, progress: bool = True) -> dict:
     return {
         "rows": rows,
         "summary": summary,
-        "best": best_scales(summary),
+        "best": best_scales(summary, sweep.precision_floor),
         "reference": real_reference(sweep, quality),
         "seconds": time.perf_counter() - start,
     }
@@ -190,12 +202,18 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def best_scales(summary: list[dict]) -> list[dict]:
+def best_scales(summary: list[dict], precision_floor: float = 0.0) -> list[dict]:
     """Per (eta, steps, variant), the summary entry of the scale with the lowest mean digits-FD (the paper's
-    selection rule; its precision and recall are reported with it)."""
+    selection rule; its precision and recall are reported with it) among those whose mean precision is at
+    least ``precision_floor`` times the baseline's at the same (steps, eta): FD alone rewards samplers that
+    spread samples off the data (precision collapsing while FD improves). A (eta, steps, variant) whose every
+    scale falls below the floor is left out (the tables show it as refused)."""
+    base = {(e["steps"], e["eta"]): e["precision"] for e in summary if e["scale"] is None}
     best: dict = {}
     for entry in summary:
         key = (entry["eta"], entry["steps"], entry["variant"])
+        if entry["scale"] is not None and entry["precision"] < precision_floor * base[(entry["steps"], entry["eta"])]:
+            continue
         if key not in best or entry["fd"] < best[key]["fd"]:
             best[key] = entry
     return list(best.values())
@@ -254,33 +272,53 @@ def table_markdown(result: dict, sweep: Sweep, model_name: str) -> str:
     def rows(variants, cell):
         for eta in sweep.etas:
             for variant in variants:
-                name = baseline if variant == baseline else f"{baseline}-GMM-{variant.upper()}"
-                cells = [cell(best[(eta, steps, variant)]) for steps in sweep.steps]
+                name = (
+                    baseline
+                    if variant == baseline
+                    else f"{baseline}+noise~GMM-{variant[6:].upper()}"
+                    if variant.startswith("noise~")
+                    else f"{baseline}-GMM-{variant.upper()}"
+                )
+                cells = [
+                    cell(best[(eta, steps, variant)]) if (eta, steps, variant) in best else "refused"
+                    for steps in sweep.steps
+                ]
                 yield f"| {eta:g} | {name} | " + " | ".join(cells) + " |"
 
     def metrics(e):
         s = f" ({e['scale']:g})" if e["scale"] is not None else ""
-        return f"{e['fd']:.2f}{s} {e['precision']:.2f} / {e['recall']:.2f}"
+        return (
+            f"{e['fd']:.2f}±{e['fd_std']:.2f}{s} {e['precision']:.2f}±{e['precision_std']:.2f} / "
+            f"{e['recall']:.2f}±{e['recall_std']:.2f}"
+        )
 
     def differences(e):
-        return f"{e['fd_diff']:+.2f} ± {e['fd_diff_std']:.2f}, {e['precision_diff']:+.3f}, {e['recall_diff']:+.3f}"
+        return (
+            f"{e['fd_diff']:+.2f}±{e['fd_diff_std']:.2f}, {e['precision_diff']:+.3f}±{e['precision_diff_std']:.3f}, "
+            f"{e['recall_diff']:+.3f}±{e['recall_diff_std']:.3f}"
+        )
 
+    controls = sorted({e["variant"] for e in result["best"] if e["variant"].startswith("noise~")})
     ref = result["reference"]
-    seeds = f"mean over seeds {list(sweep.seeds)}, {sweep.samples} samples each, K = {sweep.components}"
+    seeds = (
+        f"mean ± std over seeds {list(sweep.seeds)}, {sweep.samples} samples each, K = {sweep.components}, "
+        f"final step {sweep.final_step}, s chosen by FD among settings with precision >= "
+        f"{sweep.precision_floor:g} x {baseline}'s (else 'refused')"
+        + ("; scales per coordinate (s = value * 8)" if sweep.scale_per_dim else "")
+    )
     return "\n".join(
         [
             f"{baseline} vs {baseline}-GMM on digits, model {model_name}: digits-FD (lower is better) with the best s "
             f"in parentheses, then precision / recall (higher is better); {seeds}.",
             "",
             *header,
-            *rows([baseline] + list(sweep.variants), metrics),
+            *rows([baseline] + list(sweep.variants) + controls, metrics),
             "",
             f"Paired differences to {baseline} at that s (same seed, same initial noise): "
-            "digits-FD (± std over seeds), "
-            "precision, recall.",
+            "digits-FD, precision, recall (each ± std over seeds of the paired difference).",
             "",
             *header,
-            *rows(list(sweep.variants), differences),
+            *rows(list(sweep.variants) + controls, differences),
             "",
             f"Real digits ({min(sweep.samples, 1797)} of the 1797, against all): digits-FD {ref['fd']:.2f}, "
             f"precision {ref['precision']:.2f}, recall {ref['recall']:.2f}.",
@@ -305,7 +343,7 @@ def plot(result: dict, sweep: Sweep, path) -> None:
         for row, metric in enumerate(METRICS):
             ax = axes[row][col]
             for variant in [baseline] + list(sweep.variants):
-                ys = [best[(eta, s, variant)][metric] for s in sweep.steps]
+                ys = [best[(eta, s, variant)][metric] if (eta, s, variant) in best else math.nan for s in sweep.steps]
                 label = variant if variant == baseline else f"GMM-{variant.upper()}"
                 ax.plot(sweep.steps, ys, marker="o", ms=3, label=label)
             ax.axhline(result["reference"][metric], color="gray", ls="--", lw=0.8)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, reference
+from .._checks import check_final_step
 from ..api import ddim_step, rfim_step
 from ..gmm import GMM, GMM_VARIANTS
 
@@ -17,25 +18,32 @@ from ..gmm import GMM, GMM_VARIANTS
 BETAS = dict(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="linear")
 
 
-def samplers(scales, variants=GMM_VARIANTS, baseline: str | None = "DDIM"):
+def samplers(scales, variants=GMM_VARIANTS, baseline: str | None = "DDIM", per_dim: bool = False):
     """(name, variant, scale) of the baseline (variant None; left out if ``baseline`` is None) and of every
-    GMM variant at every offset scale, named like "GMM-ORTHO-VUB s=1"."""
+    GMM variant at every offset scale, named like "GMM-ORTHO-VUB s=1" (or "GMM-ORTHO-VUB s/vD=0.1" when the
+    scales are per-coordinate, ``per_dim``: s = scale_per_dim * sqrt(D))."""
     if baseline is not None:
         yield baseline, None, None
+    label = "s/vD" if per_dim else "s"
     for variant in variants:
         for s in scales:
-            yield f"GMM-{variant.upper()} s={s:g}", variant, s
+            yield f"GMM-{variant.upper()} {label}={s:g}", variant, s
 
 
-def make_gmms(sampler_list, dim: int, n_components: int, steps: int, seed: int) -> list:
+def make_gmms(sampler_list, dim: int, n_components: int, steps: int, seed: int, per_dim: bool = False) -> list:
     """One GMM (None for the baseline) per (name, variant, scale) of ``sampler_list``, for ``steps`` sampling
-    steps, uniform priors, drawn from ``seed``."""
+    steps, uniform priors, drawn from ``seed``; ``per_dim``: the scales are ``scale_per_dim`` of
+    :meth:`GMM.create` (s = scale_per_dim * sqrt(dim))."""
+    key = "scale_per_dim" if per_dim else "scale"
     return [
         None
         if variant is None
-        else GMM.create(dim, n_components=n_components, n_steps=steps, scale=scale, variant=variant, seed=seed)
+        else GMM.create(dim, n_components=n_components, n_steps=steps, variant=variant, seed=seed, **{key: scale})
         for _, variant, scale in sampler_list
     ]
+
+
+step_gmm = _checks.gmm_for_step  # the one final-step rule of every sampler
 
 
 def training_alphas_cumprod() -> torch.Tensor:
@@ -50,6 +58,18 @@ def vp_schedule(steps: int):
     return [(int(t), abar[t], abar[p] if p >= 0 else abar[0]) for t, p in zip(timesteps, prev, strict=False)]
 
 
+def check_finite(xs, step_index: int, where: str) -> None:
+    """FloatingPointError naming the sampler (its position in ``gmms``), the samples and the step at which a
+    sampling loop went non-finite (a model that returns NaN at some timesteps, for example)."""
+    for j, x in enumerate(xs):
+        bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten()
+        if len(bad):
+            raise FloatingPointError(
+                f"sampler {j}: samples {bad[:8].tolist()}{' ...' if len(bad) > 8 else ''} ({len(bad)} of {len(x)}) "
+                f"went non-finite at step {step_index} ({where})"
+            )
+
+
 def _steps(items, progress: bool, desc: str):
     from tqdm import tqdm
 
@@ -62,7 +82,8 @@ def sample_ddim(
     """DDIM(-GMM) sampling loops of an epsilon model ``eps_model(x [B, D], t [B] int64)``, one per entry of
     ``gmms`` (None = DDIM), all from ``x_T`` [N, D] with the same step noise (paired). The model sees one
     stacked batch [len(gmms) * N, D] per step. ``final_step``: "gaussian" (no mixture on the last step) or
-    "gmm". Returns one x0 [N, D] per entry of ``gmms``."""
+    "gmm" (see :func:`step_gmm`). Returns one x0 [N, D] per entry of ``gmms``."""
+    check_final_step(final_step)
     xs = [x_T] * len(gmms)
     for i, (t, abar_t, abar_prev) in enumerate(_steps(vp_schedule(steps), progress, "DDIM steps")):
         x = torch.cat(xs)
@@ -74,13 +95,14 @@ def sample_ddim(
                 abar_t,
                 abar_prev,
                 eta=eta,
-                gmm=_checks.gmm_for_step(gmm, i, steps, final_step),
+                gmm=step_gmm(gmm, i, steps, final_step),
                 step_index=i,
                 seed=seed,
                 return_pred_original=False,
             ).prev_sample
             for e, x, gmm in zip(eps, xs, gmms, strict=False)
         ]
+        check_finite(xs, i, f"t = {t}")
     return xs
 
 
@@ -89,6 +111,7 @@ def sample_rfim(
 ) -> list:
     """RFIM(-GMM) loops of a velocity model ``flow_model(x [B, D], t [B] float) -> v = eps - x0`` from t = 1 to
     0 on the uniform grid, as :func:`sample_ddim` (paired, one x0 [N, D] per entry of ``gmms``)."""
+    check_final_step(final_step)
     times = reference.rf_times(steps)
     xs = [x_T] * len(gmms)
     for i in _steps(range(steps), progress, "RFIM steps"):
@@ -102,11 +125,25 @@ def sample_rfim(
                 t,
                 s,
                 eta=eta,
-                gmm=_checks.gmm_for_step(gmm, i, steps, final_step),
+                gmm=step_gmm(gmm, i, steps, final_step),
                 step_index=i,
                 seed=seed,
                 return_pred_original=False,
             ).prev_sample
             for m, x, gmm in zip(v, xs, gmms, strict=False)
         ]
+        check_finite(xs, i, f"t = {float(t):.4g}")
     return xs
+
+
+def matched_output_noise(x0: torch.Tensor, gmm: GMM, steps: int, seed: int) -> torch.Tensor:
+    """The "DDIM + matched output noise" control of a GMM sampler: ``x0`` [N, D] (the baseline's output) plus
+    white noise whose per-coordinate variance is what the mixture's last-step offsets add to the output,
+    sum_k pi_k delta_k^2 [D] (the offset delta_k is added to the step's mean, with the step's noise std c ~ 0
+    at the last step). If the GMM's gain at the last step matches this control's, it is a noise effect, not
+    moment matching. The noise is torch.randn of torch.Generator().manual_seed(seed + 1) (paired over
+    samplers of a seed, independent of x_T)."""
+    priors, offsets, _ = gmm.params(steps - 1, x0)
+    std = (priors[:, None] * offsets**2).sum(0).sqrt()
+    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed((seed + 1) % 2**64), dtype=std.dtype)
+    return (x0 + std * z).to(x0.dtype)

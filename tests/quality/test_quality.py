@@ -154,12 +154,14 @@ def test_digits_demo_runs_end_to_end(tmp_path, capsys):
     assert png.stat().st_size > 1000
     rows = json.loads(out.read_text())["rows"]
     assert [r["sampler"] for r in rows] == ["DDIM", f"GMM-ORTHO-VUB s={cli.DIGITS_DEMO_SCALE:g}"]
-    with pytest.raises(SystemExit, match="one value of --steps"):
-        cli.main(["demo", "--steps", "5", "10"])
-    with pytest.raises(SystemExit, match="--sigma0"):
-        cli.main(["demo", "--sigma0", "0.2"])
-    with pytest.raises(SystemExit, match="components"):
-        cli.main(["demo", "--components", "64"])
+    for args, message in (
+        (["--steps", "5", "10"], "one value of --steps"),
+        (["--sigma0", "0.2"], "--sigma0"),
+        (["--components", "64"], "--components"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["demo", *args])
+        assert info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family", ["ddim", "rfim"])
@@ -232,17 +234,19 @@ def test_eval_accepts_a_module_callable(tmp_path):
         (["--components", "64"], "components"),
     ],
 )
-def test_eval_rejects_bad_input_before_sampling(args, message, monkeypatch):
+def test_eval_rejects_bad_input_before_sampling(args, message, monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "run", lambda *a, **k: pytest.fail("sampling started"))
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit) as info:
         cli.main(["eval", "--quick", *args])
+    assert info.value.code == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("args", [["--steps", "0"], ["--scales", "-1"], ["--etas", "-0.5"]])
 def test_eval_rejects_bad_numbers(args, capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", *args])
-    assert "must be >=" in capsys.readouterr().err
+    assert f"argument {args[0]}: must be" in capsys.readouterr().err
 
 
 def test_paired_samplers_share_noise_and_tables():
@@ -253,3 +257,66 @@ def test_paired_samplers_share_noise_and_tables():
     xs = sample_ddim(zero_model, x_T, 3, 1.0, gmms, seed=0)
     for x in xs[1:]:
         torch.testing.assert_close(x, xs[0])
+
+
+@pytest.mark.parametrize("family", ["ddim", "rfim"])
+def test_final_step_gaussian_drops_only_the_last_mixture(family):
+    """One step: "gaussian" gives DDIM / RFIM exactly, "gmm" does not; the per-coordinate scale gives the same
+    GMM as s = scale_per_dim * sqrt(D). Checked to fail when step_gmm ignores final_step (returns gmm always)."""
+    from ddim_gmm_ext.quality.sampling import sample_rfim
+
+    sample = sample_ddim if family == "ddim" else sample_rfim
+    eta = 1.0 if family == "ddim" else 0.5
+    sampler_list = list(samplers([1.0], ["ortho-vub"]))
+    x_T = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    for steps in (1, 3):
+        gmms = make_gmms(sampler_list, 64, 8, steps, seed=0)
+        base, gauss = sample(zero_model, x_T, steps, eta, gmms, seed=0, final_step="gaussian")
+        _, mixed = sample(zero_model, x_T, steps, eta, gmms, seed=0, final_step="gmm")
+        assert not torch.allclose(gauss, mixed)
+        if steps == 1:
+            torch.testing.assert_close(gauss, base)
+    per_dim = make_gmms(list(samplers([1.0 / 8], ["ortho-vub"], per_dim=True)), 64, 8, 3, seed=0, per_dim=True)
+    _, x_per_dim = sample(zero_model, x_T, 3, eta, per_dim, seed=0, final_step="gmm")
+    torch.testing.assert_close(x_per_dim, mixed)
+    with pytest.raises(ValueError, match="final_step"):
+        sample(zero_model, x_T, 1, eta, gmms, seed=0, final_step="last")
+
+
+def test_matched_output_noise_has_the_last_step_offsets_second_moment():
+    """At eta = 0 a one-step GMM sampler's output differs from DDIM's by exactly the drawn offset; the control's
+    added noise has the same mean square per coordinate. Checked to fail with the priors' weighting dropped
+    (sum_k delta_k^2: K times too large) and with the variance used as the std."""
+    from ddim_gmm_ext.quality.sampling import matched_output_noise
+
+    sampler_list = list(samplers([2.0], ["ortho", "rand"]))
+    gmms = make_gmms(sampler_list, 64, 8, 1, seed=3)
+    x_T = torch.randn(4000, 64, generator=torch.Generator().manual_seed(0))
+    xs = sample_ddim(zero_model, x_T, 1, 0.0, gmms, seed=3, final_step="gmm")
+    for x_gmm, gmm in zip(xs[1:], gmms[1:], strict=True):
+        added = ((x_gmm - xs[0]) ** 2).mean()
+        control = ((matched_output_noise(xs[0], gmm, 1, seed=3) - xs[0]) ** 2).mean()
+        assert abs(control / added - 1) < 0.05, (float(control), float(added))
+
+
+def test_eval_with_controls_and_precision_floor(tmp_path):
+    """--final-step gmm adds a control row per GMM sampler; a floor of 1.0 refuses settings that lose precision."""
+    sweep = evaluate.Sweep(
+        steps=(3,),
+        etas=(1.0,),
+        variants=("ortho-vub",),
+        scales=(0.0, 3.0),
+        samples=60,
+        seeds=(0, 1),
+        final_step="gmm",
+        precision_floor=1.0,
+    )
+    result = evaluate.run(zero_model, sweep, DigitsQuality(), progress=False)
+    names = {r["sampler"] for r in result["rows"]}
+    assert "DDIM+noise~GMM-ORTHO-VUB s=3" in names and len(names) == 5
+    zero = [r for r in result["rows"] if r["sampler"] == "DDIM+noise~GMM-ORTHO-VUB s=0"]
+    base = [r for r in result["rows"] if r["sampler"] == "DDIM"]
+    assert [r["fd"] for r in zero] == pytest.approx([r["fd"] for r in base])
+    base_p = next(e["precision"] for e in result["summary"] if e["scale"] is None)
+    assert all(e["precision"] >= base_p for e in result["best"])
+    assert "±" in evaluate.table_markdown(result, sweep, "zero")
