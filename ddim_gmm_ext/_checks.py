@@ -95,6 +95,43 @@ def gmm_for_step(gmm, step_index: int, n_steps: int, final_step: str):
     return None if final_step == "gaussian" and step_index == n_steps - 1 else gmm
 
 
+def check_number(
+    name: str, x, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False, scalar: bool = False
+) -> None:
+    """A finite number in [low, high] ((low, high] with ``low_open``), checked where it can be read without a
+    sync (Python numbers, one-element CPU tensors); a non-number is a TypeError naming the argument. With
+    ``scalar`` a tensor must hold one element (a step's coefficient); otherwise per-step tensors pass."""
+    if isinstance(x, bool) or not isinstance(x, (Real, torch.Tensor)):
+        raise TypeError(f"{name} must be a number, got {type(x).__name__} {x!r}")
+    if scalar and isinstance(x, torch.Tensor) and x.numel() != 1:
+        raise ValueError(
+            f"{name} must be a number or a one-element tensor (one step for the whole batch), got a tensor of "
+            f"shape {tuple(x.shape)}"
+        )
+    v = host_value(x)
+    if v is None:
+        return
+    inside = (v > low if low_open else v >= low) and v <= high
+    if not (math.isfinite(v) and inside):
+        if math.isinf(high):
+            bounds = "" if math.isinf(low) else f" {'>' if low_open else '>='} {low:g}"
+        else:
+            bounds = f" in {'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be a finite number{bounds}, got {v}")
+
+
+def check_coefficients(a_t, b_t, a_s, b_s, noise_std, prediction_type: str, rederive_eps: bool) -> None:
+    """The path coefficients of one step: finite, and a_t > 0 where x0 is divided by it (epsilon prediction),
+    b_t > 0 where eps is (sample prediction, or eps re-derived from a clipped x0). Without this a bad value
+    gives NaN / Inf samples silently."""
+    for name, v in (("a_t", a_t), ("b_t", b_t), ("a_s", a_s), ("b_s", b_s), ("noise_std", noise_std)):
+        check_number(name, v, 0.0, scalar=True)
+    if prediction_type == "epsilon":
+        check_number("a_t", a_t, 0.0, low_open=True)
+    if prediction_type == "sample" or rederive_eps:
+        check_number("b_t", b_t, 0.0, low_open=True)
+
+
 def check_index(name: str, value: int, upper: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -139,6 +176,8 @@ def check_step_inputs(
     elif tuple(model_output.shape) != expected:
         hint = " (pass guidance_scale for a stacked [2B, ...] output)" if model_output.shape[0] == 2 * batch else ""
         raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample shape {expected}{hint}")
+    if guidance_scale is not None:
+        check_number("guidance_scale", guidance_scale)
     if clip_sample_range is not None:
         v = host_value(clip_sample_range)
         if v is None or not v > 0:

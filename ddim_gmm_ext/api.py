@@ -39,6 +39,8 @@ def step(
     compute dtype first (one extra copy)."""
     if gmm is not None:
         gmm.set_index(step_index)
+    rederive = clip_sample_range is not None and use_clipped_model_output
+    _checks.check_coefficients(a_t, b_t, a_s, b_s, noise_std, prediction_type, rederive)
     _checks.check_step_inputs(
         model_output,
         sample,

@@ -466,6 +466,8 @@ def step(
     """
     if gmm is not None:
         gmm.set_index(step_index)  # checks the index against the GMM's steps
+    rederive = clip_sample_range is not None and use_clipped_model_output
+    _checks.check_coefficients(a_t, b_t, a_s, b_s, noise_std, prediction_type, rederive)
     _checks.check_step_inputs(
         model_output,
         sample,
@@ -520,6 +522,9 @@ def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_prev, *, eta: float
 
 def ddim_coefficients(alpha_prod_t, alpha_prod_prev, eta: float):
     """(a_t, b_t, a_s, b_s, c) of a DDIM step."""
+    _checks.check_number("alpha_prod_t", alpha_prod_t, 0.0, 1.0)  # 0: zero terminal SNR (v / sample prediction)
+    _checks.check_number("alpha_prod_prev", alpha_prod_prev, 0.0, 1.0)
+    _checks.check_number("eta", eta, 0.0)
     a_t, b_t = vp_coefficients(alpha_prod_t)
     a_s, b_s = vp_coefficients(alpha_prod_prev)
     return a_t, b_t, a_s, b_s, noise_std(a_t, b_t, a_s, b_s, eta, "ddim")
@@ -527,6 +532,9 @@ def ddim_coefficients(alpha_prod_t, alpha_prod_prev, eta: float):
 
 def rfim_coefficients(t, s, eta: float):
     """(a_t, b_t, a_s, b_s, c) of an RFIM step on x_t = (1 - t) x0 + t eps, with c = eta * s."""
+    _checks.check_number("t", t, 0.0, 1.0)
+    _checks.check_number("s", s, 0.0, 1.0)
+    _checks.check_number("eta", eta, 0.0, 1.0)
     t, s = _scalar(t), _scalar(s)
     return 1 - t, t, 1 - s, s, noise_std(1 - t, t, 1 - s, s, eta, "rfim")
 

@@ -34,7 +34,7 @@ def _args(B=2, shape=(3, 4)):
         ),
         (dict(step_index=4), r"step_index must be in \[0, 4\)"),
         (dict(step_index=-1), "step_index"),
-        (dict(eta=-0.1), "eta must be >= 0"),
+        (dict(eta=-0.1), "eta must be a finite number >= 0"),
         (dict(prediction_type="x0"), "prediction_type must be one of"),
         (dict(sample=torch.randint(0, 3, (2, 3, 4))), "sample must have a floating dtype"),
         (dict(model_output=torch.randint(0, 3, (2, 3, 4))), "model_output must have a floating dtype"),
@@ -67,7 +67,7 @@ def test_noise_std_above_b_s_raises():
     m, x = _args()
     with pytest.raises(ValueError, match=r"noise_std \(0.9\) must not exceed b_s \(0.5\)"):
         dg.step(m, x, 0.5, 0.8, 0.8, 0.5, 0.9)
-    with pytest.raises(ValueError, match="noise_std must be >= 0"):
+    with pytest.raises(ValueError, match="noise_std must be a finite number >= 0"):
         dg.step(m, x, 0.5, 0.8, 0.8, 0.5, -0.1)
 
 
@@ -151,3 +151,33 @@ def test_no_top_level_triton_kernels_from_us(tmp_path):
     ours, top = out.stdout.splitlines()
     assert os.path.basename(ours) == "triton_kernels"
     assert top != ours
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda m, x: dg.ddim_step(m, x, float("nan"), 0.5), r"alpha_prod_t must be a finite number in \[0, 1\]"),
+        (lambda m, x: dg.ddim_step(m, x, 0.0, 0.5), "a_t must be a finite number > 0, got 0.0"),  # epsilon at SNR 0
+        (lambda m, x: dg.ddim_step(m, x, 0.3, float("inf")), r"alpha_prod_prev must be a finite number"),
+        (lambda m, x: dg.rfim_step(m, x, float("nan"), 0.2), r"t must be a finite number in \[0, 1\]"),
+        (lambda m, x: dg.step(m, x, 0.0, 1.0, 1.0, 0.0, 0.0), "a_t must be a finite number > 0"),
+        (
+            lambda m, x: dg.step(m, x, 1.0, 0.0, 1.0, 0.0, 0.0, prediction_type="sample"),
+            "b_t must be a finite number > 0",
+        ),
+        (lambda m, x: dg.step(m, x, 0.6, float("inf"), 0.8, 0.6, 0.1), "b_t must be a finite number >= 0"),
+        (lambda m, x: dg.step(m, x, 0.6, 0.8, 0.8, torch.ones(2), 0.1), "b_s must be a number or a one-element tensor"),
+        (lambda m, x: dg.ddim_step(torch.cat([m, m]), x, 0.3, 0.5, guidance_scale=float("nan")), "guidance_scale"),
+    ],
+)
+def test_non_finite_or_out_of_domain_coefficients_raise(call, match):
+    # Each of these returned NaN / Inf samples silently before the check (checked by removing check_coefficients).
+    m, x = _args()
+    with pytest.raises(ValueError, match=match):
+        call(m, x)
+
+
+def test_eta_must_be_a_number():
+    m, x = _args()
+    with pytest.raises(TypeError, match="eta must be a number, got str"):
+        dg.ddim_step(m, x, 0.3, 0.5, eta="0.5")
