@@ -27,6 +27,7 @@ import torch.utils.benchmark as tbench
 
 import ddim_gmm_ext as dg
 from ddim_gmm_ext import reference as R
+from ddim_gmm_ext.ops.step import step as step_op
 
 SHAPES = [(1, 4, 64, 64), (8, 4, 128, 128), (16, 3, 256, 256)]
 ALPHA_T, ALPHA_PREV, STEP = 0.3, 0.45, 1  # a mid-sampling DDIM step
@@ -43,7 +44,7 @@ def make_cases(device: str, shape, eta: float) -> dict:
     tables = gmm.tables(x)
 
     def op():
-        return torch.ops.ddimgmm.step(m, x, coeffs, None, *tables, None, None, 0, None, None, False, 0, 0, STEP, False)
+        return step_op(m, x, coeffs, None, *tables, None, None, 0, None, None, False, 0, 0, STEP, False)
 
     def public():
         return dg.ddim_step(m, x, ALPHA_T, ALPHA_PREV, eta=eta, gmm=gmm, step_index=STEP)

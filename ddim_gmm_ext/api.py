@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks, reference
+from .ops.step import step as step_op
 from .reference import StepOutput, ddim_coefficients, rfim_coefficients
 
 __all__ = ["step", "step_from_table", "ddim_step", "rfim_step", "thin_svd", "offset_directions", "StepOutput"]
@@ -174,7 +175,7 @@ def _run(
         model_output = model_output.to(cdt)
     tables = gmm.tables(sample) if gmm is not None else (None, None, None, None)
     from_tensor = isinstance(step_index, torch.Tensor)
-    prev, x0, k = torch.ops.ddimgmm.step(
+    prev, x0, k = step_op(
         model_output,
         sample,
         coeffs,

@@ -303,3 +303,14 @@ def _backward(ctx, grad_prev, grad_x0, grad_components):
 
 
 torch.library.register_autograd("ddimgmm::step", _backward, setup_context=_setup_context)
+
+
+def step(*args):
+    """``torch.ops.ddimgmm.step(*args)`` for the package's own callers. When there is no gradient to record
+    (grad mode off, or no input requiring grad) and nothing is being traced, the call goes below the Autograd
+    dispatch key: the Python autograd wrapper registered above costs about 8 us a call on CPU, half a small
+    step's time."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+        return torch.ops.ddimgmm.step(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.ddimgmm.step(*args)

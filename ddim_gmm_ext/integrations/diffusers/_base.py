@@ -21,6 +21,7 @@ import torch
 
 from ... import _checks
 from ...gmm import GMM, resolve_scale
+from ...ops.step import step as step_op
 from ...reference import StepOutput
 from .._common import build_gmm, check_gmm, check_gmm_options, check_gmm_steps, check_seed, stream_seed
 
@@ -177,7 +178,7 @@ class GMMSchedulerMixin:
             model_output = model_output.to(cdt)
         tables = gmm.tables(sample) if gmm is not None else (None, None, None, None)
         from_tensor = isinstance(index, torch.Tensor)
-        prev, x0, k = torch.ops.ddimgmm.step(
+        prev, x0, k = step_op(
             model_output,
             sample,
             table,
