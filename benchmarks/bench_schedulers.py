@@ -11,6 +11,7 @@ pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 from ddim_gmm_ext.diffusers import DDIMGMMScheduler, FlowMatchEulerDiscreteGMMScheduler  # noqa: E402
+from ddim_gmm_ext.ops.step import step as step_op  # noqa: E402 (the op call the package makes)
 
 SHAPE = (1, 4, 64, 64)
 STEPS = 50
@@ -25,9 +26,8 @@ def _bare_op(scheduler, x, m, i, prediction_type):
     table = scheduler._table_at(0.0, x.device, torch.float32) if prediction_type == "epsilon" else scheduler._table(x)
     tables = (None, None, None, None) if gmm is None else gmm.tables(x)
     index = torch.tensor(i, device=x.device)
-    return lambda: torch.ops.ddimgmm.step(
-        m, x, table, index, *tables, None, None, code, None, None, False, seed, 0, 0, True
-    )
+    args = (m, x, table, index, *tables, None, None, code, None, None, False, seed, 0, 0, True)
+    return lambda: step_op(*args)
 
 
 def _cases(family, gmm_variant, device):
