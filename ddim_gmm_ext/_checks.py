@@ -72,7 +72,7 @@ def check_seed(seed, name: str = "seed", *, allow_none: bool = False) -> int | N
     """A seed as an int in [0, 2**64) (bool refused); None where ``allow_none``."""
     if seed is None and allow_none:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < SEED_RANGE:
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= int(seed) < SEED_RANGE:
         expected = "None or an int" if allow_none else "an int"
         raise ValueError(f"{name} must be {expected} in [0, 2**64), got {seed!r}")
     return int(seed)

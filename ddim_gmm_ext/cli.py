@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -214,9 +215,8 @@ def cmd_eval(args) -> int:
     from .quality import evaluate
     from .quality.metrics import DigitsQuality
 
-    sweep = evaluate.Sweep(
-        family=args.family, **{k: tuple(v) if isinstance(v, list) else v for k, v in _eval_settings(args).items()}
-    )
+    settings: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in _eval_settings(args).items()}
+    sweep = evaluate.Sweep(family=args.family, **settings)
     try:
         sweep.check()
         model = evaluate.load_model(args.model, args.family)
@@ -240,7 +240,7 @@ EVAL_QUICK = {
 }
 
 
-def _eval_settings(args) -> dict:
+def _eval_settings(args) -> dict[str, Any]:
     """The sweep settings: explicit options, else --quick's, else the family's paper grid."""
     defaults = dict(EVAL_DEFAULTS[args.family], variants=list(GMM_VARIANTS), samples=1000, seeds=[0, 1, 2, 3, 4])
     if args.quick:
@@ -439,9 +439,11 @@ def _output_file(text: str) -> Path:
 
 def _seed(text: str) -> int:
     try:
-        return check_seed(int(text))
+        seed = check_seed(int(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {text!r}") from None
+    assert seed is not None
+    return seed
 
 
 def _unit_float(text: str) -> float:

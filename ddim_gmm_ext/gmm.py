@@ -55,15 +55,17 @@ class GMM:
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         self.dtype = dtype
-        self.priors = self.offsets = self.var_offsets = None
+        self.priors: torch.Tensor | None = None
+        self.offsets: torch.Tensor | None = None
+        self.var_offsets: torch.Tensor | None = None
         # [S, r, D] orthonormal rows for a low-rank variant: var_offsets [S, K, r] are then the eigenvalues of
         # each component's variance offset in that basis, not per-coordinate values.
         self.basis: torch.Tensor | None = None
         self.variant = None
         self.scale = None
         self.shared = False
-        self.n_steps = None
-        self._cache: dict = {}
+        self.n_steps: int = 0  # parameter sets are for this many sampling steps (0: not initialised)
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
     # -- construction ------------------------------------------------------------------------------------
     def initialize(
@@ -80,11 +82,12 @@ class GMM:
     ) -> GMM:
         """Reference-repository names: orthonormal=False -> RAND; orthonormal=True -> ORTHO;
         orthonormal=True, upper_bound_vars=True -> ORTHO-VUB."""
-        seed = _checks.check_seed(seed)
+        key = _checks.check_seed(seed)
+        assert key is not None  # check_seed refuses None here
         if upper_bound_vars and not orthonormal:
             raise ValueError("upper_bound_vars=True needs orthonormal=True (the VUB bounds hold for ORTHO offsets)")
         variant = ("ortho-vub" if upper_bound_vars else "ortho") if orthonormal else "rand"
-        return self._build(dim, n_components, n_steps, scale, variant, share_across_steps, uniform_priors, seed)
+        return self._build(dim, n_components, n_steps, scale, variant, share_across_steps, uniform_priors, key)
 
     def _build(self, dim, n_components, n_steps, scale, variant, share_across_steps, uniform_priors, seed) -> GMM:
         """Tables of ``variant`` from the package's random stream, by the fused ops (reference.gmm_parameters)."""
@@ -146,9 +149,10 @@ class GMM:
             variant, share_across_steps = _VARIANT_ALIASES[variant]
         if variant not in reference.VARIANTS:
             raise ValueError(f"variant must be one of {GMM_VARIANTS}, got {variant!r}")
-        seed = _checks.check_seed(seed)
+        key = _checks.check_seed(seed)
+        assert key is not None  # check_seed refuses None here
         return cls(device=device, dtype=dtype)._build(
-            dim, n_components, n_steps, scale, variant, share_across_steps, uniform_priors, seed
+            dim, n_components, n_steps, scale, variant, share_across_steps, uniform_priors, key
         )
 
     @classmethod
@@ -216,17 +220,17 @@ class GMM:
     # -- use ---------------------------------------------------------------------------------------------
     @property
     def dim(self) -> int:
-        self._require()
-        return self.offsets.shape[-1]
+        return self._require()[1].shape[-1]
 
     @property
     def n_components(self) -> int:
-        self._require()
-        return self.offsets.shape[1]
+        return self._require()[1].shape[1]
 
-    def _require(self):
-        if self.offsets is None:
+    def _require(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(priors, offsets, var_offsets), or RuntimeError for a GMM that was never built."""
+        if self.priors is None or self.offsets is None or self.var_offsets is None:
             raise RuntimeError("GMM is not initialised: call initialize(...) or use GMM.create(...)")
+        return self.priors, self.offsets, self.var_offsets
 
     def set_index(self, step_index: int) -> int:
         """Index into the S parameter sets for sampling step ``step_index``."""
@@ -238,13 +242,12 @@ class GMM:
         """All parameter sets as the op takes them: (priors [S, K], offsets [S, K, D], var_offsets [S, K, Dv],
         basis [S, r, D] or None), on ``like``'s device in its compute dtype (float64 for float64 samples,
         float32 otherwise). Converted tables are cached, so a sampling loop converts them once."""
-        self._require()
         key = (like.device, reference.compute_dtype(like.dtype))
         if key not in self._cache:
-            self._cache[key] = tuple(
-                None if t is None else t.to(device=key[0], dtype=key[1])
-                for t in (self.priors, self.offsets, self.var_offsets, self.basis)
-            )
+            device, dtype = key
+            priors, offsets, var_offsets = (t.to(device=device, dtype=dtype) for t in self._require())
+            basis = None if self.basis is None else self.basis.to(device=device, dtype=dtype)
+            self._cache[key] = (priors, offsets, var_offsets, basis)
         return self._cache[key]
 
     def params(self, step_index: int, like: torch.Tensor):
@@ -255,10 +258,9 @@ class GMM:
 
     def to(self, device=None, dtype=None) -> GMM:
         """A copy on another device / dtype."""
-        self._require()
         out = GMM(device=device if device is not None else self.device, dtype=dtype or self.dtype)
         out._set(
-            *(t.to(out.device, out.dtype) for t in (self.priors, self.offsets, self.var_offsets)),
+            *(t.to(out.device, out.dtype) for t in self._require()),
             variant=self.variant,
             scale=self.scale,
             n_steps=self.n_steps,

@@ -412,7 +412,10 @@ def step_from_table(
     if gmm is None:
         prev = mean + c * z
     else:
-        priors, offsets, var_offsets, basis = (None if t is None else t[0 if gmm.shared else i] for t in gmm.tables(x))
+        all_priors, all_offsets, all_var, all_basis = gmm.tables(x)
+        j = 0 if gmm.shared else i  # the step's parameter set
+        priors, offsets, var_offsets = all_priors[j], all_offsets[j], all_var[j]
+        basis = None if all_basis is None else all_basis[j]
         k = (
             components.to(torch.int64)
             if components is not None

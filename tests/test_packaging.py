@@ -1,5 +1,5 @@
 """The package as users get it: the sdist builds and installs in a clean virtual environment, a missing
-extension says how to build it, and the code passes the project's lint at its one configuration."""
+extension says how to build it, and the code passes the project's lint and type check at one configuration."""
 
 import os
 import shutil
@@ -25,6 +25,14 @@ def test_lint_clean(tool):
     if shutil.which(tool[0]) is None:
         pytest.skip(f"{tool[0]} not installed (it is in the test extra)")
     _run(tool + ["."], cwd=ROOT)
+
+
+def test_types_check():
+    # mypy at the configuration in pyproject.toml ([tool.mypy]: ddim_gmm_ext/, diffusers' dict-typed configs
+    # exempted there with the reason).
+    if shutil.which("mypy") is None:
+        pytest.skip("mypy not installed (it is in the test extra)")
+    _run([sys.executable, "-m", "mypy"], cwd=ROOT)
 
 
 def test_missing_extension_says_how_to_build(tmp_path):

@@ -61,7 +61,13 @@ class DDIMSampler:
         self.final_step = _checks.check_final_step(final_step)
         self.scale_per_dim = scale_per_dim
         self.ddpm_num_timesteps = int(model.alphas_cumprod.shape[0])
-        self.ddim_timesteps = None
+        self.ddim_timesteps: np.ndarray | None = None
+        self._coefficients = torch.empty(0, 5)  # [S, 5] per-step (a_t, b_t, a_s, b_s, c), set by make_schedule
+
+    def _schedule(self, steps: int, ddim_discretize: str, eta: float) -> np.ndarray:
+        self.make_schedule(steps, ddim_discretize=ddim_discretize, ddim_eta=eta)
+        assert self.ddim_timesteps is not None
+        return self.ddim_timesteps
 
     def make_schedule(
         self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0, verbose: bool = True
@@ -112,10 +118,11 @@ class DDIMSampler:
         """
         if (steps is None) == (S is None):
             raise ValueError("pass the number of steps once, as steps= (or latent-diffusion's S=)")
-        steps = steps if steps is not None else S
+        requested = steps if steps is not None else S
+        assert requested is not None  # exactly one of them, checked above
         if shape is None:
             raise ValueError("shape (C, H, W) of one sample is required")
-        self.make_schedule(steps, ddim_discretize=ddim_discretize, ddim_eta=eta)
+        timesteps_run = self._schedule(requested, ddim_discretize, eta)
         device = self.model.alphas_cumprod.device
         size = (batch_size, *shape)
         if x_T is None:
@@ -125,7 +132,7 @@ class DDIMSampler:
         else:
             x = x_T
         guided = unconditional_conditioning is not None and unconditional_guidance_scale != 1.0
-        steps = len(self.ddim_timesteps)  # the steps upstream runs: more than asked when S does not divide T
+        steps = len(timesteps_run)  # the steps upstream runs: more than asked when S does not divide T
         gmm = resolve_gmm(
             self.gmm_params if self.gmm_params is not None else self.gmm,
             x,
@@ -140,7 +147,7 @@ class DDIMSampler:
         run_seed = stream_seed(self.seed)
         prediction_type = _PARAMETERIZATIONS[getattr(self.model, "parameterization", "eps")]
         intermediates = {"x_inter": [x], "pred_x0": [x]}
-        timesteps = np.flip(self.ddim_timesteps)
+        timesteps = np.flip(timesteps_run)
         for i in progress_bar(
             range(steps), not (progress and verbose), "DDIM-GMM Sampler" if gmm is not None else "DDIM Sampler"
         ):
@@ -164,6 +171,7 @@ class DDIMSampler:
                 sample_offset=sample_offset,
             )
             x, pred_x0 = out.prev_sample, out.pred_original_sample
+            assert pred_x0 is not None  # return_pred_original defaults to True
             if callback is not None:
                 callback(i)
             if img_callback is not None:

@@ -92,7 +92,8 @@ def check(
         f"got {_name(model_output.dtype)}",
     )
     need(
-        (coeffs.dim() == 1 and coeffs.shape[0] == 6) or (coeffs.dim() == 2 and coeffs.shape[1] == 6 and len(coeffs)),
+        (coeffs.dim() == 1 and coeffs.shape[0] == 6)
+        or (coeffs.dim() == 2 and coeffs.shape[1] == 6 and coeffs.shape[0] >= 1),
         f"coeffs must be one row [6] or a table [S, 6] of (a_t, b_t, A, B, c, g), got shape {_shape(coeffs.shape)}",
     )
     need(

@@ -23,6 +23,7 @@ import math
 import shlex
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -241,11 +242,13 @@ def _architecture(net: nn.Module) -> dict:
             "time_dim": net.time_dim,
             "time_scale": net.time_scale,
         }
+    body = cast(nn.Sequential, net.body)
+    first, last = cast(nn.Linear, body[0]), cast(nn.Linear, body[2])
     return {
         "class": "DigitsClassifier",
-        "dim": net.body[0].in_features,
-        "hidden": net.body[0].out_features,
-        "feature_dim": net.body[2].out_features,
+        "dim": first.in_features,
+        "hidden": first.out_features,
+        "feature_dim": last.out_features,
     }
 
 

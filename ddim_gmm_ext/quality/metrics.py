@@ -11,6 +11,7 @@ fidelity from coverage; report all three together.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
@@ -65,7 +66,7 @@ class DigitsQuality:
         from .analytic import load_digits_scaled
 
         self.k = k
-        self.classifier = digits.load("classifier")
+        self.classifier = cast(digits.DigitsClassifier, digits.load("classifier"))
         self.real = load_digits_scaled(torch.float32)
         self.real_features = self.features(self.real)
 

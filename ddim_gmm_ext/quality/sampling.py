@@ -6,6 +6,8 @@ are not blurred by sampling noise.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .. import _checks, reference
@@ -15,7 +17,7 @@ from ..gmm import GMM, GMM_VARIANTS
 
 # The paper's training schedule (its appendix A.5); DDIM timesteps as latent-diffusion's (leading, +1, the
 # last step going to abar_0).
-BETAS = dict(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="linear")
+BETAS: dict[str, Any] = dict(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="linear")
 
 
 def samplers(scales, variants=GMM_VARIANTS, baseline: str | None = "DDIM", per_dim: bool = False):

@@ -61,4 +61,4 @@ def _keep_gmm_scheduler(stock_init):
 
 
 if not getattr(DDIMPipeline.__init__, "_keeps_gmm", False):
-    DDIMPipeline.__init__ = _keep_gmm_scheduler(DDIMPipeline.__init__)
+    DDIMPipeline.__init__ = _keep_gmm_scheduler(DDIMPipeline.__init__)  # type: ignore[method-assign]  # the patch is the point: DDIMPipeline must keep a GMM scheduler

@@ -85,9 +85,15 @@ class GMMSchedulerMixin:
         """The GMM tables in use: those of :meth:`set_gmm_params`, else the ones built at the last step."""
         return self._user_gmm if self._user_gmm is not None else self._built_gmm
 
+    def _schedule_rows(self) -> torch.Tensor:
+        """The [S, 6] float64 rows of the schedule; ValueError before ``set_timesteps``."""
+        if self._rows is None:
+            raise ValueError("call set_timesteps before stepping (the coefficient table is built there)")
+        return self._rows
+
     def _n_steps(self) -> int:
         """Number of steps the GMM needs parameter sets for: the rows of the coefficient table."""
-        return self._rows.shape[0]
+        return self._schedule_rows().shape[0]
 
     def _set_rows(self, rows: torch.Tensor) -> None:
         """Install the [S, 6] float64 rows of a new schedule (and their float32 copy, so that a compiled step
@@ -104,7 +110,7 @@ class GMMSchedulerMixin:
         key = (sample.device, cdt)
         table = self._tables.get(key)
         if table is None:
-            table = self._tables[key] = self._rows.to(sample.device, cdt)
+            table = self._tables[key] = self._schedule_rows().to(sample.device, cdt)
         return table
 
     def prepare_gmm(self, sample: torch.Tensor) -> GMM | None:
@@ -225,7 +231,7 @@ def check_generator(generator, batch: int):
 
 def draw_components(generator, gmm: GMM, step_index: int, sample: torch.Tensor) -> torch.Tensor:
     """k [B] ~ Categorical(priors of the step), from one generator for the batch or one per sample."""
-    priors = gmm.priors[gmm.set_index(step_index)]
+    priors = gmm.tables(sample)[0][gmm.set_index(step_index)]
     if isinstance(generator, list):
         k = torch.cat([torch.multinomial(priors.to(g.device), 1, generator=g) for g in generator])
     else:

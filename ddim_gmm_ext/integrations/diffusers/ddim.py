@@ -136,7 +136,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         self._index_of: torch.Tensor | None = None  # [T] int64: position of each train timestep, -1 if absent
         self._index_of_host: list[int] | None = None
         self._eta_rows: dict = {}  # eta -> [S, 6] float64 rows
-        self._step_index = 0
+        self._step_index: int = 0
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
@@ -171,7 +171,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         """As ``DDIMScheduler.set_timesteps``; also builds on ``device`` the coefficient table of every step
         (eta 0 and 1; other eta on first use), the timestep -> step index map, and picks the stream seed."""
         num_inference_steps = check_step_count(num_inference_steps)
-        super().set_timesteps(num_inference_steps, device)
+        super().set_timesteps(num_inference_steps, device)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
         T = self.config.num_train_timesteps
         t = self.timesteps.cpu()
         if t.min() < 0 or t.max() >= T:
@@ -215,7 +215,10 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
     def _index(self, timestep, device: torch.device):
         """Position of ``timestep`` in the schedule: a host int, or a 0-d int64 tensor on ``device`` for device
         timesteps and under ``torch.compile`` (-1 there when the timestep is not in the schedule)."""
-        T = self._index_of.shape[0]
+        if self._index_of is None or self._index_of_host is None:
+            raise ValueError("call set_timesteps before step (the timestep -> step index map is built there)")
+        index_of, index_of_host = self._index_of, self._index_of_host
+        T = index_of.shape[0]
         if isinstance(timestep, torch.Tensor):
             if timestep.numel() != 1 or timestep.dtype not in _INT_DTYPES:
                 raise ValueError(
@@ -226,12 +229,12 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
             if compiling or timestep.device.type != "cpu":
                 t = timestep.reshape(()).to(device)
                 inside = (t >= 0) & (t < T)
-                index = self._index_of.to(device).index_select(0, t.clamp(0, T - 1).reshape(1)).reshape(())
+                index = index_of.to(device).index_select(0, t.clamp(0, T - 1).reshape(1)).reshape(())
                 return torch.where(inside, index, torch.full_like(index, -1))
             timestep = int(timestep)
         elif isinstance(timestep, bool) or not isinstance(timestep, Integral):
             raise TypeError(f"timestep must be an int or an integer tensor, got {type(timestep).__name__}")
-        i = self._index_of_host[timestep] if 0 <= timestep < T else -1
+        i = index_of_host[timestep] if 0 <= timestep < T else -1
         if i < 0:
             raise ValueError(
                 f"timestep {timestep} is not in the schedule (scheduler.timesteps); pass one of "

@@ -177,7 +177,7 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
         c = self.config
         learned = c.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]
         if self._rows is None or c.thresholding or learned or c.variance_type not in _FIXED_VARIANCES:
-            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
         if generator is not None:
             generator = check_generator(generator, sample.shape[0])
         i = self._index(timestep)

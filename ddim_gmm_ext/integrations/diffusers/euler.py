@@ -43,7 +43,7 @@ class _FusedEulerMixin(GMMSchedulerMixin):
     the op's a_t x - b_t v form with a_t^2 + b_t^2 = 1 in VE units) falls back to the base class's step.
     """
 
-    _fused_prediction_types = ("epsilon", "sample")
+    _fused_prediction_types: tuple[str, ...] = ("epsilon", "sample")
 
     def _install_rows(self, big_b: torch.Tensor, c: torch.Tensor) -> None:
         """[S, 6] float64 rows (1, sigma, 1, B, c, 1) from [S] B and c; the GMM state is reset (GMM off)."""
@@ -132,12 +132,12 @@ class EulerAncestralDiscreteGMMScheduler(_FusedEulerMixin, EulerAncestralDiscret
     """
 
     _compatibles = [*EulerAncestralDiscreteScheduler._compatibles, "EulerAncestralDiscreteScheduler"]
-    _fused_prediction_types = ("epsilon",)
+    _fused_prediction_types: tuple[str, ...] = ("epsilon",)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """As ``EulerAncestralDiscreteScheduler.set_timesteps``; also builds the [S, 6] row table."""
         num_inference_steps = check_step_count(num_inference_steps)
-        super().set_timesteps(num_inference_steps, device)
+        super().set_timesteps(num_inference_steps, device)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
         s = self.sigmas.detach().to("cpu", torch.float64)
         s_from, s_to = s[:-1], s[1:]
         up = (s_to.square() * (s_from.square() - s_to.square()) / s_from.square()).clamp(min=0).sqrt()

@@ -136,7 +136,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
             num_inference_steps = check_step_count(num_inference_steps)
         elif sigmas is None and timesteps is None:
             raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
-        super().set_timesteps(num_inference_steps, device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+        super().set_timesteps(num_inference_steps, device, sigmas=sigmas, mu=mu, timesteps=timesteps)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
         sig = self.sigmas.detach().to("cpu", torch.float64)
         if not torch.isfinite(sig).all() or (sig < 0).any() or (sig > 1).any():
             raise ValueError(f"the schedule's sigmas must lie in [0, 1], got {sig.tolist()[:8]}")
@@ -151,7 +151,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
         timestep's first position in the schedule; -1 when absent: an all-NaN step)."""
         if torch.compiler.is_compiling():
             t = torch.as_tensor(timestep, device=device).reshape(())
-            match = self.timesteps.to(device) == t.to(self.timesteps.dtype)
+            match = self.timesteps.to(device) == t.to(self.timesteps.dtype)  # type: ignore[call-overload]  # diffusers types timesteps as ndarray
             first = match.to(torch.int64).argmax()
             return torch.where(match.any(), first, torch.full_like(first, -1))
         if self.step_index is None:
@@ -204,7 +204,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
                 model_output,
                 timestep,
                 sample,
-                generator=generator,
+                generator=generator,  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
                 per_token_timesteps=per_token_timesteps,
                 return_dict=return_dict,
             )
@@ -214,7 +214,8 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
             )
         generator = check_generator(generator, sample.shape[0])
         if sample.dtype != torch.float32:
-            sample = sample.to(torch.float32)  # as the base class: the update in float32
+            # as the base class: the update in float32 (diffusers annotates sample as FloatTensor)
+            sample = sample.to(torch.float32)  # type: ignore[assignment]
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
 
@@ -228,7 +229,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
             model_output, sample, i, prediction_type="flow", gmm=gmm, noise=noise, components=components
         )
         if not isinstance(i, torch.Tensor):
-            self._step_index += 1
+            self._step_index += 1  # type: ignore[assignment,operator]  # diffusers types _step_index as None; diffusers' own attribute types
         prev_sample = out.prev_sample
         if prev_sample.dtype != model_output.dtype:
             prev_sample = prev_sample.to(model_output.dtype)
