@@ -100,7 +100,7 @@ class GMMSchedulerMixin:
         finds it built); picks the run's stream seed."""
         self._rows = rows
         self._tables = {(rows.device, torch.float32): rows.float()}
-        self._stream_seed = stream_seed(self.config.seed)
+        self._stream_seed = stream_seed(getattr(self.config, "seed", None))  # Euler has no seed key
         if self._user_gmm is not None:
             check_gmm_steps(self._user_gmm, rows.shape[0], "gmm_params")
 

@@ -8,7 +8,11 @@ sigma -> sigma_next is a row of the op's table in those units: (a_t, b_t, A, B, 
 * Euler (s_churn = 0): x_next = x0_hat + sigma_next eps_hat, B = sigma_next, c = 0;
 * Euler ancestral: sigma_up = sigma_next sqrt(sigma^2 - sigma_next^2) / sigma,
   sigma_down = sqrt(sigma_next^2 - sigma_up^2): x_next = x0_hat + sigma_down eps_hat + sigma_up z,
-  B = sigma_down, c = sigma_up.
+  B = sigma_down, c = sigma_up. With GMM the mixture replaces sigma_up z; its tables are in VP units, so in VE
+  units the offsets are scaled by g = 1 / a_next = sqrt(1 + sigma_next^2) (variance offsets by g^2).
+
+v_prediction is fused too: with a_t = 1 and b_t = sigma the op's x0 = (x - sigma n v) / n^2, n^2 = 1 + sigma^2,
+is diffusers' x / (1 + sigma^2) - sigma v / sqrt(1 + sigma^2).
 
 Importing this module imports diffusers; ``import ddim_gmm_ext`` does not.
 """
@@ -16,6 +20,7 @@ Importing this module imports diffusers; ``import ddim_gmm_ext`` does not.
 from __future__ import annotations
 
 import torch
+from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
     EulerAncestralDiscreteScheduler,
     EulerAncestralDiscreteSchedulerOutput,
@@ -23,7 +28,6 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler, EulerDiscreteSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .._common import stream_seed
 from ._base import GMMSchedulerMixin, check_step_count, register_with_diffusers
 
 __all__ = [
@@ -37,26 +41,16 @@ __all__ = [
 class _FusedEulerMixin(GMMSchedulerMixin):
     """The VE row table and the fused step shared by the two Euler schedulers.
 
-    These schedulers keep their base class's ``__init__`` (every config key and default) and take no GMM keys:
-    the Gaussian step only. The fused step covers ``prediction_type`` "epsilon" and "sample" (x0 from the op's
-    VP-free formulas with a_t = 1); "v_prediction" (x0 = x / (1 + sigma^2) - sigma v / sqrt(1 + sigma^2), not of
-    the op's a_t x - b_t v form with a_t^2 + b_t^2 = 1 in VE units) falls back to the base class's step.
+    The fused step covers ``prediction_type`` "epsilon", "sample" (Euler) and "v_prediction".
     """
 
-    _fused_prediction_types: tuple[str, ...] = ("epsilon", "sample")
+    _fused_prediction_types: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
 
-    def _install_rows(self, big_b: torch.Tensor, c: torch.Tensor) -> None:
-        """[S, 6] float64 rows (1, sigma, 1, B, c, 1) from [S] B and c; the GMM state is reset (GMM off)."""
+    def _install_rows(self, big_b: torch.Tensor, c: torch.Tensor, g: torch.Tensor | None = None) -> None:
+        """[S, 6] float64 rows (1, sigma, 1, B, c, g) from [S] B, c and GMM scales g (default 1)."""
         sigma = self.sigmas.detach().to("cpu", torch.float64)[:-1]
         one = torch.ones_like(sigma)
-        rows = torch.stack([one, sigma, one, big_b, c, one], dim=-1)
-        self._user_gmm = self._built_gmm = self._built_key = None
-        self._rows = rows
-        self._tables = {}
-        self._stream_seed = stream_seed(None)  # drawn from torch's default generator, as the GMM schedulers' seed=None
-
-    def _gmm_for(self, sample):
-        return None
+        self._set_rows(torch.stack([one, sigma, one, big_b, c, one if g is None else g], dim=-1))
 
     def _fusable(self) -> bool:
         return getattr(self, "_rows", None) is not None and self.config.prediction_type in self._fused_prediction_types
@@ -67,12 +61,13 @@ class _FusedEulerMixin(GMMSchedulerMixin):
         if self.step_index is None:
             self._init_step_index(timestep)
         i = self.step_index
+        sample = sample.to(torch.float32)
         out = self._fused_step(
             model_output,
-            sample.to(torch.float32),
+            sample,
             i,
             prediction_type=self.config.prediction_type,
-            gmm=None,
+            gmm=self._gmm_for(sample),
             noise=noise,
         )
         self._step_index += 1
@@ -89,6 +84,9 @@ class EulerDiscreteGMMScheduler(_FusedEulerMixin, EulerDiscreteScheduler):
 
     _compatibles = [*EulerDiscreteScheduler._compatibles, "EulerDiscreteScheduler"]
 
+    def _gmm_for(self, sample):
+        return None  # Euler is deterministic: no noise for a mixture to replace
+
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None) -> None:
         """As ``EulerDiscreteScheduler.set_timesteps``; also builds the [S, 6] row table."""
         if num_inference_steps is not None:
@@ -96,6 +94,8 @@ class EulerDiscreteGMMScheduler(_FusedEulerMixin, EulerDiscreteScheduler):
         super().set_timesteps(
             num_inference_steps=num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas
         )
+        if not hasattr(self, "_rows"):  # the base class's __init__ is kept: the mixin's state is set up here
+            self._init_gmm(None, 8, 1.0, None)
         sigma_next = self.sigmas.detach().to("cpu", torch.float64)[1:]
         self._install_rows(sigma_next, torch.zeros_like(sigma_next))
 
@@ -126,23 +126,63 @@ class EulerAncestralDiscreteGMMScheduler(_FusedEulerMixin, EulerAncestralDiscret
     """``EulerAncestralDiscreteScheduler`` with a fused step (see the module docstring for the row).
 
     Randomness: ``generator``: z drawn exactly as the base class draws it (``randn_tensor`` at every step), so
-    outputs equal the base class's for the same generator; no generator: z from the op's Philox stream (stream
-    seed drawn from torch's default generator at ``set_timesteps``). ``prediction_type="v_prediction"`` and
-    "sample" fall back to the base class's step (which refuses "sample").
+    outputs equal the base class's for the same generator; no generator: z from the op's Philox stream (the
+    ``seed`` config key, or drawn from torch's default generator at ``set_timesteps``). GMM config keys as
+    :class:`DDIMGMMScheduler` (``gmm_variant``, ``gmm_n_components``, ``gmm_scale`` / ``gmm_scale_per_dim``,
+    ``final_step``, ``seed``); with a generator the components are drawn from it too.
+    ``prediction_type="sample"`` falls back to the base class's step (which refuses it).
     """
 
     _compatibles = [*EulerAncestralDiscreteScheduler._compatibles, "EulerAncestralDiscreteScheduler"]
-    _fused_prediction_types: tuple[str, ...] = ("epsilon",)
+    _fused_prediction_types = ("epsilon", "v_prediction")  # the base class refuses "sample"
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        gmm_variant: str | None = None,
+        gmm_n_components: int = 8,
+        gmm_scale: float = 1.0,
+        gmm_share_across_steps: bool = False,
+        gmm_uniform_priors: bool = True,
+        seed: int | None = None,
+        gmm_scale_per_dim: float | None = None,
+        final_step: str = "gaussian",
+    ):
+        super().__init__(
+            num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=beta_schedule,
+            trained_betas=trained_betas,
+            prediction_type=prediction_type,
+            timestep_spacing=timestep_spacing,
+            steps_offset=steps_offset,
+            rescale_betas_zero_snr=rescale_betas_zero_snr,
+        )
+        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """As ``EulerAncestralDiscreteScheduler.set_timesteps``; also builds the [S, 6] row table."""
+        """As ``EulerAncestralDiscreteScheduler.set_timesteps``; also builds the [S, 6] row table (GMM scale
+        g = sqrt(1 + sigma_next^2), 0 on the last step with ``final_step="gaussian"``)."""
         num_inference_steps = check_step_count(num_inference_steps)
         super().set_timesteps(num_inference_steps, device)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
         s = self.sigmas.detach().to("cpu", torch.float64)
         s_from, s_to = s[:-1], s[1:]
         up = (s_to.square() * (s_from.square() - s_to.square()) / s_from.square()).clamp(min=0).sqrt()
         down = (s_to.square() - up.square()).clamp(min=0).sqrt()
-        self._install_rows(down, up)
+        g = (1 + s_to.square()).sqrt()
+        if self.config.final_step == "gaussian":
+            g[-1] = 0.0
+        self._install_rows(down, up, g)
 
     def step(
         self,
