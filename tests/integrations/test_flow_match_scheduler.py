@@ -353,3 +353,31 @@ def test_flux_pipeline_dynamic_shifting_end_to_end_with_and_without_gmm():
     )
     gmm = latents()
     assert torch.isfinite(gmm).all() and not torch.allclose(gmm, stock, atol=1e-2)
+
+
+@pytest.mark.parametrize("gmm_variant", [None, "ortho-vub"])
+def test_digits_flow_model_through_the_scheduler_equals_the_eval_sampler(gmm_variant):
+    # The shipped digits rectified-flow model sampled by FlowMatchEulerDiscreteGMMScheduler (uniform sigmas,
+    # the eval's GMM tables) gives the samples of `ddim-gmm eval --family rfim`'s loop: the eval's RFIM / RFIM-GMM
+    # tables are this scheduler's. Checked to fail with the eval's final step set to "gmm" (the scheduler's
+    # default is "gaussian").
+    from ddim_gmm_ext.quality import digits
+    from ddim_gmm_ext.quality.sampling import sample_rfim
+
+    model = digits.load("flow")
+    steps, eta, seed = 5, 0.5, 2
+    gmm = (
+        None
+        if gmm_variant is None
+        else dg.GMM.create(64, n_components=8, n_steps=steps, variant=gmm_variant, seed=seed)
+    )
+    x_T = torch.randn(64, 64, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        (expected,) = sample_rfim(model, x_T, steps, eta, [gmm], seed)
+        s = FlowMatchEulerDiscreteGMMScheduler(rfim_eta=eta, seed=seed)
+        s.set_gmm_params(gmm_params=gmm)
+        s.set_timesteps(sigmas=dg.reference.rf_times(steps)[:-1].tolist())
+        x = x_T
+        for t in s.timesteps:
+            x = s.step(model(x, (t / 1000).expand(len(x))), t, x).prev_sample
+    torch.testing.assert_close(x, expected, atol=2e-5, rtol=2e-5)
