@@ -37,7 +37,7 @@ def run_demo(args) -> dict:
     from .quality.analytic import DigitsMixture, sliced_wasserstein
 
     start = time.perf_counter()
-    mixture = DigitsMixture(sigma0=args.sigma0)
+    mixture = DigitsMixture(sigma0=args.sigma0, upsample=args.upsample)
     sampler_list = list(samplers(args.scales, per_dim=args.scale_per_dim))
     rows: dict = {}
     for seed in args.seeds:
@@ -65,7 +65,8 @@ def print_table(args, result, out=None) -> None:
     rows = result["rows"]
     names = [name for name, _, _ in samplers(args.scales, per_dim=args.scale_per_dim)]
     print(
-        f"ddim-gmm demo: analytic digits mixture (1797 x 64, sigma0 = {args.sigma0}), exact epsilon model;\n"
+        f"ddim-gmm demo: analytic digits mixture (1797 x {64 * args.upsample**2}, sigma0 = {args.sigma0}), "
+        "exact epsilon model;\n"
         f"{args.samples} samples per run, seeds {args.seeds} (paired: same x_T and step noise for every sampler), "
         f"K = {args.components}, uniform priors.\n"
         "SW = sliced Wasserstein-2 to fresh mixture samples (lower is better); NLL = exact negative "
@@ -115,6 +116,8 @@ DEMO_DEFAULTS = {
 def cmd_demo(args) -> int:
     if args.model == "digits" and args.sigma0 is not None:
         args.error("--sigma0 applies to --model analytic only")
+    if args.model == "digits" and args.upsample != 1:
+        args.error("--upsample applies to --model analytic only")
     for name, value in DEMO_DEFAULTS[args.model].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -291,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--components", type=_components, default=8, help="K (default 8)")
     demo.add_argument("--sigma0", type=_positive_float, help="analytic: width of each mixture component (default 0.1)")
+    demo.add_argument(
+        "--upsample",
+        type=_positive_int,
+        default=1,
+        help="analytic: digits upsampled to 8u x 8u (D = 64 u^2; 4: D = 1024) to compare dimensions",
+    )
     demo.add_argument(
         "--png", type=_output_file, help="digits: where to write the sample grid (default ddim_gmm_demo.png)"
     )

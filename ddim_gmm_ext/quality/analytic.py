@@ -29,9 +29,17 @@ def load_digits_scaled(dtype=torch.float64) -> torch.Tensor:
 class DigitsMixture:
     """The mixture above; ``eps`` is the exact epsilon "model", ``nll`` the exact negative log-likelihood."""
 
-    def __init__(self, sigma0: float = 0.1):
+    def __init__(self, sigma0: float = 0.1, upsample: int = 1):
+        """``upsample`` u > 1: each digit upsampled (nearest neighbour) to 8u x 8u, D = 64 u^2, the same data
+        at a larger dimension (u = 4: D = 1024), to see whether a per-coordinate scale transfers across D."""
+        if isinstance(upsample, bool) or not isinstance(upsample, int) or upsample < 1:
+            raise ValueError(f"upsample must be an int >= 1, got {upsample!r}")
         self.sigma0 = sigma0
-        self._means = {torch.float64: load_digits_scaled(torch.float64)}
+        digits = load_digits_scaled(torch.float64)
+        if upsample > 1:
+            images = digits.reshape(-1, 1, 8, 8).repeat_interleave(upsample, 2).repeat_interleave(upsample, 3)
+            digits = images.flatten(1).contiguous()
+        self._means = {torch.float64: digits}
 
     @property
     def dim(self) -> int:

@@ -91,3 +91,13 @@ def test_demo_rejects_bad_arguments(capsys):
         with pytest.raises(SystemExit) as info:
             cli.main(["demo", "--model", "analytic", *args])
         assert info.value.code == 2 and args[0] in capsys.readouterr().err
+
+
+def test_upsampled_mixture_is_the_same_data_at_a_larger_dimension():
+    # Each digit pixel repeated u x u times: D = 64 u^2, and pooling the upsampled means gives the digits back.
+    small, big = DigitsMixture(), DigitsMixture(upsample=4)
+    assert big.dim == 1024
+    pooled = torch.nn.functional.avg_pool2d(big.means(torch.float64).reshape(-1, 1, 32, 32), 4).flatten(1)
+    torch.testing.assert_close(pooled, small.means(torch.float64))
+    with pytest.raises(ValueError, match="upsample must be an int >= 1"):
+        DigitsMixture(upsample=0)
