@@ -4,6 +4,8 @@ Oracles: torch.linalg.svd in float64 (up to column signs), orthonormality, span,
 sign convention of reference.thin_svd, and the GMM identities of docs/design.md 1.3 (eq. 8, VUB table).
 """
 
+import math
+
 import pytest
 import torch
 
@@ -174,3 +176,43 @@ def test_gmm_matches_reference(variant, uniform_priors, device):
         assert_close(gmm.var_offsets, table)
         if uniform_priors:
             assert_close(gmm.var_offsets, torch.full_like(gmm.var_offsets, 0.7**2 / K))
+
+
+def _conditioned(cond, D=300, K=8, scale=1.0, dtype=torch.float64, seed=0):
+    """[1, D, K] with singular values log-spaced from 1 to 1 / cond, times ``scale``."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(D, K, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(K, K, generator=g, dtype=torch.float64)).Q
+    s = torch.logspace(0, -math.log10(cond), K, dtype=torch.float64)
+    return (scale * (U * s) @ V.T)[None].to(dtype)
+
+
+@pytest.mark.parametrize("cond", [1e2, 1e4, 1e6, 1e9])
+def test_accuracy_at_any_condition_on_cpu(cond):
+    # The Gram route alone loses ~eps cond^2 (U off LAPACK's by 2.5e-11 at cond 1e4, 1.9e-8 at 1e6, refused
+    # beyond); sets past cond 1e3 go to LAPACK. Checked to fail with the fallback removed.
+    A = _conditioned(cond)
+    U = dg.thin_svd(A)
+    torch.testing.assert_close(U, dg.reference.thin_svd(A), atol=1e-11, rtol=0)
+    assert (U[0].T @ U[0] - torch.eye(8, dtype=torch.float64)).abs().max() < 1e-13
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiny_and_huge_magnitudes(dtype):
+    # Scaling each matrix before the Gram: a full-rank 1e-170 matrix is not "rank-deficient" (its Gram would
+    # underflow); U does not depend on the scale. Checked to fail without the scaling.
+    scale = 1e-170 if dtype == torch.float64 else 1e-30
+    A = _conditioned(1e2, scale=scale, dtype=dtype)
+    atol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(dg.thin_svd(A), dg.thin_svd(A / scale), atol=atol, rtol=0)
+
+
+def test_truly_rank_deficient_and_non_finite_raise_value_error():
+    A = _gaussian((3, 60, 3), torch.float64, "cpu")
+    A[1, :, 2] = 2 * A[1, :, 0]
+    with pytest.raises(ValueError, match=r"O\[1\] is rank-deficient"):
+        dg.thin_svd(A)
+    A = _gaussian((3, 60, 3), torch.float64, "cpu")
+    A[2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"O must be finite; O\[2\]"):
+        dg.thin_svd(A)
