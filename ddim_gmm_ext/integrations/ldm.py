@@ -24,8 +24,9 @@ class DDIMSampler:
     and optionally ``parameterization`` ("eps" default, "x0" or "v"), as ``LatentDiffusion`` does.
     gmm: False (DDIM), True, or a variant name; with ``gmm_params`` (a ``ddim_gmm_ext.GMM``, as in the
     authors' README) those tables are used, otherwise tables are built per ``sample`` call for the sample
-    size ("ortho-vub" for True) with ``n_components`` / ``scale`` (or ``scale_per_dim``, s = scale_per_dim
-    sqrt(D)). final_step: "gaussian" (default: no mixture on the last step, the paper's model) or "gmm".
+    size ("ortho-vub" for True) with ``n_components`` / ``scale`` (the paper's s, 1 by default) or
+    ``scale_per_dim`` (s = scale_per_dim sqrt(D) for D elements per sample; not both). final_step:
+    "gaussian" (default: no mixture on the last step, the paper's model) or "gmm".
     seed: see ``ddim_gmm_ext.integrations._common``.
 
     The schedule is latent-diffusion's (:func:`ddim_timesteps`): "uniform" runs every c-th timestep with
@@ -41,7 +42,7 @@ class DDIMSampler:
         gmm_params: GMM | None = None,
         *,
         n_components: int = 8,
-        scale: float = 1.0,
+        scale: float | None = None,
         seed: int | None = None,
         final_step: str = "gaussian",
         scale_per_dim: float | None = None,
@@ -56,7 +57,11 @@ class DDIMSampler:
         self.model = model
         self.gmm = "ortho-vub" if gmm is True else (gmm or None)
         self.gmm_params = gmm_params
-        self.n_components, self.scale = n_components, scale
+        if scale is not None and scale_per_dim is not None:
+            raise ValueError(
+                f"pass scale ({scale!r}, the paper's s) or scale_per_dim ({scale_per_dim!r}, s / sqrt(D)), not both"
+            )
+        self.n_components, self.scale = n_components, 1.0 if scale is None else scale
         self.seed = check_seed(seed)
         self.final_step = _checks.check_final_step(final_step)
         self.scale_per_dim = scale_per_dim
@@ -84,9 +89,12 @@ class DDIMSampler:
         self.ddim_alphas = abar[self.ddim_timesteps]
         self.ddim_alphas_prev = torch.cat([abar[:1], abar[self.ddim_timesteps[:-1]]])
         coeffs = reference.ddim_coefficients(self.ddim_alphas, self.ddim_alphas_prev, eta)
-        self.ddim_sigmas = coeffs[4]
+        # [S, 5] in step order; a one-step schedule comes back as Python floats, hence as_tensor / expand
+        n = len(self.ddim_timesteps)
+        table = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(-1).expand(n) for v in coeffs], -1)
+        self.ddim_sigmas = table[:, 4]
         self.ddim_eta = eta
-        self._coefficients = torch.stack(coeffs, dim=-1).to(self.model.alphas_cumprod.device)  # [S, 5], step order
+        self._coefficients = table.to(self.model.alphas_cumprod.device)
 
     @torch.no_grad()
     def sample(
@@ -131,6 +139,8 @@ class DDIMSampler:
             raise ValueError(f"x_T must have shape {size} (batch_size, *shape), got {tuple(x_T.shape)}")
         else:
             x = x_T
+        if unconditional_conditioning is not None:  # refused before any model call, not at the first step
+            _checks.check_number("unconditional_guidance_scale", unconditional_guidance_scale)
         guided = unconditional_conditioning is not None and unconditional_guidance_scale != 1.0
         steps = len(timesteps_run)  # the steps upstream runs: more than asked when S does not divide T
         gmm = resolve_gmm(
@@ -188,8 +198,10 @@ def ddim_timesteps(discretize: str, num_steps: int, num_train_timesteps: int) ->
     "uniform": 1 + (0, c, 2c, ...) below T + 1 with c = T // S: ceil(T / c) timesteps, more than S when S does
     not divide T. "quad": 1 + floor(linspace(0, sqrt(0.8 T), S)^2). Upstream then indexes alphas_cumprod at
     T for some S (S = 3 on T = 1000 gives 1, 334, 667, 1000) and fails; here a timestep past the last train
-    timestep is taken as T - 1 (the sampling still starts from the noisiest timestep), and a repeat that
-    this creates (S = T) is dropped.
+    timestep is taken as T - 1 (the sampling still starts from the noisiest timestep). Repeated timesteps
+    ("quad" for S >= 30 on T = 1000, the clamped S = T) are run once: upstream runs a repeat as an identity
+    step (abar_prev = abar_t, sigma = 0) that costs a model call and would put GMM offsets on a step without
+    noise.
     """
     if discretize == "uniform":
         steps = np.arange(0, num_train_timesteps, num_train_timesteps // num_steps)
