@@ -130,15 +130,10 @@ class DDIMSampler:
         assert requested is not None  # exactly one of them, checked above
         if shape is None:
             raise ValueError("shape (C, H, W) of one sample is required")
-        timesteps_run = self._schedule(requested, ddim_discretize, eta)
         device = self.model.alphas_cumprod.device
-        size = (batch_size, *shape)
-        if x_T is None:
-            x = torch.randn(size, device=device)
-        elif tuple(x_T.shape) != size:
-            raise ValueError(f"x_T must have shape {size} (batch_size, *shape), got {tuple(x_T.shape)}")
-        else:
-            x = x_T
+        size = _check_request(batch_size, shape, x_T, device, eta, sample_offset)
+        timesteps_run = self._schedule(requested, ddim_discretize, eta)
+        x = torch.randn(size, device=device) if x_T is None else x_T
         if unconditional_conditioning is not None:  # refused before any model call, not at the first step
             _checks.check_number("unconditional_guidance_scale", unconditional_guidance_scale)
         guided = unconditional_conditioning is not None and unconditional_guidance_scale != 1.0
@@ -211,6 +206,34 @@ def ddim_timesteps(discretize: str, num_steps: int, num_train_timesteps: int) ->
         raise ValueError(f"ddim_discretize must be 'uniform' or 'quad', got {discretize!r}")
     steps = np.minimum(steps + 1, num_train_timesteps - 1)
     return steps[np.concatenate([[True], np.diff(steps) > 0])].astype(np.int64)
+
+
+def _check_request(batch_size, shape, x_T, device: torch.device, eta, sample_offset) -> tuple[int, ...]:
+    """The size (batch_size, *shape) of a sampling request, with its arguments checked before any model call:
+    a positive batch size and dimensions, x_T (when given) a finite floating tensor of that size on the
+    model's device, eta in [0, 1], and sample indices sample_offset .. sample_offset + batch_size - 1 in the
+    noise stream's [0, 2**32)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not isinstance(shape, (tuple, list, torch.Size)) or not all(
+        isinstance(n, Integral) and not isinstance(n, bool) and n >= 1 for n in shape
+    ):
+        raise ValueError(f"shape must be a tuple of ints >= 1 (C, H, W) for one sample, got {shape!r}")
+    size = (int(batch_size), *(int(n) for n in shape))
+    if x_T is not None:
+        if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
+            raise TypeError(f"x_T must be a floating-point tensor, got {getattr(x_T, 'dtype', type(x_T).__name__)}")
+        if tuple(x_T.shape) != size:
+            raise ValueError(f"x_T must have shape {size} (batch_size, *shape), got {tuple(x_T.shape)}")
+        if x_T.device != device:
+            raise ValueError(f"x_T must be on the model's device {device}, got {x_T.device}")
+        if not bool(torch.isfinite(x_T).all()):  # one reduction per run; a NaN x_T would give NaN samples
+            raise ValueError("x_T has non-finite values (NaN or Inf)")
+    check_eta(eta, "eta")
+    _checks.check_index("sample_offset", sample_offset, _checks.MAX_INDEX)
+    if sample_offset + size[0] > _checks.MAX_INDEX:
+        raise ValueError(f"sample_offset + batch_size must be <= 2**32, got {sample_offset} + {size[0]}")
+    return size
 
 
 def _stack_conditioning(uncond, cond):

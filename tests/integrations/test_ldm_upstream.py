@@ -267,3 +267,32 @@ def test_gmm_options_refused_before_sampling():
             dg.DDIMSampler(model, gmm="ortho", **kw).sample(S=5, batch_size=1, shape=SHAPE, progress=False)
     assert model.calls == []
     assert np.issubdtype(ddim_timesteps("quad", 5, T).dtype, np.integer)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"batch_size": 0}, ValueError, "batch_size must be an int >= 1"),
+        ({"batch_size": 1.5}, ValueError, "batch_size must be an int >= 1"),
+        ({"shape": (2, -4)}, ValueError, "shape must be a tuple of ints >= 1"),
+        ({"shape": 32}, ValueError, "shape must be a tuple of ints >= 1"),
+        ({"x_T": torch.zeros(1, *SHAPE, dtype=torch.long)}, TypeError, "x_T must be a floating-point tensor"),
+        ({"x_T": torch.zeros(2, *SHAPE)}, ValueError, "x_T must have shape"),
+        ({"x_T": torch.full((1, *SHAPE), math.nan)}, ValueError, "x_T has non-finite values"),
+        ({"eta": 2.0}, ValueError, "eta must be a number in"),
+        ({"sample_offset": -1}, ValueError, "sample_offset must be in"),
+        (
+            {"sample_offset": 2**32 - 1, "batch_size": 2},
+            ValueError,
+            "sample_offset \\+ batch_size must be <= 2\\*\\*32",
+        ),
+    ],
+)
+def test_bad_request_refused_before_any_model_call(kwargs, error, message):
+    # Checked to fail with the checks removed: IndexError / RuntimeError from torch for the sizes, a NaN
+    # sample for the NaN x_T, and the step's own errors after the first model call for x_T's dtype and offsets.
+    model = HybridStandIn()
+    request = {"S": 5, "batch_size": 1, "shape": SHAPE, "progress": False} | kwargs
+    with pytest.raises(error, match=message):
+        dg.DDIMSampler(model).sample(**request)
+    assert model.calls == []
