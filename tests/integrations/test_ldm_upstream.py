@@ -279,7 +279,7 @@ def test_gmm_options_refused_before_sampling():
         ({"x_T": torch.zeros(1, *SHAPE, dtype=torch.long)}, TypeError, "x_T must be a floating-point tensor"),
         ({"x_T": torch.zeros(2, *SHAPE)}, ValueError, "x_T must have shape"),
         ({"x_T": torch.full((1, *SHAPE), math.nan)}, ValueError, "x_T has non-finite values"),
-        ({"eta": 2.0}, ValueError, "eta must be a number in"),
+        ({"eta": 2.0}, ValueError, "^eta must be a number in"),  # upstream's name, not ddim_eta
         ({"sample_offset": -1}, ValueError, "sample_offset must be in"),
         (
             {"sample_offset": 2**32 - 1, "batch_size": 2},
