@@ -296,3 +296,21 @@ def test_bad_request_refused_before_any_model_call(kwargs, error, message):
     with pytest.raises(error, match=message):
         dg.DDIMSampler(model).sample(**request)
     assert model.calls == []
+
+
+def test_gmm_tables_sized_to_the_steps_run():
+    # S = 30 runs 31 steps: the tables built per call hold 31 parameter sets, set i at step i (final_step "gmm"
+    # uses the last one). Checked to fail when the sampler sizes the tables for the requested S (step 30 then
+    # has no parameter set).
+    model = HybridStandIn()
+    D = math.prod(SHAPE)
+    x_T = torch.randn(BATCH, *SHAPE, generator=torch.Generator().manual_seed(0))
+    built = dg.DDIMSampler(model, gmm="ortho", n_components=3, scale=2.0, seed=11, final_step="gmm")
+    samples, _ = built.sample(S=30, batch_size=BATCH, shape=SHAPE, eta=1.0, x_T=x_T, progress=False)
+    gmm = dg.GMM.create(D, n_components=3, n_steps=31, variant="ortho", scale=2.0, uniform_priors=True, seed=11)
+    given = dg.DDIMSampler(model, gmm=True, gmm_params=gmm, seed=11, final_step="gmm")
+    expected, _ = given.sample(S=30, batch_size=BATCH, shape=SHAPE, eta=1.0, x_T=x_T, progress=False)
+    torch.testing.assert_close(samples, expected, atol=1e-6, rtol=1e-6)
+    short = dg.GMM.create(D, n_components=3, n_steps=30, variant="ortho", seed=11)
+    with pytest.raises(ValueError, match="parameter sets for 30 steps but sampling takes 31: build it with n_steps=31"):
+        dg.DDIMSampler(model, gmm=True, gmm_params=short).sample(S=30, batch_size=1, shape=SHAPE, progress=False)
