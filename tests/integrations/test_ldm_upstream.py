@@ -314,3 +314,20 @@ def test_gmm_tables_sized_to_the_steps_run():
     short = dg.GMM.create(D, n_components=3, n_steps=30, variant="ortho", seed=11)
     with pytest.raises(ValueError, match="parameter sets for 30 steps but sampling takes 31: build it with n_steps=31"):
         dg.DDIMSampler(model, gmm=True, gmm_params=short).sample(S=30, batch_size=1, shape=SHAPE, progress=False)
+
+
+def test_built_tables_are_reused_across_calls(monkeypatch):
+    # Checked to fail (3 builds instead of 2) when every sample() call rebuilds its tables, and (1 build) when
+    # the reuse key leaves out the options.
+    model = HybridStandIn()
+    builds = []
+    create = dg.GMM.create
+    monkeypatch.setattr(dg.GMM, "create", staticmethod(lambda *a, **k: builds.append(a) or create(*a, **k)))
+    sampler = dg.DDIMSampler(model, gmm="ortho", n_components=2, seed=4, final_step="gmm")
+    x_T = torch.randn(BATCH, *SHAPE, generator=torch.Generator().manual_seed(0))
+    first = sampler.sample(S=10, batch_size=BATCH, shape=SHAPE, eta=1.0, x_T=x_T, progress=False)[0]
+    again = sampler.sample(S=10, batch_size=1, shape=SHAPE, eta=1.0, x_T=x_T[:1], progress=False)[0]
+    torch.testing.assert_close(again, first[:1], atol=0, rtol=0)  # same tables, same per-sample noise stream
+    sampler.scale = 3.0  # a changed option builds new tables
+    changed = sampler.sample(S=10, batch_size=BATCH, shape=SHAPE, eta=1.0, x_T=x_T, progress=False)[0]
+    assert len(builds) == 2 and (changed - first).abs().max() > 1e-3
