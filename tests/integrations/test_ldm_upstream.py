@@ -195,13 +195,14 @@ def _reference_gmm_loop(model, x_T, ts, eta, seed, gmm, gaussian_last):
     return x
 
 
+@pytest.mark.parametrize("variant", ["ortho", "ortho-lr", "rand"])
 @pytest.mark.parametrize("final_step", ["gaussian", "gmm"])
-def test_final_step_equals_reference_loop(final_step):
+def test_final_step_equals_reference_loop(final_step, variant):
     # Checked to fail (the "gaussian" case) when the sampler passes the GMM on every step, and (the "gmm" case)
     # when it never passes it on the last.
     model = HybridStandIn()
     S, D = 30, math.prod(SHAPE)
-    gmm = dg.GMM.create(D, n_components=3, n_steps=31, variant="ortho", scale=3.0, seed=1)
+    gmm = dg.GMM.create(D, n_components=3, n_steps=31, variant=variant, scale=3.0, seed=1)
     x_T = torch.randn(BATCH, *SHAPE, generator=torch.Generator().manual_seed(0))
     sampler = dg.DDIMSampler(model, gmm=True, gmm_params=gmm, seed=7, final_step=final_step)
     samples, _ = sampler.sample(S=S, batch_size=BATCH, shape=SHAPE, eta=1.0, x_T=x_T, progress=False)
