@@ -6,6 +6,8 @@ Upstream's update at schedule index j (abar_t = alphas_cumprod[t_j], abar_prev =
 alphas_cumprod[0] for j = 0, sigma = eta sqrt((1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev))):
     eps parameterisation: e = m,                                x0 = (x - sqrt(1 - abar_t) e) / sqrt(abar_t)
     v parameterisation:   e = sqrt(abar_t) m + sqrt(1 - abar_t) x, x0 = sqrt(abar_t) x - sqrt(1 - abar_t) m
+    x0 parameterisation:  x0 = m, e = (x - sqrt(abar_t) x0) / sqrt(1 - abar_t)  (LatentDiffusion's "x0"; CompVis's
+                          DDIM reads every output as eps, which is wrong for such a model)
     x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) e + sigma z
 with guidance m = m_u + w (m_c - m_u), the model called once on [uncond, cond] stacked along the batch.
 """
@@ -73,6 +75,8 @@ def _upstream_loop(model, x_T, ts, eta, seed, cond=None, uncond=None, w=1.0):
         a, a_prev, sigma = alphas[j], alphas_prev[j], sigmas[j]
         if model.parameterization == "v":
             e, x0 = a.sqrt() * m + (1 - a).sqrt() * x, a.sqrt() * x - (1 - a).sqrt() * m
+        elif model.parameterization == "x0":
+            e, x0 = (x - a.sqrt() * m) / (1 - a).sqrt(), m
         else:
             e, x0 = m, (x - (1 - a).sqrt() * m) / a.sqrt()
         z = dg.reference.gaussian_noise(x.shape, seed, 0, i, torch.float64)
@@ -125,10 +129,10 @@ def test_quad_whole_loop_equals_upstream(S, eta):
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-@pytest.mark.parametrize("S", [7, 50])
-def test_v_parameterization_whole_loop_equals_upstream(S, eta):
-    # Checked to fail when the v parameterisation is read as eps (prediction_type "epsilon" for "v").
-    model = HybridStandIn("v")
+@pytest.mark.parametrize(("parameterization", "S"), [("v", 7), ("v", 50), ("x0", 30)])
+def test_v_and_x0_parameterizations_whole_loop_equal_upstream(parameterization, S, eta):
+    # Checked to fail when the v (or x0) parameterisation is read as eps (prediction_type "epsilon").
+    model = HybridStandIn(parameterization)
     cond, uncond = torch.randn(BATCH, 3), torch.zeros(BATCH, 3)
     samples, x_T, sampler = _run(
         model, S, eta, conditioning=cond, unconditional_conditioning=uncond, unconditional_guidance_scale=4.0
