@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from numbers import Integral
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ class DDIMSampler:
         stay the same: building them costs O(steps D K) (about 0.6 s for a 4x64x64 latent, 51 steps, K = 8 on one CPU
         core), more than the steps themselves when a script calls ``sample`` once per batch."""
         gmm = self.gmm_params if self.gmm_params is not None else self.gmm
-        options = dict(
+        options: dict[str, Any] = dict(
             n_components=self.n_components,
             scale=self.scale,
             share_across_steps=False,
@@ -228,7 +229,7 @@ def _check_request(batch_size, shape, x_T, device: torch.device, eta, sample_off
     if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not isinstance(shape, (tuple, list, torch.Size)) or not all(
-        isinstance(n, Integral) and not isinstance(n, bool) and n >= 1 for n in shape
+        isinstance(n, Integral) and not isinstance(n, bool) and int(n) >= 1 for n in shape
     ):
         raise ValueError(f"shape must be a tuple of ints >= 1 (C, H, W) for one sample, got {shape!r}")
     size = (int(batch_size), *(int(n) for n in shape))
