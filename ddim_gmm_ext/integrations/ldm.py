@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from numbers import Integral
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,8 +25,9 @@ class DDIMSampler:
     and optionally ``parameterization`` ("eps" default, "x0" or "v"), as ``LatentDiffusion`` does.
     gmm: False (DDIM), True, or a variant name; with ``gmm_params`` (a ``ddim_gmm_ext.GMM``, as in the
     authors' README) those tables are used, otherwise tables are built per ``sample`` call for the sample
-    size ("ortho-vub" for True) with ``n_components`` / ``scale`` (or ``scale_per_dim``, s = scale_per_dim
-    sqrt(D)). final_step: "gaussian" (default: no mixture on the last step, the paper's model) or "gmm".
+    size ("ortho-vub" for True) with ``n_components`` / ``scale`` (the paper's s, 1 by default) or
+    ``scale_per_dim`` (s = scale_per_dim sqrt(D) for D elements per sample; not both). final_step:
+    "gaussian" (default: no mixture on the last step, the paper's model) or "gmm".
     seed: see ``ddim_gmm_ext.integrations._common``.
 
     The schedule is latent-diffusion's (:func:`ddim_timesteps`): "uniform" runs every c-th timestep with
@@ -41,7 +43,7 @@ class DDIMSampler:
         gmm_params: GMM | None = None,
         *,
         n_components: int = 8,
-        scale: float = 1.0,
+        scale: float | None = None,
         seed: int | None = None,
         final_step: str = "gaussian",
         scale_per_dim: float | None = None,
@@ -56,13 +58,39 @@ class DDIMSampler:
         self.model = model
         self.gmm = "ortho-vub" if gmm is True else (gmm or None)
         self.gmm_params = gmm_params
-        self.n_components, self.scale = n_components, scale
+        if scale is not None and scale_per_dim is not None:
+            raise ValueError(
+                f"pass scale ({scale!r}, the paper's s) or scale_per_dim ({scale_per_dim!r}, s / sqrt(D)), not both"
+            )
+        self.n_components, self.scale = n_components, 1.0 if scale is None else scale
         self.seed = check_seed(seed)
         self.final_step = _checks.check_final_step(final_step)
         self.scale_per_dim = scale_per_dim
         self.ddpm_num_timesteps = int(model.alphas_cumprod.shape[0])
         self.ddim_timesteps: np.ndarray | None = None
         self._coefficients = torch.empty(0, 5)  # [S, 5] per-step (a_t, b_t, a_s, b_s, c), set by make_schedule
+        self._built: tuple[tuple, GMM | None] | None = None  # (request key, tables) of the last built tables
+
+    def _gmm_tables(self, x: torch.Tensor, steps: int) -> GMM | None:
+        """The GMM of a run over ``steps`` steps from ``x`` (None: DDIM). Tables built from the options are a
+        function of (options, sample size, steps, device, dtype) only, so they are kept and reused while those
+        stay the same: building them costs O(steps D K) (about 0.6 s for a 4x64x64 latent, 51 steps, K = 8 on one CPU
+        core), more than the steps themselves when a script calls ``sample`` once per batch."""
+        gmm = self.gmm_params if self.gmm_params is not None else self.gmm
+        options: dict[str, Any] = dict(
+            n_components=self.n_components,
+            scale=self.scale,
+            share_across_steps=False,
+            uniform_priors=True,
+            seed=self.seed,
+            scale_per_dim=self.scale_per_dim,
+        )
+        if not isinstance(gmm, str):
+            return resolve_gmm(gmm, x, steps, **options)
+        key = (gmm, tuple(sorted(options.items())), tuple(x.shape[1:]), steps, x.device, x.dtype == torch.float64)
+        if self._built is None or self._built[0] != key:
+            self._built = (key, resolve_gmm(gmm, x, steps, **options))
+        return self._built[1]
 
     def _schedule(self, steps: int, ddim_discretize: str, eta: float) -> np.ndarray:
         self.make_schedule(steps, ddim_discretize=ddim_discretize, ddim_eta=eta)
@@ -84,9 +112,12 @@ class DDIMSampler:
         self.ddim_alphas = abar[self.ddim_timesteps]
         self.ddim_alphas_prev = torch.cat([abar[:1], abar[self.ddim_timesteps[:-1]]])
         coeffs = reference.ddim_coefficients(self.ddim_alphas, self.ddim_alphas_prev, eta)
-        self.ddim_sigmas = coeffs[4]
+        # [S, 5] in step order; a one-step schedule comes back as Python floats, hence as_tensor / expand
+        n = len(self.ddim_timesteps)
+        table = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(-1).expand(n) for v in coeffs], -1)
+        self.ddim_sigmas = table[:, 4]
         self.ddim_eta = eta
-        self._coefficients = torch.stack(coeffs, dim=-1).to(self.model.alphas_cumprod.device)  # [S, 5], step order
+        self._coefficients = table.to(self.model.alphas_cumprod.device)
 
     @torch.no_grad()
     def sample(
@@ -122,28 +153,15 @@ class DDIMSampler:
         assert requested is not None  # exactly one of them, checked above
         if shape is None:
             raise ValueError("shape (C, H, W) of one sample is required")
-        timesteps_run = self._schedule(requested, ddim_discretize, eta)
         device = self.model.alphas_cumprod.device
-        size = (batch_size, *shape)
-        if x_T is None:
-            x = torch.randn(size, device=device)
-        elif tuple(x_T.shape) != size:
-            raise ValueError(f"x_T must have shape {size} (batch_size, *shape), got {tuple(x_T.shape)}")
-        else:
-            x = x_T
+        size = _check_request(batch_size, shape, x_T, device, eta, sample_offset)
+        timesteps_run = self._schedule(requested, ddim_discretize, eta)
+        x = torch.randn(size, device=device) if x_T is None else x_T
+        if unconditional_conditioning is not None:  # refused before any model call, not at the first step
+            _checks.check_number("unconditional_guidance_scale", unconditional_guidance_scale)
         guided = unconditional_conditioning is not None and unconditional_guidance_scale != 1.0
         steps = len(timesteps_run)  # the steps upstream runs: more than asked when S does not divide T
-        gmm = resolve_gmm(
-            self.gmm_params if self.gmm_params is not None else self.gmm,
-            x,
-            steps,
-            n_components=self.n_components,
-            scale=self.scale,
-            share_across_steps=False,
-            uniform_priors=True,
-            seed=self.seed,
-            scale_per_dim=self.scale_per_dim,
-        )
+        gmm = self._gmm_tables(x, steps)
         run_seed = stream_seed(self.seed)
         prediction_type = _PARAMETERIZATIONS[getattr(self.model, "parameterization", "eps")]
         intermediates = {"x_inter": [x], "pred_x0": [x]}
@@ -188,8 +206,10 @@ def ddim_timesteps(discretize: str, num_steps: int, num_train_timesteps: int) ->
     "uniform": 1 + (0, c, 2c, ...) below T + 1 with c = T // S: ceil(T / c) timesteps, more than S when S does
     not divide T. "quad": 1 + floor(linspace(0, sqrt(0.8 T), S)^2). Upstream then indexes alphas_cumprod at
     T for some S (S = 3 on T = 1000 gives 1, 334, 667, 1000) and fails; here a timestep past the last train
-    timestep is taken as T - 1 (the sampling still starts from the noisiest timestep), and a repeat that
-    this creates (S = T) is dropped.
+    timestep is taken as T - 1 (the sampling still starts from the noisiest timestep). Repeated timesteps
+    ("quad" for S >= 30 on T = 1000, the clamped S = T) are run once: upstream runs a repeat as an identity
+    step (abar_prev = abar_t, sigma = 0) that costs a model call and would put GMM offsets on a step without
+    noise.
     """
     if discretize == "uniform":
         steps = np.arange(0, num_train_timesteps, num_train_timesteps // num_steps)
@@ -199,6 +219,34 @@ def ddim_timesteps(discretize: str, num_steps: int, num_train_timesteps: int) ->
         raise ValueError(f"ddim_discretize must be 'uniform' or 'quad', got {discretize!r}")
     steps = np.minimum(steps + 1, num_train_timesteps - 1)
     return steps[np.concatenate([[True], np.diff(steps) > 0])].astype(np.int64)
+
+
+def _check_request(batch_size, shape, x_T, device: torch.device, eta, sample_offset) -> tuple[int, ...]:
+    """The size (batch_size, *shape) of a sampling request, with its arguments checked before any model call:
+    a positive batch size and dimensions, x_T (when given) a finite floating tensor of that size on the
+    model's device, eta in [0, 1], and sample indices sample_offset .. sample_offset + batch_size - 1 in the
+    noise stream's [0, 2**32)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not isinstance(shape, (tuple, list, torch.Size)) or not all(
+        isinstance(n, Integral) and not isinstance(n, bool) and int(n) >= 1 for n in shape
+    ):
+        raise ValueError(f"shape must be a tuple of ints >= 1 (C, H, W) for one sample, got {shape!r}")
+    size = (int(batch_size), *(int(n) for n in shape))
+    if x_T is not None:
+        if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
+            raise TypeError(f"x_T must be a floating-point tensor, got {getattr(x_T, 'dtype', type(x_T).__name__)}")
+        if tuple(x_T.shape) != size:
+            raise ValueError(f"x_T must have shape {size} (batch_size, *shape), got {tuple(x_T.shape)}")
+        if x_T.device != device:
+            raise ValueError(f"x_T must be on the model's device {device}, got {x_T.device}")
+        if not bool(torch.isfinite(x_T).all()):  # one reduction per run; a NaN x_T would give NaN samples
+            raise ValueError("x_T has non-finite values (NaN or Inf)")
+    check_eta(eta, "eta")
+    _checks.check_index("sample_offset", sample_offset, _checks.MAX_INDEX)
+    if sample_offset + size[0] > _checks.MAX_INDEX:
+        raise ValueError(f"sample_offset + batch_size must be <= 2**32, got {sample_offset} + {size[0]}")
+    return size
 
 
 def _stack_conditioning(uncond, cond):
