@@ -404,3 +404,16 @@ def test_a_flow_matching_config_is_refused():
 
     with pytest.raises(ValueError, match="FlowMatchEulerDiscreteGMMScheduler"):
         DDIMGMMScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+
+
+def test_a_step_over_the_schedule_finds_its_index_without_device_work():
+    # Iterating over scheduler.timesteps yields views: their position comes from the storage offset on the
+    # host (on CUDA: a precomputed 0-d index tensor, so the step is one kernel launch). A copy of the same
+    # value takes the lookup path and gives the same index; a view of another tensor is not mistaken for one.
+    s = DDIMGMMScheduler()
+    s.set_timesteps(7)
+    for i, t in enumerate(s.timesteps):
+        assert s._schedule_position(t) == i and s._index(t, t.device) == i
+        assert s._schedule_position(t.clone()) is None and s._index(t.clone(), t.device) == i
+    other = s.timesteps.clone()
+    assert s._schedule_position(other[3]) is None

@@ -183,6 +183,9 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         index_of[t] = torch.arange(len(t))
         self._index_of_host = index_of.tolist()
         self._index_of = index_of.to(self.timesteps.device)
+        # One 0-d step-index tensor per step on the schedule's device, made once: a device step then needs no
+        # kernel to find its index (see _index), and a captured CUDA graph reads them as static inputs.
+        self._step_tensors = list(torch.arange(len(t), device=self.timesteps.device).unbind(0))
         prev = t - T // num_inference_steps
         abar = self.alphas_cumprod.detach().to("cpu", torch.float64)
         abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], self.final_alpha_cumprod.double())
@@ -226,6 +229,9 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
                     f"{tuple(timestep.shape)}"
                 )
             compiling = torch.compiler.is_compiling()
+            view = None if compiling else self._schedule_position(timestep)
+            if view is not None:  # an element of self.timesteps (a pipeline's loop): its position, no device work
+                return self._step_tensors[view] if timestep.device.type != "cpu" else view
             if compiling or timestep.device.type != "cpu":
                 t = timestep.reshape(()).to(device)
                 inside = (t >= 0) & (t < T)
@@ -241,6 +247,23 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
                 f"{self.timesteps.tolist()[:8]}{' ...' if len(self.timesteps) > 8 else ''}"
             )
         return i
+
+    def _schedule_position(self, timestep: torch.Tensor) -> int | None:
+        """The position of ``timestep`` in ``self.timesteps`` when it is a 0-d view of that tensor (what
+        iterating over the schedule yields), read from its storage offset on the host; None otherwise."""
+        ts = self.timesteps
+        if (
+            timestep.dim() != 0
+            or ts.dim() != 1
+            or timestep.device != ts.device
+            or timestep.untyped_storage().data_ptr() != ts.untyped_storage().data_ptr()
+        ):
+            return None
+        stride = ts.stride(0)
+        offset = timestep.storage_offset() - ts.storage_offset()
+        if stride <= 0 or offset % stride or not 0 <= offset // stride < len(ts):
+            return None
+        return offset // stride
 
     # -- the step ------------------------------------------------------------------------------------------
     def step(
