@@ -101,6 +101,9 @@ def _sample(model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, 
     aligned), steps between equal sigmas left out (Euler's x + d * 0), then ``step(i, x, denoised, gmm of step
     i, run seed, noise or None) -> x``."""
     extra_args = {} if extra_args is None else extra_args
+    _checks.check_floating("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have a batch dimension [B, ...], got a 0-d tensor")
     eta = check_eta(eta)
     if not isinstance(s_noise, (int, float)) or not math.isfinite(s_noise) or s_noise < 0:
         raise ValueError(f"s_noise must be a finite number >= 0, got {s_noise!r}")

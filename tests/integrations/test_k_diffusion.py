@@ -139,13 +139,17 @@ def test_progress_bar(capsys):
         (dict(gmm=dg.GMM.create(16, n_components=2, n_steps=2)), ValueError, "built for dim=16"),
         (dict(gmm=dg.GMM.create(32, n_components=2, n_steps=1)), ValueError, "parameter sets for 1 steps"),
         (dict(seed=1.5), ValueError, "seed"),
+        (dict(x=3), TypeError, "x must be a torch.Tensor"),
+        (dict(x=torch.zeros(())), ValueError, "x must have a batch dimension"),
+        (dict(x=torch.zeros(SHAPE, dtype=torch.int64)), TypeError, "x must have a floating dtype"),
     ],
 )
 def test_bad_input(kwargs, error, match):
-    args = dict(sigmas=torch.tensor([2.0, 1.0, 0.0]))
+    args = dict(sigmas=torch.tensor([2.0, 1.0, 0.0]), x=torch.zeros(SHAPE))
     args.update(kwargs)
+    x = args.pop("x")
     with pytest.raises(error, match=match):
-        sample_ddim_gmm(lambda x, s: x, torch.zeros(SHAPE), disable=True, **args)
+        sample_ddim_gmm(lambda x, s: x, x, disable=True, **args)
 
 
 def test_comfy_node_only_inside_comfyui(monkeypatch):
