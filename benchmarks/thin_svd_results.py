@@ -60,6 +60,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/thin_svd_<device>.json")
     args = parser.parse_args()
     device, repeats = args.device, args.repeats
 
@@ -95,8 +96,9 @@ def main():
         if isinstance(value, dict):
             print(name, f"{value['median_ms']:.2f} ms")
 
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"thin_svd_{device}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"thin_svd_{device}.json")
+    out = args.out or default
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"machine": machine(device), "repeats": repeats, "thin_svd": results, "gmm_init": gmm}, f, indent=2)
     print("wrote", out)
