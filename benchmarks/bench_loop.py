@@ -12,32 +12,12 @@ dominates every variant alike). Per variant the whole N-step loop is timed: CPU 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import time
 
 import torch
+from common import cpu_times, cuda_time, write_json
 
 from ddim_gmm_ext.diffusers import DDIMGMMScheduler
-
-
-def _machine(device: str) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
-    info["cpu"] = platform.processor() or platform.machine()
-    info["threads"] = torch.get_num_threads()
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    try:
-        import diffusers
-        import triton
-
-        info["diffusers"], info["triton"] = diffusers.__version__, triton.__version__
-    except ImportError:
-        pass
-    return info
 
 
 def _scheduler(kind: str, gmm: str | None, steps: int, x: torch.Tensor):
@@ -54,24 +34,11 @@ def _scheduler(kind: str, gmm: str | None, steps: int, x: torch.Tensor):
 
 
 def _timer(device: str, repeats: int):
-    def cpu(run) -> list[float]:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
-
-    def cuda(run) -> list[float]:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            run()
-        end.record()
-        torch.cuda.synchronize()
-        return [start.elapsed_time(end) / repeats]
-
-    return cuda if device == "cuda" else cpu
+    """ms per whole loop: CPU, ``repeats`` wall times (:func:`common.cpu_times`); CUDA, one mean over
+    ``repeats`` back-to-back loops between CUDA events (:func:`common.cuda_time`)."""
+    if device == "cuda":
+        return lambda run: [1e3 * cuda_time(run, min_run_time=0.2 * repeats / 20)]
+    return lambda run: cpu_times(run, repeats)["ms"]
 
 
 def main(argv=None) -> dict:
@@ -131,17 +98,13 @@ def main(argv=None) -> dict:
         r["per_step_us"] = 1e3 * r["median_ms"] / args.steps
     doc = {
         "benchmark": "whole sampling loop (3x3 conv model + scheduler step)",
-        "device": device,
-        "machine": _machine(device),
         "shape": args.shape,
         "steps": args.steps,
         "eta": args.eta,
         "timing": "CUDA events over back-to-back loops" if device == "cuda" else "perf_counter, median of repeats",
         "results": results,
     }
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"loop_{device}.json")
-    with open(out, "w") as f:
-        json.dump(doc, f, indent=1)
+    write_json(doc, device, args.out, f"loop_{device}.json")
     for r in results:
         print(f"{r['variant']:18s} gmm={r['gmm']!s:10s} {r['median_ms']:8.3f} ms/loop {r['per_step_us']:8.1f} us/step")
     return doc

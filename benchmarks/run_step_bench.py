@@ -17,13 +17,10 @@ each at eta 0 and eta 1. GB/s counts the bytes a step must move: read x_t and th
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import time
 
 import torch
 import torch.utils.benchmark as tbench
+from common import cuda_time, write_json
 
 import ddim_gmm_ext as dg
 from ddim_gmm_ext import reference as R
@@ -83,54 +80,14 @@ def make_cases(device: str, shape, eta: float) -> dict:
 
 
 def time_case(fn, device: str, min_run_time: float) -> float:
-    """Seconds per call: on CPU the median of torch.utils.benchmark's blocked autorange; on CUDA the mean over
-    back-to-back calls between two CUDA events (no sync per call: a per-call sync would time the launch
-    overhead, not the kernel), the count chosen to fill about ``min_run_time``, median of 5 such blocks."""
+    """Seconds per call: on CPU the median of torch.utils.benchmark's blocked autorange; on CUDA
+    :func:`common.cuda_time` (CUDA events over back-to-back calls, no sync per call)."""
+    if device == "cuda":
+        return cuda_time(fn, min_run_time)
     for _ in range(3):  # warm-up (and compilation)
         fn()
-    if device != "cuda":
-        timer = tbench.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        return timer.blocked_autorange(min_run_time=min_run_time).median
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def block(n: int) -> float:
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / n
-
-    n = max(10, int(min_run_time / 5 / max(block(10), 1e-7)))
-    return sorted(block(n) for _ in range(5))[2]
-
-
-def machine(device: str) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-    except OSError:
-        pass
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def versions() -> dict:
-    out = {"torch": torch.__version__, "ddim_gmm_ext": dg.__version__, "python": platform.python_version()}
-    for name in ("triton", "diffusers"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = None
-    return out
+    timer = tbench.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def main(argv=None) -> None:
@@ -154,21 +111,13 @@ def main(argv=None) -> None:
         op = next(r for r in rows if r["shape"] == row["shape"] and r["eta"] == row["eta"] and r["name"] == "op")
         row["time_over_op"] = row["ms"] / op["ms"]
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "device": args.device,
-        "machine": machine(args.device),
-        "versions": versions(),
         "dtype": "float32",
         "gmm": "ortho-vub, K=8",
         "compiled_ref": "torch.compile of reference.ddim_step, noise by torch.randn in the graph, fixed components",
         "bytes_per_element": "12 (read x_t and model output, write x_s)",
         "results": rows,
     }
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"step_{args.device}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print("wrote", out)
+    print("wrote", write_json(result, args.device, args.out, f"step_{args.device}.json"))
 
 
 if __name__ == "__main__":

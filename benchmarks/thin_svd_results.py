@@ -8,13 +8,9 @@ process CPU time is recorded too: on a shared machine it is the steadier figure.
 """
 
 import argparse
-import json
-import os
-import platform
-import statistics
-import time
 
 import torch
+from common import cpu_times, write_json
 
 import ddim_gmm_ext as dg
 from ddim_gmm_ext import reference
@@ -23,37 +19,19 @@ SHAPES = [(50, 16384, 8), (50, 196608, 16), (1, 16384, 1024)]
 
 
 def measure(fn, device, repeats):
-    def once():
-        if device == "cuda":
-            torch.cuda.synchronize()
-        wall, cpu = time.perf_counter(), time.process_time()
+    """Median / min wall ms (and CPU ms) over ``repeats`` runs; on CUDA each run is synchronised (these are
+    whole multi-kernel calls of milliseconds, not per-launch timings)."""
+    if device != "cuda":
+        times = cpu_times(fn, repeats)
+        return {k: times[k] for k in ("median_ms", "min_ms", "iqr_ms", "median_cpu_ms")}
+
+    def synced():
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - wall, time.process_time() - cpu
+        torch.cuda.synchronize()
 
-    once()
-    runs = [once() for _ in range(repeats)]
-    return {
-        "median_ms": 1e3 * statistics.median(w for w, _ in runs),
-        "min_ms": 1e3 * min(w for w, _ in runs),
-        "median_cpu_ms": 1e3 * statistics.median(c for _, c in runs),
-    }
-
-
-def machine(device):
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "ddim_gmm_ext": dg.__version__,
-    }
-    if device == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
-    return info
+    torch.cuda.synchronize()
+    times = cpu_times(synced, repeats)
+    return {k: times[k] for k in ("median_ms", "min_ms", "iqr_ms")}
 
 
 def main():
@@ -96,12 +74,8 @@ def main():
         if isinstance(value, dict):
             print(name, f"{value['median_ms']:.2f} ms")
 
-    default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"thin_svd_{device}.json")
-    out = args.out or default
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"machine": machine(device), "repeats": repeats, "thin_svd": results, "gmm_init": gmm}, f, indent=2)
-    print("wrote", out)
+    doc = {"repeats": repeats, "thin_svd": results, "gmm_init": gmm}
+    print("wrote", write_json(doc, device, args.out, f"thin_svd_{device}.json"))
 
 
 if __name__ == "__main__":

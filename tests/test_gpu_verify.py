@@ -58,3 +58,19 @@ def test_benchmark_scripts_take_the_flags_verify_passes(script):
     )
     assert proc.returncode == 0, proc.stderr
     assert "--device" in proc.stdout and "--out" in proc.stdout
+
+
+def test_the_shared_json_writer_and_cpu_timer(tmp_path, monkeypatch):
+    # benchmarks/common.py: every result file carries date, command, device, machine and versions.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import json
+
+    import common
+
+    times = common.cpu_times(lambda: sum(range(1000)), repeats=5)
+    assert len(times["ms"]) == 5 and 0 <= times["min_ms"] <= times["median_ms"] and times["iqr_ms"] >= 0
+    path = common.write_json({"results": [1]}, "cpu", str(tmp_path / "x" / "r.json"), "unused.json")
+    doc = json.loads(Path(path).read_text())
+    assert doc["results"] == [1] and doc["device"] == "cpu"
+    assert {"date", "command", "machine", "versions"} <= doc.keys()
+    assert doc["versions"]["torch"] and doc["machine"]["cpu_count"] >= 1

@@ -1,0 +1,106 @@
+"""What every benchmark script shares: the machine and versions a result was measured with, the timers (CUDA
+events over back-to-back calls on a GPU, never a sync per call; perf_counter / process time on a CPU) and the
+JSON writer. Each script stays a thin list of cases over these."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine(device: str) -> dict:
+    """CPU model, core and thread counts, the ISA torch dispatches to, and the GPU on CUDA."""
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        pass
+    if device == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    return info
+
+
+def versions() -> dict:
+    """Python, torch, this package, triton and diffusers (None when absent)."""
+    import ddim_gmm_ext
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "ddim_gmm_ext": ddim_gmm_ext.__version__}
+    for name in ("triton", "diffusers"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def cuda_time(fn: Callable[[], object], min_run_time: float = 1.0, blocks: int = 5) -> float:
+    """Seconds per call of ``fn`` on the current CUDA device: the mean over back-to-back calls between two
+    CUDA events (a sync per call would time the launch, not the kernel), enough calls to fill about
+    ``min_run_time`` in all, median of ``blocks`` such blocks."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def block(n: int) -> float:
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / n
+
+    for _ in range(3):
+        fn()
+    n = max(10, int(min_run_time / blocks / max(block(10), 1e-7)))
+    return statistics.median(block(n) for _ in range(blocks))
+
+
+def cpu_times(fn: Callable[[], object], repeats: int) -> dict:
+    """Wall and process-CPU milliseconds of ``repeats`` calls after one warm-up: median, min and IQR (on a shared
+    machine the CPU time is the steadier figure)."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(1e3 * (time.perf_counter() - w))
+        cpu.append(1e3 * (time.process_time() - c))
+    q = statistics.quantiles(wall, n=4) if len(wall) > 1 else [wall[0]] * 3
+    return {
+        "median_ms": statistics.median(wall),
+        "min_ms": min(wall),
+        "iqr_ms": q[2] - q[0],
+        "median_cpu_ms": statistics.median(cpu),
+        "ms": wall,
+    }
+
+
+def write_json(doc: dict, device: str, out: str | None, default_name: str) -> str:
+    """Writes ``doc`` with the shared fields (date, command, device, machine, versions) to ``out`` or to
+    benchmarks/results/<default_name>; returns the path."""
+    path = out or os.path.join(RESULTS, default_name)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    shared = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+        "device": device,
+        "machine": machine(device),
+        "versions": versions(),
+    }
+    with open(path, "w") as f:
+        json.dump(shared | doc, f, indent=1)
+    return path
