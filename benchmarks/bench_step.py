@@ -28,3 +28,32 @@ def test_step(benchmark, device, shape, eta, name):
         sync()
 
     benchmark(run)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", ["ortho-vub", "ortho", "ortho-lr"])
+def test_gmm_variant_step(benchmark, device, shape, variant):
+    """One DDIM-GMM step at eta 1, K = 8, per GMM variant: the cost of ORTHO-LR's low-rank projection (one
+    extra pass over the generated noise on CPU, a projection kernel on CUDA) next to the diagonal variants.
+
+    pytest benchmarks/bench_step.py -k gmm_variant --benchmark-group-by=param:shape"""
+    import ddim_gmm_ext as dg
+    from ddim_gmm_ext import reference as R
+    from ddim_gmm_ext.ops.step import step as step_op
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device)
+    m = torch.randn(shape, generator=g).to(device)
+    gmm = dg.GMM.create(x[0].numel(), n_components=8, n_steps=4, variant=variant, device=device)
+    a_t, b_t, a_s, b_s, c = R.ddim_coefficients(0.3, 0.45, 1.0)
+    row = torch.tensor(R.coefficient_row(a_t, b_t, a_s, b_s, c), dtype=torch.float32, device=device)
+    args = (m, x, row, None, *gmm.tables(x), None, None, 0, None, None, False, 0, 0, 1, False)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    step_op(*args)
+
+    def run():
+        step_op(*args)
+        sync()
+
+    benchmark(run)
