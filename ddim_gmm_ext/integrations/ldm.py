@@ -155,6 +155,13 @@ class DDIMSampler:
             raise ValueError("shape (C, H, W) of one sample is required")
         device = self.model.alphas_cumprod.device
         size = _check_request(batch_size, shape, x_T, device, eta, sample_offset)
+        if isinstance(log_every_t, bool) or not isinstance(log_every_t, Integral) or log_every_t < 1:
+            raise ValueError(f"log_every_t must be an int >= 1, got {log_every_t!r}")
+        parameterization = getattr(self.model, "parameterization", "eps")
+        if parameterization not in _PARAMETERIZATIONS:
+            raise ValueError(
+                f"model.parameterization must be one of {tuple(_PARAMETERIZATIONS)}, got {parameterization!r}"
+            )
         timesteps_run = self._schedule(requested, ddim_discretize, eta)
         x = torch.randn(size, device=device) if x_T is None else x_T
         if unconditional_conditioning is not None:  # refused before any model call, not at the first step
@@ -163,7 +170,7 @@ class DDIMSampler:
         steps = len(timesteps_run)  # the steps upstream runs: more than asked when S does not divide T
         gmm = self._gmm_tables(x, steps)
         run_seed = stream_seed(self.seed)
-        prediction_type = _PARAMETERIZATIONS[getattr(self.model, "parameterization", "eps")]
+        prediction_type = _PARAMETERIZATIONS[parameterization]
         intermediates = {"x_inter": [x], "pred_x0": [x]}
         timesteps = np.flip(timesteps_run)
         for i in progress_bar(

@@ -184,3 +184,14 @@ def test_step_counts_upstream_cannot_index_run(S):
         S=S if S != 1000 else 1000, batch_size=1, shape=SHAPE, progress=False
     )
     assert torch.isfinite(samples).all()
+
+
+def test_log_every_t_and_parameterization_are_checked_before_sampling():
+    model = StandIn()
+    sampler = dg.DDIMSampler(model)
+    with pytest.raises(ValueError, match="log_every_t must be an int >= 1, got 0"):
+        sampler.sample(S=5, batch_size=1, shape=SHAPE, log_every_t=0, progress=False)
+    model.parameterization = "flow"
+    with pytest.raises(ValueError, match=r"model.parameterization must be one of \('eps', 'x0', 'v'\)"):
+        sampler.sample(S=5, batch_size=1, shape=SHAPE, progress=False)
+    assert model.calls == []  # refused before any model call
