@@ -47,7 +47,14 @@ class DDIMSampler:
         seed: int | None = None,
         final_step: str = "gaussian",
         scale_per_dim: float | None = None,
+        schedule: str = "linear",
+        device=None,
+        **kwargs,
     ):
+        # schedule, device and further keyword arguments are accepted as latent-diffusion / Stable Diffusion's
+        # constructors take them: the schedule is the model's alphas_cumprod, the device the model's.
+        if schedule != "linear":
+            raise ValueError(f"schedule must be 'linear' (the only one upstream implements), got {schedule!r}")
         for attr in ("apply_model", "alphas_cumprod"):
             if not hasattr(model, attr):
                 raise TypeError(f"model must expose {attr} (a latent-diffusion LatentDiffusion-like model)")
@@ -68,6 +75,8 @@ class DDIMSampler:
         self.scale_per_dim = scale_per_dim
         self.ddpm_num_timesteps = int(model.alphas_cumprod.shape[0])
         self.ddim_timesteps: np.ndarray | None = None
+        self.ddim_alphas: torch.Tensor | None = None  # set by make_schedule, with upstream's other attributes
+        self.ddim_alphas_prev: np.ndarray | None = None
         self._coefficients = torch.empty(0, 5)  # [S, 5] per-step (a_t, b_t, a_s, b_s, c), set by make_schedule
         self._built: tuple[tuple, GMM | None] | None = None  # (request key, tables) of the last built tables
 
@@ -109,15 +118,20 @@ class DDIMSampler:
         self.ddim_timesteps = ddim_timesteps(ddim_discretize, ddim_num_steps, T)
         eta = check_eta(ddim_eta, "ddim_eta")
         abar = self.model.alphas_cumprod.detach().to("cpu", torch.float64)
-        self.ddim_alphas = abar[self.ddim_timesteps]
-        self.ddim_alphas_prev = torch.cat([abar[:1], abar[self.ddim_timesteps[:-1]]])
-        coeffs = reference.ddim_coefficients(self.ddim_alphas, self.ddim_alphas_prev, eta)
+        alphas = abar[self.ddim_timesteps]
+        alphas_prev = torch.cat([abar[:1], abar[self.ddim_timesteps[:-1]]])
+        coeffs = reference.ddim_coefficients(alphas, alphas_prev, eta)
         # [S, 5] in step order; a one-step schedule comes back as Python floats, hence as_tensor / expand
         n = len(self.ddim_timesteps)
         table = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(-1).expand(n) for v in coeffs], -1)
-        self.ddim_sigmas = table[:, 4]
         self.ddim_eta = eta
         self._coefficients = table.to(self.model.alphas_cumprod.device)
+        # upstream's schedule attributes, with its types: float32 tensors on the model's device, alphas_prev numpy
+        device = self.model.alphas_cumprod.device
+        self.ddim_alphas = alphas.to(device, torch.float32)
+        self.ddim_alphas_prev = alphas_prev.numpy()
+        self.ddim_sigmas = table[:, 4].to(device, torch.float32)
+        self.ddim_sqrt_one_minus_alphas = (1 - alphas).sqrt().to(device, torch.float32)
 
     @torch.no_grad()
     def sample(
@@ -138,6 +152,17 @@ class DDIMSampler:
         progress: bool = True,
         sample_offset: int = 0,
         S: int | None = None,
+        normals_sequence=None,
+        quantize_x0: bool = False,
+        mask: torch.Tensor | None = None,
+        x0: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        noise_dropout: float = 0.0,
+        score_corrector=None,
+        corrector_kwargs: dict | None = None,
+        dynamic_threshold=None,
+        ucg_schedule=None,
+        **kwargs,
     ):
         """Sample ``batch_size`` latents of ``shape`` (C, H, W, ...) in ``steps`` DDIM(-GMM) steps.
 
@@ -146,7 +171,23 @@ class DDIMSampler:
         callback(i) and img_callback(pred_x0, i) after each step. The progress bar shows unless ``progress``
         or ``verbose`` is False. Returns (samples, intermediates) with intermediates = {"x_inter": [...],
         "pred_x0": [...]} every ``log_every_t`` steps and at the last one.
+
+        latent-diffusion's other arguments, as upstream: ``mask`` and ``x0`` (inpainting: before each step the
+        known region, mask = 1, is reset to x0 noised to the step's time), ``temperature`` and
+        ``noise_dropout`` (they scale / drop the step's noise, drawn from the package's stream),
+        ``score_corrector`` with ``corrector_kwargs`` (``modify_score(model, e_t, x, t, c, **kwargs)`` on the
+        guided eps), ``ucg_schedule`` (a guidance scale per step). ``normals_sequence`` is accepted and unused,
+        as upstream leaves it; ``quantize_x0`` and ``dynamic_threshold`` need the first-stage model or
+        Stable Diffusion's thresholding and raise NotImplementedError.
         """
+        if quantize_x0:
+            raise NotImplementedError("quantize_x0 needs the first-stage VQ model: not supported by this sampler")
+        if dynamic_threshold is not None:
+            raise NotImplementedError("dynamic_threshold (Stable Diffusion's norm thresholding) is not supported")
+        if (mask is None) != (x0 is None):
+            raise ValueError("mask and x0 go together (inpainting): pass both or neither")
+        _checks.check_number("temperature", temperature, 0.0)
+        _checks.check_number("noise_dropout", noise_dropout, 0.0, 1.0)
         if (steps is None) == (S is None):
             raise ValueError("pass the number of steps once, as steps= (or latent-diffusion's S=)")
         requested = steps if steps is not None else S
@@ -166,37 +207,39 @@ class DDIMSampler:
         x = torch.randn(size, device=device) if x_T is None else x_T
         if unconditional_conditioning is not None:  # refused before any model call, not at the first step
             _checks.check_number("unconditional_guidance_scale", unconditional_guidance_scale)
-        guided = unconditional_conditioning is not None and unconditional_guidance_scale != 1.0
         steps = len(timesteps_run)  # the steps upstream runs: more than asked when S does not divide T
         gmm = self._gmm_tables(x, steps)
         run_seed = stream_seed(self.seed)
         prediction_type = _PARAMETERIZATIONS[parameterization]
         intermediates = {"x_inter": [x], "pred_x0": [x]}
         timesteps = np.flip(timesteps_run)
+        if ucg_schedule is not None and len(ucg_schedule) != steps:
+            raise ValueError(
+                f"ucg_schedule must hold one guidance scale per step run ({steps}), got {len(ucg_schedule)}"
+            )
+        options = dict(
+            temperature=temperature,
+            noise_dropout=noise_dropout,
+            score_corrector=score_corrector,
+            corrector_kwargs=corrector_kwargs,
+            unconditional_conditioning=unconditional_conditioning,
+            gmm=gmm,
+            n_steps=steps,
+            seed=run_seed,
+            sample_offset=sample_offset,
+            prediction_type=prediction_type,
+        )
         for i in progress_bar(
             range(steps), not (progress and verbose), "DDIM-GMM Sampler" if gmm is not None else "DDIM Sampler"
         ):
             index = steps - 1 - i  # into the schedule arrays, which are in increasing time
             t = torch.full((batch_size,), int(timesteps[i]), device=device, dtype=torch.long)
-            if guided:
-                m = self.model.apply_model(
-                    torch.cat([x, x]), torch.cat([t, t]), _stack_conditioning(unconditional_conditioning, conditioning)
-                )
-            else:
-                m = self.model.apply_model(x, t, conditioning)
-            out = api.step(
-                m,
-                x,
-                *self._coefficients[index].unbind(),
-                gmm=_checks.gmm_for_step(gmm, i, steps, self.final_step),
-                step_index=i,
-                prediction_type=prediction_type,
-                guidance_scale=unconditional_guidance_scale if guided else None,
-                seed=run_seed,
-                sample_offset=sample_offset,
+            if mask is not None:
+                x = self._q_sample(x0, t) * mask + (1.0 - mask) * x
+            w = unconditional_guidance_scale if ucg_schedule is None else ucg_schedule[i]
+            x, pred_x0 = self.p_sample_ddim(
+                x, conditioning, t, index, unconditional_guidance_scale=w, step=i, **options
             )
-            x, pred_x0 = out.prev_sample, out.pred_original_sample
-            assert pred_x0 is not None  # return_pred_original defaults to True
             if callback is not None:
                 callback(i)
             if img_callback is not None:
@@ -205,6 +248,145 @@ class DDIMSampler:
                 intermediates["x_inter"].append(x)
                 intermediates["pred_x0"].append(pred_x0)
         return x, intermediates
+
+    def p_sample_ddim(
+        self,
+        x: torch.Tensor,
+        c,
+        t: torch.Tensor,
+        index: int,
+        repeat_noise: bool = False,
+        use_original_steps: bool = False,
+        quantize_denoised: bool = False,
+        temperature: float = 1.0,
+        noise_dropout: float = 0.0,
+        score_corrector=None,
+        corrector_kwargs: dict | None = None,
+        unconditional_guidance_scale: float = 1.0,
+        unconditional_conditioning=None,
+        *,
+        step: int | None = None,
+        gmm: GMM | None = None,
+        n_steps: int | None = None,
+        seed: int | None = None,
+        sample_offset: int = 0,
+        prediction_type: str | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DDIM(-GMM) step at schedule position ``index`` (upstream's method): returns (x_prev, pred_x0).
+        One model call on [uncond, cond] with guidance fused into the step (or applied here first when a
+        score corrector must see the guided eps). ``step`` is the Philox step index (default: the number of
+        steps before this one); ``gmm`` the mixture of this step's run (None: DDIM)."""
+        if use_original_steps:
+            raise NotImplementedError("use_original_steps (the 1000-step DDPM schedule) is not supported; use S=")
+        if quantize_denoised:
+            raise NotImplementedError("quantize_denoised needs the first-stage VQ model: not supported")
+        if self.ddim_timesteps is None:
+            raise ValueError("call make_schedule (or sample) first: the step coefficients are built there")
+        n = len(self.ddim_timesteps) if n_steps is None else n_steps
+        i = n - 1 - index if step is None else step
+        if prediction_type is None:
+            prediction_type = _PARAMETERIZATIONS[getattr(self.model, "parameterization", "eps")]
+        guided = unconditional_conditioning is not None and unconditional_guidance_scale != 1.0
+        if guided:
+            both = _stack_conditioning(unconditional_conditioning, c)
+            m = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]), both)
+        else:
+            m = self.model.apply_model(x, t, c)
+        if score_corrector is not None:
+            if prediction_type != "epsilon":
+                raise ValueError("score_corrector works on eps models (parameterization 'eps') only, as upstream")
+            if guided:
+                m_u, m_c = m.chunk(2)
+                m, guided = m_u + unconditional_guidance_scale * (m_c - m_u), False
+            m = score_corrector.modify_score(self.model, m, x, t, c, **(corrector_kwargs or {}))
+        noise = None
+        if temperature != 1.0 or noise_dropout > 0.0:
+            seed_ = stream_seed(self.seed) if seed is None else seed
+            z = reference.gaussian_noise(x.shape, seed_, sample_offset, i, x.dtype, x.device) * temperature
+            noise = torch.nn.functional.dropout(z, p=noise_dropout) if noise_dropout > 0.0 else z
+        out = api.step(
+            m,
+            x,
+            *self._coefficients[index].unbind(),
+            gmm=_checks.gmm_for_step(gmm, i, n, self.final_step),
+            step_index=i,
+            prediction_type=prediction_type,
+            guidance_scale=unconditional_guidance_scale if guided else None,
+            seed=stream_seed(self.seed) if seed is None else seed,
+            sample_offset=sample_offset,
+            noise=noise,
+        )
+        assert out.pred_original_sample is not None  # return_pred_original defaults to True
+        return out.prev_sample, out.pred_original_sample
+
+    def _q_sample(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0 noised to train timesteps t [B]: the model's q_sample when it has one (as upstream calls it),
+        else sqrt(abar_t) x0 + sqrt(1 - abar_t) noise with torch.randn."""
+        if hasattr(self.model, "q_sample"):
+            return self.model.q_sample(x0, t)
+        abar = self.model.alphas_cumprod.to(x0.dtype)[t].reshape(-1, *([1] * (x0.dim() - 1)))
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * torch.randn_like(x0)
+
+    @torch.no_grad()
+    def stochastic_encode(
+        self, x0: torch.Tensor, t: torch.Tensor, use_original_steps: bool = False, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x0 noised to the DDIM schedule's position t [B] (img2img's encoder, as upstream): sqrt(abar) x0 +
+        sqrt(1 - abar) noise at ``ddim_alphas[t]`` (``alphas_cumprod[t]`` with ``use_original_steps``)."""
+        if use_original_steps:
+            abar = self.model.alphas_cumprod.double()
+        else:
+            if self.ddim_timesteps is None:
+                raise ValueError("call make_schedule first: stochastic_encode indexes the DDIM schedule")
+            assert self.ddim_alphas is not None  # make_schedule sets both
+            abar = torch.as_tensor(self.ddim_alphas, dtype=torch.float64)
+        noise = torch.randn_like(x0) if noise is None else noise
+        a = abar.to(x0.device)[t.long()].reshape(-1, *([1] * (x0.dim() - 1)))
+        return (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(x0.dtype)
+
+    @torch.no_grad()
+    def decode(
+        self,
+        x_latent: torch.Tensor,
+        cond,
+        t_start: int,
+        unconditional_guidance_scale: float = 1.0,
+        unconditional_conditioning=None,
+        use_original_steps: bool = False,
+        callback=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """img2img's decoder, as upstream: the DDIM steps from schedule position ``t_start`` - 1 down to 0
+        (after ``make_schedule`` and ``stochastic_encode``), with guidance; callback(i) after each step.
+        The GMM (when on) is built for the ``t_start`` steps run."""
+        if use_original_steps:
+            raise NotImplementedError("use_original_steps (the 1000-step DDPM schedule) is not supported")
+        if self.ddim_timesteps is None:
+            raise ValueError("call make_schedule first: decode runs the DDIM schedule")
+        _checks.check_index("t_start", t_start, len(self.ddim_timesteps) + 1)
+        timesteps = np.flip(self.ddim_timesteps[:t_start])
+        gmm = self._gmm_tables(x_latent, t_start) if t_start else None
+        run_seed = stream_seed(self.seed)
+        x = x_latent
+        for i, step in enumerate(timesteps):
+            index = t_start - 1 - i
+            ts = torch.full((x.shape[0],), int(step), device=x.device, dtype=torch.long)
+            x, _ = self.p_sample_ddim(
+                x,
+                cond,
+                ts,
+                index,
+                unconditional_guidance_scale=unconditional_guidance_scale,
+                unconditional_conditioning=unconditional_conditioning,
+                step=i,
+                gmm=gmm,
+                n_steps=t_start,
+                seed=run_seed,
+            )
+            if callback is not None:
+                callback(i)
+        return x
 
 
 def ddim_timesteps(discretize: str, num_steps: int, num_train_timesteps: int) -> np.ndarray:
