@@ -182,8 +182,6 @@ class DDIMSampler:
         """
         if quantize_x0:
             raise NotImplementedError("quantize_x0 needs the first-stage VQ model: not supported by this sampler")
-        if dynamic_threshold is not None:
-            raise NotImplementedError("dynamic_threshold (Stable Diffusion's norm thresholding) is not supported")
         if (mask is None) != (x0 is None):
             raise ValueError("mask and x0 go together (inpainting): pass both or neither")
         _checks.check_number("temperature", temperature, 0.0)
@@ -203,43 +201,103 @@ class DDIMSampler:
             raise ValueError(
                 f"model.parameterization must be one of {tuple(_PARAMETERIZATIONS)}, got {parameterization!r}"
             )
-        timesteps_run = self._schedule(requested, ddim_discretize, eta)
+        self._schedule(requested, ddim_discretize, eta)
         x = torch.randn(size, device=device) if x_T is None else x_T
         if unconditional_conditioning is not None:  # refused before any model call, not at the first step
             _checks.check_number("unconditional_guidance_scale", unconditional_guidance_scale)
-        steps = len(timesteps_run)  # the steps upstream runs: more than asked when S does not divide T
-        gmm = self._gmm_tables(x, steps)
-        run_seed = stream_seed(self.seed)
-        prediction_type = _PARAMETERIZATIONS[parameterization]
-        intermediates = {"x_inter": [x], "pred_x0": [x]}
-        timesteps = np.flip(timesteps_run)
+        return self.ddim_sampling(
+            conditioning,
+            size,
+            x_T=x,
+            callback=callback,
+            timesteps=kwargs.get("timesteps"),
+            mask=mask,
+            x0=x0,
+            img_callback=img_callback,
+            log_every_t=log_every_t,
+            temperature=temperature,
+            noise_dropout=noise_dropout,
+            score_corrector=score_corrector,
+            corrector_kwargs=corrector_kwargs,
+            unconditional_guidance_scale=unconditional_guidance_scale,
+            unconditional_conditioning=unconditional_conditioning,
+            dynamic_threshold=dynamic_threshold,
+            ucg_schedule=ucg_schedule,
+            progress=progress and verbose,
+            sample_offset=sample_offset,
+        )
+
+    @torch.no_grad()
+    def ddim_sampling(
+        self,
+        cond,
+        shape,
+        x_T: torch.Tensor | None = None,
+        ddim_use_original_steps: bool = False,
+        callback=None,
+        timesteps: int | None = None,
+        quantize_denoised: bool = False,
+        mask: torch.Tensor | None = None,
+        x0: torch.Tensor | None = None,
+        img_callback=None,
+        log_every_t: int = 100,
+        temperature: float = 1.0,
+        noise_dropout: float = 0.0,
+        score_corrector=None,
+        corrector_kwargs: dict | None = None,
+        unconditional_guidance_scale: float = 1.0,
+        unconditional_conditioning=None,
+        dynamic_threshold: float | None = None,
+        ucg_schedule=None,
+        *,
+        progress: bool = True,
+        sample_offset: int = 0,
+    ):
+        """Upstream's sampling loop over the schedule ``make_schedule`` set (``sample`` calls it): from x_T
+        (``torch.randn`` when None) of ``shape`` [B, ...]; ``timesteps`` an int runs the first positions of the
+        schedule (upstream's partial schedules). Returns (samples, intermediates)."""
+        if ddim_use_original_steps:
+            raise NotImplementedError("ddim_use_original_steps (the 1000-step DDPM schedule) is not supported")
+        if (mask is None) != (x0 is None):
+            raise ValueError("mask and x0 go together (inpainting): pass both or neither")
+        if self.ddim_timesteps is None:
+            raise ValueError("call make_schedule first: ddim_sampling runs its schedule")
+        schedule = self.ddim_timesteps
+        if timesteps is not None:  # upstream's subset: the first int(min(timesteps / n, 1) * n) - 1 positions
+            n = len(schedule)
+            _checks.check_index("timesteps", timesteps, 2**31)
+            schedule = schedule[: int(min(timesteps / n, 1) * n) - 1]
+            if len(schedule) == 0:
+                raise ValueError(f"timesteps={timesteps} leaves no step of the {n}-step schedule to run")
+        device = self.model.alphas_cumprod.device
+        x = torch.randn(tuple(shape), device=device) if x_T is None else x_T
+        steps = len(schedule)
         if ucg_schedule is not None and len(ucg_schedule) != steps:
-            raise ValueError(
-                f"ucg_schedule must hold one guidance scale per step run ({steps}), got {len(ucg_schedule)}"
-            )
+            got = len(ucg_schedule)
+            raise ValueError(f"ucg_schedule must hold one guidance scale per step run ({steps}), got {got}")
+        gmm = self._gmm_tables(x, steps)
         options = dict(
             temperature=temperature,
             noise_dropout=noise_dropout,
             score_corrector=score_corrector,
             corrector_kwargs=corrector_kwargs,
             unconditional_conditioning=unconditional_conditioning,
+            quantize_denoised=quantize_denoised,
+            dynamic_threshold=dynamic_threshold,
             gmm=gmm,
             n_steps=steps,
-            seed=run_seed,
+            seed=stream_seed(self.seed),
             sample_offset=sample_offset,
-            prediction_type=prediction_type,
         )
-        for i in progress_bar(
-            range(steps), not (progress and verbose), "DDIM-GMM Sampler" if gmm is not None else "DDIM Sampler"
-        ):
+        intermediates = {"x_inter": [x], "pred_x0": [x]}
+        order = np.flip(schedule)
+        for i in progress_bar(range(steps), not progress, "DDIM-GMM Sampler" if gmm is not None else "DDIM Sampler"):
             index = steps - 1 - i  # into the schedule arrays, which are in increasing time
-            t = torch.full((batch_size,), int(timesteps[i]), device=device, dtype=torch.long)
-            if mask is not None:
+            t = torch.full((x.shape[0],), int(order[i]), device=device, dtype=torch.long)
+            if mask is not None and x0 is not None:
                 x = self._q_sample(x0, t) * mask + (1.0 - mask) * x
             w = unconditional_guidance_scale if ucg_schedule is None else ucg_schedule[i]
-            x, pred_x0 = self.p_sample_ddim(
-                x, conditioning, t, index, unconditional_guidance_scale=w, step=i, **options
-            )
+            x, pred_x0 = self.p_sample_ddim(x, cond, t, index, unconditional_guidance_scale=w, step=i, **options)
             if callback is not None:
                 callback(i)
             if img_callback is not None:
@@ -264,6 +322,7 @@ class DDIMSampler:
         corrector_kwargs: dict | None = None,
         unconditional_guidance_scale: float = 1.0,
         unconditional_conditioning=None,
+        dynamic_threshold: float | None = None,
         *,
         step: int | None = None,
         gmm: GMM | None = None,
@@ -305,14 +364,27 @@ class DDIMSampler:
             seed_ = stream_seed(self.seed) if seed is None else seed
             z = reference.gaussian_noise(x.shape, seed_, sample_offset, i, x.dtype, x.device) * temperature
             noise = torch.nn.functional.dropout(z, p=noise_dropout) if noise_dropout > 0.0 else z
+        coefficients = self._coefficients[index].unbind()
+        w = unconditional_guidance_scale if guided else None
+        if dynamic_threshold is not None:
+            # Stable Diffusion's norm thresholding of x0_hat (x0 * value / max(rms(x0), value) per sample) keeps
+            # eps_hat: the update then takes the thresholded x0 as a "sample" prediction on x shifted by
+            # a_t (x0_thr - x0), whose eps is (x - a_t x0) / b_t, the model's.
+            a_t, b_t = coefficients[0], coefficients[1]
+            pred = api.step(m, x, a_t, b_t, a_t, b_t, 0.0, prediction_type=prediction_type, guidance_scale=w)
+            x0_hat = pred.pred_original_sample
+            assert x0_hat is not None
+            rms = x0_hat.pow(2).flatten(1).mean(1).sqrt().clamp(min=dynamic_threshold)
+            x0_thr = x0_hat * (dynamic_threshold / rms).reshape(-1, *([1] * (x.dim() - 1)))
+            m, x, prediction_type, w = x0_thr, x + a_t.to(x.dtype) * (x0_thr - x0_hat), "sample", None
         out = api.step(
             m,
             x,
-            *self._coefficients[index].unbind(),
+            *coefficients,
             gmm=_checks.gmm_for_step(gmm, i, n, self.final_step),
             step_index=i,
             prediction_type=prediction_type,
-            guidance_scale=unconditional_guidance_scale if guided else None,
+            guidance_scale=w,
             seed=stream_seed(self.seed) if seed is None else seed,
             sample_offset=sample_offset,
             noise=noise,

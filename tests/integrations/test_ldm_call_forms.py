@@ -155,10 +155,43 @@ def test_ucg_schedule_is_a_guidance_scale_per_step():
         sampler.sample(ucg_schedule=[2.5] * 7, **common)
 
 
+def test_dynamic_threshold_is_stable_diffusions_norm_thresholding():
+    # x0_hat scaled per sample to rms <= value, eps kept (upstream's p_sample_ddim with dynamic_threshold).
+    # Checked to fail with the eps re-derived from the thresholded x0 (the shift by a_t (x0_thr - x0) dropped).
+    model = StandIn()
+    sampler = dg.DDIMSampler(model)
+    x_T = 3 * torch.randn(B, *SHAPE, generator=torch.Generator().manual_seed(7))
+    out, _ = sampler.sample(S=6, batch_size=B, shape=SHAPE, x_T=x_T, dynamic_threshold=0.5, progress=False)
+    ts = sampler.ddim_timesteps
+    abar = model.alphas_cumprod.double()
+    alphas, prev = abar[ts], torch.cat([abar[:1], abar[ts[:-1]]])
+    x = x_T.double()
+    for index in range(len(ts) - 1, -1, -1):
+        e = model.apply_model(x.float(), torch.full((B,), int(ts[index])), None).double()
+        pred_x0 = (x - (1 - alphas[index]).sqrt() * e) / alphas[index].sqrt()
+        rms = pred_x0.pow(2).flatten(1).mean(1).sqrt().clamp(min=0.5).reshape(-1, 1, 1, 1)
+        pred_x0 = pred_x0 * (0.5 / rms)
+        x = prev[index].sqrt() * pred_x0 + (1 - prev[index]).sqrt() * e
+    torch.testing.assert_close(out.double(), x, atol=2e-5, rtol=2e-5)
+
+
+def test_partial_timesteps_run_upstreams_subset():
+    # timesteps=5 on a 10-step schedule runs the first int(5 / 10 * 10) - 1 = 4 positions, from x_T.
+    model = StandIn()
+    sampler = dg.DDIMSampler(model)
+    x_T = torch.randn(B, *SHAPE, generator=torch.Generator().manual_seed(8))
+    seen = []
+    out, _ = sampler.sample(S=10, batch_size=B, shape=SHAPE, x_T=x_T, timesteps=5, callback=seen.append,
+                            progress=False)  # fmt: skip
+    assert seen == [0, 1, 2, 3]
+    torch.testing.assert_close(out.double(), _upstream_decode(model, x_T, sampler, 4), atol=2e-5, rtol=2e-5)
+
+
 def test_unsupported_arguments_say_so():
     sampler = dg.DDIMSampler(StandIn())
     with pytest.raises(NotImplementedError, match="quantize_x0"):
         sampler.sample(S=5, batch_size=1, shape=SHAPE, quantize_x0=True, progress=False)
-    with pytest.raises(NotImplementedError, match="dynamic_threshold"):
-        sampler.sample(S=5, batch_size=1, shape=SHAPE, dynamic_threshold=0.9, progress=False)
+    sampler.make_schedule(5)
+    with pytest.raises(NotImplementedError, match="ddim_use_original_steps"):
+        sampler.ddim_sampling(None, (1, *SHAPE), ddim_use_original_steps=True)
     sampler.sample(S=5, batch_size=1, shape=SHAPE, normals_sequence=None, progress=False)  # accepted, unused
