@@ -169,7 +169,7 @@ class DDIMSampler:
         ``S`` is latent-diffusion's name for ``steps``. With ``unconditional_conditioning`` and a guidance
         scale != 1, one model call on the stacked [uncond, cond] batch and guidance fused into the step.
         callback(i) and img_callback(pred_x0, i) after each step. The progress bar shows unless ``progress``
-        or ``verbose`` is False. Returns (samples, intermediates) with intermediates = {"x_inter": [...],
+        is False (with ``verbose=False`` too, as upstream, whose scripts all pass it). Returns (samples, intermediates) with intermediates = {"x_inter": [...],
         "pred_x0": [...]} every ``log_every_t`` steps and at the last one.
 
         latent-diffusion's other arguments, as upstream: ``mask`` and ``x0`` (inpainting: before each step the
@@ -223,7 +223,7 @@ class DDIMSampler:
             unconditional_conditioning=unconditional_conditioning,
             dynamic_threshold=dynamic_threshold,
             ucg_schedule=ucg_schedule,
-            progress=progress and verbose,
+            progress=progress,  # shown with verbose=False, as upstream (every SD script passes it)
             sample_offset=sample_offset,
         )
 
