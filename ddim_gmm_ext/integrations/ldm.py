@@ -169,7 +169,8 @@ class DDIMSampler:
         ``S`` is latent-diffusion's name for ``steps``. With ``unconditional_conditioning`` and a guidance
         scale != 1, one model call on the stacked [uncond, cond] batch and guidance fused into the step.
         callback(i) and img_callback(pred_x0, i) after each step. The progress bar shows unless ``progress``
-        is False (with ``verbose=False`` too, as upstream, whose scripts all pass it). Returns (samples, intermediates) with intermediates = {"x_inter": [...],
+        is False (with ``verbose=False`` too, as upstream, whose scripts all pass it). Returns (samples,
+        intermediates) with intermediates = {"x_inter": [...],
         "pred_x0": [...]} every ``log_every_t`` steps and at the last one.
 
         latent-diffusion's other arguments, as upstream: ``mask`` and ``x0`` (inpainting: before each step the
