@@ -77,6 +77,7 @@ class DDIMSampler:
         self.ddim_timesteps: np.ndarray | None = None
         self.ddim_alphas: torch.Tensor | None = None  # set by make_schedule, with upstream's other attributes
         self.ddim_alphas_prev: np.ndarray | None = None
+        self.ddim_eta: float = 0.0
         self._coefficients = torch.empty(0, 5)  # [S, 5] per-step (a_t, b_t, a_s, b_s, c), set by make_schedule
         self._built: tuple[tuple, GMM | None] | None = None  # (request key, tables) of the last built tables
 
@@ -257,14 +258,16 @@ class DDIMSampler:
         """Upstream's sampling loop over the schedule ``make_schedule`` set (``sample`` calls it): from x_T
         (``torch.randn`` when None) of ``shape`` [B, ...]; ``timesteps`` an int runs the first positions of the
         schedule (upstream's partial schedules). Returns (samples, intermediates)."""
-        if ddim_use_original_steps:
-            raise NotImplementedError("ddim_use_original_steps (the 1000-step DDPM schedule) is not supported")
         if (mask is None) != (x0 is None):
             raise ValueError("mask and x0 go together (inpainting): pass both or neither")
         if self.ddim_timesteps is None:
             raise ValueError("call make_schedule first: ddim_sampling runs its schedule")
         schedule = self.ddim_timesteps
-        if timesteps is not None:  # upstream's subset: the first int(min(timesteps / n, 1) * n) - 1 positions
+        if ddim_use_original_steps:  # every train timestep (the first ``timesteps`` of them when given)
+            T = self.ddpm_num_timesteps
+            _checks.check_index("timesteps", T if timesteps is None else timesteps - 1, T)
+            schedule = np.arange(T if timesteps is None else timesteps)
+        elif timesteps is not None:  # upstream's subset: the first int(min(timesteps / n, 1) * n) - 1 positions
             n = len(schedule)
             _checks.check_index("timesteps", timesteps, 2**31)
             schedule = schedule[: int(min(timesteps / n, 1) * n) - 1]
@@ -285,6 +288,7 @@ class DDIMSampler:
             unconditional_conditioning=unconditional_conditioning,
             quantize_denoised=quantize_denoised,
             dynamic_threshold=dynamic_threshold,
+            use_original_steps=ddim_use_original_steps,
             gmm=gmm,
             n_steps=steps,
             seed=stream_seed(self.seed),
@@ -336,9 +340,9 @@ class DDIMSampler:
         """One DDIM(-GMM) step at schedule position ``index`` (upstream's method): returns (x_prev, pred_x0).
         One model call on [uncond, cond] with guidance fused into the step (or applied here first when a
         score corrector must see the guided eps). ``step`` is the Philox step index (default: the number of
-        steps before this one); ``gmm`` the mixture of this step's run (None: DDIM)."""
-        if use_original_steps:
-            raise NotImplementedError("use_original_steps (the 1000-step DDPM schedule) is not supported; use S=")
+        steps before this one); ``gmm`` the mixture of this step's run (None: DDIM). ``use_original_steps``:
+        ``index`` is a train timestep and the step goes to the one before it (DDPM's schedule, the noise
+        eta times DDPM's, as upstream)."""
         if quantize_denoised:
             raise NotImplementedError("quantize_denoised needs the first-stage VQ model: not supported")
         if self.ddim_timesteps is None:
@@ -365,7 +369,15 @@ class DDIMSampler:
             seed_ = stream_seed(self.seed) if seed is None else seed
             z = reference.gaussian_noise(x.shape, seed_, sample_offset, i, x.dtype, x.device) * temperature
             noise = torch.nn.functional.dropout(z, p=noise_dropout) if noise_dropout > 0.0 else z
-        coefficients = self._coefficients[index].unbind()
+        if use_original_steps:
+            abar = self.model.alphas_cumprod.detach().double()
+            prev = abar[index - 1] if index > 0 else torch.ones((), dtype=torch.float64, device=abar.device)
+            coefficients = tuple(
+                torch.as_tensor(v, dtype=torch.float64, device=x.device)
+                for v in reference.ddim_coefficients(abar[index], prev, self.ddim_eta)
+            )
+        else:
+            coefficients = self._coefficients[index].unbind()
         w = unconditional_guidance_scale if guided else None
         if dynamic_threshold is not None:
             # Stable Diffusion's norm thresholding of x0_hat (x0 * value / max(rms(x0), value) per sample) keeps
@@ -433,12 +445,11 @@ class DDIMSampler:
         """img2img's decoder, as upstream: the DDIM steps from schedule position ``t_start`` - 1 down to 0
         (after ``make_schedule`` and ``stochastic_encode``), with guidance; callback(i) after each step.
         The GMM (when on) is built for the ``t_start`` steps run."""
-        if use_original_steps:
-            raise NotImplementedError("use_original_steps (the 1000-step DDPM schedule) is not supported")
         if self.ddim_timesteps is None:
             raise ValueError("call make_schedule first: decode runs the DDIM schedule")
-        _checks.check_index("t_start", t_start, len(self.ddim_timesteps) + 1)
-        timesteps = np.flip(self.ddim_timesteps[:t_start])
+        full = np.arange(self.ddpm_num_timesteps) if use_original_steps else self.ddim_timesteps
+        _checks.check_index("t_start", t_start, len(full) + 1)
+        timesteps = np.flip(full[:t_start])
         gmm = self._gmm_tables(x_latent, t_start) if t_start else None
         run_seed = stream_seed(self.seed)
         x = x_latent
@@ -452,6 +463,7 @@ class DDIMSampler:
                 index,
                 unconditional_guidance_scale=unconditional_guidance_scale,
                 unconditional_conditioning=unconditional_conditioning,
+                use_original_steps=use_original_steps,
                 step=i,
                 gmm=gmm,
                 n_steps=t_start,

@@ -191,7 +191,24 @@ def test_unsupported_arguments_say_so():
     sampler = dg.DDIMSampler(StandIn())
     with pytest.raises(NotImplementedError, match="quantize_x0"):
         sampler.sample(S=5, batch_size=1, shape=SHAPE, quantize_x0=True, progress=False)
-    sampler.make_schedule(5)
-    with pytest.raises(NotImplementedError, match="ddim_use_original_steps"):
-        sampler.ddim_sampling(None, (1, *SHAPE), ddim_use_original_steps=True)
     sampler.sample(S=5, batch_size=1, shape=SHAPE, normals_sequence=None, progress=False)  # accepted, unused
+
+
+def test_original_steps_walk_every_train_timestep():
+    # decode(use_original_steps=True) steps t_start - 1 .. 0 on the train schedule (index = the timestep,
+    # previous abar = alphas_cumprod[t - 1]), as upstream; checked against its formulas at eta 0.
+    model = StandIn()
+    sampler = dg.DDIMSampler(model)
+    sampler.make_schedule(ddim_num_steps=10, ddim_eta=0.0, verbose=False)
+    x = torch.randn(B, *SHAPE, generator=torch.Generator().manual_seed(9))
+    out = sampler.decode(x, None, 25, use_original_steps=True)
+    abar = model.alphas_cumprod.double()
+    y = x.double()
+    for t in range(24, -1, -1):
+        e = model.apply_model(y.float(), torch.full((B,), t), None).double()
+        a_t, a_prev = abar[t], (abar[t - 1] if t > 0 else torch.tensor(1.0, dtype=torch.float64))
+        y = a_prev.sqrt() * (y - (1 - a_t).sqrt() * e) / a_t.sqrt() + (1 - a_prev).sqrt() * e
+    torch.testing.assert_close(out.double(), y, atol=2e-5, rtol=2e-5)
+    seen = []
+    sampler.ddim_sampling(None, (B, *SHAPE), x_T=x, ddim_use_original_steps=True, timesteps=12, callback=seen.append)
+    assert seen == list(range(12))
