@@ -247,6 +247,10 @@ class GMM:
             device, dtype = key
             priors, offsets, var_offsets = (t.to(device=device, dtype=dtype) for t in self._require())
             basis = None if self.basis is None else self.basis.to(device=device, dtype=dtype)
+            if torch.compiler.is_compiling():
+                # Converted in the graph, not cached: filling the cache inside a compiled function makes the
+                # graph depend on the cache's contents, and the next call (step 2) recompiles.
+                return priors, offsets, var_offsets, basis
             self._cache[key] = (priors, offsets, var_offsets, basis)
         return self._cache[key]
 

@@ -173,8 +173,9 @@ def test_low_rank_kernel_matches_the_moments():
 
 
 def test_a_compiled_loop_over_a_device_index_compiles_once():
-    # The step index is a tensor: every step reuses one graph. Checked to fail with a Python int index
-    # (dynamo specialises on it and recompiles at the second step).
+    # The step index is a tensor: every step reuses one graph, and the compiled loop runs first (a fresh GMM
+    # whose tables were never converted). Checked to fail with a Python int index (dynamo specialises on it)
+    # and with GMM.tables filling its cache inside the graph (a recompile at step 2).
     x, m = _inputs(torch.float32)
     rows, gmm = _rows(torch.float32), _gmm("diag")
 
@@ -183,9 +184,11 @@ def test_a_compiled_loop_over_a_device_index_compiles_once():
 
     torch._dynamo.reset()
     compiled = torch.compile(loop_step, fullgraph=True)
-    y_eager, y_comp = x, x
+    y_comp = x
     with torch._dynamo.config.patch(error_on_recompile=True):
         for i in range(S):
-            index = torch.tensor(i)
-            y_eager, y_comp = loop_step(y_eager, index), compiled(y_comp, index)
+            y_comp = compiled(y_comp, torch.tensor(i))
+    y_eager = x
+    for i in range(S):
+        y_eager = loop_step(y_eager, torch.tensor(i))
     assert_close(y_comp, y_eager, torch.float32)
