@@ -244,3 +244,58 @@ def test_one_component_is_the_gaussian_kernel(variant):
     gmm = dg.GMM.create(2, 1, 3, 1.0, variant, seed=4)
     for t in (gmm.offsets, gmm.var_offsets):
         assert torch.equal(t, torch.zeros_like(t)), variant
+
+
+# -- GMM tables: bad input ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variant", "scale", "dtype"), [("ortho-vub", 1e20, torch.float32), ("rand", 1e200, torch.float64)]
+)
+def test_overflowing_scale_is_refused(variant, scale, dtype):
+    # Checked to fail without the finiteness check (the tables then hold inf).
+    with pytest.raises(ValueError, match="too large: the GMM tables overflow"):
+        dg.GMM.create(CD, CK, 2, scale, variant, dtype=dtype)
+
+
+def _lr_tables():
+    gmm = _gmm("ortho-lr", n_steps=2)
+    return {"priors": gmm.priors, "offsets": gmm.offsets, "var_offsets": gmm.var_offsets, "basis": gmm.basis}
+
+
+def test_from_params_keeps_the_basis():
+    t = _lr_tables()
+    gmm = dg.GMM.from_params(**t)
+    assert torch.equal(gmm.basis, t["basis"]) and torch.equal(gmm.var_offsets, t["var_offsets"])
+
+
+@pytest.mark.parametrize("name", ["offsets", "var_offsets"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_from_params_non_finite_refused(name, bad):
+    t = {k: v.clone() for k, v in _lr_tables().items()}
+    t[name][0, 0, 0] = bad
+    before = {k: v.clone() for k, v in t.items()}
+    with pytest.raises(ValueError, match=f"{name} must be finite"):
+        dg.GMM.from_params(**t)
+    assert all(torch.allclose(t[k], before[k], rtol=0, atol=0, equal_nan=True) for k in t)  # not modified
+
+
+def test_from_params_negative_var_offsets_refused():
+    t = {k: v.clone() for k, v in _lr_tables().items()}
+    t["var_offsets"][1, 2, 0] = -1e-3
+    with pytest.raises(ValueError, match="var_offsets must be >= 0"):
+        dg.GMM.from_params(**t)
+
+
+def test_from_params_bad_basis_refused():
+    t = _lr_tables()
+    with pytest.raises(ValueError, match="basis must have shape"):
+        dg.GMM.from_params(**{**t, "basis": t["basis"][:, :1]})
+    for bad in (2 * t["basis"], torch.full_like(t["basis"], float("nan"))):
+        with pytest.raises(ValueError, match="basis rows must be orthonormal"):
+            dg.GMM.from_params(**{**t, "basis": bad})
+
+
+def test_ortho_lr_needs_fewer_components_than_dim():
+    with pytest.raises(ValueError, match=r"n_components \(8\) must be < dim \(8\)"):
+        dg.GMM.create(8, 8, 2, variant="ortho-lr")
