@@ -594,8 +594,11 @@ def diagonal_var_offsets(offsets: torch.Tensor, priors: torch.Tensor) -> torch.T
 
 def vub_var_offsets(priors: torch.Tensor, scale: float) -> torch.Tensor:
     """v_k[i] = s^2 pi_(i) / (K pi_k) for the first K coordinates, pi_(i) the priors in ascending order
-    (the eigenvalue upper bounds of eq. 12 / 34). priors [S, K] -> [S, K, K]; zero for a zero prior."""
+    (the eigenvalue upper bounds of eq. 12 / 34). priors [S, K] -> [S, K, K]; zero for a zero prior, and
+    zero for K = 1, whose only (centred) offset is 0: there is no offset variance to bound."""
     K = priors.shape[1]
+    if K == 1:
+        return torch.zeros_like(priors)[:, :, None]
     ascending = priors.sort(-1).values
     inv = torch.where(priors > 0, 1.0 / (K * priors), torch.zeros_like(priors))
     return scale**2 * inv[:, :, None] * ascending[:, None, :]
