@@ -255,7 +255,13 @@ class GMM:
         return self._cache[key]
 
     def params(self, step_index: int, like: torch.Tensor):
-        """(priors [K], offsets [K, D], var_offsets [K, Dv]) of a step, as :meth:`tables` (without the basis)."""
+        """(priors [K], offsets [K, D], var_offsets [K, Dv]) of a step, as :meth:`tables`; per-coordinate
+        variance offsets, so a low-rank GMM (``basis`` set: its var_offsets are eigenvalues) is refused."""
+        if self.basis is not None:
+            raise ValueError(
+                "params() returns per-coordinate variance offsets; this GMM is low-rank (ortho-lr: var_offsets are "
+                "eigenvalues along gmm.basis): use gmm.tables(like) and the op's basis argument"
+            )
         i = self.set_index(step_index)
         priors, offsets, var_offsets, _ = self.tables(like)
         return priors[i], offsets[i], var_offsets[i]

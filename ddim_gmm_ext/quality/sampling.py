@@ -145,7 +145,9 @@ def matched_output_noise(x0: torch.Tensor, gmm: GMM, steps: int, seed: int) -> t
     at the last step). If the GMM's gain at the last step matches this control's, it is a noise effect, not
     moment matching. The noise is torch.randn of torch.Generator().manual_seed(seed + 1) (paired over
     samplers of a seed, independent of x_T)."""
-    priors, offsets, _ = gmm.params(steps - 1, x0)
+    all_priors, all_offsets, _, _ = gmm.tables(x0)
+    last = gmm.set_index(steps - 1)
+    priors, offsets = all_priors[last], all_offsets[last]
     std = (priors[:, None] * offsets**2).sum(0).sqrt()
     z = torch.randn(x0.shape, generator=torch.Generator().manual_seed((seed + 1) % 2**64), dtype=std.dtype)
     return (x0 + std * z).to(x0.dtype)
