@@ -1,7 +1,10 @@
 """Builds ddim_gmm_ext._C: the C++ CPU ops always, the CUDA sources only when a CUDA torch and nvcc are
 present, or when DDIMGMM_FORCE_CUDA=1 (a CUDA torch whose toolkit was not auto-detected, e.g. in a container
 build without a GPU). CI has a CPU torch, which cannot link CUDA code: it compiles the .cu files with nvcc
-alone (tests/test_cuda_compile.py)."""
+alone (tests/test_gpu_compile.py).
+
+No -std flag is passed: torch's BuildExtension adds the standard its headers need (C++20 from torch 2.12 on,
+where C++17 draws warnings and, from 2.14, errors), and nvcc refuses a second -std."""
 
 import glob
 import os
@@ -25,12 +28,12 @@ def _want_cuda():
 
 def _extension():
     # -fno-math-errno: sqrt without an errno branch, so that loops calling it vectorise (csrc/cpu/step.cpp)
-    cxx = ["-O3", "-std=c++17", "-fopenmp" if os.name != "nt" else "/openmp"] + (
+    cxx = ["-O3", "-fopenmp" if os.name != "nt" else "/openmp"] + (
         ["-fno-math-errno"] if os.name != "nt" else []
     )
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if _want_cuda():
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        nvcc = ["-O3", "--expt-relaxed-constexpr"]
         return CUDAExtension(
             "ddim_gmm_ext._C",
             sources + _sources("csrc/cuda/*.cu"),

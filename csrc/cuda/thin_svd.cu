@@ -9,8 +9,9 @@
 //                   updates spread over the lanes, W = V L^(-1/2), status
 //   gram_partials   again on U1 = O W (second, CholeskyQR2-style pass)
 //   cholesky        one warp per matrix: R, M = W R^(-1)
-//   write_u         U = O M rounded to the output dtype, plus each chunk's largest |u| per column
-//   fix_signs       per (matrix, column): the reference's sign convention, applied in place
+//   write_u         U = O M rounded to the output dtype, plus each chunk's first largest-|u| entry per column
+//   fix_signs       the reference's sign convention, applied in place, coalesced (grid as write_u)
+// Batches with S > 65535 (the grid's y limit) run in slabs of 65535 matrices.
 // K > 32: csrc/thin_svd_aten.h (cuBLAS DGEMM, cuSOLVER eigh; the eigh error check syncs once).
 //
 // Values that would need a host round trip to raise (non-finite or rank-deficient O[s], see
@@ -37,6 +38,7 @@ constexpr int kWarp = 32;
 constexpr int kGramThreads = 1024;  // >= K (K + 1) / 2 pairs for K <= 32
 constexpr int kThreads = 256;       // write_u block size
 constexpr int64_t kChunkRows = 2048;  // rows per block: S * chunks blocks fill the GPU for the target shapes
+constexpr int64_t kMaxGridY = 65535;  // matrices per launch (gridDim.y limit)
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -133,7 +135,7 @@ __global__ void eigen(const double* partial, int64_t chunks, int K, double* W, u
         rotated = true;
         const double theta = (aqq - app) / (2.0 * apq);
         const double tn = copysign(1.0, theta) / (fabs(theta) + sqrt(theta * theta + 1.0));
-        const double c = rsqrt(tn * tn + 1.0), sn = tn * c;
+        const double c = 1.0 / sqrt(tn * tn + 1.0), sn = tn * c;  // correctly rounded, as the CPU twin
         if (k < K) {  // A <- A J (columns p, q), V <- V J
           const double akp = A[k * K + p], akq = A[k * K + q];
           A[k * K + p] = c * akp - sn * akq;
@@ -168,7 +170,7 @@ __global__ void eigen(const double* partial, int64_t chunks, int K, double* W, u
   const bool good = finite && ratio > kMinSigmaRatio;
   for (int e = k; e < K * K; e += kWarp) {
     const int i = e / K, j = e % K, col = order[j];
-    W[s * K * K + e] = good ? V[i * K + col] * rsqrt(A[col * K + col]) : 0.0;
+    W[s * K * K + e] = good ? V[i * K + col] / sqrt(A[col * K + col]) : 0.0;
   }
   if (k == 0) ok[s] = good;
 }
@@ -177,11 +179,12 @@ __global__ void eigen(const double* partial, int64_t chunks, int K, double* W, u
 // one row of W per lane.
 __global__ void cholesky(const double* partial, int64_t chunks, int K, double* W, uint8_t* ok) {
   __shared__ double R[kMaxK * kMaxK];
+  __shared__ bool good;  // lane 0's verdict, read by every lane after the __syncwarp below
   const int64_t s = blockIdx.x;
   const int lane = threadIdx.x;
   sum_partials(partial, s, chunks, K, R);
   if (lane == 0) {
-    bool good = ok[s];
+    good = ok[s];
     for (int j = 0; good && j < K; ++j) {
       double d = R[j * K + j];
       for (int k = 0; k < j; ++k) d -= R[k * K + j] * R[k * K + j];
@@ -197,7 +200,7 @@ __global__ void cholesky(const double* partial, int64_t chunks, int K, double* W
     ok[s] = good;
   }
   __syncwarp();
-  if (lane < K && ok[s]) {
+  if (lane < K && good) {
     double* w = W + (s * K + lane) * K;
     for (int j = 0; j < K; ++j) {
       double v = w[j];
@@ -207,14 +210,13 @@ __global__ void cholesky(const double* partial, int64_t chunks, int K, double* W
   }
 }
 
-// U[s, d, :] = O[s, d, :] M_s (nan where !ok[s]); best[s, chunk, k] = (|u| of the chunk's first entry of
-// largest magnitude in column k, as float64; its row; its sign) for the sign convention.
+// U[s, d, :] = O[s, d, :] M_s (nan where !ok[s]); best[s, chunk, k] = the chunk's first entry of largest
+// magnitude in column k, signed, as float64 (0 where the column is nan), for the sign convention.
 template <typename scalar_t>
 __global__ void write_u(const scalar_t* __restrict__ O, const double* __restrict__ M, const uint8_t* ok,
-                        scalar_t* __restrict__ U, double* best_abs, int64_t* best_row, int64_t D, int K,
-                        int64_t chunk_rows) {
+                        scalar_t* __restrict__ U, double* best, int64_t D, int K, int64_t chunk_rows) {
   __shared__ double m[kMaxK * kMaxK];
-  __shared__ double red_abs[kThreads];
+  __shared__ double red_val[kThreads];
   __shared__ int64_t red_row[kThreads];
   const int64_t s = blockIdx.y, chunks = gridDim.x;
   int64_t d0, d1;
@@ -224,8 +226,8 @@ __global__ void write_u(const scalar_t* __restrict__ O, const double* __restrict
   __syncthreads();
   const bool good = ok[s];
   const int rows_per_pass = blockDim.x / K, r = t / K, k = t % K;
-  double top = -1.0;
-  int64_t top_row = d0;
+  double top = 0.0, top_abs = -1.0;  // signed value and magnitude of the thread's first largest entry
+  int64_t top_row = d1;               // d1: no finite entry seen
   if (r < rows_per_pass) {
     for (int64_t d = d0 + r; d < d1; d += rows_per_pass) {
       const scalar_t* o = O + (s * D + d) * K;
@@ -234,89 +236,100 @@ __global__ void write_u(const scalar_t* __restrict__ O, const double* __restrict
       const scalar_t u = good ? static_cast<scalar_t>(v) : std::numeric_limits<scalar_t>::quiet_NaN();
       U[(s * D + d) * K + k] = u;
       const double a = fabs(static_cast<double>(u));
-      if (a > top) {  // rows increase along the loop: strict > keeps the first
-        top = a;
+      if (a > top_abs) {  // rows increase along the loop: strict > keeps the first
+        top_abs = a;
+        top = static_cast<double>(u);
         top_row = d;
       }
     }
   }
-  red_abs[t] = r < rows_per_pass ? top : -1.0;
-  red_row[t] = top_row;
+  red_val[t] = top;
+  red_row[t] = r < rows_per_pass ? top_row : d1;
   __syncthreads();
   if (t < K) {  // fixed-order merge over the threads of column t: larger |u|, then smaller row
-    double a = -1.0;
-    int64_t row = d0;
+    double a = -1.0, val = 0.0;
+    int64_t row = d1;
     for (int rr = 0; rr < rows_per_pass; ++rr) {
-      const double ca = red_abs[rr * K + t];
+      const double cv = red_val[rr * K + t], ca = red_row[rr * K + t] < d1 ? fabs(cv) : -1.0;
       const int64_t cr = red_row[rr * K + t];
       if (ca > a || (ca == a && cr < row)) {
         a = ca;
+        val = cv;
         row = cr;
       }
     }
-    best_abs[(s * chunks + blockIdx.x) * K + t] = a;
-    best_row[(s * chunks + blockIdx.x) * K + t] = row;
+    best[(s * chunks + blockIdx.x) * K + t] = val;
   }
 }
 
-// Block (column k, matrix s): the column's first entry of largest magnitude decides; negate if negative.
+// Grid as write_u. Each block decides the sign of every column of matrix s from the chunks' best entries
+// (chunks in row order, strict > keeps the first: the reference's "first entry of largest magnitude is
+// positive") and negates its own rows of the columns that need it, reading and writing U row-major
+// (coalesced). The decision reads only `best`, never U, which other blocks are rewriting.
 template <typename scalar_t>
-__global__ void fix_signs(scalar_t* U, const double* best_abs, const int64_t* best_row, int64_t D, int K,
-                          int64_t chunks) {
-  const int64_t s = blockIdx.y;
-  const int k = blockIdx.x;
-  __shared__ bool negate;
-  if (threadIdx.x == 0) {
-    double a = -1.0;
-    int64_t row = 0;
-    for (int64_t c = 0; c < chunks; ++c) {  // chunks in row order: strict > keeps the first
-      const double ca = best_abs[(s * chunks + c) * K + k];
-      if (ca > a) {
-        a = ca;
-        row = best_row[(s * chunks + c) * K + k];
+__global__ void fix_signs(scalar_t* U, const double* best, int64_t D, int K, int64_t chunk_rows) {
+  __shared__ bool negate[kMaxK];
+  const int64_t s = blockIdx.y, chunks = gridDim.x;
+  int64_t d0, d1;
+  chunk_rows_of(D, chunk_rows, d0, d1);
+  const int t = threadIdx.x;
+  if (t < K) {
+    double a = -1.0, val = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const double cv = best[(s * chunks + c) * K + t];
+      if (fabs(cv) > a) {
+        a = fabs(cv);
+        val = cv;
       }
     }
-    negate = U[(s * D + row) * K + k] < scalar_t(0);
+    negate[t] = val < 0.0;
   }
   __syncthreads();
-  if (!negate) return;
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) U[(s * D + d) * K + k] = -U[(s * D + d) * K + k];
+  scalar_t* u = U + (s * D + d0) * K;
+  const int64_t n = (d1 - d0) * K;
+  for (int64_t e = t; e < n; e += blockDim.x)
+    if (negate[e % K]) u[e] = -u[e];
 }
 
 at::Tensor thin_svd_small_k(const at::Tensor& O) {
   const int64_t S = O.size(0), D = O.size(1);
   const int K = static_cast<int>(O.size(2));
-  TORCH_CHECK(S <= 65535, "thin_svd: O [S, D, K] on CUDA needs S <= 65535, got S = ", S);
   const at::Tensor Oc = O.contiguous();
   at::Tensor U = at::empty_like(Oc);
   const int64_t chunks = ceil_div(D, kChunkRows);
   const int64_t chunk_rows = ceil_div(D, chunks);
+  TORCH_CHECK(chunks <= std::numeric_limits<int32_t>::max(), "thin_svd: O [S, D, K] on CUDA needs D < 2^42");
   const auto f64 = O.options().dtype(at::kDouble);
   at::Tensor partial = at::empty({S, chunks, K, K}, f64);  // upper triangles written, lower never read
   at::Tensor W = at::empty({S, K, K}, f64);
   at::Tensor ok = at::empty({S}, O.options().dtype(at::kByte));
-  at::Tensor best_abs = at::empty({S, chunks, K}, f64);
-  at::Tensor best_row = at::empty({S, chunks, K}, O.options().dtype(at::kLong));
+  at::Tensor best = at::empty({S, chunks, K}, f64);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 rows_grid(static_cast<unsigned>(chunks), static_cast<unsigned>(S));
   AT_DISPATCH_FLOATING_TYPES(O.scalar_type(), "thin_svd_cuda", [&] {
-    const scalar_t* o = Oc.data_ptr<scalar_t>();
-    double* part = partial.data_ptr<double>();
-    gram_partials<scalar_t><<<rows_grid, kGramThreads, 0, stream>>>(o, nullptr, part, D, K, chunk_rows);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    eigen<<<S, kWarp, 0, stream>>>(part, chunks, K, W.data_ptr<double>(), ok.data_ptr<uint8_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    gram_partials<scalar_t><<<rows_grid, kGramThreads, 0, stream>>>(o, W.data_ptr<double>(), part, D, K, chunk_rows);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    cholesky<<<S, kWarp, 0, stream>>>(part, chunks, K, W.data_ptr<double>(), ok.data_ptr<uint8_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    write_u<scalar_t><<<rows_grid, kThreads, 0, stream>>>(o, W.data_ptr<double>(), ok.data_ptr<uint8_t>(),
-                                                          U.data_ptr<scalar_t>(), best_abs.data_ptr<double>(),
-                                                          best_row.data_ptr<int64_t>(), D, K, chunk_rows);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    fix_signs<scalar_t><<<dim3(K, static_cast<unsigned>(S)), kThreads, 0, stream>>>(
-        U.data_ptr<scalar_t>(), best_abs.data_ptr<double>(), best_row.data_ptr<int64_t>(), D, K, chunks);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // Matrices go in slabs of at most kMaxGridY (a grid's y extent); every kernel indexes from the slab's
+    // base pointers, so a slab is the same computation as a batch of its own.
+    for (int64_t s0 = 0; s0 < S; s0 += kMaxGridY) {
+      const int64_t n = S - s0 < kMaxGridY ? S - s0 : kMaxGridY;
+      const dim3 rows_grid(static_cast<unsigned>(chunks), static_cast<unsigned>(n));
+      const scalar_t* o = Oc.data_ptr<scalar_t>() + s0 * D * K;
+      scalar_t* u = U.data_ptr<scalar_t>() + s0 * D * K;
+      double* part = partial.data_ptr<double>() + s0 * chunks * K * K;
+      double* w = W.data_ptr<double>() + s0 * K * K;
+      uint8_t* good = ok.data_ptr<uint8_t>() + s0;
+      double* b = best.data_ptr<double>() + s0 * chunks * K;
+      gram_partials<scalar_t><<<rows_grid, kGramThreads, 0, stream>>>(o, nullptr, part, D, K, chunk_rows);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      eigen<<<static_cast<unsigned>(n), kWarp, 0, stream>>>(part, chunks, K, w, good);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gram_partials<scalar_t><<<rows_grid, kGramThreads, 0, stream>>>(o, w, part, D, K, chunk_rows);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cholesky<<<static_cast<unsigned>(n), kWarp, 0, stream>>>(part, chunks, K, w, good);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      write_u<scalar_t><<<rows_grid, kThreads, 0, stream>>>(o, w, good, u, b, D, K, chunk_rows);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      fix_signs<scalar_t><<<rows_grid, kThreads, 0, stream>>>(u, b, D, K, chunk_rows);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return U;
 }

@@ -72,6 +72,36 @@ def test_sign_ties_take_the_first_entry(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_sign_ties_across_row_chunks(device):
+    # D = 5000 spans three of the CUDA kernel's 2048-row chunks: the tied largest entries of column 0 sit in
+    # the first and the last chunk, so the first (negative) must decide across chunks, and column 1's
+    # deciding entry is in a middle chunk. Checked to fail on CUDA with the cross-chunk merge keeping the
+    # last chunk on ties (">=" in fix_signs) -- not yet run on a GPU -- and on CPU with ">=" in the CPU
+    # kernel's merge of its row chunks (4096 rows: D = 5000 is two).
+    D = 5000
+    A = torch.zeros(1, D, 2, dtype=torch.float64)
+    A[0, :, 0] = 1e-3
+    A[0, 100, 0], A[0, 4000, 0] = -1.0, 1.0
+    A[0, :, 1] = torch.linspace(-1e-3, 1e-3, D, dtype=torch.float64)
+    A[0, 2500, 1] = -0.5
+    A[0, 100, 1] = A[0, 4000, 1] = 0.0  # rows 100 and 4000 of U are then +-(the same value): an exact tie
+    U = dg.thin_svd(A.to(device)).cpu()
+    assert_close(U, _lapack_u(A))
+    assert U[0, 100, 0] > 0 and U[0, 4000, 0] < 0 and U[0, 2500, 1] > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_more_matrices_than_a_grid_dimension(device):
+    # S = 65537 > 65535 (a CUDA grid's y extent): the CUDA kernel runs in slabs; the matrices past the first
+    # slab must be as right as the first ones. Mutation to check on a GPU (none lent yet): the slab offset
+    # left off the output pointer, so the last two matrices' U stays unwritten.
+    A = _gaussian((65537, 6, 2), torch.float32, "cpu")
+    U = dg.thin_svd(A.to(device)).cpu()
+    picks = [0, 65534, 65535, 65536]
+    assert_close(U[picks], _lapack_u(A[picks]), scale=10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_deterministic_and_independent_of_thread_count(device):
     A = _gaussian((3, 9000, 5), torch.float32, device)
     first = dg.thin_svd(A)
