@@ -27,9 +27,10 @@ def _want_cuda():
 
 
 def _extension():
-    # -fno-math-errno: sqrt without an errno branch, so that loops calling it vectorise (csrc/cpu/step.cpp)
+    # -fno-math-errno: sqrt without an errno branch, so that loops calling it vectorise (csrc/cpu/step.cpp);
+    # -ffp-contract=off: no FMA contraction, so the ISA clones of a kernel round identically (csrc/cpu/isa.h)
     cxx = ["-O3", "-fopenmp" if os.name != "nt" else "/openmp"] + (
-        ["-fno-math-errno"] if os.name != "nt" else []
+        ["-fno-math-errno", "-ffp-contract=off"] if os.name != "nt" else []
     )
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if _want_cuda():

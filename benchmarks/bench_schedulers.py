@@ -83,8 +83,10 @@ def test_scheduler_step(benchmark, name, family, gmm, device):
 
 
 # -- DDPM and Euler: each fused scheduler's step next to its diffusers base class, on two CPU shapes -----------
-def _new_family_case(family, which, shape):
-    """One step (the middle one of a 50-step schedule) of ``family`` by ours or by the diffusers base class."""
+def _new_family_case(family, which, shape, generator):
+    """One step (the middle one of a 50-step schedule) of ``family`` by ours or by the diffusers base class,
+    with a torch.Generator (noise drawn by randn_tensor on both sides, as diffusers draws it) or without one
+    (ours: the in-kernel Philox stream; diffusers: randn_tensor from the global generator)."""
     from diffusers import DDPMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
     from ddim_gmm_ext.diffusers import (
@@ -103,7 +105,8 @@ def _new_family_case(family, which, shape):
     x, m = torch.randn(shape), torch.randn(shape)
     i = STEPS // 2
     t = s.timesteps[i]
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0) if generator else None
+    s.is_scale_input_called = True  # as after a pipeline's scale_model_input (else Euler logs a warning per step)
     if family == "ddpm":
         return lambda: s.step(m, t, x, generator=gen)
 
@@ -114,9 +117,9 @@ def _new_family_case(family, which, shape):
     return step
 
 
+@pytest.mark.parametrize("generator", [False, True], ids=["no_generator", "generator"])
 @pytest.mark.parametrize("shape", [(1, 4, 64, 64), (4, 4, 128, 128)], ids=["1x4x64x64", "4x4x128x128"])
 @pytest.mark.parametrize("family", ["ddpm", "euler", "euler_a"])
 @pytest.mark.parametrize("which", ["ours", "diffusers"])
-def test_new_scheduler_step_vs_base(benchmark, which, family, shape):
-    """With a generator (the noise drawn by randn_tensor in both), so the comparison is like for like."""
-    benchmark(_new_family_case(family, which, shape))
+def test_new_scheduler_step_vs_base(benchmark, which, family, shape, generator):
+    benchmark(_new_family_case(family, which, shape, generator))

@@ -34,7 +34,7 @@ def test_dry_run_lists_every_step_in_order():
         "compute-sanitizer --tool memcheck",
         "run_step_bench.py --device cuda --out res/step_cuda.json",
         "thin_svd_results.py --device cuda --out res/thin_svd_cuda.json",
-        "bench_loop.py --device cuda --out res/loop_cuda.json",
+        "run_loop_bench.py --device cuda --out res/loop_cuda.json",
         "bench_schedulers.py -q -p no:cacheprovider --benchmark-json res/schedulers_cuda.json",
     ]
     positions = []
@@ -51,7 +51,7 @@ def test_unknown_argument_is_refused():
     assert proc.returncode == 2 and "unknown argument --bogus" in proc.stderr
 
 
-@pytest.mark.parametrize("script", ["run_step_bench.py", "thin_svd_results.py", "bench_loop.py"])
+@pytest.mark.parametrize("script", ["run_step_bench.py", "thin_svd_results.py", "run_loop_bench.py"])
 def test_benchmark_scripts_take_the_flags_verify_passes(script):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True, text=True, cwd=ROOT

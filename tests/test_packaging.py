@@ -78,3 +78,15 @@ def test_sdist_builds_and_installs_in_a_clean_venv(tmp_path):
     )
     proc = _run([py, "-I", "-c", probe], cwd=tmp_path)
     assert str(env_dir) in proc.stdout  # the installed copy, not the checkout
+
+
+def test_benchmark_suites_are_collected():
+    # `python -m pytest benchmarks` must find the bench_*.py suites (pyproject's python_files; with the default
+    # test_*.py pattern it collected nothing, which this test caught).
+    proc = _run(
+        [sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=ROOT
+    )
+    collected = [line for line in proc.stdout.splitlines() if "::" in line]
+    suites = {line.split("::")[0] for line in collected}
+    expected = {f"benchmarks/{p.name}" for p in (ROOT / "benchmarks").glob("bench_*.py")}
+    assert suites == expected, (suites, expected)

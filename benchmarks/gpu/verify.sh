@@ -43,6 +43,6 @@ if command -v compute-sanitizer > /dev/null || [ "$dry" -eq 1 ]; then
 fi
 run $py benchmarks/run_step_bench.py --device cuda --out "$out/step_cuda.json"
 run $py benchmarks/thin_svd_results.py --device cuda --out "$out/thin_svd_cuda.json"
-run $py benchmarks/bench_loop.py --device cuda --out "$out/loop_cuda.json"
+run $py benchmarks/run_loop_bench.py --device cuda --out "$out/loop_cuda.json"
 run $py -m pytest benchmarks/bench_schedulers.py -q -p no:cacheprovider --benchmark-json "$out/schedulers_cuda.json"
 echo "results in $out"

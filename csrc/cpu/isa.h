@@ -9,7 +9,7 @@
 #endif
 
 // Hot loops built for the widest vectors the CPU has; the clone is picked at load time. Results are
-// bit-identical across clones: same operations, and no FMA contraction under -std=c++17.
+// bit-identical across clones: same operations, and no FMA contraction (-ffp-contract=off, setup.py).
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define DDIMGMM_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else

@@ -1,8 +1,8 @@
 """A whole sampling loop (model + scheduler step), eager vs compiled vs CUDA-graph replay, with diffusers'
 DDIMScheduler beside it; writes benchmarks/results/loop_<device>.json.
 
-    python benchmarks/bench_loop.py                  # CPU: eager and torch.compile
-    python benchmarks/bench_loop.py --device cuda    # GPU: also one CUDA graph of the whole loop
+    python benchmarks/run_loop_bench.py                  # CPU: eager and torch.compile
+    python benchmarks/run_loop_bench.py --device cuda    # GPU: also one CUDA graph of the whole loop
 
 The model is one 3x3 convolution, so the scheduler's share of a step is visible (with a real UNet the model
 dominates every variant alike). Per variant the whole N-step loop is timed: CPU with perf_counter (median of
