@@ -91,6 +91,11 @@ class GMM:
 
     def _build(self, dim, n_components, n_steps, scale, variant, share_across_steps, uniform_priors, seed) -> GMM:
         """Tables of ``variant`` from the package's random stream, by the fused ops (reference.gmm_parameters)."""
+        for name, flag in (("share_across_steps", share_across_steps), ("uniform_priors", uniform_priors)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if self.device.type == "meta":
+            raise ValueError("device must hold data (cpu or cuda): the tables are drawn, then validated, got meta")
         priors, offsets, var_offsets = reference.gmm_parameters(
             dim,
             n_components,

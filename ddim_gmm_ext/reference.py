@@ -677,9 +677,11 @@ def gmm_parameters(
 def check_gmm_config(dim: int, n_components: int, n_steps: int, scale: float, variant: str) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS + ('ortho-vub*',)}, got {variant!r}")
-    if not isinstance(n_components, int) or n_components < 1:
+    if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
         raise ValueError(f"n_components must be an int >= 1, got {n_components!r}")
-    if not isinstance(dim, int) or n_components >= dim:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
+        raise ValueError(f"dim must be an int >= 2 (elements per sample), got {dim!r}")
+    if n_components >= dim:
         raise ValueError(f"n_components ({n_components}) must be < dim ({dim}) (paper eq. 9 needs K < D)")
     if not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps must be an int >= 1, got {n_steps!r}")

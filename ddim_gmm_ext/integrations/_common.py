@@ -17,7 +17,7 @@ from numbers import Integral, Real
 import torch
 
 from .. import _checks
-from ..gmm import GMM, GMM_VARIANTS
+from ..gmm import GMM, GMM_VARIANTS, resolve_scale
 
 
 def check_eta(eta, name: str = "eta") -> float:
@@ -39,14 +39,24 @@ def stream_seed(seed: int | None) -> int:
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
 
 
-def check_gmm_options(variant, n_components, scale) -> None:
-    """Options of a GMM built by name; the dimension is checked when the first sample is seen."""
+def check_gmm_options(variant, n_components, scale, scale_per_dim=None, prefix: str = "") -> None:
+    """Options of a GMM built by name; the dimension is checked when the first sample is seen. ``prefix``:
+    how the caller names them ("gmm_" for the schedulers' config keys). ``scale_per_dim`` replaces ``scale``,
+    whose default is 1: a scale_per_dim beside any other scale is an error, not a silent choice."""
     if variant is not None and variant not in GMM_VARIANTS:
-        raise ValueError(f"GMM variant must be None (off) or one of {GMM_VARIANTS}, got {variant!r}")
+        raise ValueError(f"{prefix or 'GMM '}variant must be None (off) or one of {GMM_VARIANTS}, got {variant!r}")
     if isinstance(n_components, bool) or not isinstance(n_components, Integral) or n_components < 1:
-        raise ValueError(f"n_components must be an int >= 1, got {n_components!r}")
-    if not isinstance(scale, Real) or not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
+        raise ValueError(f"{prefix}n_components must be an int >= 1, got {n_components!r}")
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"{prefix}scale must be a finite number >= 0, got {scale!r}")
+    if scale_per_dim is not None:
+        resolve_scale(None, scale_per_dim, 1)  # the value's check (the dimension comes with the first sample)
+        if scale != 1.0:
+            raise ValueError(
+                f"pass {prefix}scale or {prefix}scale_per_dim, not both: {prefix}scale_per_dim replaces "
+                f"{prefix}scale (got {prefix}scale={scale!r}, {prefix}scale_per_dim={scale_per_dim!r}; leave "
+                f"{prefix}scale at its default 1)"
+            )
 
 
 def per_sample_dim(sample: torch.Tensor) -> int:
@@ -119,7 +129,7 @@ def resolve_gmm(
     if gmm is None:
         return None
     if isinstance(gmm, str):
-        check_gmm_options(gmm, n_components, scale)
+        check_gmm_options(gmm, n_components, scale, scale_per_dim)
         return build_gmm(
             gmm,
             sample,

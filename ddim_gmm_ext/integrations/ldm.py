@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .. import _checks, api, reference
-from ..gmm import GMM
+from ..gmm import GMM, resolve_scale
 from ._common import check_eta, check_seed, progress_bar, resolve_gmm, stream_seed
 
 __all__ = ["DDIMSampler"]
@@ -65,10 +65,7 @@ class DDIMSampler:
         self.model = model
         self.gmm = "ortho-vub" if gmm is True else (gmm or None)
         self.gmm_params = gmm_params
-        if scale is not None and scale_per_dim is not None:
-            raise ValueError(
-                f"pass scale ({scale!r}, the paper's s) or scale_per_dim ({scale_per_dim!r}, s / sqrt(D)), not both"
-            )
+        resolve_scale(scale, scale_per_dim, 1)  # the values' checks (not both; D comes with the first sample)
         self.n_components, self.scale = n_components, 1.0 if scale is None else scale
         self.seed = check_seed(seed)
         self.final_step = _checks.check_final_step(final_step)

@@ -20,7 +20,7 @@ from numbers import Integral
 import torch
 
 from ... import _checks
-from ...gmm import GMM, resolve_scale
+from ...gmm import GMM
 from ...ops.step import step as step_op
 from ...reference import StepOutput
 from .._common import build_gmm, check_gmm, check_gmm_options, check_gmm_steps, check_seed, stream_seed
@@ -57,10 +57,8 @@ class GMMSchedulerMixin:
     """
 
     def _init_gmm(self, gmm_variant, gmm_n_components, gmm_scale, seed, final_step="gaussian", scale_per_dim=None):
-        check_gmm_options(gmm_variant, gmm_n_components, gmm_scale)
+        check_gmm_options(gmm_variant, gmm_n_components, gmm_scale, scale_per_dim, prefix="gmm_")
         _checks.check_final_step(final_step)
-        if scale_per_dim is not None:
-            resolve_scale(None, scale_per_dim, 1)  # the value's check; the dimension comes with the first sample
         check_seed(seed)
         self._user_gmm: GMM | None = None
         self._built_gmm: GMM | None = None
