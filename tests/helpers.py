@@ -1,4 +1,9 @@
-"""Shared test helpers: devices to run on and one tolerance table per dtype (vs a float64 CPU reference)."""
+"""Shared test helpers: devices to run on and the one tolerance table of the suite.
+
+Every tolerance a test uses comes from here: ``TOLERANCES`` (a result in some dtype against a float64 CPU
+reference), ``COMPARISONS`` (named kinds of comparison between two implementations) and the Monte Carlo
+factors ``MC_SIGMAS`` / ``MC_SIGMAS_WIDE`` (a bound of that many standard errors). Test files hold no bare
+atol / rtol numbers."""
 
 import torch
 
@@ -13,10 +18,87 @@ TOLERANCES = {
     torch.bfloat16: (3e-2, 2e-2),
 }
 
+# (atol, rtol) by kind of comparison between two results (O(1) values unless said otherwise).
+COMPARISONS = {
+    # the same computation on the same inputs (a replay, a reload, a restart mid-schedule): bitwise equal
+    "exact": (0.0, 0.0),
+    # float64, the same formula: libm's and torch's log / cos / sin may differ in the last bit
+    "f64_last_bit": (1e-14, 1e-14),
+    # float64 vs float64 in another operation order (the op's autograd vs the reference's)
+    "f64": (1e-12, 1e-12),
+    # float64 vs float64 in another operation order, absolute only (op-built tables, steps vs the reference)
+    "f64_abs": (1e-12, 0.0),
+    # float64 closed-form moments vs their target: 1e-12 where the target is 0, torch.allclose's default rtol
+    "f64_moments": (1e-12, 1e-5),
+    # float64 thin SVD vs LAPACK's at condition numbers up to 1e9, absolute
+    "f64_svd": (1e-11, 0.0),
+    # float64 whole loop vs a float64 re-implementation of an upstream sampler (ComfyUI's ancestral RF)
+    "f64_loop": (1e-10, 1e-10),
+    # float64 whole loop in k-diffusion's VE units (scaled by sigma) vs k-diffusion / the VP loop mapped to VE
+    "f64_loop_ve": (1e-9, 1e-9),
+    # one float32 expression vs the same formula in float64, absolute (latent-diffusion's stochastic_encode)
+    "f32_formula": (1e-6, 0.0),
+    # a float32 loop vs the same loop with its GMM tables built another way (same values up to rounding)
+    "f32_tables": (1e-6, 1e-6),
+    # a float32 single step vs another float32 implementation, absolute (the v1 step, Triton vs C++)
+    "f32_step": (1e-5, 0.0),
+    # float32 vs another float32 implementation of the same steps: a step or a short loop on the same
+    # coefficients (diffusers with the GMM off, compiled / CUDA-graph vs eager, autograd of the step)
+    "f32": (1e-5, 1e-5),
+    # a float32 loop vs the same loop in another rounding: fused vs unfused Euler, decode vs latent-diffusion's
+    # formulas in float64 at eta 0 (as TOLERANCES[torch.float32])
+    "f32_loop": (2e-5, 2e-5),
+    # a float32 whole sampling loop vs an upstream library's float32 loop (diffusers' schedulers and pipelines,
+    # the reference GMM loop): coefficients rounded from float64 here, computed in float32 there, x0 = (x - b m)
+    # / a amplifies that by up to 1 / a_t (~150 at t = 999)
+    "f32_loop_upstream": (1e-4, 1e-4),
+    # float32 loops vs diffusers' DDIMScheduler over the sweep of schedules, spacings and prediction types
+    "f32_loop_sweep": (2e-4, 1e-4),
+    # a float32 whole loop vs upstream's loop in float64 (latent-diffusion's formulas, up to 200 steps with
+    # noise); the Euler ancestral VE step vs the VP DDIM step mapped back
+    "f32_vs_f64_loop": (2e-4, 2e-4),
+    # a float32 7-step DDPM loop vs diffusers' DDPMScheduler: few, large steps
+    "f32_ddpm_few_steps": (5e-3, 1e-4),
+    # a change that must show: `not is_close(a, b, "distinct")` (rtol is torch.allclose's default)
+    "distinct": (1e-2, 1e-5),
+}
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, scale: float = 1.0):
-    """Compare with the tolerance of ``dtype`` (default: actual.dtype), widened by ``scale``."""
-    atol, rtol = TOLERANCES[dtype or actual.dtype]
-    torch.testing.assert_close(
-        actual.to("cpu", torch.float64), expected.to("cpu", torch.float64), atol=atol * scale, rtol=rtol * scale
-    )
+# Monte Carlo bounds: a statistic within this many standard errors of its expectation (atol = MC_SIGMAS * se).
+MC_SIGMAS = 5
+# the wider bound of the maxima over many coordinates in the moment tests (table steps, Euler VE, test_moments)
+MC_SIGMAS_WIDE = 6
+
+
+def assert_close(
+    actual,
+    expected,
+    dtype: torch.dtype | None = None,
+    scale: float = 1.0,
+    *,
+    kind: str | None = None,
+    msg=None,
+    equal_nan: bool = False,
+):
+    """Compare with ``COMPARISONS[kind]`` or, without a kind, with the tolerance of ``dtype`` (default:
+    actual.dtype); either widened by ``scale``. With ``dtype`` both sides are compared in float64 on the CPU;
+    with ``kind`` they are compared as given (torch.testing.assert_close: dtypes and devices must match too)."""
+    if kind is not None:
+        if dtype is not None:
+            raise TypeError("assert_close takes dtype= or kind=, not both")
+        atol, rtol = COMPARISONS[kind]
+    else:
+        atol, rtol = TOLERANCES[dtype or actual.dtype]
+        actual, expected = actual.to("cpu", torch.float64), expected.to("cpu", torch.float64)
+    torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol * scale, msg=msg, equal_nan=equal_nan)
+
+
+def assert_within(actual, expected, atol: float, msg=None):
+    """An absolute bound only (rtol 0), for Monte Carlo bounds derived from a standard error:
+    ``atol = MC_SIGMAS * se``."""
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0.0, msg=msg)
+
+
+def is_close(actual: torch.Tensor, expected: torch.Tensor, kind: str) -> bool:
+    """torch.allclose with ``COMPARISONS[kind]``."""
+    atol, rtol = COMPARISONS[kind]
+    return torch.allclose(actual, expected, rtol=rtol, atol=atol)

@@ -10,10 +10,8 @@ from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel  # noqa: E402
 
 import ddim_gmm_ext as dg  # noqa: E402
 from ddim_gmm_ext.diffusers import DDIMGMMScheduler  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
 
-# float32 steps against diffusers' float32 steps: the coefficients are rounded from float64 here and computed
-# in float32 there, and x0 = (x - b m) / a amplifies that by up to 1 / a_t (~150 at t = 999).
-ATOL = RTOL = 1e-4
 SHAPE = (2, 3, 4, 4)
 
 
@@ -42,7 +40,7 @@ def _assert_parity(config, eta, use_clipped_model_output=False, steps=5):
     expected = _run(DDIMScheduler(**config), steps, x, noises, **kwargs)
     actual = _run(DDIMGMMScheduler(**config), steps, x, noises, **kwargs)
     for a, e in zip(actual, expected, strict=False):
-        torch.testing.assert_close(a, e, atol=ATOL, rtol=RTOL)
+        assert_close(a, e, kind="f32_loop_upstream")
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
@@ -91,7 +89,7 @@ def test_generator_parity_single_and_list():
             for t in s.timesteps:
                 y = s.step(_model(y, t), t, y, eta=1.0, generator=gen).prev_sample
             results.append(y)
-        torch.testing.assert_close(results[1], results[0], atol=ATOL, rtol=RTOL)
+        assert_close(results[1], results[0], kind="f32_loop_upstream")
 
 
 def test_philox_stream_is_batch_invariant_and_seeded():
@@ -128,7 +126,7 @@ def test_gmm_matches_ddim_step_with_the_same_tables():
         expected = dg.ddim_step(m, y, s.alphas_cumprod[t], abar_prev, eta=0.5, gmm=step_gmm, step_index=i, seed=9)
         x = s.step(_model(x, t), t, x, eta=0.5).prev_sample
         y = expected.prev_sample
-        torch.testing.assert_close(x, y, atol=ATOL, rtol=RTOL)
+        assert_close(x, y, kind="f32_loop_upstream")
 
 
 def test_gmm_tables_built_lazily_cached_and_rebuilt_for_a_new_size():
@@ -195,7 +193,7 @@ def test_ddim_pipeline_with_and_without_gmm():
 
     ddim = images()
     pipe.scheduler = DDIMGMMScheduler.from_config(pipe.scheduler.config)
-    torch.testing.assert_close(images(), ddim, atol=1e-5, rtol=1e-5)
+    assert_close(images(), ddim, kind="f32")
     pipe.scheduler = DDIMGMMScheduler.from_config(pipe.scheduler.config, gmm_variant="ortho-vub", gmm_scale=5.0)
     gmm = images()
     assert gmm.shape == ddim.shape and (gmm != ddim).any()
@@ -243,7 +241,7 @@ def test_mid_schedule_loop_takes_the_step_index_from_the_timestep():
     s.step(_model(x, s.timesteps[0]), s.timesteps[0], x, eta=1.0)
     s.step(_model(x, s.timesteps[1]), s.timesteps[1], x, eta=1.0)
     third = s.step(_model(x, s.timesteps[2]), s.timesteps[2], x, eta=1.0).prev_sample
-    torch.testing.assert_close(third, mid[0], rtol=0, atol=0)
+    assert_close(third, mid[0], kind="exact")
     assert s.step_index == 3
 
 
@@ -396,7 +394,7 @@ def test_whole_loop_compiles_once(family, gmm_variant, eta):
     compiled = torch.compile(denoise, fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
         actual = loop(make(), compiled)
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert_close(actual, expected, kind="f32")
 
 
 def test_a_flow_matching_config_is_refused():

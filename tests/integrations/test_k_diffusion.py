@@ -9,6 +9,7 @@ import torch
 
 import ddim_gmm_ext as dg
 from ddim_gmm_ext.k_diffusion import sample_ddim_gmm
+from tests.helpers import assert_close
 
 SHAPE = (3, 2, 4, 4)
 STEPS = 5
@@ -82,7 +83,7 @@ def test_ve_run_equals_vp_run(eta, gmm, final_step):
     )
     ve_after = [d["x"] for d in seen[1:]] + [out]
     for i in range(STEPS):
-        torch.testing.assert_close(ve_after[i], expected[i] / ab[i + 1].sqrt(), atol=1e-9, rtol=1e-9)
+        assert_close(ve_after[i], expected[i] / ab[i + 1].sqrt(), kind="f64_loop_ve")
     assert [d["i"] for d in seen] == list(range(STEPS))
     assert all(d["sigma"] == d["sigma_hat"] == sigmas[d["i"]] for d in seen)
 
@@ -219,7 +220,7 @@ def test_equals_k_diffusion_samplers(case, eta):
     else:
         expected = K.sample_euler_ancestral(model, x, sigmas, disable=True, noise_sampler=_SharedNoise(SHAPE))
         ours = sample_ddim_gmm(model, x, sigmas, eta=1.0, gmm=None, disable=True, noise_sampler=_SharedNoise(SHAPE))
-    torch.testing.assert_close(ours, expected, atol=1e-9, rtol=1e-9)
+    assert_close(ours, expected, kind="f64_loop_ve")
 
 
 def test_gmm_runs_on_partial_schedules():

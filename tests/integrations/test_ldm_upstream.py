@@ -20,6 +20,7 @@ import torch
 
 import ddim_gmm_ext as dg
 from ddim_gmm_ext.integrations.ldm import ddim_timesteps
+from tests.helpers import assert_close
 
 SHAPE = (2, 4, 4)
 BATCH = 3
@@ -122,7 +123,7 @@ def test_quad_whole_loop_equals_upstream(S, eta):
     samples, x_T, _ = _run(model, S, eta, discretize="quad")
     assert len(model.calls) == len(set(_upstream_quad(S)))
     expected = _upstream_loop(model, x_T, _upstream_quad(S), eta, seed=5)
-    torch.testing.assert_close(samples.double(), expected, atol=2e-4, rtol=2e-4)
+    assert_close(samples.double(), expected, kind="f32_vs_f64_loop")
 
 
 # ---- v-prediction and dict conditioning ------------------------------------------------------------------
@@ -140,7 +141,7 @@ def test_v_and_x0_parameterizations_whole_loop_equal_upstream(parameterization, 
     ts = sampler.ddim_timesteps.tolist()
     assert [n for _, n, _ in model.calls] == [2 * BATCH] * len(ts)
     expected = _upstream_loop(model, x_T, ts, eta, seed=5, cond=cond, uncond=uncond, w=4.0)
-    torch.testing.assert_close(samples.double(), expected, atol=2e-4, rtol=2e-4)
+    assert_close(samples.double(), expected, kind="f32_vs_f64_loop")
 
 
 def test_dict_conditioning_with_guidance_equals_upstream():
@@ -161,7 +162,7 @@ def test_dict_conditioning_with_guidance_equals_upstream():
         assert len(c_in[k]) == 1 and torch.equal(c_in[k][0], torch.cat([uncond[k][0], cond[k][0]]))
     model.calls.clear()
     expected = _upstream_loop(model, x_T, ts, 1.0, seed=5, cond=cond, uncond=uncond, w=7.5)
-    torch.testing.assert_close(samples.double(), expected, atol=2e-4, rtol=2e-4)
+    assert_close(samples.double(), expected, kind="f32_vs_f64_loop")
 
 
 # ---- step counts at the edges -----------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def test_edge_step_counts_equal_upstream(S, num_timesteps):
     ts = sampler.ddim_timesteps.tolist()
     c = num_timesteps // S
     assert ts == sorted({min(1 + k, num_timesteps - 1) for k in range(0, num_timesteps, c)})
-    torch.testing.assert_close(samples.double(), _upstream_loop(model, x_T, ts, 1.0, seed=5), atol=2e-4, rtol=2e-4)
+    assert_close(samples.double(), _upstream_loop(model, x_T, ts, 1.0, seed=5), kind="f32_vs_f64_loop")
 
 
 # ---- GMM options -------------------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def test_final_step_equals_reference_loop(final_step, variant):
     ts = sampler.ddim_timesteps.tolist()
     both = [_reference_gmm_loop(model, x_T, ts, 1.0, 7, gmm, gaussian_last=g) for g in (True, False)]
     expected, other = both if final_step == "gaussian" else both[::-1]
-    torch.testing.assert_close(samples, expected, atol=1e-4, rtol=1e-4)
+    assert_close(samples, expected, kind="f32_loop_upstream")
     assert (samples - other).abs().max() > 1e-3  # the last step's offsets are visible at this scale
 
 
@@ -226,7 +227,7 @@ def test_scale_per_dim_is_the_paper_scale_over_sqrt_dim():
     for name, kw in {"per_dim": {"scale_per_dim": 0.5}, "paper": {"scale": 0.5 * math.sqrt(D)}, "default": {}}.items():
         sampler = dg.DDIMSampler(model, gmm="ortho", n_components=2, seed=3, **kw)
         run[name] = sampler.sample(S=10, batch_size=BATCH, shape=SHAPE, eta=1.0, x_T=x_T, progress=False)[0]
-    torch.testing.assert_close(run["per_dim"], run["paper"], atol=1e-5, rtol=1e-5)
+    assert_close(run["per_dim"], run["paper"], kind="f32")
     assert (run["per_dim"] - run["default"]).abs().max() > 1e-3
 
 
@@ -237,7 +238,7 @@ def test_seeds_over_the_full_unsigned_range(seed):
     model = HybridStandIn()
     samples, x_T, sampler = _run(model, 7, 1.0, seed=seed)
     expected = _upstream_loop(model, x_T, sampler.ddim_timesteps.tolist(), 1.0, seed=seed)
-    torch.testing.assert_close(samples.double(), expected, atol=2e-4, rtol=2e-4)
+    assert_close(samples.double(), expected, kind="f32_vs_f64_loop")
 
 
 # ---- bad input: refused before any model call, naming the argument ------------------------------------------
@@ -315,7 +316,7 @@ def test_gmm_tables_sized_to_the_steps_run():
     gmm = dg.GMM.create(D, n_components=3, n_steps=31, variant="ortho", scale=2.0, uniform_priors=True, seed=11)
     given = dg.DDIMSampler(model, gmm=True, gmm_params=gmm, seed=11, final_step="gmm")
     expected, _ = given.sample(S=30, batch_size=BATCH, shape=SHAPE, eta=1.0, x_T=x_T, progress=False)
-    torch.testing.assert_close(samples, expected, atol=1e-6, rtol=1e-6)
+    assert_close(samples, expected, kind="f32_tables")
     short = dg.GMM.create(D, n_components=3, n_steps=30, variant="ortho", seed=11)
     with pytest.raises(ValueError, match="parameter sets for 30 steps but sampling takes 31: build it with n_steps=31"):
         dg.DDIMSampler(model, gmm=True, gmm_params=short).sample(S=30, batch_size=1, shape=SHAPE, progress=False)
@@ -332,7 +333,7 @@ def test_built_tables_are_reused_across_calls(monkeypatch):
     x_T = torch.randn(BATCH, *SHAPE, generator=torch.Generator().manual_seed(0))
     first = sampler.sample(S=10, batch_size=BATCH, shape=SHAPE, eta=1.0, x_T=x_T, progress=False)[0]
     again = sampler.sample(S=10, batch_size=1, shape=SHAPE, eta=1.0, x_T=x_T[:1], progress=False)[0]
-    torch.testing.assert_close(again, first[:1], atol=0, rtol=0)  # same tables, same per-sample noise stream
+    assert_close(again, first[:1], kind="exact")  # same tables, same per-sample noise stream
     sampler.scale = 3.0  # a changed option builds new tables
     changed = sampler.sample(S=10, batch_size=BATCH, shape=SHAPE, eta=1.0, x_T=x_T, progress=False)[0]
     assert len(builds) == 2 and (changed - first).abs().max() > 1e-3

@@ -9,7 +9,7 @@ from scipy import stats
 
 import ddim_gmm_ext as dg
 from ddim_gmm_ext import reference as R
-from tests.helpers import DEVICES, assert_close
+from tests.helpers import DEVICES, MC_SIGMAS, assert_close, assert_within
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 VARIANTS = [None, "rand", "ortho", "ortho-vub"]
@@ -135,9 +135,7 @@ def test_internal_stream_equals_reference_stream(device, dtype):
     out = dg.ddim_step(m, x, 0.5, 0.8, **kw)
     ref = R.ddim_step(m.cpu(), x.cpu(), 0.5, 0.8, **{**kw, "gmm": gmm.to("cpu")})
     assert torch.equal(out.components.cpu(), ref.components)
-    torch.testing.assert_close(
-        out.prev_sample.cpu(), ref.prev_sample, atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=0
-    )
+    assert_close(out.prev_sample.cpu(), ref.prev_sample, kind="f32_step" if dtype == torch.float32 else "f64_abs")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -197,13 +195,13 @@ def test_noise_moments(device):
     zeros = torch.zeros(4, n // 4, device=device)
     z = dg.step(zeros, zeros, 1.0, 0.0, 0.0, 1.0, 1.0, seed=5).prev_sample.double().cpu().flatten()
     se = 1 / math.sqrt(n)
-    assert abs(z.mean()) < 5 * se
-    assert abs(z.var() - 1) < 5 * math.sqrt(2) * se
-    assert abs((z**4).mean() - 3) < 5 * math.sqrt(96) * se
+    assert abs(z.mean()) < MC_SIGMAS * se
+    assert abs(z.var() - 1) < MC_SIGMAS * math.sqrt(2) * se
+    assert abs((z**4).mean() - 3) < MC_SIGMAS * math.sqrt(96) * se
     lanes = z.reshape(-1, 4)
     corr = torch.corrcoef(lanes.T) - torch.eye(4, dtype=torch.float64)
-    assert corr.abs().max() < 5 * se * 2
-    assert abs(torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1]) < 5 * se
+    assert corr.abs().max() < MC_SIGMAS * se * 2
+    assert abs(torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1]) < MC_SIGMAS * se
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -235,12 +233,11 @@ def test_moment_matching_oracle(device, variant):
     x_t = float(a_t) * x0 + float(b_t) * eps
     x_s = dg.step(eps, x_t, a_t, b_t, a_s, b_s, c, gmm=gmm, step_index=1, seed=7).prev_sample.cpu()
     se = float(b_s) / math.sqrt(N)
-    torch.testing.assert_close(x_s.mean(0), float(a_s) * x0.cpu(), atol=5 * se, rtol=0)
-    torch.testing.assert_close(
+    assert_within(x_s.mean(0), float(a_s) * x0.cpu(), MC_SIGMAS * se)
+    assert_within(
         x_s.var(0),
         torch.full((D,), float(b_s) ** 2, dtype=torch.float64),
-        atol=5 * math.sqrt(2) * float(b_s) ** 2 / math.sqrt(N),
-        rtol=0,
+        MC_SIGMAS * math.sqrt(2) * float(b_s) ** 2 / math.sqrt(N),
     )
 
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import DEVICES, TOLERANCES
+from tests.helpers import COMPARISONS, DEVICES, TOLERANCES, assert_close
 
 pytest.importorskip("triton")
 
@@ -153,15 +153,17 @@ def check_parity(device: str) -> None:
             torch.testing.assert_close(got.double().flatten(1), want.double(), atol=atol, rtol=rtol, msg=name)
         if name == "v1-ddim":  # a [6] row (a_t, b_t, a_s, sqrt(b_s^2 - c^2), c, 1) is the v1 step
             ref = R.step(m, x, 0.6, 0.8, 0.8, 0.6, 0.45, step_index=i, seed=seed, sample_offset=7)
-            torch.testing.assert_close(tri[0], ref.prev_sample, atol=1e-5, rtol=0)
+            assert_close(tri[0], ref.prev_sample, kind="f32_step")
         if name == "gaussian-g0":  # g = 0: the GMM step is the Gaussian step (components still drawn)
             plain = triton_step(*moved[:4], None, None, None, None, *moved[8:])
-            torch.testing.assert_close(tri[0], plain[0].cpu(), atol=0, rtol=0)
+            assert_close(tri[0], plain[0].cpu(), kind="exact")
         if cpp_v2:
             cpp = torch.ops.ddimgmm.step(*args)
             assert torch.equal(tri[2], cpp[2]), name
             for got, want in zip(tri[:2], cpp[:2], strict=True):
-                torch.testing.assert_close(got.double(), want.double(), atol=max(1e-5, atol), rtol=rtol, msg=name)
+                torch.testing.assert_close(
+                    got.double(), want.double(), atol=max(COMPARISONS["f32_step"][0], atol), rtol=rtol, msg=name
+                )
         if step_from_table is not None and gmm is None:  # the GMM cases are covered by schema_step
             ref = step_from_table(
                 m.double(),
@@ -176,7 +178,7 @@ def check_parity(device: str) -> None:
                 sample_offset=7,
                 noise=noise,
             )
-            torch.testing.assert_close(tri[0].double(), ref.prev_sample.double(), atol=atol * 4, rtol=rtol * 4)
+            assert_close(tri[0], ref.prev_sample, dtype=dtype, scale=4)
 
 
 def check_invalid_step(device: str) -> None:
