@@ -77,3 +77,39 @@ def test_samplers_apply_the_same_rule(final_step):
         step_gmm = None if final_step == "gaussian" and i == 3 else gmm
         y = dg.rfim_step(-y, y, times[i], times[i + 1], eta=0.3, gmm=step_gmm, step_index=i, seed=1).prev_sample
     torch.testing.assert_close(run, y)
+
+
+def _scale_pair_callers():
+    """Every sampler and scheduler that takes both the paper's scale and scale_per_dim, called with both."""
+    from ddim_gmm_ext import DDIMSampler
+    from ddim_gmm_ext.diffusers import (
+        DDIMGMMScheduler,
+        DDPMGMMScheduler,
+        EulerAncestralDiscreteGMMScheduler,
+        FlowMatchEulerDiscreteGMMScheduler,
+    )
+    from ddim_gmm_ext.k_diffusion import sample_ddim_gmm, sample_rfim_gmm
+
+    x = torch.randn(2, 16)
+    both = dict(gmm_variant="ortho", gmm_scale=2.0, gmm_scale_per_dim=0.1)
+    yield "DDIMGMMScheduler", lambda: DDIMGMMScheduler(**both)
+    yield "DDPMGMMScheduler", lambda: DDPMGMMScheduler(**both)
+    yield "EulerAncestralDiscreteGMMScheduler", lambda: EulerAncestralDiscreteGMMScheduler(**both)
+    yield "FlowMatchEulerDiscreteGMMScheduler", lambda: FlowMatchEulerDiscreteGMMScheduler(**both)
+    kd = dict(gmm="ortho", n_components=3, scale=2.0, scale_per_dim=0.1, disable=True)
+    yield "sample_ddim_gmm", lambda: sample_ddim_gmm(lambda x, s: x, x, torch.tensor([5.0, 1.0, 0.0]), **kd)
+    yield "sample_rfim_gmm", lambda: sample_rfim_gmm(lambda x, s: x, x, torch.tensor([1.0, 0.5, 0.0]), **kd)
+    rf = dict(gmm="ortho", n_components=3, scale=2.0, scale_per_dim=0.1, progress=False)
+    yield "sample_rfim", lambda: dg.sample_rfim(lambda x, t: x, x, dg.reference.rf_times(3), **rf)
+    model = type("Model", (), {"apply_model": None, "alphas_cumprod": torch.linspace(0.99, 0.01, 1000)})()
+    yield "DDIMSampler", lambda: DDIMSampler(model, gmm="ortho", scale=2.0, scale_per_dim=0.1)
+
+
+def test_scale_and_scale_per_dim_together_are_refused_everywhere():
+    # scale_per_dim replaces the scale (default 1): both set is ambiguous. Before this check the schedulers
+    # and the k-diffusion / rectified-flow samplers took scale_per_dim silently.
+    pytest.importorskip("diffusers")
+    for name, call in _scale_pair_callers():
+        with pytest.raises(ValueError, match="scale_per_dim, not both"):
+            call()
+        assert name

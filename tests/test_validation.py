@@ -84,10 +84,18 @@ def test_unknown_noise_schedule_raises():
         (dict(dim=8, n_components=2, scale=-1.0), "scale must be a finite number >= 0"),
         (dict(dim=8, n_components=2, n_steps=0), "n_steps must be an int >= 1"),
         (dict(dim=8, n_components=2, variant="pca"), "variant must be one of"),
+        (dict(dim=0, n_components=2), "dim must be an int >= 2"),
+        (dict(dim=-1, n_components=2), "dim must be an int >= 2"),
+        (dict(dim=8, n_components=2, device="meta"), "device must hold data"),
+        (dict(dim=8, n_components=2, uniform_priors="no"), "uniform_priors must be a bool"),
+        (dict(dim=8, n_components=2, share_across_steps="no"), "share_across_steps must be a bool"),
     ],
 )
 def test_bad_gmm_config_raises(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    # The three below the variant row were, before their checks: a message about n_components for dim <= 0,
+    # "Tensor.item() cannot be called on meta tensors", and a truthy string silently taken as True.
+    error = TypeError if "must be a bool" in match else ValueError
+    with pytest.raises(error, match=match):
         dg.GMM.create(**kwargs)
 
 

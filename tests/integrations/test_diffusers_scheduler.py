@@ -283,7 +283,7 @@ def test_bad_step_input(kwargs, error, match):
 def test_bad_use_and_config():
     with pytest.raises(ValueError, match="set_timesteps"):
         DDIMGMMScheduler().step(torch.zeros(SHAPE), 10, torch.zeros(SHAPE))
-    with pytest.raises(ValueError, match="GMM variant"):
+    with pytest.raises(ValueError, match="gmm_variant must be"):
         DDIMGMMScheduler(gmm_variant="orthogonal")
     with pytest.raises(ValueError, match="seed"):
         DDIMGMMScheduler(seed=-1)

@@ -229,7 +229,7 @@ def test_mid_schedule_start_with_set_begin_index_and_from_the_timestep():
         (dict(rfim_eta=1.5), ValueError, r"rfim_eta must be a number in \[0, 1\]"),
         (dict(rfim_eta=-0.1), ValueError, "rfim_eta must be"),
         (dict(rfim_eta=0.5, stochastic_sampling=True), ValueError, "stochastic_sampling=True is rfim_eta = 1"),
-        (dict(gmm_variant="orthogonal"), ValueError, "GMM variant must be"),
+        (dict(gmm_variant="orthogonal"), ValueError, "gmm_variant must be"),
         (dict(time_shift_type="cubic"), ValueError, "time_shift_type"),
         (dict(shift=0.0), ValueError, "shift must be a finite number > 0"),
         (dict(shift_terminal=1.5), ValueError, "shift_terminal must be"),

@@ -264,7 +264,7 @@ def test_gmm_options_refused_before_sampling():
     model = HybridStandIn()
     with pytest.raises(ValueError, match="final_step must be one of"):
         dg.DDIMSampler(model, gmm=True, final_step="last")
-    with pytest.raises(ValueError, match="scale .* or scale_per_dim .* not both"):
+    with pytest.raises(ValueError, match="pass scale or scale_per_dim, not both"):
         dg.DDIMSampler(model, gmm=True, scale=2.0, scale_per_dim=0.1)
     with pytest.raises(ValueError, match=r"seed must be None or an int in \[0, 2\*\*64\)"):
         dg.DDIMSampler(model, gmm=True, seed=2**64)
