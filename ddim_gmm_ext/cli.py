@@ -17,6 +17,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -426,23 +427,35 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _check_writable(folder: Path, text: str) -> None:
+    """Create and remove a probe file in ``folder``: the one check that holds for read-only mounts, /proc and
+    permissions alike, made before any work starts."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot write into the folder of {text!r}: {err.strerror}") from None
+
+
 def _output_folder(text: str) -> Path:
-    """A folder to write into: an existing directory, or a new one whose parent exists."""
+    """A folder to write into: an existing directory, or a new one whose parent exists; writable."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
     if not path.exists() and not path.absolute().parent.is_dir():
         raise argparse.ArgumentTypeError(f"the parent folder of {text!r} does not exist")
+    _check_writable(path if path.exists() else path.absolute().parent, text)
     return path
 
 
 def _output_file(text: str) -> Path:
-    """A file to write: not a directory, in an existing folder."""
+    """A file to write: not a directory, in an existing, writable folder."""
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory, expected a file name")
     if not path.absolute().parent.is_dir():
         raise argparse.ArgumentTypeError(f"the folder of {text!r} does not exist")
+    _check_writable(path.absolute().parent, text)
     return path
 
 

@@ -42,6 +42,9 @@ def _no_work(*_, **__):
         (["eval", "--final-step", "last"], "--final-step"),
         (["eval", "--precision-floor", "2"], "--precision-floor"),
         (["demo", "--png", "x.png", "--model", "analytic"], "--png"),
+        # a folder nobody can create files in (even root): the eval ran for minutes before this was checked
+        (["eval", "--out", "/proc/ddim_gmm_out"], "--out"),
+        (["demo", "--json", "/proc/ddim_gmm.json"], "--json"),
     ],
 )
 def test_user_errors_exit_2_naming_the_flag_before_any_work(args, flag, tmp_path, monkeypatch, capsys):
