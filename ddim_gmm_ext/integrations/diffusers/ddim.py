@@ -240,13 +240,30 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
             timestep = int(timestep)
         elif isinstance(timestep, bool) or not isinstance(timestep, Integral):
             raise TypeError(f"timestep must be an int or an integer tensor, got {type(timestep).__name__}")
-        i = index_of_host[timestep] if 0 <= timestep < T else -1
-        if i < 0:
+        if not 0 <= timestep < T:
+            raise ValueError(f"timestep must be in [0, {T}) (num_train_timesteps), got {timestep}")
+        i = index_of_host[timestep]
+        return None if i < 0 else i  # None: a training timestep outside the schedule (see step)
+
+    def _off_schedule_row(self, timestep: int, eta: float, gmm, device, cdt) -> tuple[torch.Tensor, int]:
+        """The coefficient row of a training timestep that is not in ``self.timesteps``, as ``DDIMScheduler``
+        computes it for any timestep (previous timestep t - T // N), and the Philox step index of its noise
+        (past the schedule's indices, one per timestep). The GMM parameter set of a step is its position in the
+        schedule, which such a timestep does not have: with a GMM on it is refused."""
+        if gmm is not None:
             raise ValueError(
-                f"timestep {timestep} is not in the schedule (scheduler.timesteps); pass one of "
-                f"{self.timesteps.tolist()[:8]}{' ...' if len(self.timesteps) > 8 else ''}"
+                f"timestep {timestep} is not in the schedule (scheduler.timesteps), and the GMM parameter set of a "
+                f"step is its position there; pass one of {self.timesteps.tolist()[:8]}"
+                f"{' ...' if len(self.timesteps) > 8 else ''} or turn the GMM off (gmm_variant=None)"
             )
-        return i
+        T, n = self.config.num_train_timesteps, self.num_inference_steps
+        prev = timestep - T // n
+        abar = self.alphas_cumprod.detach().to("cpu", torch.float64)
+        abar_prev = abar[prev] if prev >= 0 else self.final_alpha_cumprod.double()
+        a_t, b_t, a_s, b_s, sigma = reference.ddim_coefficients(abar[timestep], abar_prev, 1.0)
+        row = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in reference.coefficient_row(
+            a_t, b_t, a_s, b_s, eta * sigma, 1.0)])  # fmt: skip
+        return row.to(device, cdt), n + timestep
 
     def _schedule_position(self, timestep: torch.Tensor) -> int | None:
         """The position of ``timestep`` in ``self.timesteps`` when it is a 0-d view of that tensor (what
@@ -298,6 +315,11 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
             generator = check_generator(generator, sample.shape[0])
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
+        cdt = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        if i is None:  # off the schedule: DDIMScheduler's own arithmetic for this timestep, Gaussian kernel
+            table, op_index = self._off_schedule_row(int(timestep), eta, gmm, sample.device, cdt)
+        else:
+            table, op_index = self._table_at(eta, sample.device, cdt), i
 
         noise, components = variance_noise, None
         if noise is None and generator is not None and eta > 0:
@@ -305,19 +327,19 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
             )
         if generator is not None and gmm is not None:
-            components = draw_components(generator, gmm, int(i), sample)
-        table = self._table_at(eta, sample.device, torch.float64 if sample.dtype == torch.float64 else torch.float32)
+            components = draw_components(generator, gmm, int(op_index), sample)
 
         thresholding, clip, prediction_type = self._step_options
         if thresholding:
+            row = table if table.dim() == 1 else table[int(op_index)]
             out = self._thresholded_step(
-                model_output, sample, table[int(i)], use_clipped_model_output, gmm, i, noise, components
+                model_output, sample, row, use_clipped_model_output, gmm, op_index, noise, components
             )
         else:
             out = self._fused_step(
                 model_output,
                 sample,
-                i,
+                op_index,
                 prediction_type=prediction_type,
                 gmm=gmm,
                 clip_sample_range=clip,
@@ -326,7 +348,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
                 components=components,
                 rows=table,
             )
-        if not isinstance(i, torch.Tensor):
+        if isinstance(i, int):
             self._step_index = i + 1
 
         if not return_dict:
