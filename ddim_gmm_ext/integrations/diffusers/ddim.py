@@ -52,8 +52,9 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
 
     Step index. The step's coefficients, GMM parameter set and Philox step all come from the position i of
     ``timestep`` in ``self.timesteps`` (DDIM timesteps are distinct, so i is unambiguous): a loop that starts
-    mid-schedule (img2img, a hand-written loop) gets the right step without ``set_begin_index``. A timestep
-    that is not in the schedule is refused (``DDIMScheduler`` would step from it to t - T // n). A timestep
+    mid-schedule (img2img, a hand-written loop) gets the right step without ``set_begin_index``. A host
+    timestep in [0, T) that is not in the schedule is stepped as ``DDIMScheduler`` steps it (to t - T // n,
+    its own Philox step n + t) with the GMM off, and refused with a GMM on (no parameter set). A timestep
     tensor on an accelerator, or any tensor under ``torch.compile``, is looked up on its device (a gather, no
     host read); there an off-schedule timestep gives an all-NaN step (the op's out-of-range convention).
     The GMM kernel is applied at every step but the last (``final_step="gaussian"``, the default) or at every
