@@ -258,6 +258,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
                 f"{' ...' if len(self.timesteps) > 8 else ''} or turn the GMM off (gmm_variant=None)"
             )
         T, n = self.config.num_train_timesteps, self.num_inference_steps
+        assert n is not None  # step() refuses a scheduler without set_timesteps
         prev = timestep - T // n
         abar = self.alphas_cumprod.detach().to("cpu", torch.float64)
         abar_prev = abar[prev] if prev >= 0 else self.final_alpha_cumprod.double()
