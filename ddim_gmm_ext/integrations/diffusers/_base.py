@@ -15,6 +15,8 @@ The row is computed in float64 and rounded once to the compute dtype, as the ref
 
 from __future__ import annotations
 
+import dataclasses
+from collections import OrderedDict
 from numbers import Integral
 
 import torch
@@ -207,6 +209,34 @@ def check_step_count(value, name: str = "num_inference_steps") -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return int(value)
+
+
+_OUTPUT_FIELDS: dict[type, tuple[str, ...] | None] = {}
+
+
+def scheduler_output(cls, **values):
+    """``cls(**values)`` for a diffusers output dataclass, built without ``BaseOutput``'s generic
+    ``__post_init__`` (about a quarter of a small fused step on CPU): the same entries (the non-None fields, in
+    field order) and attributes (every field). Falls back to ``cls(**values)`` for a class whose construction
+    is not ``BaseOutput``'s or a call that is not one value per field."""
+    names = _OUTPUT_FIELDS.get(cls, ())
+    if names == ():
+        from diffusers.utils import BaseOutput
+
+        standard = all(
+            getattr(cls, m) is getattr(BaseOutput, m) for m in ("__post_init__", "__setattr__", "__setitem__")
+        )
+        names = _OUTPUT_FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls)) if standard else None
+    if names is None or len(values) != len(names) or isinstance(values.get(names[0]), dict):
+        return cls(**values)
+    out = cls.__new__(cls)
+    OrderedDict.__init__(out)
+    for name in names:
+        value = values[name]
+        if value is not None:
+            OrderedDict.__setitem__(out, name, value)
+        object.__setattr__(out, name, value)
+    return out
 
 
 def check_generator(generator, batch: int):

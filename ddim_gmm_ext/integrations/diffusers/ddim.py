@@ -25,6 +25,7 @@ from ._base import (
     coefficient_rows,
     draw_components,
     register_with_diffusers,
+    scheduler_output,
 )
 
 __all__ = ["DDIMGMMScheduler", "DDIMSchedulerOutput"]
@@ -355,7 +356,9 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
 
         if not return_dict:
             return (out.prev_sample, out.pred_original_sample)
-        return DDIMSchedulerOutput(prev_sample=out.prev_sample, pred_original_sample=out.pred_original_sample)
+        return scheduler_output(
+            DDIMSchedulerOutput, prev_sample=out.prev_sample, pred_original_sample=out.pred_original_sample
+        )
 
     def _thresholded_step(self, model_output, sample, row, use_clipped_model_output, gmm, i, noise, components):
         """Dynamic thresholding needs x0_hat before the update (two op calls, host step index). The update then

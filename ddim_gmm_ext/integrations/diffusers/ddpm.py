@@ -19,6 +19,7 @@ from ._base import (
     check_step_count,
     draw_components,
     register_with_diffusers,
+    scheduler_output,
 )
 
 __all__ = ["DDPMGMMScheduler", "DDPMSchedulerOutput"]
@@ -205,7 +206,9 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
         )
         if not return_dict:
             return (out.prev_sample, out.pred_original_sample)
-        return DDPMSchedulerOutput(prev_sample=out.prev_sample, pred_original_sample=out.pred_original_sample)
+        return scheduler_output(
+            DDPMSchedulerOutput, prev_sample=out.prev_sample, pred_original_sample=out.pred_original_sample
+        )
 
 
 register_with_diffusers(DDPMGMMScheduler, "DDPMScheduler")

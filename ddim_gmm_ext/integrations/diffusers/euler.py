@@ -28,7 +28,7 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler, EulerDiscreteSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ._base import GMMSchedulerMixin, check_step_count, register_with_diffusers
+from ._base import GMMSchedulerMixin, check_step_count, register_with_diffusers, scheduler_output
 
 __all__ = [
     "EulerAncestralDiscreteGMMScheduler",
@@ -119,7 +119,7 @@ class EulerDiscreteGMMScheduler(_FusedEulerMixin, EulerDiscreteScheduler):
         prev, x0 = self._fused(model_output, timestep, sample, None)
         if not return_dict:
             return (prev, x0)
-        return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return scheduler_output(EulerDiscreteSchedulerOutput, prev_sample=prev, pred_original_sample=x0)
 
 
 class EulerAncestralDiscreteGMMScheduler(_FusedEulerMixin, EulerAncestralDiscreteScheduler):
@@ -203,7 +203,7 @@ class EulerAncestralDiscreteGMMScheduler(_FusedEulerMixin, EulerAncestralDiscret
         prev, x0 = self._fused(model_output, timestep, sample, noise)
         if not return_dict:
             return (prev, x0)
-        return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return scheduler_output(EulerAncestralDiscreteSchedulerOutput, prev_sample=prev, pred_original_sample=x0)
 
 
 register_with_diffusers(EulerDiscreteGMMScheduler, "EulerDiscreteScheduler")

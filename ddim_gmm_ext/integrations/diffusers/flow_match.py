@@ -29,6 +29,7 @@ from ._base import (
     coefficient_rows,
     draw_components,
     register_with_diffusers,
+    scheduler_output,
 )
 
 __all__ = ["FlowMatchEulerDiscreteGMMScheduler", "FlowMatchEulerDiscreteSchedulerOutput"]
@@ -235,7 +236,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
             prev_sample = prev_sample.to(model_output.dtype)
         if not return_dict:
             return (prev_sample,)
-        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)
+        return scheduler_output(FlowMatchEulerDiscreteSchedulerOutput, prev_sample=prev_sample)
 
 
 register_with_diffusers(FlowMatchEulerDiscreteGMMScheduler, "FlowMatchEulerDiscreteScheduler")
