@@ -227,7 +227,7 @@ def scheduler_output(cls, **values):
             getattr(cls, m) is getattr(BaseOutput, m) for m in ("__post_init__", "__setattr__", "__setitem__")
         )
         names = _OUTPUT_FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls)) if standard else None
-    if names is None or len(values) != len(names) or isinstance(values.get(names[0]), dict):
+    if names is None or values.keys() != set(names) or isinstance(values[names[0]], dict):
         return cls(**values)
     out = cls.__new__(cls)
     OrderedDict.__init__(out)
