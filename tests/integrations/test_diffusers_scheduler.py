@@ -469,3 +469,20 @@ def test_fast_scheduler_output_is_the_dataclass(prev_only):
         assert torch.equal(again.prev_sample, prev)
         leaves, spec = pytree.tree_flatten(fast)
         assert len(leaves) == len(slow.keys()) and type(pytree.tree_unflatten(leaves, spec)) is cls
+
+
+def test_one_step_schedule_follows_ddim_scheduler():
+    # set_timesteps(1) crashed ('float' object has no attribute 'square': the reference returns one-element
+    # coefficients as floats); a 1-step sampler is what distillation-style few-step users run.
+    from diffusers import DDIMScheduler
+
+    ours, stock = DDIMGMMScheduler(), DDIMScheduler()
+    g = torch.Generator().manual_seed(1)
+    x, m = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    for s in (ours, stock):
+        s.set_timesteps(1)
+    assert torch.equal(ours.timesteps, stock.timesteps)
+    t = ours.timesteps[0]
+    a = ours.step(m, t, x, eta=1.0, generator=torch.Generator().manual_seed(0))
+    b = stock.step(m, t, x, eta=1.0, generator=torch.Generator().manual_seed(0))
+    assert_close(a.prev_sample, b.prev_sample, kind="f32_loop_upstream")

@@ -188,10 +188,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         # One 0-d step-index tensor per step on the schedule's device, made once: a device step then needs no
         # kernel to find its index (see _index), and a captured CUDA graph reads them as static inputs.
         self._step_tensors = list(torch.arange(len(t), device=self.timesteps.device).unbind(0))
-        prev = t - T // num_inference_steps
-        abar = self.alphas_cumprod.detach().to("cpu", torch.float64)
-        abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], self.final_alpha_cumprod.double())
-        self._path = reference.ddim_coefficients(abar[t], abar_prev, 1.0)  # a_t, b_t, a_s, b_s, DDIM sigma
+        self._path = self._ddim_path(t)
         self._eta_rows = {}
         self._set_rows(self._rows_for(0.0))
         for eta in (0.0, 1.0):  # built here so that a compiled loop at eta 0 or 1 finds them
@@ -258,15 +255,21 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
                 f"step is its position there; pass one of {self.timesteps.tolist()[:8]}"
                 f"{' ...' if len(self.timesteps) > 8 else ''} or turn the GMM off (gmm_variant=None)"
             )
-        T, n = self.config.num_train_timesteps, self.num_inference_steps
+        n = self.num_inference_steps
         assert n is not None  # step() refuses a scheduler without set_timesteps
-        prev = timestep - T // n
-        abar = self.alphas_cumprod.detach().to("cpu", torch.float64)
-        abar_prev = abar[prev] if prev >= 0 else self.final_alpha_cumprod.double()
-        a_t, b_t, a_s, b_s, sigma = reference.ddim_coefficients(abar[timestep], abar_prev, 1.0)
-        row = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in reference.coefficient_row(
-            a_t, b_t, a_s, b_s, eta * sigma, 1.0)])  # fmt: skip
+        a_t, b_t, a_s, b_s, sigma = self._ddim_path(torch.tensor([timestep]))
+        row = coefficient_rows(a_t, b_t, a_s, b_s, eta * sigma)[0]  # g = 1 (unused: no GMM)
         return row.to(device, cdt), n + timestep
+
+    def _ddim_path(self, t: torch.Tensor):
+        """(a_t, b_t, a_s, b_s, DDIM sigma) float64 [len(t)] of steps from the int64 timesteps t to
+        t - T // N, the previous timestep of DDIMScheduler (final_alpha_cumprod below 0)."""
+        prev = t - self.config.num_train_timesteps // self.num_inference_steps
+        abar = self.alphas_cumprod.detach().to("cpu", torch.float64)
+        abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], self.final_alpha_cumprod.double())
+        path = reference.ddim_coefficients(abar[t], abar_prev, 1.0)
+        # one-element tensors come back as Python floats (the reference's host path for a single step)
+        return tuple(torch.as_tensor(v, dtype=torch.float64).reshape(len(t)) for v in path)
 
     def _schedule_position(self, timestep: torch.Tensor) -> int | None:
         """The position of ``timestep`` in ``self.timesteps`` when it is a 0-d view of that tensor (what
