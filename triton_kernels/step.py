@@ -5,9 +5,9 @@ both draw the same random stream (Philox4x32-10 counters as in ``reference.py``)
 samples on every device to float32 rounding.
 
 Numerics: every division is correctly rounded (``div.rn``), every square root too (``sqrt.rn``), normals use
-libdevice's log / sin / cos (no ``*.approx`` instruction), products are never contracted into fma
-(``enable_fp_fusion=False``: c^2 - g^2 v = 0 must stay 0, not the rounding error of one of its products) and
-max(., 0) propagates NaN as torch.clamp does.
+libdevice's log / sin / cos (cospi / sinpi in float64; no ``*.approx`` instruction), products are never
+contracted into fma (``enable_fp_fusion=False``: c^2 - g^2 v = 0 must stay 0, not the rounding error of one of
+its products) and max(., 0) propagates NaN as torch.clamp does.
 
 No recompilation between calls: every scalar that changes from call to call (seed words, counters, the step
 index, the bit words of guidance and clip, sizes) is unspecialised and passed as a 32-bit word (values
@@ -86,16 +86,22 @@ def _relu_nan(x):
 
 @triton.jit
 def _box_muller(wa, wb, F64: tl.constexpr, LIBDEVICE: tl.constexpr):
-    """Two normals from two uint32 words, exactly the reference's formula in the compute dtype:
+    """Two normals from two uint32 words, the reference's formula in the compute dtype:
     u1 = ((wa >> 8) + 1) 2^-24, u2 = (wb >> 8) 2^-24, r = sqrt(-2 log u1), th = 2 pi (u2 - 1/2),
     (r cos th, r sin th). libdevice keeps log / sin / cos within ~1 ulp over the whole range as on the CPU
-    (tl.log / tl.cos lower to lg2.approx / cos.approx); the interpreter has no libdevice and uses numpy's."""
+    (tl.log / tl.cos lower to lg2.approx / cos.approx); the interpreter has no libdevice and uses numpy's.
+    Compiled float64 takes cospi / sinpi of 2 (u2 - 1/2) (exact): the same angle, unrounded, within a few
+    1e-16 of cos th / sin th. libdevice's float64 cos / sin call a Payne-Hanek slow path (never taken here),
+    and ptxas spilled registers around those calls (triton 3.6, sm_80 and sm_90)."""
     dt = tl.float64 if F64 else tl.float32
     u1 = ((wa >> 8) + 1).to(dt) * 5.9604644775390625e-08  # 2^-24
     u2 = (wb >> 8).to(dt) * 5.9604644775390625e-08
     th = 6.283185307179586 * (u2 - 0.5)
     if LIBDEVICE:
         r = _sqrt(-2.0 * libdevice.log(u1), F64)
+        if F64:
+            y = 2.0 * (u2 - 0.5)
+            return r * libdevice.cospi(y), r * libdevice.sinpi(y)
         return r * libdevice.cos(th), r * libdevice.sin(th)
     else:
         r = _sqrt(-2.0 * tl.log(u1), F64)
@@ -542,6 +548,10 @@ def launch_plan(
     common = {"n_blocks": n_blocks, "n_rows": coeffs.shape[0] if coeffs.dim() == 2 else 0, "n_sets": n_sets}
     constexprs = {"F64": cdt == torch.float64, "LIBDEVICE": not _INTERPRETED, "BLOCK": block}
     options = {"num_warps": num_warps, "enable_fp_fusion": False}
+    if cdt == torch.float64:
+        # Unbounded, ptxas trades spills for occupancy in float64 (4-16 B per thread, varying with the triton
+        # version and target); float64 is the accuracy path, so it gets the registers it needs.
+        options["maxnreg"] = 255
     grid = (B * n_blocks,)
 
     launches = []
