@@ -207,6 +207,39 @@ def check_invalid_step(device: str) -> None:
 
 CHECKS = {"parity": check_parity, "invalid_step": check_invalid_step}
 
+# Exit status of the interpreter subprocess when this triton's interpreter cannot run the kernels at all.
+INTERPRETER_UNUSABLE = 77
+
+
+def run_interpreted(check: str) -> None:
+    """Runs CHECKS[check] on the CPU (in a TRITON_INTERPRET=1 process), after probing the interpreter.
+
+    triton 3.6's interpreter (the GPU machine's) holds a scalar argument as a 1-element array and takes a loop
+    bound with ``int(array)``, which numpy >= 2.4 refuses: no kernel with a runtime trip count runs there. That is
+    the interpreter's defect, not the kernels' (on that machine the CUDA variant runs them compiled), so the
+    subprocess exits with INTERPRETER_UNUSABLE and the test skips, naming the versions."""
+    import numpy as np
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count(out_ptr, n):
+        acc = tl.zeros([], dtype=tl.int32)
+        for _ in range(n):
+            acc += 1
+        tl.store(out_ptr, acc)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        count[(1,)](out, 3)
+    except Exception as e:
+        if "only 0-dimensional arrays can be converted" not in repr(e):
+            raise
+        print(f"triton {triton.__version__}'s interpreter with numpy {np.__version__}: {type(e).__name__}: {e}")
+        sys.exit(INTERPRETER_UNUSABLE)
+    assert out.item() == 3, out
+    CHECKS[check]("cpu")
+
 
 @pytest.mark.parametrize("check", sorted(CHECKS))
 @pytest.mark.parametrize("device", DEVICES)
@@ -218,6 +251,8 @@ def test_triton_step(device, check):
         CHECKS[check]("cuda")
         return
     env = dict(os.environ, TRITON_INTERPRET="1")
-    code = f"from tests.ops.test_step_triton import CHECKS; CHECKS[{check!r}]('cpu')"
+    code = f"from tests.ops.test_step_triton import run_interpreted; run_interpreted({check!r})"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode == INTERPRETER_UNUSABLE:
+        pytest.skip(f"the Triton interpreter cannot run a loop with a runtime bound here: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
