@@ -150,13 +150,16 @@ def test_no_top_level_triton_kernels_from_us(tmp_path):
     interpreter outside the checkout) a top-level `triton_kernels` (triton ships one) never resolves to ours."""
     probe = (
         "import importlib.util, os\n"
-        "ours = importlib.util.find_spec('ddim_gmm_ext.triton_kernels')\n"
+        "installed = importlib.util.find_spec('ddim_gmm_ext') is not None\n"
+        "ours = importlib.util.find_spec('ddim_gmm_ext.triton_kernels') if installed else None\n"
         "top = importlib.util.find_spec('triton_kernels')\n"
-        "print(os.path.dirname(ours.origin))\n"
+        "print(os.path.dirname(ours.origin) if ours is not None else '')\n"
         "print(os.path.dirname(top.origin) if top is not None else '')\n"
     )
     out = subprocess.run([sys.executable, "-I", "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
-    ours, top = out.stdout.splitlines()
+    ours, top = out.stdout.split("\n")[:2]
+    if not ours:  # e.g. the GPU verification, which runs a checkout from PYTHONPATH (ignored by -I)
+        pytest.skip("ddim_gmm_ext is not installed in this interpreter")
     assert os.path.basename(ours) == "triton_kernels"
     assert top != ours
 
