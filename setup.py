@@ -1,7 +1,8 @@
 """Builds ddim_gmm_ext._C: the C++ CPU ops always, the CUDA sources only when a CUDA torch and nvcc are
 present, or when DDIMGMM_FORCE_CUDA=1 (a CUDA torch whose toolkit was not auto-detected, e.g. in a container
-build without a GPU). CI has a CPU torch, which cannot link CUDA code: it compiles the .cu files with nvcc
-alone (tests/test_gpu_compile.py).
+build without a GPU; there the architectures default to sm_80, sm_90 and PTX, or TORCH_CUDA_ARCH_LIST).
+CI has a CPU torch, which cannot link CUDA code: it compiles the .cu files with nvcc alone
+(tests/test_gpu_compile.py).
 
 No -std flag is passed: torch's BuildExtension adds the standard its headers need (C++20 from torch 2.12 on,
 where C++17 draws warnings and, from 2.14, errors), and nvcc refuses a second -std."""
@@ -26,6 +27,14 @@ def _want_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def _default_arch_list():
+    # Without a visible GPU torch has no architecture to build for (and fails with an IndexError): build for
+    # the targets CI compiles (sm_80, sm_90) and PTX for newer devices, unless the user chose.
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        print("ddim_gmm_ext: no CUDA device visible; building for TORCH_CUDA_ARCH_LIST=8.0;9.0+PTX")
+
+
 def _extension():
     # -fno-math-errno: sqrt without an errno branch, so that loops calling it vectorise (csrc/cpu/step.cpp);
     # -ffp-contract=off: no FMA contraction, so the ISA clones of a kernel round identically (csrc/cpu/isa.h)
@@ -34,6 +43,7 @@ def _extension():
     )
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if _want_cuda():
+        _default_arch_list()
         nvcc = ["-O3", "--expt-relaxed-constexpr"]
         return CUDAExtension(
             "ddim_gmm_ext._C",
