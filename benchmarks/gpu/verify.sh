@@ -1,48 +1,89 @@
 #!/usr/bin/env bash
 # The whole GPU verification in one command, on a bare GPU machine (no package registry):
-#   benchmarks/gpu/verify.sh [--wheels DIR] [--out DIR] [--dry-run]
-# 1. installs the carried wheels (benchmarks/gpu/fetch_wheels.sh) into /tmp/site, without dependencies;
+#   benchmarks/gpu/verify.sh [--wheels DIR] [--out DIR] [--site DIR] [--dry-run] [--rehearse]
+# 1. installs the carried wheels (benchmarks/gpu/fetch_wheels.sh) into --site (/tmp/site), without dependencies;
 # 2. builds the extension with its CUDA sources in place (setup.py build_ext, DDIMGMM_FORCE_CUDA=1);
-# 3. runs the whole test suite (CUDA cases included) and compute-sanitizer on the thin-SVD and step tests;
+# 3. runs the whole test suite (CUDA cases included; tests that install from a registry deselected) and
+#    compute-sanitizer on the thin-SVD and step tests;
 # 4. runs every benchmark on CUDA and writes step_cuda.json, thin_svd_cuda.json, loop_cuda.json,
-#    schedulers_cuda.json and verify.log into --out.
-# Expected on an H100: build ~2 min, tests ~5 min, sanitizer ~3 min, benchmarks ~5 min (under 20 minutes).
+#    schedulers_cuda.json, tests.xml and verify.log into --out.
+# A failing step after the build is recorded and the rest still run (GPU time is scarce); the exit status is 1
+# if any step failed. Expected on an H100: build ~2 min, tests ~5 min, sanitizer ~3 min, benchmarks ~5 min.
 # --dry-run prints every command instead of running it (CI checks that on a CPU machine).
-set -euo pipefail
+# --rehearse runs the same steps on a CPU machine (benchmarks/gpu/rehearse.sh gives it the GPU machine's
+#   Python, torch and triton): the CUDA build without a device, the tests, the benchmarks on the CPU with short
+#   timings, no sanitizer.
+set -uo pipefail
 wheels=.whl
 out="${OUT:-gpu_results}"
+site=/tmp/site
 dry=0
+rehearse=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --wheels) wheels="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
+        --site) site="$2"; shift 2 ;;
         --dry-run) dry=1; shift ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
-        *) echo "verify.sh: unknown argument $1 (expected --wheels DIR, --out DIR, --dry-run)" >&2; exit 2 ;;
+        --rehearse) rehearse=1; shift ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        *) echo "verify.sh: unknown argument $1 (expected --wheels DIR, --out DIR, --site DIR, --dry-run, --rehearse)" >&2
+           exit 2 ;;
     esac
 done
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 py=python3
-run() {
+[ "$dry" -eq 1 ] || mkdir -p "$out" || exit 1
+out="$(cd "$out" 2>/dev/null && pwd || echo "$out")"
+log="$out/verify.log"
+failed=()
+
+# step NAME CMD...: prints CMD, runs it (output also into verify.log) and records NAME if it fails.
+step() {
+    local name="$1"
+    shift
     echo "+ $*"
-    if [ "$dry" -eq 0 ]; then "$@"; fi
+    [ "$dry" -eq 1 ] && return 0
+    echo "+ $*" >> "$log"
+    if ! "$@" 2>&1 | tee -a "$log"; then
+        failed+=("$name")
+        return 1
+    fi
 }
-[ "$dry" -eq 1 ] || mkdir -p "$out"
 
 if compgen -G "$wheels/*.whl" > /dev/null || [ "$dry" -eq 1 ]; then
-    run $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl
+    step wheels $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+        "$wheels"/*.whl || exit 1
 fi
-export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-run env DDIMGMM_FORCE_CUDA=1 $py setup.py build_ext --inplace -q
-run $py -c "import torch, ddim_gmm_ext; assert torch.cuda.is_available(), 'no CUDA device'"
-run $py -m pytest tests -q -p no:cacheprovider -rs
-if command -v compute-sanitizer > /dev/null || [ "$dry" -eq 1 ]; then
-    run compute-sanitizer --tool memcheck --error-exitcode 1 $py -m pytest tests/ops/test_thin_svd.py \
+# torch takes the toolkit from CUDA_HOME, else from the nvcc on PATH, which may be a wrapper script outside it
+if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda/lib64 ]; then export CUDA_HOME=/usr/local/cuda; fi
+
+step build env DDIMGMM_FORCE_CUDA=1 $py setup.py build_ext --inplace -q || exit 1
+if [ "$rehearse" -eq 1 ]; then
+    dev=cpu
+    step_flags=(--min-run-time 0.02)
+    svd_flags=(--repeats 1)
+    loop_flags=(--repeats 2 --steps 3)
+    sched_flags=(--benchmark-min-rounds=1 --benchmark-max-time=0.001 --benchmark-warmup=off)
+else
+    dev=cuda
+    step_flags=() svd_flags=() loop_flags=() sched_flags=()
+    step device $py -c "import torch, ddim_gmm_ext; assert torch.cuda.is_available(), 'no CUDA device'" || exit 1
+fi
+step tests $py -m pytest tests -q -p no:cacheprovider -rs -m "not registry" --junitxml "$out/tests.xml"
+if [ "$rehearse" -eq 0 ] && { command -v compute-sanitizer > /dev/null || [ "$dry" -eq 1 ]; }; then
+    step sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 $py -m pytest tests/ops/test_thin_svd.py \
         tests/ops/test_step.py tests/ops/test_step_table.py -q -p no:cacheprovider -k cuda
 fi
-run $py benchmarks/run_step_bench.py --device cuda --out "$out/step_cuda.json"
-run $py benchmarks/thin_svd_results.py --device cuda --out "$out/thin_svd_cuda.json"
-run $py benchmarks/run_loop_bench.py --device cuda --out "$out/loop_cuda.json"
-run $py -m pytest benchmarks/bench_schedulers.py -q -p no:cacheprovider --benchmark-json "$out/schedulers_cuda.json"
+step step_bench $py benchmarks/run_step_bench.py --device $dev "${step_flags[@]}" --out "$out/step_$dev.json"
+step thin_svd_bench $py benchmarks/thin_svd_results.py --device $dev "${svd_flags[@]}" --out "$out/thin_svd_$dev.json"
+step loop_bench $py benchmarks/run_loop_bench.py --device $dev "${loop_flags[@]}" --out "$out/loop_$dev.json"
+step scheduler_bench $py -m pytest benchmarks/bench_schedulers.py -q -p no:cacheprovider "${sched_flags[@]}" \
+    --benchmark-json "$out/schedulers_$dev.json"
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "verify.sh: failed steps: ${failed[*]} (log: $log)" >&2
+    exit 1
+fi
 echo "results in $out"
