@@ -33,12 +33,13 @@ def test_dry_run_lists_every_step_in_order():
         "pip install -q --no-index --no-deps",
         "setup.py build_ext --inplace",
         "import torch, ddim_gmm_ext",
-        "pytest tests -q",
-        "compute-sanitizer --tool memcheck",
+        "pytest tests -q -p no:cacheprovider -rs -m not registry -k cuda --junitxml res/tests_device.xml",
         "run_step_bench.py --device cuda --out res/step_cuda.json",
         "thin_svd_results.py --device cuda --out res/thin_svd_cuda.json",
         "run_loop_bench.py --device cuda --out res/loop_cuda.json",
         "bench_schedulers.py -q -p no:cacheprovider --benchmark-json res/schedulers_cuda.json",
+        "compute-sanitizer --tool memcheck",
+        "-k not cuda --junitxml res/tests_other.xml",
     ]
     positions = []
     for step in steps:
@@ -49,10 +50,12 @@ def test_dry_run_lists_every_step_in_order():
     assert any("w/*.whl" in c for c in commands) and any("DDIMGMM_FORCE_CUDA=1" in c for c in commands)
 
 
-def test_a_failing_step_does_not_stop_the_rest(tmp_path):
-    # GPU time is scarce: a failing test run must still leave the benchmarks' results. A stand-in python3 on
-    # PATH fails the test suite and records every other call. Checked to fail with `set -e` and `|| exit` on
-    # the test step (the benchmarks never ran).
+BENCHMARKS = ("run_step_bench.py", "thin_svd_results.py", "run_loop_bench.py", "bench_schedulers.py")
+
+
+def _run_with_stand_in(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, str]:
+    """verify.sh (not a dry run) with a stand-in python3 on PATH that records its arguments, fails the test
+    suite and succeeds at everything else; (the process, the recorded calls)."""
     if shutil.which("bash") is None:
         pytest.skip("bash not available")
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
@@ -62,17 +65,31 @@ def test_a_failing_step_does_not_stop_the_rest(tmp_path):
     fake.chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.run(
-        ["bash", str(SCRIPT), "--wheels", str(tmp_path / "none"), "--out", str(tmp_path / "out")],
+        ["bash", str(SCRIPT), "--wheels", str(tmp_path / "none"), "--out", str(tmp_path / "out"), *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
         env=env,
     )
-    assert proc.returncode == 1 and "failed steps: tests" in proc.stderr, proc.stderr
-    ran = calls.read_text()
-    for later in ("run_step_bench.py", "thin_svd_results.py", "run_loop_bench.py", "bench_schedulers.py"):
+    return proc, calls.read_text()
+
+
+def test_a_failing_step_does_not_stop_the_rest(tmp_path):
+    # GPU time is scarce: a failing test run must still leave the benchmarks' results. Checked to fail with
+    # `set -e` and `|| exit` on the device-test step (the benchmarks never ran).
+    proc, ran = _run_with_stand_in(tmp_path)
+    assert proc.returncode == 1 and "failed steps: device_tests other_tests" in proc.stderr, proc.stderr
+    for later in BENCHMARKS:
         assert later in ran, (later, ran)
     assert "+ " in (tmp_path / "out" / "verify.log").read_text()
+
+
+def test_steps_past_the_budget_are_skipped(tmp_path):
+    # A lease's command has a time limit: past --budget the remaining steps are skipped and named, the build
+    # still runs. Checked to fail with the budget test removed from step().
+    proc, ran = _run_with_stand_in(tmp_path, "--budget", "0")
+    assert "setup.py build_ext" in ran and not any(b in ran for b in BENCHMARKS), ran
+    assert "skipped for the budget: device device_tests step_bench" in proc.stderr, proc.stderr
 
 
 @pytest.mark.registry
@@ -101,9 +118,10 @@ def test_rehearsal_with_the_gpu_machines_software(tmp_path):
         pytest.skip(proc.stderr.strip())
     assert proc.returncode == 0, (proc.stdout[-6000:], proc.stderr[-3000:])
     out = work / "out"
-    suite = ElementTree.parse(out / "tests.xml").getroot().find("testsuite")
-    assert suite is not None and int(suite.get("tests")) > 1000, suite
-    assert suite.get("failures") == "0" and suite.get("errors") == "0", suite.attrib
+    suites = [ElementTree.parse(out / f"tests_{part}.xml").getroot().find("testsuite") for part in ("device", "other")]
+    assert sum(int(suite.get("tests")) for suite in suites) > 1000, [suite.attrib for suite in suites]
+    for suite in suites:
+        assert suite.get("failures") == "0" and suite.get("errors") == "0", suite.attrib
     for name, rows in (("step", "results"), ("thin_svd", "thin_svd"), ("loop", "results")):
         doc = json.loads((out / f"{name}_cpu.json").read_text())
         assert doc[rows] and doc["versions"]["torch"].startswith("2.11"), (name, doc["versions"])

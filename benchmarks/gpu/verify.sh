@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The whole GPU verification in one command, on a bare GPU machine (no package registry):
-#   benchmarks/gpu/verify.sh [--wheels DIR] [--out DIR] [--site DIR] [--dry-run] [--rehearse]
-# 1. installs the carried wheels (benchmarks/gpu/fetch_wheels.sh) into --site (/tmp/site), without dependencies;
-# 2. builds the extension with its CUDA sources in place (setup.py build_ext, DDIMGMM_FORCE_CUDA=1);
-# 3. runs the whole test suite (CUDA cases included; tests that install from a registry deselected) and
-#    compute-sanitizer on the thin-SVD and step tests;
-# 4. runs every benchmark on CUDA and writes step_cuda.json, thin_svd_cuda.json, loop_cuda.json,
-#    schedulers_cuda.json, tests.xml and verify.log into --out.
-# A failing step after the build is recorded and the rest still run (GPU time is scarce); the exit status is 1
-# if any step failed. Expected on an H100: build ~2 min, tests ~5 min, sanitizer ~3 min, benchmarks ~5 min.
+#   benchmarks/gpu/verify.sh [--wheels DIR] [--out DIR] [--site DIR] [--budget SECONDS] [--dry-run] [--rehearse]
+# In order of what a short lease needs most:
+# 1. installs the carried wheels (benchmarks/gpu/fetch_wheels.sh) into --site (/tmp/site), without dependencies,
+#    and builds the extension with its CUDA sources in place (setup.py build_ext, DDIMGMM_FORCE_CUDA=1);
+# 2. the tests that run on the device (pytest -k cuda: the CUDA parametrisations and test_cuda_loop.py);
+# 3. every benchmark on CUDA: step_cuda.json, thin_svd_cuda.json, loop_cuda.json, schedulers_cuda.json;
+# 4. compute-sanitizer on the thin-SVD and step tests, then the rest of the suite (CPU cases: CI and
+#    rehearse.sh run them too; tests that install from a registry are deselected).
+# Results go to --out as each step ends (tests_*.xml, the JSON files, verify.log), so a run stopped at its time
+# limit still returns what it finished. A step that would start after --budget seconds (default 480) is
+# skipped; a failing step is recorded and the rest still run; the exit status is 1 if any step failed.
 # --dry-run prints every command instead of running it (CI checks that on a CPU machine).
 # --rehearse runs the same steps on a CPU machine (benchmarks/gpu/rehearse.sh gives it the GPU machine's
 #   Python, torch and triton): the CUDA build without a device, the tests, the benchmarks on the CPU with short
@@ -17,6 +19,7 @@ set -uo pipefail
 wheels=.whl
 out="${OUT:-gpu_results}"
 site=/tmp/site
+budget=480
 dry=0
 rehearse=0
 while [ $# -gt 0 ]; do
@@ -24,10 +27,12 @@ while [ $# -gt 0 ]; do
         --wheels) wheels="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --site) site="$2"; shift 2 ;;
+        --budget) budget="$2"; shift 2 ;;
         --dry-run) dry=1; shift ;;
         --rehearse) rehearse=1; shift ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
-        *) echo "verify.sh: unknown argument $1 (expected --wheels DIR, --out DIR, --site DIR, --dry-run, --rehearse)" >&2
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        *) echo "verify.sh: unknown argument $1 (expected --wheels DIR, --out DIR, --site DIR, --budget SECONDS," \
+               "--dry-run, --rehearse)" >&2
            exit 2 ;;
     esac
 done
@@ -37,13 +42,21 @@ py=python3
 out="$(cd "$out" 2>/dev/null && pwd || echo "$out")"
 log="$out/verify.log"
 failed=()
+skipped=()
+SECONDS=0
 
-# step NAME CMD...: prints CMD, runs it (output also into verify.log) and records NAME if it fails.
+# step NAME CMD...: prints CMD, runs it (output also into verify.log) and records NAME if it fails; past the
+# budget it records NAME as skipped instead.
 step() {
     local name="$1"
     shift
     echo "+ $*"
     [ "$dry" -eq 1 ] && return 0
+    if [ "$SECONDS" -ge "$budget" ] && [ "$name" != wheels ] && [ "$name" != build ]; then
+        echo "verify.sh: $name skipped: ${SECONDS}s used of a ${budget}s budget" | tee -a "$log"
+        skipped+=("$name")
+        return 0
+    fi
     echo "+ $*" >> "$log"
     if ! "$@" 2>&1 | tee -a "$log"; then
         failed+=("$name")
@@ -72,16 +85,19 @@ else
     step_flags=() svd_flags=() loop_flags=() sched_flags=()
     step device $py -c "import torch, ddim_gmm_ext; assert torch.cuda.is_available(), 'no CUDA device'" || exit 1
 fi
-step tests $py -m pytest tests -q -p no:cacheprovider -rs -m "not registry" --junitxml "$out/tests.xml"
-if [ "$rehearse" -eq 0 ] && { command -v compute-sanitizer > /dev/null || [ "$dry" -eq 1 ]; }; then
-    step sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 $py -m pytest tests/ops/test_thin_svd.py \
-        tests/ops/test_step.py tests/ops/test_step_table.py -q -p no:cacheprovider -k cuda
-fi
+tests=($py -m pytest tests -q -p no:cacheprovider -rs -m "not registry")
+step device_tests "${tests[@]}" -k cuda --junitxml "$out/tests_device.xml"
 step step_bench $py benchmarks/run_step_bench.py --device $dev "${step_flags[@]}" --out "$out/step_$dev.json"
 step thin_svd_bench $py benchmarks/thin_svd_results.py --device $dev "${svd_flags[@]}" --out "$out/thin_svd_$dev.json"
 step loop_bench $py benchmarks/run_loop_bench.py --device $dev "${loop_flags[@]}" --out "$out/loop_$dev.json"
 step scheduler_bench $py -m pytest benchmarks/bench_schedulers.py -q -p no:cacheprovider "${sched_flags[@]}" \
     --benchmark-json "$out/schedulers_$dev.json"
+if [ "$rehearse" -eq 0 ] && { command -v compute-sanitizer > /dev/null || [ "$dry" -eq 1 ]; }; then
+    step sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 $py -m pytest tests/ops/test_thin_svd.py \
+        tests/ops/test_step.py tests/ops/test_step_table.py -q -p no:cacheprovider -k cuda
+fi
+step other_tests "${tests[@]}" -k "not cuda" --junitxml "$out/tests_other.xml"
+[ "${#skipped[@]}" -eq 0 ] || echo "verify.sh: skipped for the budget: ${skipped[*]}" >&2
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "verify.sh: failed steps: ${failed[*]} (log: $log)" >&2
     exit 1
