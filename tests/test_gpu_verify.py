@@ -98,9 +98,9 @@ def test_rehearsal_with_the_gpu_machines_software(tmp_path):
     """verify.sh --rehearse on this CPU machine with the GPU machine's Python, torch (a CUDA build) and triton
     (benchmarks/gpu/rehearse.sh): the CUDA build, the whole test suite (the sm_80 / sm_90 compiles with that
     triton among it) and every benchmark script pass there, so a GPU session is not spent on version breakage.
-    (It found: register spills in float64 kernels compiled by triton 3.6, its interpreter refusing
-    runtime loop bounds under numpy >= 2.4, tests that needed an installed package or a registry, and a
-    verify.sh that stopped at the first failing step; it failed on each of them before its fix.)"""
+    (Its first, manual run found: register spills in float64 kernels compiled by triton 3.6, its interpreter
+    refusing runtime loop bounds under numpy >= 2.4, tests that needed an installed package or a registry, and
+    a CUDA build that failed without a visible GPU or with a wrapper nvcc; each failed it before its fix.)"""
     if shutil.which("git") is None:
         pytest.skip("git is needed to copy the checkout")
     work = tmp_path / "rehearsal"

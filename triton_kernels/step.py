@@ -95,13 +95,12 @@ def _box_muller(wa, wb, F64: tl.constexpr, LIBDEVICE: tl.constexpr):
     and ptxas spilled registers around those calls (triton 3.6, sm_80 and sm_90)."""
     dt = tl.float64 if F64 else tl.float32
     u1 = ((wa >> 8) + 1).to(dt) * 5.9604644775390625e-08  # 2^-24
-    u2 = (wb >> 8).to(dt) * 5.9604644775390625e-08
-    th = 6.283185307179586 * (u2 - 0.5)
+    v = (wb >> 8).to(dt) * 5.9604644775390625e-08 - 0.5  # u2 - 1/2, exact
+    th = 6.283185307179586 * v
     if LIBDEVICE:
         r = _sqrt(-2.0 * libdevice.log(u1), F64)
         if F64:
-            y = 2.0 * (u2 - 0.5)
-            return r * libdevice.cospi(y), r * libdevice.sinpi(y)
+            return r * libdevice.cospi(2.0 * v), r * libdevice.sinpi(2.0 * v)
         return r * libdevice.cos(th), r * libdevice.sin(th)
     else:
         r = _sqrt(-2.0 * tl.log(u1), F64)
