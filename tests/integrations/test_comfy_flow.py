@@ -1,5 +1,5 @@
 """Flow models through the k-diffusion / ComfyUI path: sample_rfim_gmm against ComfyUI's flow samplers (Euler
-and euler_ancestral_RF, written here from their update rules), the exact-denoiser Gaussian spread, and the
+and euler_ancestral_RF, written here from their update rules), the exact-denoiser Gaussian spread and the
 node's dispatch on the model's sampling type."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _flow_denoiser(s0: float = 0.5):
     return model
 
 
-def _comfy_ancestral_rf(model, x, sigmas, eta, noise_sampler):
+def _comfy_ancestral_rf(model, x, sigmas, eta, noise_sampler, s_noise=1.0):
     """ComfyUI's euler_ancestral_RF update (eta 0: its flow Euler), from its formulas: Euler to
     sigma_down = s (1 + (s / t - 1) eta), then rescale by (1 - s) / (1 - sigma_down) and renoise to s."""
     for i in range(len(sigmas) - 1):
@@ -40,7 +40,7 @@ def _comfy_ancestral_rf(model, x, sigmas, eta, noise_sampler):
         x = ratio * x + (1 - ratio) * denoised
         if eta > 0:
             renoise = (s**2 - sigma_down**2 * (1 - s) ** 2 / (1 - sigma_down) ** 2) ** 0.5
-            x = (1 - s) / (1 - sigma_down) * x + noise_sampler(t, s) * renoise
+            x = (1 - s) / (1 - sigma_down) * x + noise_sampler(t, s) * s_noise * renoise
     return x
 
 
@@ -126,3 +126,29 @@ def test_node_dispatches_on_the_model_sampling_type():
     expected = _comfy_ancestral_rf(model, x, sigmas, 0.5, _SharedNoise())
     assert_close(ours, expected, kind="f64_loop")
     assert math.isfinite(ours.sum().item())
+
+
+@pytest.mark.parametrize("ulps", [1, 8, 16])
+def test_flow_schedule_starting_at_float32_rounding_above_1(ulps):
+    # ComfyUI's float32 time_snr_shift gives sigmas[0] = 1 + 2^-23 for 63 of 1000 ModelSamplingSD3 shifts (1.32,
+    # 4.03, ...) and up to 1 + 8 * 2^-23 for shifts below 1; its own samplers run them. Taken as t = 1, which
+    # differs from ComfyUI's arithmetic on 1 + 2^-23 by float32 rounding. Checked to fail with the old check
+    # (sigmas[0] > 1 refused).
+    sigmas = _shift(torch.linspace(1, 0, 8, dtype=torch.float64), 1.32)
+    sigmas[0] = 1 + ulps * 2.0**-23
+    x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    expected = _comfy_ancestral_rf(_flow_denoiser(), x, sigmas, 0.5, _SharedNoise())
+    ours = sample_rfim_gmm(
+        _flow_denoiser(), x, sigmas, eta=0.5, noise="ancestral_rf", gmm=None, disable=True, noise_sampler=_SharedNoise()
+    )
+    assert_close(ours, expected, kind="f32_loop")
+    tables = sample_rfim_gmm(_flow_denoiser(), x, sigmas, eta=0.5, gmm="ortho-lr", n_components=4, seed=0, disable=True)
+    assert torch.isfinite(tables).all()
+
+
+@pytest.mark.parametrize("start", [1 + 17 * 2.0**-23, 1.001, 2.0])
+def test_flow_schedule_above_1_beyond_rounding_is_refused(start):
+    sigmas = torch.tensor([start, 0.5, 0.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"times in \[0, 1\].*sigmas\[0\]"):
+        sample_rfim_gmm(_flow_denoiser(), torch.zeros(SHAPE, dtype=torch.float64), sigmas, gmm=None, disable=True)
+
