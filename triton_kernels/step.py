@@ -602,50 +602,13 @@ def launch_plan(
     return launches, outputs
 
 
-def step(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    coeffs: torch.Tensor,
-    step_tensor: torch.Tensor | None,
-    priors: torch.Tensor | None,
-    offsets: torch.Tensor | None,
-    var_offsets: torch.Tensor | None,
-    basis: torch.Tensor | None,
-    noise: torch.Tensor | None,
-    components: torch.Tensor | None,
-    prediction_type: int,
-    guidance_scale: float | None,
-    clip_sample_range: float | None,
-    use_clipped_model_output: bool,
-    seed: int,
-    sample_offset: int,
-    step_index: int,
-    return_pred_original: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run ``ddimgmm::step`` with the Triton kernels; arguments and results as the schema (csrc/ops.cpp),
-    already validated by the caller. Returns (prev_sample, pred_original_sample or empty, components [B]
-    int64 or empty). Inputs are read as they are if contiguous (otherwise copied once); nothing is read on
-    the host (the step index may be a device tensor), so the call can be captured in a CUDA graph."""
-    launches, outputs = launch_plan(
-        model_output,
-        sample,
-        coeffs,
-        step_tensor,
-        priors,
-        offsets,
-        var_offsets,
-        basis,
-        noise,
-        components,
-        prediction_type,
-        guidance_scale,
-        clip_sample_range,
-        use_clipped_model_output,
-        seed,
-        sample_offset,
-        step_index,
-        return_pred_original,
-    )
+def step(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``ddimgmm::step`` with the Triton kernels; arguments (those of :func:`launch_plan`, in the schema's
+    order) and results as the schema (csrc/ops.cpp), already validated by the caller. Returns (prev_sample,
+    pred_original_sample or empty, components [B] int64 or empty). Inputs are read as they are if contiguous
+    (otherwise copied once); nothing is read on the host (the step index may be a device tensor), so the call
+    can be captured in a CUDA graph."""
+    launches, outputs = launch_plan(*args)
     for launch in launches:
         launch.kernel[launch.grid](*launch.args.values(), **launch.constexprs, **launch.options)
     return outputs
