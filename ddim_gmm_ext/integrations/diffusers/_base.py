@@ -21,10 +21,8 @@ from numbers import Integral
 
 import torch
 
-from ... import _checks
+from ... import _checks, api
 from ...gmm import GMM
-from ...ops.step import step as step_op
-from ...reference import StepOutput
 from .._common import build_gmm, check_gmm, check_gmm_options, check_gmm_steps, check_seed, stream_seed
 
 
@@ -176,32 +174,21 @@ class GMMSchedulerMixin:
 
         ``rows``: the [S, 6] table in the compute dtype (default: this schedule's). The op gathers the row, the
         GMM parameter set and the Philox step itself: nothing about the step number is read on the host. The
-        scheduler has settled every argument :func:`ddim_gmm_ext.step_from_table` would check, so the op is
-        called directly (it checks shapes, dtypes and devices itself)."""
-        table = self._table(sample) if rows is None else rows
-        cdt = table.dtype
-        if model_output.dtype not in (sample.dtype, cdt):
-            model_output = model_output.to(cdt)
-        tables = gmm.tables(sample) if gmm is not None else (None, None, None, None)
-        from_tensor = isinstance(index, torch.Tensor)
-        prev, x0, k = step_op(
+        scheduler has settled every argument :func:`ddim_gmm_ext.step_from_table` would check, so it goes to
+        :func:`ddim_gmm_ext.api.fused_step` (the op checks shapes, dtypes and devices itself)."""
+        return api.fused_step(
             model_output,
             sample,
-            table,
-            index if from_tensor else None,
-            *tables,
-            noise,
-            components,
-            _checks.prediction_type_code(prediction_type),
-            None,
-            clip_sample_range,
-            use_clipped_model_output,
-            _checks.op_seed(self._stream_seed),
-            0,
-            0 if from_tensor else index,
-            True,
+            self._table(sample) if rows is None else rows,
+            index,
+            gmm,
+            prediction_type=prediction_type,
+            clip_sample_range=clip_sample_range,
+            use_clipped_model_output=use_clipped_model_output,
+            seed=self._stream_seed,
+            noise=noise,
+            components=components,
         )
-        return StepOutput(prev, x0, k if gmm is not None else None)
 
 
 def check_step_count(value, name: str = "num_inference_steps") -> int:
