@@ -53,6 +53,10 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
     otherwise: z and k from the op's Philox stream of (seed, sample index, step index), drawn inside the op
     (``seed=None``: the stream seed is drawn from the global RNG at the first step).
 
+    Under ``torch.compile`` the step index is looked up on the device from the timestep tensor (one graph for the
+    loop; GMM tables and a pending stream seed need :meth:`prepare_gmm` first); noise drawn from the global RNG
+    is then drawn at t = 0 too, where its std is 0, so only the RNG's state after the loop differs from eager.
+
     Zero-SNR schedules (``rescale_betas_zero_snr=True``) with ``prediction_type="epsilon"``: at a_t = 0 x0 is
     clipped to +-clip_sample_range as ``DDPMScheduler`` does; without clip_sample, or with thresholding,
     ``set_timesteps`` raises where the schedule reaches a_t = 0 (``DDPMScheduler`` gives non-finite samples).
