@@ -172,7 +172,7 @@ class GMMSchedulerMixin:
 
     def _table(self, sample: torch.Tensor) -> torch.Tensor:
         """The rows on the sample's device in its compute dtype (converted once per schedule)."""
-        cdt = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        cdt = _checks.compute_dtype(sample.dtype)
         key = (sample.device, cdt)
         table = self._tables.get(key)
         if table is None:

@@ -16,7 +16,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler, DDIMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ... import api, reference
+from ... import _checks, api, reference
 from .._common import check_eta
 from ._base import (
     GMMSchedulerMixin,
@@ -335,7 +335,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
             generator = check_generator(generator, sample.shape[0])
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
-        cdt = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        cdt = _checks.compute_dtype(sample.dtype)
         if i is None:  # off the schedule: DDIMScheduler's own arithmetic for this timestep, Gaussian kernel
             table, op_index = self._off_schedule_row(int(timestep), eta, gmm, sample.device, cdt)
         else:
