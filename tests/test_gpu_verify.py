@@ -98,6 +98,7 @@ def test_rehearsal_with_the_gpu_machines_software(tmp_path):
     """verify.sh --rehearse on this CPU machine with the GPU machine's Python, torch (a CUDA build) and triton
     (tools/gpu/rehearse.sh): the CUDA build, the whole test suite (the sm_80 / sm_90 compiles with that
     triton among it) and every benchmark script pass there, so a GPU session is not spent on version breakage.
+    Not in the default run (registry): CI's `rehearsal` step (.ci/run rehearsal) runs it, about 5 GB.
     (Its first, manual run found: register spills in float64 kernels compiled by triton 3.6, its interpreter
     refusing runtime loop bounds under numpy >= 2.4, tests that needed an installed package or a registry, and
     a CUDA build that failed without a visible GPU or with a wrapper nvcc; each failed it before its fix.)"""
