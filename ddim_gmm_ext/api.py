@@ -208,49 +208,41 @@ def rfim_step(model_output, sample, t, s, *, eta: float = 0.0, prediction_type: 
     return step(model_output, sample, *_rows.rfim_path(t, s, eta, options), **options)
 
 
-#: Condition numbers above which the Gram route (error ~ eps cond^2) gives way to LAPACK on CPU.
-_GRAM_MAX_COND = {torch.float64: 1e3, torch.float32: 1e4}
-
-
 def thin_svd(O: torch.Tensor) -> torch.Tensor:  # noqa: E741 (the paper's name; a public keyword)
     """U [S, D, K] with orthonormal columns spanning O [S, D, K], ordered by singular value, signs as
     :func:`reference.thin_svd`.
 
-    Each O[s] is scaled by its largest magnitude first (U does not change; the Gram of a 1e-170 matrix would
-    underflow), then U comes from the Gram matrix O^T O in float64 (csrc/cpu/thin_svd.cpp,
-    csrc/cuda/thin_svd.cu). The Gram route loses accuracy like eps * cond(O)^2: on CPU the condition number of
-    each set is read from U^T O (a K x K problem) and sets with cond > 1e3 (float64; 1e4 for float32) are
-    recomputed by LAPACK, so U agrees with :func:`reference.thin_svd` to about 1e-11 (float64) at any
-    condition, and a non-finite or rank-deficient O[s] (sigma_min / sigma_max <= max(D, K) eps) raises
-    ValueError. On CUDA, where those decisions would need a host sync, the Gram route's accuracy holds
-    (orthogonality ~ eps cond^2: 1e-13 at cond 1e4, 3e-11 at 1e6, float64) and an O[s] with
-    sigma_min / sigma_max <= 1e-6 or non-finite values gives U[s] all nan."""
+    U comes from the Gram matrix O^T O in float64 (csrc/cpu/thin_svd.cpp, csrc/cuda/thin_svd.cu), each O[s]
+    scaled first where its Gram would over- or underflow (U does not depend on the scale). The Gram route
+    loses accuracy like eps * cond(O)^2: on CPU the op reads each set's condition number from the Gram's
+    eigenvalues and hands sets with cond > 1e3 (float64; 1e4 for float32) to LAPACK, so U agrees with
+    :func:`reference.thin_svd` to about 1e-11 (float64) at any condition, and a non-finite or rank-deficient
+    O[s] (sigma_min / sigma_max <= max(D, K) eps) raises ValueError. On CUDA, where those decisions would need
+    a host sync, the Gram route's accuracy holds (orthogonality ~ eps cond^2: 1e-13 at cond 1e4, 3e-11 at 1e6,
+    float64) and an O[s] with sigma_min / sigma_max <= 1e-6 or non-finite values gives U[s] all nan."""
     reference._check_thin_svd_input(O)
     if O.numel() == 0:
         return _thin_svd_op.thin_svd(O)
-    peak = O.abs().amax(dim=(1, 2), keepdim=True)
-    scaled = O / torch.where(peak > 0, peak, torch.ones_like(peak))
     if O.device.type != "cpu":
-        return _thin_svd_op.thin_svd(scaled)
-    finite = torch.isfinite(O).flatten(1).all(1)
-    if not finite.all():
-        raise ValueError(f"O must be finite; O[{int((~finite).nonzero()[0])}] holds nan or inf")
+        peak = O.abs().amax(dim=(1, 2), keepdim=True)
+        return _thin_svd_op.thin_svd(O / torch.where(peak > 0, peak, torch.ones_like(peak)))
+    # The CPU op scales and routes to LAPACK itself: no pass over O here unless it refuses a set (each of
+    # the scaling, the finiteness check and the condition check of U^T O cost a pass; together they doubled
+    # the time at [50, 16384, 8] float64).
     try:
-        U = _thin_svd_op.thin_svd(scaled)
-    except RuntimeError:  # cond > 1e6: beyond the Gram route, but LAPACK resolves a full-rank matrix
-        sv = torch.linalg.svdvals(scaled.double())
+        return _thin_svd_op.thin_svd(O)
+    except RuntimeError:  # non-finite, or cond > 1e6: beyond the Gram route, but LAPACK resolves a full-rank matrix
+        finite = torch.isfinite(O).flatten(1).all(1)
+        if not finite.all():
+            raise ValueError(f"O must be finite; O[{int((~finite).nonzero()[0])}] holds nan or inf") from None
+        peak = O.abs().amax(dim=(1, 2), keepdim=True)
+        sv = torch.linalg.svdvals((O / torch.where(peak > 0, peak, torch.ones_like(peak))).double())
         tiny = sv[:, -1] <= sv[:, 0] * max(O.shape[1:]) * torch.finfo(O.dtype).eps
         if tiny.any():
             s = int(tiny.nonzero()[0])
             ratio = float(sv[s, -1] / sv[s, 0])
             raise ValueError(f"O[{s}] is rank-deficient: sigma_min / sigma_max = {ratio:.3g}") from None
         return reference.thin_svd(O)
-    sv = torch.linalg.svdvals(U.transpose(1, 2).double() @ scaled.double())  # [S, K], descending
-    ill = sv[:, 0] > _GRAM_MAX_COND[O.dtype] * sv[:, -1]
-    if ill.any():
-        U = U.clone()
-        U[ill] = reference.thin_svd(O[ill])
-    return U
 
 
 def offset_directions(n_sets: int, dim: int, n_components: int, seed: int, device="cpu") -> torch.Tensor:

@@ -13,14 +13,17 @@
 // largest magnitude (in the output dtype, first on ties) is positive.
 //
 // Two routes with the same mathematics:
-//   K <= kSmallK: one fused pass per stage over the rows of O, blocked over (matrix, row chunk) with
-//     at::parallel_for, and a cyclic Jacobi eigensolver per matrix. Memory traffic is a few reads of O.
+//   K <= kSmallK: one fused pass per stage over the rows of O, a cyclic Jacobi eigensolver per matrix; with
+//     many matrices each thread takes whole matrices through every stage (O read from memory once, then
+//     from cache), with few it splits the rows.
 //   K >  kSmallK: the stages as ATen ops in float64 (BLAS GEMMs, LAPACK syevd; csrc/thin_svd_aten.h, shared
 //     with CUDA), where the K^2 work per row makes BLAS the right tool.
 //
 // Squaring the condition number limits what the Gram route can resolve: a matrix whose smallest singular
 // value is below kMinSigmaRatio times its largest is rejected as numerically rank-deficient (LAPACK would
-// return arbitrary vectors for the null space anyway). Non-finite input is rejected too.
+// return arbitrary vectors for the null space anyway). Non-finite input is rejected too. A matrix past
+// kGramMaxCond (below kMinSigmaRatio) is handed to LAPACK, and one whose Gram would over- or underflow is
+// scaled by a power of two first, so dg.thin_svd needs no pass of its own over O on CPU.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -32,6 +35,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace ddimgmm {
@@ -43,7 +47,17 @@ constexpr int64_t kSmallK = 32;
 constexpr int64_t kChunkRows = 4096;
 constexpr int64_t kMaxWorkItems = 256;
 
-enum Status : int { kOk = 0, kNonFinite = 1, kRankDeficient = 2 };
+enum Status : int { kOk = 0, kNonFinite = 1, kRankDeficient = 2, kIllConditioned = 3 };
+
+// Past this condition number the Gram route's U (off LAPACK's by ~eps64 cond^2 in its columns, though
+// orthonormal after the second pass) gives way to LAPACK for that matrix: U then agrees with LAPACK to ~1e-11
+// (float64) at any condition. The eigenvalues of G resolve sigma_min / sigma_max to ~eps64 cond^2 relative,
+// plenty to draw this line.
+template <typename scalar_t>
+constexpr double kGramMaxCond = std::is_same_v<scalar_t, float> ? 1e4 : 1e3;
+
+// A Gram diagonal below this (2^-700) means products of O's entries may have lost bits to underflow.
+constexpr double kTinyGram = 0x1p-700;
 
 void check_input(const at::Tensor& O) {
   TORCH_CHECK(O.dim() == 3, "thin_svd: O must have shape [S, D, K], got ", O.dim(), " dimensions");
@@ -64,12 +78,21 @@ void raise_on_status(const std::vector<int>& status, const std::vector<double>& 
 }
 
 // The first pass leaves ||U1^T U1 - I|| of order eps64 K sqrt(D) cond(O)^2 (rounding of G). The second
-// pass runs when that could show in the output dtype (eps `out_eps`): always for float64 output, not for
-// float32 output of well-conditioned O such as the GMM's Gaussian draws.
+// pass runs when that could show in the output dtype (eps `out_eps`).
 bool needs_second_pass(double min_sigma_ratio, int64_t D, int64_t K, double out_eps) {
   const double first_pass_error = std::numeric_limits<double>::epsilon() * K * std::sqrt(static_cast<double>(D)) /
                                   (min_sigma_ratio * min_sigma_ratio);
   return first_pass_error > 1e-3 * out_eps;
+}
+
+// U[ill] = LAPACK's U of O[ill] (float64, rounded to O's dtype), each column's first entry of largest
+// magnitude made positive as in reference.thin_svd (argmax returns the first maximal entry).
+void lapack_fallback(const at::Tensor& O, at::Tensor& U, const std::vector<int64_t>& ill) {
+  const at::Tensor index = at::tensor(ill, at::kLong);
+  at::Tensor V = std::get<0>(at::linalg_svd(O.index_select(0, index).to(at::kDouble), /*full_matrices=*/false));
+  V = V.to(O.scalar_type());
+  const at::Tensor pivot = at::gather(V, 1, V.abs().argmax(1, /*keepdim=*/true));
+  U.index_copy_(0, index, V * at::where(pivot < 0, -1.0, 1.0).to(V.scalar_type()));
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -159,59 +182,90 @@ void right_solve_upper(int64_t K, const std::vector<double>& R, std::vector<doub
 
 // The row passes run with the column count padded to the compile-time KP >= K (a power of two), so the
 // per-row K x K products unroll and vectorize; padded columns of M are zero and never stored. They are free
-// functions so that each gets ISA clones (AVX2 / AVX-512 where the CPU has them).
+// functions so that each gets ISA clones (AVX2 / AVX-512 where the CPU has them). `scale` is a power of two
+// (exact; 1 unless the matrix's Gram would over- or underflow).
 
-// y = o[:K] (m == nullptr) or o[:K] M (m: KP x KP padded), zero beyond K; o is one row of O.
+// Rows as GCC vectors of KP doubles: GCC's own vectorisation of the scalar loops shuffled lanes through
+// scalar adds and ran 2-3x slower than these. Element-wise IEEE operations with no contraction: every clone
+// rounds alike.
+template <typename T, int N>
+struct Vector {
+  typedef T type __attribute__((vector_size(N * sizeof(T))));
+};
+template <int KP>
+using Row = typename Vector<double, KP>::type;
 template <typename scalar_t, int KP>
-DDIMGMM_INLINE void load_row(const scalar_t* o, int64_t K, const double* m, double* y) {
+using StoredRow = typename Vector<scalar_t, KP>::type;
+
+// y = scale o[:K] (m == nullptr) or scale o[:K] M (m: KP x KP padded, rows added in order), zero beyond K;
+// o is one row of O. kFull: K == KP, so the row is loaded as one vector.
+template <typename scalar_t, int KP, bool kFull>
+DDIMGMM_INLINE void load_row(const scalar_t* o, int64_t K, double scale, const double* m, Row<KP>& y) {
+  Row<KP> x{};
+  if (kFull) {
+    StoredRow<scalar_t, KP> r;
+    __builtin_memcpy(&r, o, sizeof(r));
+    x = __builtin_convertvector(r, Row<KP>) * scale;
+  } else {
+    for (int64_t j = 0; j < K; ++j) x[j] = static_cast<double>(o[j]) * scale;
+  }
   if (m == nullptr) {
-    for (int j = 0; j < KP; ++j) y[j] = j < K ? static_cast<double>(o[j]) : 0.0;
+    y = x;
     return;
   }
-  for (int j = 0; j < KP; ++j) y[j] = 0.0;
-  for (int64_t k = 0; k < K; ++k) {
-    const double ok = o[k];
-    for (int j = 0; j < KP; ++j) y[j] += ok * m[k * KP + j];
+  Row<KP> acc{};
+  for (int64_t k = 0; k < (kFull ? KP : K); ++k) {
+    Row<KP> mk;
+    __builtin_memcpy(&mk, m + k * KP, sizeof(mk));
+    acc += x[k] * mk;
   }
+  y = acc;
 }
 
 // g [KP, KP] += sum over rows d0 .. d1 of O (row stride K) of y^T y, y = load_row(row, m). Rows go through
-// an L1-sized block Y [kBlock, KP]; g is updated kPanel rows at a time so that the panel's accumulators stay
-// in registers across the block.
-template <typename scalar_t, int KP>
-DDIMGMM_ISA_CLONES void gram_rows(const scalar_t* O, int64_t K, int64_t d0, int64_t d1, const double* m, double* g) {
-  constexpr int kBlock = 64, kPanel = KP >= 2 && KP <= 8 ? 2 : 1;
-  alignas(64) double Y[kBlock * KP];
+// an L1-sized block Y [kBlock]; g is updated kPanel rows at a time, the panel's accumulators in registers
+// across the block: 64 doubles, i.e. 8 independent AVX-512 add chains, so the loop runs at the adder's
+// throughput. Every entry of g adds its rows in order, whatever the panel width.
+template <typename scalar_t, int KP, bool kFull>
+DDIMGMM_ISA_CLONES void gram_rows(const scalar_t* O, int64_t K, int64_t d0, int64_t d1, double scale, const double* m,
+                                  double* g) {
+  constexpr int kBlock = 64, kPanel = KP * KP <= 64 ? KP : 64 / KP;
+  Row<KP> Y[kBlock];
   for (int64_t b0 = d0; b0 < d1; b0 += kBlock) {
     const int rows = static_cast<int>(std::min<int64_t>(kBlock, d1 - b0));
-    for (int b = 0; b < rows; ++b) load_row<scalar_t, KP>(O + (b0 + b) * K, K, m, &Y[b * KP]);
+    for (int b = 0; b < rows; ++b) load_row<scalar_t, KP, kFull>(O + (b0 + b) * K, K, scale, m, Y[b]);
     for (int i = 0; i < KP; i += kPanel) {
-      double acc[kPanel * KP];
-      std::copy_n(&g[i * KP], kPanel * KP, acc);
+      Row<KP> acc[kPanel];
+      __builtin_memcpy(acc, &g[i * KP], sizeof(acc));
       for (int b = 0; b < rows; ++b)
-        for (int p = 0; p < kPanel; ++p)
-          for (int j = 0; j < KP; ++j) acc[p * KP + j] += Y[b * KP + i + p] * Y[b * KP + j];
-      std::copy_n(acc, kPanel * KP, &g[i * KP]);
+        for (int p = 0; p < kPanel; ++p) acc[p] += Y[b][i + p] * Y[b];
+      __builtin_memcpy(&g[i * KP], acc, sizeof(acc));
     }
   }
 }
 
-// U rows d0 .. d1 = O rows M rounded to scalar_t; hi / lo [KP] get the running column max / min (branch-free,
-// so the loop vectorises).
-template <typename scalar_t, int KP>
-DDIMGMM_ISA_CLONES void write_rows(const scalar_t* O, scalar_t* U, int64_t K, int64_t d0, int64_t d1, const double* m,
-                                   double* hi, double* lo) {
-  double y[KP];
+// U rows d0 .. d1 = O rows M rounded to scalar_t; hi / lo [KP] get the running column max / min (branch-free
+// and in registers).
+template <typename scalar_t, int KP, bool kFull>
+DDIMGMM_ISA_CLONES void write_rows(const scalar_t* O, scalar_t* U, int64_t K, int64_t d0, int64_t d1, double scale,
+                                   const double* m, double* hi, double* lo) {
+  Row<KP> h, l, y;
+  __builtin_memcpy(&h, hi, sizeof(h));
+  __builtin_memcpy(&l, lo, sizeof(l));
   for (int64_t d = d0; d < d1; ++d) {
-    load_row<scalar_t, KP>(O + d * K, K, m, y);
-    scalar_t* u = U + d * K;
-    for (int64_t j = 0; j < K; ++j) {
-      const scalar_t v = static_cast<scalar_t>(y[j]);
-      u[j] = v;
-      hi[j] = std::max(hi[j], static_cast<double>(v));
-      lo[j] = std::min(lo[j], static_cast<double>(v));
+    load_row<scalar_t, KP, kFull>(O + d * K, K, scale, m, y);
+    const StoredRow<scalar_t, KP> v = __builtin_convertvector(y, StoredRow<scalar_t, KP>);
+    if (kFull) {
+      __builtin_memcpy(U + d * K, &v, sizeof(v));
+    } else {
+      for (int64_t j = 0; j < K; ++j) U[d * K + j] = v[j];
     }
+    const Row<KP> r = __builtin_convertvector(v, Row<KP>);  // 0 beyond K
+    h = h < r ? r : h;
+    l = r < l ? r : l;
   }
+  __builtin_memcpy(hi, &h, sizeof(h));
+  __builtin_memcpy(lo, &l, sizeof(l));
 }
 
 // U rows d0 .. d1, column j, times sign[j] (+-1: exact, and 0 becomes -0 as negation does; no branch).
@@ -221,158 +275,248 @@ DDIMGMM_ISA_CLONES void flip_rows(scalar_t* U, int64_t K, int64_t d0, int64_t d1
     for (int64_t j = 0; j < K; ++j) U[d * K + j] *= sign[j];
 }
 
+// Every stage works on one matrix s, row chunk by row chunk (chunks fixed by the shape), with scratch that
+// the caller owns; two schedules run the same stages (run()), so they give the same bits.
 template <typename scalar_t, int KP>
 struct SmallK {
   const scalar_t* O;
   scalar_t* U;
   int64_t S, D, K, chunks, chunk_rows;
+  std::vector<double> scale;   // [S] power of two applied to O[s] (1 unless its Gram over- or underflows)
+  std::vector<double> M;       // [S, KP, KP] U[s] = scale O[s] M[s], zero-padded
+  std::vector<int> status;     // [S]
+  std::vector<double> ratio;   // [S] sigma_min / sigma_max from the Gram's eigenvalues
 
-  // Runs fn(s, row_begin, row_end, item) for every (matrix, row chunk) work item in parallel.
+  SmallK(const scalar_t* O_, scalar_t* U_, int64_t S_, int64_t D_, int64_t K_, int64_t chunks_, int64_t chunk_rows_)
+      : O(O_), U(U_), S(S_), D(D_), K(K_), chunks(chunks_), chunk_rows(chunk_rows_), scale(S_, 1.0),
+        M(S_ * KP * KP, 0.0), status(S_, kOk), ratio(S_, 0.0) {}
+
+  int64_t row_begin(int64_t c) const { return c * chunk_rows; }
+  int64_t row_end(int64_t c) const { return std::min(D, (c + 1) * chunk_rows); }
+  const scalar_t* Os(int64_t s) const { return O + s * D * K; }
+
+  // part [KP, KP] = Gram of chunk c of O[s] (m == nullptr) or of O[s] M[s] (m = M[s]).
+  void gram_chunk(int64_t s, int64_t c, const double* m, double* part) const {
+    std::fill_n(part, KP * KP, 0.0);
+    if (K == KP) {
+      gram_rows<scalar_t, KP, true>(Os(s), K, row_begin(c), row_end(c), scale[s], m, part);
+    } else {
+      gram_rows<scalar_t, KP, false>(Os(s), K, row_begin(c), row_end(c), scale[s], m, part);
+    }
+  }
+
+  // G [K, K] = the chunks' partial Grams (parts [chunks, KP, KP]) added in chunk order.
+  void sum_chunks(const double* parts, double* G) const {
+    std::fill_n(G, K * K, 0.0);
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t i = 0; i < K; ++i)
+        for (int64_t j = 0; j < K; ++j) G[i * K + j] += parts[(c * KP + i) * KP + j];
+  }
+
+  // From the first Gram: status, ratio and M[s] = V L^(-1/2). A Gram whose diagonal is not finite or is so
+  // small that products of O's entries lose bits to underflow comes from a matrix with non-finite entries
+  // (status kNonFinite) or from one whose scale is extreme: that one is scaled by a power of two and its
+  // Gram recomputed (U does not depend on the scale; python scaling cost two passes over O).
+  void first_stage(int64_t s, double* parts) {
+    std::vector<double> A(K * K), lambda(K), V(K * K);
+    sum_chunks(parts, A.data());
+    bool finite = true;
+    double top = 0.0;
+    for (int64_t i = 0; i < K; ++i) {
+      finite = finite && std::isfinite(A[i * K + i]);
+      top = std::max(top, A[i * K + i]);
+    }
+    if (!finite || top < kTinyGram) {
+      bool entries_finite = true;
+      double peak = 0.0;
+      for (int64_t i = 0; i < D * K; ++i) {
+        const double v = std::abs(static_cast<double>(Os(s)[i]));
+        entries_finite = entries_finite && std::isfinite(v);
+        peak = std::max(peak, v);
+      }
+      if (!entries_finite) {
+        status[s] = kNonFinite;
+        return;
+      }
+      if (peak > 0.0) {
+        scale[s] = std::ldexp(1.0, -std::ilogb(peak));
+        for (int64_t c = 0; c < chunks; ++c) gram_chunk(s, c, nullptr, &parts[c * KP * KP]);
+        sum_chunks(parts, A.data());
+      }
+    }
+    jacobi_eigh(K, A, lambda, V);
+    ratio[s] = lambda[0] > 0.0 ? std::sqrt(std::max(lambda[K - 1], 0.0) / lambda[0]) : 0.0;
+    if (!(ratio[s] > kMinSigmaRatio)) {
+      status[s] = kRankDeficient;
+      return;
+    }
+    if (ratio[s] * kGramMaxCond<scalar_t> < 1.0) {
+      status[s] = kIllConditioned;
+      return;
+    }
+    double* m = &M[s * KP * KP];
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < K; ++j) m[i * KP + j] = V[i * K + j] / std::sqrt(lambda[j]);
+  }
+
+  // The first pass leaves ||U1^T U1 - I|| of order eps64 K sqrt(D) cond^2 (rounding of G); the second runs
+  // when that could show in the output dtype: always for float64 output, for float32 output only past
+  // cond ~ 20 (not for the GMM's Gaussian draws).
+  bool second_pass_needed(int64_t s) const {
+    return status[s] == kOk && needs_second_pass(ratio[s], D, K, std::numeric_limits<scalar_t>::epsilon());
+  }
+
+  // Second pass from the Gram of O M (parts): G2 = R^T R, M <- M R^(-1). R is near the identity, so its
+  // Cholesky cannot fail once the rank check has passed.
+  void second_stage(int64_t s, const double* parts) {
+    std::vector<double> R(K * K), W(K * K);
+    sum_chunks(parts, R.data());
+    TORCH_CHECK(cholesky_upper(K, R), "thin_svd: second orthogonalisation pass failed for O[", s, "]");
+    double* m = &M[s * KP * KP];
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < K; ++j) W[i * K + j] = m[i * KP + j];
+    right_solve_upper(K, R, W);
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < K; ++j) m[i * KP + j] = W[i * K + j];
+  }
+
+  // Chunk c of U[s] = scale O[s] M[s] rounded to scalar_t; best / negative [K]: the chunk's largest |u| per
+  // column and whether its first entry of that magnitude is negative. The row loop keeps branch-free running
+  // max and min (it vectorises); only an exact tie |max| = |min| rescans the chunk.
+  void write_chunk(int64_t s, int64_t c, double* best, char* negative) const {
+    const int64_t d0 = row_begin(c), d1 = row_end(c);
+    double hi[KP], lo[KP];
+    std::fill_n(hi, KP, -std::numeric_limits<double>::infinity());
+    std::fill_n(lo, KP, std::numeric_limits<double>::infinity());
+    scalar_t* Us = U + s * D * K;
+    if (K == KP) {
+      write_rows<scalar_t, KP, true>(Os(s), Us, K, d0, d1, scale[s], &M[s * KP * KP], hi, lo);
+    } else {
+      write_rows<scalar_t, KP, false>(Os(s), Us, K, d0, d1, scale[s], &M[s * KP * KP], hi, lo);
+    }
+    for (int64_t j = 0; j < K; ++j) {
+      best[j] = d1 > d0 ? std::max(hi[j], -lo[j]) : -1.0;
+      negative[j] = d1 > d0 && -lo[j] > hi[j];
+      if (d1 <= d0 || hi[j] != -lo[j]) continue;
+      for (int64_t d = d0; d < d1; ++d) {
+        const double v = static_cast<double>(Us[d * K + j]);
+        if (std::abs(v) == best[j]) {
+          negative[j] = v < 0;
+          break;
+        }
+      }
+    }
+  }
+
+  // sign [KP] of each column of U[s] from its chunks (best / negative [chunks, K]), combined in row order
+  // with strict comparisons so that the first maximal entry wins as in reference.thin_svd. Returns whether
+  // any column flips.
+  bool column_signs(const double* best, const char* negative, scalar_t* sign) const {
+    bool any = false;
+    for (int64_t j = 0; j < K; ++j) {
+      double top = -1.0;
+      bool flip = false;
+      for (int64_t c = 0; c < chunks; ++c) {
+        if (best[c * K + j] > top) {
+          top = best[c * K + j];
+          flip = negative[c * K + j];
+        }
+      }
+      sign[j] = flip ? scalar_t(-1) : scalar_t(1);
+      any = any || flip;
+    }
+    return any;
+  }
+
+  void flip_chunk(int64_t s, int64_t c, const scalar_t* sign) const {
+    flip_rows(U + s * D * K, K, row_begin(c), row_end(c), sign);
+  }
+
+  // By matrix: each thread runs every stage of its matrices, so a matrix read from memory by the first Gram
+  // is still in cache for the second Gram, the output pass and the sign pass (O [16384, 8] float64 and its U
+  // are 2 MB). Per stage over the whole batch (the other schedule), every pass streams all of O from DRAM:
+  // that schedule is kept for few, tall matrices, where it splits a matrix's rows between threads.
+  void run_by_matrix() {
+    at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> parts(chunks * KP * KP), best(chunks * K);
+      std::vector<char> negative(chunks * K);
+      scalar_t sign[KP];
+      for (int64_t s = begin; s < end; ++s) {
+        for (int64_t c = 0; c < chunks; ++c) gram_chunk(s, c, nullptr, &parts[c * KP * KP]);
+        first_stage(s, parts.data());
+        if (status[s] != kOk) continue;
+        if (second_pass_needed(s)) {
+          for (int64_t c = 0; c < chunks; ++c) gram_chunk(s, c, &M[s * KP * KP], &parts[c * KP * KP]);
+          second_stage(s, parts.data());
+        }
+        for (int64_t c = 0; c < chunks; ++c) write_chunk(s, c, &best[c * K], &negative[c * K]);
+        if (column_signs(best.data(), negative.data(), sign))
+          for (int64_t c = 0; c < chunks; ++c) flip_chunk(s, c, sign);
+      }
+    });
+  }
+
+  // By (matrix, row chunk) work item, one stage at a time over the whole batch.
   template <typename F>
   void for_items(F fn) const {
     at::parallel_for(0, S * chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t s = item / chunks, c = item % chunks;
-        fn(s, c * chunk_rows, std::min(D, (c + 1) * chunk_rows), item);
-      }
+      for (int64_t item = begin; item < end; ++item) fn(item / chunks, item % chunks);
     });
   }
 
-  // M_s [K, K] (row-major, stride K) zero-padded to KP x KP.
-  std::vector<double> pad(const std::vector<double>& M) const {
-    std::vector<double> P(S * KP * KP, 0.0);
+  void run_by_item() {
+    std::vector<double> parts(S * chunks * KP * KP), best(S * chunks * K);
+    std::vector<char> negative(S * chunks * K);
+    auto part = [&](int64_t s, int64_t c) { return &parts[(s * chunks + c) * KP * KP]; };
+    for_items([&](int64_t s, int64_t c) { gram_chunk(s, c, nullptr, part(s, c)); });
+    at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) first_stage(s, part(s, 0));
+    });
+    for_items([&](int64_t s, int64_t c) {
+      if (second_pass_needed(s)) gram_chunk(s, c, &M[s * KP * KP], part(s, c));
+    });
+    at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s)
+        if (second_pass_needed(s)) second_stage(s, part(s, 0));
+    });
+    for_items([&](int64_t s, int64_t c) {
+      if (status[s] == kOk) write_chunk(s, c, &best[(s * chunks + c) * K], &negative[(s * chunks + c) * K]);
+    });
+    std::vector<scalar_t> sign(S * KP, scalar_t(1));
+    std::vector<char> flip(S, 0);
     for (int64_t s = 0; s < S; ++s)
-      for (int64_t i = 0; i < K; ++i)
-        for (int64_t j = 0; j < K; ++j) P[(s * KP + i) * KP + j] = M[(s * K + i) * K + j];
-    return P;
+      flip[s] = status[s] == kOk && column_signs(&best[s * chunks * K], &negative[s * chunks * K], &sign[s * KP]);
+    for_items([&](int64_t s, int64_t c) {
+      if (flip[s]) flip_chunk(s, c, &sign[s * KP]);
+    });
   }
 
-  // sum_rows y^T y per matrix (y from load_row, M padded or nullptr), partial sums added in chunk order.
-  // Returns [S, K, K].
-  std::vector<double> gram(const std::vector<double>* M) const {
-    std::vector<double> partial(S * chunks * KP * KP, 0.0);
-    for_items([&](int64_t s, int64_t d0, int64_t d1, int64_t item) {
-      gram_rows<scalar_t, KP>(O + s * D * K, K, d0, d1, M ? &(*M)[s * KP * KP] : nullptr, &partial[item * KP * KP]);
-    });
-    std::vector<double> G(S * K * K, 0.0);
-    for (int64_t s = 0; s < S; ++s)
-      for (int64_t c = 0; c < chunks; ++c)
-        for (int64_t i = 0; i < K; ++i)
-          for (int64_t j = 0; j < K; ++j) G[(s * K + i) * K + j] += partial[((s * chunks + c) * KP + i) * KP + j];
-    return G;
-  }
-
-  // U[s] = O[s] M_s rounded to scalar_t, then each column's sign fixed by its entry of largest magnitude.
-  void write_output(const std::vector<double>& M) const {
-    // Per work item and column: largest |u| and its sign. The row loop keeps branch-free running max and
-    // min (it vectorises); only an exact tie |max| = |min| rescans the item for its first entry of that
-    // magnitude. Items are combined in row order with strict comparisons, so the first maximal entry wins
-    // as in reference.thin_svd.
-    std::vector<double> best(S * chunks * K, -1.0);
-    std::vector<char> negative(S * chunks * K, 0);
-    for_items([&](int64_t s, int64_t d0, int64_t d1, int64_t item) {
-      double* b = &best[item * K];
-      char* neg = &negative[item * K];
-      double hi[KP], lo[KP];
-      std::fill_n(hi, KP, -std::numeric_limits<double>::infinity());
-      std::fill_n(lo, KP, std::numeric_limits<double>::infinity());
-      write_rows<scalar_t, KP>(O + s * D * K, U + s * D * K, K, d0, d1, &M[s * KP * KP], hi, lo);
-      for (int64_t j = 0; j < K && d1 > d0; ++j) {
-        b[j] = std::max(hi[j], -lo[j]);
-        neg[j] = -lo[j] > hi[j];
-        if (hi[j] != -lo[j]) continue;
-        for (int64_t d = d0; d < d1; ++d) {
-          const double v = static_cast<double>(U[(s * D + d) * K + j]);
-          if (std::abs(v) == b[j]) {
-            neg[j] = v < 0;
-            break;
-          }
-        }
-      }
-    });
-    std::vector<char> flip(S * K, 0);
-    bool any_flip = false;
-    for (int64_t s = 0; s < S; ++s) {
-      for (int64_t j = 0; j < K; ++j) {
-        double top = -1.0;
-        for (int64_t c = 0; c < chunks; ++c) {
-          const int64_t i = (s * chunks + c) * K + j;
-          if (best[i] > top) {
-            top = best[i];
-            flip[s * K + j] = negative[i];
-          }
-        }
-        any_flip = any_flip || flip[s * K + j];
-      }
+  // Returns the matrices left to LAPACK (ill-conditioned); raises for non-finite or rank-deficient ones.
+  std::vector<int64_t> run(bool by_matrix) {
+    if (by_matrix) {
+      run_by_matrix();
+    } else {
+      run_by_item();
     }
-    if (!any_flip) return;
-    for_items([&](int64_t s, int64_t d0, int64_t d1, int64_t) {
-      scalar_t sign[KP];
-      for (int64_t j = 0; j < K; ++j) sign[j] = flip[s * K + j] ? scalar_t(-1) : scalar_t(1);
-      flip_rows(U + s * D * K, K, d0, d1, sign);
-    });
-  }
-
-  void run() const {
-    const std::vector<double> G = gram(nullptr);
-    // Per matrix: eigen-decomposition of G, W = V L^(-1/2).
-    std::vector<double> W(S * K * K);
-    std::vector<int> status(S, kOk);
-    std::vector<double> sigma_ratio(S, 0.0);
-    at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> A(K * K), lambda(K), V(K * K);
-      for (int64_t s = begin; s < end; ++s) {
-        std::copy_n(&G[s * K * K], K * K, A.begin());
-        bool finite = true;
-        for (int64_t i = 0; i < K; ++i) finite = finite && std::isfinite(A[i * K + i]);
-        if (!finite) {
-          status[s] = kNonFinite;
-          continue;
-        }
-        jacobi_eigh(K, A, lambda, V);
-        sigma_ratio[s] = lambda[0] > 0.0 ? std::sqrt(std::max(lambda[K - 1], 0.0) / lambda[0]) : 0.0;
-        if (!(sigma_ratio[s] > kMinSigmaRatio)) {
-          status[s] = kRankDeficient;
-          continue;
-        }
-        for (int64_t i = 0; i < K; ++i)
-          for (int64_t j = 0; j < K; ++j) W[s * K * K + i * K + j] = V[i * K + j] / std::sqrt(lambda[j]);
-      }
-    });
-    raise_on_status(status, sigma_ratio);
-    // Second pass: G2 = (O W)^T (O W) = R^T R, M = W R^(-1). R is near the identity, so its Cholesky
-    // cannot fail once the rank check has passed.
-    const double min_ratio = *std::min_element(sigma_ratio.begin(), sigma_ratio.end());
-    if (needs_second_pass(min_ratio, D, K, std::numeric_limits<scalar_t>::epsilon())) second_pass(W);
-    write_output(pad(W));
-  }
-
-  void second_pass(std::vector<double>& W) const {
-    const std::vector<double> Wp = pad(W);
-    const std::vector<double> G2 = gram(&Wp);
-    at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> R(K * K), Ws(K * K);
-      for (int64_t s = begin; s < end; ++s) {
-        std::copy_n(&G2[s * K * K], K * K, R.begin());
-        TORCH_CHECK(cholesky_upper(K, R), "thin_svd: second orthogonalisation pass failed for O[", s, "]");
-        std::copy_n(&W[s * K * K], K * K, Ws.begin());
-        right_solve_upper(K, R, Ws);
-        std::copy_n(Ws.begin(), K * K, &W[s * K * K]);
-      }
-    });
+    raise_on_status(status, ratio);
+    std::vector<int64_t> ill;
+    for (int64_t s = 0; s < S; ++s)
+      if (status[s] == kIllConditioned) ill.push_back(s);
+    return ill;
   }
 };
 
 template <typename scalar_t>
-void run_small_k(const scalar_t* O, scalar_t* U, int64_t S, int64_t D, int64_t K, int64_t chunks, int64_t chunk_rows) {
+std::vector<int64_t> run_small_k(const scalar_t* O, scalar_t* U, int64_t S, int64_t D, int64_t K, int64_t chunks,
+                                 int64_t chunk_rows, bool by_matrix) {
   // KP: the smallest of 1, 2, 4, 8, 16, 32 that holds K.
   switch (K <= 1 ? 1 : K <= 2 ? 2 : K <= 4 ? 4 : K <= 8 ? 8 : K <= 16 ? 16 : 32) {
-    case 1: return SmallK<scalar_t, 1>{O, U, S, D, K, chunks, chunk_rows}.run();
-    case 2: return SmallK<scalar_t, 2>{O, U, S, D, K, chunks, chunk_rows}.run();
-    case 4: return SmallK<scalar_t, 4>{O, U, S, D, K, chunks, chunk_rows}.run();
-    case 8: return SmallK<scalar_t, 8>{O, U, S, D, K, chunks, chunk_rows}.run();
-    case 16: return SmallK<scalar_t, 16>{O, U, S, D, K, chunks, chunk_rows}.run();
-    default: return SmallK<scalar_t, 32>{O, U, S, D, K, chunks, chunk_rows}.run();
+    case 1: return SmallK<scalar_t, 1>(O, U, S, D, K, chunks, chunk_rows).run(by_matrix);
+    case 2: return SmallK<scalar_t, 2>(O, U, S, D, K, chunks, chunk_rows).run(by_matrix);
+    case 4: return SmallK<scalar_t, 4>(O, U, S, D, K, chunks, chunk_rows).run(by_matrix);
+    case 8: return SmallK<scalar_t, 8>(O, U, S, D, K, chunks, chunk_rows).run(by_matrix);
+    case 16: return SmallK<scalar_t, 16>(O, U, S, D, K, chunks, chunk_rows).run(by_matrix);
+    default: return SmallK<scalar_t, 32>(O, U, S, D, K, chunks, chunk_rows).run(by_matrix);
   }
 }
 
@@ -380,14 +524,20 @@ at::Tensor thin_svd_small_k(const at::Tensor& O) {
   const int64_t S = O.size(0), D = O.size(1), K = O.size(2);
   at::Tensor Oc = O.contiguous();
   at::Tensor U = at::empty_like(Oc);
-  // Split rows only while there are few matrices: enough items to keep every core busy, never more than
-  // kMaxWorkItems (bounds the S * chunks * K^2 partial sums).
+  // Rows are split into chunks only while there are few matrices: enough items to keep every core busy,
+  // never more than kMaxWorkItems (bounds the S * chunks * K^2 partial sums). The chunks depend only on the
+  // shape and both schedules add their partial sums in chunk order, so the result is bitwise the same for
+  // any thread count.
   const int64_t chunks =
       std::max<int64_t>(1, std::min((D + kChunkRows - 1) / kChunkRows, kMaxWorkItems / std::max<int64_t>(S, 1)));
   const int64_t chunk_rows = (D + chunks - 1) / chunks;
+  const bool by_matrix = chunks == 1 || S >= 4 * at::get_num_threads();
+  std::vector<int64_t> ill;
   AT_DISPATCH_FLOATING_TYPES(O.scalar_type(), "thin_svd_cpu", [&] {
-    run_small_k<scalar_t>(Oc.data_ptr<scalar_t>(), U.data_ptr<scalar_t>(), S, D, K, chunks, chunk_rows);
+    ill = run_small_k<scalar_t>(Oc.data_ptr<scalar_t>(), U.data_ptr<scalar_t>(), S, D, K, chunks, chunk_rows,
+                                by_matrix);
   });
+  if (!ill.empty()) lapack_fallback(Oc, U, ill);
   return U;
 }
 
@@ -397,9 +547,17 @@ at::Tensor thin_svd_small_k(const at::Tensor& O) {
 
 at::Tensor thin_svd_blas(const at::Tensor& O) {
   const int64_t D = O.size(1), K = O.size(2);
-  const double out_eps = O.scalar_type() == at::kFloat ? std::numeric_limits<float>::epsilon()
-                                                       : std::numeric_limits<double>::epsilon();
-  return thin_svd_aten(O, [&](const at::Tensor& finite, const at::Tensor& sigma_ratio) {
+  const bool is_float = O.scalar_type() == at::kFloat;
+  const double out_eps = is_float ? std::numeric_limits<float>::epsilon() : std::numeric_limits<double>::epsilon();
+  const double max_cond = is_float ? kGramMaxCond<float> : kGramMaxCond<double>;
+  at::Tensor In = O;
+  if (!is_float) {  // scaled by a power of two (exact): the Gram of a 1e-170 or 1e170 matrix under- or overflows
+    const at::Tensor peak = O.abs().amax({1, 2}, /*keepdim=*/true);
+    const at::Tensor one = at::ones_like(peak);
+    In = O * at::where(peak.isfinite().logical_and(peak > 0), at::ldexp(one, -std::get<1>(at::frexp(peak))), one);
+  }
+  std::vector<int64_t> ill;
+  at::Tensor U = thin_svd_aten(In, [&](const at::Tensor& finite, const at::Tensor& sigma_ratio) {
     const int64_t S = finite.size(0);
     std::vector<int> status(S, kOk);
     std::vector<double> ratio(S, 1.0);
@@ -410,11 +568,14 @@ at::Tensor thin_svd_blas(const at::Tensor& O) {
       for (int64_t s = 0; s < S; ++s) {
         ratio[s] = r.data_ptr<double>()[s];
         if (!(ratio[s] > kMinSigmaRatio)) status[s] = kRankDeficient;
+        if (status[s] == kOk && ratio[s] * max_cond < 1.0) ill.push_back(s);
       }
     }
     raise_on_status(status, ratio);
     return needs_second_pass(*std::min_element(ratio.begin(), ratio.end()), D, K, out_eps);
   }).U;
+  if (!ill.empty()) lapack_fallback(O.contiguous(), U, ill);
+  return U;
 }
 
 at::Tensor thin_svd_cpu(const at::Tensor& O) {

@@ -246,3 +246,46 @@ def test_truly_rank_deficient_and_non_finite_raise_value_error():
     A[2, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"O must be finite; O\[2\]"):
         dg.thin_svd(A)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K", [8, 40])
+def test_op_hands_ill_conditioned_sets_to_lapack(K, dtype):
+    # The CPU op itself reads each set's condition from its Gram's eigenvalues and recomputes sets past
+    # cond 1e3 (float64; 1e4 float32) by LAPACK, on both routes; the well-conditioned set keeps the Gram
+    # route. The float64 cases checked to fail with kGramMaxCond raised to 1e300 (the Gram U is then off
+    # LAPACK's by ~1e-9); float32's tolerance cannot see that.
+    cond = 1e5
+    A = torch.cat([_conditioned(cond, K=K, seed=1), _gaussian((1, 300, K), torch.float64, "cpu")]).to(dtype)
+    U = torch.ops.ddimgmm.thin_svd(A)
+    expected = reference.thin_svd(A.double()).to(dtype)
+    assert_close(U[0], expected[0], kind="f64_svd" if dtype == torch.float64 else "f32_step")
+    assert_close(U[1], expected[1], scale=10)
+
+
+@pytest.mark.parametrize("K", [8, 40])
+def test_op_scales_matrices_whose_gram_would_over_or_underflow(K):
+    # The op scales a matrix whose Gram would under- or overflow by a power of two before the Gram (so
+    # dg.thin_svd needs no pass of its own); every later step is scale-free, so 2^+-565 O gives U of O to
+    # the bit. Checked to fail with the scaling removed (rank-deficient and non-finite errors).
+    A = _conditioned(1e2, K=K)
+    U = torch.ops.ddimgmm.thin_svd(A)
+    for scale in (2.0**-565, 2.0**565):
+        assert torch.equal(torch.ops.ddimgmm.thin_svd(A * scale), U)
+    assert_close(torch.ops.ddimgmm.thin_svd(A * 1e-170), U, kind="f64_abs")
+
+
+def test_schedules_give_the_same_bits():
+    # With 4 threads [8, 9000, 5] runs stage by stage over (matrix, row chunk) items; with 1 thread each
+    # matrix goes whole through every stage. Same chunks, partial sums added in the same order: the same
+    # bits. Checked to fail with the item schedule adding its first Gram's chunks in reverse order.
+    A = _gaussian((8, 9000, 5), torch.float64, "cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        by_item = torch.ops.ddimgmm.thin_svd(A)
+        torch.set_num_threads(1)
+        by_matrix = torch.ops.ddimgmm.thin_svd(A)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(by_item, by_matrix)
