@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ._checks import FINAL_STEPS, check_seed
+from .gmm import GMM_STEP_POLICIES
 from .quality.sampling import GMM_VARIANTS
 
 #: The largest offset scale s the CLI takes: offsets of norm s on digits of norm <= 8 (64 values in [-1, 1]);
@@ -121,6 +122,8 @@ def _eval_settings(args) -> dict[str, Any]:
         "scale_per_dim": args.scale_per_dim,
         "precision_floor": args.precision_floor,
         "controls": not args.no_controls,
+        "gmm_steps": args.gmm_steps or ["all"],
+        "select_seeds": args.select_seeds or [],
     }
 
 
@@ -221,7 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--no-controls",
         action="store_true",
-        help="leave out the 'baseline + matched output noise' control of each GMM sampler (run with --final-step gmm)",
+        help="leave out the control of each GMM sampler: the baseline plus white noise of the offsets' variance "
+        "at the steps where that GMM acts",
+    )
+    ev.add_argument(
+        "--gmm-steps",
+        type=_gmm_steps,
+        nargs="+",
+        default=None,
+        help="where the mixture acts, one or more policies each GMM sampler runs under: all (default), matched "
+        "(only steps whose kernel does not clip), or step indices separated by commas (0 = first step, e.g. 3)",
+    )
+    ev.add_argument(
+        "--select-seeds",
+        type=_seed,
+        nargs="+",
+        default=None,
+        help="choose s on these seeds (disjoint from --seeds) and report the scored seeds at that s "
+        "(default: chosen on --seeds)",
     )
     ev.add_argument(
         "--precision-floor",
@@ -345,6 +365,18 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {text!r}") from None
     assert seed is not None
     return seed
+
+
+def _gmm_steps(text: str):
+    """One --gmm-steps policy: "all", "matched" or comma-separated step indices (a tuple of ints)."""
+    if text in GMM_STEP_POLICIES:
+        return text
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be one of {GMM_STEP_POLICIES} or step indices separated by commas (e.g. 3 or 2,3), got {text!r}"
+        ) from None
 
 
 def _unit_float(text: str) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from numbers import Real
 
+import numpy as np
 import torch
 
 from . import _checks, api, reference
@@ -314,3 +315,125 @@ class GMM:
             f"GMM(variant={self.variant}, dim={D}, n_components={K}, n_steps={self.n_steps}, sets={S}, "
             f"scale={self.scale}, device={self.device}, dtype={self.dtype})"
         )
+
+
+# -- where the mixture acts (gmm_steps) ------------------------------------------------------------------
+#: ``gmm_steps`` by name: "all" (the mixture at every step ``final_step`` allows, the paper's) or "matched"
+#: (only where the kernel is moment-matched, :func:`matched_steps`). The explicit forms are a list of step
+#: indices (sampling order, 0 = first step) or a list of S bools (a mask).
+GMM_STEP_POLICIES = ("all", "matched")
+
+
+def validate_gmm_steps(gmm_steps, n_steps: int | None = None, name: str = "gmm_steps"):
+    """``gmm_steps`` checked (ValueError naming ``name``) and normalised: "all", "matched", or, for the explicit
+    forms, a tuple of ints (indices, with ``n_steps`` None) or a tuple of ``n_steps`` bools (the mask).
+
+    Without ``n_steps`` (a config key, before the schedule is known) only the form is checked; with it the
+    indices must lie in [0, n_steps) and a mask must have n_steps entries. Indices are ints by
+    :func:`_checks.is_int` (NumPy integers too, bool refused); a mask holds only bools (NumPy's too), so a JSON
+    round trip (tuple -> list) keeps its meaning."""
+    if isinstance(gmm_steps, str):
+        if gmm_steps not in GMM_STEP_POLICIES:
+            raise ValueError(
+                f"{name} must be one of {GMM_STEP_POLICIES}, a list of step indices or a boolean mask of the steps, "
+                f"got {gmm_steps!r}"
+            )
+        return gmm_steps
+    values = gmm_steps.tolist() if isinstance(gmm_steps, (torch.Tensor, np.ndarray)) else gmm_steps
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(
+            f"{name} must be one of {GMM_STEP_POLICIES}, a list of step indices or a boolean mask of the steps, "
+            f"got {type(gmm_steps).__name__} {gmm_steps!r}"
+        )
+    if values and all(isinstance(v, (bool, np.bool_)) for v in values):
+        if n_steps is not None and len(values) != n_steps:
+            raise ValueError(f"{name} as a boolean mask must have one entry per step ({n_steps}), got {len(values)}")
+        return tuple(bool(v) for v in values)
+    bad = [v for v in values if not _checks.is_int(v)]
+    if bad:
+        raise ValueError(
+            f"{name} must hold step indices (ints) or only bools (a mask), got {bad[0]!r} in {list(values)!r}"
+        )
+    outside = [int(v) for v in values if v < 0 or (n_steps is not None and v >= n_steps)]
+    if outside:
+        bound = f"[0, {n_steps})" if n_steps is not None else ">= 0"
+        raise ValueError(f"{name} step indices must be in {bound} (sampling order, 0 = first step), got {outside}")
+    if n_steps is None:
+        return tuple(int(v) for v in values)
+    chosen = {int(v) for v in values}
+    return tuple(i in chosen for i in range(n_steps))
+
+
+def _per_step(values, n_steps: int, name: str) -> torch.Tensor:
+    """[n_steps] float64 on the CPU from a number or a sequence / tensor of n_steps numbers."""
+    t = torch.as_tensor(values, dtype=torch.float64).detach().cpu().reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(n_steps)
+    if t.numel() != n_steps:
+        raise ValueError(f"{name} must give one value per step ({n_steps}), got {t.numel()}")
+    return t
+
+
+def matched_steps(gmm: GMM, c, g=1.0) -> list[bool]:
+    """The one rule of where the mixture is moment-matched: per step i (sampling order), whether nothing clips.
+
+    Step i's mixture draws k ~ pi and noise of covariance c_i^2 I - g_i^2 Delta_k, each coordinate (RAND, ORTHO,
+    ORTHO-VUB: variance offsets v_k[i][d]) or eigen-direction (ORTHO-LR: v_k[i][j] along ``gmm.basis`` row j)
+    clipped at 0 (docs/design.md 1.3). Its covariance is c_i^2 I, the Gaussian kernel's, only where no direction
+    clips:
+
+        matched(i)  <=>  g_i^2 v_k[i][j] <= c_i^2   for every component k and every coordinate / direction j
+                    <=>  g_i^2 max_{k, j} v_k[i][j] <= c_i^2
+
+    Elsewhere (low noise: late steps, small eta) the offsets add variance that no noise compensates. A step with
+    g_i = 0 (a Gaussian step) is matched.
+
+    Args:
+        gmm: the tables; step i uses parameter set i (set 0 when shared).
+        c: the noise std per step ([S] numbers, or one for every step), in the sample space of the path.
+        g: the GMM scale per step (the coefficient rows' g column: 1 on VP paths, 1 / a_s on VE paths; 0 on a
+            Gaussian step), or one number.
+
+    Decided on the host in float64 from one copy of the tables' per-set maxima: call it where the tables are
+    built (a scheduler's first step or ``prepare_gmm``, a sampler before its loop), never per step.
+    Returns S bools."""
+    c = torch.as_tensor(c, dtype=torch.float64).detach().cpu().reshape(-1)
+    n = c.numel()
+    g = _per_step(g, n, "g")
+    vmax = gmm._require()[2].detach().amax(dim=(1, 2)).to("cpu", torch.float64)  # noqa: SLF001  [S sets]
+    if gmm.shared:
+        vmax = vmax[:1].expand(n)
+    elif vmax.numel() < n:
+        raise ValueError(f"gmm has parameter sets for {vmax.numel()} steps but {n} noise stds were given")
+    return (g.square() * vmax[:n] <= c.square()).tolist()
+
+
+def gmm_step_mask(gmm_steps, gmm: GMM | None, c, g=1.0, name: str = "gmm_steps") -> list[bool]:
+    """Whether the mixture acts at each step: ``gmm_steps`` (checked, naming ``name``) and g != 0 (a Gaussian
+    step, such as the last one under ``final_step="gaussian"``: both must allow it). "matched" applies
+    :func:`matched_steps` (needs ``gmm``). ``c``, ``g`` as there; S = len(c)."""
+    n = torch.as_tensor(c).numel()
+    gs = _per_step(g, n, "g")
+    policy = validate_gmm_steps(gmm_steps, n, name)
+    if policy == "all":
+        allowed = [True] * n
+    elif policy == "matched":
+        if gmm is None:
+            raise ValueError(f'{name}="matched" needs the GMM tables (the rule reads their variance offsets)')
+        allowed = matched_steps(gmm, c, gs)
+    else:
+        allowed = list(policy)
+    return [a and bool(gi != 0) for a, gi in zip(allowed, gs.tolist(), strict=True)]
+
+
+def clipped_fraction(gmm: GMM, c, g=1.0, mask=None) -> float:
+    """The fraction of mixture steps (g != 0 and ``mask``, default every step) whose kernel clips (not
+    :func:`matched_steps`); NaN when the mixture acts at no step."""
+    n = torch.as_tensor(c).numel()
+    gs = _per_step(g, n, "g").tolist()
+    acting = [gi != 0 and (mask is None or bool(mask[i])) for i, gi in enumerate(gs)]
+    matched = matched_steps(gmm, c, gs)
+    n_acting = sum(acting)
+    if n_acting == 0:
+        return math.nan
+    return sum(a and not m for a, m in zip(acting, matched, strict=True)) / n_acting

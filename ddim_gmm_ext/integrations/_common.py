@@ -17,7 +17,7 @@ from numbers import Integral, Real
 import torch
 
 from .. import _checks
-from ..gmm import GMM, GMM_VARIANTS, resolve_scale
+from ..gmm import GMM, GMM_VARIANTS, gmm_step_mask, resolve_scale, validate_gmm_steps
 
 
 def check_eta(eta, name: str = "eta") -> float:
@@ -57,6 +57,22 @@ def check_gmm_options(variant, n_components, scale, scale_per_dim=None, prefix: 
                 f"{prefix}scale (got {prefix}scale={scale!r}, {prefix}scale_per_dim={scale_per_dim!r}; leave "
                 f"{prefix}scale at its default 1)"
             )
+
+
+def step_gmms(gmm: GMM | None, gmm_steps, final_step: str, c, g=1.0) -> list[GMM | None]:
+    """The GMM each step of a host loop passes (None: a Gaussian step), decided once before the loop: where
+    ``final_step`` and ``gmm_steps`` (:func:`ddim_gmm_ext.gmm.gmm_step_mask`; "matched" reads the tables and the
+    noise std c of every step) both allow the mixture. ``gmm=None`` on a step is what g = 0 is in a coefficient
+    table (the same noise, no offset), and the list is host data: no sync in the loop. ``c``: [S] noise stds in
+    the loop's sample space; ``g``: the GMM scale per step (1 on VP paths)."""
+    n = len(c)
+    policy = validate_gmm_steps(gmm_steps, n)  # checked with the GMM off too, as the other GMM options
+    if gmm is None:
+        return [None] * n
+    gs = torch.as_tensor(g, dtype=torch.float64).expand(n).clone()
+    if final_step == "gaussian":
+        gs[-1] = 0.0
+    return [gmm if acts else None for acts in gmm_step_mask(policy, gmm, c, gs)]
 
 
 def per_sample_dim(sample: torch.Tensor) -> int:

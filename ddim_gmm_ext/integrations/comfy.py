@@ -25,7 +25,7 @@ diffusers schedulers treat ``gmm_scale`` with ``gmm_variant=None`` (a widget can
 
 from __future__ import annotations
 
-from ..gmm import GMM_VARIANTS
+from ..gmm import GMM_STEP_POLICIES, GMM_VARIANTS
 from ._common import check_eta, check_gmm_options
 
 NODE_CLASS_MAPPINGS: dict = {}
@@ -88,12 +88,15 @@ def sample_ddim_gmm_any(model, x, sigmas, extra_args=None, callback=None, disabl
     return sample_ddim_gmm(model, x, sigmas, extra_args, callback, disable, noise_sampler=noise_sampler, **options)
 
 
-def node_options(eta, s_noise, variant, n_components, scale) -> dict:
-    """The node's widget values as sampler options, each checked under its widget's name before any sampling."""
+def node_options(eta, s_noise, variant, n_components, scale, gmm_steps="all") -> dict:
+    """The node's widget values as sampler options, each checked under its widget's name before any sampling.
+    ``gmm_steps``: "all" or "matched" (the explicit forms of the samplers' option have no widget)."""
     from .k_diffusion import check_s_noise
 
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if gmm_steps not in GMM_STEP_POLICIES:
+        raise ValueError(f"gmm_steps must be one of {GMM_STEP_POLICIES}, got {gmm_steps!r}")
     gmm = None if variant == "off" else variant
     check_gmm_options(gmm, n_components, scale)
     return {
@@ -102,6 +105,7 @@ def node_options(eta, s_noise, variant, n_components, scale) -> dict:
         "gmm": gmm,
         "n_components": n_components,
         "scale": scale,
+        "gmm_steps": gmm_steps,
     }
 
 
@@ -135,11 +139,19 @@ if _comfy_samplers is not None:
                             "tooltip": "offset scale s; used only when variant is not off",
                         },
                     ),
+                    "gmm_steps": (
+                        list(GMM_STEP_POLICIES),
+                        {
+                            "default": "all",
+                            "tooltip": "steps with the mixture: all, or matched (only where its noise is not clipped, "
+                            "so its covariance equals the Gaussian step's)",
+                        },
+                    ),
                 }
             }
 
-        def get_sampler(self, eta, s_noise, variant, n_components, scale):
-            options = node_options(eta, s_noise, variant, n_components, scale)
+        def get_sampler(self, eta, s_noise, variant, n_components, scale, gmm_steps="all"):
+            options = node_options(eta, s_noise, variant, n_components, scale, gmm_steps)
             return (_comfy_samplers.KSAMPLER(sample_ddim_gmm_any, extra_options=options),)
 
     NODE_CLASS_MAPPINGS["SamplerDDIMGMM"] = SamplerDDIMGMM

@@ -13,7 +13,7 @@ import math
 import torch
 
 from .. import _checks, api, reference
-from ._common import check_eta, check_gmm_options, check_seed, progress_bar, resolve_gmm, stream_seed
+from ._common import check_eta, check_gmm_options, check_seed, progress_bar, resolve_gmm, step_gmms, stream_seed
 
 __all__ = ["sample_ddim_gmm", "sample_rfim_gmm", "FLOW_NOISE"]
 
@@ -49,6 +49,7 @@ def sample_ddim_gmm(
     sample_offset: int = 0,
     final_step: str = "gaussian",
     scale_per_dim: float | None = None,
+    gmm_steps="all",
 ) -> torch.Tensor:
     """DDIM-GMM sampling of a k-diffusion denoiser over ``sigmas`` (eta = 0: DDIM / Euler; eta = 1: ancestral).
 
@@ -67,14 +68,23 @@ def sample_ddim_gmm(
     ``ddim_gmm_ext.integrations._common`` (None: ``extra_args["seed"]`` when present, as ComfyUI passes it, else drawn
     from torch's default generator); ``sample_offset`` the global index of this batch's first sample;
     ``final_step`` "gaussian" (default: no mixture on the last step, the paper's model) or "gmm";
-    ``scale_per_dim`` instead of ``scale`` (s = scale_per_dim * sqrt(D)).
+    ``scale_per_dim`` instead of ``scale`` (s = scale_per_dim * sqrt(D)); ``gmm_steps`` where the mixture acts:
+    "all" (default), "matched" (only steps whose kernel does not clip, :func:`ddim_gmm_ext.gmm.matched_steps`,
+    decided before the loop from the tables and each step's VP noise std), a list of step indices or a boolean
+    mask of the steps (both it and ``final_step`` must allow a step).
     Returns the final x (sigma = 0).
     """
     sig = _check_sigmas(sigmas)
 
+    def vp(i):
+        return 1.0 / (1.0 + sig[i] ** 2), 1.0 / (1.0 + sig[i + 1] ** 2)
+
+    def noise_std(i):  # c of the VP step, the units of the tables (g = 1)
+        return reference.ddim_coefficients(*vp(i), eta)[4]
+
     def ve_step(i, x, denoised, gmm, run_seed, noise):
         # the VP DDIM step of x_VP = x sqrt(abar), abar = 1 / (1 + sigma^2), mapped back to VE
-        abar_t, abar_s = 1.0 / (1.0 + sig[i] ** 2), 1.0 / (1.0 + sig[i + 1] ** 2)
+        abar_t, abar_s = vp(i)
         out = api.ddim_step(
             denoised,
             x * math.sqrt(abar_t),
@@ -94,17 +104,18 @@ def sample_ddim_gmm(
         model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, noise_sampler, ve_step, "DDIM-GMM",
         gmm=gmm, n_components=n_components, scale=scale, share_across_steps=share_across_steps,
         uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset, final_step=final_step,
-        scale_per_dim=scale_per_dim,
+        scale_per_dim=scale_per_dim, gmm_steps=gmm_steps, noise_std=noise_std,
     )  # fmt: skip
 
 
 def _sample(model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, noise_sampler, step, desc, *,
             gmm, n_components, scale, share_across_steps, uniform_priors, seed, sample_offset, final_step,
-            scale_per_dim):  # fmt: skip
+            scale_per_dim, gmm_steps, noise_std):  # fmt: skip
     """The loop both samplers share: checks, GMM tables, the denoiser call and callback, the noise k-diffusion
     would draw (``noise_sampler`` called exactly when k-diffusion calls it, so a shared sampler stays
     aligned), steps between equal sigmas left out (Euler's x + d * 0), then ``step(i, x, denoised, gmm of step
-    i, run seed, noise or None) -> x``."""
+    i, run seed, noise or None) -> x``. ``noise_std(i)``: the step's noise std c in the units the GMM tables
+    are in (for ``gmm_steps="matched"``)."""
     extra_args = {} if extra_args is None else extra_args
     _checks.check_floating("x", x)
     if x.dim() < 1:
@@ -127,6 +138,8 @@ def _sample(model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, 
         seed=seed,
         scale_per_dim=scale_per_dim,
     )
+    stds = [noise_std(i) if sig[i + 1] != sig[i] else 0.0 for i in range(n_steps)]  # equal sigmas: skipped steps
+    gmms = step_gmms(gmm, gmm_steps, final_step, stds)
     run_seed = stream_seed(seed)
     s_in = x.new_ones([x.shape[0]])
     for i in progress_bar(range(n_steps), disable, desc):
@@ -141,7 +154,7 @@ def _sample(model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, 
                 noise = s_noise * reference.gaussian_noise(x.shape, run_seed, sample_offset, i, x.dtype, x.device)
         if sig[i + 1] == sig[i]:
             continue
-        x = step(i, x, denoised, _checks.gmm_for_step(gmm, i, n_steps, final_step), run_seed, noise)
+        x = step(i, x, denoised, gmms[i], run_seed, noise)
     return x
 
 
@@ -196,6 +209,7 @@ def sample_rfim_gmm(
     sample_offset: int = 0,
     final_step: str = "gaussian",
     scale_per_dim: float | None = None,
+    gmm_steps="all",
 ) -> torch.Tensor:
     """RFIM(-GMM) sampling of a k-diffusion-style flow denoiser (ComfyUI's CONST model sampling: SD3, Flux).
 
@@ -212,6 +226,9 @@ def sample_rfim_gmm(
     if sig[0] > 1 + FLOW_TIME_ROUNDING or sig[0] == 0:
         raise ValueError(f"flow sigmas are times in [0, 1] starting above 0, got sigmas[0] = {sig[0]}")
     sig = [min(s, 1.0) for s in sig]  # float32 rounding above 1 (see FLOW_TIME_ROUNDING); the model sees sigmas
+
+    def noise_std(i):
+        return flow_noise_std(sig[i], sig[i + 1], eta, noise)
 
     def flow_step(i, x, denoised, gmm, run_seed, z):
         t, s = sig[i], sig[i + 1]
@@ -236,5 +253,5 @@ def sample_rfim_gmm(
         model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, noise_sampler, flow_step, "RFIM-GMM",
         gmm=gmm, n_components=n_components, scale=scale, share_across_steps=share_across_steps,
         uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset, final_step=final_step,
-        scale_per_dim=scale_per_dim,
+        scale_per_dim=scale_per_dim, gmm_steps=gmm_steps, noise_std=noise_std,
     )  # fmt: skip

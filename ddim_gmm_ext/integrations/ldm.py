@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from .. import _checks, api, reference
-from ..gmm import GMM, resolve_scale
-from ._common import check_eta, check_seed, progress_bar, resolve_gmm, stream_seed
+from ..gmm import GMM, resolve_scale, validate_gmm_steps
+from ._common import check_eta, check_seed, progress_bar, resolve_gmm, step_gmms, stream_seed
 
 __all__ = ["DDIMSampler"]
 
@@ -27,7 +27,10 @@ class DDIMSampler:
     authors' README) those tables are used, otherwise tables are built per ``sample`` call for the sample
     size ("ortho-vub" for True) with ``n_components`` / ``scale`` (the paper's s, 1 by default) or
     ``scale_per_dim`` (s = scale_per_dim sqrt(D) for D elements per sample; not both). final_step:
-    "gaussian" (default: no mixture on the last step, the paper's model) or "gmm".
+    "gaussian" (default: no mixture on the last step, the paper's model) or "gmm". gmm_steps: where the mixture
+    acts, "all" (default), "matched" (only steps whose kernel does not clip, :func:`ddim_gmm_ext.gmm.matched_steps`,
+    decided at the start of each sampling loop from the tables and the steps' noise std), a list of step indices
+    (sampling order, 0 = first step) or a boolean mask of the steps; both it and final_step must allow a step.
     seed: see ``ddim_gmm_ext.integrations._common``.
 
     The schedule is latent-diffusion's (:func:`ddim_timesteps`): "uniform" runs every c-th timestep with
@@ -47,6 +50,7 @@ class DDIMSampler:
         seed: int | None = None,
         final_step: str = "gaussian",
         scale_per_dim: float | None = None,
+        gmm_steps="all",
         schedule: str = "linear",
         device=None,
         **kwargs,
@@ -69,6 +73,7 @@ class DDIMSampler:
         self.n_components, self.scale = n_components, 1.0 if scale is None else scale
         self.seed = check_seed(seed)
         self.final_step = _checks.check_final_step(final_step)
+        self.gmm_steps = validate_gmm_steps(gmm_steps)  # the form now; indices against the steps of each run
         self.scale_per_dim = scale_per_dim
         self.ddpm_num_timesteps = int(model.alphas_cumprod.shape[0])
         self.ddim_timesteps: np.ndarray | None = None
@@ -291,6 +296,13 @@ class DDIMSampler:
             seed=stream_seed(self.seed),
             sample_offset=sample_offset,
         )
+        if ddim_use_original_steps:
+            abar = self.model.alphas_cumprod.detach().to("cpu", torch.float64)
+            stds = [float(reference.ddim_coefficients(abar[j], abar[j - 1] if j > 0 else 1.0, self.ddim_eta)[4])
+                    for j in reversed(range(steps))]  # fmt: skip
+        else:
+            stds = self._coefficients[:steps, 4].flip(0).tolist()  # one copy, in sampling order
+        gmms = step_gmms(gmm, self.gmm_steps, self.final_step, stds)
         intermediates = {"x_inter": [x], "pred_x0": [x]}
         order = np.flip(schedule)
         for i in progress_bar(range(steps), not progress, "DDIM-GMM Sampler" if gmm is not None else "DDIM Sampler"):
@@ -299,6 +311,7 @@ class DDIMSampler:
             if mask is not None and x0 is not None:
                 x = self._q_sample(x0, t) * mask + (1.0 - mask) * x
             w = unconditional_guidance_scale if ucg_schedule is None else ucg_schedule[i]
+            options["gmm"] = gmms[i]  # None on a step where final_step or gmm_steps leaves the mixture out
             x, pred_x0 = self.p_sample_ddim(x, cond, t, index, unconditional_guidance_scale=w, step=i, **options)
             if callback is not None:
                 callback(i)

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .. import _checks, api
-from ._common import check_eta, check_seed, progress_bar, resolve_gmm, stream_seed
+from ._common import check_eta, check_seed, progress_bar, resolve_gmm, step_gmms, stream_seed
 
 __all__ = ["sample_rfim"]
 
@@ -34,6 +34,7 @@ def sample_rfim(
     sample_offset: int = 0,
     final_step: str = "gaussian",
     scale_per_dim: float | None = None,
+    gmm_steps="all",
 ) -> torch.Tensor:
     """RFIM / RFIM-GMM sampling of a flow model on x_t = (1 - t) x0 + t eps (t = 1 noise, t = 0 data).
 
@@ -45,7 +46,9 @@ def sample_rfim(
     "ortho-vub*", "ortho-lr") built from the other GMM options, or a ``ddim_gmm_ext.GMM``; seed / sample_offset: the
     randomness contract (see ``ddim_gmm_ext.integrations._common``); final_step: "gaussian" (default: no
     mixture on the last step, the paper's model) or "gmm"; scale_per_dim instead of scale (s = scale_per_dim
-    * sqrt(D)).
+    * sqrt(D)); gmm_steps: where the mixture acts, "all" (default), "matched" (only steps whose kernel does
+    not clip, :func:`ddim_gmm_ext.gmm.matched_steps`, decided before the loop from the tables and c = eta * s),
+    a list of step indices or a boolean mask of the steps (both it and final_step must allow a step).
     callback({"x", "i", "t", "s", "denoised"}) after each step, with x the new sample at time s and denoised
     the x0 prediction. Returns x at times[-1].
     """
@@ -68,6 +71,7 @@ def sample_rfim(
         scale_per_dim=scale_per_dim,
     )
     _checks.check_final_step(final_step)
+    gmms = step_gmms(gmm, gmm_steps, final_step, [eta * s for s in ts[1:]])
     run_seed = stream_seed(seed)
     for i in progress_bar(range(n_steps), not progress, "RFIM-GMM" if gmm is not None else "RFIM"):
         t, s = ts[i], ts[i + 1]
@@ -78,7 +82,7 @@ def sample_rfim(
             s,
             eta=eta,
             prediction_type=prediction_type,
-            gmm=_checks.gmm_for_step(gmm, i, n_steps, final_step),
+            gmm=gmms[i],
             step_index=i,
             seed=run_seed,
             sample_offset=sample_offset,

@@ -23,10 +23,21 @@ from pathlib import Path
 import torch
 
 from .._checks import check_final_step, check_seed
-from .sampling import GMM_VARIANTS, make_gmms, matched_output_noise, sample_ddim, sample_rfim, samplers
+from ..gmm import clipped_fraction, gmm_step_mask, validate_gmm_steps
+from .sampling import (
+    GMM_VARIANTS,
+    MatchedNoise,
+    ddim_noise_stds,
+    make_gmms,
+    rfim_noise_stds,
+    sample_ddim,
+    sample_rfim,
+    samplers,
+)
 
 DIM = 64
 FAMILIES = {"ddim": ("DDIM", sample_ddim, "eps"), "rfim": ("RFIM", sample_rfim, "flow")}
+NOISE_STDS = {"ddim": ddim_noise_stds, "rfim": rfim_noise_stds}
 METRICS = ("fd", "precision", "recall")
 
 
@@ -45,7 +56,10 @@ class Sweep:
     final_step: str = "gaussian"
     scale_per_dim: bool = False  # the scales are per-coordinate: s = scale * sqrt(64)
     precision_floor: float = 0.9  # best-s selection refuses a mean precision below this fraction of the baseline's
-    controls: bool = True  # add "DDIM + matched output noise" per GMM sampler (when final_step is "gmm")
+    # add per GMM sampler "DDIM + matched noise": white noise of the offsets' variance at the steps the GMM acts
+    controls: bool = True
+    gmm_steps: tuple = ("all",)  # each GMM sampler runs under each of these policies (see gmm.validate_gmm_steps)
+    select_seeds: tuple = ()  # seeds on which s is chosen (disjoint from seeds); empty: chosen on seeds
 
     def check(self) -> None:
         """ValueError naming the field for a grid that cannot run."""
@@ -75,6 +89,15 @@ class Sweep:
         for seed in self.seeds:
             check_seed(seed, "seeds")
         check_final_step(self.final_step)
+        if not self.gmm_steps:
+            raise ValueError("gmm_steps must not be empty")
+        for policy in self.gmm_steps:
+            validate_gmm_steps(policy, None if isinstance(policy, str) else min(self.steps), "gmm_steps")
+        for seed in self.select_seeds:
+            check_seed(seed, "select_seeds")
+        shared = sorted(set(self.select_seeds) & set(self.seeds))
+        if shared:
+            raise ValueError(f"select_seeds must be disjoint from seeds (s is chosen on them), both hold {shared}")
         if not 0 <= self.precision_floor <= 1:
             raise ValueError(f"precision_floor must be in [0, 1], got {self.precision_floor}")
 
@@ -132,16 +155,55 @@ def sample_and_score(model, sweep: Sweep, steps: int, eta: float, seed: int, qua
     sampler_list = list(samplers(sweep.scales, sweep.variants, baseline, per_dim=sweep.scale_per_dim))
     x_T = initial_noise(sweep.samples, seed)
     gmms = make_gmms(sampler_list, DIM, sweep.components, steps, seed, per_dim=sweep.scale_per_dim)
+    entries, policies, clips = policy_entries(sweep, sampler_list, gmms, steps, eta, baseline)
     with torch.no_grad():
-        xs = sample_fn(model, x_T, steps, eta, gmms, seed, progress=progress, final_step=sweep.final_step)
-    if sweep.controls and sweep.final_step == "gmm":
-        # With a Gaussian last step the mixture adds nothing to the output, and the control would be the baseline.
-        for (name, variant, scale), gmm in zip(list(sampler_list), gmms, strict=True):
-            if gmm is not None:
-                sampler_list.append((f"{baseline}+noise~{name}", f"noise~{variant}", scale))
-                xs.append(matched_output_noise(xs[0], gmm, steps, seed))
-    pairs = zip(sampler_list, xs, strict=True)
-    return [(name, variant, scale, x0, quality(x0)) for (name, variant, scale), x0 in pairs]
+        xs = sample_fn(
+            model, x_T, steps, eta, [e[3] for e in entries], seed, progress, final_step=sweep.final_step,
+            gmm_steps=policies,
+        )  # fmt: skip
+    pairs = zip(entries, xs, clips, strict=True)
+    return [
+        (name, variant, scale, x0, {**quality(x0), "clip_fraction": clip})
+        for (name, variant, scale, _), x0, clip in pairs
+    ]
+
+
+def policy_entries(sweep: Sweep, sampler_list, gmms, steps: int, eta: float, baseline: str):
+    """The samplers of one (steps, eta, seed): the baseline, each GMM sampler under each of ``sweep.gmm_steps``
+    (variant "ortho-lr" for "all", "ortho-lr@matched", ...) and, with ``sweep.controls``, its matched-noise
+    control (:class:`MatchedNoise` at the steps that GMM acts, variant "noise~..."). Returns
+    ([(name, variant, scale, entry of gmms)], the gmm_steps policy of each, the fraction of its mixture steps
+    whose kernel clips, None for the baseline and the controls)."""
+    stds = NOISE_STDS[sweep.family](steps, eta)
+    g = [1.0] * (steps - 1) + [0.0 if sweep.final_step == "gaussian" else 1.0]  # the final_step rule
+    entries: list[tuple] = []
+    policies: list = []
+    clips: list[float | None] = []
+    for (name, variant, scale), gmm in zip(sampler_list, gmms, strict=True):
+        if gmm is None:
+            entries.append((name, variant, scale, None))
+            policies.append("all")
+            clips.append(None)
+            continue
+        for policy in sweep.gmm_steps:
+            tag = "" if policy == "all" else f"@{policy}" if isinstance(policy, str) else f"@{_steps_label(policy)}"
+            acts = tuple(gmm_step_mask(policy, gmm, stds, g))
+            clip = clipped_fraction(gmm, stds, g, acts)
+            entries.append((name + tag, variant + tag, scale, gmm))
+            policies.append(policy)
+            clips.append(None if math.isnan(clip) else clip)
+            if sweep.controls:
+                control = MatchedNoise(gmm, acts)
+                entries.append((f"{baseline}+noise~{name}{tag}", f"noise~{variant}{tag}", scale, control))
+                policies.append("all")
+                clips.append(None)
+    return entries, policies, clips
+
+
+def _steps_label(policy) -> str:
+    """An explicit gmm_steps as a label: "steps=3,4" (indices, or a mask's True positions)."""
+    indices = [i for i, v in enumerate(policy) if v is True] if all(isinstance(v, bool) for v in policy) else policy
+    return "steps=" + ",".join(str(int(i)) for i in indices)
 
 
 def real_reference(sweep: Sweep, quality) -> dict:
@@ -154,14 +216,36 @@ def real_reference(sweep: Sweep, quality) -> dict:
 
 
 def run(model, sweep: Sweep, quality, progress: bool = True) -> dict:
-    """Every sampler of ``sweep``: {"rows": one dict per (seed, steps, eta, sampler) with the metrics,
-    "summary": mean and std over seeds, "best": best s by mean FD per (eta, steps, variant), "reference",
-    "seconds"}."""
-    from tqdm import tqdm
-
+    """Every sampler of ``sweep``: {"rows": one dict per (seed, steps, eta, sampler) with the metrics and the
+    clip fraction, "selection_rows": the same on ``sweep.select_seeds``, "summary": mean and std over seeds,
+    "best": best s by mean FD per (eta, steps, variant) (chosen on the selection seeds when given, reported on
+    the scored ones), "reference", "seconds"}."""
     sweep.check()
     start = time.perf_counter()
-    grid = [(seed, steps, eta) for seed in sweep.seeds for steps in sweep.steps for eta in sweep.etas]
+    rows = score_rows(model, sweep, sweep.seeds, quality, progress)
+    summary = summarise(rows)
+    best = best_scales(summary, sweep.precision_floor)
+    selection_rows: list[dict] = []
+    if sweep.select_seeds:  # s chosen on the selection seeds, reported on the scored ones
+        selection_rows = score_rows(model, sweep, sweep.select_seeds, quality, progress)
+        scored = {(e["steps"], e["eta"], e["sampler"]): e for e in summary}
+        chosen = best_scales(summarise(selection_rows), sweep.precision_floor)
+        best = [scored[(e["steps"], e["eta"], e["sampler"])] for e in chosen]
+    return {
+        "rows": rows,
+        "selection_rows": selection_rows,
+        "summary": summary,
+        "best": best,
+        "reference": real_reference(sweep, quality),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def score_rows(model, sweep: Sweep, seeds, quality, progress: bool) -> list[dict]:
+    """One row per (seed, steps, eta, sampler) of ``seeds`` with its metrics and clip fraction."""
+    from tqdm import tqdm
+
+    grid = [(seed, steps, eta) for seed in seeds for steps in sweep.steps for eta in sweep.etas]
     rows = []
     for seed, steps, eta in tqdm(grid, desc=f"eval {sweep.family}", disable=not progress):
         for name, variant, scale, _, metrics in sample_and_score(model, sweep, steps, eta, seed, quality):
@@ -177,14 +261,7 @@ def run(model, sweep: Sweep, quality, progress: bool = True) -> dict:
                     **metrics,
                 }
             )
-    summary = summarise(rows)
-    return {
-        "rows": rows,
-        "summary": summary,
-        "best": best_scales(summary, sweep.precision_floor),
-        "reference": real_reference(sweep, quality),
-        "seconds": time.perf_counter() - start,
-    }
+    return rows
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -200,6 +277,8 @@ def summarise(rows: list[dict]) -> list[dict]:
     for group in groups.values():
         entry = {k: group[0][k] for k in ("steps", "eta", "sampler", "variant", "scale", "components")}
         entry["seeds"] = len(group)
+        clips = [r["clip_fraction"] for r in group if r.get("clip_fraction") is not None]
+        entry["clip_fraction"] = statistics.fmean(clips) if clips else None
         for m in METRICS:
             diffs = [r[m] - baseline[(r["seed"], r["steps"], r["eta"])][m] for r in group]
             for name, values in ((m, [r[m] for r in group]), (f"{m}_diff", diffs)):
@@ -259,7 +338,8 @@ def write_outputs(result: dict, sweep: Sweep, out_dir, model_name: str) -> list[
         "metrics": "digits-FD, k-NN precision / recall (k = 3) on the shipped classifier's penultimate "
         "features, against the 1797 scikit-learn digits",
     }
-    payload = {"config": config, **{k: result[k] for k in ("rows", "summary", "best", "reference")}}
+    keys = ("rows", "selection_rows", "summary", "best", "reference")
+    payload = {"config": config, **{k: result[k] for k in keys if k in result}}
     paths[1].write_text(json.dumps(payload, indent=1) + "\n")
     paths[2].write_text(table_markdown(result, sweep, model_name))
     plot(result, sweep, paths[3])
@@ -299,19 +379,30 @@ def table_markdown(result: dict, sweep: Sweep, model_name: str) -> str:
             f"{e['recall']:.2f}±{e['recall_std']:.2f}"
         )
 
+    def clip(e):
+        return "-" if e.get("clip_fraction") is None else f"{e['clip_fraction']:.2f}"
+
     def differences(e):
         return (
             f"{e['fd_diff']:+.2f}±{e['fd_diff_std']:.2f}, {e['precision_diff']:+.3f}±{e['precision_diff_std']:.3f}, "
             f"{e['recall_diff']:+.3f}±{e['recall_diff_std']:.3f}"
         )
 
-    controls = sorted({e["variant"] for e in result["best"] if e["variant"].startswith("noise~")})
+    # GMM samplers (each gmm_steps policy) and their controls, in the order they were run
+    variants = list(dict.fromkeys(e["variant"] for e in result["best"] if e["scale"] is not None))
     ref = result["reference"]
     seeds = (
         f"mean ± std over seeds {list(sweep.seeds)}, {sweep.samples} samples each, K = {sweep.components}, "
         f"final step {sweep.final_step}, s chosen by FD among settings with precision >= "
         f"{sweep.precision_floor:g} x {baseline}'s (else 'refused')"
         + ("; scales per coordinate (s = value * 8)" if sweep.scale_per_dim else "")
+        + (f"; s chosen on seeds {list(sweep.select_seeds)}" if sweep.select_seeds else "")
+        + f"; gmm_steps {', '.join(str(p) for p in sweep.gmm_steps)}"
+        + (
+            f"; controls: {baseline} + white noise of the offsets' variance where the GMM acts"
+            if sweep.controls
+            else ""
+        )
     )
     return "\n".join(
         [
@@ -319,13 +410,19 @@ def table_markdown(result: dict, sweep: Sweep, model_name: str) -> str:
             f"in parentheses, then precision / recall (higher is better); {seeds}.",
             "",
             *header,
-            *rows([baseline] + list(sweep.variants) + controls, metrics),
+            *rows([baseline] + variants, metrics),
             "",
             f"Paired differences to {baseline} at that s (same seed, same initial noise): "
             "digits-FD, precision, recall (each ± std over seeds of the paired difference).",
             "",
             *header,
-            *rows(list(sweep.variants) + controls, differences),
+            *rows(variants, differences),
+            "",
+            "Fraction of the mixture steps whose kernel clips (g^2 v_k > c^2 in some direction: not moment-matched) "
+            "at that s, mean over seeds ('-': no mixture step, or a control).",
+            "",
+            *header,
+            *rows(variants, clip),
             "",
             f"Real digits ({min(sweep.samples, 1797)} of the 1797, against all): digits-FD {ref['fd']:.2f}, "
             f"precision {ref['precision']:.2f}, recall {ref['recall']:.2f}.",

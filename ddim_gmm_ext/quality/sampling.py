@@ -6,6 +6,7 @@ are not blurred by sampling noise.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from .. import _checks, reference
 from .._checks import check_final_step
 from ..api import ddim_step, rfim_step
 from ..gmm import GMM, GMM_VARIANTS
+from ..integrations._common import step_gmms
 
 # The paper's training schedule (its appendix A.5); DDIM timesteps as latent-diffusion's (leading, +1, the
 # last step going to abar_0).
@@ -48,6 +50,64 @@ def make_gmms(sampler_list, dim: int, n_components: int, steps: int, seed: int, 
 step_gmm = _checks.gmm_for_step  # the one final-step rule of every sampler
 
 
+#: Philox step index of the matched-noise control's draws at step i: CONTROL_STEP + i, beyond any sampling step,
+#: so its noise is independent of the step noise of the same seed (which the control shares with DDIM).
+CONTROL_STEP = 2**31
+
+
+@dataclass(frozen=True)
+class MatchedNoise:
+    """The per-step matched-noise control of a GMM sampler, an entry of ``gmms`` in :func:`sample_ddim` /
+    :func:`sample_rfim`: the baseline's steps (no mixture) plus, at each step i where the GMM acts
+    (``acts[i]``), white noise whose per-coordinate variance is what the offsets add there,
+    sum_k pi_k g^2 delta_k^2 ([D], g = 1 on these paths; :func:`offset_variance`), independent of the step
+    noise. Where the kernel clips, the mixture is the baseline plus offsets that no noise compensates: a gain this
+    control matches is a noise effect, not moment matching."""
+
+    gmm: GMM
+    acts: tuple[bool, ...]
+
+
+def offset_variance(gmm: GMM, step_index: int, like: torch.Tensor, g: float = 1.0) -> torch.Tensor:
+    """sum_k pi_k g^2 delta_k^2 [D]: the per-coordinate variance the offsets of step ``step_index`` add."""
+    priors, offsets, _, _ = gmm.tables(like)
+    i = gmm.set_index(step_index)
+    return (g * g) * (priors[i][:, None] * offsets[i] ** 2).sum(0)
+
+
+def ddim_noise_stds(steps: int, eta: float) -> list[float]:
+    """The noise std c of each step of :func:`sample_ddim` (sampling order)."""
+    return [float(reference.ddim_coefficients(a, p, eta)[4]) for _, a, p in vp_schedule(steps)]
+
+
+def rfim_noise_stds(steps: int, eta: float) -> list[float]:
+    """The noise std c = eta * s of each step of :func:`sample_rfim` (sampling order)."""
+    return [eta * float(s) for s in reference.rf_times(steps)[1:]]
+
+
+def _plan(gmms, gmm_steps, final_step: str, stds: list[float]) -> list:
+    """Per entry of ``gmms`` the GMM of each step (None: no mixture), by :func:`step_gmms` (``gmm_steps`` one
+    policy, or one per entry); a :class:`MatchedNoise` entry runs the baseline's steps."""
+    # a list of policies (names or sequences) is one per entry; a list of ints / bools is one explicit policy
+    per_entry = isinstance(gmm_steps, list) and all(isinstance(p, (str, list, tuple)) for p in gmm_steps)
+    policies = gmm_steps if per_entry else [gmm_steps] * len(gmms)
+    if len(policies) != len(gmms):
+        raise ValueError(f"gmm_steps must be one policy or one per sampler ({len(gmms)}), got {len(policies)}")
+    return [
+        step_gmms(None if isinstance(g, MatchedNoise) else g, p, final_step, stds)
+        for g, p in zip(gmms, policies, strict=True)
+    ]
+
+
+def _add_control_noise(x: torch.Tensor, entry, step_index: int, seed: int) -> torch.Tensor:
+    """``x`` plus a :class:`MatchedNoise` entry's white noise at ``step_index`` (unchanged elsewhere)."""
+    if not isinstance(entry, MatchedNoise) or not entry.acts[step_index]:
+        return x
+    std = offset_variance(entry.gmm, step_index, x).sqrt()
+    z = reference.gaussian_noise(x.shape, seed, 0, CONTROL_STEP + step_index, std.dtype, x.device)
+    return (x + std * z).to(x.dtype)
+
+
 def training_alphas_cumprod() -> torch.Tensor:
     """abar_t [1000] float64 of the paper's schedule."""
     return reference.alphas_cumprod(reference.make_betas(**BETAS)).double()
@@ -79,13 +139,24 @@ def _steps(items, progress: bool, desc: str):
 
 
 def sample_ddim(
-    eps_model, x_T, steps: int, eta: float, gmms, seed: int, progress: bool = False, final_step: str = "gaussian"
+    eps_model,
+    x_T,
+    steps: int,
+    eta: float,
+    gmms,
+    seed: int,
+    progress: bool = False,
+    final_step: str = "gaussian",
+    gmm_steps="all",
 ) -> list:
     """DDIM(-GMM) sampling loops of an epsilon model ``eps_model(x [B, D], t [B] int64)``, one per entry of
-    ``gmms`` (None = DDIM), all from ``x_T`` [N, D] with the same step noise (paired). The model sees one
-    stacked batch [len(gmms) * N, D] per step. ``final_step``: "gaussian" (no mixture on the last step) or
-    "gmm" (see :func:`step_gmm`). Returns one x0 [N, D] per entry of ``gmms``."""
+    ``gmms`` (None = DDIM, a GMM, or a :class:`MatchedNoise` control), all from ``x_T`` [N, D] with the same
+    step noise (paired). The model sees one stacked batch [len(gmms) * N, D] per step. ``final_step``:
+    "gaussian" (no mixture on the last step) or "gmm" (see :func:`step_gmm`); ``gmm_steps``: where the mixture
+    acts ("all", "matched", indices or a mask; one for every entry or a list, one per entry). Returns one x0
+    [N, D] per entry of ``gmms``."""
     check_final_step(final_step)
+    plan = _plan(gmms, gmm_steps, final_step, ddim_noise_stds(steps, eta))
     xs = [x_T] * len(gmms)
     for i, (t, abar_t, abar_prev) in enumerate(_steps(vp_schedule(steps), progress, "DDIM steps")):
         x = torch.cat(xs)
@@ -97,23 +168,33 @@ def sample_ddim(
                 abar_t,
                 abar_prev,
                 eta=eta,
-                gmm=step_gmm(gmm, i, steps, final_step),
+                gmm=step_plan[i],
                 step_index=i,
                 seed=seed,
                 return_pred_original=False,
             ).prev_sample
-            for e, x, gmm in zip(eps, xs, gmms, strict=False)
+            for e, x, step_plan in zip(eps, xs, plan, strict=False)
         ]
+        xs = [_add_control_noise(x, entry, i, seed) for x, entry in zip(xs, gmms, strict=True)]
         check_finite(xs, i, f"t = {t}")
     return xs
 
 
 def sample_rfim(
-    flow_model, x_T, steps: int, eta: float, gmms, seed: int, progress: bool = False, final_step: str = "gaussian"
+    flow_model,
+    x_T,
+    steps: int,
+    eta: float,
+    gmms,
+    seed: int,
+    progress: bool = False,
+    final_step: str = "gaussian",
+    gmm_steps="all",
 ) -> list:
     """RFIM(-GMM) loops of a velocity model ``flow_model(x [B, D], t [B] float) -> v = eps - x0`` from t = 1 to
     0 on the uniform grid, as :func:`sample_ddim` (paired, one x0 [N, D] per entry of ``gmms``)."""
     check_final_step(final_step)
+    plan = _plan(gmms, gmm_steps, final_step, rfim_noise_stds(steps, eta))
     times = reference.rf_times(steps)
     xs = [x_T] * len(gmms)
     for i in _steps(range(steps), progress, "RFIM steps"):
@@ -127,13 +208,14 @@ def sample_rfim(
                 t,
                 s,
                 eta=eta,
-                gmm=step_gmm(gmm, i, steps, final_step),
+                gmm=step_plan[i],
                 step_index=i,
                 seed=seed,
                 return_pred_original=False,
             ).prev_sample
-            for m, x, gmm in zip(v, xs, gmms, strict=False)
+            for m, x, step_plan in zip(v, xs, plan, strict=False)
         ]
+        xs = [_add_control_noise(x, entry, i, seed) for x, entry in zip(xs, gmms, strict=True)]
         check_finite(xs, i, f"t = {float(t):.4g}")
     return xs
 

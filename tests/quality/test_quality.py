@@ -213,8 +213,9 @@ def test_eval_quick_writes_its_files(tmp_path, family):
     ]
     assert cli.main(args) == 0
     result = json.loads((tmp_path / "results.json").read_text())
-    assert len(result["rows"]) == 2 * 2 * 3  # seeds x etas x (baseline + 2 variants at one scale)
-    assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 12
+    # seeds x etas x (baseline + 2 variants at one scale + their per-step matched-noise controls)
+    assert len(result["rows"]) == 2 * 2 * 5
+    assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 20
     assert all(e["seeds"] == 2 and "fd_diff_std" in e for e in result["summary"])
     table = (tmp_path / "table.md").read_text()
     assert "(1)" in table and "Paired differences" in table
@@ -324,7 +325,7 @@ def test_matched_output_noise_has_the_last_step_offsets_second_moment():
 
 
 def test_eval_with_controls_and_precision_floor(tmp_path):
-    """--final-step gmm adds a control row per GMM sampler; a floor of 1.0 refuses settings that lose precision."""
+    """A control row per GMM sampler (at s = 0 it is DDIM); a floor of 1.0 refuses settings that lose precision."""
     sweep = evaluate.Sweep(
         steps=(3,),
         etas=(1.0,),

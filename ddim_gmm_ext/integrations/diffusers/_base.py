@@ -22,7 +22,7 @@ from numbers import Integral
 import torch
 
 from ... import _checks, api
-from ...gmm import GMM
+from ...gmm import GMM, gmm_step_mask, validate_gmm_steps
 from .._common import build_gmm, check_gmm, check_gmm_options, check_gmm_steps, check_seed, stream_seed
 
 
@@ -78,6 +78,13 @@ class GMMSchedulerMixin:
       sqrt(D)); None: ``gmm_scale`` is used;
     * ``final_step``: "gaussian" (default, the paper's model: no mixture on the last step, where the offsets
       would land on the output uncompensated) or "gmm" (the mixture at every step);
+    * ``gmm_steps``: where the mixture acts, "all" (default, the paper's), "matched" (only steps whose kernel is
+      moment-matched, nothing clipped: :func:`ddim_gmm_ext.gmm.matched_steps`), a list of step indices (sampling
+      order, 0 = first step) or a boolean mask of the steps. Both it and ``final_step`` must allow a step. It
+      goes into the coefficient table's g column (g = 0: a Gaussian step), so a step reads no host value. An
+      explicit list is applied (and checked against the number of steps) by ``set_timesteps``; "matched"
+      reads the GMM tables and each step's c, so it is decided where the tables are built: at the first step
+      after ``set_timesteps``, or at :meth:`prepare_gmm` (needed before a compiled loop);
     * ``seed``: the GMM tables and the Philox noise / component stream; None: tables from seed 0, and
 
       - GMM off: the step's noise (if any) is drawn from torch's global RNG exactly as the stock scheduler draws
@@ -94,14 +101,19 @@ class GMMSchedulerMixin:
     precedence and are never rebuilt (a size mismatch is an error).
     """
 
-    def _init_gmm(self, gmm_variant, gmm_n_components, gmm_scale, seed, final_step="gaussian", scale_per_dim=None):
+    def _init_gmm(
+        self, gmm_variant, gmm_n_components, gmm_scale, seed, final_step="gaussian", scale_per_dim=None, gmm_steps="all"
+    ):
         check_gmm_options(gmm_variant, gmm_n_components, gmm_scale, scale_per_dim, prefix="gmm_")
         _checks.check_final_step(final_step)
+        validate_gmm_steps(gmm_steps)  # the form; indices are checked against the steps by set_timesteps
         check_seed(seed)
         self._user_gmm: GMM | None = None
         self._built_gmm: GMM | None = None
         self._built_key = None
-        self._rows: torch.Tensor | None = None  # [S, 6] float64 on the schedule's device
+        self._rows: torch.Tensor | None = None  # [S, 6] float64 on the schedule's device, gmm_steps applied
+        self._ungated_rows: torch.Tensor | None = None  # the same before gmm_steps
+        self._gated_for: GMM | None = None  # the GMM whose "matched" steps are in self._rows (None: not yet)
         self._tables: dict = {}  # (device, dtype) -> the rows in that compute dtype
         self._stream_seed = 0
         self._seed_pending = False  # seed=None: the stream seed is drawn at the first step that uses it
@@ -134,7 +146,10 @@ class GMMSchedulerMixin:
 
     def _set_rows(self, rows: torch.Tensor) -> None:
         """Install the [S, 6] float64 rows of a new schedule (and their float32 copy, so that a compiled step
-        finds it built). The run's stream seed is the config's, or drawn later by :meth:`_use_stream`."""
+        finds it built), with ``gmm_steps`` applied (:meth:`_gate`; "matched" waits for the GMM, see
+        :meth:`_gate_for`). The run's stream seed is the config's, or drawn later by :meth:`_use_stream`."""
+        self._ungated_rows, self._gated_for = rows, None
+        rows = self._gate(rows, None)
         self._rows = rows
         self._tables = {(rows.device, torch.float32): rows.float()}
         seed = getattr(self.config, "seed", None)  # Euler has no seed key
@@ -142,6 +157,37 @@ class GMMSchedulerMixin:
         self._seed_pending = seed is None
         if self._user_gmm is not None:
             check_gmm_steps(self._user_gmm, rows.shape[0], "gmm_params")
+
+    def _gate(self, rows: torch.Tensor, gmm: GMM | None) -> torch.Tensor:
+        """``rows`` [S, 6] with g = 0 on the steps ``gmm_steps`` leaves out (:func:`ddim_gmm_ext.gmm.gmm_step_mask`
+        on the rows' c and g columns); "matched" without ``gmm`` (off, or not built yet) leaves them as they are."""
+        policy = getattr(self.config, "gmm_steps", "all")  # Euler (deterministic) has no such key
+        if policy == "all" or (policy == "matched" and gmm is None):
+            return rows
+        host = rows.detach().to("cpu", torch.float64)
+        acts = torch.tensor(gmm_step_mask(policy, gmm, host[:, 4], host[:, 5]), device=rows.device)
+        out = rows.clone()
+        out[:, 5] = torch.where(acts, rows[:, 5], torch.zeros_like(rows[:, 5]))
+        return out
+
+    def _gate_for(self, gmm: GMM | None) -> None:
+        """``gmm_steps="matched"``: put the matched steps of ``gmm`` into the rows, once per GMM (on the host,
+        where the tables are built: the first step or :meth:`prepare_gmm`)."""
+        if gmm is None or gmm is self._gated_for or getattr(self.config, "gmm_steps", "all") != "matched":
+            return
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                'gmm_steps="matched" is decided from the GMM tables outside the graph: call '
+                "scheduler.prepare_gmm(sample) after set_timesteps, before the compiled loop"
+            )
+        self._regate(gmm)
+
+    def _regate(self, gmm: GMM) -> None:
+        """Rebuild the rows (and drop their converted copies) with ``gmm``'s matched steps."""
+        assert self._ungated_rows is not None  # set_timesteps ran: _gmm_for checks it
+        self._gated_for = gmm
+        self._rows = self._gate(self._ungated_rows, gmm)
+        self._tables = {(self._rows.device, torch.float32): self._rows.float()}
 
     def _use_stream(self) -> None:
         """The Philox stream is about to be used: draw the run's stream seed from torch's global RNG if it is
@@ -199,6 +245,7 @@ class GMMSchedulerMixin:
         n_steps = self._n_steps()
         if gmm is not None:
             check_gmm(gmm, sample, n_steps, "gmm_params")
+            self._gate_for(gmm)
             return gmm
         c = self.config
         if c.gmm_variant is None:
@@ -222,6 +269,7 @@ class GMMSchedulerMixin:
                 scale_per_dim=c.gmm_scale_per_dim,
             )
             self._built_key = key
+        self._gate_for(self._built_gmm)
         return self._built_gmm
 
     # -- the step --------------------------------------------------------------------------------------

@@ -104,6 +104,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         seed: int | None = None,
         gmm_scale_per_dim: float | None = None,
         final_step: str = "gaussian",
+        gmm_steps="all",
     ):
         super().__init__(
             num_train_timesteps=num_train_timesteps,
@@ -138,7 +139,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
             raise ValueError(
                 f"{source} must give betas in [0, 1], got values in [{betas.min().item()}, {betas.max().item()}]"
             )
-        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim)
+        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim, gmm_steps)
         self._index_of: torch.Tensor | None = None  # [T] int64: position of each train timestep, -1 if absent
         self._index_of_host: list[int] | None = None
         self._eta_rows: dict = {}  # eta -> [S, 6] float64 rows
@@ -193,7 +194,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         # kernel to find its index (see _index), and a captured CUDA graph reads them as static inputs.
         self._step_tensors = list(torch.arange(len(t), device=self.timesteps.device).unbind(0))
         self._path = self._ddim_path(t)
-        self._eta_rows = {}
+        self._eta_rows, self._gated_for = {}, None  # rows of a new schedule, gmm_steps not yet applied
         self._set_rows(self._rows_for(0.0))
         for eta in (0.0, 1.0):  # built here so that a compiled loop at eta 0 or 1 finds them
             self._table_at(eta, self.timesteps.device, torch.float32)
@@ -202,13 +203,21 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         self._step_options = (c.thresholding, c.clip_sample_range if c.clip_sample else None, c.prediction_type)
 
     def _rows_for(self, eta: float) -> torch.Tensor:
-        """[S, 6] float64 rows at this eta on the schedule's device (cached per eta)."""
+        """[S, 6] float64 rows at this eta on the schedule's device (cached per eta), with ``gmm_steps`` applied
+        ("matched" depends on eta through c = eta sigma)."""
         rows = self._eta_rows.get(eta)
         if rows is None:
             a_t, b_t, a_s, b_s, sigma = self._path
             rows = coefficient_rows(a_t, b_t, a_s, b_s, eta * sigma, self.config.final_step).to(self.timesteps.device)
-            self._eta_rows[eta] = rows
+            rows = self._eta_rows[eta] = self._gate(rows, self._gated_for)
         return rows
+
+    def _regate(self, gmm) -> None:
+        """The rows of every eta rebuilt with ``gmm``'s matched steps (eta 0 and 1 again ready for a compiled loop)."""
+        super()._regate(gmm)
+        self._eta_rows = {}
+        for eta in (0.0, 1.0):
+            self._table_at(eta, self.timesteps.device, torch.float32)
 
     def _table_at(self, eta: float, device: torch.device, cdt: torch.dtype) -> torch.Tensor:
         """The rows at this eta on ``device`` in the compute dtype ``cdt`` (cached)."""

@@ -100,6 +100,7 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
         seed: int | None = None,
         final_step: str = "gaussian",
         gmm_scale_per_dim: float | None = None,
+        gmm_steps="all",
     ):
         super().__init__(
             num_train_timesteps=num_train_timesteps,
@@ -125,7 +126,7 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
                 f"gmm_variant={gmm_variant!r} needs a fixed variance_type {_FIXED_VARIANCES} and thresholding=False, "
                 f"got variance_type={variance_type!r}, thresholding={thresholding}"
             )
-        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim)
+        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim, gmm_steps)
         self._index_of_host: dict[int, int] = {}
         self._timesteps_host: list[int] = []
         self._index_of = torch.full((0,), -1, dtype=torch.int64)

@@ -187,6 +187,7 @@ class EulerAncestralDiscreteGMMScheduler(_FusedEulerMixin, EulerAncestralDiscret
         seed: int | None = None,
         gmm_scale_per_dim: float | None = None,
         final_step: str = "gaussian",
+        gmm_steps="all",
     ):
         super().__init__(
             num_train_timesteps=num_train_timesteps,
@@ -199,7 +200,7 @@ class EulerAncestralDiscreteGMMScheduler(_FusedEulerMixin, EulerAncestralDiscret
             steps_offset=steps_offset,
             rescale_betas_zero_snr=rescale_betas_zero_snr,
         )
-        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim)
+        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim, gmm_steps)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """As ``EulerAncestralDiscreteScheduler.set_timesteps``; also builds the [S, 6] row table (GMM scale

@@ -95,6 +95,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
         seed: int | None = None,
         gmm_scale_per_dim: float | None = None,
         final_step: str = "gaussian",
+        gmm_steps="all",
     ):
         if not isinstance(shift, Real) or isinstance(shift, bool) or not (math.isfinite(shift) and shift > 0):
             raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
@@ -119,7 +120,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
             time_shift_type=time_shift_type,
             stochastic_sampling=stochastic_sampling,
         )
-        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim)
+        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim, gmm_steps)
 
     @property
     def eta(self) -> float:
