@@ -2,9 +2,10 @@
 
 The digits demo (default) samples the shipped digits eps model (:mod:`ddim_gmm_ext.quality.digits`) at the
 setting where the project's 5-seed tables show an effect (5 steps, eta 1): DDIM, DDIM-GMM-ORTHO-LR (Gaussian
-last step, the package's default), the same with the mixture on the last step too, and that run's
-matched-noise control (DDIM whose output gets white noise of the variance the last-step offsets add; see
-:func:`ddim_gmm_ext.quality.sampling.matched_output_noise`). It prints digits-FD, precision and recall as
+last step, the package's default), its per-step matched-noise control (DDIM plus white noise of the offsets'
+variance at exactly the steps where the mixture acts; :class:`ddim_gmm_ext.quality.sampling.MatchedNoise`),
+and the mixture only where it is moment-matched (``gmm_steps="matched"``), each with the fraction of its
+mixture steps whose kernel clips. It prints digits-FD, precision and recall as
 mean ± std over paired seeds with each sampler's paired difference to DDIM, writes a PNG of the first seed's
 samples, and times the fused step against diffusers' ``DDIMScheduler.step`` in the same run.
 
@@ -131,16 +132,19 @@ def write_analytic_json(path, args, result) -> None:
 
 
 # Row labels of the digits demo, in print order.
-DDIM_ROW, GMM_ROW, LAST_ROW, CONTROL_ROW = "DDIM", "DDIM-GMM", "DDIM-GMM, last step too", "DDIM + matched noise"
+DDIM_ROW, GMM_ROW, CONTROL_ROW, MATCHED_ROW = "DDIM", "DDIM-GMM", "DDIM + matched noise", "DDIM-GMM, matched steps"
+ROWS = (DDIM_ROW, GMM_ROW, CONTROL_ROW, MATCHED_ROW)
 
 
 def run_digits(args) -> dict:
-    """Every seed's samples and metrics of the four digits samplers: {"rows": per (seed, sampler), "summary":
+    """Every seed's samples and metrics of the four digits samplers (:data:`ROWS`): {"rows": per (seed, sampler)
+    with its "clip_fraction" (None for DDIM and the control), "summary":
     mean ± std over seeds and paired differences to DDIM, "reference", "samples": the first seed's x0 per row,
     "speed", "seconds"}. Runs on one thread (see :func:`one_thread`)."""
+    from ..gmm import clipped_fraction, gmm_step_mask
     from . import evaluate
     from .metrics import DigitsQuality
-    from .sampling import matched_output_noise
+    from .sampling import MatchedNoise, ddim_noise_stds
 
     start = time.perf_counter()
     sweep = evaluate.Sweep(
@@ -157,22 +161,25 @@ def run_digits(args) -> dict:
     steps, eta = args.steps[0], args.etas[0]
     (sampler,) = samplers(sweep.scales, sweep.variants, None, per_dim=args.scale_per_dim)
     rows, first = [], {}
+    stds = ddim_noise_stds(steps, eta)
+    g = [1.0] * (steps - 1) + [0.0]  # final_step="gaussian", the default
     with one_thread():
         model, quality = evaluate.load_model("digits"), DigitsQuality()
         for seed in args.seeds:
             x_T = evaluate.initial_noise(args.samples, seed)
             (gmm,) = make_gmms([sampler], evaluate.DIM, args.components, steps, seed, per_dim=args.scale_per_dim)
-            with torch.no_grad():
-                ddim, mixed = sample_ddim(model, x_T, steps, eta, [None, gmm], seed, final_step="gaussian")
-                (last,) = sample_ddim(model, x_T, steps, eta, [gmm], seed, final_step="gmm")
-            runs = {
-                DDIM_ROW: ddim,
-                GMM_ROW: mixed,
-                LAST_ROW: last,
-                CONTROL_ROW: matched_output_noise(ddim, gmm, steps, seed),
+            acts = {
+                GMM_ROW: gmm_step_mask("all", gmm, stds, g),
+                MATCHED_ROW: gmm_step_mask("matched", gmm, stds, g),
             }
+            clip = {label: clipped_fraction(gmm, stds, g, mask) for label, mask in acts.items()}
+            entries = [None, gmm, MatchedNoise(gmm, tuple(acts[GMM_ROW])), gmm]
+            with torch.no_grad():
+                x0s = sample_ddim(model, x_T, steps, eta, entries, seed, gmm_steps=["all", "all", "all", "matched"])
+            runs = dict(zip(ROWS, x0s, strict=True))
             for label, x0 in runs.items():
                 base = label == DDIM_ROW
+                fraction = clip.get(label)
                 rows.append(
                     {
                         "seed": seed,
@@ -182,6 +189,7 @@ def run_digits(args) -> dict:
                         "variant": None if base else DIGITS_VARIANT,
                         "scale": None if base else sampler[2],
                         "components": None if base else args.components,
+                        "clip_fraction": None if fraction is None or math.isnan(fraction) else fraction,
                         **quality(x0),
                     }
                 )
@@ -227,7 +235,7 @@ def step_speed(eta: float, shape=SPEED_SHAPE, calls: int = SPEED_CALLS) -> dict 
     x, eps = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     schedulers = {
         "diffusers": DDIMScheduler(),
-        "fused": DDIMGMMScheduler(gmm_variant=None),
+        "fused": DDIMGMMScheduler(gmm_variant=None, seed=0),  # seed: the noise is drawn in the kernel
         "fused_ortho_lr": DDIMGMMScheduler(gmm_variant="ortho-lr", gmm_n_components=8, seed=0),
     }
     for scheduler in schedulers.values():
@@ -257,23 +265,27 @@ def print_digits(args, result, out=None) -> None:
         "to DDIM, mean ± std.",
         file=out,
     )
-    print(f"\n{'sampler':<26}{'digits-FD':>14}{'precision':>14}{'recall':>14}{'dFD vs DDIM':>15}", file=out)
-    for label in (DDIM_ROW, GMM_ROW, LAST_ROW, CONTROL_ROW):
+    clips = {r["sampler"]: r["clip_fraction"] for r in result["rows"]}
+    print(f"\n{'sampler':<26}{'digits-FD':>14}{'precision':>14}{'recall':>14}{'dFD vs DDIM':>15}{'clips':>7}", file=out)
+    for label in ROWS:
         e = summary[label]
         cells = [
             f"{e[m]:.2f}±{e[m + '_std']:.2f}" if m == "fd" else f"{e[m]:.3f}±{e[m + '_std']:.3f}"
             for m in ("fd", "precision", "recall")
         ]
         diff = "" if label == DDIM_ROW else f"{e['fd_diff']:+.2f}±{e['fd_diff_std']:.2f}"
-        print(f"{label:<26}" + "".join(f"{c:>14}" for c in cells) + f"{diff:>15}", file=out)
+        clip = "" if clips[label] is None else f"{clips[label]:.2f}"
+        print(f"{label:<26}" + "".join(f"{c:>14}" for c in cells) + f"{diff:>15}{clip:>7}", file=out)
     ref = result["reference"]
     real = f"{ref['fd']:.2f}", f"{ref['precision']:.3f}", f"{ref['recall']:.3f}"
     print(f"{'real digits (subset)':<26}" + "".join(f"{c:>14}" for c in real), file=out)
     print(
         f"\n{GMM_ROW}: the mixture on steps 1-{steps - 1}, Gaussian last step (the default, the paper's model).\n"
-        f"{LAST_ROW}: final_step='gmm', the offsets also land on the output.\n"
-        f"{CONTROL_ROW}: DDIM whose output gets white noise of the per-coordinate variance those last-step\n"
-        "offsets add; the part of the 'last step too' gain that the control shows as well is output noise.",
+        f"{CONTROL_ROW}: DDIM plus white noise of the offsets' per-coordinate variance at exactly the steps\n"
+        f"where {GMM_ROW} mixes: a gain it shares is a noise effect, not moment matching.\n"
+        f"{MATCHED_ROW}: the mixture only where nothing clips (gmm_steps='matched').\n"
+        "clips: the fraction of the mixture's steps where c^2 < g^2 v_k (its variance term clips, so the offsets\n"
+        "add variance that no noise compensates).",
         file=out,
     )
     speed = result["speed"]
@@ -283,7 +295,8 @@ def print_digits(args, result, out=None) -> None:
         us = {k: 1e6 * speed[k] for k in ("diffusers", "fused", "fused_ortho_lr")}
         print(
             f"\nstep speed, {speed['shape']} float32, eta = {speed['eta']:g}, no generator, one thread, median of "
-            f"{speed['calls']} interleaved calls:\nDDIMGMMScheduler.step {us['fused']:.0f} us (GMM off), "
+            f"{speed['calls']} interleaved calls:\nDDIMGMMScheduler.step {us['fused']:.0f} us (GMM off; seed=0: noise "
+            "drawn in the kernel), "
             f"{us['fused_ortho_lr']:.0f} us (ORTHO-LR, K = 8); diffusers DDIMScheduler.step {us['diffusers']:.0f} us: "
             f"{us['diffusers'] / us['fused']:.1f}x with the GMM off.",
             file=out,

@@ -147,10 +147,12 @@ def test_train_digits_writes_a_loadable_manifest(tmp_path, capsys):
 
 
 def test_digits_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
-    """The four rows with the spread over seeds and the paired differences; the control is DDIM's output plus the
-    matched noise of the seed's tables; the speed line, or why it is skipped."""
+    """The four rows with the spread over seeds, the paired differences and the clip fractions; the control is
+    DDIM plus the matched noise of the seed's tables at the mixture's steps; the speed line, or why it is
+    skipped."""
+    from ddim_gmm_ext.gmm import gmm_step_mask
     from ddim_gmm_ext.quality import demo
-    from ddim_gmm_ext.quality.sampling import matched_output_noise
+    from ddim_gmm_ext.quality.sampling import MatchedNoise, ddim_noise_stds
 
     assert demo.DEMO_DEFAULTS["digits"]["steps"] == [5] and demo.DEMO_DEFAULTS["digits"]["etas"] == [1.0]
     png, out = tmp_path / "demo.png", tmp_path / "demo.json"
@@ -158,7 +160,7 @@ def test_digits_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     argv = ["demo", "--samples", "40", "--steps", "3", "--seeds", "0", "1", "--png", str(png), "--json", str(out)]
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
-    labels = [demo.DDIM_ROW, demo.GMM_ROW, demo.LAST_ROW, demo.CONTROL_ROW]
+    labels = list(demo.ROWS)
     assert all(label in text for label in labels) and "dFD vs DDIM" in text and "±" in text
     assert "DDIMScheduler.step" in text
     assert png.stat().st_size > 1000
@@ -168,13 +170,17 @@ def test_digits_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     ] * 4
     summary = {e["sampler"]: e for e in result["summary"]}
     assert summary[demo.DDIM_ROW]["fd_diff"] == 0 and summary[demo.GMM_ROW]["seeds"] == 2
-    # the control row, rebuilt from its definition (seed 1)
+    clips = {r["sampler"]: r["clip_fraction"] for r in result["rows"][4:]}
+    assert clips[demo.DDIM_ROW] is None and clips[demo.CONTROL_ROW] is None and clips[demo.MATCHED_ROW] == 0
+    # the control row, rebuilt from its definition (seed 1): DDIM plus matched noise where the mixture acts
+    # (mutation checked: the control built with every step acting, the last one included, differs)
     model, sampler = evaluate.load_model("digits"), next(samplers([1.0], ("ortho-lr",), None))
     (gmm,) = make_gmms([sampler], 64, 8, 3, 1)
+    acts = tuple(gmm_step_mask("all", gmm, ddim_noise_stds(3, 1.0), [1.0, 1.0, 0.0]))
     with torch.no_grad():
-        (ddim,) = sample_ddim(model, evaluate.initial_noise(40, 1), 3, 1.0, [None], 1)
-    control = DigitsQuality()(matched_output_noise(ddim, gmm, 3, 1))
-    assert result["rows"][7]["fd"] == pytest.approx(control["fd"], rel=1e-6)
+        (x0,) = sample_ddim(model, evaluate.initial_noise(40, 1), 3, 1.0, [MatchedNoise(gmm, acts)], 1)
+    control = DigitsQuality()(x0)
+    assert result["rows"][6]["fd"] == pytest.approx(control["fd"], rel=1e-6)
     monkeypatch.setattr(demo, "step_speed", lambda eta: None)  # a .[demo] install has no diffusers
     assert cli.main([*argv[:-2], "--seeds", "0"]) == 0
     assert "diffusers is not installed" in capsys.readouterr().out
