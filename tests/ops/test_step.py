@@ -255,6 +255,7 @@ def _op_args(device, dtype=torch.float32, gmm=True, guided=False, table=False):
     row = [0.7, 0.7, 0.8, 0.6, 0.3, 1.0]
     coeffs = torch.tensor([row, row] if table else row, dtype=cdt, device=device)
     values = [m, x, coeffs, None, *tables, None, None, None, 0, 2.0 if guided else None, 1.0, True, 3, 0, 1, True]
+    values += [None, None]  # no history
     return dict(zip(ARGUMENTS, values, strict=True))
 
 
