@@ -22,6 +22,7 @@ from diffusers.pipelines.ddim.pipeline_ddim import DDIMPipeline
 
 from .ddim import DDIMGMMScheduler, DDIMSchedulerOutput
 from .ddpm import DDPMGMMScheduler, DDPMSchedulerOutput
+from .dpm_multistep import DPMSolverMultistepGMMScheduler
 from .euler import (
     EulerAncestralDiscreteGMMScheduler,
     EulerAncestralDiscreteSchedulerOutput,
@@ -35,6 +36,7 @@ __all__ = [
     "DDIMSchedulerOutput",
     "DDPMGMMScheduler",
     "DDPMSchedulerOutput",
+    "DPMSolverMultistepGMMScheduler",
     "EulerAncestralDiscreteGMMScheduler",
     "EulerAncestralDiscreteSchedulerOutput",
     "EulerDiscreteGMMScheduler",
