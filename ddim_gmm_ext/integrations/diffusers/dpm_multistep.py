@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from numbers import Integral
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
@@ -243,12 +244,14 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         else:
             a = 1 / (sigma.square() + 1).sqrt()
             b = sigma * a
-        lam: list[float] = (a.log() - b.log()).tolist()
+        # numpy scalars: a repeated sigma (h = 0) gives inf / NaN coefficients as in diffusers, not an exception
+        lam = [np.float64(v) for v in (a.log() - b.log()).tolist()]
         a_all: list[float] = a.tolist()
         b_all: list[float] = b.tolist()
         sde = c.algorithm_type == "sde-dpmsolver++"
         n = len(self.timesteps)
         rows = []
+        errors = np.seterr(divide="ignore", invalid="ignore")
         for i in range(n):
             order = self._order(i, start) if i >= start else 1
             h = lam[i + 1] - lam[i]
@@ -260,6 +263,7 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
             noise = b_all[i + 1] * math.sqrt(-math.expm1(-2 * h)) if sde else 0.0
             g = 0.0 if i == n - 1 and c.final_step == "gaussian" else 1.0
             rows.append([a_all[i], b_all[i], x_coef * a_all[i] + w0, x_coef * b_all[i], noise, g, w1, w2])
+        np.seterr(**errors)
         return torch.tensor(rows, dtype=torch.float64)
 
     def _restart_rows(self, start: int) -> None:
