@@ -21,13 +21,11 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def _bare_op(scheduler, x, m, i, prediction_type):
     """The op call the scheduler makes, with everything precomputed: its floor."""
     gmm = scheduler.gmm
-    code = {"epsilon": 0, "flow": 3}[prediction_type]
     seed = scheduler._stream_seed
     table = scheduler._table_at(0.0, x.device, torch.float32) if prediction_type == "epsilon" else scheduler._table(x)
-    tables = (None, None, None, None) if gmm is None else gmm.tables(x)
+    tables = None if gmm is None else gmm.step_tables(x)
     index = torch.tensor(i, device=x.device)
-    args = (m, x, table, index, *tables, None, None, code, None, None, False, seed, 0, 0, True)
-    return lambda: step_op(*args)
+    return lambda: step_op(m, x, table, step_index=index, tables=tables, prediction_type=prediction_type, seed=seed)
 
 
 def _cases(family, gmm_variant, device):

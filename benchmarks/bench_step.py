@@ -48,12 +48,12 @@ def test_gmm_variant_step(benchmark, device, shape, variant):
     gmm = dg.GMM.create(x[0].numel(), n_components=8, n_steps=4, variant=variant, device=device)
     a_t, b_t, a_s, b_s, c = R.ddim_coefficients(0.3, 0.45, 1.0)
     row = torch.tensor(R.coefficient_row(a_t, b_t, a_s, b_s, c), dtype=torch.float32, device=device)
-    args = (m, x, row, None, *gmm.tables(x), None, None, 0, None, None, False, 0, 0, 1, False)
+    options = dict(step_index=1, tables=gmm.step_tables(x), return_pred_original=False)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    step_op(*args)
+    step_op(m, x, row, **options)
 
     def run():
-        step_op(*args)
+        step_op(m, x, row, **options)
         sync()
 
     benchmark(run)

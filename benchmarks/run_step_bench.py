@@ -38,10 +38,10 @@ def make_cases(device: str, shape, eta: float) -> dict:
     gmm = dg.GMM.create(x[0].numel(), n_components=8, n_steps=4, variant="ortho-vub", device=device)
     a_t, b_t, a_s, b_s, c = R.ddim_coefficients(ALPHA_T, ALPHA_PREV, eta)
     coeffs = torch.tensor(R.coefficient_row(a_t, b_t, a_s, b_s, c), dtype=torch.float32, device=device)
-    tables = gmm.tables(x)
+    tables = gmm.step_tables(x)
 
     def op():
-        return step_op(m, x, coeffs, None, *tables, None, None, 0, None, None, False, 0, 0, STEP, False)
+        return step_op(m, x, coeffs, step_index=STEP, tables=tables, return_pred_original=False)
 
     def public():
         return dg.ddim_step(m, x, ALPHA_T, ALPHA_PREV, eta=eta, gmm=gmm, step_index=STEP)

@@ -20,10 +20,12 @@ TORCH_LIBRARY(ddimgmm, m) {
   //     sample's device: x_t = a_t x0 + b_t eps, mean = A x0 + B eps + H1 h1 + H2 h2, noise std c, GMM scale g
   //     (offsets g delta, variance offsets g^2 v; 0: a Gaussian step). 6 columns: H1 = H2 = 0.
   //   step index i: the 0-d int64 step_tensor (read on the device; step_index must then be 0) or step_index.
-  //     i selects the row of a table, the GMM parameter set of [S_g, ...] tables (S_g == 1: shared) and the
-  //     Philox step counter. Out of range: an error for step_index; NaN outputs and components -1 for a tensor.
+  //     i selects the row of a table, the GMM parameter set of stacked [S_g, ...] tables and the Philox step
+  //     counter. Out of range of the table or of the stacked sets (S_g == 1 included): an error for
+  //     step_index; NaN outputs and components -1 for a tensor.
   //   priors [(S_g,) K], offsets [(S_g,) K, D], var_offsets [(S_g,) K, Dv] (Dv <= D, zero beyond): compute
-  //     dtype, all three or none. basis [(S_g,) Dv, D] (orthonormal rows): the low-rank form, var_offsets are
+  //     dtype, all three or none. Unstacked ([K], [K, D], ...): one set shared by every step (no range check);
+  //     stacked: one set per step. basis [(S_g,) Dv, D] (orthonormal rows): the low-rank form, var_offsets are
   //     then eigenvalues in that basis: noise c z + sum_i (sqrt(max(c^2 - g^2 v_k[i], 0)) - c)(w_i . z) w_i.
   //   noise [B, ...] and components [B] (int32/int64) override the Philox draws of (seed, sample_offset + b, i).
   //   prediction_type: 0 epsilon, 1 sample, 2 v_prediction, 3 flow. seed: the 64-bit key's bits as an int64.

@@ -13,13 +13,26 @@ import torch
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow")
 NOISE_SCHEDULES = ("ddim", "rfim", "gddim")
-# Philox counters hold the global sample index and the step index in 32-bit words.
+#: Philox counters hold the global sample index and the step index in 32-bit words: both are < MAX_INDEX
+#: (the op's checks, the reference and the kernels' device-side range check of a step tensor).
 MAX_INDEX = 2**32
 #: Seeds are 64-bit Philox keys: every public entry point takes an int in [0, 2**64).
 SEED_RANGE = 2**64
 #: What the last sampling step does: "gaussian" (no mixture; the paper's model is Gaussian at the last step,
 #: where offsets would land on the output uncompensated) or "gmm" (the mixture at every step).
 FINAL_STEPS = ("gaussian", "gmm")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a step computes in for samples of ``dtype``: float64 for float64, float32 for every other
+    floating dtype (docs/design.md section 3). GMM tables and coefficient rows are kept in it."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def is_int(value) -> bool:
+    """The one rule for integer arguments: Python ints and NumPy / other ``numbers.Integral`` integers; bool is
+    refused (True is not a count, a seed or an index)."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def prediction_type_code(prediction_type: str) -> int:
@@ -50,7 +63,7 @@ def host_value(x) -> float | None:
     if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.numel() == 1:
         if torch.compiler.is_compiling():
             return None
-        return float(x)
+        return float(x.detach())  # a value, not part of a graph (no warning for a tensor requiring grad)
     return None
 
 
@@ -72,14 +85,16 @@ def check_seed(seed, name: str = "seed", *, allow_none: bool = False) -> int | N
     """A seed as an int in [0, 2**64) (bool refused); None where ``allow_none``."""
     if seed is None and allow_none:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= int(seed) < SEED_RANGE:
+    if not is_int(seed) or not 0 <= int(seed) < SEED_RANGE:
         expected = "None or an int" if allow_none else "an int"
         raise ValueError(f"{name} must be {expected} in [0, 2**64), got {seed!r}")
     return int(seed)
 
 
 def op_seed(seed: int) -> int:
-    """The op's ``int seed`` argument (a signed 64-bit int) carrying the bits of an unsigned 64-bit seed."""
+    """The op's ``int seed`` argument (a signed 64-bit int) carrying the bits of an unsigned 64-bit seed
+    (a NumPy integer too: np.uint64 - 2**64 would overflow)."""
+    seed = int(seed)
     return seed - SEED_RANGE if seed >= SEED_RANGE // 2 else seed
 
 
@@ -126,17 +141,44 @@ def check_coefficients(a_t, b_t, a_s, b_s, noise_std, prediction_type: str, rede
     gives NaN / Inf samples silently."""
     for name, v in (("a_t", a_t), ("b_t", b_t), ("a_s", a_s), ("b_s", b_s), ("noise_std", noise_std)):
         check_number(name, v, 0.0, scalar=True)
-    if prediction_type == "epsilon":
+    divides_a, divides_b = divided_by(prediction_type, 1.0 if rederive_eps else None, rederive_eps)
+    if divides_a:
         check_number("a_t", a_t, 0.0, low_open=True)
-    if prediction_type == "sample" or rederive_eps:
+    if divides_b:
         check_number("b_t", b_t, 0.0, low_open=True)
 
 
-def check_index(name: str, value: int, upper: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
+def divided_by(prediction_type: str, clip_sample_range, use_clipped_model_output: bool) -> tuple[bool, bool]:
+    """(a_t divides, b_t divides): x0 = (x - b_t m) / a_t for epsilon prediction; eps = (x - a_t m) / b_t for
+    sample prediction, or eps = (x - a_t x0) / b_t re-derived from a clipped x0."""
+    rederive = clip_sample_range is not None and bool(use_clipped_model_output)
+    return prediction_type == "epsilon", prediction_type == "sample" or rederive
+
+
+def check_path_divisors(options: dict, a_t_zero: tuple[str, object, float], b_t_zero: tuple[str, object, float]):
+    """For ddim_step / rfim_step, whose callers pass path arguments, not a_t and b_t: a division by a zero a_t or
+    b_t (see :func:`check_coefficients`) named by the caller's argument. ``a_t_zero`` / ``b_t_zero``: (argument,
+    its value, the value at which a_t / b_t is 0); ``options``: the step's keyword options."""
+    prediction_type = options.get("prediction_type", "epsilon")
+    clipped = options.get("clip_sample_range"), options.get("use_clipped_model_output", False)
+    divides = divided_by(prediction_type, *clipped)
+    for (name, value, zero), divided, what in zip(
+        (a_t_zero, b_t_zero), divides, ("x0 by a_t", "eps by b_t"), strict=True
+    ):
+        if divided and host_value(value) == zero:
+            raise ValueError(
+                f"{name} must not be {zero:g} with prediction_type {prediction_type!r} (clip_sample_range "
+                f"{clipped[0]!r}, use_clipped_model_output {clipped[1]!r}): the step divides {what}, which is 0 there"
+            )
+
+
+def check_index(name: str, value: int, upper: int) -> int:
+    """An integer (:func:`is_int`) in [0, upper), returned as a Python int."""
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if not 0 <= value < upper:
         raise ValueError(f"{name} must be in [0, {upper}), got {value}")
+    return int(value)
 
 
 def check_step_inputs(

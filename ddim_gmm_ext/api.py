@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, reference
-from .ops.step import step as step_op
-from .reference import StepOutput, ddim_coefficients, rfim_coefficients
+from . import _checks, _rows, reference
+from .ops import offset_directions as _offset_directions_op
+from .ops import step as _step_op
+from .ops import thin_svd as _thin_svd_op
+from .reference import StepOutput
 
 __all__ = ["step", "step_from_table", "ddim_step", "rfim_step", "thin_svd", "offset_directions", "StepOutput"]
 
@@ -37,43 +39,43 @@ def step(
 
     Runs the fused ``torch.ops.ddimgmm.step`` (one pass over memory, no host sync) on the row
     :func:`reference.coefficient_row`. A model output in another dtype than the sample is converted to the
-    compute dtype first (one extra copy)."""
-    if gmm is not None:
-        gmm.set_index(step_index)
-    rederive = clip_sample_range is not None and use_clipped_model_output
-    _checks.check_coefficients(a_t, b_t, a_s, b_s, noise_std, prediction_type, rederive)
-    _checks.check_step_inputs(
+    compute dtype first (one extra copy). The op has no gradient for the coefficients: a tensor coefficient
+    that requires grad is refused (use :func:`reference.step`)."""
+    row = _rows.prepare_step(
         model_output,
         sample,
-        b_s=b_s,
-        noise_std=noise_std,
+        a_t,
+        b_t,
+        a_s,
+        b_s,
+        noise_std,
         gmm=gmm,
-        guidance_scale=guidance_scale,
+        step_index=step_index,
         prediction_type=prediction_type,
+        guidance_scale=guidance_scale,
         clip_sample_range=clip_sample_range,
+        use_clipped_model_output=use_clipped_model_output,
         seed=seed,
         sample_offset=sample_offset,
-        step_index=step_index,
         noise=noise,
         components=components,
+        differentiable=False,
     )
-    cdt = reference.compute_dtype(sample.dtype)
-    row = reference.step_row(a_t, b_t, a_s, b_s, noise_std, 1.0, cdt, sample.device)
-    return _run(
+    return fused_step(
         model_output,
         sample,
         row,
-        step_index,
+        int(step_index),
         gmm,
-        prediction_type,
-        guidance_scale,
-        clip_sample_range,
-        use_clipped_model_output,
-        seed,
-        sample_offset,
-        noise,
-        components,
-        return_pred_original,
+        prediction_type=prediction_type,
+        guidance_scale=guidance_scale,
+        clip_sample_range=clip_sample_range,
+        use_clipped_model_output=use_clipped_model_output,
+        seed=seed,
+        sample_offset=int(sample_offset),
+        noise=noise,
+        components=components,
+        return_pred_original=return_pred_original,
     )
 
 
@@ -93,6 +95,7 @@ def step_from_table(
     noise: torch.Tensor | None = None,
     components: torch.Tensor | None = None,
     return_pred_original: bool = True,
+    history: tuple[torch.Tensor, ...] = (),
 ) -> StepOutput:
     """One step from row ``step_index`` of a coefficient table, in one fused op call. See
     :func:`reference.step_from_table` for the math.
@@ -100,15 +103,21 @@ def step_from_table(
     Args:
         coeffs: [S, 6] rows (or one row [6]) of (a_t, b_t, A, B, c, g) on the sample's device in the compute
             dtype (float64 for float64 samples, float32 otherwise); build rows with
-            :func:`reference.coefficient_row`.
+            :func:`reference.coefficient_row`. A linear multistep solver's rows have 8 columns
+            (a_t, b_t, A, B, c, g, H1, H2): mean = A x0 + B eps + H1 h1 + H2 h2.
         step_index: an int, or a 0-d int64 tensor on the sample's device. A tensor is never read on the host,
-            so a compiled or CUDA-graph-captured loop bakes in no step number; outside the table it gives NaN
-            samples and components -1.
+            so a compiled or CUDA-graph-captured loop bakes in no step number; outside the table (or outside a
+            per-step GMM's sets, even a GMM of one step) it gives NaN samples and components -1.
         gmm: a :class:`GMM` (its parameter set ``step_index``, or its shared set) or None.
+        history: () or (h1,) or (h1, h2), the previous steps' data predictions (h1 the latest; each the
+            ``pred_original_sample`` of an earlier call), of the sample's shape and device, in the sample's dtype
+            or the compute dtype. Needs 8-column ``coeffs``; a row with H_j != 0 needs h_j (an error on a host
+            ``step_index``, NaN samples on a tensor one, read on the device). The history is not clipped.
         Other arguments as :func:`step`.
     """
     if not isinstance(coeffs, torch.Tensor):
         raise TypeError(f"coeffs must be a torch.Tensor of rows (a_t, b_t, A, B, c, g), got {type(coeffs).__name__}")
+    history = _check_history(history)
     if isinstance(step_index, torch.Tensor):
         if step_index.dim() != 0 or step_index.dtype != torch.int64 or step_index.device != sample.device:
             raise ValueError(
@@ -135,74 +144,98 @@ def step_from_table(
         noise=noise,
         components=components,
     )
-    return _run(
+    return fused_step(
         model_output,
         sample,
         coeffs,
-        step_index,
+        step_index if isinstance(step_index, torch.Tensor) else int(step_index),
         gmm,
-        prediction_type,
-        guidance_scale,
-        clip_sample_range,
-        use_clipped_model_output,
-        seed,
-        sample_offset,
-        noise,
-        components,
-        return_pred_original,
+        prediction_type=prediction_type,
+        guidance_scale=guidance_scale,
+        clip_sample_range=clip_sample_range,
+        use_clipped_model_output=use_clipped_model_output,
+        seed=seed,
+        sample_offset=int(sample_offset),
+        noise=noise,
+        components=components,
+        return_pred_original=return_pred_original,
+        history=history,
     )
 
 
-def _run(
-    model_output,
-    sample,
-    coeffs,
-    step_index,
+def _check_history(history) -> tuple[torch.Tensor, ...]:
+    """``history`` as a tuple of at most two tensors (a list is accepted); shapes, dtypes and devices are the op's."""
+    if not isinstance(history, (tuple, list)) or not all(isinstance(h, torch.Tensor) for h in history):
+        raise TypeError(f"history must be a tuple of at most 2 tensors (h1, h2), got {type(history).__name__}")
+    if len(history) > 2:
+        raise ValueError(f"history takes at most 2 tensors (h1, h2), got {len(history)}")
+    return tuple(history)
+
+
+def fused_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    coeffs: torch.Tensor,
+    step_index: int | torch.Tensor,
     gmm,
-    prediction_type,
-    guidance_scale,
-    clip_sample_range,
-    use_clipped_model_output,
-    seed,
-    sample_offset,
-    noise,
-    components,
-    return_pred_original,
+    *,
+    prediction_type: str,
+    guidance_scale: float | None = None,
+    clip_sample_range: float | None = None,
+    use_clipped_model_output: bool = False,
+    seed: int = 0,
+    sample_offset: int = 0,
+    noise: torch.Tensor | None = None,
+    components: torch.Tensor | None = None,
+    return_pred_original: bool = True,
+    history: tuple[torch.Tensor, ...] = (),
 ) -> StepOutput:
-    """The op call of checked arguments (the op checks shapes, dtypes and devices itself)."""
-    cdt = reference.compute_dtype(sample.dtype)
+    """The fused step of arguments a caller has settled (:func:`step`, :func:`step_from_table`, the diffusers
+    schedulers): the model output in a dtype the op takes, ``gmm``'s tables as the op takes them, one op call
+    (:func:`ddim_gmm_ext.ops.step.step`, which checks shapes, dtypes and devices), the :class:`StepOutput`.
+
+    Args:
+        coeffs: the [S, 6] / [S, 8] table (or one row) in the compute dtype, on the sample's device.
+        step_index: a host int, or a 0-d int64 tensor on the sample's device.
+        gmm: a :class:`GMM` or None; its tables go to the op as :meth:`GMM.step_tables` gives them.
+        history: () or (h1,) or (h1, h2), a multistep solver's previous data predictions (h1 the latest), for
+            8-column ``coeffs``: mean = A x0 + B eps + H1 h1 + H2 h2. Histories in neither the sample's nor the
+            compute dtype, or in two dtypes, are converted to the compute dtype (as the model output is).
+        Other arguments as :func:`step`, settled by the caller."""
+    cdt = _checks.compute_dtype(sample.dtype)
     if model_output.dtype not in (sample.dtype, cdt):
         model_output = model_output.to(cdt)
-    tables = gmm.tables(sample) if gmm is not None else (None, None, None, None)
-    from_tensor = isinstance(step_index, torch.Tensor)
-    prev, x0, k = step_op(
+    if history and (history[0].dtype not in (sample.dtype, cdt) or history[-1].dtype != history[0].dtype):
+        history = tuple(h.to(cdt) for h in history)
+    prev, x0, k = _step_op.step(
         model_output,
         sample,
         coeffs,
-        step_index if from_tensor else None,
-        *tables,
-        noise,
-        components,
-        _checks.prediction_type_code(prediction_type),
-        None if guidance_scale is None else float(guidance_scale),
-        None if clip_sample_range is None else float(clip_sample_range),
-        bool(use_clipped_model_output),
-        _checks.op_seed(seed),
-        sample_offset,
-        0 if from_tensor else step_index,
-        bool(return_pred_original),
+        step_index=step_index,
+        tables=None if gmm is None else gmm.step_tables(sample),
+        noise=noise,
+        components=components,
+        prediction_type=prediction_type,
+        guidance_scale=guidance_scale,
+        clip_sample_range=clip_sample_range,
+        use_clipped_model_output=use_clipped_model_output,
+        seed=seed,
+        sample_offset=sample_offset,
+        return_pred_original=return_pred_original,
+        history=history,
     )
     return StepOutput(prev, x0 if return_pred_original else None, k if gmm is not None else None)
 
 
 def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_prev, *, eta: float = 0.0, **options) -> StepOutput:
     """DDIM(-GMM) step from abar_t to abar_prev with c = eta * DDIM sigma; ``options`` as :func:`step`."""
-    return step(model_output, sample, *ddim_coefficients(alpha_prod_t, alpha_prod_prev, eta), **options)
+    return step(model_output, sample, *_rows.ddim_path(alpha_prod_t, alpha_prod_prev, eta, options), **options)
 
 
 def rfim_step(model_output, sample, t, s, *, eta: float = 0.0, prediction_type: str = "flow", **options) -> StepOutput:
     """RFIM(-GMM) step of a rectified flow from time t to s < t with c = eta * s; ``options`` as :func:`step`."""
-    return step(model_output, sample, *rfim_coefficients(t, s, eta), prediction_type=prediction_type, **options)
+    options["prediction_type"] = prediction_type
+    return step(model_output, sample, *_rows.rfim_path(t, s, eta, options), **options)
 
 
 #: Condition numbers above which the Gram route (error ~ eps cond^2) gives way to LAPACK on CPU.
@@ -224,16 +257,16 @@ def thin_svd(O: torch.Tensor) -> torch.Tensor:  # noqa: E741 (the paper's name; 
     sigma_min / sigma_max <= 1e-6 or non-finite values gives U[s] all nan."""
     reference._check_thin_svd_input(O)
     if O.numel() == 0:
-        return torch.ops.ddimgmm.thin_svd(O)
+        return _thin_svd_op.thin_svd(O)
     peak = O.abs().amax(dim=(1, 2), keepdim=True)
     scaled = O / torch.where(peak > 0, peak, torch.ones_like(peak))
     if O.device.type != "cpu":
-        return torch.ops.ddimgmm.thin_svd(scaled)
+        return _thin_svd_op.thin_svd(scaled)
     finite = torch.isfinite(O).flatten(1).all(1)
     if not finite.all():
         raise ValueError(f"O must be finite; O[{int((~finite).nonzero()[0])}] holds nan or inf")
     try:
-        U = torch.ops.ddimgmm.thin_svd(scaled)
+        U = _thin_svd_op.thin_svd(scaled)
     except RuntimeError:  # cond > 1e6: beyond the Gram route, but LAPACK resolves a full-rank matrix
         sv = torch.linalg.svdvals(scaled.double())
         tiny = sv[:, -1] <= sv[:, 0] * max(O.shape[1:]) * torch.finfo(O.dtype).eps
@@ -253,5 +286,6 @@ def thin_svd(O: torch.Tensor) -> torch.Tensor:  # noqa: E741 (the paper's name; 
 def offset_directions(n_sets: int, dim: int, n_components: int, seed: int, device="cpu") -> torch.Tensor:
     """The GMM direction matrices O [n_sets, dim, n_components] float64 of :func:`reference.offset_directions`,
     drawn by ``torch.ops.ddimgmm.offset_directions`` (C++, parallel) and moved to ``device``."""
-    _checks.check_seed(seed)
-    return torch.ops.ddimgmm.offset_directions(n_sets, dim, n_components, _checks.op_seed(seed)).to(device)
+    key = _checks.check_seed(seed)
+    assert key is not None  # check_seed refuses None here
+    return _offset_directions_op.offset_directions(n_sets, dim, n_components, seed=key).to(device)

@@ -1,13 +1,9 @@
-"""The ``ddim-gmm`` command line.
+"""The ``ddim-gmm`` command line: argument parsing and dispatch.
 
-``ddim-gmm demo`` samples the shipped digits model (:mod:`ddim_gmm_ext.digits`) with DDIM and
-DDIM-GMM-ORTHO-VUB at 10 steps from the same noise, writes the samples side by side to a PNG and prints
-digits-FD, precision and recall of both. ``--model analytic`` compares DDIM with every DDIM-GMM variant on the
-analytic digits mixture (:mod:`ddim_gmm_ext.analytic`), whose exact denoiser and density are known: sliced
-Wasserstein distance to fresh mixture samples and negative log-likelihood, over paired seeds.
-
-``ddim-gmm eval`` runs the paper's sweep (:mod:`ddim_gmm_ext.evaluate`); ``ddim-gmm train-digits`` trains
-the shipped networks.
+``ddim-gmm demo`` runs :mod:`ddim_gmm_ext.quality.demo` (DDIM vs DDIM-GMM on the shipped digits model, or the
+analytic mixture benchmark); ``ddim-gmm eval`` the paper's sweep (:mod:`ddim_gmm_ext.quality.evaluate`);
+``ddim-gmm train-digits`` trains the shipped networks (:mod:`ddim_gmm_ext.quality.digits`). Every user error is
+a parser error (exit 2, naming the option) before any work.
 """
 
 from __future__ import annotations
@@ -15,204 +11,69 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ._checks import FINAL_STEPS, check_seed
-from .quality.sampling import GMM_VARIANTS, make_gmms, sample_ddim, samplers
+from .quality.sampling import GMM_VARIANTS
 
-# The digits demo's setting: at 10 steps the paper's gains, and ours (benchmarks/results/quality_digits.json),
-# are largest at eta = 1, where s = 1 is ORTHO-VUB's best offset scale.
-DIGITS_DEMO_ETA, DIGITS_DEMO_SCALE = 1.0, 1.0
-
-
-def run_demo(args) -> dict:
-    """The analytic benchmark: {"rows": {(eta, sampler, steps): {"sw": [per seed], "nll": [per seed]}},
-    "seconds"}."""
-    from .quality.analytic import DigitsMixture, sliced_wasserstein
-
-    start = time.perf_counter()
-    mixture = DigitsMixture(sigma0=args.sigma0, upsample=args.upsample)
-    sampler_list = list(samplers(args.scales, per_dim=args.scale_per_dim))
-    rows: dict = {}
-    for seed in args.seeds:
-        x_T = torch.randn(args.samples, mixture.dim, generator=torch.Generator().manual_seed(seed))
-        fresh = mixture.sample(args.samples, torch.Generator().manual_seed(10_000 + seed))
-        for steps in args.steps:
-            gmms = make_gmms(sampler_list, mixture.dim, args.components, steps, seed, per_dim=args.scale_per_dim)
-            for eta in args.etas:
-                x0s = sample_ddim(mixture.eps_model, x_T, steps, eta, gmms, seed, final_step=args.final_step)
-                for (name, _, _), x0 in zip(sampler_list, x0s, strict=False):
-                    row = rows.setdefault((eta, name, steps), {"sw": [], "nll": []})
-                    row["sw"].append(sliced_wasserstein(x0.double(), fresh, seed=seed))
-                    row["nll"].append(float(mixture.nll(x0).mean()))
-    return {"rows": rows, "seconds": time.perf_counter() - start}
-
-
-def _fmt(values) -> str:
-    mean = statistics.fmean(values)
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:7.3f}±{spread:5.3f}"
-
-
-def print_table(args, result, out=None) -> None:
-    out = out or sys.stdout
-    rows = result["rows"]
-    names = [name for name, _, _ in samplers(args.scales, per_dim=args.scale_per_dim)]
-    print(
-        f"ddim-gmm demo: analytic digits mixture (1797 x {64 * args.upsample**2}, sigma0 = {args.sigma0}), "
-        "exact epsilon model;\n"
-        f"{args.samples} samples per run, seeds {args.seeds} (paired: same x_T and step noise for every sampler), "
-        f"K = {args.components}, uniform priors.\n"
-        "SW = sliced Wasserstein-2 to fresh mixture samples (lower is better); NLL = exact negative "
-        "log-likelihood, nats/sample (lower is better). mean±std over seeds.",
-        file=out,
-    )
-    header = "".join(f"{'SW@' + str(s):>15}" for s in args.steps) + "".join(
-        f"{'NLL@' + str(s):>16}" for s in args.steps
-    )
-    for eta in args.etas:
-        print(f"\neta = {eta:g}\n{'sampler':<22}{header}", file=out)
-        for name in names:
-            cells = [_fmt(rows[(eta, name, s)]["sw"]) for s in args.steps]
-            cells += [f"{_fmt(rows[(eta, name, s)]['nll']):>16}" for s in args.steps]
-            print(
-                f"{name:<22}" + "".join(f"{c:>15}" if i < len(args.steps) else c for i, c in enumerate(cells)), file=out
-            )
-    print(f"\ntime: {result['seconds']:.1f} s", file=out)
-
-
-def _write_json(path, args, result) -> None:
-    rows = [
-        {"eta": eta, "sampler": name, "steps": steps, **values} for (eta, name, steps), values in result["rows"].items()
-    ]
-    with open(path, "w") as f:
-        json.dump(
-            {
-                "config": {k: v for k, v in vars(args).items() if k not in ("func", "error")},
-                "rows": rows,
-                "seconds": result["seconds"],
-            },
-            f,
-            indent=1,
-            default=str,
-        )
-
-
-# Defaults of `demo` per model: the analytic benchmark sweeps; the digits demo is one paired comparison.
-DEMO_DEFAULTS = {
-    "analytic": dict(seeds=[0, 1, 2], samples=500, steps=[5, 10, 20], etas=[0.0, 1.0], scales=[0.1, 1.0], sigma0=0.1),
-    "digits": dict(
-        seeds=[0], samples=1000, steps=[10], etas=[DIGITS_DEMO_ETA], scales=[DIGITS_DEMO_SCALE], png="ddim_gmm_demo.png"
-    ),
-}
+#: The largest offset scale s the CLI takes: offsets of norm s on digits of norm <= 8 (64 values in [-1, 1]);
+#: beyond about 1e3 a sampler only measures added noise, and 1e6 keeps the tables' s^2 and the samples far
+#: from float32 overflow (1e300 overflowed the tables after the parser accepted it).
+MAX_SCALE = 1e6
+#: --upsample bound: D = 64 u^2 <= 16384, the size of a Stable Diffusion latent (the mixture's means take
+#: 0.35 GB there; 200 tried to allocate 37 GB).
+MAX_UPSAMPLE = 16
+#: --sigma0 bounds: the analytic mixture's NLL divides by sigma0^2 in float64 and its eps model adds a^2 sigma0^2
+#: in float32; both stay finite and meaningful inside this range (1e-300 made log(sigma0^2) fail).
+SIGMA0_RANGE = (1e-6, 1e6)
 
 
 def cmd_demo(args) -> int:
-    if args.model == "digits" and args.sigma0 is not None:
-        args.error("--sigma0 applies to --model analytic only")
-    if args.model == "digits" and args.upsample != 1:
-        args.error("--upsample applies to --model analytic only")
-    for name, value in DEMO_DEFAULTS[args.model].items():
-        if getattr(args, name) is None:
+    """Checks that need the model (its dimension, its options), then :mod:`ddim_gmm_ext.quality.demo`."""
+    from .quality import demo
+
+    if args.model == "digits":
+        for flag, value in (
+            ("--sigma0", args.sigma0),
+            ("--upsample", args.upsample),
+            ("--final-step", args.final_step),
+        ):
+            if value is not None:
+                why = " (the digits demo shows both last-step policies)" if flag == "--final-step" else ""
+                args.error(f"{flag} applies to --model analytic only{why}")
+        if args.png is None:
+            args.png = demo.DEMO_DEFAULTS["digits"]["png"]
+    elif args.png:
+        args.error("--png applies to --model digits only")
+    args.upsample = args.upsample or 1
+    for name, value in demo.DEMO_DEFAULTS[args.model].items():
+        if getattr(args, name, None) is None:
             setattr(args, name, value)
+    dim = 64 * args.upsample**2
+    _check_dimension(args, dim)
     if args.model == "analytic":
-        if args.png:
-            args.error("--png applies to --model digits only")
-        result = run_demo(args)
-        print_table(args, result)
-        if args.json:
-            _write_json(args.json, args, result)
-        return 0
+        return demo.analytic_demo(args)
     for name in ("steps", "etas", "scales"):
         if len(getattr(args, name)) != 1:
             args.error(f"--model digits takes one value of --{name}, got {getattr(args, name)}")
-    return digits_demo(args)
+    return demo.digits_demo(args)
 
 
-def digits_demo(args) -> int:
-    """DDIM vs DDIM-GMM-ORTHO-VUB on the shipped eps model: metrics per seed and their mean, and a PNG of the
-    first seed's first 64 samples of each sampler (same initial noise, same position)."""
-    from .quality import evaluate
-    from .quality.metrics import DigitsQuality
-
-    start = time.perf_counter()
-    sweep = evaluate.Sweep(
-        steps=tuple(args.steps),
-        etas=tuple(args.etas),
-        variants=("ortho-vub",),
-        scales=tuple(args.scales),
-        components=args.components,
-        samples=args.samples,
-        seeds=tuple(args.seeds),
-        final_step=args.final_step,
-        scale_per_dim=args.scale_per_dim,
-    )
-    try:
-        sweep.check()
-    except ValueError as error:
-        args.error(str(error))
-    model, quality = evaluate.load_model("digits"), DigitsQuality()
-    steps, eta = args.steps[0], args.etas[0]
-    per_seed = [
-        evaluate.sample_and_score(model, sweep, steps, eta, seed, quality, progress=True) for seed in args.seeds
-    ]
-    print(
-        f"ddim-gmm demo: shipped digits eps model, {steps} steps, eta = {eta:g}, K = {args.components}, "
-        f"s = {args.scales[0]:g}; {args.samples} samples per seed, seeds {args.seeds} (paired: same x_T and "
-        "step noise).\ndigits-FD (lower is better), precision and recall (k = 3, higher is better) on the "
-        "shipped classifier's features against the 1797 real digits; mean over seeds."
-    )
-    print(f"\n{'sampler':<24}{'digits-FD':>10}{'precision':>11}{'recall':>8}")
-    results = []
-    for i, (name, *_) in enumerate(per_seed[0]):
-        mean = {m: statistics.fmean(run[i][4][m] for run in per_seed) for m in evaluate.METRICS}
-        results.append({"sampler": name, **mean})
-        print(f"{name:<24}{mean['fd']:>10.2f}{mean['precision']:>11.3f}{mean['recall']:>8.3f}")
-    ref = evaluate.real_reference(sweep, quality)
-    print(f"{'real digits (subset)':<24}{ref['fd']:>10.2f}{ref['precision']:>11.3f}{ref['recall']:>8.3f}")
-    save_grid([(name, x0) for name, _, _, x0, _ in per_seed[0]], args.png)
-    print(f"\nsamples: {args.png}\ntime: {time.perf_counter() - start:.1f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "config": {k: v for k, v in vars(args).items() if k not in ("func", "error")},
-                    "rows": results,
-                    "reference": ref,
-                },
-                f,
-                indent=1,
-                default=str,
-            )
-    return 0
-
-
-def save_grid(named_samples, path, n: int = 64) -> None:
-    """One panel per (name, samples [N, 64]) with the first min(n, N) samples, rounded down to a square, as
-    8x8 images, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    side = math.isqrt(min(n, len(named_samples[0][1])))
-    fig, axes = plt.subplots(1, len(named_samples), figsize=(3.6 * len(named_samples), 3.9), squeeze=False)
-    for ax, (name, x) in zip(axes[0], named_samples, strict=False):
-        imgs = x[: side * side].reshape(side, side, 8, 8).clamp(-1, 1)
-        imgs = torch.nn.functional.pad(imgs, (0, 1, 0, 1), value=1.0)  # white lines between the digits
-        ax.imshow(imgs.permute(0, 2, 1, 3).reshape(side * 9, side * 9).numpy(), cmap="gray", vmin=-1, vmax=1)
-        ax.set_title(name, fontsize=10)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _check_dimension(args, dim: int) -> None:
+    """The options bounded by the data's dimension D: K < D, and the offset scale s (s = value * sqrt(D) with
+    --scale-per-dim) at most MAX_SCALE."""
+    if args.components >= dim:
+        args.error(f"argument --components: K must be < D = {dim} (the data's dimension), got {args.components}")
+    for value in args.scales or ():
+        s = value * math.sqrt(dim) if args.scale_per_dim else value
+        if s > MAX_SCALE:
+            per_dim = f" (s = {value:g} * sqrt({dim}))" if args.scale_per_dim else ""
+            args.error(f"argument --scales: s must be <= {MAX_SCALE:g}, got s = {s:g}{per_dim}")
 
 
 def cmd_eval(args) -> int:
@@ -221,6 +82,7 @@ def cmd_eval(args) -> int:
 
     settings: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in _eval_settings(args).items()}
     sweep = evaluate.Sweep(family=args.family, **settings)
+    _check_dimension(args, evaluate.DIM)
     try:
         sweep.check()
         model = evaluate.load_model(args.model, args.family)
@@ -283,23 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="digits: the shipped trained eps model (default); analytic: the exact-denoiser "
         "mixture benchmark over every variant",
     )
-    demo.add_argument("--seeds", type=_seed, nargs="+", help="paired seeds (digits: 0; analytic: 0 1 2)")
+    demo.add_argument("--seeds", type=_seed, nargs="+", help="paired seeds (digits: 0 1 2 3 4; analytic: 0 1 2)")
     demo.add_argument("--samples", type=_positive_int, help="samples per run (digits: 1000; analytic: 500)")
-    demo.add_argument("--steps", type=_ddim_steps, nargs="+", help="digits: 10; analytic: 5 10 20")
-    demo.add_argument("--etas", type=_eta, nargs="+", help=f"digits: {DIGITS_DEMO_ETA:g}; analytic: 0 1")
+    demo.add_argument("--steps", type=_ddim_steps, nargs="+", help="digits: 5; analytic: 5 10 20")
+    demo.add_argument("--etas", type=_eta, nargs="+", help="digits: 1; analytic: 0 1")
+    demo.add_argument("--scales", type=_scale, nargs="+", help="offset scale s (digits: 1; analytic: 0.1 1)")
+    demo.add_argument("--components", type=_positive_int, default=8, help="K < D (default 8)")
     demo.add_argument(
-        "--scales",
-        type=_nonnegative_float,
-        nargs="+",
-        help=f"offset scale s (digits: {DIGITS_DEMO_SCALE:g}; analytic: 0.1 1)",
+        "--sigma0",
+        type=_sigma0,
+        help=f"analytic: width of each mixture component, in [{SIGMA0_RANGE[0]:g}, {SIGMA0_RANGE[1]:g}] (default 0.1)",
     )
-    demo.add_argument("--components", type=_components, default=8, help="K (default 8)")
-    demo.add_argument("--sigma0", type=_positive_float, help="analytic: width of each mixture component (default 0.1)")
     demo.add_argument(
         "--upsample",
-        type=_positive_int,
-        default=1,
-        help="analytic: digits upsampled to 8u x 8u (D = 64 u^2; 4: D = 1024) to compare dimensions",
+        type=_upsample,
+        help=f"analytic: digits upsampled to 8u x 8u (D = 64 u^2; 4: D = 1024; at most {MAX_UPSAMPLE}) to compare "
+        "dimensions",
     )
     demo.add_argument(
         "--png", type=_output_file, help="digits: where to write the sample grid (default ddim_gmm_demo.png)"
@@ -308,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--final-step",
         choices=FINAL_STEPS,
-        default="gaussian",
-        help="gaussian (default, the paper's model): no mixture on the last step; gmm: offsets on every step",
+        help="analytic: gaussian (default, the paper's model): no mixture on the last step; gmm: offsets on every "
+        "step (the digits demo shows both)",
     )
     demo.add_argument(
         "--scale-per-dim",
@@ -333,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--variants", nargs="+", help=f"GMM variants (default all: {' '.join(GMM_VARIANTS)}); the baseline always runs"
     )
-    ev.add_argument("--scales", type=_nonnegative_float, nargs="+", help="offset scales s (0.01 0.1 1 10)")
-    ev.add_argument("--components", type=_components, default=8, help="K (default 8)")
+    ev.add_argument("--scales", type=_scale, nargs="+", help="offset scales s (0.01 0.1 1 10)")
+    ev.add_argument("--components", type=_positive_int, default=8, help="K < 64 (default 8)")
     ev.add_argument("--samples", type=_positive_int, help="samples per seed and sampler (default 1000)")
     ev.add_argument("--seeds", type=_seed, nargs="+", help="paired seeds (default 0 1 2 3 4)")
     ev.add_argument(
@@ -413,10 +274,12 @@ def _eta(text: str) -> float:
     return value
 
 
-def _components(text: str) -> int:
+def _upsample(text: str) -> int:
     value = _positive_int(text)
-    if value >= 64:
-        raise argparse.ArgumentTypeError(f"K must be < D = 64 (the digits' dimension), got {value}")
+    if value > MAX_UPSAMPLE:
+        raise argparse.ArgumentTypeError(
+            f"must be <= {MAX_UPSAMPLE} (D = 64 u^2 <= {64 * MAX_UPSAMPLE**2}), got {value}"
+        )
     return value
 
 
@@ -424,6 +287,22 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be finite and > 0, got {value}")
+    return value
+
+
+def _sigma0(text: str) -> float:
+    value = float(text)
+    low, high = SIGMA0_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}], got {value}")
+    return value
+
+
+def _scale(text: str) -> float:
+    """An offset scale: finite, >= 0 (its bound, which depends on D with --scale-per-dim: _check_dimension)."""
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {value}")
     return value
 
 
@@ -472,13 +351,6 @@ def _unit_float(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 

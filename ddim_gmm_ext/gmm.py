@@ -44,7 +44,9 @@ class GMM:
     order, or one shared by all steps).
 
     Attributes (tensors on ``device`` in ``dtype``): ``priors`` [S, K], ``offsets`` [S, K, D],
-    ``var_offsets`` [S, K, Dv] with Dv = D for RAND / ORTHO and Dv = K for ORTHO-VUB (zero beyond Dv).
+    ``var_offsets`` [S, K, Dv] with Dv = D for RAND / ORTHO, Dv = K for ORTHO-VUB (zero beyond Dv) and
+    Dv = K - 1 for ORTHO-LR (eigenvalues along ``basis`` [S, K - 1, D]). ``shared``: one set (S = 1) used at every
+    step, as opposed to per-step sets (S = ``n_steps``, which may be 1).
 
     Build with :meth:`create`, with :meth:`initialize` (the reference repository's argument names), or from
     tensors with :meth:`from_params`.
@@ -65,7 +67,7 @@ class GMM:
         self.scale = None
         self.shared = False
         self.n_steps: int = 0  # parameter sets are for this many sampling steps (0: not initialised)
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self._cache: dict[tuple, tuple] = {}
 
     # -- construction ------------------------------------------------------------------------------------
     def initialize(
@@ -94,6 +96,8 @@ class GMM:
         for name, flag in (("share_across_steps", share_across_steps), ("uniform_priors", uniform_priors)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
+        reference.check_gmm_config(dim, n_components, n_steps, scale, variant)
+        dim, n_components, n_steps = int(dim), int(n_components), int(n_steps)  # NumPy integers too
         if self.device.type == "meta":
             raise ValueError("device must hold data (cpu or cuda): the tables are drawn, then validated, got meta")
         priors, offsets, var_offsets = reference.gmm_parameters(
@@ -163,11 +167,12 @@ class GMM:
     @classmethod
     def from_params(cls, priors, offsets, var_offsets, *, n_steps: int | None = None, basis=None) -> GMM:
         """A GMM from user tables: priors [S, K], offsets [S, K, D], var_offsets [S, K, Dv] with Dv <= D.
-        S = 1 is shared across steps. With ``basis`` [S, Dv, D] (orthonormal rows), the low-rank form:
-        var_offsets are then the eigenvalues, per component, of the variance offset in that basis (the noise
-        covariance of component k is c^2 I - W^T diag(v_k) W, each direction clipped at 0). The tables are
-        validated (finite, priors non-negative and summing to one, var_offsets >= 0, sum_k pi_k delta_k = 0 to
-        1e-4 relative, basis rows orthonormal to 1e-4) and not modified."""
+        S = 1 is shared across steps (``n_steps`` may then be any number of steps). With ``basis`` [S, Dv, D]
+        (orthonormal rows), the low-rank form: var_offsets are then the eigenvalues, per component, of the
+        variance offset in that basis (the noise covariance of component k is c^2 I - W^T diag(v_k) W, each
+        direction clipped at 0). The tables are validated (finite, priors non-negative and summing to one,
+        var_offsets >= 0, sum_k pi_k delta_k = 0 to 1e-4 relative, basis rows orthonormal to 1e-4) and not
+        modified."""
         for name, t in (("priors", priors), ("offsets", offsets), ("var_offsets", var_offsets)):
             _checks.check_floating(name, t)
         _checks.check_same_device(priors=priors, offsets=offsets, var_offsets=var_offsets)
@@ -201,14 +206,16 @@ class GMM:
         tol = 1e-4 * offsets.double().abs().amax().clamp(min=1e-30)
         if (mean.abs() > tol).any():
             raise ValueError("offsets must satisfy sum_k priors_k offsets_k = 0 (paper eq. 8)")
-        gmm = cls(device=priors.device, dtype=torch.float64 if priors.dtype == torch.float64 else torch.float32)
+        if n_steps is not None and (not _checks.is_int(n_steps) or n_steps < 1):
+            raise ValueError(f"n_steps must be None or an int >= 1, got {n_steps!r}")
+        gmm = cls(device=priors.device, dtype=_checks.compute_dtype(priors.dtype))
         gmm._set(
             priors.to(gmm.dtype),
             offsets.to(gmm.dtype),
             var_offsets.to(gmm.dtype),
             variant="custom",
             scale=None,
-            n_steps=n_steps if n_steps is not None else S,
+            n_steps=int(n_steps) if n_steps is not None else S,
             shared=S == 1,
             basis=None if basis is None else basis.to(gmm.dtype),
         )
@@ -244,10 +251,10 @@ class GMM:
         return 0 if self.shared else step_index
 
     def tables(self, like: torch.Tensor):
-        """All parameter sets as the op takes them: (priors [S, K], offsets [S, K, D], var_offsets [S, K, Dv],
-        basis [S, r, D] or None), on ``like``'s device in its compute dtype (float64 for float64 samples,
-        float32 otherwise). Converted tables are cached, so a sampling loop converts them once."""
-        key = (like.device, reference.compute_dtype(like.dtype))
+        """All parameter sets: (priors [S, K], offsets [S, K, D], var_offsets [S, K, Dv], basis [S, r, D] or
+        None), on ``like``'s device in its compute dtype (float64 for float64 samples, float32 otherwise).
+        Converted tables are cached, so a sampling loop converts them once."""
+        key = (like.device, _checks.compute_dtype(like.dtype))
         if key not in self._cache:
             device, dtype = key
             priors, offsets, var_offsets = (t.to(device=device, dtype=dtype) for t in self._require())
@@ -258,6 +265,21 @@ class GMM:
                 return priors, offsets, var_offsets, basis
             self._cache[key] = (priors, offsets, var_offsets, basis)
         return self._cache[key]
+
+    def step_tables(self, like: torch.Tensor):
+        """:meth:`tables` as ``ddimgmm::step`` takes them: per-step sets stacked ([S, K], ...; the op range-checks
+        the step index against S, even S = 1), a shared set unstacked ([K], [K, D], ...; used at every step).
+        Cached as :meth:`tables`."""
+        key = (like.device, _checks.compute_dtype(like.dtype), "step")
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        tables = self.tables(like)
+        if self.shared:
+            tables = tuple(None if t is None else t[0] for t in tables)
+        if not torch.compiler.is_compiling():  # see tables()
+            self._cache[key] = tables
+        return tables
 
     def params(self, step_index: int, like: torch.Tensor):
         """(priors [K], offsets [K, D], var_offsets [K, Dv]) of a step, as :meth:`tables`; per-coordinate

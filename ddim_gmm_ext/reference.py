@@ -18,13 +18,14 @@ result is cast back to the sample's dtype.
 from __future__ import annotations
 
 import math
+from numbers import Real
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from . import _checks
-from ._checks import PREDICTION_TYPES
+from ._checks import PREDICTION_TYPES, compute_dtype
 
 __all__ = [
     "StepOutput",
@@ -60,10 +61,6 @@ class StepOutput(NamedTuple):
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None
     components: torch.Tensor | None
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -480,26 +477,28 @@ def step(
     ``return_pred_original=False`` leaves pred_original_sample None (a fused step then writes 12 B per
     element instead of 16).
     """
-    if gmm is not None:
-        gmm.set_index(step_index)  # checks the index against the GMM's steps
-    rederive = clip_sample_range is not None and use_clipped_model_output
-    _checks.check_coefficients(a_t, b_t, a_s, b_s, noise_std, prediction_type, rederive)
-    _checks.check_step_inputs(
+    from . import _rows  # the prologue shared with the fused api.step (a runtime module importing this one)
+
+    row = _rows.prepare_step(
         model_output,
         sample,
-        b_s=b_s,
-        noise_std=noise_std,
+        a_t,
+        b_t,
+        a_s,
+        b_s,
+        noise_std,
         gmm=gmm,
-        guidance_scale=guidance_scale,
+        step_index=step_index,
         prediction_type=prediction_type,
+        guidance_scale=guidance_scale,
         clip_sample_range=clip_sample_range,
+        use_clipped_model_output=use_clipped_model_output,
         seed=seed,
         sample_offset=sample_offset,
-        step_index=step_index,
         noise=noise,
         components=components,
+        differentiable=True,
     )
-    row = step_row(a_t, b_t, a_s, b_s, noise_std, 1.0, compute_dtype(sample.dtype), sample.device)
     return step_from_table(
         model_output,
         sample,
@@ -518,22 +517,14 @@ def step(
     )
 
 
-def step_row(a_t, b_t, a_s, b_s, c, g, dtype: torch.dtype, device) -> torch.Tensor:
-    """:func:`coefficient_row` as a [6] tensor in ``dtype`` on ``device``. Host numbers (and CPU tensors) are
-    combined in float64 on the host and moved in one copy; device tensors stay on the device: no sync."""
-    values = [_scalar(v) for v in (a_t, b_t, a_s, b_s, c, g)]
-    if all(isinstance(v, float) for v in values):
-        return torch.tensor(coefficient_row(*values), dtype=dtype).to(device, non_blocking=True)
-    values = [torch.as_tensor(v, dtype=torch.float64).reshape(()).to(device) for v in values]
-    return torch.stack(coefficient_row(*values)).to(dtype)
-
-
 def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_prev, *, eta: float = 0.0, **options) -> StepOutput:
     """DDIM(-GMM) step on the VP path from abar_t to abar_prev with c = eta * DDIM's sigma (eq. 16).
 
     ``options`` are those of :func:`step` (gmm, step_index, prediction_type, guidance_scale, clip_sample_range,
     use_clipped_model_output, seed, sample_offset, noise, components)."""
-    return step(model_output, sample, *ddim_coefficients(alpha_prod_t, alpha_prod_prev, eta), **options)
+    from ._rows import ddim_path  # (a_t, b_t, ...) with a division by zero named by the caller's argument
+
+    return step(model_output, sample, *ddim_path(alpha_prod_t, alpha_prod_prev, eta, options), **options)
 
 
 def ddim_coefficients(alpha_prod_t, alpha_prod_prev, eta: float):
@@ -558,7 +549,10 @@ def rfim_coefficients(t, s, eta: float):
 def rfim_step(model_output, sample, t, s, *, eta: float = 0.0, prediction_type: str = "flow", **options) -> StepOutput:
     """RFIM(-GMM) step from time t to s < t of a rectified flow (paper eq. 20 with its sign typo fixed:
     E[x_s | x0] = (1 - s) x0). ``prediction_type`` "flow" takes the velocity v = eps - x0; "sample" x0."""
-    return step(model_output, sample, *rfim_coefficients(t, s, eta), prediction_type=prediction_type, **options)
+    from ._rows import rfim_path  # (a_t, b_t, ...) with a division by zero named by the caller's argument
+
+    options["prediction_type"] = prediction_type
+    return step(model_output, sample, *rfim_path(t, s, eta, options), **options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -614,7 +608,8 @@ def vub_var_offsets(priors: torch.Tensor, scale: float) -> torch.Tensor:
         return torch.zeros_like(priors)[:, :, None]
     ascending = priors.sort(-1).values
     inv = torch.where(priors > 0, 1.0 / (K * priors), torch.zeros_like(priors))
-    return scale**2 * inv[:, :, None] * ascending[:, None, :]
+    s2 = float(scale) * float(scale)  # inf beyond ~1.3e154, named by gmm_parameters' check (float ** 2 raises)
+    return s2 * inv[:, :, None] * ascending[:, None, :]
 
 
 def low_rank_moments(offsets: torch.Tensor, priors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -662,6 +657,7 @@ def gmm_parameters(
     stand in for the reference's (GMM does so); they must compute the same values.
     """
     check_gmm_config(dim, n_components, n_steps, scale, variant)
+    dim, n_components, n_steps = int(dim), int(n_components), int(n_steps)  # NumPy integers are accepted too
     n_sets = 1 if share_across_steps else n_steps
     priors = (
         torch.full((n_sets, n_components), 1.0 / n_components, dtype=torch.float64, device=device)
@@ -690,13 +686,13 @@ def gmm_parameters(
 def check_gmm_config(dim: int, n_components: int, n_steps: int, scale: float, variant: str) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS + ('ortho-vub*',)}, got {variant!r}")
-    if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
+    if not _checks.is_int(n_components) or n_components < 1:
         raise ValueError(f"n_components must be an int >= 1, got {n_components!r}")
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
+    if not _checks.is_int(dim) or dim < 2:
         raise ValueError(f"dim must be an int >= 2 (elements per sample), got {dim!r}")
     if n_components >= dim:
         raise ValueError(f"n_components ({n_components}) must be < dim ({dim}) (paper eq. 9 needs K < D)")
-    if not isinstance(n_steps, int) or n_steps < 1:
+    if not _checks.is_int(n_steps) or n_steps < 1:
         raise ValueError(f"n_steps must be an int >= 1, got {n_steps!r}")
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
+    if not (isinstance(scale, Real) and not isinstance(scale, bool) and math.isfinite(scale) and scale >= 0):
         raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")

@@ -45,18 +45,32 @@ def _no_work(*_, **__):
         # a folder nobody can create files in (even root): the eval ran for minutes before this was checked
         (["eval", "--out", "/proc/ddim_gmm_out"], "--out"),
         (["demo", "--json", "/proc/ddim_gmm.json"], "--json"),
+        # issue 22 item 14, each a traceback (exit 1) or a 37 GB allocation before: checked to fail with the old
+        # _nonnegative_float / _positive_float / unbounded --upsample
+        (["eval", "--scales", "1e300"], "--scales"),
+        (["demo", "--scales", "1e7"], "--scales"),
+        (["demo", "--model", "analytic", "--scale-per-dim", "--scales", "2e5"], "--scales"),  # s = 1.6e6
+        (["demo", "--model", "analytic", "--sigma0", "1e-300"], "--sigma0"),
+        (["demo", "--model", "analytic", "--sigma0", "1e300"], "--sigma0"),
+        (["demo", "--model", "analytic", "--upsample", "200"], "--upsample"),
+        (["demo", "--model", "analytic", "--upsample", "2", "--components", "256"], "--components"),
+        (["demo", "--upsample", "2"], "--upsample"),
+        (["demo", "--final-step", "gmm"], "--final-step"),
+        (["eval", "--model", "int_model:eps"], "--model"),
     ],
 )
 def test_user_errors_exit_2_naming_the_flag_before_any_work(args, flag, tmp_path, monkeypatch, capsys):
     """Checked to fail with _eta unbounded above (the --etas 1.5 row then reaches the work)."""
-    from ddim_gmm_ext.quality import digits, evaluate
+    from ddim_gmm_ext.quality import demo, digits, evaluate
 
     (tmp_path / "file").write_text("")
     paths = {"file": tmp_path / "file", "missing": tmp_path / "missing", "dir": tmp_path}
     args = [a.format(**paths) for a in args]
-    for module, name in ((evaluate, "run"), (evaluate, "load_model"), (digits, "train"), (cli, "run_demo")):
+    for module, name in ((evaluate, "run"), (digits, "train"), (demo, "run_analytic"), (demo, "run_digits")):
         monkeypatch.setattr(module, name, _no_work)
-    monkeypatch.setattr(cli, "digits_demo", _no_work)
+    int_model = types.ModuleType("int_model")  # returns int64: failed inside the first step with a traceback
+    int_model.eps = lambda x, t: torch.zeros(x.shape, dtype=torch.int64)
+    monkeypatch.setitem(sys.modules, "int_model", int_model)
     with pytest.raises(SystemExit) as info:
         cli.main(args)
     assert info.value.code == 2
@@ -89,3 +103,14 @@ def test_train_with_infinite_loss_exits_1_naming_the_step(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert code == 1 and "non-finite" in err and "optimiser step" in err, err
     assert not (tmp_path / "digits_eps.pt").exists()
+
+
+def test_analytic_demo_takes_k_below_its_own_dimension(monkeypatch):
+    # D = 64 u^2: --upsample 2 --components 100 is valid (D = 256); it was refused naming D = 64. Checked to fail
+    # with K bounded by 64 in the option's type.
+    from ddim_gmm_ext.quality import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "analytic_demo", lambda args: seen.append(args) or 0)
+    assert cli.main(["demo", "--model", "analytic", "--upsample", "2", "--components", "100"]) == 0
+    assert seen[0].components == 100 and seen[0].upsample == 2 and seen[0].final_step == "gaussian"

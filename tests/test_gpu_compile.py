@@ -34,6 +34,8 @@ import threading
 import pytest
 import torch
 
+from ddim_gmm_ext._checks import compute_dtype
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 CAPABILITIES = (90, 80)
@@ -110,7 +112,7 @@ def triton_variants() -> dict[str, tuple]:
     checks that it never changes a signature."""
     variants = {}
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        cdt = torch.float64 if dtype == torch.float64 else torch.float32
+        cdt = compute_dtype(dtype)
         for m_dtype in dict.fromkeys((dtype, cdt)):
             for h_dtype in dict.fromkeys((dtype, cdt)):
                 for gmm in ("none", "diag", "basis"):
@@ -132,7 +134,7 @@ def triton_variants() -> dict[str, tuple]:
 
 
 def _plan(dtype, m_dtype, gmm, D, **overrides):
-    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(dtype)
     B, K, r, S = 2, 3, 2, 4
     tables = dict.fromkeys(("priors", "offsets", "var_offsets", "basis"))
     if gmm != "none":

@@ -1,4 +1,4 @@
-"""The one-command GPU verification (benchmarks/gpu/verify.sh), dry-run on a CPU machine: every step is
+"""The one-command GPU verification (tools/gpu/verify.sh), dry-run on a CPU machine: every step is
 there, in order, with the result files the issue asks for, and every benchmark script accepts the flags the
 script passes it. (The run itself needs a GPU machine.)"""
 
@@ -15,7 +15,7 @@ from xml.etree import ElementTree
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "gpu" / "verify.sh"
+SCRIPT = ROOT / "tools" / "gpu" / "verify.sh"
 
 
 def _dry_run(*args: str) -> list[str]:
@@ -96,8 +96,9 @@ def test_steps_past_the_budget_are_skipped(tmp_path):
 @pytest.mark.slow
 def test_rehearsal_with_the_gpu_machines_software(tmp_path):
     """verify.sh --rehearse on this CPU machine with the GPU machine's Python, torch (a CUDA build) and triton
-    (benchmarks/gpu/rehearse.sh): the CUDA build, the whole test suite (the sm_80 / sm_90 compiles with that
+    (tools/gpu/rehearse.sh): the CUDA build, the whole test suite (the sm_80 / sm_90 compiles with that
     triton among it) and every benchmark script pass there, so a GPU session is not spent on version breakage.
+    Not in the default run (registry): CI's `rehearsal` step (.ci/run rehearsal) runs it, about 5 GB.
     (Its first, manual run found: register spills in float64 kernels compiled by triton 3.6, its interpreter
     refusing runtime loop bounds under numpy >= 2.4, tests that needed an installed package or a registry, and
     a CUDA build that failed without a visible GPU or with a wrapper nvcc; each failed it before its fix.)"""
@@ -106,7 +107,7 @@ def test_rehearsal_with_the_gpu_machines_software(tmp_path):
     work = tmp_path / "rehearsal"
     try:
         proc = subprocess.run(
-            ["bash", str(ROOT / "benchmarks" / "gpu" / "rehearse.sh"), str(work)],
+            ["bash", str(ROOT / "tools" / "gpu" / "rehearse.sh"), str(work)],
             capture_output=True,
             text=True,
             cwd=ROOT,

@@ -89,6 +89,11 @@ def test_unknown_noise_schedule_raises():
         (dict(dim=8, n_components=2, device="meta"), "device must hold data"),
         (dict(dim=8, n_components=2, uniform_priors="no"), "uniform_priors must be a bool"),
         (dict(dim=8, n_components=2, share_across_steps="no"), "share_across_steps must be a bool"),
+        (dict(dim=8, n_components=2.0), "n_components must be an int >= 1"),
+        # Issue 22 item 13: a scale whose square overflows is named (9e9d80e: a bare OverflowError from float ** 2)
+        (dict(dim=8, n_components=2, variant="ortho-vub", scale=1.5e154), "scale 1.5e.154 is too large"),
+        (dict(dim=8, n_components=2, variant="ortho-vub", scale=1.5e154, dtype=torch.float64), "is too large"),
+        (dict(dim=8, n_components=2, variant="ortho-lr", scale=1.5e154), "scale 1.5e.154 is too large"),
     ],
 )
 def test_bad_gmm_config_raises(kwargs, match):
@@ -168,7 +173,16 @@ def test_no_top_level_triton_kernels_from_us(tmp_path):
     ("call", "match"),
     [
         (lambda m, x: dg.ddim_step(m, x, float("nan"), 0.5), r"alpha_prod_t must be a finite number in \[0, 1\]"),
-        (lambda m, x: dg.ddim_step(m, x, 0.0, 0.5), "a_t must be a finite number > 0, got 0.0"),  # epsilon at SNR 0
+        # Issue 22 item 13: the caller's argument is named, not a_t / b_t, which it did not pass (9e9d80e: "a_t")
+        (lambda m, x: dg.ddim_step(m, x, 0.0, 0.5), "alpha_prod_t must not be 0 with prediction_type 'epsilon'"),
+        (lambda m, x: ref.ddim_step(m, x, 0.0, 0.5), "alpha_prod_t must not be 0 with prediction_type 'epsilon'"),
+        (lambda m, x: dg.ddim_step(m, x, 1.0, 0.5, prediction_type="sample"), "alpha_prod_t must not be 1 with"),
+        (
+            lambda m, x: dg.ddim_step(m, x, 1.0, 0.5, clip_sample_range=1.0, use_clipped_model_output=True),
+            "alpha_prod_t must not be 1 with .* use_clipped_model_output True.: the step divides eps by b_t",
+        ),
+        (lambda m, x: dg.rfim_step(m, x, 1.0, 0.5, prediction_type="epsilon"), "t must not be 1 with"),
+        (lambda m, x: ref.rfim_step(m, x, 0.0, 0.0, prediction_type="sample"), "t must not be 0 with"),
         (lambda m, x: dg.ddim_step(m, x, 0.3, float("inf")), r"alpha_prod_prev must be a finite number"),
         (lambda m, x: dg.rfim_step(m, x, float("nan"), 0.2), r"t must be a finite number in \[0, 1\]"),
         (lambda m, x: dg.step(m, x, 0.0, 1.0, 1.0, 0.0, 0.0), "a_t must be a finite number > 0"),
@@ -192,3 +206,35 @@ def test_eta_must_be_a_number():
     m, x = _args()
     with pytest.raises(TypeError, match="eta must be a number, got str"):
         dg.ddim_step(m, x, 0.3, 0.5, eta="0.5")
+
+
+@pytest.mark.parametrize("variant", ["ortho-vub", "ortho-lr"])
+def test_reference_names_an_overflowing_scale(variant):
+    # Issue 22 item 13: reference.gmm_parameters raised a bare OverflowError for ORTHO-VUB (ORTHO-LR named it).
+    with pytest.raises(ValueError, match="scale 1.5e.154 is too large"):
+        ref.gmm_parameters(8, 2, 1, 1.5e154, variant)
+
+
+def test_numpy_integers_are_ints_everywhere():
+    # Issue 22 item 13, one rule (_checks.is_int): on 9e9d80e np.uint64 seeds >= 2**63 and np.int64 indices were
+    # refused by the step (TypeError) and np.int64 counts by GMM.create; a scheduler's np.uint64 seed overflowed
+    # in op_seed. Each result must equal the Python-int call's.
+    np = pytest.importorskip("numpy")
+    m, x = _args()
+    seed = 2**63 + 5
+    gmm = dg.GMM.create(np.int64(12), n_components=np.int64(3), n_steps=np.int64(4), seed=np.uint64(seed))
+    assert gmm.n_steps == 4 and type(gmm.n_steps) is int
+    assert torch.equal(gmm.offsets, dg.GMM.create(12, n_components=3, n_steps=4, seed=seed).offsets)
+    for fn in (dg.ddim_step, ref.ddim_step):
+        options = dict(eta=1.0, gmm=gmm, step_index=1, seed=seed, sample_offset=3)
+        want = fn(m, x, 0.3, 0.5, **options).prev_sample
+        options.update(step_index=np.int64(1), seed=np.uint64(seed), sample_offset=np.int64(3))
+        assert torch.equal(fn(m, x, 0.3, 0.5, **options).prev_sample, want), fn
+    rows = torch.tensor([ref.coefficient_row(0.6, 0.8, 0.8, 0.6, 0.3)] * 4)
+    want = dg.step_from_table(m, x, rows, 2, gmm=gmm, seed=seed).prev_sample
+    assert torch.equal(dg.step_from_table(m, x, rows, np.int64(2), gmm=gmm, seed=np.uint64(seed)).prev_sample, want)
+    assert dg.reference.offset_directions(1, 4, 2, seed).equal(dg.api.offset_directions(1, 4, 2, np.uint64(seed)))
+    with pytest.raises(TypeError, match="step_index must be an int"):
+        dg.ddim_step(m, x, 0.3, 0.5, gmm=gmm, step_index=np.float64(1))
+    with pytest.raises(ValueError, match="seed must be an int"):
+        dg.GMM.create(12, n_components=3, seed=np.bool_(True))

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import compute_dtype
+
 try:  # dispatching module (triton >= 3.0); older layouts kept the CUDA one only
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - depends on the installed triton
@@ -143,13 +145,14 @@ def _f64(lo, hi):
 def _step_index(step_ptr, step_word, from_tensor, n_rows, n_sets):
     """(i, ok): the step index (int64) from the 0-d device tensor when ``from_tensor`` else from the host word,
     and whether it is a valid Philox counter (0 <= i < 2^32), a row of the coefficient table (``n_rows`` > 0
-    rows; 0: one row used as is) and a GMM parameter set (``n_sets`` > 1 sets; else set 0)."""
+    rows; 0: one row used as is) and a GMM parameter set of stacked tables (``n_sets`` >= 1 sets, always
+    range-checked; 0: one shared set given unstacked)."""
     if from_tensor != 0:  # noqa: SIM108 (a ternary evaluates both sides: it would load a null pointer)
         i = tl.load(step_ptr).to(tl.int64)
     else:
         i = _u32(step_word).to(tl.int64)
-    ok = (i >= 0) & (i < 4294967296)
-    ok = ok & ((n_rows == 0) | (i < n_rows)) & ((n_sets <= 1) | (i < n_sets))
+    ok = (i >= 0) & (i < 4294967296)  # _checks.MAX_INDEX, as a literal in device code
+    ok = ok & ((n_rows == 0) | (i < n_rows)) & ((n_sets == 0) | (i < n_sets))
     return i, ok
 
 
@@ -244,7 +247,7 @@ def _project_kernel(
     j = blk * BLOCK + tl.arange(0, BLOCK)
     inside = j < D
     i, ok = _step_index(step_ptr, step_word, from_tensor, n_rows, n_sets)
-    s = tl.where(ok & (n_sets > 1), i, 0)
+    s = tl.where(ok & (n_sets > 0), i, 0)
     if noise_given != 0:
         z = tl.load(noise_ptr + b * D + j, mask=inside, other=0.0).to(cdt)
     else:
@@ -336,7 +339,7 @@ def _step_kernel(
     j = blk * BLOCK + tl.arange(0, BLOCK)
     inside = j < D
     i, ok = _step_index(step_ptr, step_word, from_tensor, n_rows, n_sets)
-    s = tl.where(ok & (n_sets > 1), i, 0)
+    s = tl.where(ok & (n_sets > 0), i, 0)
     step = i.to(tl.uint32)
     k0 = _u32(seed_lo)
     k1 = _u32(seed_hi)
@@ -526,7 +529,7 @@ def launch_plan(
     already validated by the caller; works on tensors of any device (nothing is launched or read)."""
     B = sample.shape[0]
     D = math.prod(sample.shape[1:])
-    cdt = torch.float64 if sample.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(sample.dtype)
     gmm = priors is not None
     mode = MODE_NONE if not gmm else MODE_BASIS if basis is not None else MODE_DIAG
     dev = sample.device
@@ -628,54 +631,13 @@ def launch_plan(
     return launches, outputs
 
 
-def step(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    coeffs: torch.Tensor,
-    step_tensor: torch.Tensor | None,
-    priors: torch.Tensor | None,
-    offsets: torch.Tensor | None,
-    var_offsets: torch.Tensor | None,
-    basis: torch.Tensor | None,
-    noise: torch.Tensor | None,
-    components: torch.Tensor | None,
-    prediction_type: int,
-    guidance_scale: float | None,
-    clip_sample_range: float | None,
-    use_clipped_model_output: bool,
-    seed: int,
-    sample_offset: int,
-    step_index: int,
-    return_pred_original: bool,
-    history0: torch.Tensor | None = None,
-    history1: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run ``ddimgmm::step`` with the Triton kernels; arguments and results as the schema (csrc/ops.cpp),
-    already validated by the caller. Returns (prev_sample, pred_original_sample or empty, components [B]
-    int64 or empty). Inputs are read as they are if contiguous (otherwise copied once); nothing is read on
-    the host (the step index may be a device tensor), so the call can be captured in a CUDA graph."""
-    launches, outputs = launch_plan(
-        model_output,
-        sample,
-        coeffs,
-        step_tensor,
-        priors,
-        offsets,
-        var_offsets,
-        basis,
-        noise,
-        components,
-        prediction_type,
-        guidance_scale,
-        clip_sample_range,
-        use_clipped_model_output,
-        seed,
-        sample_offset,
-        step_index,
-        return_pred_original,
-        history0,
-        history1,
-    )
+def step(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``ddimgmm::step`` with the Triton kernels; arguments (those of :func:`launch_plan`, in the schema's
+    order) and results as the schema (csrc/ops.cpp), already validated by the caller. Returns (prev_sample,
+    pred_original_sample or empty, components [B] int64 or empty). Inputs are read as they are if contiguous
+    (otherwise copied once); nothing is read on the host (the step index may be a device tensor), so the call
+    can be captured in a CUDA graph."""
+    launches, outputs = launch_plan(*args)
     for launch in launches:
         launch.kernel[launch.grid](*launch.args.values(), **launch.constexprs, **launch.options)
     return outputs

@@ -409,7 +409,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
   on_device("components", opt(components));
   on_device("history0", opt(history0));
   on_device("history1", opt(history1));
-  int64_t n_sets = 0, K = 0, Dv = 0;  // n_sets: 0 for one set given as is ([K], ...), else S_g of [S_g, K]
+  // n_sets: 0 for one set given as is ([K], ...: shared by every step), else S_g of stacked [S_g, K] tables,
+  // whose index is always range-checked (a GMM built for one step is not a shared one).
+  int64_t n_sets = 0, K = 0, Dv = 0;
   if (gmm) {
     auto in_cdt = [&](const char* name, const at::Tensor* t) {
       STEP_CHECK(!t || t->scalar_type() == cdt, name, " must be ", dtype_name(cdt), " (the compute dtype of a ",
@@ -474,7 +476,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
   if (!step_tensor) {
     STEP_CHECK(n_rows == 0 || step_index < n_rows, "step_index ", step_index, " is outside the coefficient table [",
                n_rows, ", ", n_cols, "]");
-    STEP_CHECK(n_sets <= 1 || step_index < n_sets, "step_index ", step_index, " is outside the GMM tables (",
+    STEP_CHECK(n_sets == 0 || step_index < n_sets, "step_index ", step_index, " is outside the GMM tables (",
                n_sets, " parameter sets)");
   }
 
@@ -495,7 +497,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
   int64_t i = step_index;
   if (step_tensor) {
     i = step_tensor->item<int64_t>();
-    const bool ok = i >= 0 && i < kMaxIndex && (n_rows == 0 || i < n_rows) && (n_sets <= 1 || i < n_sets);
+    const bool ok = i >= 0 && i < kMaxIndex && (n_rows == 0 || i < n_rows) && (n_sets == 0 || i < n_sets);
     if (!ok) {  // the device convention: this call's outputs are NaN and its components -1
       prev.fill_(std::numeric_limits<double>::quiet_NaN());
       x0.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -509,7 +511,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
     const double h = row[6 + j].item<double>();
     STEP_CHECK(h == 0.0, "coeffs row ", i, " has H", j + 1, " = ", h, " but history", j, " is None");
   }
-  const int64_t set = n_sets > 1 ? i : 0;
+  const int64_t set = n_sets ? i : 0;
   Tables tab;
   at::Tensor pri, off, var, bas;
   if (gmm) {

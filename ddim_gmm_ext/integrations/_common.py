@@ -35,7 +35,7 @@ def check_seed(seed) -> int | None:
 def stream_seed(seed: int | None) -> int:
     """The Philox seed of one sampling run (see the module docstring)."""
     if seed is not None:
-        return seed
+        return int(seed)  # a NumPy integer too (np.uint64 arithmetic overflows where int does not)
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
 
 
@@ -108,7 +108,7 @@ def build_gmm(
         uniform_priors=uniform_priors,
         seed=0 if seed is None else seed,
         device=sample.device,
-        dtype=torch.float64 if sample.dtype == torch.float64 else torch.float32,
+        dtype=_checks.compute_dtype(sample.dtype),
     )
 
 

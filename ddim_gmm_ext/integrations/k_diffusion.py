@@ -13,9 +13,14 @@ import math
 import torch
 
 from .. import _checks, api, reference
-from ._common import check_eta, check_seed, progress_bar, resolve_gmm, stream_seed
+from ._common import check_eta, check_gmm_options, check_seed, progress_bar, resolve_gmm, stream_seed
 
 __all__ = ["sample_ddim_gmm", "sample_rfim_gmm", "FLOW_NOISE"]
+
+#: Flow times above 1 by at most this much are float32 rounding of 1 and are taken as 1: ComfyUI's float32
+#: ``time_snr_shift`` gives sigmas[0] = 1 + 2^-23 for some shifts (1.32, 4.03, ...) and up to 1 + 8 * 2^-23 for
+#: shifts below 1; its own samplers run them. 16 float32 ulps at 1; a real time above 1 is still refused.
+FLOW_TIME_ROUNDING = 16 * 2.0**-23
 
 #: How sample_rfim_gmm sets the noise std c of a flow step t -> s from eta (B^2 + c^2 = s^2 either way):
 #: "rfim": c = eta s (the paper's RFIM); "ancestral_rf": ComfyUI's euler_ancestral_RF (Euler to
@@ -57,7 +62,7 @@ def sample_ddim_gmm(
     as k-diffusion's ancestral sigma_up. s_noise scales the drawn noise.
     noise_sampler(sigma, sigma_next) -> standard normal like x; default: the Philox stream.
     GMM options (extra keyword arguments): ``gmm`` None (plain DDIM), a variant name ("rand", "ortho",
-    "ortho-vub", "ortho-vub*") built with n_components / scale / share_across_steps / uniform_priors, or a
+    "ortho-vub", "ortho-vub*", "ortho-lr") built with n_components / scale / share_across_steps / uniform_priors, or a
     ``ddim_gmm_ext.GMM`` with a parameter set per step (len(sigmas) - 1) or shared; ``seed`` as described in
     ``ddim_gmm_ext.integrations._common`` (None: ``extra_args["seed"]`` when present, as ComfyUI passes it, else drawn
     from torch's default generator); ``sample_offset`` the global index of this batch's first sample;
@@ -105,8 +110,9 @@ def _sample(model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, 
     if x.dim() < 1:
         raise ValueError("x must have a batch dimension [B, ...], got a 0-d tensor")
     eta = check_eta(eta)
-    if not isinstance(s_noise, (int, float)) or not math.isfinite(s_noise) or s_noise < 0:
-        raise ValueError(f"s_noise must be a finite number >= 0, got {s_noise!r}")
+    check_s_noise(s_noise)
+    if gmm is None or not isinstance(gmm, str):  # checked with the tables otherwise; unused, as the schedulers do
+        check_gmm_options(None, n_components, scale, scale_per_dim)
     _checks.check_final_step(final_step)
     n_steps = len(sig) - 1
     seed = check_seed(seed if seed is not None else extra_args.get("seed"))
@@ -137,6 +143,12 @@ def _sample(model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, 
             continue
         x = step(i, x, denoised, _checks.gmm_for_step(gmm, i, n_steps, final_step), run_seed, noise)
     return x
+
+
+def check_s_noise(s_noise, name: str = "s_noise") -> float:
+    if isinstance(s_noise, bool) or not isinstance(s_noise, (int, float)) or not math.isfinite(s_noise) or s_noise < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {s_noise!r}")
+    return float(s_noise)
 
 
 def _check_sigmas(sigmas) -> list[float]:
@@ -197,8 +209,9 @@ def sample_rfim_gmm(
     if noise not in FLOW_NOISE:
         raise ValueError(f"noise must be one of {FLOW_NOISE}, got {noise!r}")
     sig = _check_sigmas(sigmas)
-    if sig[0] > 1 or sig[0] == 0:
+    if sig[0] > 1 + FLOW_TIME_ROUNDING or sig[0] == 0:
         raise ValueError(f"flow sigmas are times in [0, 1] starting above 0, got sigmas[0] = {sig[0]}")
+    sig = [min(s, 1.0) for s in sig]  # float32 rounding above 1 (see FLOW_TIME_ROUNDING); the model sees sigmas
 
     def flow_step(i, x, denoised, gmm, run_seed, z):
         t, s = sig[i], sig[i + 1]

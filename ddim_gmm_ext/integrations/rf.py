@@ -42,7 +42,7 @@ def sample_rfim(
     x: x at times[0] (pure noise when times[0] = 1). times: 1-D, strictly decreasing, in [0, 1], e.g.
     ``ddim_gmm_ext.reference.rf_times(n)``. eta in [0, 1]: noise std c = eta * s at each step t -> s (eta = 0
     without GMM is Euler integration of dx/dt = v). gmm: None, a variant name ("rand", "ortho", "ortho-vub",
-    "ortho-vub*") built from the other GMM options, or a ``ddim_gmm_ext.GMM``; seed / sample_offset: the
+    "ortho-vub*", "ortho-lr") built from the other GMM options, or a ``ddim_gmm_ext.GMM``; seed / sample_offset: the
     randomness contract (see ``ddim_gmm_ext.integrations._common``); final_step: "gaussian" (default: no
     mixture on the last step, the paper's model) or "gmm"; scale_per_dim instead of scale (s = scale_per_dim
     * sqrt(D)).

@@ -8,9 +8,10 @@ import math
 
 import torch
 
-from ..reference import compute_dtype as _compute_dtype
+from .._checks import MAX_INDEX as _MAX_INDEX
+from .._checks import compute_dtype as _compute_dtype
+from .._checks import op_seed, prediction_type_code
 
-_MAX_INDEX = 2**32
 #: The op's arguments in schema order (csrc/ops.cpp); the CUDA and fake kernels take them by these names.
 ARGUMENTS = (
     "model_output",
@@ -235,7 +236,7 @@ def check(
             f"step_index {step_index} is outside the coefficient table [{n_rows}, {n_cols}]",
         )
         need(
-            n_sets <= 1 or step_index < n_sets,
+            n_sets == 0 or step_index < n_sets,
             f"step_index {step_index} is outside the GMM tables ({n_sets} parameter sets)",
         )
 
@@ -287,21 +288,28 @@ def _linear_coefficients(a_t, b_t, prediction_type: int):
     return one, -b_t, one, a_t
 
 
-def _setup_context(ctx, inputs, output):
-    named = dict(zip(ARGUMENTS, inputs, strict=True))
+def _refuse_gradient(named: dict) -> None:
+    """NotImplementedError, before any work, for an input without a derivative that requires grad."""
     for name in _NO_GRAD_INPUTS:
         t = named[name]
-        if isinstance(t, torch.Tensor) and t.requires_grad:
+        if t is not None and t.requires_grad:
             raise NotImplementedError(
                 f"ddimgmm::step: no gradient with respect to {name} (schedule constants and draws); detach it, or "
                 "differentiate through dg.reference.step_from_table"
             )
+
+
+def _setup_context(ctx, inputs, output):
+    named = dict(zip(ARGUMENTS, inputs, strict=True))
+    _refuse_gradient(named)
     ctx.save_for_backward(named["model_output"], named["sample"], named["coeffs"], named["step_tensor"])
     ctx.history_dtypes = tuple(None if named[n] is None else named[n].dtype for n in ("history0", "history1"))
     ctx.options = tuple(
         named[n] for n in ("prediction_type", "guidance_scale", "clip_sample_range", "use_clipped_model_output")
     )
     ctx.step_index = named["step_index"]
+    priors = named["priors"]
+    ctx.n_sets = priors.shape[0] if priors is not None and priors.dim() == 2 else 0  # 0: one shared set
 
 
 def _backward(ctx, grad_prev, grad_x0, grad_components):
@@ -309,9 +317,10 @@ def _backward(ctx, grad_prev, grad_x0, grad_components):
     prediction_type, w, clip, use_clipped = ctx.options
     cdt = _compute_dtype(sample.dtype)
     row = coeffs
-    if coeffs.dim() == 2:
+    n_rows = coeffs.shape[0] if coeffs.dim() == 2 else 0
+    if n_rows:
         i = step_tensor if step_tensor is not None else torch.tensor(ctx.step_index, device=coeffs.device)
-        row = coeffs.index_select(0, i.clamp(0, coeffs.shape[0] - 1).reshape(1))[0]
+        row = coeffs.index_select(0, i.clamp(0, n_rows - 1).reshape(1))[0]
     a_t, b_t, A, B = row.to(cdt).unbind()[:4]
     H = row.to(cdt).unbind()[6:]
     p_x, p_m, q_x, q_m = _linear_coefficients(a_t, b_t, prediction_type)
@@ -336,6 +345,16 @@ def _backward(ctx, grad_prev, grad_x0, grad_components):
     g_x, g_m = g_x + p_x * g_x0, g_m + p_m * g_x0
     if w is not None:
         g_m = torch.cat([(1 - w) * g_m, w * g_m])
+    if step_tensor is not None:
+        # The forward of an out-of-range step tensor is all NaN (the device convention); so is its gradient,
+        # decided on the device as the forward did (a host index out of range never got this far).
+        i = step_tensor
+        ok = (i >= 0) & (i < _MAX_INDEX)
+        for n in (n_rows, ctx.n_sets):  # 0: a single row / one shared set, used at every index
+            ok = ok & (i < n) if n else ok
+        g_x = torch.where(ok, g_x, torch.full_like(g_x, math.nan))
+        g_m = torch.where(ok, g_m, torch.full_like(g_m, math.nan))
+        g_prev = torch.where(ok, g_prev, torch.full_like(g_prev, math.nan))  # the history's gradient below
     grads = dict.fromkeys(ARGUMENTS)
     grads["model_output"] = g_m.to(model_output.dtype)
     grads["sample"] = g_x.to(sample.dtype)
@@ -348,18 +367,81 @@ def _backward(ctx, grad_prev, grad_x0, grad_components):
 torch.library.register_autograd("ddimgmm::step", _backward, setup_context=_setup_context)
 
 
-def step(*args):
-    """``torch.ops.ddimgmm.step(*args)`` for the package's own callers. When there is no gradient to record
-    (grad mode off, or no input requiring grad) and nothing is being traced, the call goes below the Autograd
-    dispatch key: the Python autograd wrapper registered above costs about 8 us a call on CPU, half a small
-    step's time. Only model_output, sample and the history (args 0, 1, 18, 19) have a derivative (see _backward);
-    reading their flags costs a fraction of torch._C._any_requires_grad over all 20 arguments."""
-    if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled()
-        and (
-            args[0].requires_grad or args[1].requires_grad or any(h is not None and h.requires_grad for h in args[18:])
-        )
-    ):
+_NO_TABLES = (None, None, None, None)
+
+
+def _any_requires_grad(*tensors: torch.Tensor | None) -> bool:
+    for t in tensors:  # noqa: SIM110 (a loop, not any(<generator>): this runs on every step)
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    coeffs: torch.Tensor,
+    *,
+    step_index: int | torch.Tensor = 0,
+    tables: tuple | None = None,
+    noise: torch.Tensor | None = None,
+    components: torch.Tensor | None = None,
+    prediction_type: str = "epsilon",
+    guidance_scale: float | None = None,
+    clip_sample_range: float | None = None,
+    use_clipped_model_output: bool = False,
+    seed: int = 0,
+    sample_offset: int = 0,
+    return_pred_original: bool = True,
+    history: tuple[torch.Tensor, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The package's one call of ``torch.ops.ddimgmm.step``, by keyword (the schema's order is written here only;
+    a new schema argument becomes a new keyword with a default, and no caller changes).
+
+    ``step_index``: a host int, or a 0-d int64 tensor on the sample's device (the op's ``step_tensor``, never
+    read on the host). ``tables``: (priors, offsets, var_offsets, basis or None) as :meth:`GMM.step_tables` gives
+    them, or None. ``prediction_type``: the name; ``seed``: an unsigned 64-bit int (NumPy integers too).
+    ``history``: a multistep solver's previous data predictions, () or (h1,) or (h1, h2), latest first, each of
+    the sample's shape and dtype or the compute dtype (the op's history0, history1); they need 8-column coeffs
+    (a_t, b_t, A, B, c, g, H1, H2), and a row with H_j != 0 needs h_j.
+    Returns the op's (prev_sample, pred_original_sample or empty, components or empty); arguments are checked
+    by the op itself (shapes, dtypes, devices), not here.
+
+    When there is no gradient to record (grad mode off, or none of model_output, sample and the history
+    requiring grad) and nothing is being traced, the call goes below the Autograd dispatch key: the Python
+    autograd wrapper costs about 8 us a call on CPU, half a small step's time. An input without a derivative
+    that requires grad is refused first, as the autograd path does, rather than detached silently."""
+    if len(history) > 2:
+        raise ValueError(f"ddimgmm::step: history takes at most 2 tensors (h1, h2), got {len(history)}")
+    from_tensor = isinstance(step_index, torch.Tensor)
+    priors, offsets, var_offsets, basis = _NO_TABLES if tables is None else tables
+    args = (
+        model_output,
+        sample,
+        coeffs,
+        step_index if from_tensor else None,
+        priors,
+        offsets,
+        var_offsets,
+        basis,
+        noise,
+        components,
+        prediction_type_code(prediction_type),
+        None if guidance_scale is None else float(guidance_scale),
+        None if clip_sample_range is None else float(clip_sample_range),
+        use_clipped_model_output,
+        op_seed(seed),
+        sample_offset,
+        0 if from_tensor else step_index,
+        return_pred_original,
+        *history,
+    )
+    if torch.is_grad_enabled():
+        if _any_requires_grad(coeffs, noise, priors, offsets, var_offsets, basis):
+            _refuse_gradient(dict(zip(ARGUMENTS, args, strict=False)))
+        if model_output.requires_grad or sample.requires_grad or _any_requires_grad(*history):
+            return torch.ops.ddimgmm.step(*args)
+    if torch.compiler.is_compiling():
         return torch.ops.ddimgmm.step(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.ddimgmm.step(*args)

@@ -13,3 +13,9 @@ def _thin_svd_fake(O: torch.Tensor) -> torch.Tensor:  # noqa: E741 (the schema's
     )
     torch._check(O.shape[2] <= O.shape[1], lambda: f"thin_svd: O [S, D, K] needs K <= D, got {tuple(O.shape)}")
     return torch.empty_like(O, memory_format=torch.contiguous_format)
+
+
+def thin_svd(O: torch.Tensor) -> torch.Tensor:  # noqa: E741 (the schema's argument name)
+    """The package's one call of ``torch.ops.ddimgmm.thin_svd`` (the public, checked form is
+    :func:`ddim_gmm_ext.api.thin_svd`)."""
+    return torch.ops.ddimgmm.thin_svd(O)

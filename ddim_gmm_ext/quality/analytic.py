@@ -64,7 +64,7 @@ class DigitsMixture:
 
     def eps_model(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """:meth:`eps` as an epsilon model of the paper's schedule: x [B, 64], t [B] int64 training timesteps,
-        one value for the whole batch (as the loops of :mod:`ddim_gmm_ext.sampling` call it)."""
+        one value for the whole batch (as the loops of :mod:`ddim_gmm_ext.quality.sampling` call it)."""
         from .sampling import training_alphas_cumprod
 
         if (t != t[0]).any():

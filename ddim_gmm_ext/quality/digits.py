@@ -1,6 +1,6 @@
 """Small networks trained on scikit-learn's 8x8 digits (1797 x 64, scaled to [-1, 1]) and shipped as package
 data: an epsilon-prediction diffusion model, a rectified-flow velocity model and a classifier whose
-penultimate features feed the digits-FD and precision / recall of :mod:`ddim_gmm_ext.metrics`.
+penultimate features feed the digits-FD and precision / recall of :mod:`ddim_gmm_ext.quality.metrics`.
 
 Each network is written by ``ddim-gmm train-digits --net {eps,flow,classifier}`` as ``digits_<net>.pt`` (a
 float32 state dict) beside ``digits_<net>.json``, its manifest: architecture, training command, seed, final
@@ -10,7 +10,7 @@ after checking the checksum; nothing is downloaded.
 Model conventions (the contract of ``ddim-gmm eval --model module:callable`` as well):
 
 * eps model:  ``eps_model(x [B, 64], t [B] int64) -> eps [B, 64]`` with t a training timestep in [0, 1000) of
-  the paper's schedule (:data:`ddim_gmm_ext.sampling.BETAS`: linear betas 0.0015 to 0.0195, appendix A.5).
+  the paper's schedule (:data:`ddim_gmm_ext.quality.sampling.BETAS`: linear betas 0.0015 to 0.0195, appendix A.5).
 * flow model: ``flow_model(x [B, 64], t [B] float) -> v [B, 64]``, v = eps - x0 on x_t = (1 - t) x0 + t eps.
 """
 

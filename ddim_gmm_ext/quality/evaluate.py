@@ -1,10 +1,10 @@
 """The paper's sample-quality protocol on 8x8 digits models: sweep steps, eta, GMM variant, offset scale s and
-K with paired seeds, score every sampler with digits-FD, precision and recall (:mod:`ddim_gmm_ext.metrics`),
+K with paired seeds, score every sampler with digits-FD, precision and recall (:mod:`ddim_gmm_ext.quality.metrics`),
 and write CSV / JSON, a figure in the style of the paper's Fig. 1 and a table in the style of its Table 8.
 
 Two families: "ddim" (an epsilon model on the paper's VP schedule, DDIM vs DDIM-GMM-*) and "rfim" (a
 rectified-flow velocity model, RFIM vs RFIM-GMM-*, the paper's Table 1). Models are given as "digits" (the
-shipped network of the family) or "module:callable" (see :mod:`ddim_gmm_ext.digits` for the call contract).
+shipped network of the family) or "module:callable" (see :mod:`ddim_gmm_ext.quality.digits` for the call contract).
 """
 
 from __future__ import annotations
@@ -113,8 +113,15 @@ def check_model(model, family: str, name: str = "model") -> None:
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"--model {name!r} must return a tensor of shape [2, 64] for x [2, 64], got {got}")
+    if not out.is_floating_point():  # an int64 output failed inside the first step, with a traceback
+        raise ValueError(f"--model {name!r} must return a floating-point tensor, got {out.dtype}")
     if not torch.isfinite(out).all():
         raise ValueError(f"--model {name!r} returned non-finite values")
+
+
+def initial_noise(samples: int, seed: int) -> torch.Tensor:
+    """x_T [samples, 64] of a seed, shared by every sampler of that seed (paired runs)."""
+    return torch.randn(samples, DIM, generator=torch.Generator().manual_seed(seed))
 
 
 def sample_and_score(model, sweep: Sweep, steps: int, eta: float, seed: int, quality, progress: bool = False):
@@ -123,7 +130,7 @@ def sample_and_score(model, sweep: Sweep, steps: int, eta: float, seed: int, qua
     torch.randn(N, 64) of torch.Generator().manual_seed(seed); GMM tables and step noise use ``seed`` too."""
     baseline, sample_fn, _ = FAMILIES[sweep.family]
     sampler_list = list(samplers(sweep.scales, sweep.variants, baseline, per_dim=sweep.scale_per_dim))
-    x_T = torch.randn(sweep.samples, DIM, generator=torch.Generator().manual_seed(seed))
+    x_T = initial_noise(sweep.samples, seed)
     gmms = make_gmms(sampler_list, DIM, sweep.components, steps, seed, per_dim=sweep.scale_per_dim)
     with torch.no_grad():
         xs = sample_fn(model, x_T, steps, eta, gmms, seed, progress=progress, final_step=sweep.final_step)

@@ -1,10 +1,14 @@
 """Flow models through the k-diffusion / ComfyUI path: sample_rfim_gmm against ComfyUI's flow samplers (Euler
-and euler_ancestral_RF, written here from their update rules), the exact-denoiser Gaussian spread, and the
-node's dispatch on the model's sampling type."""
+and euler_ancestral_RF, written here from their update rules), the exact-denoiser Gaussian spread, the node's
+dispatch on the model's sampling type, its noise (ComfyUI's own noise sampler with the GMM off) and its
+widget checks."""
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -26,7 +30,7 @@ def _flow_denoiser(s0: float = 0.5):
     return model
 
 
-def _comfy_ancestral_rf(model, x, sigmas, eta, noise_sampler):
+def _comfy_ancestral_rf(model, x, sigmas, eta, noise_sampler, s_noise=1.0):
     """ComfyUI's euler_ancestral_RF update (eta 0: its flow Euler), from its formulas: Euler to
     sigma_down = s (1 + (s / t - 1) eta), then rescale by (1 - s) / (1 - sigma_down) and renoise to s."""
     for i in range(len(sigmas) - 1):
@@ -40,7 +44,7 @@ def _comfy_ancestral_rf(model, x, sigmas, eta, noise_sampler):
         x = ratio * x + (1 - ratio) * denoised
         if eta > 0:
             renoise = (s**2 - sigma_down**2 * (1 - s) ** 2 / (1 - sigma_down) ** 2) ** 0.5
-            x = (1 - s) / (1 - sigma_down) * x + noise_sampler(t, s) * renoise
+            x = (1 - s) / (1 - sigma_down) * x + noise_sampler(t, s) * s_noise * renoise
     return x
 
 
@@ -126,3 +130,155 @@ def test_node_dispatches_on_the_model_sampling_type():
     expected = _comfy_ancestral_rf(model, x, sigmas, 0.5, _SharedNoise())
     assert_close(ours, expected, kind="f64_loop")
     assert math.isfinite(ours.sum().item())
+
+
+@pytest.mark.parametrize("ulps", [1, 8, 16])
+def test_flow_schedule_starting_at_float32_rounding_above_1(ulps):
+    # ComfyUI's float32 time_snr_shift gives sigmas[0] = 1 + 2^-23 for 63 of 1000 ModelSamplingSD3 shifts (1.32,
+    # 4.03, ...) and up to 1 + 8 * 2^-23 for shifts below 1; its own samplers run them. Taken as t = 1, which
+    # differs from ComfyUI's arithmetic on 1 + 2^-23 by float32 rounding. Checked to fail with the old check
+    # (sigmas[0] > 1 refused).
+    sigmas = _shift(torch.linspace(1, 0, 8, dtype=torch.float64), 1.32)
+    sigmas[0] = 1 + ulps * 2.0**-23
+    x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    expected = _comfy_ancestral_rf(_flow_denoiser(), x, sigmas, 0.5, _SharedNoise())
+    ours = sample_rfim_gmm(
+        _flow_denoiser(), x, sigmas, eta=0.5, noise="ancestral_rf", gmm=None, disable=True, noise_sampler=_SharedNoise()
+    )
+    assert_close(ours, expected, kind="f32_loop")
+    tables = sample_rfim_gmm(_flow_denoiser(), x, sigmas, eta=0.5, gmm="ortho-lr", n_components=4, seed=0, disable=True)
+    assert torch.isfinite(tables).all()
+
+
+@pytest.mark.parametrize("start", [1 + 17 * 2.0**-23, 1.001, 2.0])
+def test_flow_schedule_above_1_beyond_rounding_is_refused(start):
+    sigmas = torch.tensor([start, 0.5, 0.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"times in \[0, 1\].*sigmas\[0\]"):
+        sample_rfim_gmm(_flow_denoiser(), torch.zeros(SHAPE, dtype=torch.float64), sigmas, gmm=None, disable=True)
+
+
+# ---- the node inside a stand-in ComfyUI --------------------------------------------------------------------
+
+
+def _comfy_default_noise_sampler(x, seed=None):
+    """ComfyUI's default_noise_sampler, from its behaviour (comfy/k_diffusion/sampling.py): a torch.Generator on
+    x's device seeded with the seed (+ 1 on the CPU), then torch.randn of x's size, dtype and device per call."""
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=x.device).manual_seed(seed + 1 if x.device.type == "cpu" else seed)
+    return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, device=x.device, generator=generator)
+
+
+@pytest.fixture
+def comfy_node(monkeypatch):
+    """The node module as ComfyUI loads it: comfy.samplers.KSAMPLER records (sampler function, extra_options)
+    and comfy.k_diffusion.sampling has ComfyUI's default noise sampler."""
+    import ddim_gmm_ext.comfy as node
+
+    comfy = types.ModuleType("comfy")
+    comfy.samplers = types.ModuleType("comfy.samplers")
+    comfy.samplers.KSAMPLER = lambda fn, extra_options: (fn, extra_options)
+    comfy.k_diffusion = types.ModuleType("comfy.k_diffusion")
+    comfy.k_diffusion.sampling = types.ModuleType("comfy.k_diffusion.sampling")
+    comfy.k_diffusion.sampling.default_noise_sampler = _comfy_default_noise_sampler
+    modules = [comfy, comfy.samplers, comfy.k_diffusion, comfy.k_diffusion.sampling]
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    importlib.reload(node)
+    yield node
+    monkeypatch.undo()
+    importlib.reload(node)
+
+
+def _run_node(node, model, x, sigmas, seed, **widgets):
+    """The node's SAMPLER run as ComfyUI's KSAMPLER.sample calls it: fn(model, noise, sigmas, extra_args=...,
+    callback=..., disable=..., **extra_options), the seed in extra_args."""
+    values = dict(eta=0.5, s_noise=1.0, variant="off", n_components=8, scale=1.0) | widgets
+    ((fn, extra_options),) = node.NODE_CLASS_MAPPINGS["SamplerDDIMGMM"]().get_sampler(**values)
+    return fn(model, x, sigmas, extra_args={"seed": seed}, callback=None, disable=True, **extra_options)
+
+
+def _ve_wrapper(s0: float = 0.5):
+    """An eps-model wrapper (model_sampling EPS) whose denoiser is the exact x0 of N(0, s0^2 I) data on
+    x = x0 + sigma eps."""
+    wrapper = _wrapper(EPS())
+    wrapper.__class__.__call__ = lambda self, x, sigma, **kw: x * s0**2 / (s0**2 + sigma[:, None, None, None] ** 2)
+    return wrapper
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_node_off_equals_comfyui_euler_ancestral_sample_for_sample(comfy_node, eta):
+    # ComfyUI passes its samplers no noise sampler: they draw default_noise_sampler(x, extra_args["seed"]). With
+    # the variant off the node uses that one, so a seed gives ComfyUI's samples. Checked to fail with the node's
+    # own Philox noise (comfy_noise_sampler returning None).
+    from tests.integrations.kdiffusion_upstream import load_sampling
+
+    K = load_sampling()
+    model = _ve_wrapper()
+    sigmas = K.get_sigmas_karras(6, 0.03, 14.6, device="cpu").double()
+    x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    expected = K.sample_euler_ancestral(
+        model, x, sigmas, eta=eta, disable=True, noise_sampler=_comfy_default_noise_sampler(x, seed=42)
+    )
+    assert_close(_run_node(comfy_node, model, x, sigmas, 42, eta=eta), expected, kind="f64_loop_ve")
+
+
+@pytest.mark.parametrize("noise_scale", [None, 0.5])
+def test_node_off_equals_comfyui_euler_ancestral_rf_sample_for_sample(comfy_node, noise_scale):
+    # Flow models: ComfyUI's euler_ancestral_RF with its default noise sampler, its noise scaled by the model
+    # sampling's noise_scale when it has one. Checked to fail with the node's own Philox noise and without the
+    # noise_scale factor.
+    sampling = CONST()
+    if noise_scale is not None:
+        sampling.noise_scale = noise_scale
+    flow, model = _wrapper(sampling), _flow_denoiser()
+    flow.__class__.__call__ = lambda self, x, sigma, **kw: model(x, sigma)
+    sigmas = SCHEDULES["sd3-shift-7"]
+    x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    noise = _comfy_default_noise_sampler(x, seed=2**40)
+    expected = _comfy_ancestral_rf(model, x, sigmas, 0.5, noise, s_noise=noise_scale or 1.0)
+    assert_close(_run_node(comfy_node, flow, x, sigmas, 2**40), expected, kind="f64_loop")
+
+
+def test_node_with_a_gmm_keeps_the_philox_stream(comfy_node):
+    # With a GMM on, the noise and the components come from the Philox stream of the seed (not ComfyUI's
+    # generator): the node's run equals sample_ddim_gmm's with that seed.
+    from ddim_gmm_ext.k_diffusion import sample_ddim_gmm
+
+    model = _ve_wrapper()
+    sigmas = torch.tensor([14.6, 3.0, 0.7, 0.1, 0.0], dtype=torch.float64)
+    x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * sigmas[0]
+    ours = _run_node(comfy_node, model, x, sigmas, 7, variant="ortho-lr", n_components=4)
+    expected = sample_ddim_gmm(model, x, sigmas, eta=0.5, gmm="ortho-lr", n_components=4, seed=7, disable=True)
+    assert_close(ours, expected, kind="exact")
+
+
+@pytest.mark.parametrize(
+    ("widget", "value", "match"),
+    [
+        ("eta", math.nan, "eta must be a number in"),
+        ("eta", 1.5, "eta must be a number in"),
+        ("s_noise", math.nan, "s_noise must be a finite number"),
+        ("s_noise", math.inf, "s_noise must be a finite number"),
+        ("scale", math.nan, "scale must be a finite number"),
+        ("n_components", 0, "n_components must be an int >= 1"),
+        ("variant", "vub", "variant must be one of"),
+    ],
+)
+@pytest.mark.parametrize("variant", ["off", "ortho-lr"])
+def test_node_refuses_bad_widget_values_naming_the_widget(comfy_node, widget, value, match, variant):
+    # NaN passes ComfyUI's min / max widget validation (its comparisons are false); the node used to hand it on
+    # and fail inside SamplerCustom. Checked to fail with get_sampler passing the values unchecked.
+    values = dict(eta=0.5, s_noise=1.0, variant=variant, n_components=8, scale=1.0) | {widget: value}
+    with pytest.raises(ValueError, match=match):
+        comfy_node.NODE_CLASS_MAPPINGS["SamplerDDIMGMM"]().get_sampler(**values)
+
+
+def test_node_off_takes_unused_gmm_widgets_as_the_schedulers_do():
+    # With the variant off, n_components and scale are checked but unused: DDIMGMMScheduler(gmm_variant=None,
+    # gmm_scale=5) is accepted too, and a ComfyUI widget cannot be left empty.
+    from ddim_gmm_ext.integrations.comfy import node_options
+
+    assert node_options(0.5, 1.0, "off", 3, 5.0)["gmm"] is None
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        node_options(0.5, 1.0, "off", 3, math.nan)

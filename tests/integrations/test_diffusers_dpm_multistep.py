@@ -142,6 +142,28 @@ def test_history_is_kept_functionally():
     assert s.lower_order_nums == 3 and s.step_index == 3
 
 
+# The package's seed=None rule (GMMSchedulerMixin): GMM off, no generator -> z from torch's global RNG as the stock
+# class draws it; GMM on -> one stream seed drawn from the global RNG at the first step. Checked to fail with the
+# pre-merge rule (z from the Philox stream of seed 0) and, for the GMM case, without the _use_stream() call (the
+# same samples after different torch.manual_seed).
+def test_seed_none_draws_from_the_global_rng():
+    config = dict(algorithm_type="sde-dpmsolver++", solver_order=2)
+
+    def run(scheduler, seed):
+        scheduler.set_timesteps(5)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(seed)
+        for t in scheduler.timesteps:
+            x = scheduler.step(_model(x, t, "epsilon"), t, x).prev_sample
+        return x
+
+    stock = run(diffusers.DPMSolverMultistepScheduler(**config), 3)
+    assert_close(run(DPMSolverMultistepGMMScheduler(**config), 3), stock, kind="f32_loop_upstream")
+    ours = DPMSolverMultistepGMMScheduler(**config, gmm_variant="ortho", gmm_n_components=2)
+    first, again, other = run(ours, 3), run(ours, 3), run(ours, 4)
+    assert torch.equal(first, again) and not torch.allclose(first, other)
+
+
 # ---- configs ------------------------------------------------------------------------------------------------
 
 
@@ -155,7 +177,7 @@ def test_from_config_both_ways_and_save_load(tmp_path):
     loaded = DPMSolverMultistepGMMScheduler.from_pretrained(tmp_path)
     public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
     assert public(loaded.config) == public(ours.config)
-    assert DPMSolverMultistepGMMScheduler in stock.compatibles
+    assert diffusers.DPMSolverMultistepScheduler in ours.compatibles  # the stock side: patch_diffusers (contract)
     assert_close(_loop(loaded, 7), _loop(ours, 7), kind="exact")
 
 

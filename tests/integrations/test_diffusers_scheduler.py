@@ -312,7 +312,6 @@ def test_bad_step_counts(steps):
         (dict(steps_offset=-3), "steps_offset must be an int >= 0"),
         (dict(trained_betas=[0.01] * 10), "trained_betas must have num_train_timesteps=1000 values, got 10"),
         (dict(trained_betas=[1.5] * 1000), "trained_betas must give betas"),
-        (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr=True needs prediction_type='v_prediction'"),
         (dict(timestep_spacing="sometimes"), "timestep_spacing must be one of"),
     ],
 )
@@ -321,7 +320,16 @@ def test_bad_config_values(config, match):
         DDIMGMMScheduler(**config)
 
 
-def test_saved_pipeline_round_trips_with_our_scheduler(tmp_path, caplog):
+@pytest.fixture
+def patched_diffusers():
+    from ddim_gmm_ext.diffusers import patch_diffusers, unpatch_diffusers
+
+    patch_diffusers()
+    yield
+    unpatch_diffusers()
+
+
+def test_saved_pipeline_round_trips_with_our_scheduler(tmp_path, patched_diffusers):
     # Checked to fail without the SchedulerMixin name in ddim_gmm_ext.diffusers ("cannot be loaded ...").
     from diffusers import DiffusionPipeline
 
@@ -332,7 +340,7 @@ def test_saved_pipeline_round_trips_with_our_scheduler(tmp_path, caplog):
     assert type(loaded.scheduler) is DDIMGMMScheduler and loaded.scheduler.config.gmm_scale == 2.0
     explicit = DiffusionPipeline.from_pretrained(tmp_path, scheduler=DDIMGMMScheduler(seed=1))
     assert explicit.scheduler.config.seed == 1
-    # DDIMPipeline keeps a GMM scheduler (stock diffusers would convert it to a plain DDIMScheduler)
+    # DDIMPipeline keeps a GMM scheduler once patched (stock diffusers converts it to a plain DDIMScheduler)
     assert type(DDIMPipeline.from_pretrained(tmp_path).scheduler) is DDIMGMMScheduler
     # the stock class loads our config; the GMM keys stay as hidden keys and come back in our class
     stock = DDIMScheduler.from_pretrained(tmp_path, subfolder="scheduler")
@@ -345,7 +353,7 @@ def test_saved_pipeline_round_trips_with_our_scheduler(tmp_path, caplog):
     assert DDIMGMMScheduler in EulerDiscreteScheduler().compatibles
 
 
-def test_ddim_pipeline_constructor_keeps_the_gmm():
+def test_ddim_pipeline_constructor_keeps_the_gmm(patched_diffusers):
     pipe = _tiny_pipeline()
     gmm_sched = DDIMGMMScheduler.from_config(pipe.scheduler.config, gmm_variant="ortho-vub", gmm_scale=5.0)
     kept = DDIMPipeline(unet=pipe.unet, scheduler=gmm_sched)

@@ -194,7 +194,8 @@ def test_stable_diffusion_3_pipeline_end_to_end_with_and_without_gmm(tmp_path):
     gmm = _latents(pipe)
     assert torch.isfinite(gmm).all() and not is_close(gmm, stock, "distinct")
     assert_close(_latents(pipe), gmm, kind="exact")  # same seed, same samples
-    assert FlowMatchEulerDiscreteGMMScheduler in FlowMatchEulerDiscreteScheduler().compatibles
+    # the round trip needs no patch_diffusers (the import leaves the stock classes as they are)
+    assert FlowMatchEulerDiscreteGMMScheduler not in FlowMatchEulerDiscreteScheduler().compatibles
 
     pipe.save_pretrained(tmp_path)
     absent = {f"{kind}{n}": None for kind in ("text_encoder", "tokenizer") for n in ("", "_2", "_3")}

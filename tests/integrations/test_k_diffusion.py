@@ -136,6 +136,11 @@ def test_progress_bar(capsys):
         (dict(sigmas=torch.tensor([0.0])), ValueError, "at least 2 entries"),
         (dict(eta=2.0), ValueError, "eta must be"),
         (dict(s_noise=-1.0), ValueError, "s_noise"),
+        (dict(s_noise=float("nan")), ValueError, "s_noise"),
+        # unused with the GMM off, still checked, as the schedulers check gmm_scale with gmm_variant=None
+        # (checked to fail without the check_gmm_options call for gmm=None)
+        (dict(gmm=None, scale=float("nan")), ValueError, "scale must be a finite number"),
+        (dict(gmm=None, n_components=0), ValueError, "n_components must be an int"),
         (dict(gmm="vub"), ValueError, "GMM variant"),
         (dict(gmm=dg.GMM.create(16, n_components=2, n_steps=2)), ValueError, "built for dim=16"),
         (dict(gmm=dg.GMM.create(32, n_components=2, n_steps=1)), ValueError, "parameter sets for 1 steps"),

@@ -71,6 +71,55 @@ def test_no_gradient_for_coefficients_is_an_error():
         dg.step_from_table(m, x, rows, 1)
 
 
+@pytest.mark.parametrize("name", ["coeffs", "noise", "offsets"])
+def test_no_gradient_for_constants_even_without_a_differentiable_input(name):
+    # Issue 22 item 7: with model_output and sample not requiring grad, 9e9d80e's fast path went below autograd
+    # and returned a detached output (the raw op raised). Fails with ops.step.step's _refuse_gradient call removed.
+    m, x = (t.detach() for t in _inputs(False))
+    gmm = dg.GMM.create(12, 3, S, variant="ortho", dtype=torch.float64)
+    rows, noise = ROWS, torch.zeros_like(x)
+    if name == "coeffs":
+        rows = ROWS.clone().requires_grad_()
+    elif name == "noise":
+        noise = noise.requires_grad_()
+    else:
+        offsets = gmm.offsets.clone().requires_grad_()
+        gmm = dg.GMM.from_params(gmm.priors, offsets, gmm.var_offsets)
+    for index in (1, torch.tensor(1)):
+        with pytest.raises(NotImplementedError, match=f"no gradient with respect to {name}"):
+            dg.step_from_table(m, x, rows, index, gmm=gmm, noise=noise)
+    with pytest.raises(NotImplementedError, match=f"no gradient with respect to {name}"):
+        torch.ops.ddimgmm.step(m, x, rows, None, *gmm.step_tables(x), noise, None, 0, None, None, False, 0, 0, 1, True)
+    with torch.no_grad():  # nothing to record: no error
+        assert dg.step_from_table(m, x, rows, 1, gmm=gmm, noise=noise).prev_sample.isfinite().all()
+
+
+def test_no_gradient_for_step_coefficients():
+    # dg.step's coefficients: a CPU tensor that requires grad was read as a float and its gradient dropped.
+    m, x = _inputs(False)
+    a_t = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="no gradient with respect to a_t"):
+        dg.step(m, x, a_t, 0.8, 0.8, 0.6, 0.3)
+    (g,) = torch.autograd.grad(R.step(m, x, a_t, 0.8, 0.8, 0.6, 0.3, seed=1).prev_sample.sum(), a_t)
+    assert g.isfinite() and g != 0  # the reference differentiates through it (it was dropped there too)
+
+
+@pytest.mark.parametrize("bad", [S, -1, 2**32 + 1])
+@pytest.mark.parametrize("one_set_gmm", [False, True])
+def test_gradient_of_an_out_of_range_step_tensor_is_nan(bad, one_set_gmm):
+    # Issue 22 item 8: the forward is all NaN, so is the gradient (9e9d80e clamped the index and gave a finite
+    # one; fails with the backward's torch.where removed). one_set_gmm: a single row, the GMM's one set bounds it.
+    m, x = _inputs(True)
+    gmm = dg.GMM.create(12, 3, 1, variant="ortho", dtype=torch.float64) if one_set_gmm else None
+    coeffs = ROWS[0] if one_set_gmm else ROWS
+    out = dg.step_from_table(m, x, coeffs, torch.tensor(bad), gmm=gmm, guidance_scale=2.0)
+    assert out.prev_sample.isnan().all()
+    gm, gx = torch.autograd.grad(out.prev_sample.sum() + out.pred_original_sample.sum(), (m, x))
+    assert gm.isnan().all() and gx.isnan().all()
+    ok = dg.step_from_table(m, x, coeffs, torch.tensor(0), gmm=gmm, guidance_scale=2.0)  # in range: finite
+    assert all(g.isfinite().all() for g in torch.autograd.grad(ok.prev_sample.sum(), (m, x)))
+
+
 def test_scheduler_gradient_equals_diffusers():
     # The issue's case: d prev / d x_t through a scheduler step, as diffusers' DDIMScheduler gives it (it was
     # None with a warning before autograd was registered).

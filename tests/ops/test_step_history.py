@@ -94,6 +94,24 @@ def test_op_equals_reference(pred, n_hist, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_the_history_keyword_of_the_api(device):
+    # dg.step_from_table(history=...) -> api.fused_step -> ops.step.step(history=...): the package's keyword path
+    # to history0 / history1 (the op itself is tested above). Checked to fail with fused_step not passing
+    # history= on (the op then refuses the row's H1 != 0 without h1); a history in float64 for a float32 sample
+    # (neither its dtype nor the compute dtype) is converted, and a third history is refused.
+    args = _op_args(torch.float32, "sample", 2, index=2, device=device)
+    ref = _reference({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in args.items()})
+    hist = (args["history0"].double(), args["history1"])
+    kw = dict(prediction_type="sample", seed=args["seed"], sample_offset=args["sample_offset"], history=hist)
+    out = dg.step_from_table(args["model_output"], args["sample"], args["coeffs"], 2, **kw)
+    assert_close(out.prev_sample.cpu(), ref.prev_sample, torch.float32)
+    with pytest.raises(ValueError, match="at most 2 tensors"):
+        dg.step_from_table(args["model_output"], args["sample"], args["coeffs"], 2, history=(*hist, hist[0]))
+    with pytest.raises(ValueError, match="H1 = .* but history0 is None"):
+        dg.step_from_table(args["model_output"], args["sample"], args["coeffs"], 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_history_in_the_compute_dtype(dtype, device):
     # A half-precision sample takes its history in float32 as well (what a float32 x0 output gives).

@@ -117,6 +117,35 @@ def test_device_index_out_of_range_gives_nan(bad):
     assert ref.prev_sample.isnan().all() and (ref.components == -1).all()
 
 
+@pytest.mark.parametrize("table", [False, True], ids=["row", "table"])
+def test_one_step_gmm_is_not_shared(table):
+    # Issue 22 item 6: a per-step GMM of one step (n_steps=1, not shared) has no set 3. On 9e9d80e the op took
+    # its [1, K] tables for shared ones and returned finite samples from set 0 (fails with the op's range check
+    # back at n_sets <= 1, or with GMM.step_tables stacking a shared set).
+    x, m = _inputs(torch.float32)
+    gmm = dg.GMM.create(D, n_components=K, n_steps=1, variant="ortho-vub")
+    coeffs = _rows(torch.float32) if table else _rows(torch.float32)[0]
+    for fn in (dg.step_from_table, R.step_from_table):
+        out = fn(m, x, coeffs, torch.tensor(3), gmm=gmm)
+        assert out.prev_sample.isnan().all() and out.pred_original_sample.isnan().all(), fn
+        assert (out.components == -1).all(), fn
+    with pytest.raises(ValueError, match=r"step_index must be in \[0, 1\)"):
+        dg.step_from_table(m, x, coeffs, 3, gmm=gmm)
+
+
+def test_shared_gmm_serves_every_index():
+    # The other side of item 6: a shared set (passed unstacked) is used at any step, on the host or the device.
+    x, m = _inputs(torch.float32)
+    gmm = dg.GMM.create(D, n_components=K, n_steps=S, variant="ortho-vub", share_across_steps=True)
+    assert gmm.step_tables(x)[0].shape == (K,) and gmm.tables(x)[0].shape == (1, K)
+    rows = _rows(torch.float32)
+    out = dg.step_from_table(m, x, rows, torch.tensor(3), gmm=gmm, seed=4)
+    host = dg.step_from_table(m, x, rows, 3, gmm=gmm, seed=4)
+    ref = R.step_from_table(m, x, rows, 3, gmm=gmm, seed=4)
+    assert torch.equal(out.prev_sample, host.prev_sample) and torch.equal(out.components, ref.components)
+    assert_close(out.prev_sample, ref.prev_sample, kind="f32_step")
+
+
 def test_host_index_out_of_range_raises():
     x, m = _inputs(torch.float32)
     with pytest.raises(ValueError, match=r"step_index 5 is outside the coefficient table \[5, 6\]"):

@@ -29,7 +29,7 @@ PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow")
 
 def schema_step(m, x, coeffs, i, tables, noise, comps, pred, w, clip, use_clipped, seed, offset):
     """The schema in plain torch: (prev_sample, x0, components or None). tables = (priors, offsets,
-    var_offsets, basis or None), 2-D or 3-D (set = 0 if one set else i); seed in [0, 2**64)."""
+    var_offsets, basis or None), stacked (set i) or unstacked (one shared set); seed in [0, 2**64)."""
     from ddim_gmm_ext import reference as R
 
     cdt = coeffs.dtype
@@ -61,7 +61,7 @@ def schema_step(m, x, coeffs, i, tables, noise, comps, pred, w, clip, use_clippe
     else:
         priors, offsets, var, basis = tables
         stacked = priors.dim() == 2
-        s = (0 if priors.shape[0] == 1 else i) if stacked else None
+        s = i if stacked else None
         priors, offsets, var, basis = (t if t is None or s is None else t[s] for t in (priors, offsets, var, basis))
         k = comps.to(torch.int64) if comps is not None else R.draw_components(priors, B, seed, offset, i)
         kk = k.clamp(0, priors.shape[0] - 1)
@@ -103,6 +103,7 @@ CASES = [
     ("gaussian-g0", 0, "diag", torch.float32, None, None, True, False, 0.0),
     ("fp16-explicit", 0, "diag", torch.float16, 2.0, 0.8, False, True, 1.0),
     ("bf16-flow", 3, None, torch.bfloat16, None, None, True, False, 1.0),
+    ("shared-diag", 0, "diag-shared", torch.float32, None, None, True, False, 1.0),  # unstacked: any index
 ]
 
 
@@ -133,7 +134,9 @@ def check_parity(device: str) -> None:
         coeffs = torch.tensor(rows, dtype=cdt)
         if name == "v1-ddim":
             coeffs = coeffs[i]
-        tables = _tables(gmm, D, K, S, cdt, gen) if gmm else (None,) * 4
+        tables = _tables(gmm.removesuffix("-shared"), D, K, S, cdt, gen) if gmm else (None,) * 4
+        if gmm and gmm.endswith("-shared"):  # one set, unstacked ([K], [K, D], ...): the op's shared form
+            tables = tuple(None if t is None else t[0] for t in tables)
         noise = torch.randn(SHAPE, generator=gen) if explicit else None
         comps = torch.tensor([3, 0, 1]) if explicit and gmm else None
         step_tensor = torch.tensor(i) if as_tensor else None
@@ -203,6 +206,12 @@ def check_invalid_step(device: str) -> None:
             args = [m, x, coeffs[0], torch.tensor(4), *tables, None, None, 0, None, None, False, 5, 0, 0, True]
             prev = triton_step(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args])[0]
             assert prev.isnan().all(), gmm
+            # One stacked set [1, ...] is one step's set, not a shared one (issue 22): index 1 is past it. On
+            # 9e9d80e the kernel took S_g == 1 for shared and returned set 0's finite samples.
+            one = tuple(None if t is None else t[:1] for t in tables)
+            args = [m, x, coeffs[0], torch.tensor(1), *one, None, None, 0, None, None, False, 5, 0, 0, True]
+            prev, _, comps = triton_step(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args])
+            assert prev.isnan().all() and comps.tolist() == [-1] * SHAPE[0], gmm
 
 
 CHECKS = {"parity": check_parity, "invalid_step": check_invalid_step}

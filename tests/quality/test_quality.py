@@ -146,14 +146,38 @@ def test_train_digits_writes_a_loadable_manifest(tmp_path, capsys):
 # -- demo and eval ------------------------------------------------------------------------------------------
 
 
-def test_digits_demo_runs_end_to_end(tmp_path, capsys):
+def test_digits_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
+    """The four rows with the spread over seeds and the paired differences; the control is DDIM's output plus the
+    matched noise of the seed's tables; the speed line, or why it is skipped."""
+    from ddim_gmm_ext.quality import demo
+    from ddim_gmm_ext.quality.sampling import matched_output_noise
+
+    assert demo.DEMO_DEFAULTS["digits"]["steps"] == [5] and demo.DEMO_DEFAULTS["digits"]["etas"] == [1.0]
     png, out = tmp_path / "demo.png", tmp_path / "demo.json"
-    assert cli.main(["demo", "--samples", "40", "--steps", "3", "--png", str(png), "--json", str(out)]) == 0
+    monkeypatch.setattr(demo, "SPEED_CALLS", 3)
+    argv = ["demo", "--samples", "40", "--steps", "3", "--seeds", "0", "1", "--png", str(png), "--json", str(out)]
+    assert cli.main(argv) == 0
     text = capsys.readouterr().out
-    assert "DDIM" in text and "GMM-ORTHO-VUB" in text and "digits-FD" in text
+    labels = [demo.DDIM_ROW, demo.GMM_ROW, demo.LAST_ROW, demo.CONTROL_ROW]
+    assert all(label in text for label in labels) and "dFD vs DDIM" in text and "±" in text
+    assert "DDIMScheduler.step" in text
     assert png.stat().st_size > 1000
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["sampler"] for r in rows] == ["DDIM", f"GMM-ORTHO-VUB s={cli.DIGITS_DEMO_SCALE:g}"]
+    result = json.loads(out.read_text())
+    assert [r["sampler"] for r in result["rows"]] == labels * 2 and [r["seed"] for r in result["rows"]] == [0] * 4 + [
+        1
+    ] * 4
+    summary = {e["sampler"]: e for e in result["summary"]}
+    assert summary[demo.DDIM_ROW]["fd_diff"] == 0 and summary[demo.GMM_ROW]["seeds"] == 2
+    # the control row, rebuilt from its definition (seed 1)
+    model, sampler = evaluate.load_model("digits"), next(samplers([1.0], ("ortho-lr",), None))
+    (gmm,) = make_gmms([sampler], 64, 8, 3, 1)
+    with torch.no_grad():
+        (ddim,) = sample_ddim(model, evaluate.initial_noise(40, 1), 3, 1.0, [None], 1)
+    control = DigitsQuality()(matched_output_noise(ddim, gmm, 3, 1))
+    assert result["rows"][7]["fd"] == pytest.approx(control["fd"], rel=1e-6)
+    monkeypatch.setattr(demo, "step_speed", lambda eta: None)  # a .[demo] install has no diffusers
+    assert cli.main([*argv[:-2], "--seeds", "0"]) == 0
+    assert "diffusers is not installed" in capsys.readouterr().out
     for args, message in (
         (["--steps", "5", "10"], "one value of --steps"),
         (["--sigma0", "0.2"], "--sigma0"),

@@ -4,14 +4,22 @@
     pipe.scheduler = DDIMGMMScheduler.from_config(pipe.scheduler.config, gmm_variant="ortho-vub", seed=0)
 
 One module per scheduler family; :mod:`._base` holds what they share. Importing this package imports diffusers
-(``import ddim_gmm_ext`` does not) and registers the schedulers with it:
+(``import ddim_gmm_ext`` does not) and changes no stock diffusers class. It only adds names:
 
-* each scheduler is listed in ``scheduler.compatibles`` of the stock scheduler it extends (and of the schedulers
-  compatible with that one), and is reachable as ``diffusers.<name>``;
+* each scheduler is reachable as ``diffusers.<name>`` (where diffusers resolves a class named in a saved config)
+  and its ``compatibles`` list the stock schedulers it can replace;
 * a saved pipeline records it as ``["ddim_gmm_ext.diffusers", "<name>"]``; ``DiffusionPipeline.from_pretrained``
-  loads it back once ``ddim_gmm_ext.diffusers`` is imported (diffusers only resolves libraries already imported);
-* ``DDIMPipeline`` keeps a :class:`DDIMGMMScheduler` given to it (stock diffusers converts every scheduler to a
-  plain ``DDIMScheduler``, which would drop the GMM); any other scheduler is converted as before.
+  loads it back once ``ddim_gmm_ext.diffusers`` is imported (diffusers only resolves libraries already imported).
+
+Changing diffusers' own classes is one explicit call, :func:`patch_diffusers` (undone by
+:func:`unpatch_diffusers`):
+
+* ``compatibles=True``: each scheduler joins the ``_compatibles`` of the stock scheduler it extends (and of the
+  schedulers compatible with that one), so ``pipe.scheduler.compatibles`` offers it;
+* ``ddim_pipeline=True``: ``DDIMPipeline`` keeps a :class:`DDIMGMMScheduler` given to its constructor or loaded
+  by ``DDIMPipeline.from_pretrained`` (stock diffusers converts every scheduler to a plain ``DDIMScheduler``
+  there, which drops the GMM); any other scheduler is converted as before. Without the patch, assign the
+  scheduler after construction: ``pipe.scheduler = DDIMGMMScheduler.from_config(pipe.scheduler.config, ...)``.
 """
 
 import sys
@@ -43,7 +51,19 @@ __all__ = [
     "EulerDiscreteSchedulerOutput",
     "FlowMatchEulerDiscreteGMMScheduler",
     "FlowMatchEulerDiscreteSchedulerOutput",
+    "patch_diffusers",
+    "unpatch_diffusers",
 ]
+
+#: each scheduler and the stock diffusers scheduler it extends
+_STOCK = {
+    DDIMGMMScheduler: "DDIMScheduler",
+    DDPMGMMScheduler: "DDPMScheduler",
+    DPMSolverMultistepGMMScheduler: "DPMSolverMultistepScheduler",
+    EulerDiscreteGMMScheduler: "EulerDiscreteScheduler",
+    EulerAncestralDiscreteGMMScheduler: "EulerAncestralDiscreteScheduler",
+    FlowMatchEulerDiscreteGMMScheduler: "FlowMatchEulerDiscreteScheduler",
+}
 
 # The recorded library name must resolve even when only this package (not the public alias) was imported.
 sys.modules.setdefault("ddim_gmm_ext.diffusers", sys.modules[__name__])
@@ -58,9 +78,40 @@ def _keep_gmm_scheduler(stock_init):
             stock_init(self, unet, scheduler)
 
     __init__.__doc__ = stock_init.__doc__
-    __init__._keeps_gmm = True
+    __init__._stock_init = stock_init  # type: ignore[attr-defined]  # what unpatch_diffusers puts back
     return __init__
 
 
-if not getattr(DDIMPipeline.__init__, "_keeps_gmm", False):
-    DDIMPipeline.__init__ = _keep_gmm_scheduler(DDIMPipeline.__init__)  # type: ignore[method-assign]  # the patch is the point: DDIMPipeline must keep a GMM scheduler
+#: stock class -> its _compatibles before patch_diffusers (restored by unpatch_diffusers)
+_saved_compatibles: dict[type, list[str]] = {}
+
+
+def patch_diffusers(*, compatibles: bool = True, ddim_pipeline: bool = True) -> None:
+    """Change diffusers' own classes for these schedulers (importing this module does not; see the module
+    docstring): ``compatibles`` lists each scheduler in the stock schedulers' ``compatibles``; ``ddim_pipeline``
+    makes ``DDIMPipeline`` keep a :class:`DDIMGMMScheduler` instead of converting it to ``DDIMScheduler``.
+    Idempotent; :func:`unpatch_diffusers` restores the stock classes."""
+    import diffusers
+
+    if compatibles:
+        for cls, stock_name in _STOCK.items():
+            stock = getattr(diffusers, stock_name)
+            for other in {stock_name, *stock._compatibles}:
+                klass = getattr(diffusers, other, None)
+                if klass in _STOCK:  # ours, listed in a stock class's _compatibles by an earlier iteration
+                    continue
+                if isinstance(klass, type) and cls.__name__ not in klass._compatibles:
+                    _saved_compatibles.setdefault(klass, klass._compatibles)
+                    klass._compatibles = [*klass._compatibles, cls.__name__]
+    if ddim_pipeline and not hasattr(DDIMPipeline.__init__, "_stock_init"):
+        DDIMPipeline.__init__ = _keep_gmm_scheduler(DDIMPipeline.__init__)  # type: ignore[method-assign]  # the patch is the point: DDIMPipeline must keep a GMM scheduler
+
+
+def unpatch_diffusers() -> None:
+    """Undo :func:`patch_diffusers`: the stock ``_compatibles`` lists and ``DDIMPipeline.__init__`` come back."""
+    for klass, saved in _saved_compatibles.items():
+        klass._compatibles = saved
+    _saved_compatibles.clear()
+    stock_init = getattr(DDIMPipeline.__init__, "_stock_init", None)
+    if stock_init is not None:
+        DDIMPipeline.__init__ = stock_init  # type: ignore[method-assign]  # restoring diffusers' own

@@ -21,10 +21,8 @@ from numbers import Integral
 
 import torch
 
-from ... import _checks
+from ... import _checks, api
 from ...gmm import GMM
-from ...ops.step import step as step_op
-from ...reference import StepOutput
 from .._common import build_gmm, check_gmm, check_gmm_options, check_gmm_steps, check_seed, stream_seed
 
 
@@ -38,20 +36,58 @@ def coefficient_rows(a_t, b_t, a_s, b_s, c, final_step: str = "gmm") -> torch.Te
     return torch.stack([a_t, b_t, a_s, big_b, c, g], dim=-1)
 
 
+#: a_t put in place of an exact 0 in an epsilon-prediction row whose x0 is clipped (see zero_snr_rows)
+ZERO_SNR_A_T = 2.0**-64
+
+
+def zero_snr_rows(a_t: torch.Tensor, prediction_type: str, bounded: bool, config: str) -> torch.Tensor:
+    """The rule for a_t = 0 (the zero-SNR timestep of ``rescale_betas_zero_snr=True``) with epsilon prediction,
+    one for every scheduler: x0 = (x - b m) / a_t is +-inf there.
+
+    * x0 clipped (``clip_sample`` without ``thresholding``): the stock scheduler clips +-inf to +-r, finite.
+      The op's CPU kernel computes x0 as (1 / a_t) x + (-b / a_t) m, which is inf - inf = NaN at a_t = 0, so the
+      row takes a_t = 2^-64 instead: x0 = 2^64 (x - b m) clips to the same +-r (unless |x - b m| < 2^-64 r),
+      and a_t x0 (in the re-derived eps) changes by at most 2^-64 r.
+    * not clipped, or thresholded (the quantile of +-inf is NaN): the stock scheduler returns non-finite samples;
+      a ValueError naming ``config`` instead, raised by ``set_timesteps`` when the schedule reaches a_t = 0.
+
+    Returns ``a_t`` ([S] float64) with its zeros replaced where that applies."""
+    zero = a_t == 0
+    if prediction_type != "epsilon" or not bool(zero.any()):
+        return a_t
+    if not bounded:
+        raise ValueError(
+            f"the schedule reaches a zero-SNR timestep (a_t = 0) with prediction_type='epsilon' and unclipped x0 "
+            f"({config}): x0 = (x - b_t m) / a_t is infinite there (the stock scheduler returns non-finite samples). "
+            "Use prediction_type='v_prediction' (what zero-SNR models are trained with), clip_sample=True without "
+            "thresholding, or a timestep_spacing that does not reach the last training timestep ('leading')"
+        )
+    return torch.where(zero, torch.full_like(a_t, ZERO_SNR_A_T), a_t)
+
+
 class GMMSchedulerMixin:
     """GMM config keys, GMM tables, the step index and the fused step of a drop-in diffusers scheduler.
 
     GMM config keys (saved with ``save_pretrained``, overridable in ``from_config(config, **keys)``):
 
-    * ``gmm_variant``: None (off), "rand", "ortho", "ortho-vub" or "ortho-vub*" (ORTHO-VUB shared by all steps);
+    * ``gmm_variant``: None (off), "rand", "ortho", "ortho-vub", "ortho-vub*" (ORTHO-VUB shared by all steps) or
+      "ortho-lr" (the exact low-rank kernel);
     * ``gmm_n_components`` (K), ``gmm_scale``, ``gmm_share_across_steps``, ``gmm_uniform_priors``: as
       :meth:`ddim_gmm_ext.GMM.create`;
     * ``gmm_scale_per_dim``: the scale per coordinate instead of ``gmm_scale`` (s = gmm_scale_per_dim *
       sqrt(D)); None: ``gmm_scale`` is used;
     * ``final_step``: "gaussian" (default, the paper's model: no mixture on the last step, where the offsets
       would land on the output uncompensated) or "gmm" (the mixture at every step);
-    * ``seed``: the GMM tables and the Philox noise / component stream; None: tables from seed 0, stream seed
-      drawn from torch's default generator at each ``set_timesteps``.
+    * ``seed``: the GMM tables and the Philox noise / component stream; None: tables from seed 0, and
+
+      - GMM off: the step's noise (if any) is drawn from torch's global RNG exactly as the stock scheduler draws
+        it (``randn_tensor``), so a loop leaves the global RNG as the stock class does and ``torch.manual_seed``
+        gives the stock samples;
+      - GMM on: the stream seed is drawn from torch's global RNG once per schedule, lazily, at the first step
+        that uses the stream (or at :meth:`prepare_gmm`), not at ``set_timesteps``: diffusers pipelines call
+        ``set_timesteps`` before ``prepare_latents``, whose draw must stay the stock one.
+
+      With a ``generator`` passed to ``step``, noise and components come from it and no seed is drawn.
 
     GMM tables are built on the first step after ``set_timesteps`` from that sample's per-sample size, device
     and dtype (one parameter set per inference step) and cached. Tables given with :meth:`set_gmm_params` take
@@ -65,9 +101,10 @@ class GMMSchedulerMixin:
         self._user_gmm: GMM | None = None
         self._built_gmm: GMM | None = None
         self._built_key = None
-        self._rows: torch.Tensor | None = None  # [S, 6] float64 on the schedule's device
+        self._rows: torch.Tensor | None = None  # [S, 6] ([S, 8] multistep) float64 on the schedule's device
         self._tables: dict = {}  # (device, dtype) -> the rows in that compute dtype
         self._stream_seed = 0
+        self._seed_pending = False  # seed=None: the stream seed is drawn at the first step that uses it
 
     # -- GMM tables -------------------------------------------------------------------------------------
     def set_gmm_params(self, gmm_params: GMM | None = None) -> None:
@@ -97,16 +134,45 @@ class GMMSchedulerMixin:
 
     def _set_rows(self, rows: torch.Tensor) -> None:
         """Install the [S, 6] float64 rows of a new schedule (and their float32 copy, so that a compiled step
-        finds it built); picks the run's stream seed."""
+        finds it built). The run's stream seed is the config's, or drawn later by :meth:`_use_stream`."""
         self._rows = rows
         self._tables = {(rows.device, torch.float32): rows.float()}
-        self._stream_seed = stream_seed(getattr(self.config, "seed", None))  # Euler has no seed key
+        seed = getattr(self.config, "seed", None)  # Euler has no seed key
+        self._stream_seed = 0 if seed is None else seed
+        self._seed_pending = seed is None
         if self._user_gmm is not None:
             check_gmm_steps(self._user_gmm, rows.shape[0], "gmm_params")
 
+    def _use_stream(self) -> None:
+        """The Philox stream is about to be used: draw the run's stream seed from torch's global RNG if it is
+        still pending (seed=None). Lazy so that set_timesteps and GMM-off loops leave the global RNG alone."""
+        if self._seed_pending:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    "the stream seed (seed=None) is drawn from torch's global RNG at the first GMM step, which "
+                    "cannot happen inside a compiled graph: call scheduler.prepare_gmm(sample) after set_timesteps, "
+                    "before the compiled loop (or set the seed config key)"
+                )
+            self._stream_seed = stream_seed(None)
+            self._seed_pending = False
+
+    def _torch_noise(self, generator, gmm) -> bool:
+        """Whether the step's Gaussian noise comes from ``randn_tensor`` (``generator``, or torch's global RNG as
+        the stock scheduler draws it: GMM off and no seed) rather than from the Philox stream."""
+        return generator is not None or (gmm is None and getattr(self.config, "seed", None) is None)
+
+    def _check_gmm_ready(self) -> None:
+        """A GMM configured before ``set_timesteps`` is an error, not a silent stock step."""
+        if self._rows is None and (self._user_gmm is not None or getattr(self.config, "gmm_variant", None)):
+            raise ValueError(
+                f"{type(self).__name__} has a GMM (gmm_variant={getattr(self.config, 'gmm_variant', None)!r}"
+                f"{', set_gmm_params' if self._user_gmm is not None else ''}) but set_timesteps was not called: "
+                "call scheduler.set_timesteps(num_inference_steps) before step"
+            )
+
     def _table(self, sample: torch.Tensor) -> torch.Tensor:
         """The rows on the sample's device in its compute dtype (converted once per schedule)."""
-        cdt = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        cdt = _checks.compute_dtype(sample.dtype)
         key = (sample.device, cdt)
         table = self._tables.get(key)
         if table is None:
@@ -121,6 +187,7 @@ class GMMSchedulerMixin:
         gmm = self._gmm_for(sample)
         if gmm is not None:
             gmm.tables(sample)  # converted to the sample's device and compute dtype outside the graph
+            self._use_stream()  # a compiled loop cannot draw the seed (seed=None) inside the graph
         self._table(sample)
         return gmm
 
@@ -171,37 +238,29 @@ class GMMSchedulerMixin:
         noise: torch.Tensor | None = None,
         components: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
+        history: tuple[torch.Tensor, ...] = (),
     ):
         """One fused op call for step ``index`` (a host int, or a 0-d int64 tensor on the sample's device).
 
-        ``rows``: the [S, 6] table in the compute dtype (default: this schedule's). The op gathers the row, the
-        GMM parameter set and the Philox step itself: nothing about the step number is read on the host. The
-        scheduler has settled every argument :func:`ddim_gmm_ext.step_from_table` would check, so the op is
-        called directly (it checks shapes, dtypes and devices itself)."""
-        table = self._table(sample) if rows is None else rows
-        cdt = table.dtype
-        if model_output.dtype not in (sample.dtype, cdt):
-            model_output = model_output.to(cdt)
-        tables = gmm.tables(sample) if gmm is not None else (None, None, None, None)
-        from_tensor = isinstance(index, torch.Tensor)
-        prev, x0, k = step_op(
+        ``rows``: the [S, 6] table in the compute dtype (default: this schedule's; [S, 8] with ``history``, a
+        multistep solver's previous data predictions, see :func:`ddim_gmm_ext.api.fused_step`). The op gathers
+        the row, the GMM parameter set and the Philox step itself: nothing about the step number is read on the
+        host. The scheduler has settled every argument :func:`ddim_gmm_ext.step_from_table` would check, so it
+        goes to :func:`ddim_gmm_ext.api.fused_step` (the op checks shapes, dtypes and devices itself)."""
+        return api.fused_step(
             model_output,
             sample,
-            table,
-            index if from_tensor else None,
-            *tables,
-            noise,
-            components,
-            _checks.prediction_type_code(prediction_type),
-            None,
-            clip_sample_range,
-            use_clipped_model_output,
-            _checks.op_seed(self._stream_seed),
-            0,
-            0 if from_tensor else index,
-            True,
+            self._table(sample) if rows is None else rows,
+            index,
+            gmm,
+            prediction_type=prediction_type,
+            clip_sample_range=clip_sample_range,
+            use_clipped_model_output=use_clipped_model_output,
+            seed=self._stream_seed,
+            noise=noise,
+            components=components,
+            history=history,
         )
-        return StepOutput(prev, x0, k if gmm is not None else None)
 
 
 def check_step_count(value, name: str = "num_inference_steps") -> int:
@@ -214,11 +273,10 @@ def check_step_count(value, name: str = "num_inference_steps") -> int:
 _OUTPUT_FIELDS: dict[type, tuple[str, ...] | None] = {}
 
 
-def scheduler_output(cls, **values):
-    """``cls(**values)`` for a diffusers output dataclass, built without ``BaseOutput``'s generic
-    ``__post_init__`` (about a quarter of a small fused step on CPU): the same entries (the non-None fields, in
-    field order) and attributes (every field). Falls back to ``cls(**values)`` for a class whose construction
-    is not ``BaseOutput``'s or a call that is not one value per field."""
+def output_fields(cls) -> tuple[str, ...] | None:
+    """The field names of a diffusers output dataclass whose construction is ``BaseOutput``'s (None otherwise),
+    cached. Looked up eagerly when a scheduler module is imported (:func:`publish`): ``dataclasses.fields`` inside
+    a graph Dynamo compiles fails ("dataclass fields failure"), a dict lookup does not."""
     names = _OUTPUT_FIELDS.get(cls, ())
     if names == ():
         from diffusers.utils import BaseOutput
@@ -227,6 +285,18 @@ def scheduler_output(cls, **values):
             getattr(cls, m) is getattr(BaseOutput, m) for m in ("__post_init__", "__setattr__", "__setitem__")
         )
         names = _OUTPUT_FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls)) if standard else None
+    return names
+
+
+def scheduler_output(cls, **values):
+    """``cls(**values)`` for a diffusers output dataclass, built without ``BaseOutput``'s generic
+    ``__post_init__`` (about a quarter of a small fused step on CPU): the same entries (the non-None fields, in
+    field order) and attributes (every field). Falls back to ``cls(**values)`` for a class whose construction
+    is not ``BaseOutput``'s, a class not looked up before a compiled call, or a call that is not one value per
+    field."""
+    names = _OUTPUT_FIELDS.get(cls, ())
+    if names == ():
+        names = None if torch.compiler.is_compiling() else output_fields(cls)
     if names is None or values.keys() != set(names) or isinstance(values[names[0]], dict):
         return cls(**values)
     out = cls.__new__(cls)
@@ -257,8 +327,20 @@ def check_generator(generator, batch: int):
     return generator
 
 
+def check_model_output(model_output, sample: torch.Tensor, name: str = "model_output") -> None:
+    """The model output of a fused step: a real floating tensor of the sample's shape (checked before any noise is
+    drawn for it, so that an error names the caller's argument)."""
+    if not isinstance(model_output, torch.Tensor) or not model_output.is_floating_point():
+        what = model_output.dtype if isinstance(model_output, torch.Tensor) else type(model_output).__name__
+        raise TypeError(f"{name} must be a real floating-point tensor, got {what}")
+    if model_output.shape != sample.shape:
+        raise ValueError(f"{name} must have the sample's shape {tuple(sample.shape)}, got {tuple(model_output.shape)}")
+
+
 def draw_components(generator, gmm: GMM, step_index: int, sample: torch.Tensor) -> torch.Tensor:
     """k [B] ~ Categorical(priors of the step), from one generator for the batch or one per sample."""
+    if sample.shape[0] == 0:  # multinomial refuses to draw 0 samples; an empty batch needs none
+        return torch.empty(0, dtype=torch.int64, device=sample.device)
     priors = gmm.tables(sample)[0][gmm.set_index(step_index)]
     if isinstance(generator, list):
         k = torch.cat([torch.multinomial(priors.to(g.device), 1, generator=g) for g in generator])
@@ -267,23 +349,20 @@ def draw_components(generator, gmm: GMM, step_index: int, sample: torch.Tensor) 
     return k.to(sample.device)
 
 
-def register_with_diffusers(cls, stock_name: str) -> None:
-    """Make ``cls`` (a subclass of the diffusers scheduler ``stock_name``) a first-class diffusers scheduler.
+def publish(cls, output_cls) -> None:
+    """What importing ``ddim_gmm_ext.diffusers`` does for a scheduler ``cls``; no stock class changes behaviour:
 
-    * ``diffusers.<cls name>`` is set, so ``scheduler.compatibles`` (which diffusers resolves by name in its
-      own namespace) can list it, and configs naming it load in any compatible class;
-    * its name joins the ``_compatibles`` of ``stock_name`` and of every scheduler compatible with it, so
-      ``pipe.scheduler.compatibles`` offers it wherever the stock scheduler is offered;
     * ``cls.__module__`` is the public ``ddim_gmm_ext.diffusers``: ``save_pretrained`` records the component as
-      ["ddim_gmm_ext.diffusers", name] and ``from_pretrained`` resolves it there once the module is imported.
-    """
+      ["ddim_gmm_ext.diffusers", name] and ``from_pretrained`` resolves it there once the module is imported;
+    * ``diffusers.<cls name>`` is set (a new name in diffusers' namespace, where diffusers resolves the class
+      named in a saved config: a stock scheduler loading our config then drops the GMM keys quietly, and
+      ``cls.compatibles`` lists ``cls``);
+    * the fields of its output dataclass ``output_cls`` are looked up now (see :func:`output_fields`).
+
+    Listing ``cls`` in the stock schedulers' ``compatibles`` changes stock classes: that is
+    :func:`ddim_gmm_ext.diffusers.patch_diffusers`'s, an explicit call."""
     import diffusers
 
-    name = cls.__name__
     cls.__module__ = "ddim_gmm_ext.diffusers"
-    setattr(diffusers, name, cls)
-    stock = getattr(diffusers, stock_name)
-    for other in {stock_name, *stock._compatibles}:
-        klass = getattr(diffusers, other, None)
-        if isinstance(klass, type) and name not in klass._compatibles:
-            klass._compatibles = [*klass._compatibles, name]
+    setattr(diffusers, cls.__name__, cls)
+    output_fields(output_cls)

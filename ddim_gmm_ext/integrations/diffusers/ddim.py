@@ -16,16 +16,18 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler, DDIMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ... import api, reference
+from ... import _checks, api, reference
 from .._common import check_eta
 from ._base import (
     GMMSchedulerMixin,
     check_generator,
+    check_model_output,
     check_step_count,
     coefficient_rows,
     draw_components,
-    register_with_diffusers,
+    publish,
     scheduler_output,
+    zero_snr_rows,
 )
 
 __all__ = ["DDIMGMMScheduler", "DDIMSchedulerOutput"]
@@ -48,8 +50,16 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
     * ``generator`` (one, or a list with one per sample): z drawn exactly as ``DDIMScheduler`` draws it
       (``randn_tensor``, only when eta > 0), then k drawn from the same generator(s). Reproduces diffusers'
       DDIM for the same generator; not sync-free (a CPU generator draws on the host).
-    * neither: z and k from the Philox stream of (seed, sample index, step index), drawn inside the fused
-      step: no noise tensor, no host sync, compiles with ``fullgraph=True``.
+    * neither, with a GMM or a ``seed``: z and k from the Philox stream of (seed, sample index, step index),
+      drawn inside the fused step: no noise tensor, no host sync, compiles with ``fullgraph=True``. With
+      ``seed=None`` the stream seed is drawn from torch's global RNG at the first step (or ``prepare_gmm``).
+    * neither, GMM off and ``seed=None``: z drawn from torch's global RNG exactly as ``DDIMScheduler`` draws it
+      (only when eta > 0), so the loop leaves the global RNG as ``DDIMScheduler`` does.
+
+    Zero-SNR schedules (``rescale_betas_zero_snr=True``) with ``prediction_type="epsilon"``: where the schedule
+    reaches a_t = 0, x0 is clipped to +-clip_sample_range as ``DDIMScheduler`` does; without clip_sample, or
+    with thresholding, ``set_timesteps`` raises (``DDIMScheduler`` gives non-finite samples there). A schedule
+    that never reaches it (leading spacing) is unaffected.
 
     Step index. The step's coefficients, GMM parameter set and Philox step all come from the position i of
     ``timestep`` in ``self.timesteps`` (DDIM timesteps are distinct, so i is unambiguous): a loop that starts
@@ -127,12 +137,6 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
             source = "trained_betas" if trained_betas is not None else f"beta_start / beta_end ({beta_schedule})"
             raise ValueError(
                 f"{source} must give betas in [0, 1], got values in [{betas.min().item()}, {betas.max().item()}]"
-            )
-        if rescale_betas_zero_snr and prediction_type == "epsilon":
-            # alpha_bar = 0 at the last train timestep: x0 = (x - b m) / a divides by zero there.
-            raise ValueError(
-                "rescale_betas_zero_snr=True needs prediction_type='v_prediction' (or 'sample'): with 'epsilon' the "
-                "zero-SNR timestep has a_t = 0 and x0 cannot be recovered from the predicted noise"
             )
         self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim)
         self._index_of: torch.Tensor | None = None  # [T] int64: position of each train timestep, -1 if absent
@@ -269,7 +273,16 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], self.final_alpha_cumprod.double())
         path = reference.ddim_coefficients(abar[t], abar_prev, 1.0)
         # one-element tensors come back as Python floats (the reference's host path for a single step)
-        return tuple(torch.as_tensor(v, dtype=torch.float64).reshape(len(t)) for v in path)
+        a_t, b_t, a_s, b_s, sigma = (torch.as_tensor(v, dtype=torch.float64).reshape(len(t)) for v in path)
+        c = self.config
+        a_t = zero_snr_rows(
+            a_t,
+            c.prediction_type,
+            c.clip_sample and not c.thresholding,  # DDIMScheduler's thresholding of +-inf is NaN
+            f"rescale_betas_zero_snr={c.rescale_betas_zero_snr}, timestep_spacing={c.timestep_spacing!r}, "
+            f"clip_sample={c.clip_sample}, thresholding={c.thresholding}",
+        )
+        return a_t, b_t, a_s, b_s, sigma
 
     def _schedule_position(self, timestep: torch.Tensor) -> int | None:
         """The position of ``timestep`` in ``self.timesteps`` when it is a 0-d view of that tensor (what
@@ -318,22 +331,26 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
                 f"variance_noise must have the sample's shape {tuple(sample.shape)}, got {tuple(variance_noise.shape)}"
             )
         if generator is not None:
+            check_model_output(model_output, sample)  # before randn_tensor(model_output.shape) is checked as noise
             generator = check_generator(generator, sample.shape[0])
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
-        cdt = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        cdt = _checks.compute_dtype(sample.dtype)
         if i is None:  # off the schedule: DDIMScheduler's own arithmetic for this timestep, Gaussian kernel
             table, op_index = self._off_schedule_row(int(timestep), eta, gmm, sample.device, cdt)
         else:
             table, op_index = self._table_at(eta, sample.device, cdt), i
 
         noise, components = variance_noise, None
-        if noise is None and generator is not None and eta > 0:
+        if noise is None and eta > 0 and self._torch_noise(generator, gmm):
             noise = randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
             )
-        if generator is not None and gmm is not None:
-            components = draw_components(generator, gmm, int(op_index), sample)
+        if gmm is not None:
+            if generator is not None:
+                components = draw_components(generator, gmm, int(op_index), sample)
+            else:
+                self._use_stream()
 
         thresholding, clip, prediction_type = self._step_options
         if thresholding:
@@ -370,7 +387,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         from x0_thr on the unshifted sample (diffusers' semantics)."""
         a_t, b_t = row[0], row[1]
         x0 = api.step(
-            model_output, sample, a_t, b_t, a_t, b_t, 0.0, prediction_type=self.config.prediction_type
+            model_output, sample, a_t, b_t, 1.0, 0.0, 0.0, prediction_type=self.config.prediction_type
         ).pred_original_sample
         x0_thr = self._threshold_sample(x0)
         shifted = sample if use_clipped_model_output else sample + a_t.to(sample.dtype) * (x0_thr - x0)
@@ -387,4 +404,4 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         )
 
 
-register_with_diffusers(DDIMGMMScheduler, "DDIMScheduler")
+publish(DDIMGMMScheduler, DDIMSchedulerOutput)

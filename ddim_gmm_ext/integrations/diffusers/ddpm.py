@@ -16,10 +16,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from ._base import (
     GMMSchedulerMixin,
     check_generator,
+    check_model_output,
     check_step_count,
     draw_components,
-    register_with_diffusers,
+    publish,
     scheduler_output,
+    zero_snr_rows,
 )
 
 __all__ = ["DDPMGMMScheduler", "DDPMSchedulerOutput"]
@@ -46,8 +48,18 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
 
     Randomness: ``generator`` (one or one per sample): z drawn exactly as ``DDPMScheduler`` draws it
     (``randn_tensor``, only when t > 0), then the GMM component from the same generator(s); GMM off equals
-    ``DDPMScheduler`` for the same generator. No generator: z and k from the op's Philox stream of
-    (seed, sample index, step index), drawn inside the op.
+    ``DDPMScheduler`` for the same generator. No generator, GMM off and ``seed=None``: z drawn from torch's global
+    RNG as ``DDPMScheduler`` draws it (the loop leaves the global RNG as the stock class does). No generator
+    otherwise: z and k from the op's Philox stream of (seed, sample index, step index), drawn inside the op
+    (``seed=None``: the stream seed is drawn from the global RNG at the first step).
+
+    Under ``torch.compile`` the step index is looked up on the device from the timestep tensor (one graph for the
+    loop; GMM tables and a pending stream seed need :meth:`prepare_gmm` first); noise drawn from the global RNG
+    is then drawn at t = 0 too, where its std is 0, so only the RNG's state after the loop differs from eager.
+
+    Zero-SNR schedules (``rescale_betas_zero_snr=True``) with ``prediction_type="epsilon"``: at a_t = 0 x0 is
+    clipped to +-clip_sample_range as ``DDPMScheduler`` does; without clip_sample, or with thresholding,
+    ``set_timesteps`` raises where the schedule reaches a_t = 0 (``DDPMScheduler`` gives non-finite samples).
 
     ``variance_type="fixed_large_log"``: std = exp(0.5 log beta_t) = sqrt(beta_t), as "fixed_large" (diffusers'
     own step takes the square root of log beta_t there, which is NaN).
@@ -115,6 +127,8 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
             )
         self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim)
         self._index_of_host: dict[int, int] = {}
+        self._timesteps_host: list[int] = []
+        self._index_of = torch.full((0,), -1, dtype=torch.int64)
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None) -> None:
         """As ``DDPMScheduler.set_timesteps``; also builds the [S, 6] coefficient table of the schedule."""
@@ -123,6 +137,12 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
         super().set_timesteps(num_inference_steps=num_inference_steps, device=device, timesteps=timesteps)
         t = self.timesteps.cpu().long()
         self._index_of_host = {int(v): i for i, v in enumerate(t.tolist())}
+        self._timesteps_host = t.tolist()
+        # position of each training timestep (-1: not in the schedule), looked up on the device when compiling
+        T = self.config.num_train_timesteps
+        index_of = torch.full((max(T, int(t.max()) + 1),), -1, dtype=torch.int64)
+        index_of[t] = torch.arange(len(t))
+        self._index_of = index_of.to(self.timesteps.device)
         prev = torch.cat([t[1:], t.new_tensor([-1])])
         abar = self.alphas_cumprod.detach().to("cpu", torch.float64)
         abar_t = abar[t]
@@ -131,6 +151,14 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
         k0 = abar_s.sqrt() * (1 - alpha) / (1 - abar_t)
         kt = alpha.sqrt() * (1 - abar_s) / (1 - abar_t)
         a_t, b_t = abar_t.sqrt(), (1 - abar_t).sqrt()
+        c = self.config
+        a_row = zero_snr_rows(
+            a_t,
+            c.prediction_type,
+            c.clip_sample and not c.thresholding,  # DDPMScheduler's thresholding of +-inf is NaN
+            f"rescale_betas_zero_snr={c.rescale_betas_zero_snr}, timestep_spacing={c.timestep_spacing!r}, "
+            f"clip_sample={c.clip_sample}, thresholding={c.thresholding}",
+        )
         std = torch.zeros_like(abar_t)
         if self.config.variance_type in _FIXED_VARIANCES:
             for i, ti in enumerate(t.tolist()):
@@ -142,19 +170,26 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
                         std[i] = (0.5 * v).exp()  # v = log beta_t (DDPMScheduler.step takes its sqrt: NaN)
                     else:
                         std[i] = v.sqrt()
-        rows = torch.stack([a_t, b_t, k0 + kt * a_t, kt * b_t, std, torch.ones_like(a_t)], dim=-1)
+        rows = torch.stack([a_row, b_t, k0 + kt * a_t, kt * b_t, std, torch.ones_like(a_t)], dim=-1)
         if self.config.final_step == "gaussian":
             rows[-1, 5] = 0  # g = 0: the last step (to x0) draws Gaussian noise, not the mixture
         self._set_rows(rows.to(self.timesteps.device))
 
-    def _index(self, timestep) -> int:
-        """Position of ``timestep`` in ``self.timesteps`` (a host int; a timestep tensor is read once)."""
+    def _index(self, timestep, device: torch.device):
+        """Position of ``timestep`` in ``self.timesteps``: a host int (a timestep tensor is read once), or under
+        ``torch.compile`` a 0-d int64 tensor on ``device`` (-1 when absent: the op's all-NaN step)."""
         if isinstance(timestep, torch.Tensor):
             if timestep.numel() != 1 or timestep.is_floating_point() or timestep.dtype == torch.bool:
                 raise ValueError(
                     f"timestep must be one integer timestep, got a {timestep.dtype} tensor of shape "
                     f"{tuple(timestep.shape)}"
                 )
+            if torch.compiler.is_compiling():  # int() would need the value on the host: a gather instead
+                index_of = self._index_of.to(device)
+                n = index_of.shape[0]
+                t = timestep.reshape(()).to(device)
+                index = index_of.index_select(0, t.clamp(0, n - 1).reshape(1)).reshape(())
+                return torch.where((t >= 0) & (t < n), index, torch.full_like(index, -1))
             timestep = int(timestep)
         elif isinstance(timestep, bool) or not isinstance(timestep, Integral):
             raise TypeError(f"timestep must be an int or an integer tensor, got {type(timestep).__name__}")
@@ -176,23 +211,29 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
     ) -> DDPMSchedulerOutput | tuple:
         """One DDPM(-GMM) ancestral step; arguments and outputs as ``DDPMScheduler.step``."""
         c = self.config
+        self._check_gmm_ready()
         learned = c.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]
         if self._rows is None or c.thresholding or learned or c.variance_type not in _FIXED_VARIANCES:
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
+        check_model_output(model_output, sample)
         if generator is not None:
             generator = check_generator(generator, sample.shape[0])
-        i = self._index(timestep)
+        i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
         noise = components = None
-        if generator is not None:
-            if int(self.timesteps[i]) > 0:
+        if self._torch_noise(generator, gmm):  # a generator, or GMM off and no seed: noise as DDPMScheduler's
+            # (compiled, the step index is on the device: noise is drawn at t = 0 too, where its std is 0)
+            if isinstance(i, torch.Tensor) or self._timesteps_host[i] > 0:
                 noise = randn_tensor(
                     model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
                 )
             else:  # no noise at t = 0 (std 0): keep the op off the Philox stream for a reproducible run
                 noise = torch.zeros_like(sample)
-            if gmm is not None:
-                components = draw_components(generator, gmm, i, sample)
+        if gmm is not None:
+            if generator is not None:
+                components = draw_components(generator, gmm, int(i), sample)
+            else:
+                self._use_stream()
         out = self._fused_step(
             model_output,
             sample,
@@ -211,4 +252,4 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
         )
 
 
-register_with_diffusers(DDPMGMMScheduler, "DDPMScheduler")
+publish(DDPMGMMScheduler, DDPMSchedulerOutput)

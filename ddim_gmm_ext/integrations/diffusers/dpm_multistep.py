@@ -1,6 +1,6 @@
 """diffusers integration: :class:`DPMSolverMultistepGMMScheduler`, a drop-in ``DPMSolverMultistepScheduler``
-whose DPM-Solver++ step is one fused ``torch.ops.ddimgmm.step`` call (with the DDIM-GMM mixture in place of the
-SDE noise when a GMM variant is configured).
+whose DPM-Solver++ step is one fused ``torch.ops.ddimgmm.step`` call (through :func:`ddim_gmm_ext.api.fused_step`
+with the history as a keyword; the DDIM-GMM mixture in place of the SDE noise when a GMM variant is configured).
 
 Every step of DPM-Solver++ (orders 1-3, midpoint / heun, ODE or SDE) is linear in x_t and the data predictions
 D0 = x0_hat (this step), h1, h2 (the previous two steps'):
@@ -29,14 +29,12 @@ from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultist
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ... import _checks
-from ...ops.step import step as step_op
 from ._base import (
     GMMSchedulerMixin,
     check_generator,
     check_step_count,
     draw_components,
-    register_with_diffusers,
+    publish,
     scheduler_output,
 )
 
@@ -106,9 +104,10 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
     Randomness of "sde-dpmsolver++": ``variance_noise`` is used as given; else ``generator`` (one or one per
     sample): z drawn exactly as diffusers draws it (``randn_tensor`` in float32 at every step), so with the GMM
     off whole loops equal ``DPMSolverMultistepScheduler``'s for the same generator; with a GMM the components
-    come from the same generator(s) after z. No generator: z and k from the op's Philox stream of (seed, sample
-    index, step index) (``seed`` config key, or drawn from torch's default generator at ``set_timesteps``),
-    where diffusers draws from torch's global generator.
+    come from the same generator(s) after z. No generator, GMM off and ``seed`` None: z from torch's global RNG
+    as diffusers draws it. Otherwise z and k come from the op's Philox stream of (seed, sample index, step index)
+    (the ``seed`` config key, or with seed None one seed drawn from torch's global RNG at the first step that uses
+    the stream, see :class:`GMMSchedulerMixin`).
 
     Step index: diffusers' host counter (``step_index``, ``set_begin_index``; a run starting mid-schedule gets its
     order switches from its own first step). Under ``torch.compile`` it is the timestep's first position in
@@ -373,34 +372,30 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         if c.algorithm_type == "sde-dpmsolver++":
             if variance_noise is not None:
                 noise = variance_noise.to(device=sample.device, dtype=torch.float32)
-            elif generator is not None:
+            elif self._torch_noise(generator, gmm):  # a generator, or GMM off and no seed: as diffusers draws it
                 noise = randn_tensor(model_output.shape, generator=generator, device=sample.device, dtype=torch.float32)
             if generator is not None and gmm is not None:
                 components = draw_components(generator, gmm, int(i), sample)
+            elif noise is None or gmm is not None:
+                self._use_stream()  # z and / or k from the Philox stream: seed=None draws the run's seed now
 
         order = c.solver_order
-        history = [self.model_outputs[-1], self.model_outputs[-2] if order == 3 else None] if order > 1 else []
-        history += [None] * (2 - len(history))
-        tables = gmm.tables(sample) if gmm is not None else (None, None, None, None)
-        from_tensor = isinstance(i, torch.Tensor)
-        prev, x0, _ = step_op(
+        # h1 (the latest data prediction), then h2 for order 3; slots still empty (eager first steps, whose rows
+        # have H_j = 0) are left out
+        history = tuple(h for h in self.model_outputs[-1:-order:-1] if h is not None)  # order 1: ()
+        out = self._fused_step(
             m,
             sample,
-            table,
-            i if from_tensor else None,
-            *tables,
-            noise,
-            components,
-            _checks.prediction_type_code(op_pred),
-            None,
-            None,
-            False,
-            _checks.op_seed(self._stream_seed),
-            0,
-            0 if from_tensor else i,
-            True,
-            *history,
+            i,
+            prediction_type=op_pred,
+            gmm=gmm,
+            noise=noise,
+            components=components,
+            rows=table,
+            history=history,
         )
+        prev, x0 = out.prev_sample, out.pred_original_sample
+        from_tensor = isinstance(i, torch.Tensor)
         # the history, as diffusers keeps it: the newest data prediction last (a new list; no tensor modified)
         self.model_outputs = [*self.model_outputs[1:], x0]
         if not from_tensor:
@@ -412,4 +407,4 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         return scheduler_output(SchedulerOutput, prev_sample=prev)
 
 
-register_with_diffusers(DPMSolverMultistepGMMScheduler, "DPMSolverMultistepScheduler")
+publish(DPMSolverMultistepGMMScheduler, SchedulerOutput)

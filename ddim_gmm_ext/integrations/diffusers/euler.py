@@ -28,7 +28,15 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler, EulerDiscreteSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ._base import GMMSchedulerMixin, check_step_count, register_with_diffusers, scheduler_output
+from ._base import (
+    GMMSchedulerMixin,
+    check_generator,
+    check_model_output,
+    check_step_count,
+    draw_components,
+    publish,
+    scheduler_output,
+)
 
 __all__ = [
     "EulerAncestralDiscreteGMMScheduler",
@@ -45,6 +53,7 @@ class _FusedEulerMixin(GMMSchedulerMixin):
     """
 
     _fused_prediction_types: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
+    _ancestral = False
 
     def _install_rows(self, big_b: torch.Tensor, c: torch.Tensor, g: torch.Tensor | None = None) -> None:
         """[S, 6] float64 rows (1, sigma, 1, B, c, g) from [S] B, c and GMM scales g (default 1)."""
@@ -55,20 +64,39 @@ class _FusedEulerMixin(GMMSchedulerMixin):
     def _fusable(self) -> bool:
         return getattr(self, "_rows", None) is not None and self.config.prediction_type in self._fused_prediction_types
 
-    def _fused(self, model_output, timestep, sample, noise):
+    def _fused(self, model_output, timestep, sample, generator):
         """The step at ``self.step_index`` (initialised from ``timestep`` as the base class does) as one op call;
-        sample upcast to float32 and the result cast back to the model's dtype, as the base class does."""
+        sample upcast to float32 and the result cast back to the model's dtype, as the base class does.
+        ``generator`` (ancestral only): a torch.Generator or None (the global RNG or the Philox stream, see
+        :meth:`GMMSchedulerMixin._torch_noise`)."""
+        check_model_output(model_output, sample)
         if self.step_index is None:
             self._init_step_index(timestep)
         i = self.step_index
+        # the base class computes in float32 and promotes with the model output: float64 x0 for a float64 model
         sample = sample.to(torch.float32)
+        if model_output.dtype == torch.float64:
+            sample = sample.double()
+        gmm = self._gmm_for(sample)
+        noise = components = None
+        if self._ancestral:
+            if self._torch_noise(generator, gmm):  # drawn exactly as the base class draws it
+                noise = randn_tensor(
+                    model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
+                )
+            if gmm is not None:
+                if generator is not None:
+                    components = draw_components(generator, gmm, i, sample)
+                else:
+                    self._use_stream()
         out = self._fused_step(
             model_output,
             sample,
             i,
             prediction_type=self.config.prediction_type,
-            gmm=self._gmm_for(sample),
+            gmm=gmm,
             noise=noise,
+            components=components,
         )
         self._step_index += 1
         return out.prev_sample.to(model_output.dtype), out.pred_original_sample
@@ -126,15 +154,18 @@ class EulerAncestralDiscreteGMMScheduler(_FusedEulerMixin, EulerAncestralDiscret
     """``EulerAncestralDiscreteScheduler`` with a fused step (see the module docstring for the row).
 
     Randomness: ``generator``: z drawn exactly as the base class draws it (``randn_tensor`` at every step), so
-    outputs equal the base class's for the same generator; no generator: z from the op's Philox stream (the
-    ``seed`` config key, or drawn from torch's default generator at ``set_timesteps``). GMM config keys as
-    :class:`DDIMGMMScheduler` (``gmm_variant``, ``gmm_n_components``, ``gmm_scale`` / ``gmm_scale_per_dim``,
-    ``final_step``, ``seed``); with a generator the components are drawn from it too.
+    outputs equal the base class's for the same generator, and the GMM components are drawn from it too. No
+    generator, GMM off and ``seed=None``: z from torch's global RNG, as the base class draws it. No generator
+    otherwise: z and k from the op's Philox stream (the ``seed`` config key, or a stream seed drawn from torch's
+    global RNG at the first step). GMM config keys as :class:`DDIMGMMScheduler` (``gmm_variant``,
+    ``gmm_n_components``, ``gmm_scale`` / ``gmm_scale_per_dim``, ``final_step``, ``seed``); a GMM configured
+    before ``set_timesteps`` makes ``step`` raise.
     ``prediction_type="sample"`` falls back to the base class's step (which refuses it).
     """
 
     _compatibles = [*EulerAncestralDiscreteScheduler._compatibles, "EulerAncestralDiscreteScheduler"]
     _fused_prediction_types = ("epsilon", "v_prediction")  # the base class refuses "sample"
+    _ancestral = True
 
     @register_to_config
     def __init__(
@@ -193,18 +224,16 @@ class EulerAncestralDiscreteGMMScheduler(_FusedEulerMixin, EulerAncestralDiscret
         return_dict: bool = True,
     ) -> EulerAncestralDiscreteSchedulerOutput | tuple:
         """One Euler ancestral step; arguments and outputs as ``EulerAncestralDiscreteScheduler.step``."""
+        self._check_gmm_ready()
         if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)) or not self._fusable():
             return super().step(model_output, timestep, sample, generator, return_dict)
-        noise = None
         if generator is not None:
-            noise = randn_tensor(
-                model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
-            )
-        prev, x0 = self._fused(model_output, timestep, sample, noise)
+            generator = check_generator(generator, sample.shape[0])
+        prev, x0 = self._fused(model_output, timestep, sample, generator)
         if not return_dict:
             return (prev, x0)
         return scheduler_output(EulerAncestralDiscreteSchedulerOutput, prev_sample=prev, pred_original_sample=x0)
 
 
-register_with_diffusers(EulerDiscreteGMMScheduler, "EulerDiscreteScheduler")
-register_with_diffusers(EulerAncestralDiscreteGMMScheduler, "EulerAncestralDiscreteScheduler")
+publish(EulerDiscreteGMMScheduler, EulerDiscreteSchedulerOutput)
+publish(EulerAncestralDiscreteGMMScheduler, EulerAncestralDiscreteSchedulerOutput)

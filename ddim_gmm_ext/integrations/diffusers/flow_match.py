@@ -25,10 +25,11 @@ from .._common import check_eta
 from ._base import (
     GMMSchedulerMixin,
     check_generator,
+    check_model_output,
     check_step_count,
     coefficient_rows,
     draw_components,
-    register_with_diffusers,
+    publish,
     scheduler_output,
 )
 
@@ -55,9 +56,11 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
     float32 rounding; with ``stochastic_sampling`` and a ``generator``, the base class's noise is drawn the same
     way, so the samples match too.
 
-    Randomness: with ``generator``, z (and the components k) are drawn from it as the base class draws its noise;
-    without, z and k come from the Philox stream of (seed, sample index, step index) inside the fused step (no
-    host sync, compiles with ``fullgraph=True``).
+    Randomness: with ``generator``, z (and the components k) are drawn from it as the base class draws its noise.
+    Without, GMM off and ``seed=None``: z from torch's global RNG as the base class draws it (rfim_eta > 0 only).
+    Otherwise z and k come from the Philox stream of (seed, sample index, step index) inside the fused step (no
+    host sync, compiles with ``fullgraph=True``; ``seed=None``: the stream seed is drawn from torch's global RNG
+    at the first step, or at ``prepare_gmm``).
 
     Step index: as the base class (the first ``step`` finds the timestep in the schedule, or starts at
     ``set_begin_index``; +1 per step). Under ``torch.compile`` the index is the timestep's first position in
@@ -137,6 +140,9 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
             num_inference_steps = check_step_count(num_inference_steps)
         elif sigmas is None and timesteps is None:
             raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
+        for name, values in (("sigmas", sigmas), ("timesteps", timesteps)):
+            if values is not None and len(values) == 0:
+                raise ValueError(f"{name} must hold at least one value (one per inference step), got an empty {name}")
         super().set_timesteps(num_inference_steps, device, sigmas=sigmas, mu=mu, timesteps=timesteps)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
         sig = self.sigmas.detach().to("cpu", torch.float64)
         if not torch.isfinite(sig).all() or (sig < 0).any() or (sig > 1).any():
@@ -209,10 +215,14 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
                 per_token_timesteps=per_token_timesteps,
                 return_dict=return_dict,
             )
-        if tuple(model_output.shape) != tuple(sample.shape):
-            raise ValueError(
-                f"model_output shape {tuple(model_output.shape)} does not match sample shape {tuple(sample.shape)}"
+        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point() or sample.dim() == 0:
+            what = (
+                f"a {sample.dtype} tensor of shape {tuple(sample.shape)}"
+                if isinstance(sample, torch.Tensor)
+                else type(sample).__name__
             )
+            raise ValueError(f"sample must be a real floating-point tensor with a batch dimension, got {what}")
+        check_model_output(model_output, sample)  # a complex output would lose its imaginary part in the op
         generator = check_generator(generator, sample.shape[0])
         if sample.dtype != torch.float32:
             # as the base class: the update in float32 (diffusers annotates sample as FloatTensor)
@@ -221,11 +231,13 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
         gmm = self._gmm_for(sample)
 
         noise = components = None
-        if generator is not None:
-            if self._run_eta > 0:
-                noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-            if gmm is not None:
+        if self._run_eta > 0 and self._torch_noise(generator, gmm):  # as the base class's stochastic_sampling
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        if gmm is not None:
+            if generator is not None:
                 components = draw_components(generator, gmm, int(i), sample)
+            else:
+                self._use_stream()
         out = self._fused_step(
             model_output, sample, i, prediction_type="flow", gmm=gmm, noise=noise, components=components
         )
@@ -239,4 +251,4 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
         return scheduler_output(FlowMatchEulerDiscreteSchedulerOutput, prev_sample=prev_sample)
 
 
-register_with_diffusers(FlowMatchEulerDiscreteGMMScheduler, "FlowMatchEulerDiscreteScheduler")
+publish(FlowMatchEulerDiscreteGMMScheduler, FlowMatchEulerDiscreteSchedulerOutput)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rehearses the GPU verification on a CPU machine with the GPU machine's software, so that what would fail
 # there for its versions fails here first (and GPU time goes to measuring):
-#   benchmarks/gpu/rehearse.sh [DIR]        (default /tmp/ddimgmm_rehearsal; needs python3.12 and a registry;
+#   tools/gpu/rehearse.sh [DIR]        (default /tmp/ddimgmm_rehearsal; needs python3.12 and a registry;
 #                                           exit status 3: no python3.12 here)
 # In DIR: a Python 3.12 venv with that machine's torch, triton and numpy (the CUDA build of torch, which runs on
 # a CPU), the wheels verify.sh carries (fetch_wheels.sh), and a copy of this checkout's files (tracked and
@@ -34,6 +34,6 @@ rm -rf "$dir/src" "$dir/out" "$dir/site"
 mkdir -p "$dir/src"
 git -C "$root" ls-files -z --cached --others --exclude-standard \
     | tar -C "$root" --null --ignore-failed-read -T - -cf - | tar -xf - -C "$dir/src"
-bash "$dir/src/benchmarks/gpu/fetch_wheels.sh" "$dir/whl" > /dev/null
-PATH="$dir/venv/bin:$PATH" bash "$dir/src/benchmarks/gpu/verify.sh" --rehearse --wheels "$dir/whl" \
+bash "$dir/src/tools/gpu/fetch_wheels.sh" "$dir/whl" > /dev/null
+PATH="$dir/venv/bin:$PATH" bash "$dir/src/tools/gpu/verify.sh" --rehearse --wheels "$dir/whl" \
     --site "$dir/site" --out "$dir/out"

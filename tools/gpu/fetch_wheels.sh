@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Downloads, on a machine with a package registry, the wheels that benchmarks/gpu/verify.sh installs on the
+# Downloads, on a machine with a package registry, the wheels that tools/gpu/verify.sh installs on the
 # bare GPU machine (Python 3.12 there; it has torch, triton, transformers, scipy, pytest(-benchmark) already).
-#   benchmarks/gpu/fetch_wheels.sh [DIR]        (default .whl; keep it out of git: echo /.whl/ >> .git/info/exclude)
+#   tools/gpu/fetch_wheels.sh [DIR]        (default .whl; keep it out of git: echo /.whl/ >> .git/info/exclude)
 set -euo pipefail
 dir="${1:-.whl}"
 mkdir -p "$dir"

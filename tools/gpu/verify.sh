@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU verification in one command, on a bare GPU machine (no package registry):
-#   benchmarks/gpu/verify.sh [--wheels DIR] [--out DIR] [--site DIR] [--budget SECONDS] [--dry-run] [--rehearse]
+#   tools/gpu/verify.sh [--wheels DIR] [--out DIR] [--site DIR] [--budget SECONDS] [--dry-run] [--rehearse]
 # In order of what a short lease needs most:
-# 1. installs the carried wheels (benchmarks/gpu/fetch_wheels.sh) into --site (/tmp/site), without dependencies,
+# 1. installs the carried wheels (tools/gpu/fetch_wheels.sh) into --site (/tmp/site), without dependencies,
 #    and builds the extension with its CUDA sources in place (setup.py build_ext, DDIMGMM_FORCE_CUDA=1);
 # 2. the tests that run on the device (pytest -k cuda: the CUDA parametrisations and test_cuda_loop.py);
 # 3. every benchmark on CUDA: step_cuda.json, thin_svd_cuda.json, loop_cuda.json, schedulers_cuda.json;
@@ -12,7 +12,7 @@
 # limit still returns what it finished. A step that would start after --budget seconds (default 480) is
 # skipped; a failing step is recorded and the rest still run; the exit status is 1 if any step failed.
 # --dry-run prints every command instead of running it (CI checks that on a CPU machine).
-# --rehearse runs the same steps on a CPU machine (benchmarks/gpu/rehearse.sh gives it the GPU machine's
+# --rehearse runs the same steps on a CPU machine (tools/gpu/rehearse.sh gives it the GPU machine's
 #   Python, torch and triton): the CUDA build without a device, the tests, the benchmarks on the CPU with short
 #   timings, no sanitizer.
 set -uo pipefail
