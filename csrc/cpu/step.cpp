@@ -91,11 +91,15 @@ int64_t draw_component(const T* priors, int64_t K, uint32_t sample, uint32_t ste
   return k;
 }
 
-// Per-call constants from the coefficient row (a_t, b_t, A, B, c, g[, H1, H2]). x0_hat = p_x x + p_m m and
-// eps_hat = q_x x + q_m m are linear in (x_t, m) for every prediction type.
+// Per-call constants from the coefficient row (a_t, b_t, A, B, c, g[, H1, H2]). x0_hat = (p_x x + p_m m) p_s and
+// eps_hat = q_x x + q_m m are linear in (x_t, m) for every prediction type. The scale p_s is 1 / a_t for epsilon
+// prediction (x0 = (x - b_t m) / a_t, as the reference and Triton compute it: +-inf at a_t = 0, which clipping
+// turns into +-r as diffusers does; the affine (1 / a_t) x + (-b_t / a_t) m was inf - inf = NaN there) and
+// exactly 1 otherwise.
 template <typename T>
 struct Coeffs {
-  T p_x, p_m, q_x, q_m;  // x0_hat, eps_hat from (x_t, m)
+  T p_x, p_m, p_s;       // x0_hat from (x_t, m)
+  T q_x, q_m;            // eps_hat from (x_t, m)
   T a_t, inv_b_t;        // eps re-derived from the clipped x0_hat: (x_t - a_t x0) / b_t
   T a_s, eps_coef;       // mean = A x0 + B eps (+ H1 h1 + H2 h2)
   T h1, h2;              // history coefficients (0 for a 6-column row)
@@ -111,9 +115,10 @@ Coeffs<T> make_coeffs(const T* v, int64_t n_cols, int64_t prediction_type, std::
                       std::optional<double> clip, bool use_clipped) {
   const T a_t = v[0], b_t = v[1];
   Coeffs<T> k{};
+  k.p_s = 1;
   switch (prediction_type) {
-    case 0:  // epsilon: x0 = (x - b_t m) / a_t, eps = m
-      k.p_x = T(1) / a_t, k.p_m = -b_t / a_t, k.q_x = 0, k.q_m = 1;
+    case 0:  // epsilon: x0 = (x - b_t m) (1 / a_t), eps = m
+      k.p_x = 1, k.p_m = -b_t, k.p_s = T(1) / a_t, k.q_x = 0, k.q_m = 1;
       break;
     case 1:  // sample: x0 = m, eps = (x - a_t m) / b_t
       k.p_x = 0, k.p_m = 1, k.q_x = T(1) / b_t, k.q_m = -a_t / b_t;
@@ -168,7 +173,7 @@ DDIMGMM_ISA_CLONES void update(const Coeffs<T>& k, int64_t n, const scalar_t* __
       const T mu = T(m_u[i]);
       mi = mu + k.w * (mi - mu);
     }
-    T x0 = k.p_x * xi + k.p_m * mi;
+    T x0 = (k.p_x * xi + k.p_m * mi) * k.p_s;
     x0 = x0 < k.lo ? k.lo : x0;  // NaN passes through, as in torch.clamp
     x0 = x0 > k.hi ? k.hi : x0;
     const T eps = k.rederive_eps ? (xi - k.a_t * x0) * k.inv_b_t : k.q_x * xi + k.q_m * mi;
