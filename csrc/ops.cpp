@@ -16,9 +16,9 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(ddimgmm, m) {
   // One sampler step x_t -> x_s of a Gaussian path (docs/design.md section 3; spec: reference.step_from_table).
   //   model_output [B, ...] or [2B, ...] with guidance (unconditional half first); sample [B, ...].
-  //   coeffs: one row [6] or a table [S, 6] of (a_t, b_t, A, B, c, g), compute dtype, sample's device:
-  //     x_t = a_t x0 + b_t eps, mean = A x0 + B eps, noise std c, GMM scale g (offsets g delta, variance
-  //     offsets g^2 v; 0: a Gaussian step).
+  //   coeffs: one row [6] / [8] or a table [S, 6] / [S, 8] of (a_t, b_t, A, B, c, g[, H1, H2]), compute dtype,
+  //     sample's device: x_t = a_t x0 + b_t eps, mean = A x0 + B eps + H1 h1 + H2 h2, noise std c, GMM scale g
+  //     (offsets g delta, variance offsets g^2 v; 0: a Gaussian step). 6 columns: H1 = H2 = 0.
   //   step index i: the 0-d int64 step_tensor (read on the device; step_index must then be 0) or step_index.
   //     i selects the row of a table, the GMM parameter set of stacked [S_g, ...] tables and the Philox step
   //     counter. Out of range of the table or of the stacked sets (S_g == 1 included): an error for
@@ -29,12 +29,19 @@ TORCH_LIBRARY(ddimgmm, m) {
   //     then eigenvalues in that basis: noise c z + sum_i (sqrt(max(c^2 - g^2 v_k[i], 0)) - c)(w_i . z) w_i.
   //   noise [B, ...] and components [B] (int32/int64) override the Philox draws of (seed, sample_offset + b, i).
   //   prediction_type: 0 epsilon, 1 sample, 2 v_prediction, 3 flow. seed: the 64-bit key's bits as an int64.
+  //   history0, history1 [B, ...] (sample's dtype or compute dtype): h1, h2 of a linear multistep solver, the
+  //     data predictions of the previous steps (history0 the latest), kept by the caller from this op's
+  //     pred_original_sample; need 8-column coeffs; history1 needs history0. A row with H_j != 0 and no h_j: an
+  //     error on CPU, NaN outputs on CUDA (the row is read on the device). Two optional tensors rather than a
+  //     Tensor[]: a fixed arity keeps one autograd slot, one fake and one Triton pointer per history, and a
+  //     compiled loop sees the same signature at every step; two cover multistep solvers up to order 3.
   // Returns (prev_sample, pred_original_sample or an empty tensor, components [B] int64 or an empty tensor).
   m.def(
       "step(Tensor model_output, Tensor sample, Tensor coeffs, Tensor? step_tensor, Tensor? priors, "
       "Tensor? offsets, Tensor? var_offsets, Tensor? basis, Tensor? noise, Tensor? components, "
       "int prediction_type, float? guidance_scale, float? clip_sample_range, bool use_clipped_model_output, "
-      "int seed, int sample_offset, int step_index, bool return_pred_original) -> (Tensor, Tensor, Tensor)",
+      "int seed, int sample_offset, int step_index, bool return_pred_original, Tensor? history0=None, "
+      "Tensor? history1=None) -> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   // Batched thin SVD (docs/design.md 1.4): O [S, D, K] -> U [S, D, K], orthonormal columns ordered by singular
   // value, equal to LAPACK's U up to column signs (sign convention in reference.thin_svd).

@@ -95,6 +95,7 @@ def step_from_table(
     noise: torch.Tensor | None = None,
     components: torch.Tensor | None = None,
     return_pred_original: bool = True,
+    history: tuple[torch.Tensor, ...] = (),
 ) -> StepOutput:
     """One step from row ``step_index`` of a coefficient table, in one fused op call. See
     :func:`reference.step_from_table` for the math.
@@ -102,15 +103,21 @@ def step_from_table(
     Args:
         coeffs: [S, 6] rows (or one row [6]) of (a_t, b_t, A, B, c, g) on the sample's device in the compute
             dtype (float64 for float64 samples, float32 otherwise); build rows with
-            :func:`reference.coefficient_row`.
+            :func:`reference.coefficient_row`. A linear multistep solver's rows have 8 columns
+            (a_t, b_t, A, B, c, g, H1, H2): mean = A x0 + B eps + H1 h1 + H2 h2.
         step_index: an int, or a 0-d int64 tensor on the sample's device. A tensor is never read on the host,
             so a compiled or CUDA-graph-captured loop bakes in no step number; outside the table (or outside a
             per-step GMM's sets, even a GMM of one step) it gives NaN samples and components -1.
         gmm: a :class:`GMM` (its parameter set ``step_index``, or its shared set) or None.
+        history: () or (h1,) or (h1, h2), the previous steps' data predictions (h1 the latest; each the
+            ``pred_original_sample`` of an earlier call), of the sample's shape and device, in the sample's dtype
+            or the compute dtype. Needs 8-column ``coeffs``; a row with H_j != 0 needs h_j (an error on a host
+            ``step_index``, NaN samples on a tensor one, read on the device). The history is not clipped.
         Other arguments as :func:`step`.
     """
     if not isinstance(coeffs, torch.Tensor):
         raise TypeError(f"coeffs must be a torch.Tensor of rows (a_t, b_t, A, B, c, g), got {type(coeffs).__name__}")
+    history = _check_history(history)
     if isinstance(step_index, torch.Tensor):
         if step_index.dim() != 0 or step_index.dtype != torch.int64 or step_index.device != sample.device:
             raise ValueError(
@@ -152,7 +159,17 @@ def step_from_table(
         noise=noise,
         components=components,
         return_pred_original=return_pred_original,
+        history=history,
     )
+
+
+def _check_history(history) -> tuple[torch.Tensor, ...]:
+    """``history`` as a tuple of at most two tensors (a list is accepted); shapes, dtypes and devices are the op's."""
+    if not isinstance(history, (tuple, list)) or not all(isinstance(h, torch.Tensor) for h in history):
+        raise TypeError(f"history must be a tuple of at most 2 tensors (h1, h2), got {type(history).__name__}")
+    if len(history) > 2:
+        raise ValueError(f"history takes at most 2 tensors (h1, h2), got {len(history)}")
+    return tuple(history)
 
 
 def fused_step(
@@ -171,13 +188,25 @@ def fused_step(
     noise: torch.Tensor | None = None,
     components: torch.Tensor | None = None,
     return_pred_original: bool = True,
+    history: tuple[torch.Tensor, ...] = (),
 ) -> StepOutput:
     """The fused step of arguments a caller has settled (:func:`step`, :func:`step_from_table`, the diffusers
     schedulers): the model output in a dtype the op takes, ``gmm``'s tables as the op takes them, one op call
-    (:func:`ddim_gmm_ext.ops.step.step`, which checks shapes, dtypes and devices), the :class:`StepOutput`."""
+    (:func:`ddim_gmm_ext.ops.step.step`, which checks shapes, dtypes and devices), the :class:`StepOutput`.
+
+    Args:
+        coeffs: the [S, 6] / [S, 8] table (or one row) in the compute dtype, on the sample's device.
+        step_index: a host int, or a 0-d int64 tensor on the sample's device.
+        gmm: a :class:`GMM` or None; its tables go to the op as :meth:`GMM.step_tables` gives them.
+        history: () or (h1,) or (h1, h2), a multistep solver's previous data predictions (h1 the latest), for
+            8-column ``coeffs``: mean = A x0 + B eps + H1 h1 + H2 h2. Histories in neither the sample's nor the
+            compute dtype, or in two dtypes, are converted to the compute dtype (as the model output is).
+        Other arguments as :func:`step`, settled by the caller."""
     cdt = _checks.compute_dtype(sample.dtype)
     if model_output.dtype not in (sample.dtype, cdt):
         model_output = model_output.to(cdt)
+    if history and (history[0].dtype not in (sample.dtype, cdt) or history[-1].dtype != history[0].dtype):
+        history = tuple(h.to(cdt) for h in history)
     prev, x0, k = _step_op.step(
         model_output,
         sample,
@@ -193,6 +222,7 @@ def fused_step(
         seed=seed,
         sample_offset=sample_offset,
         return_pred_original=return_pred_original,
+        history=history,
     )
     return StepOutput(prev, x0 if return_pred_original else None, k if gmm is not None else None)
 

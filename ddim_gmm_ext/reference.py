@@ -357,17 +357,20 @@ def step_from_table(
     noise: torch.Tensor | None = None,
     components: torch.Tensor | None = None,
     return_pred_original: bool = True,
+    history: tuple[torch.Tensor, ...] = (),
 ) -> StepOutput:
     """One step x_t -> x_s from row ``step_index`` of a coefficient table (the spec of ``ddimgmm::step``).
 
-    coeffs: [S, 6] rows, or one row [6], of (a_t, b_t, A, B, c, g) in the compute dtype; step_index i: an int
-    or a 0-d int64 tensor. i selects the row, the GMM parameter set (set 0 when the GMM is shared) and the
-    Philox step of the noise and component draws.
+    coeffs: [S, 6] or [S, 8] rows, or one row [6] / [8], of (a_t, b_t, A, B, c, g[, H1, H2]) in the compute
+    dtype (6 columns: H1 = H2 = 0); step_index i: an int or a 0-d int64 tensor. i selects the row, the GMM
+    parameter set (set 0 when the GMM is shared) and the Philox step of the noise and component draws.
+    history: up to two tensors of the sample's shape, (h1,) or (h1, h2), the previous steps' data predictions
+    of a linear multistep solver (h1 the latest), read in the compute dtype; a row with H_j != 0 needs h_j.
 
         m    = m_u + w (m_c - m_u)                    with guidance_scale w ([2B, ...] output, uncond first)
         x0, eps from m (:func:`predict_x0_eps`); x0 <- clamp(x0, -r, r); eps <- (x_t - a_t x0) / b_t if
              use_clipped_model_output
-        mean = A x0 + B eps
+        mean = A x0 + B eps + H1 h1 + H2 h2           (multistep solvers; the history is not clipped)
         x_s  = mean + c z                                                   without GMM
         x_s  = mean + g delta_k + sqrt(max(c^2 - g^2 v_k, 0)) z             k ~ Categorical(pi), one per sample
         x_s  = mean + g delta_k + c z + sum_i (sqrt(max(c^2 - g^2 v_k[i], 0)) - c) (w_i . z) w_i
@@ -387,7 +390,14 @@ def step_from_table(
             nan = torch.full_like(sample, math.nan)
             k = None if gmm is None else torch.full((sample.shape[0],), -1, dtype=torch.int64)
             return StepOutput(nan, nan.clone() if return_pred_original else None, k)
-    a_t, b_t, A, B, c, g = (coeffs[i] if n_rows else coeffs).to(cdt).unbind()
+    row = (coeffs[i] if n_rows else coeffs).to(cdt)
+    a_t, b_t, A, B, c, g = row[:6].unbind()
+    H = row[6:].tolist()
+    if len(history) > 2 or (history and not H):
+        raise ValueError(f"history takes at most 2 tensors and 8-column coeffs, got {len(history)} with {len(row)}")
+    for j, h in enumerate(H):
+        if h != 0 and j >= len(history):
+            raise ValueError(f"coeffs row {i} has H{j + 1} = {h} but history{j} is None")
 
     x = sample.to(cdt)
     m = model_output.to(cdt)
@@ -402,7 +412,10 @@ def step_from_table(
 
     batch = sample.shape[0]
     flat = (batch, math.prod(sample.shape[1:]))
-    mean = (A * x0 + B * eps).reshape(flat)
+    mean = A * x0 + B * eps
+    for h_j, hist in zip(row[6:], history, strict=False):
+        mean = mean + h_j * hist.to(cdt)
+    mean = mean.reshape(flat)
     z = noise.to(cdt) if noise is not None else gaussian_noise(sample.shape, seed, sample_offset, i, cdt, sample.device)
     z = z.reshape(flat)
     k = None

@@ -105,23 +105,31 @@ def _meta(shape, dtype):
 def triton_variants() -> dict[str, tuple]:
     """{id: (kernel, signature, constexprs, options)} of every launch the launcher can produce: each sample
     dtype with each model_output dtype it accepts, no GMM / per-coordinate / low-rank GMM, and a per-sample
-    size for each block size. Everything else (step index as int or tensor, seeds, guidance, clipping,
-    explicit noise / components, prediction type) is a runtime argument: ``test_scalars_keep_the_kernel``
+    size for each block size; for float16 / bfloat16 samples also a multistep history in the compute dtype (a
+    history in the sample's dtype, or none, passes the sample's pointer type: the same kernel). Everything else
+    (step index as int or tensor, seeds, guidance, clipping, explicit noise / components, prediction type, the
+    number of histories, 6 or 8 columns) is a runtime argument: ``test_scalars_keep_the_kernel``
     checks that it never changes a signature."""
     variants = {}
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         cdt = compute_dtype(dtype)
         for m_dtype in dict.fromkeys((dtype, cdt)):
-            for gmm in ("none", "diag", "basis"):
-                for block in STEP.BLOCK_SIZES:
-                    D = block if block > min(STEP.BLOCK_SIZES) else 1
-                    assert STEP.block_config(D)[0] == block
-                    for launch in _plan(dtype, m_dtype, gmm, D):
-                        sig = STEP.signature(launch)
-                        name = launch.kernel.__name__.strip("_")
-                        types = f"x_{sig.get('x_ptr', '')[1:]}-m_{sig.get('m_ptr', '')[1:]}" if "x_ptr" in sig else ""
-                        key = "-".join(filter(None, (name, gmm, types or sig["partial_ptr"][1:], f"B{block}")))
-                        variants[key] = (launch.kernel, sig, launch.constexprs, launch.options)
+            for h_dtype in dict.fromkeys((dtype, cdt)):
+                for gmm in ("none", "diag", "basis"):
+                    for block in STEP.BLOCK_SIZES:
+                        D = block if block > min(STEP.BLOCK_SIZES) else 1
+                        assert STEP.block_config(D)[0] == block
+                        history = {}
+                        if h_dtype != dtype:
+                            history = dict(history0=_meta((2, D), h_dtype), history1=_meta((2, D), h_dtype))
+                        for launch in _plan(dtype, m_dtype, gmm, D, **history):
+                            sig = STEP.signature(launch)
+                            name = launch.kernel.__name__.strip("_")
+                            types = ""
+                            if "x_ptr" in sig:
+                                types = f"x_{sig['x_ptr'][1:]}-m_{sig['m_ptr'][1:]}-h_{sig['hist0_ptr'][1:]}"
+                            key = "-".join(filter(None, (name, gmm, types or sig["partial_ptr"][1:], f"B{block}")))
+                            variants[key] = (launch.kernel, sig, launch.constexprs, launch.options)
     return variants
 
 
@@ -137,7 +145,7 @@ def _plan(dtype, m_dtype, gmm, D, **overrides):
     args = dict(
         model_output=_meta((B, D), m_dtype),
         sample=_meta((B, D), dtype),
-        coeffs=_meta((S, 6), cdt),
+        coeffs=_meta((S, 8) if overrides.get("history0") is not None else (S, 6), cdt),
         step_tensor=None,
         **tables,
         noise=None,
@@ -250,6 +258,8 @@ def test_scalars_keep_the_kernel():
             dict(seed=2**31, guidance_scale=1.1, clip_sample_range=0.8, use_clipped_model_output=True),
             dict(guidance_scale=-4.2, prediction_type=2, return_pred_original=False, seed=1),
             dict(noise=_meta((2, 700), torch.float32), prediction_type=3, step_index=1, sample_offset=1),
+            dict(history0=_meta((2, 700), torch.float32), history1=_meta((2, 700), torch.float32)),
+            dict(history0=_meta((2, 700), torch.float32), step_tensor=step_tensor),
         ):
             if gmm != "none":
                 overrides = overrides | dict(components=_meta((2,), torch.int64))

@@ -188,7 +188,9 @@ _SCALARS = [
     "Dv",
     "n_blocks",
     "n_rows",
+    "n_cols",
     "n_sets",
+    "n_hist",
     "pred",
     "guided",
     "rederive",
@@ -272,6 +274,8 @@ def _step_kernel(
     partial_ptr,
     noise_ptr,
     comps_in_ptr,
+    hist0_ptr,
+    hist1_ptr,
     out_ptr,
     x0_ptr,
     comps_out_ptr,
@@ -281,7 +285,9 @@ def _step_kernel(
     Dv,
     n_blocks,
     n_rows,
+    n_cols,
     n_sets,
+    n_hist,
     pred,
     guided,
     rederive,
@@ -304,8 +310,9 @@ def _step_kernel(
 ):
     """One program = BLOCK elements of one sample b (program id = b * n_blocks + blk).
 
-    x [B, D], m [B, D] or [2B, D] (uncond rows first), out / x0 [B, D] in their storage dtypes; coeffs [6] or
-    [S, 6] rows (a_t, b_t, A, B, c, g); priors [(S_g,) K], offsets [(S_g,) K, D], var_offsets [(S_g,) K, Dv],
+    x [B, D], m [B, D] or [2B, D] (uncond rows first), out / x0 [B, D] in their storage dtypes; coeffs [n_cols]
+    or [S, n_cols] rows (a_t, b_t, A, B, c, g[, H1, H2]), n_cols 6 or 8; the first ``n_hist`` of hist0 / hist1
+    [B, D] (one storage dtype); priors [(S_g,) K], offsets [(S_g,) K, D], var_offsets [(S_g,) K, Dv],
     basis [(S_g,) Dv, D], noise [B, D] in the compute dtype; components [B] int64; step index i from the 0-d
     int64 ``step_ptr`` (``from_tensor``) or the host word ``step_word``.
 
@@ -314,7 +321,7 @@ def _step_kernel(
              2 v_prediction, n^2 = a_t^2 + b_t^2: (a_t x - b_t n m) / n^2, (b_t x + a_t n m) / n^2;
              3 flow x - b_t m, x + a_t m
         x0   = clamp(x0, -r, r) (r = inf without clipping); eps = (x - a_t x0) / b_t  (rederive)
-        mean = A x0 + B eps
+        mean = A x0 + B eps + H1 h1 + H2 h2          (h_j from hist{j-1} for j <= n_hist; H = 0 for 6 columns)
         MODE 0:  x_s = mean + c z
         MODE 1:  x_s = mean + g delta_k + sqrt(max(c^2 - g^2 v_k[d], 0)) z          (v_k[d] = 0 for d >= Dv)
         MODE 2:  x_s = mean + g delta_k + c z + sum_i (sqrt(max(c^2 - g^2 v_k[i], 0)) - c) p_i w_i,
@@ -322,7 +329,8 @@ def _step_kernel(
 
     z[n, j] as in :func:`_normals` with n = sample_offset + b, k as in :func:`_component`. Invalid step index
     (see :func:`_step_index`): prev_sample and x0 NaN, components -1, nothing read from the tables. An
-    explicit component outside [0, K): NaN for its sample, nothing read out of bounds.
+    explicit component outside [0, K): NaN for its sample, nothing read out of bounds. A row with H_j != 0 and
+    j > n_hist (a history term the caller did not pass): prev_sample NaN (the row is read here, not on the host).
     """
     cdt = tl.float64 if F64 else tl.float32
     pid = tl.program_id(0)
@@ -337,7 +345,7 @@ def _step_kernel(
     k1 = _u32(seed_hi)
     n = _u32(sample_offset) + b.to(tl.uint32)
 
-    row = coeffs_ptr + tl.where(ok & (n_rows > 0), i, 0) * 6
+    row = coeffs_ptr + tl.where(ok & (n_rows > 0), i, 0) * n_cols
     a_t = tl.load(row + 0, mask=ok, other=float("nan"))
     b_t = tl.load(row + 1, mask=ok, other=float("nan"))
     c_x0 = tl.load(row + 2, mask=ok, other=float("nan"))
@@ -372,6 +380,17 @@ def _step_kernel(
     out = c_x0 * x0 + c_eps * eps
 
     valid = ok
+    if n_cols == 8:  # a multistep row: H1 h1 + H2 h2, each term needing its history
+        h_1 = tl.load(row + 6, mask=ok, other=float("nan"))
+        h_2 = tl.load(row + 7, mask=ok, other=float("nan"))
+        if n_hist >= 1:
+            out = out + h_1 * tl.load(hist0_ptr + b * D + j, mask=inside, other=0.0).to(cdt)
+        else:
+            valid = valid & (h_1 == 0)
+        if n_hist >= 2:
+            out = out + h_2 * tl.load(hist1_ptr + b * D + j, mask=inside, other=0.0).to(cdt)
+        else:
+            valid = valid & (h_2 == 0)
     if MODE == 0:
         if noise_given != 0:
             out = out + c * tl.load(noise_ptr + b * D + j, mask=inside, other=0.0)
@@ -502,6 +521,8 @@ def launch_plan(
     sample_offset: int,
     step_index: int,
     return_pred_original: bool,
+    history0: torch.Tensor | None = None,
+    history1: torch.Tensor | None = None,
 ) -> tuple[list[Launch], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The launches of one step (the projection pass first when ``basis`` is given) and the outputs they
     write (prev_sample, pred_original_sample or empty, components or empty). Arguments as the schema,
@@ -527,6 +548,11 @@ def launch_plan(
     m = model_output.contiguous()
     z = noise.to(cdt).contiguous() if noise is not None else x.new_empty(0, dtype=cdt)
     k_in = components.to(torch.int64).contiguous() if components is not None else comps
+    # Absent histories point at another tensor of a dtype already in the signature (never read): the sample
+    # for the first, the first for the second, so a call without history keeps the kernel of a call with one
+    # in the sample's dtype.
+    h0 = history0.contiguous() if history0 is not None else x
+    h1 = history1.contiguous() if history1 is not None else h0
     if gmm:
         stacked = priors.dim() == 2
         n_sets = priors.shape[0] if stacked else 0
@@ -579,6 +605,8 @@ def launch_plan(
         "partial_ptr": partial,
         "noise_ptr": z,
         "comps_in_ptr": k_in,
+        "hist0_ptr": h0,
+        "hist1_ptr": h1,
         "out_ptr": prev,
         "x0_ptr": x0 if return_pred_original else prev,
         "comps_out_ptr": comps,
@@ -587,7 +615,8 @@ def launch_plan(
         "K": K,
         "Dv": Dv,
     }
-    args |= common
+    args |= {"n_blocks": n_blocks, "n_rows": common["n_rows"], "n_cols": coeffs.shape[-1], "n_sets": n_sets}
+    args |= {"n_hist": int(history0 is not None) + int(history1 is not None)}
     args |= {
         "pred": prediction_type,
         "guided": int(guidance_scale is not None),

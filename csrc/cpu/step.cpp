@@ -5,6 +5,8 @@
 // z (Philox4x32-10 in registers, Box-Muller, 4 normals per Philox call), builds the GMM mean offset and noise
 // std of the sample's component, and runs one branch-free, vectorisable loop that reads x_t and the model
 // output and writes x_s (and x0_hat on request). Nothing the size of the batch is allocated besides outputs.
+// A multistep solver's history (up to two previous data predictions h_j, 8-column rows) is read in the same
+// loop: mean = A x0 + B eps + H1 h1 + H2 h2.
 //
 // Compute precision: float64 samples in float64, every other dtype in float32 (at::opmath_type).
 // The random stream is the reference's, element for element:
@@ -28,6 +30,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace ddimgmm {
@@ -88,13 +91,18 @@ int64_t draw_component(const T* priors, int64_t K, uint32_t sample, uint32_t ste
   return k;
 }
 
-// Per-call constants from the coefficient row (a_t, b_t, A, B, c, g). x0_hat = p_x x + p_m m and
-// eps_hat = q_x x + q_m m are linear in (x_t, m) for every prediction type.
+// Per-call constants from the coefficient row (a_t, b_t, A, B, c, g[, H1, H2]). x0_hat = (p_x x + p_m m) p_s and
+// eps_hat = q_x x + q_m m are linear in (x_t, m) for every prediction type. The scale p_s is 1 / a_t for epsilon
+// prediction (x0 = (x - b_t m) / a_t, as the reference and Triton compute it: +-inf at a_t = 0, which clipping
+// turns into +-r as diffusers does; the affine (1 / a_t) x + (-b_t / a_t) m was inf - inf = NaN there) and
+// exactly 1 otherwise.
 template <typename T>
 struct Coeffs {
-  T p_x, p_m, q_x, q_m;  // x0_hat, eps_hat from (x_t, m)
+  T p_x, p_m, p_s;       // x0_hat from (x_t, m)
+  T q_x, q_m;            // eps_hat from (x_t, m)
   T a_t, inv_b_t;        // eps re-derived from the clipped x0_hat: (x_t - a_t x0) / b_t
-  T a_s, eps_coef;       // mean = A x0 + B eps
+  T a_s, eps_coef;       // mean = A x0 + B eps (+ H1 h1 + H2 h2)
+  T h1, h2;              // history coefficients (0 for a 6-column row)
   T c2, c;               // noise variance and std of the Gaussian kernel
   T g, g2;               // GMM scale of the step: offsets g delta, variance offsets g^2 v
   T lo, hi;              // clip range (+-inf without clipping)
@@ -103,13 +111,14 @@ struct Coeffs {
 };
 
 template <typename T>
-Coeffs<T> make_coeffs(const T* v, int64_t prediction_type, std::optional<double> guidance,
+Coeffs<T> make_coeffs(const T* v, int64_t n_cols, int64_t prediction_type, std::optional<double> guidance,
                       std::optional<double> clip, bool use_clipped) {
   const T a_t = v[0], b_t = v[1];
   Coeffs<T> k{};
+  k.p_s = 1;
   switch (prediction_type) {
-    case 0:  // epsilon: x0 = (x - b_t m) / a_t, eps = m
-      k.p_x = T(1) / a_t, k.p_m = -b_t / a_t, k.q_x = 0, k.q_m = 1;
+    case 0:  // epsilon: x0 = (x - b_t m) (1 / a_t), eps = m
+      k.p_x = 1, k.p_m = -b_t, k.p_s = T(1) / a_t, k.q_x = 0, k.q_m = 1;
       break;
     case 1:  // sample: x0 = m, eps = (x - a_t m) / b_t
       k.p_x = 0, k.p_m = 1, k.q_x = T(1) / b_t, k.q_m = -a_t / b_t;
@@ -131,6 +140,8 @@ Coeffs<T> make_coeffs(const T* v, int64_t prediction_type, std::optional<double>
   k.c2 = k.c * k.c;
   k.g = v[5];
   k.g2 = k.g * k.g;
+  k.h1 = n_cols == 8 ? v[6] : T(0);
+  k.h2 = n_cols == 8 ? v[7] : T(0);
   const T inf = std::numeric_limits<T>::infinity();
   k.lo = clip ? -T(*clip) : -inf;
   k.hi = clip ? T(*clip) : inf;
@@ -146,12 +157,13 @@ DDIMGMM_INLINE T clipped_sd(const Coeffs<T>& k, T v) {
   return std::sqrt(r < T(0) ? T(0) : r);
 }
 
-// The fused update of n elements. x, m_u, m_c, out, x0_out point at the chunk's first element; add (the GMM
-// term added to the mean), sd (noise std) and z are chunk buffers. With guidance, m = m_u + w (m_c - m_u);
-// without, m = m_c.
-template <typename scalar_t, typename m_t, typename T, bool kGuidance, bool kWriteX0>
+// The fused update of n elements. x, m_u, m_c, h1, h2, out, x0_out point at the chunk's first element; add (the
+// GMM term added to the mean), sd (noise std) and z are chunk buffers. With guidance, m = m_u + w (m_c - m_u);
+// without, m = m_c. kHist: how many multistep history terms H_j h_j are added (0, 1 or 2).
+template <typename scalar_t, typename m_t, typename h_t, typename T, bool kGuidance, bool kWriteX0, int kHist>
 DDIMGMM_ISA_CLONES void update(const Coeffs<T>& k, int64_t n, const scalar_t* __restrict__ x, const m_t* __restrict__ m_u,
-                   const m_t* __restrict__ m_c, const T* __restrict__ add, const T* __restrict__ sd,
+                   const m_t* __restrict__ m_c, const h_t* __restrict__ h1, const h_t* __restrict__ h2,
+                   const T* __restrict__ add, const T* __restrict__ sd,
                    const T* __restrict__ z, scalar_t* __restrict__ out, scalar_t* __restrict__ x0_out) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -161,11 +173,14 @@ DDIMGMM_ISA_CLONES void update(const Coeffs<T>& k, int64_t n, const scalar_t* __
       const T mu = T(m_u[i]);
       mi = mu + k.w * (mi - mu);
     }
-    T x0 = k.p_x * xi + k.p_m * mi;
+    T x0 = (k.p_x * xi + k.p_m * mi) * k.p_s;
     x0 = x0 < k.lo ? k.lo : x0;  // NaN passes through, as in torch.clamp
     x0 = x0 > k.hi ? k.hi : x0;
     const T eps = k.rederive_eps ? (xi - k.a_t * x0) * k.inv_b_t : k.q_x * xi + k.q_m * mi;
-    out[i] = scalar_t(k.a_s * x0 + k.eps_coef * eps + add[i] + sd[i] * z[i]);
+    T mean = k.a_s * x0 + k.eps_coef * eps;
+    if constexpr (kHist >= 1) mean = mean + k.h1 * T(h1[i]);
+    if constexpr (kHist >= 2) mean = mean + k.h2 * T(h2[i]);
+    out[i] = scalar_t(mean + add[i] + sd[i] * z[i]);
     if constexpr (kWriteX0) x0_out[i] = scalar_t(x0);
   }
 }
@@ -180,19 +195,22 @@ struct Tables {
   int64_t K = 0, Dv = 0;
 };
 
-template <typename scalar_t, typename m_t, bool kGuidance, bool kWriteX0>
-void run(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& row, const Tables& tab,
+template <typename scalar_t, typename m_t, typename h_t, bool kGuidance, bool kWriteX0, int kHist>
+void run(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& row, const at::Tensor& hist0,
+         const at::Tensor& hist1, const Tables& tab,
          const at::Tensor& noise, const at::Tensor& comps_in, int64_t prediction_type, std::optional<double> guidance,
          std::optional<double> clip, bool use_clipped, int64_t seed, int64_t sample_offset, int64_t step_index,
          at::Tensor& prev, at::Tensor& x0_out, at::Tensor& comps_out) {
   using T = at::opmath_type<scalar_t>;
   const int64_t B = sample.size(0), D = c10::multiply_integers(sample.sizes().slice(1));
-  const Coeffs<T> k = make_coeffs(row.data_ptr<T>(), prediction_type, guidance, clip, use_clipped);
+  const Coeffs<T> k = make_coeffs(row.data_ptr<T>(), row.size(0), prediction_type, guidance, clip, use_clipped);
   const uint32_t k0 = uint32_t(uint64_t(seed) & 0xFFFFFFFFu), k1 = uint32_t(uint64_t(seed) >> 32);
   const uint32_t step = uint32_t(step_index);
 
   const scalar_t* x = sample.data_ptr<scalar_t>();
   const m_t* m = model_output.data_ptr<m_t>();
+  const h_t* h1 = kHist >= 1 ? hist0.data_ptr<h_t>() : nullptr;
+  const h_t* h2 = kHist >= 2 ? hist1.data_ptr<h_t>() : nullptr;
   const T* z_given = noise.defined() ? noise.data_ptr<T>() : nullptr;
   const int64_t* k_given = comps_in.defined() ? comps_in.data_ptr<int64_t>() : nullptr;
   const T* priors = static_cast<const T*>(tab.priors);
@@ -302,8 +320,10 @@ void run(const at::Tensor& model_output, const at::Tensor& sample, const at::Ten
           }
         }
         const T* zc = noise_chunk(z, b, j0, len, noisy);
-        update<scalar_t, m_t, T, kGuidance, kWriteX0>(k, len, xb + j0, m_u + j0, m_c + j0, addc, sd, zc, out + b * D + j0,
-                                                       kWriteX0 ? x0p + b * D + j0 : nullptr);
+        const int64_t o = b * D + j0;
+        update<scalar_t, m_t, h_t, T, kGuidance, kWriteX0, kHist>(k, len, xb + j0, m_u + j0, m_c + j0,
+                                                                  kHist >= 1 ? h1 + o : nullptr, kHist >= 2 ? h2 + o : nullptr,
+                                                                  addc, sd, zc, out + o, kWriteX0 ? x0p + o : nullptr);
       }
     }
   });
@@ -333,7 +353,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
     const std::optional<at::Tensor>& basis, const std::optional<at::Tensor>& noise,
     const std::optional<at::Tensor>& components, int64_t prediction_type, std::optional<double> guidance_scale,
     std::optional<double> clip_sample_range, bool use_clipped_model_output, int64_t seed, int64_t sample_offset,
-    int64_t step_index, bool return_pred_original) {
+    int64_t step_index, bool return_pred_original, const std::optional<at::Tensor>& history0,
+    const std::optional<at::Tensor>& history1) {
   const auto dtype = sample.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
                    "ddimgmm::step: sample must be float16, bfloat16, float32 or float64, got ", dtype_name(dtype));
@@ -350,9 +371,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
   STEP_CHECK(model_output.scalar_type() == dtype || model_output.scalar_type() == cdt,
              "model_output must have the sample's dtype (", dtype_name(dtype), ") or the compute dtype (",
              dtype_name(cdt), "), got ", dtype_name(model_output.scalar_type()));
-  STEP_CHECK((coeffs.dim() == 1 && coeffs.size(0) == 6) || (coeffs.dim() == 2 && coeffs.size(1) == 6 &&
-                                                            coeffs.size(0) >= 1),
-             "coeffs must be one row [6] or a table [S, 6] of (a_t, b_t, A, B, c, g), got shape ", coeffs.sizes());
+  const int64_t n_cols = coeffs.dim() >= 1 ? coeffs.size(-1) : 0;
+  STEP_CHECK((n_cols == 6 || n_cols == 8) && (coeffs.dim() == 1 || (coeffs.dim() == 2 && coeffs.size(0) >= 1)),
+             "coeffs must be one row [6] or [8], or a table [S, 6] or [S, 8], of (a_t, b_t, A, B, c, g[, H1, H2]), "
+             "got shape ", coeffs.sizes());
   STEP_CHECK(coeffs.scalar_type() == cdt, "coeffs must be ", dtype_name(cdt), " (the compute dtype of a ",
              dtype_name(dtype), " sample), got ", dtype_name(coeffs.scalar_type()));
   if (step_tensor) {
@@ -390,6 +412,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
   on_device("basis", opt(basis));
   on_device("noise", opt(noise));
   on_device("components", opt(components));
+  on_device("history0", opt(history0));
+  on_device("history1", opt(history1));
   // n_sets: 0 for one set given as is ([K], ...: shared by every step), else S_g of stacked [S_g, K] tables,
   // whose index is always range-checked (a GMM built for one step is not a shared one).
   int64_t n_sets = 0, K = 0, Dv = 0;
@@ -438,11 +462,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
                "components must be an int32/int64 tensor of shape [", B, "], got ",
                dtype_name(components->scalar_type()), " ", components->sizes());
   }
+  STEP_CHECK(!history1 || history0, "history1 given without history0 (history0 is the latest prediction, history1 "
+             "the one before)");
+  for (const auto* h : {opt(history0), opt(history1)}) {
+    if (!h) continue;
+    const char* name = h == opt(history0) ? "history0" : "history1";
+    STEP_CHECK(h->sizes() == sample.sizes(), name, " must have the sample's shape ", sample.sizes(),
+               " (a previous step's prediction of each sample), got ", h->sizes());
+    STEP_CHECK(h->scalar_type() == dtype || h->scalar_type() == cdt, name, " must have the sample's dtype (",
+               dtype_name(dtype), ") or the compute dtype (", dtype_name(cdt), "), got ", dtype_name(h->scalar_type()));
+    STEP_CHECK(n_cols == 8, name, " given with ", n_cols, "-column coeffs (no H1, H2): pass rows of 8 columns "
+               "(a_t, b_t, A, B, c, g, H1, H2)");
+  }
+  STEP_CHECK(!history1 || history1->scalar_type() == history0->scalar_type(), "history1 must have history0's dtype (",
+             dtype_name(history0->scalar_type()), "), got ", dtype_name(history1 ? history1->scalar_type() : dtype));
   // A host step index must address the tables; a tensor index is data (out of range: NaN outputs, below).
   const int64_t n_rows = coeffs.dim() == 2 ? coeffs.size(0) : 0;
   if (!step_tensor) {
     STEP_CHECK(n_rows == 0 || step_index < n_rows, "step_index ", step_index, " is outside the coefficient table [",
-               n_rows, ", 6]");
+               n_rows, ", ", n_cols, "]");
     STEP_CHECK(n_sets == 0 || step_index < n_sets, "step_index ", step_index, " is outside the GMM tables (",
                n_sets, " parameter sets)");
   }
@@ -473,6 +511,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
     }
   }
   const at::Tensor row = (n_rows ? coeffs[i] : coeffs).contiguous();
+  const int n_hist = int(history0.has_value()) + int(history1.has_value());
+  for (int j = n_hist; j < n_cols - 6; ++j) {  // a history term the caller did not pass
+    const double h = row[6 + j].item<double>();
+    STEP_CHECK(h == 0.0, "coeffs row ", i, " has H", j + 1, " = ", h, " but history", j, " is None");
+  }
   const int64_t set = n_sets ? i : 0;
   Tables tab;
   at::Tensor pri, off, var, bas;
@@ -491,22 +534,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
   }
   at::Tensor z = noise ? noise->to(cdt).contiguous() : at::Tensor();
   const at::Tensor x = sample.contiguous(), m = model_output.contiguous();
+  const at::Tensor h0 = history0 ? history0->contiguous() : at::Tensor();
+  const at::Tensor h1 = history1 ? history1->contiguous() : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "ddimgmm_step_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    auto go = [&](auto m_tag) {
+    auto go = [&](auto m_tag, auto h_tag, auto n_hist_tag) {
       using m_t = decltype(m_tag);
-      auto args = std::tie(m, x, row, tab, z, kin, prediction_type, guidance_scale, clip_sample_range,
+      using h_t = decltype(h_tag);
+      constexpr int H = decltype(n_hist_tag)::value;
+      auto args = std::tie(m, x, row, h0, h1, tab, z, kin, prediction_type, guidance_scale, clip_sample_range,
                            use_clipped_model_output, seed, sample_offset, i, prev, x0, comps);
-      if (guided && return_pred_original) std::apply(run<scalar_t, m_t, true, true>, args);
-      if (guided && !return_pred_original) std::apply(run<scalar_t, m_t, true, false>, args);
-      if (!guided && return_pred_original) std::apply(run<scalar_t, m_t, false, true>, args);
-      if (!guided && !return_pred_original) std::apply(run<scalar_t, m_t, false, false>, args);
+      if (guided && return_pred_original) std::apply(run<scalar_t, m_t, h_t, true, true, H>, args);
+      if (guided && !return_pred_original) std::apply(run<scalar_t, m_t, h_t, true, false, H>, args);
+      if (!guided && return_pred_original) std::apply(run<scalar_t, m_t, h_t, false, true, H>, args);
+      if (!guided && !return_pred_original) std::apply(run<scalar_t, m_t, h_t, false, false, H>, args);
+    };
+    // history dtype: the sample's or the compute dtype (both histories the same); no history: T, unused
+    auto with_m = [&](auto m_tag) {
+      if (n_hist == 0) return go(m_tag, T{}, std::integral_constant<int, 0>{});
+      auto with_h = [&](auto h_tag) {
+        if (n_hist == 1) return go(m_tag, h_tag, std::integral_constant<int, 1>{});
+        return go(m_tag, h_tag, std::integral_constant<int, 2>{});
+      };
+      if (h0.scalar_type() == dtype) return with_h(scalar_t{});
+      return with_h(T{});
     };
     if (m.scalar_type() == dtype) {
-      go(scalar_t{});
+      with_m(scalar_t{});
     } else {
-      go(T{});
+      with_m(T{});
     }
   });
   return {prev, x0, comps};

@@ -32,6 +32,8 @@ ARGUMENTS = (
     "sample_offset",
     "step_index",
     "return_pred_original",
+    "history0",
+    "history1",
 )
 
 
@@ -62,6 +64,8 @@ def check(
     sample_offset,
     step_index,
     return_pred_original,
+    history0=None,
+    history1=None,
 ) -> None:
     """The argument checks of ``ddimgmm::step`` for the CUDA and fake kernels: shapes, dtypes, devices and host
     scalars only (reading a tensor's values would sync). The C++ kernel (csrc/cpu/step.cpp) makes the same
@@ -92,10 +96,11 @@ def check(
         f"model_output must have the sample's dtype ({_name(sample.dtype)}) or the compute dtype ({_name(cdt)}), "
         f"got {_name(model_output.dtype)}",
     )
+    n_cols = coeffs.shape[-1] if coeffs.dim() >= 1 else 0
     need(
-        (coeffs.dim() == 1 and coeffs.shape[0] == 6)
-        or (coeffs.dim() == 2 and coeffs.shape[1] == 6 and coeffs.shape[0] >= 1),
-        f"coeffs must be one row [6] or a table [S, 6] of (a_t, b_t, A, B, c, g), got shape {_shape(coeffs.shape)}",
+        n_cols in (6, 8) and (coeffs.dim() == 1 or (coeffs.dim() == 2 and coeffs.shape[0] >= 1)),
+        "coeffs must be one row [6] or [8], or a table [S, 6] or [S, 8], of (a_t, b_t, A, B, c, g[, H1, H2]), "
+        f"got shape {_shape(coeffs.shape)}",
     )
     need(
         coeffs.dtype == cdt,
@@ -138,6 +143,8 @@ def check(
         "basis": basis,
         "noise": noise,
         "components": components,
+        "history0": history0,
+        "history1": history1,
     }
     for name, t in named.items():
         if t is not None:
@@ -194,11 +201,39 @@ def check(
             f"components must be an int32/int64 tensor of shape [{B}], got {_name(components.dtype)} "
             f"{_shape(components.shape)}",
         )
+    need(
+        history1 is None or history0 is not None,
+        "history1 given without history0 (history0 is the latest prediction, history1 the one before)",
+    )
+    for name in ("history0", "history1"):
+        h = named[name]
+        if h is None:
+            continue
+        need(
+            h.shape == sample.shape,
+            f"{name} must have the sample's shape {_shape(sample.shape)} (a previous step's prediction of each "
+            f"sample), got {_shape(h.shape)}",
+        )
+        need(
+            h.dtype in (sample.dtype, cdt),
+            f"{name} must have the sample's dtype ({_name(sample.dtype)}) or the compute dtype ({_name(cdt)}), "
+            f"got {_name(h.dtype)}",
+        )
+        need(
+            n_cols == 8,
+            f"{name} given with {n_cols}-column coeffs (no H1, H2): pass rows of 8 columns "
+            "(a_t, b_t, A, B, c, g, H1, H2)",
+        )
+    if history1 is not None:
+        need(
+            history1.dtype == history0.dtype,
+            f"history1 must have history0's dtype ({_name(history0.dtype)}), got {_name(history1.dtype)}",
+        )
     n_rows = coeffs.shape[0] if coeffs.dim() == 2 else 0
     if step_tensor is None:
         need(
             n_rows == 0 or step_index < n_rows,
-            f"step_index {step_index} is outside the coefficient table [{n_rows}, 6]",
+            f"step_index {step_index} is outside the coefficient table [{n_rows}, {n_cols}]",
         )
         need(
             n_sets == 0 or step_index < n_sets,
@@ -219,7 +254,7 @@ def _step_cuda(*args):
 @torch.library.register_fake("ddimgmm::step")
 def _step_fake(*args):
     check(*args)
-    sample, priors, return_pred_original = args[1], args[4], args[-1]
+    sample, priors, return_pred_original = args[1], args[4], args[17]
     prev = sample.new_empty(sample.shape)
     x0 = sample.new_empty(sample.shape if return_pred_original else (0,))
     comps = sample.new_empty((sample.shape[0] if priors is not None else 0,), dtype=torch.int64)
@@ -227,10 +262,12 @@ def _step_fake(*args):
 
 
 # ---- autograd ----------------------------------------------------------------------------------------------
-# For fixed noise and components the step is affine in (model_output, sample) up to the clamp of x0:
+# For fixed noise and components the step is affine in (model_output, sample, history) up to the clamp of x0:
 #   m = m_u + w (m_c - m_u);  x0' = p_x x + p_m m;  x0 = clamp(x0', -r, r);  eps = q_x x + q_m m
-#   (or eps = (x - a_t x0) / b_t with use_clipped_model_output);  x_s = A x0 + B eps + (terms free of x, m).
-# The backward applies the transposed coefficients; the clamp passes gradient only where it did not clip.
+#   (or eps = (x - a_t x0) / b_t with use_clipped_model_output);
+#   x_s = A x0 + B eps + H1 h1 + H2 h2 + (terms free of x, m, h).
+# The backward applies the transposed coefficients; the clamp passes gradient only where it did not clip. The
+# history gets H_j grad_prev (diffusers' multistep schedulers are differentiable through their stored outputs).
 # Coefficients, GMM tables and noise get no gradient (they are schedule constants and draws); asking for one
 # is an error rather than a silent zero.
 
@@ -266,6 +303,7 @@ def _setup_context(ctx, inputs, output):
     named = dict(zip(ARGUMENTS, inputs, strict=True))
     _refuse_gradient(named)
     ctx.save_for_backward(named["model_output"], named["sample"], named["coeffs"], named["step_tensor"])
+    ctx.history_dtypes = tuple(None if named[n] is None else named[n].dtype for n in ("history0", "history1"))
     ctx.options = tuple(
         named[n] for n in ("prediction_type", "guidance_scale", "clip_sample_range", "use_clipped_model_output")
     )
@@ -284,6 +322,7 @@ def _backward(ctx, grad_prev, grad_x0, grad_components):
         i = step_tensor if step_tensor is not None else torch.tensor(ctx.step_index, device=coeffs.device)
         row = coeffs.index_select(0, i.clamp(0, n_rows - 1).reshape(1))[0]
     a_t, b_t, A, B = row.to(cdt).unbind()[:4]
+    H = row.to(cdt).unbind()[6:]
     p_x, p_m, q_x, q_m = _linear_coefficients(a_t, b_t, prediction_type)
     x = sample.to(cdt)
     m = model_output.to(cdt)
@@ -315,9 +354,13 @@ def _backward(ctx, grad_prev, grad_x0, grad_components):
             ok = ok & (i < n) if n else ok
         g_x = torch.where(ok, g_x, torch.full_like(g_x, math.nan))
         g_m = torch.where(ok, g_m, torch.full_like(g_m, math.nan))
+        g_prev = torch.where(ok, g_prev, torch.full_like(g_prev, math.nan))  # the history's gradient below
     grads = dict.fromkeys(ARGUMENTS)
     grads["model_output"] = g_m.to(model_output.dtype)
     grads["sample"] = g_x.to(sample.dtype)
+    for j, h_dtype in enumerate(ctx.history_dtypes):
+        if h_dtype is not None:
+            grads[f"history{j}"] = (H[j] * g_prev).to(h_dtype)
     return tuple(grads.values())
 
 
@@ -350,6 +393,7 @@ def step(
     seed: int = 0,
     sample_offset: int = 0,
     return_pred_original: bool = True,
+    history: tuple[torch.Tensor, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The package's one call of ``torch.ops.ddimgmm.step``, by keyword (the schema's order is written here only;
     a new schema argument becomes a new keyword with a default, and no caller changes).
@@ -357,13 +401,18 @@ def step(
     ``step_index``: a host int, or a 0-d int64 tensor on the sample's device (the op's ``step_tensor``, never
     read on the host). ``tables``: (priors, offsets, var_offsets, basis or None) as :meth:`GMM.step_tables` gives
     them, or None. ``prediction_type``: the name; ``seed``: an unsigned 64-bit int (NumPy integers too).
+    ``history``: a multistep solver's previous data predictions, () or (h1,) or (h1, h2), latest first, each of
+    the sample's shape and dtype or the compute dtype (the op's history0, history1); they need 8-column coeffs
+    (a_t, b_t, A, B, c, g, H1, H2), and a row with H_j != 0 needs h_j.
     Returns the op's (prev_sample, pred_original_sample or empty, components or empty); arguments are checked
     by the op itself (shapes, dtypes, devices), not here.
 
-    When there is no gradient to record (grad mode off, or neither model_output nor sample requiring grad) and
-    nothing is being traced, the call goes below the Autograd dispatch key: the Python autograd wrapper costs
-    about 8 us a call on CPU, half a small step's time. An input without a derivative that requires grad is
-    refused first, as the autograd path does, rather than detached silently."""
+    When there is no gradient to record (grad mode off, or none of model_output, sample and the history
+    requiring grad) and nothing is being traced, the call goes below the Autograd dispatch key: the Python
+    autograd wrapper costs about 8 us a call on CPU, half a small step's time. An input without a derivative
+    that requires grad is refused first, as the autograd path does, rather than detached silently."""
+    if len(history) > 2:
+        raise ValueError(f"ddimgmm::step: history takes at most 2 tensors (h1, h2), got {len(history)}")
     from_tensor = isinstance(step_index, torch.Tensor)
     priors, offsets, var_offsets, basis = _NO_TABLES if tables is None else tables
     args = (
@@ -385,11 +434,12 @@ def step(
         sample_offset,
         0 if from_tensor else step_index,
         return_pred_original,
+        *history,
     )
     if torch.is_grad_enabled():
         if _any_requires_grad(coeffs, noise, priors, offsets, var_offsets, basis):
-            _refuse_gradient(dict(zip(ARGUMENTS, args, strict=True)))
-        if model_output.requires_grad or sample.requires_grad:
+            _refuse_gradient(dict(zip(ARGUMENTS, args, strict=False)))
+        if model_output.requires_grad or sample.requires_grad or _any_requires_grad(*history):
             return torch.ops.ddimgmm.step(*args)
     if torch.compiler.is_compiling():
         return torch.ops.ddimgmm.step(*args)

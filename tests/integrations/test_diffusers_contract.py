@@ -233,8 +233,9 @@ def test_output_dtypes_match_the_stock_class(ours, stock, dtype):
 ZERO_SNR = dict(rescale_betas_zero_snr=True, prediction_type="epsilon")
 
 
-# Mutation checked: the row without the a_t = 2^-64 substitution is all-NaN on the CPU (inf - inf in the op) for
-# trailing / linspace; DDIM's old refusal at construction fails every case.
+# Mutation checked: the old CPU kernel's affine x0 = (1 / a_t) x + (-b_t / a_t) m (inf - inf = NaN at a_t = 0)
+# without the a_t = 2^-64 row substitution (since dropped) fails trailing / linspace; DDIM's old refusal at
+# construction fails every case. The rows keep a_t = 0: the op's (x - b_t m) * (1 / a_t) is +-inf, clipped.
 @pytest.mark.parametrize("spacing", ["trailing", "linspace", "leading"])
 @pytest.mark.parametrize("ours, stock", PAIRS[:2], ids=IDS[:2])
 def test_zero_snr_epsilon_with_clipping_matches_the_stock_class(ours, stock, spacing):
@@ -329,6 +330,8 @@ _IMPORT_SCRIPT = textwrap.dedent(
     gd.patch_diffusers()  # idempotent
     assert gd.DDIMGMMScheduler in DDIMScheduler().compatibles
     assert gd.DDPMGMMScheduler in diffusers.DDPMScheduler().compatibles
+    assert gd.DPMSolverMultistepGMMScheduler in diffusers.DPMSolverMultistepScheduler().compatibles
+    assert gd.DPMSolverMultistepGMMScheduler in diffusers.DEISMultistepScheduler().compatibles
     assert type(DDIMPipeline(unet=unet, scheduler=gd.DDIMGMMScheduler()).scheduler) is gd.DDIMGMMScheduler
     gd.unpatch_diffusers()
     assert stock_state()[0] == compatibles and DDIMPipeline.__init__ is init

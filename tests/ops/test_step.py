@@ -109,6 +109,26 @@ def test_rfim_and_general_step(device, prediction_type):
     _check(out, _ref64(R.step, m, x, 1.0, 2.0, 1.0, 1.2, 0.3, noise=z), torch.float32)
 
 
+# a_t = 0 (the zero-SNR timestep) with epsilon prediction and clipping: x0 = (x - b_t m) / a_t is +-inf, clipped
+# to exactly +-r as the reference and diffusers do, and the step is finite. Checked to fail on the old C++ kernel
+# (x0 = (1 / a_t) x + (-b_t / a_t) m: inf - inf = NaN wherever x and m have the same sign).
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("use_clipped", [False, True])
+def test_zero_snr_epsilon_with_clipping_is_finite_and_matches_reference(device, dtype, use_clipped):
+    x, m, z = _inputs(SHAPE, dtype, device)
+    gmm = _gmm(SHAPE, "rand", device, dtype=R.compute_dtype(dtype))
+    row = torch.tensor([[0.0, 1.0, 0.3, 0.8, 0.5, 1.0]], dtype=torch.float64)  # a_t = 0, b_t = 1
+    kw = dict(gmm=gmm, prediction_type="epsilon", clip_sample_range=0.7, use_clipped_model_output=use_clipped)
+    kw |= dict(noise=z, components=torch.tensor([1, 0, 2], device=device))
+    out = dg.step_from_table(m, x, row.to(device, R.compute_dtype(dtype)), 0, **kw)
+    ref = _ref64(R.step_from_table, m, x, row, 0, **kw)
+    assert torch.isfinite(out.prev_sample).all() and torch.isfinite(ref.prev_sample).all()
+    assert torch.equal(out.pred_original_sample.cpu().abs(), torch.full(SHAPE, 0.7, dtype=dtype))
+    assert torch.equal(out.pred_original_sample.cpu(), ref.pred_original_sample.to(dtype))
+    _check(out, ref, dtype)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_multi_block_layouts_and_no_input_mutation(device):
     """channels_last and non-contiguous inputs, several blocks per sample, the internal stream."""
@@ -256,6 +276,7 @@ def _op_args(device, dtype=torch.float32, gmm=True, guided=False, table=False):
     row = [0.7, 0.7, 0.8, 0.6, 0.3, 1.0]
     coeffs = torch.tensor([row, row] if table else row, dtype=cdt, device=device)
     values = [m, x, coeffs, None, *tables, None, None, None, 0, 2.0 if guided else None, 1.0, True, 3, 0, 1, True]
+    values += [None, None]  # no history
     return dict(zip(ARGUMENTS, values, strict=True))
 
 

@@ -30,6 +30,7 @@ from diffusers.pipelines.ddim.pipeline_ddim import DDIMPipeline
 
 from .ddim import DDIMGMMScheduler, DDIMSchedulerOutput
 from .ddpm import DDPMGMMScheduler, DDPMSchedulerOutput
+from .dpm_multistep import DPMSolverMultistepGMMScheduler
 from .euler import (
     EulerAncestralDiscreteGMMScheduler,
     EulerAncestralDiscreteSchedulerOutput,
@@ -43,6 +44,7 @@ __all__ = [
     "DDIMSchedulerOutput",
     "DDPMGMMScheduler",
     "DDPMSchedulerOutput",
+    "DPMSolverMultistepGMMScheduler",
     "EulerAncestralDiscreteGMMScheduler",
     "EulerAncestralDiscreteSchedulerOutput",
     "EulerDiscreteGMMScheduler",
@@ -57,6 +59,7 @@ __all__ = [
 _STOCK = {
     DDIMGMMScheduler: "DDIMScheduler",
     DDPMGMMScheduler: "DDPMScheduler",
+    DPMSolverMultistepGMMScheduler: "DPMSolverMultistepScheduler",
     EulerDiscreteGMMScheduler: "EulerDiscreteScheduler",
     EulerAncestralDiscreteGMMScheduler: "EulerAncestralDiscreteScheduler",
     FlowMatchEulerDiscreteGMMScheduler: "FlowMatchEulerDiscreteScheduler",

@@ -36,33 +36,23 @@ def coefficient_rows(a_t, b_t, a_s, b_s, c, final_step: str = "gmm") -> torch.Te
     return torch.stack([a_t, b_t, a_s, big_b, c, g], dim=-1)
 
 
-#: a_t put in place of an exact 0 in an epsilon-prediction row whose x0 is clipped (see zero_snr_rows)
-ZERO_SNR_A_T = 2.0**-64
-
-
-def zero_snr_rows(a_t: torch.Tensor, prediction_type: str, bounded: bool, config: str) -> torch.Tensor:
+def zero_snr_rows(a_t: torch.Tensor, prediction_type: str, bounded: bool, config: str) -> None:
     """The rule for a_t = 0 (the zero-SNR timestep of ``rescale_betas_zero_snr=True``) with epsilon prediction,
-    one for every scheduler: x0 = (x - b m) / a_t is +-inf there.
+    one for every scheduler, checked on the [S] float64 a_t of a schedule's rows: x0 = (x - b m) / a_t is +-inf
+    there.
 
-    * x0 clipped (``clip_sample`` without ``thresholding``): the stock scheduler clips +-inf to +-r, finite.
-      The op's CPU kernel computes x0 as (1 / a_t) x + (-b / a_t) m, which is inf - inf = NaN at a_t = 0, so the
-      row takes a_t = 2^-64 instead: x0 = 2^64 (x - b m) clips to the same +-r (unless |x - b m| < 2^-64 r),
-      and a_t x0 (in the re-derived eps) changes by at most 2^-64 r.
+    * x0 clipped (``clip_sample`` without ``thresholding``): the op computes x0 as (x - b m) * (1 / a_t) on every
+      backend, +-inf, which clipping turns into +-r exactly as the stock scheduler does; the row keeps a_t = 0.
     * not clipped, or thresholded (the quantile of +-inf is NaN): the stock scheduler returns non-finite samples;
-      a ValueError naming ``config`` instead, raised by ``set_timesteps`` when the schedule reaches a_t = 0.
-
-    Returns ``a_t`` ([S] float64) with its zeros replaced where that applies."""
-    zero = a_t == 0
-    if prediction_type != "epsilon" or not bool(zero.any()):
-        return a_t
-    if not bounded:
-        raise ValueError(
-            f"the schedule reaches a zero-SNR timestep (a_t = 0) with prediction_type='epsilon' and unclipped x0 "
-            f"({config}): x0 = (x - b_t m) / a_t is infinite there (the stock scheduler returns non-finite samples). "
-            "Use prediction_type='v_prediction' (what zero-SNR models are trained with), clip_sample=True without "
-            "thresholding, or a timestep_spacing that does not reach the last training timestep ('leading')"
-        )
-    return torch.where(zero, torch.full_like(a_t, ZERO_SNR_A_T), a_t)
+      a ValueError naming ``config`` instead, raised by ``set_timesteps`` when the schedule reaches a_t = 0."""
+    if prediction_type != "epsilon" or bounded or not bool((a_t == 0).any()):
+        return
+    raise ValueError(
+        f"the schedule reaches a zero-SNR timestep (a_t = 0) with prediction_type='epsilon' and unclipped x0 "
+        f"({config}): x0 = (x - b_t m) / a_t is infinite there (the stock scheduler returns non-finite samples). "
+        "Use prediction_type='v_prediction' (what zero-SNR models are trained with), clip_sample=True without "
+        "thresholding, or a timestep_spacing that does not reach the last training timestep ('leading')"
+    )
 
 
 class GMMSchedulerMixin:
@@ -111,7 +101,7 @@ class GMMSchedulerMixin:
         self._user_gmm: GMM | None = None
         self._built_gmm: GMM | None = None
         self._built_key = None
-        self._rows: torch.Tensor | None = None  # [S, 6] float64 on the schedule's device, gmm_steps applied
+        self._rows: torch.Tensor | None = None  # [S, 6] ([S, 8] multistep) float64 on the device, gmm_steps applied
         self._ungated_rows: torch.Tensor | None = None  # the same before gmm_steps
         self._gated_for: GMM | None = None  # the GMM whose "matched" steps are in self._rows (None: not yet)
         self._tables: dict = {}  # (device, dtype) -> the rows in that compute dtype
@@ -286,13 +276,15 @@ class GMMSchedulerMixin:
         noise: torch.Tensor | None = None,
         components: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
+        history: tuple[torch.Tensor, ...] = (),
     ):
         """One fused op call for step ``index`` (a host int, or a 0-d int64 tensor on the sample's device).
 
-        ``rows``: the [S, 6] table in the compute dtype (default: this schedule's). The op gathers the row, the
-        GMM parameter set and the Philox step itself: nothing about the step number is read on the host. The
-        scheduler has settled every argument :func:`ddim_gmm_ext.step_from_table` would check, so it goes to
-        :func:`ddim_gmm_ext.api.fused_step` (the op checks shapes, dtypes and devices itself)."""
+        ``rows``: the [S, 6] table in the compute dtype (default: this schedule's; [S, 8] with ``history``, a
+        multistep solver's previous data predictions, see :func:`ddim_gmm_ext.api.fused_step`). The op gathers
+        the row, the GMM parameter set and the Philox step itself: nothing about the step number is read on the
+        host. The scheduler has settled every argument :func:`ddim_gmm_ext.step_from_table` would check, so it
+        goes to :func:`ddim_gmm_ext.api.fused_step` (the op checks shapes, dtypes and devices itself)."""
         return api.fused_step(
             model_output,
             sample,
@@ -305,6 +297,7 @@ class GMMSchedulerMixin:
             seed=self._stream_seed,
             noise=noise,
             components=components,
+            history=history,
         )
 
 

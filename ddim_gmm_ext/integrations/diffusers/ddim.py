@@ -284,7 +284,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         # one-element tensors come back as Python floats (the reference's host path for a single step)
         a_t, b_t, a_s, b_s, sigma = (torch.as_tensor(v, dtype=torch.float64).reshape(len(t)) for v in path)
         c = self.config
-        a_t = zero_snr_rows(
+        zero_snr_rows(
             a_t,
             c.prediction_type,
             c.clip_sample and not c.thresholding,  # DDIMScheduler's thresholding of +-inf is NaN

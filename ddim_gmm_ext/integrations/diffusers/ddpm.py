@@ -153,7 +153,7 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
         kt = alpha.sqrt() * (1 - abar_s) / (1 - abar_t)
         a_t, b_t = abar_t.sqrt(), (1 - abar_t).sqrt()
         c = self.config
-        a_row = zero_snr_rows(
+        zero_snr_rows(
             a_t,
             c.prediction_type,
             c.clip_sample and not c.thresholding,  # DDPMScheduler's thresholding of +-inf is NaN
@@ -171,7 +171,7 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
                         std[i] = (0.5 * v).exp()  # v = log beta_t (DDPMScheduler.step takes its sqrt: NaN)
                     else:
                         std[i] = v.sqrt()
-        rows = torch.stack([a_row, b_t, k0 + kt * a_t, kt * b_t, std, torch.ones_like(a_t)], dim=-1)
+        rows = torch.stack([a_t, b_t, k0 + kt * a_t, kt * b_t, std, torch.ones_like(a_t)], dim=-1)
         if self.config.final_step == "gaussian":
             rows[-1, 5] = 0  # g = 0: the last step (to x0) draws Gaussian noise, not the mixture
         self._set_rows(rows.to(self.timesteps.device))

@@ -1,0 +1,410 @@
+"""diffusers integration: :class:`DPMSolverMultistepGMMScheduler`, a drop-in ``DPMSolverMultistepScheduler``
+whose DPM-Solver++ step is one fused ``torch.ops.ddimgmm.step`` call (through :func:`ddim_gmm_ext.api.fused_step`
+with the history as a keyword; the DDIM-GMM mixture in place of the SDE noise when a GMM variant is configured).
+
+Every step of DPM-Solver++ (orders 1-3, midpoint / heun, ODE or SDE) is linear in x_t and the data predictions
+D0 = x0_hat (this step), h1, h2 (the previous two steps'):
+
+    x_s = X x_t + w0 D0 + w1 h1 + w2 h2 + c z,        lambda = log(a / b),  h = lambda_s - lambda_t,
+    ODE: X = b_s / b_t,           c = 0;     SDE: X = (b_s / b_t) e^-h,  c = b_s sqrt(1 - e^-2h),
+
+with (w0, w1, w2) from the solver's D0, D1, D2 differences (:func:`_multistep_weights`). Since
+x_t = a_t x0_hat + b_t eps_hat for every prediction type, the x_t term folds into the op's row
+(a_t, b_t, A, B, c, g, H1, H2) = (a_t, b_t, X a_t + w0, X b_t, c, g, w1, w2). The rows of a schedule, order
+switches included (first steps, ``lower_order_final``, ``euler_at_final``, ``final_sigmas_type``), are
+computed in float64 once per ``set_timesteps`` and indexed on the device.
+
+Importing this module imports diffusers; ``import ddim_gmm_ext`` does not.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ._base import (
+    GMMSchedulerMixin,
+    check_generator,
+    check_step_count,
+    draw_components,
+    publish,
+    scheduler_output,
+)
+
+__all__ = ["DPMSolverMultistepGMMScheduler", "SchedulerOutput"]
+
+#: algorithm types whose history is the data prediction x0 (the op's pred_original_sample)
+_DATA_PREDICTION = ("dpmsolver++", "sde-dpmsolver++")
+
+
+def _multistep_weights(order: int, k: tuple[float, float, float], r0: float, r1: float) -> tuple[float, ...]:
+    """(w0, w1, w2): k0 D0 + k1 D1 + k2 D2 as weights of (m0, m1, m2), the data predictions of this step and the
+    two before. Order 2: D1 = (m0 - m1) / r0. Order 3: D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1,
+    D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1) (DPM-Solver++ paper, eq. 3.x)."""
+    k0, k1, k2 = k
+    if order == 1:
+        return k0, 0.0, 0.0
+    if order == 2:
+        return k0 + k1 / r0, -k1 / r0, 0.0
+    d10 = (1 / r0, -1 / r0, 0.0)
+    d11 = (0.0, 1 / r1, -1 / r1)
+    diff = [p - q for p, q in zip(d10, d11, strict=True)]
+    d1 = [p + r0 / (r0 + r1) * q for p, q in zip(d10, diff, strict=True)]
+    d2 = [q / (r0 + r1) for q in diff]
+    return tuple(k0 * (j == 0) + k1 * p + k2 * q for j, (p, q) in enumerate(zip(d1, d2, strict=True)))
+
+
+def _solver_coefficients(order: int, h: float, a_s: float, sde: bool, solver_type: str) -> tuple[float, float, float]:
+    """(k0, k1, k2), the coefficients of D0, D1, D2 in diffusers' DPM-Solver++ updates (``expm1`` where it
+    subtracts nearly equal numbers). Order 3 has one form (no midpoint / heun choice)."""
+    if sde:
+        e = -math.expm1(-2 * h)  # 1 - e^-2h
+        k0 = a_s * e
+        heun = a_s * (e / (-2 * h) + 1) if order >= 2 else 0.0
+        k1 = 0.5 * k0 if order == 2 and solver_type == "midpoint" else heun
+        k2 = a_s * ((e - 2 * h) / (2 * h) ** 2 - 0.5) if order == 3 else 0.0
+    else:
+        e = math.expm1(-h)  # e^-h - 1
+        k0 = -a_s * e
+        heun = a_s * (e / h + 1) if order >= 2 else 0.0
+        k1 = -0.5 * a_s * e if order == 2 and solver_type == "midpoint" else heun
+        k2 = -a_s * ((e + h) / h**2 - 0.5) if order == 3 else 0.0
+    return k0, (k1 if order >= 2 else 0.0), k2
+
+
+class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepScheduler):
+    """``DPMSolverMultistepScheduler`` with a fused DPM-Solver++ step and the optional DDIM-GMM noise (Gabbur,
+    TMLR 2026) on ``algorithm_type="sde-dpmsolver++"``.
+
+    Every ``DPMSolverMultistepScheduler`` config key, default and method is kept; GMM config keys, tables and
+    :meth:`set_gmm_params`: see :class:`GMMSchedulerMixin` (one parameter set per inference step). The step
+    (module docstring for the row) covers ``algorithm_type`` "dpmsolver++" and "sde-dpmsolver++", ``solver_order``
+    1-3, ``solver_type`` "midpoint" / "heun", every sigma schedule (karras, exponential, beta, lu-lambdas, flow
+    sigmas with ``flow_shift``), ``final_sigmas_type``, ``lower_order_final``, ``euler_at_final`` and every
+    ``prediction_type``. The history (``self.model_outputs``, the data predictions, as diffusers keeps them) is
+    passed to the op; nothing is modified in place.
+
+    * Fused from the model output: "epsilon", "sample", "v_prediction" (VP sigmas), "flow_prediction" (flow
+      sigmas). Otherwise x0_hat is computed in torch first and the op takes it as a "sample" prediction (the same
+      update): ``thresholding`` (dynamic thresholding needs a per-sample quantile of x0_hat, which one pass
+      cannot take), "v_prediction" with flow sigmas and "flow_prediction" with VP sigmas (diffusers' own
+      formulas there are not the op's path-generic ones).
+    * "dpmsolver" / "sde-dpmsolver" (deprecated in diffusers) keep noise predictions as history, which the op
+      does not return: their steps are ``DPMSolverMultistepScheduler.step``; a GMM is refused with them.
+    * A GMM is refused with "dpmsolver++": that solver is deterministic (c = 0 at every step), so the mixture
+      would have no noise to replace and its offsets would land on the sample uncompensated.
+
+    Randomness of "sde-dpmsolver++": ``variance_noise`` is used as given; else ``generator`` (one or one per
+    sample): z drawn exactly as diffusers draws it (``randn_tensor`` in float32 at every step), so with the GMM
+    off whole loops equal ``DPMSolverMultistepScheduler``'s for the same generator; with a GMM the components
+    come from the same generator(s) after z. No generator, GMM off and ``seed`` None: z from torch's global RNG
+    as diffusers draws it. Otherwise z and k come from the op's Philox stream of (seed, sample index, step index)
+    (the ``seed`` config key, or with seed None one seed drawn from torch's global RNG at the first step that uses
+    the stream, see :class:`GMMSchedulerMixin`).
+
+    Step index: diffusers' host counter (``step_index``, ``set_begin_index``; a run starting mid-schedule gets its
+    order switches from its own first step). Under ``torch.compile`` it is the timestep's first position in
+    ``self.timesteps`` as a 0-d device tensor (no host sync, one graph for every step) and the host counters
+    (``step_index``, ``lower_order_nums``) are not advanced. A compiled loop needs :meth:`prepare_gmm` after
+    ``set_timesteps``: it builds the GMM tables and fills the empty history with zeros (weight 0 in the first
+    rows), so every step sees the same graph inputs.
+    """
+
+    _compatibles = [*DPMSolverMultistepScheduler._compatibles, "DPMSolverMultistepScheduler"]
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        algorithm_type: str = "dpmsolver++",
+        solver_type: str = "midpoint",
+        lower_order_final: bool = True,
+        euler_at_final: bool = False,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_lu_lambdas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        final_sigmas_type: str = "zero",
+        lambda_min_clipped: float = -float("inf"),
+        variance_type: str | None = None,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+        gmm_variant: str | None = None,
+        gmm_n_components: int = 8,
+        gmm_scale: float = 1.0,
+        gmm_share_across_steps: bool = False,
+        gmm_uniform_priors: bool = True,
+        seed: int | None = None,
+        gmm_scale_per_dim: float | None = None,
+        final_step: str = "gaussian",
+    ):
+        if isinstance(solver_order, bool) or not isinstance(solver_order, Integral) or not 1 <= solver_order <= 3:
+            raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
+        super().__init__(
+            num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=beta_schedule,
+            trained_betas=trained_betas,
+            solver_order=solver_order,
+            prediction_type=prediction_type,  # type: ignore[arg-type]  # diffusers annotates Literals
+            thresholding=thresholding,
+            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+            sample_max_value=sample_max_value,
+            algorithm_type=algorithm_type,  # type: ignore[arg-type]
+            solver_type=solver_type,  # type: ignore[arg-type]
+            lower_order_final=lower_order_final,
+            euler_at_final=euler_at_final,
+            use_karras_sigmas=use_karras_sigmas,
+            use_exponential_sigmas=use_exponential_sigmas,
+            use_beta_sigmas=use_beta_sigmas,
+            use_lu_lambdas=use_lu_lambdas,
+            use_flow_sigmas=use_flow_sigmas,
+            flow_shift=flow_shift,
+            final_sigmas_type=final_sigmas_type,  # type: ignore[arg-type]
+            lambda_min_clipped=lambda_min_clipped,
+            variance_type=variance_type,  # type: ignore[arg-type]
+            timestep_spacing=timestep_spacing,  # type: ignore[arg-type]
+            steps_offset=steps_offset,
+            rescale_betas_zero_snr=rescale_betas_zero_snr,
+            use_dynamic_shifting=use_dynamic_shifting,
+            time_shift_type=time_shift_type,  # type: ignore[arg-type]
+        )
+        if prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
+            raise ValueError(
+                "prediction_type must be 'epsilon', 'sample', 'v_prediction' or 'flow_prediction', got "
+                f"{prediction_type!r}"
+            )
+        algorithm = self.config.algorithm_type  # diffusers maps "deis" to "dpmsolver++"
+        if gmm_variant is not None and algorithm != "sde-dpmsolver++":
+            raise ValueError(
+                f"gmm_variant={gmm_variant!r} needs algorithm_type='sde-dpmsolver++' (the mixture replaces that "
+                f"solver's noise), got algorithm_type={algorithm!r}: "
+                + (
+                    "a deterministic solver (noise std 0) has no noise to replace"
+                    if algorithm == "dpmsolver++"
+                    else "its steps are diffusers' own (noise-prediction history)"
+                )
+            )
+        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim)
+        self._rows_start: int = 0
+
+    # -- the coefficient table ---------------------------------------------------------------------------------
+    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None) -> None:
+        """As ``DPMSolverMultistepScheduler.set_timesteps``; also builds the [S, 8] coefficient table."""
+        if num_inference_steps is not None:
+            num_inference_steps = check_step_count(num_inference_steps)
+        super().set_timesteps(num_inference_steps=num_inference_steps, device=device, mu=mu, timesteps=timesteps)
+        self._rows_start = 0
+        self._set_rows(self._coefficient_rows(0).to(self.timesteps.device))
+
+    def _order(self, i: int, start: int) -> int:
+        """diffusers' solver order at step i of a run that began at step ``start`` (lower_order_nums = i - start,
+        capped): 1 first, then up to ``solver_order``, lowered on the last steps."""
+        c, n = self.config, len(self.timesteps)
+        done = min(i - start, c.solver_order)
+        final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero")
+        second = i == n - 2 and c.lower_order_final and n < 15
+        if c.solver_order == 1 or done < 1 or final:
+            return 1
+        if c.solver_order == 2 or done < 2 or second:
+            return 2
+        return 3
+
+    def _coefficient_rows(self, start: int) -> torch.Tensor:
+        """[S, 8] float64 rows (a_t, b_t, A, B, c, g, H1, H2) of every step of a run beginning at ``start``
+        (module docstring), from diffusers' float32 sigmas. A step to sigma 0 (final_sigmas_type "zero") has
+        h = inf: e^-h = 0, and the row is x_s = x0_hat."""
+        c = self.config
+        sigma = self.sigmas.detach().to("cpu", torch.float64)
+        if c.use_flow_sigmas:
+            a, b = 1 - sigma, sigma
+        else:
+            a = 1 / (sigma.square() + 1).sqrt()
+            b = sigma * a
+        # numpy scalars: a repeated sigma (h = 0) gives inf / NaN coefficients as in diffusers, not an exception
+        lam = [np.float64(v) for v in (a.log() - b.log()).tolist()]
+        a_all: list[float] = a.tolist()
+        b_all: list[float] = b.tolist()
+        sde = c.algorithm_type == "sde-dpmsolver++"
+        n = len(self.timesteps)
+        rows = []
+        errors = np.seterr(divide="ignore", invalid="ignore")
+        for i in range(n):
+            order = self._order(i, start) if i >= start else 1
+            h = lam[i + 1] - lam[i]
+            r0 = (lam[i] - lam[i - 1]) / h if order >= 2 else 1.0
+            r1 = (lam[i - 1] - lam[i - 2]) / h if order >= 3 else 1.0
+            k = _solver_coefficients(order, h, a_all[i + 1], sde, c.solver_type)
+            w0, w1, w2 = _multistep_weights(order, k, r0, r1)
+            x_coef = b_all[i + 1] / b_all[i] * (math.exp(-h) if sde else 1.0)
+            noise = b_all[i + 1] * math.sqrt(-math.expm1(-2 * h)) if sde else 0.0
+            g = 0.0 if i == n - 1 and c.final_step == "gaussian" else 1.0
+            rows.append([a_all[i], b_all[i], x_coef * a_all[i] + w0, x_coef * b_all[i], noise, g, w1, w2])
+        np.seterr(**errors)
+        return torch.tensor(rows, dtype=torch.float64)
+
+    def _restart_rows(self, start: int) -> None:
+        """Rows for a run whose first step is ``start`` (a pipeline's begin index; diffusers restarts its order
+        count there). Keeps the run's stream seed."""
+        self._rows_start = start
+        rows = self._coefficient_rows(start).to(self.timesteps.device)
+        self._rows = rows
+        self._tables = {(rows.device, torch.float32): rows.float()}
+
+    def prepare_gmm(self, sample: torch.Tensor):
+        """As :meth:`GMMSchedulerMixin.prepare_gmm`; also fills the empty history slots with zeros of the
+        sample's shape (float32, as the fused step keeps it) so that a compiled loop sees tensors at every step."""
+        gmm = super().prepare_gmm(sample)
+        self.model_outputs = [
+            torch.zeros(sample.shape, dtype=torch.float32 if sample.dtype != torch.float64 else sample.dtype,
+                        device=sample.device) if h is None else h
+            for h in self.model_outputs
+        ]  # fmt: skip
+        return gmm
+
+    # -- the step ---------------------------------------------------------------------------------------------
+    def _index(self, timestep, device: torch.device):
+        """The step index: diffusers' host counter, or under ``torch.compile`` a 0-d device tensor (the timestep's
+        first position in the schedule; -1 when absent: an all-NaN step)."""
+        if torch.compiler.is_compiling():
+            t = torch.as_tensor(timestep, device=device).reshape(())
+            match = self.timesteps.to(device) == t.to(self.timesteps.dtype)
+            first = match.to(torch.int64).argmax()
+            return torch.where(match.any(), first, torch.full_like(first, -1))
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i = self.step_index
+        assert i is not None
+        if not 0 <= i < len(self.timesteps):
+            raise ValueError(
+                f"step {i} is past the end of the {len(self.timesteps)}-step schedule; call set_timesteps before "
+                "sampling again"
+            )
+        if self.lower_order_nums == 0 and i != self._rows_start:
+            self._restart_rows(i)
+        return i
+
+    def _x0_in_torch(self, model_output, sample, row):
+        """x0_hat as diffusers' ``convert_model_output`` computes it (then dynamic thresholding), for the cases
+        the op's prediction types do not cover (class docstring). ``row`` holds a_t, b_t."""
+        c = self.config
+        a_t, b_t = row[0], row[1]
+        if c.prediction_type == "epsilon":
+            x0 = (sample - b_t * model_output) / a_t
+        elif c.prediction_type == "sample":
+            x0 = model_output
+        elif c.prediction_type == "v_prediction":
+            x0 = a_t * sample - b_t * model_output
+        else:  # flow_prediction: x0 = x - sigma v with diffusers' sigma (b / a on a VP path)
+            x0 = sample - (b_t if c.use_flow_sigmas else b_t / a_t) * model_output
+        if c.thresholding:
+            x0 = self._threshold_sample(x0)
+        return x0
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        """One multistep DPM-Solver++ step; arguments and outputs as ``DPMSolverMultistepScheduler.step``
+        (randomness: see the class docstring)."""
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+            )
+        c = self.config
+        if c.algorithm_type not in _DATA_PREDICTION:
+            return super().step(model_output, timestep, sample, generator, variance_noise, return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
+        if variance_noise is not None and tuple(variance_noise.shape) != tuple(model_output.shape):
+            raise ValueError(
+                f"variance_noise must have the model output's shape {tuple(model_output.shape)}, got "
+                f"{tuple(variance_noise.shape)}"
+            )
+        if generator is not None:
+            generator = check_generator(generator, sample.shape[0])
+        i = self._index(timestep, sample.device)
+        if c.variance_type in ("learned", "learned_range") and c.prediction_type == "epsilon":
+            model_output = model_output[:, :3]  # diffusers keeps the first 3 channels (the mean) here
+        sample = sample.to(torch.float32) if sample.dtype != torch.float64 else sample  # as diffusers: upcast
+        table = self._table(sample)
+        gmm = self._gmm_for(sample)
+
+        pred = c.prediction_type
+        fused = not c.thresholding and (
+            pred in ("epsilon", "sample")
+            or (pred == "v_prediction" and not c.use_flow_sigmas)
+            or (pred == "flow_prediction" and c.use_flow_sigmas)
+        )
+        if fused:
+            m, op_pred = model_output, "flow" if pred == "flow_prediction" else pred
+        else:
+            m, op_pred = self._x0_in_torch(model_output.to(sample.dtype), sample, table[i]), "sample"
+        if m.dtype not in (sample.dtype, table.dtype):
+            m = m.to(table.dtype)
+
+        noise = components = None
+        if c.algorithm_type == "sde-dpmsolver++":
+            if variance_noise is not None:
+                noise = variance_noise.to(device=sample.device, dtype=torch.float32)
+            elif self._torch_noise(generator, gmm):  # a generator, or GMM off and no seed: as diffusers draws it
+                noise = randn_tensor(model_output.shape, generator=generator, device=sample.device, dtype=torch.float32)
+            if generator is not None and gmm is not None:
+                components = draw_components(generator, gmm, int(i), sample)
+            elif noise is None or gmm is not None:
+                self._use_stream()  # z and / or k from the Philox stream: seed=None draws the run's seed now
+
+        order = c.solver_order
+        # h1 (the latest data prediction), then h2 for order 3; slots still empty (eager first steps, whose rows
+        # have H_j = 0) are left out
+        history = tuple(h for h in self.model_outputs[-1:-order:-1] if h is not None)  # order 1: ()
+        out = self._fused_step(
+            m,
+            sample,
+            i,
+            prediction_type=op_pred,
+            gmm=gmm,
+            noise=noise,
+            components=components,
+            rows=table,
+            history=history,
+        )
+        prev, x0 = out.prev_sample, out.pred_original_sample
+        from_tensor = isinstance(i, torch.Tensor)
+        # the history, as diffusers keeps it: the newest data prediction last (a new list; no tensor modified)
+        self.model_outputs = [*self.model_outputs[1:], x0]
+        if not from_tensor:
+            self.lower_order_nums = min(self.lower_order_nums + 1, order)
+            self._step_index += 1  # type: ignore[operator]  # diffusers types _step_index as None
+        prev = prev.to(model_output.dtype)
+        if not return_dict:
+            return (prev,)
+        return scheduler_output(SchedulerOutput, prev_sample=prev)
+
+
+publish(DPMSolverMultistepGMMScheduler, SchedulerOutput)

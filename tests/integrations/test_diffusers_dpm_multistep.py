@@ -1,0 +1,301 @@
+"""DPMSolverMultistepGMMScheduler: whole-loop parity with diffusers' DPMSolverMultistepScheduler (GMM off) over
+algorithms, orders, solver types, sigma schedules and prediction types; config round trips; a compiled loop; the
+SDE-GMM one-step moments; bad configs and arguments."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+import diffusers  # noqa: E402
+
+import ddim_gmm_ext as dg  # noqa: E402
+from ddim_gmm_ext.diffusers import DPMSolverMultistepGMMScheduler  # noqa: E402
+from tests.helpers import MC_SIGMAS_WIDE, assert_close, assert_within  # noqa: E402
+
+SHAPE = (2, 3, 4, 4)
+# A fixed linear "model" per prediction type, near a denoiser of data at 0 so that loops stay O(1).
+WEIGHTS = {"epsilon": 0.9, "sample": 0.1, "v_prediction": 0.5, "flow_prediction": 0.8}
+SIGMAS = {
+    "default": {},
+    "karras": {"use_karras_sigmas": True},
+    "exponential": {"use_exponential_sigmas": True},
+    "beta": {"use_beta_sigmas": True},
+    "lu": {"use_lu_lambdas": True},
+    "flow": {"use_flow_sigmas": True, "flow_shift": 3.0},
+}
+
+
+def _model(x, t, prediction_type):
+    return WEIGHTS[prediction_type] * x + 1e-4 * t.float() - 0.05
+
+
+def _loop(scheduler, steps, seed=1, noise=False):
+    """Final sample of a whole loop drawing its noise from one seeded generator (or as variance_noise)."""
+    scheduler.set_timesteps(steps)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(seed)
+    pred = scheduler.config.prediction_type
+    for t in scheduler.timesteps:
+        if noise:
+            z = torch.randn(SHAPE, generator=gen)
+            x = scheduler.step(_model(x, t, pred), t, x, variance_noise=z).prev_sample
+        else:
+            x = scheduler.step(_model(x, t, pred), t, x, generator=gen).prev_sample
+    return x
+
+
+def _grid():
+    for alg, order, solver, sigmas in itertools.product(
+        ["dpmsolver++", "sde-dpmsolver++"], [1, 2, 3], ["midpoint", "heun"], SIGMAS
+    ):
+        preds = ["flow_prediction", "v_prediction"] if sigmas == "flow" else ["epsilon", "sample", "v_prediction"]
+        for pred in preds:
+            yield (
+                dict(algorithm_type=alg, solver_order=order, solver_type=solver, prediction_type=pred) | SIGMAS[sigmas]
+            )
+
+
+GRID = list(_grid())
+
+
+# Checked to fail: with the heun D1 coefficient used for midpoint (order 2), with r0 inverted in the weights, and
+# with the SDE's e^-h left out of the x_t coefficient.
+@pytest.mark.parametrize("steps", [7, 13])
+@pytest.mark.parametrize("config", GRID, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_whole_loop_matches_dpm_solver(config, steps):
+    ours = _loop(DPMSolverMultistepGMMScheduler(**config), steps)
+    stock = _loop(diffusers.DPMSolverMultistepScheduler(**config), steps)
+    assert_close(ours, stock, kind="f32_loop_upstream")
+
+
+OPTIONS = [
+    {"thresholding": True, "sample_max_value": 1.5, "dynamic_thresholding_ratio": 0.9},
+    {"thresholding": True, "algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+    {"euler_at_final": True, "final_sigmas_type": "sigma_min"},
+    {"lower_order_final": False, "final_sigmas_type": "sigma_min", "solver_order": 3},
+    {"final_sigmas_type": "sigma_min", "algorithm_type": "sde-dpmsolver++", "solver_type": "heun"},
+    {"timestep_spacing": "trailing", "beta_schedule": "scaled_linear"},
+    {"timestep_spacing": "leading", "steps_offset": 1, "beta_schedule": "squaredcos_cap_v2"},
+    {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"},
+    {"prediction_type": "flow_prediction"},  # on VP sigmas: x0 in torch with diffusers' sigma
+    {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},  # diffusers' own step
+    {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"},
+]
+
+
+@pytest.mark.parametrize("steps", [7, 13])
+@pytest.mark.parametrize("config", OPTIONS, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_options_match_dpm_solver(config, steps):
+    # Checked to fail with the thresholding path skipping _threshold_sample.
+    ours = _loop(DPMSolverMultistepGMMScheduler(**config), steps)
+    stock = _loop(diffusers.DPMSolverMultistepScheduler(**config), steps)
+    assert_close(ours, stock, kind="f32_loop_upstream")
+
+
+def test_variance_noise_and_learned_variance():
+    config = dict(algorithm_type="sde-dpmsolver++", solver_order=3)
+    ours = _loop(DPMSolverMultistepGMMScheduler(**config), 7, noise=True)
+    assert_close(ours, _loop(diffusers.DPMSolverMultistepScheduler(**config), 7, noise=True), kind="f32_loop_upstream")
+
+    def run(s):  # learned variance: 6 channels out, the first 3 the epsilon
+        s.set_timesteps(7)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+        for t in s.timesteps:
+            m = torch.cat([_model(x, t, "epsilon"), torch.ones_like(x)], 1)
+            x = s.step(m, t, x).prev_sample
+        return x
+
+    stock = run(diffusers.DPMSolverMultistepScheduler(variance_type="learned_range"))
+    assert_close(run(DPMSolverMultistepGMMScheduler(variance_type="learned_range")), stock, kind="f32_loop_upstream")
+
+
+def test_a_run_starting_mid_schedule_restarts_the_order():
+    # set_begin_index (img2img): diffusers counts orders from the first step taken.
+    def run(s):
+        s.set_timesteps(13)
+        s.set_begin_index(4)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+        for t in s.timesteps[4:]:
+            x = s.step(_model(x, t, "epsilon"), t, x).prev_sample
+        return x
+
+    config = dict(solver_order=3)
+    stock = run(diffusers.DPMSolverMultistepScheduler(**config))
+    assert_close(run(DPMSolverMultistepGMMScheduler(**config)), stock, kind="f32_loop_upstream")
+
+
+def test_history_is_kept_functionally():
+    # The op's x0 output becomes the history; the model output and the sample are not modified in place.
+    s = DPMSolverMultistepGMMScheduler(solver_order=3)
+    s.set_timesteps(7)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    for t in s.timesteps[:3]:
+        m = _model(x, t, "epsilon")
+        x_copy, m_copy = x.clone(), m.clone()
+        x_next = s.step(m, t, x).prev_sample
+        assert torch.equal(x, x_copy) and torch.equal(m, m_copy)
+        x = x_next
+    assert all(h is not None and h.shape == SHAPE for h in s.model_outputs)
+    assert s.lower_order_nums == 3 and s.step_index == 3
+
+
+# The package's seed=None rule (GMMSchedulerMixin): GMM off, no generator -> z from torch's global RNG as the stock
+# class draws it; GMM on -> one stream seed drawn from the global RNG at the first step. Checked to fail with the
+# pre-merge rule (z from the Philox stream of seed 0) and, for the GMM case, without the _use_stream() call (the
+# same samples after different torch.manual_seed).
+def test_seed_none_draws_from_the_global_rng():
+    config = dict(algorithm_type="sde-dpmsolver++", solver_order=2)
+
+    def run(scheduler, seed):
+        scheduler.set_timesteps(5)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(seed)
+        for t in scheduler.timesteps:
+            x = scheduler.step(_model(x, t, "epsilon"), t, x).prev_sample
+        return x
+
+    stock = run(diffusers.DPMSolverMultistepScheduler(**config), 3)
+    assert_close(run(DPMSolverMultistepGMMScheduler(**config), 3), stock, kind="f32_loop_upstream")
+    ours = DPMSolverMultistepGMMScheduler(**config, gmm_variant="ortho", gmm_n_components=2)
+    first, again, other = run(ours, 3), run(ours, 3), run(ours, 4)
+    assert torch.equal(first, again) and not torch.allclose(first, other)
+
+
+# ---- configs ------------------------------------------------------------------------------------------------
+
+
+def test_from_config_both_ways_and_save_load(tmp_path):
+    stock = diffusers.DPMSolverMultistepScheduler(solver_order=3, algorithm_type="sde-dpmsolver++")
+    ours = DPMSolverMultistepGMMScheduler.from_config(stock.config, gmm_variant="ortho", seed=4)
+    assert ours.config.solver_order == 3 and ours.config.gmm_variant == "ortho"
+    back = diffusers.DPMSolverMultistepScheduler.from_config(ours.config)
+    assert back.config.algorithm_type == "sde-dpmsolver++" and type(back) is diffusers.DPMSolverMultistepScheduler
+    ours.save_pretrained(tmp_path)
+    loaded = DPMSolverMultistepGMMScheduler.from_pretrained(tmp_path)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(ours.config)
+    assert diffusers.DPMSolverMultistepScheduler in ours.compatibles  # the stock side: patch_diffusers (contract)
+    assert_close(_loop(loaded, 7), _loop(ours, 7), kind="exact")
+
+
+# ---- compile ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gmm_variant", [None, "ortho"])
+def test_whole_loop_compiles_once(gmm_variant):
+    # model + step compiled with fullgraph; error_on_recompile turns a recompile (a step number or a history slot
+    # baked into the graph) into a failure. Checked to fail without prepare_gmm's zero history (None -> tensor).
+    torch._dynamo.reset()
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+
+    def make():
+        s = DPMSolverMultistepGMMScheduler(
+            algorithm_type="sde-dpmsolver++", solver_order=3, gmm_variant=gmm_variant, gmm_n_components=2, seed=1
+        )
+        s.set_timesteps(7)
+        s.prepare_gmm(x)
+        return s
+
+    def denoise(s, y, t):
+        with torch.no_grad():
+            return s.step(torch.tanh(y) + t / 1000, t, y).prev_sample
+
+    def loop(s, fn):
+        y = x
+        for t in s.timesteps:
+            y = fn(s, y, t)
+        return y
+
+    expected = loop(make(), denoise)
+    compiled = torch.compile(denoise, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        actual = loop(make(), compiled)
+    assert_close(actual, expected, kind="f32")
+
+
+# ---- SDE-GMM moments ----------------------------------------------------------------------------------------
+
+
+def _one_step_moments(gmm_params=None, n=20000, step=3):
+    """Mean and per-coordinate variance of x_s over n samples of one second-order SDE-DPM-Solver++(GMM) step from
+    the same x_t and history; and the Gaussian step's mean and c."""
+    D = 16
+    s = DPMSolverMultistepGMMScheduler(
+        algorithm_type="sde-dpmsolver++", gmm_variant="ortho", gmm_n_components=4, gmm_scale=2.0, seed=7,
+        final_step="gmm",
+    )  # fmt: skip
+    s.set_timesteps(7)
+    if gmm_params is not None:
+        s.set_gmm_params(gmm_params)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, D, generator=g).expand(n, D).contiguous()
+    m = torch.randn(1, D, generator=g).expand(n, D).contiguous()
+    h0 = torch.randn(1, D, generator=g).expand(n, D).contiguous()
+    s._step_index, s.lower_order_nums, s.model_outputs = step, 2, [h0, h0]
+    out = s.step(m, s.timesteps[step], x).prev_sample
+    a_t, b_t, A, B, c, _, H1, _ = s._rows[step].tolist()
+    mean = A * (x[0] - b_t * m[0]) / a_t + B * m[0] + H1 * h0[0]
+    return out.mean(0), out.var(0), mean, c, s
+
+
+def test_sde_gmm_step_matches_the_sde_moments():
+    # Where nothing clips (g^2 v_k <= c^2), the mixture step has the SDE step's mean and per-coordinate variance.
+    mean, var, target_mean, c, s = _one_step_moments()
+    v = s.gmm.tables(torch.empty(0))[2][3]
+    assert (v <= c * c).all(), "the oracle needs an unclipped step"
+    n = 20000
+    assert_within(mean, target_mean, MC_SIGMAS_WIDE * c / math.sqrt(n))
+    assert_within(var, torch.full_like(var, c * c), MC_SIGMAS_WIDE * c * c * math.sqrt(2 / n))
+
+
+def test_the_moment_oracle_catches_an_uncompensated_mixture():
+    # Planted mutation: the same offsets with zero variance offsets (noise not reduced): the variance exceeds c^2.
+    _, _, _, _, s = _one_step_moments(n=10)
+    priors, offsets, var, basis = s.gmm.tables(torch.empty(0))
+    mutated = dg.GMM.from_params(priors, offsets, torch.zeros_like(var), n_steps=priors.shape[0])
+    _, var_m, _, c, _ = _one_step_moments(gmm_params=mutated)
+    with pytest.raises(AssertionError):
+        assert_within(var_m, torch.full_like(var_m, c * c), MC_SIGMAS_WIDE * c * c * math.sqrt(2 / 20000))
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        (dict(solver_order=4), "solver_order must be 1, 2 or 3, got 4"),
+        (dict(solver_order=0), "solver_order must be 1, 2 or 3, got 0"),
+        (dict(solver_order=True), "solver_order must be 1, 2 or 3, got True"),
+        (dict(gmm_variant="ortho"), "gmm_variant='ortho' needs algorithm_type='sde-dpmsolver\\+\\+'.*deterministic"),
+        (dict(gmm_variant="rand", algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"), "algorithm_type"),
+        (dict(prediction_type="x0"), "prediction_type must be"),
+        (dict(gmm_variant="nope", algorithm_type="sde-dpmsolver++"), "gmm_variant must be"),
+        (dict(final_step="last", algorithm_type="sde-dpmsolver++"), "final_step"),
+    ],
+)
+def test_bad_config_named(config, match):
+    with pytest.raises(ValueError, match=match):
+        DPMSolverMultistepGMMScheduler(**config)
+
+
+def test_bad_arguments_named():
+    s = DPMSolverMultistepGMMScheduler(algorithm_type="sde-dpmsolver++")
+    x = torch.zeros(SHAPE)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        s.step(x, 999, x)
+    with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1"):
+        s.set_timesteps(0)
+    s.set_timesteps(7)
+    t = s.timesteps[0]
+    with pytest.raises(ValueError, match="variance_noise must have the model output's shape"):
+        s.step(x, t, x, variance_noise=torch.zeros(1, 3))
+    with pytest.raises(TypeError, match="generator must be"):
+        s.step(x, t, x, generator=3)
+    for t in s.timesteps:
+        x = s.step(x, t, x).prev_sample
+    with pytest.raises(ValueError, match="past the end of the 7-step schedule"):
+        s.step(x, t, x)
