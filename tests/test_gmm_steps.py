@@ -133,6 +133,7 @@ def _schedulers():
     from ddim_gmm_ext.diffusers import (
         DDIMGMMScheduler,
         DDPMGMMScheduler,
+        DPMSolverMultistepGMMScheduler,
         EulerAncestralDiscreteGMMScheduler,
         FlowMatchEulerDiscreteGMMScheduler,
     )
@@ -142,10 +143,11 @@ def _schedulers():
         "ddpm": (DDPMGMMScheduler, {"clip_sample": False}, {}),
         "euler_a": (EulerAncestralDiscreteGMMScheduler, {}, {}),
         "flow": (FlowMatchEulerDiscreteGMMScheduler, {"rfim_eta": 1.0}, {}),
+        "dpm_sde": (DPMSolverMultistepGMMScheduler, {"algorithm_type": "sde-dpmsolver++"}, {}),
     }
 
 
-SCHEDULERS = ["ddim", "ddpm", "euler_a", "flow"]
+SCHEDULERS = ["ddim", "ddpm", "euler_a", "flow", "dpm_sde"]
 STEPS = 5
 
 
@@ -344,3 +346,13 @@ def test_eval_selection_seeds_must_be_disjoint():
         evaluate.Sweep(seeds=(0, 1), select_seeds=(1, 2)).check()
     with pytest.raises(ValueError, match="gmm_steps must be one of"):
         evaluate.Sweep(gmm_steps=("some",)).check()
+
+
+def test_dpm_restart_mid_schedule_keeps_gmm_steps():
+    # A run that starts mid-schedule rebuilds the DPM rows (diffusers restarts its order count there): the policy
+    # must survive the rebuild (mutation checked: installing the rebuilt rows ungated puts g = 1 back on every step)
+    s = _make("dpm_sde", gmm_variant="ortho", gmm_n_components=3, gmm_steps=[1, 3], final_step="gmm")
+    s.set_begin_index(2)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    s.step(0.5 * torch.tanh(x), s.timesteps[2], x)
+    assert s._rows[:, 5].tolist() == [0.0, 1.0, 0.0, 1.0, 0.0]  # noqa: SLF001

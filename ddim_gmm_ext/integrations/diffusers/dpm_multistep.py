@@ -158,6 +158,7 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         seed: int | None = None,
         gmm_scale_per_dim: float | None = None,
         final_step: str = "gaussian",
+        gmm_steps="all",
     ):
         if isinstance(solver_order, bool) or not isinstance(solver_order, Integral) or not 1 <= solver_order <= 3:
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
@@ -207,7 +208,7 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
                     else "its steps are diffusers' own (noise-prediction history)"
                 )
             )
-        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim)
+        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim, gmm_steps)
         self._rows_start: int = 0
 
     # -- the coefficient table ---------------------------------------------------------------------------------
@@ -269,8 +270,10 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         """Rows for a run whose first step is ``start`` (a pipeline's begin index; diffusers restarts its order
         count there). Keeps the run's stream seed."""
         self._rows_start = start
-        rows = self._coefficient_rows(start).to(self.timesteps.device)
-        self._rows = rows
+        self._ungated_rows = self._coefficient_rows(start).to(self.timesteps.device)
+        gmm, self._gated_for = self._gated_for, None
+        rows = self._rows = self._gate(self._ungated_rows, gmm)  # gmm_steps as before the restart
+        self._gated_for = gmm
         self._tables = {(rows.device, torch.float32): rows.float()}
 
     def prepare_gmm(self, sample: torch.Tensor):
@@ -352,8 +355,8 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         if c.variance_type in ("learned", "learned_range") and c.prediction_type == "epsilon":
             model_output = model_output[:, :3]  # diffusers keeps the first 3 channels (the mean) here
         sample = sample.to(torch.float32) if sample.dtype != torch.float64 else sample  # as diffusers: upcast
+        gmm = self._gmm_for(sample)  # first: gmm_steps="matched" rewrites the table when the GMM is built
         table = self._table(sample)
-        gmm = self._gmm_for(sample)
 
         pred = c.prediction_type
         fused = not c.thresholding and (
