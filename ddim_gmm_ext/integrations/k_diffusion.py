@@ -394,9 +394,10 @@ def _torchsde_available() -> bool:
 
 
 def _sample_dpmpp(
-    model, x, sigmas, extra_args, callback, disable, *, sampler, eta, s_noise, noise_sampler, solver_type,
-    path="ve", gmm, n_components, scale, share_across_steps, uniform_priors, seed, sample_offset, final_step,
-    scale_per_dim, gmm_steps, default_noise=True,
+    model, x, sigmas, extra_args, callback, disable, *, sampler, eta=1.0, s_noise=1.0, noise_sampler=None,
+    solver_type="midpoint", path="ve", gmm="ortho-vub", n_components=8, scale=1.0, share_across_steps=False,
+    uniform_priors=True, seed=None, sample_offset=0, final_step="gaussian", scale_per_dim=None, gmm_steps="all",
+    default_noise=True,
 ):  # fmt: skip
     """The DPM++ loop (public samplers and the ComfyUI node): every check first, the rows of the schedule in
     float64 (:func:`dpmpp_rows`), then per step the denoiser call, the callback, the noise k-diffusion would draw
@@ -452,6 +453,8 @@ def _sample_dpmpp(
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         noise = noise_sampler(sigmas[i], sigmas[i + 1]) if noisy[i] and noise_sampler is not None else None
+        if noise is not None and noise.dtype not in (x.dtype, table.dtype):
+            noise = noise.to(table.dtype)  # e.g. ComfyUI's tree returns the sigmas' dtype
         x = api.step_from_table(
             denoised, x, table, i, gmm=gmms[i], prediction_type="sample", seed=run_seed,
             sample_offset=sample_offset, noise=noise, history=history[: n_history[i]], return_pred_original=False,
