@@ -75,6 +75,24 @@ def step_gmms(gmm: GMM | None, gmm_steps, final_step: str, c, g=1.0) -> list[GMM
     return [gmm if acts else None for acts in gmm_step_mask(policy, gmm, c, gs)]
 
 
+def multistep_weights(order: int, k: tuple[float, float, float], r0: float, r1: float) -> tuple[float, ...]:
+    """(w0, w1, w2): k0 D0 + k1 D1 + k2 D2 as weights of (m0, m1, m2), the data predictions of this step and the
+    two before. Order 2: D1 = (m0 - m1) / r0. Order 3: D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1,
+    D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1) (DPM-Solver++ paper, eq. 3.x).
+    Shared by the diffusers scheduler and the k-diffusion samplers."""
+    k0, k1, k2 = k
+    if order == 1:
+        return k0, 0.0, 0.0
+    if order == 2:
+        return k0 + k1 / r0, -k1 / r0, 0.0
+    d10 = (1 / r0, -1 / r0, 0.0)
+    d11 = (0.0, 1 / r1, -1 / r1)
+    diff = [p - q for p, q in zip(d10, d11, strict=True)]
+    d1 = [p + r0 / (r0 + r1) * q for p, q in zip(d10, diff, strict=True)]
+    d2 = [q / (r0 + r1) for q in diff]
+    return tuple(k0 * (j == 0) + k1 * p + k2 * q for j, (p, q) in enumerate(zip(d1, d2, strict=True)))
+
+
 def per_sample_dim(sample: torch.Tensor) -> int:
     return math.prod(sample.shape[1:])
 

@@ -1,8 +1,11 @@
 """ComfyUI sampler node for DDIM-GMM.
 
-Inside ComfyUI (``comfy.samplers`` importable), importing this module defines the node ``SamplerDDIMGMM``
-(category sampling/custom_sampling/samplers): it outputs a SAMPLER for ``SamplerCustom`` /
-``SamplerCustomAdvanced`` that runs :func:`ddim_gmm_ext.k_diffusion.sample_ddim_gmm`. Anywhere else the
+Inside ComfyUI (``comfy.samplers`` importable), importing this module defines the nodes ``SamplerDDIMGMM`` and
+``SamplerDPMPPGMM`` (category sampling/custom_sampling/samplers): each outputs a SAMPLER for ``SamplerCustom`` /
+``SamplerCustomAdvanced``; the first runs :func:`ddim_gmm_ext.k_diffusion.sample_ddim_gmm`, the second DPM++ 2M,
+2M SDE (midpoint / heun) or 3M SDE (:func:`sample_dpmpp_gmm_any`), equal to ComfyUI's ``dpmpp_2m`` /
+``dpmpp_2m_sde`` / ``dpmpp_3m_sde`` with the variant "off" (its Brownian-tree noise of the seed) for eps, v and
+flow models. Anywhere else the
 mappings below stay empty and nothing is imported. To install, put a folder in ``ComfyUI/custom_nodes/`` whose
 ``__init__.py`` is
 
@@ -88,6 +91,77 @@ def sample_ddim_gmm_any(model, x, sigmas, extra_args=None, callback=None, disabl
     return sample_ddim_gmm(model, x, sigmas, extra_args, callback, disable, noise_sampler=noise_sampler, **options)
 
 
+def comfy_brownian_noise_sampler(x, sigmas, extra_args):
+    """ComfyUI's default noise sampler of its SDE samplers (``BrownianTreeNoiseSampler`` over [min positive
+    sigma, max sigma] of the sigmas it is given, ``extra_args["seed"]``, the tree on the CPU), or None outside
+    ComfyUI."""
+    try:
+        from comfy.k_diffusion.sampling import BrownianTreeNoiseSampler
+    except ImportError:
+        return None
+    seed = (extra_args or {}).get("seed")
+    return BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seed, cpu=True)
+
+
+#: ComfyUI's percent_offset of its first flow sigma (offset_first_sigma_for_snr): lambda = log((1 - t) / t) is
+#: infinite at t = 1, so its flow SDE samplers start at the model's sigma of this percent instead.
+FLOW_FIRST_SIGMA_PERCENT = 1e-4
+
+
+def sample_dpmpp_gmm_any(
+    model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, *, sampler, **options
+):
+    """The DPM++ node's sampler function, ComfyUI's ``sample_<sampler>`` for the model's sampling type with the
+    DDIM-GMM noise. With the GMM off and no noise sampler: ComfyUI's own Brownian-tree noise (its seed). eps / v
+    models: k-diffusion's VE formulas. Flow models (CONST) on the SDE samplers, as ComfyUI runs them: lambda =
+    log((1 - t) / t), alpha_s = 1 - s, a first sigma >= 1 moved to the model's sigma at percent 1e-4 (after
+    the noise sampler is built), s_noise times the model sampling's noise_scale; ComfyUI's dpmpp_2m runs its VE
+    formulas on flow sigmas too (x_s = (s / t) x + ... : the flow Euler step at order 1)."""
+    from .k_diffusion import DPMPP_SAMPLERS, _sample_dpmpp
+
+    _, sde = DPMPP_SAMPLERS[sampler]
+    path = "ve"
+    if sde:
+        if noise_sampler is None and options.get("gmm") is None:
+            noise_sampler = comfy_brownian_noise_sampler(x, sigmas, extra_args)
+        if is_flow_model(model):
+            sampling = model_sampling(model)
+            options["s_noise"] = options.get("s_noise", 1.0) * getattr(sampling, "noise_scale", 1.0)
+            if len(sigmas) > 1 and sigmas[0] >= 1:
+                sigmas = sigmas.clone()
+                sigmas[0] = sampling.percent_to_sigma(FLOW_FIRST_SIGMA_PERCENT)
+            path = "flow"
+    return _sample_dpmpp(
+        model, x, sigmas, extra_args, callback, disable, sampler=sampler, noise_sampler=noise_sampler, path=path,
+        **options,
+    )  # fmt: skip
+
+
+#: The DPM++ node's sampler widget (ComfyUI's sampler names).
+DPMPP_NODE_SAMPLERS = ("dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2m")
+
+
+def dpmpp_node_options(sampler, solver_type, eta, s_noise, variant, n_components, scale, gmm_steps="all") -> dict:
+    """The DPM++ node's widget values as sampler options, each checked under its widget's name before any
+    sampling. dpmpp_2m is deterministic: it takes only the variant "off" (eta, s_noise, solver_type are checked
+    and unused there, as n_components and scale are with "off")."""
+    from .k_diffusion import SOLVER_TYPES, check_dpmpp_eta
+
+    if sampler not in DPMPP_NODE_SAMPLERS:
+        raise ValueError(f"sampler must be one of {DPMPP_NODE_SAMPLERS}, got {sampler!r}")
+    if solver_type not in SOLVER_TYPES:
+        raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+    options = node_options(0.0, s_noise, variant, n_components, scale, gmm_steps)
+    options["eta"] = check_dpmpp_eta(eta)
+    if options["gmm"] is not None and (sampler == "dpmpp_2m" or options["eta"] * options["s_noise"] == 0):
+        raise ValueError(
+            f"variant={variant!r} needs SDE noise to replace: "
+            + ("sampler 'dpmpp_2m' is deterministic" if sampler == "dpmpp_2m" else "eta or s_noise is 0")
+            + "; set variant to 'off', or use an SDE sampler with eta > 0 and s_noise > 0"
+        )
+    return {"sampler": sampler, "solver_type": solver_type, **options}
+
+
 def node_options(eta, s_noise, variant, n_components, scale, gmm_steps="all") -> dict:
     """The node's widget values as sampler options, each checked under its widget's name before any sampling.
     ``gmm_steps``: "all" or "matched" (the explicit forms of the samplers' option have no widget)."""
@@ -156,3 +230,32 @@ if _comfy_samplers is not None:
 
     NODE_CLASS_MAPPINGS["SamplerDDIMGMM"] = SamplerDDIMGMM
     NODE_DISPLAY_NAME_MAPPINGS["SamplerDDIMGMM"] = "DDIM-GMM Sampler"
+
+    class SamplerDPMPPGMM:
+        """Node: DPM++ 2M / 2M SDE / 3M SDE with the DDIM-GMM noise -> SAMPLER."""
+
+        CATEGORY = "sampling/custom_sampling/samplers"
+        RETURN_TYPES = ("SAMPLER",)
+        FUNCTION = "get_sampler"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            required = SamplerDDIMGMM.INPUT_TYPES()["required"]
+            return {
+                "required": {
+                    "sampler": (
+                        list(DPMPP_NODE_SAMPLERS),
+                        {"default": "dpmpp_2m_sde", "tooltip": "dpmpp_2m is deterministic: variant off only"},
+                    ),
+                    "solver_type": (["midpoint", "heun"], {"default": "midpoint", "tooltip": "dpmpp_2m_sde only"}),
+                    "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01}),
+                    **{name: required[name] for name in ("s_noise", "variant", "n_components", "scale", "gmm_steps")},
+                }
+            }
+
+        def get_sampler(self, sampler, solver_type, eta, s_noise, variant, n_components, scale, gmm_steps="all"):
+            options = dpmpp_node_options(sampler, solver_type, eta, s_noise, variant, n_components, scale, gmm_steps)
+            return (_comfy_samplers.KSAMPLER(sample_dpmpp_gmm_any, extra_options=options),)
+
+    NODE_CLASS_MAPPINGS["SamplerDPMPPGMM"] = SamplerDPMPPGMM
+    NODE_DISPLAY_NAME_MAPPINGS["SamplerDPMPPGMM"] = "DPM++ GMM Sampler (2M, 2M SDE, 3M SDE)"

@@ -13,9 +13,28 @@ import math
 import torch
 
 from .. import _checks, api, reference
-from ._common import check_eta, check_gmm_options, check_seed, progress_bar, resolve_gmm, step_gmms, stream_seed
+from ..gmm import validate_gmm_steps
+from ._common import (
+    check_eta,
+    check_gmm_options,
+    check_seed,
+    multistep_weights,
+    progress_bar,
+    resolve_gmm,
+    step_gmms,
+    stream_seed,
+)
 
-__all__ = ["sample_ddim_gmm", "sample_rfim_gmm", "FLOW_NOISE"]
+__all__ = [
+    "sample_ddim_gmm",
+    "sample_rfim_gmm",
+    "sample_dpmpp_2m_gmm",
+    "sample_dpmpp_2m_sde_gmm",
+    "sample_dpmpp_3m_sde_gmm",
+    "FLOW_NOISE",
+    "DPMPP_SAMPLERS",
+    "SOLVER_TYPES",
+]
 
 #: Flow times above 1 by at most this much are float32 rounding of 1 and are taken as 1: ComfyUI's float32
 #: ``time_snr_shift`` gives sigmas[0] = 1 + 2^-23 for some shifts (1.32, 4.03, ...) and up to 1 + 8 * 2^-23 for
@@ -255,3 +274,265 @@ def sample_rfim_gmm(
         uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset, final_step=final_step,
         scale_per_dim=scale_per_dim, gmm_steps=gmm_steps, noise_std=noise_std,
     )  # fmt: skip
+
+
+# ---- DPM-Solver++ multistep (k-diffusion's sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde) --------
+
+#: The multistep samplers: name -> (highest order, SDE).
+DPMPP_SAMPLERS = {"dpmpp_2m": (2, False), "dpmpp_2m_sde": (2, True), "dpmpp_3m_sde": (3, True)}
+#: sample_dpmpp_2m_sde's solver_type (the first-difference term: DPM-Solver++'s midpoint or its Heun form).
+SOLVER_TYPES = ("midpoint", "heun")
+
+
+def check_dpmpp_eta(eta, name: str = "eta") -> float:
+    """The SDE samplers' eta: a finite number >= 0 (the noise std sigma_s sqrt(1 - e^(-2 h eta)) stays below
+    sigma_s for every eta; k-diffusion takes any)."""
+    if isinstance(eta, (bool, torch.Tensor)) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {eta!r}")
+    return float(eta)
+
+
+def _check_dpmpp_sigmas(sigmas) -> list[float]:
+    """:func:`_check_sigmas`, then strictly decreasing: a repeated sigma is a step of h = 0, which k-diffusion's
+    DPM++ samplers divide by (NaN / inf from the next step on), and a schedule must start above 0."""
+    sig = _check_sigmas(sigmas)
+    flat = [i for i, (a, b) in enumerate(zip(sig, sig[1:], strict=False)) if b == a]
+    if flat:
+        i = flat[0]
+        raise ValueError(
+            f"sigmas must strictly decrease for the DPM++ samplers (a repeated sigma is a step of h = 0, which "
+            f"k-diffusion's formulas divide by), got sigmas[{i}] = sigmas[{i + 1}] = {sig[i]}"
+        )
+    return sig
+
+
+def dpmpp_rows(
+    sig: list[float],
+    sampler: str,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    solver_type: str = "midpoint",
+    path: str = "ve",
+) -> torch.Tensor:
+    """[S, 8] float64 rows (a_t, b_t, A, B, c, g, H1, H2) of k-diffusion's DPM++ multistep samplers over the host
+    sigmas ``sig`` (strictly decreasing), one per step: x_s = X x_t + w0 D + w1 D_1 + w2 D_2 + c z, D the
+    denoiser output of this step, D_1, D_2 those of the two before, with
+
+        lambda = -log sigma (VE)  or  log((1 - sigma) / sigma) (``path="flow"``: ComfyUI's CONST models),
+        h = lambda_s - lambda_t,  hh = (1 + eta) h,  alpha_s = 1 (VE) or 1 - sigma_s (flow),
+        X = (sigma_s / sigma_t) e^(-eta h),   c = sigma_s sqrt(1 - e^(-2 eta h)) s_noise,
+        (k0, k1, k2) = alpha_s (1 - e^(-hh), k1, -phi_3),  phi_2 = (e^(-hh) - 1) / hh + 1,  phi_3 = phi_2 / hh - 1/2,
+        k1 = k0 / 2 (2M midpoint; 2M is the SDE form at eta = 0) or phi_2 (Heun form; 3M at order 2 and 3),
+
+    and (w0, w1, w2) from k0 D + k1 D1 + k2 D2 (:func:`multistep_weights`, r_j = h_(j) / h). Order 1 on the
+    first step, 2 on the second, up to 3 for 3M, as k-diffusion's loops; a step to sigma 0 is x = D. Since
+    x_t = a_t D + b_t eps_hat with (a_t, b_t) = (1, sigma_t) (VE) or (1 - sigma_t, sigma_t) (flow), X x_t folds
+    into A = X a_t + w0, B = X b_t (the op's "sample" prediction). g: the GMM scale of VP tables on the path,
+    1 / a_s^VP = sqrt(1 + sigma_s^2) on VE paths, 1 on flow paths (as :func:`sample_rfim_gmm`); 0 never here
+    (``final_step`` / ``gmm_steps`` act by passing no GMM)."""
+    order_max, sde = DPMPP_SAMPLERS[sampler]
+    eta = eta if sde else 0.0
+    flow = path == "flow"
+
+    def lam(v: float) -> float:
+        return math.log((1 - v) / v) if flow else -math.log(v)
+
+    rows = []
+    for i in range(len(sig) - 1):
+        t, s = sig[i], sig[i + 1]
+        a_t = 1 - t if flow else 1.0
+        g = 1.0 if flow else math.sqrt(1 + s * s)
+        if s == 0:  # the denoising step: x = D
+            rows.append([a_t, t, 1.0, 0.0, 0.0, g, 0.0, 0.0])
+            continue
+        order = min(i + 1, order_max)
+        h = lam(s) - lam(t)
+        hh = (1 + eta) * h
+        alpha_s = 1 - s if flow else 1.0
+        k0 = -alpha_s * math.expm1(-hh)
+        phi_2 = math.expm1(-hh) / hh + 1
+        heun = order == 3 or sampler == "dpmpp_3m_sde" or solver_type == "heun"
+        k1 = alpha_s * phi_2 if heun else 0.5 * k0
+        k2 = -alpha_s * (phi_2 / hh - 0.5)
+        r0 = (lam(t) - lam(sig[i - 1])) / h if order >= 2 else 1.0
+        r1 = (lam(sig[i - 1]) - lam(sig[i - 2])) / h if order >= 3 else 1.0
+        w0, w1, w2 = multistep_weights(order, (k0, k1, k2), r0, r1)
+        x_coef = s / t * math.exp(-eta * h)
+        c = s * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise if eta > 0 else 0.0
+        rows.append([a_t, t, x_coef * a_t + w0, x_coef * t, c, g, w1, w2])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+class _BrownianNoise:
+    """k-diffusion's default noise sampler of its SDE samplers (``BrownianTreeNoiseSampler(x, sigma_min,
+    sigma_max)``, from its behaviour): one torchsde.BrownianTree over [min positive sigma, max sigma] with
+    w0 = zeros like x and an entropy seed drawn from torch's default generator as k-diffusion draws it;
+    a call returns the increment W(sigma_next) - W(sigma) over sqrt(|sigma_next - sigma|), signed by the
+    direction of the interval."""
+
+    def __init__(self, x: torch.Tensor, sigmas: torch.Tensor, needed: bool):
+        seed = int(torch.randint(0, 2**63 - 1, []).item())  # drawn even when unused, as k-diffusion draws it
+        self.tree = None
+        if needed:
+            import torchsde
+
+            lo, hi = sigmas[sigmas > 0].min(), sigmas.max()
+            self.tree = torchsde.BrownianTree(lo, torch.zeros_like(x), hi, entropy=seed)
+
+    def __call__(self, sigma, sigma_next):
+        assert self.tree is not None
+        a, b = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
+        lo, hi, sign = (a, b, 1) if a < b else (b, a, -1)
+        return self.tree(lo, hi) * sign / (b - a).abs().sqrt()
+
+
+def _torchsde_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchsde") is not None
+
+
+def _sample_dpmpp(
+    model, x, sigmas, extra_args, callback, disable, *, sampler, eta=1.0, s_noise=1.0, noise_sampler=None,
+    solver_type="midpoint", path="ve", gmm="ortho-vub", n_components=8, scale=1.0, share_across_steps=False,
+    uniform_priors=True, seed=None, sample_offset=0, final_step="gaussian", scale_per_dim=None, gmm_steps="all",
+    default_noise=True,
+):  # fmt: skip
+    """The DPM++ loop (public samplers and the ComfyUI node): every check first, the rows of the schedule in
+    float64 (:func:`dpmpp_rows`), then per step the denoiser call, the callback, the noise k-diffusion would draw
+    and one fused op call with the history (the previous denoiser outputs). ``default_noise``: with the GMM off,
+    no ``noise_sampler`` and no seed, draw k-diffusion's default Brownian-tree noise (torchsde installed)."""
+    extra_args = {} if extra_args is None else extra_args
+    _checks.check_floating("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have a batch dimension [B, ...], got a 0-d tensor")
+    _, sde = DPMPP_SAMPLERS[sampler]
+    eta = check_dpmpp_eta(eta)
+    s_noise = check_s_noise(s_noise)
+    if solver_type not in SOLVER_TYPES:
+        raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+    if noise_sampler is not None and not callable(noise_sampler):
+        raise TypeError(f"noise_sampler must be callable (sigma, sigma_next) -> noise, got {noise_sampler!r}")
+    sig = _check_dpmpp_sigmas(sigmas)
+    if gmm is None or not isinstance(gmm, str):
+        check_gmm_options(None, n_components, scale, scale_per_dim)
+    _checks.check_final_step(final_step)
+    seed = check_seed(seed if seed is not None else extra_args.get("seed"))
+    if gmm is not None and (not sde or eta * s_noise == 0):
+        why = (
+            f"{sampler} is deterministic"
+            if not sde
+            else f"eta={eta!r}, s_noise={s_noise!r} give noise std 0 at every step"
+        )
+        raise ValueError(
+            f"gmm={gmm if isinstance(gmm, str) else type(gmm).__name__!r} needs SDE noise to replace: {why} (the "
+            "mixture's offsets would land on the sample uncompensated); pass gmm=None, or use "
+            "sample_dpmpp_2m_sde_gmm / sample_dpmpp_3m_sde_gmm with eta > 0 and s_noise > 0"
+        )
+    n_steps = len(sig) - 1
+    validate_gmm_steps(gmm_steps, n_steps)
+    _checks.check_index("sample_offset", sample_offset, _checks.MAX_INDEX)
+    rows = dpmpp_rows(sig, sampler, eta=eta, s_noise=s_noise, solver_type=solver_type, path=path)
+    n_history = [2 if h2 != 0 else 1 if h1 != 0 else 0 for h1, h2 in rows[:, 6:].tolist()]
+    gmm = resolve_gmm(
+        gmm, x, n_steps, n_components=n_components, scale=scale, share_across_steps=share_across_steps,
+        uniform_priors=uniform_priors, seed=seed, scale_per_dim=scale_per_dim,
+    )  # fmt: skip
+    gmms = step_gmms(gmm, gmm_steps, final_step, rows[:, 4], rows[:, 5])
+    noisy = [sde and eta > 0 and s > 0 for s in sig[1:]]  # the steps k-diffusion draws noise for
+    if noise_sampler is None and gmm is None and seed is None and sde and default_noise and _torchsde_available():
+        noise_sampler, run_seed = _BrownianNoise(x, sigmas, any(noisy)), 0
+    else:
+        run_seed = stream_seed(seed)
+    table = rows.to(x.device, _checks.compute_dtype(x.dtype))
+    s_in = x.new_ones([x.shape[0]])
+    history: tuple[torch.Tensor, ...] = ()
+    for i in progress_bar(range(n_steps), disable, sampler.upper().replace("_", " ") + "-GMM"):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        noise = noise_sampler(sigmas[i], sigmas[i + 1]) if noisy[i] and noise_sampler is not None else None
+        if noise is not None and noise.dtype not in (x.dtype, table.dtype):
+            noise = noise.to(table.dtype)  # e.g. ComfyUI's tree returns the sigmas' dtype
+        x = api.step_from_table(
+            denoised, x, table, i, gmm=gmms[i], prediction_type="sample", seed=run_seed,
+            sample_offset=sample_offset, noise=noise, history=history[: n_history[i]], return_pred_original=False,
+        ).prev_sample  # fmt: skip
+        history = (denoised, *history[:1])
+    return x
+
+
+_DPMPP_DOC = """
+
+    One fused ``torch.ops.ddimgmm.step`` call per step: the step's row (:func:`dpmpp_rows`, computed on the host in
+    float64 from the sigmas, VE units a_t = 1, b_t = sigma) with the previous denoiser outputs as the op's history.
+    GMM off: k-diffusion's sampler of the same name to float32 rounding, given the same noise.
+    Arguments as k-diffusion's; ``sigmas``: 1-D, finite, >= 0, strictly decreasing (a repeated sigma is a step
+    of h = 0, which k-diffusion divides by), may end above 0; ``eta``: a finite number >= 0; ``s_noise`` >= 0.
+    Noise: ``noise_sampler(sigma, sigma_next)`` when given (called exactly when k-diffusion calls it); else, GMM
+    off and no seed (``seed`` None and no ``extra_args["seed"]``), k-diffusion's default
+    ``BrownianTreeNoiseSampler(x, sigma_min, sigma_max)`` (its entropy drawn from torch's default generator as
+    k-diffusion draws it; torchsde must be installed, else the Philox stream); else the Philox stream of the seed.
+    With a GMM the DDIM-GMM mixture of the step's noise level replaces c z, c = sigma_s sqrt(1 - e^(-2 h eta))
+    s_noise (s_noise is part of the level, not a factor on the draw); the VP-unit tables scaled by
+    g = sqrt(1 + sigma_s^2). Components always come from the Philox stream of the seed (a noise sampler returns
+    only normals): a ``noise_sampler`` given with a GMM supplies z, and the components still come from the stream,
+    as in :func:`sample_ddim_gmm`. GMM options as :func:`sample_ddim_gmm` (``gmm`` a variant name or a
+    ``ddim_gmm_ext.GMM``; ``gmm_steps`` "matched" reads c and g above). Returns the final x."""
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_gmm(
+    model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback=None,
+    disable: bool | None = None, *, gmm=None, n_components: int = 8, scale: float = 1.0,
+    share_across_steps: bool = False, uniform_priors: bool = True, seed: int | None = None, sample_offset: int = 0,
+    final_step: str = "gaussian", scale_per_dim: float | None = None, gmm_steps="all",
+) -> torch.Tensor:  # fmt: skip
+    """DPM-Solver++(2M), k-diffusion's ``sample_dpmpp_2m``, deterministic: a GMM is refused (no noise to
+    replace); the GMM options are accepted for a uniform call and checked, as with ``gmm=None`` elsewhere."""
+    return _sample_dpmpp(
+        model, x, sigmas, extra_args, callback, disable, sampler="dpmpp_2m", eta=0.0, s_noise=1.0,
+        noise_sampler=None, solver_type="midpoint", gmm=gmm, n_components=n_components, scale=scale,
+        share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset,
+        final_step=final_step, scale_per_dim=scale_per_dim, gmm_steps=gmm_steps,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde_gmm(
+    model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback=None,
+    disable: bool | None = None, eta: float = 1.0, s_noise: float = 1.0, noise_sampler=None,
+    solver_type: str = "midpoint", *, gmm="ortho-vub", n_components: int = 8, scale: float = 1.0,
+    share_across_steps: bool = False, uniform_priors: bool = True, seed: int | None = None, sample_offset: int = 0,
+    final_step: str = "gaussian", scale_per_dim: float | None = None, gmm_steps="all",
+) -> torch.Tensor:  # fmt: skip
+    """DPM-Solver++(2M) SDE (k-diffusion's ``sample_dpmpp_2m_sde``, ``solver_type`` "midpoint" or "heun") with
+    the DDIM-GMM noise."""
+    return _sample_dpmpp(
+        model, x, sigmas, extra_args, callback, disable, sampler="dpmpp_2m_sde", eta=eta, s_noise=s_noise,
+        noise_sampler=noise_sampler, solver_type=solver_type, gmm=gmm, n_components=n_components, scale=scale,
+        share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset,
+        final_step=final_step, scale_per_dim=scale_per_dim, gmm_steps=gmm_steps,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde_gmm(
+    model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback=None,
+    disable: bool | None = None, eta: float = 1.0, s_noise: float = 1.0, noise_sampler=None, *, gmm="ortho-vub",
+    n_components: int = 8, scale: float = 1.0, share_across_steps: bool = False, uniform_priors: bool = True,
+    seed: int | None = None, sample_offset: int = 0, final_step: str = "gaussian", scale_per_dim: float | None = None,
+    gmm_steps="all",
+) -> torch.Tensor:  # fmt: skip
+    """DPM-Solver++(3M) SDE (k-diffusion's ``sample_dpmpp_3m_sde``) with the DDIM-GMM noise."""
+    return _sample_dpmpp(
+        model, x, sigmas, extra_args, callback, disable, sampler="dpmpp_3m_sde", eta=eta, s_noise=s_noise,
+        noise_sampler=noise_sampler, solver_type="midpoint", gmm=gmm, n_components=n_components, scale=scale,
+        share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset,
+        final_step=final_step, scale_per_dim=scale_per_dim, gmm_steps=gmm_steps,
+    )  # fmt: skip
+
+
+for _f in (sample_dpmpp_2m_gmm, sample_dpmpp_2m_sde_gmm, sample_dpmpp_3m_sde_gmm):
+    _f.__doc__ = (_f.__doc__ or "") + _DPMPP_DOC
