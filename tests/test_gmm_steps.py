@@ -237,7 +237,12 @@ def _ldm_model():
 
 def _sampler_runs():
     """name -> run(gmm, gmm_steps) -> final x; gmm None (off) or a GMM for the 4 steps of every sampler."""
-    from ddim_gmm_ext.k_diffusion import sample_ddim_gmm, sample_rfim_gmm
+    from ddim_gmm_ext.k_diffusion import (
+        sample_ddim_gmm,
+        sample_dpmpp_2m_sde_gmm,
+        sample_dpmpp_3m_sde_gmm,
+        sample_rfim_gmm,
+    )
 
     x = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
     kd = dict(eta=1.0, seed=3, disable=True, final_step="gmm")
@@ -268,10 +273,23 @@ def _sampler_runs():
             gmm_steps=steps,
         ),
         "DDIMSampler": ldm,
+        "sample_dpmpp_2m_sde_gmm": lambda gmm, steps: sample_dpmpp_2m_sde_gmm(
+            lambda x, s: torch.tanh(x), x, ve_sigmas, gmm=gmm, gmm_steps=steps, **kd
+        ),
+        "sample_dpmpp_3m_sde_gmm": lambda gmm, steps: sample_dpmpp_3m_sde_gmm(
+            lambda x, s: torch.tanh(x), x, ve_sigmas, gmm=gmm, gmm_steps=steps, **kd
+        ),
     }
 
 
-SAMPLERS = ["sample_ddim_gmm", "sample_rfim_gmm", "sample_rfim", "DDIMSampler"]
+SAMPLERS = [
+    "sample_ddim_gmm",
+    "sample_rfim_gmm",
+    "sample_rfim",
+    "DDIMSampler",
+    "sample_dpmpp_2m_sde_gmm",
+    "sample_dpmpp_3m_sde_gmm",
+]
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
