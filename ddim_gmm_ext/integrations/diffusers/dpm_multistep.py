@@ -297,7 +297,7 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
             self._init_step_index(timestep)
         i = self.step_index
         assert i is not None
-        if not 0 <= i < len(self.timesteps):
+        if not 0 <= i < self.timesteps.shape[0]:
             raise ValueError(
                 f"step {i} is past the end of the {len(self.timesteps)}-step schedule; call set_timesteps before "
                 "sampling again"
@@ -351,7 +351,8 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         i = self._index(timestep, sample.device)
         if c.variance_type in ("learned", "learned_range") and c.prediction_type == "epsilon":
             model_output = model_output[:, :3]  # diffusers keeps the first 3 channels (the mean) here
-        sample = sample.to(torch.float32) if sample.dtype != torch.float64 else sample  # as diffusers: upcast
+        if sample.dtype not in (torch.float32, torch.float64):
+            sample = sample.to(torch.float32)  # as diffusers: upcast (no call when already there: ~0.7 us)
         table = self._table(sample)
         gmm = self._gmm_for(sample)
 
@@ -382,7 +383,11 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         order = c.solver_order
         # h1 (the latest data prediction), then h2 for order 3; slots still empty (eager first steps, whose rows
         # have H_j = 0) are left out
-        history = tuple(h for h in self.model_outputs[-1:-order:-1] if h is not None)  # order 1: ()
+        if order == 2:  # the common case without a generator expression (~0.3 us)
+            h1 = self.model_outputs[-1]
+            history = () if h1 is None else (h1,)
+        else:
+            history = tuple(h for h in self.model_outputs[-1:-order:-1] if h is not None)  # order 1: ()
         out = self._fused_step(
             m,
             sample,
@@ -401,7 +406,8 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         if not from_tensor:
             self.lower_order_nums = min(self.lower_order_nums + 1, order)
             self._step_index += 1  # type: ignore[operator]  # diffusers types _step_index as None
-        prev = prev.to(model_output.dtype)
+        if prev.dtype != model_output.dtype:
+            prev = prev.to(model_output.dtype)
         if not return_dict:
             return (prev,)
         return scheduler_output(SchedulerOutput, prev_sample=prev)
