@@ -1,7 +1,11 @@
 """pytest-benchmark: the diffusers schedulers' step against the bare fused op and diffusers' own schedulers,
-side by side (the scheduler's Python overhead is the difference to the bare op):
+side by side (the scheduler's Python overhead is the difference to the bare op), and a whole 20-step
+DPM-Solver++ loop with a cheap model:
 
 pytest benchmarks/bench_schedulers.py --benchmark-group-by=param:family,param:gmm
+
+The case builders here are also what ``benchmarks/scheduler_results.py`` runs interleaved (the ratios in
+benchmarks/results/schedulers_cpu.json and docs/performance.md).
 """
 
 import pytest
@@ -84,7 +88,7 @@ def test_scheduler_step(benchmark, name, family, gmm, device):
 def _new_family_case(family, which, shape, generator):
     """One step (the middle one of a 50-step schedule) of ``family`` by ours or by the diffusers base class,
     with a torch.Generator (noise drawn by randn_tensor on both sides, as diffusers draws it) or without one
-    (ours: the in-kernel Philox stream; diffusers: randn_tensor from the global generator)."""
+    (ours: the in-kernel Philox stream of seed 0; diffusers: randn_tensor from the global generator)."""
     from diffusers import DDPMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
     from ddim_gmm_ext.diffusers import (
@@ -98,7 +102,10 @@ def _new_family_case(family, which, shape, generator):
         "euler": (EulerDiscreteGMMScheduler, EulerDiscreteScheduler),
         "euler_a": (EulerAncestralDiscreteGMMScheduler, EulerAncestralDiscreteScheduler),
     }[family]
-    s = classes[0 if which == "ours" else 1]()
+    # ours with seed=0 where the class has the key (DDPM, Euler ancestral; Euler is deterministic): without a
+    # generator the noise is the in-kernel Philox stream (with seed None and the GMM off it would be torch's
+    # global RNG, drawn exactly as the stock class draws it)
+    s = (classes[0](**({} if family == "euler" else {"seed": 0}))) if which == "ours" else classes[1]()
     s.set_timesteps(STEPS)
     x, m = torch.randn(shape), torch.randn(shape)
     i = STEPS // 2
@@ -121,3 +128,74 @@ def _new_family_case(family, which, shape, generator):
 @pytest.mark.parametrize("which", ["ours", "diffusers"])
 def test_new_scheduler_step_vs_base(benchmark, which, family, shape, generator):
     benchmark(_new_family_case(family, which, shape, generator))
+
+
+# -- DPM-Solver++ multistep: the fused step and a whole loop next to DPMSolverMultistepScheduler ---------------
+DPM_STEPS = 20
+#: issue 21 item 5: dpmsolver++ (order 2, karras sigmas) and sde-dpmsolver++ (order 2, default sigmas)
+DPM_ALGORITHMS = {"dpmsolver++": {"use_karras_sigmas": True}, "sde-dpmsolver++": {}}
+
+
+def _dpm_scheduler(which, algorithm):
+    """Ours with ``seed=0`` (no generator: the SDE noise is the in-kernel Philox stream; with the GMM off and seed
+    None it would be torch's global RNG drawn exactly as the stock class draws it), or the stock class."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from ddim_gmm_ext.diffusers import DPMSolverMultistepGMMScheduler
+
+    config = dict(algorithm_type=algorithm, solver_order=2, **DPM_ALGORITHMS[algorithm])
+    return DPMSolverMultistepGMMScheduler(seed=0, **config) if which == "ours" else DPMSolverMultistepScheduler(**config)
+
+
+def _dpm_case(which, algorithm, shape, generator):
+    """The middle step of a 20-step schedule, after the steps before it (so the order-2 history and the order
+    count are a real run's), re-run in place: the history keeps its length (the newest x0 replaces the oldest)."""
+    s = _dpm_scheduler(which, algorithm)
+    s.set_timesteps(DPM_STEPS)
+    x, m = torch.randn(shape), torch.randn(shape)
+    gen = torch.Generator().manual_seed(0) if generator else None
+    i = DPM_STEPS // 2
+    for t in s.timesteps[:i]:
+        s.step(m, t, x, generator=gen)
+    t = s.timesteps[i]
+
+    def step():
+        s._step_index = i  # the base class counts steps; keep stepping the same one
+        return s.step(m, t, x, generator=gen)
+
+    return step
+
+
+def _dpm_loop_case(which, algorithm, generator, shape=(1, 4, 64, 64), steps=DPM_STEPS):
+    """A whole pipeline-style call under no_grad: set_timesteps, then ``steps`` steps of a 3x3-convolution model
+    (cheap, so the scheduler's share shows; run_loop_bench.py's model) and the scheduler step."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(shape[1], shape[1], 3, padding=1).eval()
+    s = _dpm_scheduler(which, algorithm)
+    x_T = torch.randn(shape)
+
+    def loop():
+        gen = torch.Generator().manual_seed(0) if generator else None
+        with torch.no_grad():
+            s.set_timesteps(steps)
+            x = x_T
+            for t in s.timesteps:
+                x = s.step(conv(x), t, x, generator=gen).prev_sample
+        return x
+
+    return loop
+
+
+@pytest.mark.parametrize("generator", [False, True], ids=["no_generator", "generator"])
+@pytest.mark.parametrize("shape", [(1, 4, 64, 64), (4, 4, 128, 128)], ids=["1x4x64x64", "4x4x128x128"])
+@pytest.mark.parametrize("algorithm", list(DPM_ALGORITHMS))
+@pytest.mark.parametrize("which", ["ours", "diffusers"])
+def test_dpm_step_vs_base(benchmark, which, algorithm, shape, generator):
+    benchmark(_dpm_case(which, algorithm, shape, generator))
+
+
+@pytest.mark.parametrize("generator", [False, True], ids=["no_generator", "generator"])
+@pytest.mark.parametrize("algorithm", list(DPM_ALGORITHMS))
+@pytest.mark.parametrize("which", ["ours", "diffusers"])
+def test_dpm_loop_vs_base(benchmark, which, algorithm, generator):
+    benchmark(_dpm_loop_case(which, algorithm, generator))

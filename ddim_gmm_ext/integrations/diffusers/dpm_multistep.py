@@ -53,13 +53,13 @@ def _solver_coefficients(order: int, h: float, a_s: float, sde: bool, solver_typ
         k0 = a_s * e
         heun = a_s * (e / (-2 * h) + 1) if order >= 2 else 0.0
         k1 = 0.5 * k0 if order == 2 and solver_type == "midpoint" else heun
-        k2 = a_s * ((e - 2 * h) / (2 * h) ** 2 - 0.5) if order == 3 else 0.0
+        k2 = a_s * ((e - 2 * h) / ((2 * h) * (2 * h)) - 0.5) if order == 3 else 0.0
     else:
         e = math.expm1(-h)  # e^-h - 1
         k0 = -a_s * e
         heun = a_s * (e / h + 1) if order >= 2 else 0.0
         k1 = -0.5 * a_s * e if order == 2 and solver_type == "midpoint" else heun
-        k2 = -a_s * ((e + h) / h**2 - 0.5) if order == 3 else 0.0
+        k2 = -a_s * ((e + h) / (h * h) - 0.5) if order == 3 else 0.0
     return k0, (k1 if order >= 2 else 0.0), k2
 
 
@@ -204,10 +204,11 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         self._rows_start = 0
         self._set_rows(self._coefficient_rows(0).to(self.timesteps.device))
 
-    def _order(self, i: int, start: int) -> int:
+    def _order(self, i: int, start: int, n: int | None = None) -> int:
         """diffusers' solver order at step i of a run that began at step ``start`` (lower_order_nums = i - start,
-        capped): 1 first, then up to ``solver_order``, lowered on the last steps."""
-        c, n = self.config, len(self.timesteps)
+        capped): 1 first, then up to ``solver_order``, lowered on the last steps. ``n``: len(self.timesteps)."""
+        c = self.config
+        n = len(self.timesteps) if n is None else n
         done = min(i - start, c.solver_order)
         final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero")
         second = i == n - 2 and c.lower_order_final and n < 15
@@ -228,16 +229,25 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         else:
             a = 1 / (sigma.square() + 1).sqrt()
             b = sigma * a
-        # numpy scalars: a repeated sigma (h = 0) gives inf / NaN coefficients as in diffusers, not an exception
-        lam = [np.float64(v) for v in (a.log() - b.log()).tolist()]
-        a_all: list[float] = a.tolist()
-        b_all: list[float] = b.tolist()
+        lam: list = (a.log() - b.log()).tolist()
+        errors = np.seterr(divide="ignore", invalid="ignore")
+        try:
+            try:  # Python floats: a third of the time of numpy scalars, the same IEEE results (no ** or numpy ufunc)
+                rows = self._rows_from(lam, a.tolist(), b.tolist(), start)
+            except ArithmeticError:  # a repeated sigma (h = 0): numpy scalars give inf / NaN as diffusers does
+                rows = self._rows_from([np.float64(v) for v in lam], a.tolist(), b.tolist(), start)
+        finally:
+            np.seterr(**errors)
+        return torch.tensor(rows, dtype=torch.float64)
+
+    def _rows_from(self, lam: list, a_all: list[float], b_all: list[float], start: int) -> list[list[float]]:
+        """The rows of :meth:`_coefficient_rows` from lambda = log(a / b), a and b of every sigma."""
+        c = self.config
         sde = c.algorithm_type == "sde-dpmsolver++"
         n = len(self.timesteps)
         rows = []
-        errors = np.seterr(divide="ignore", invalid="ignore")
         for i in range(n):
-            order = self._order(i, start) if i >= start else 1
+            order = self._order(i, start, n) if i >= start else 1
             h = lam[i + 1] - lam[i]
             r0 = (lam[i] - lam[i - 1]) / h if order >= 2 else 1.0
             r1 = (lam[i - 1] - lam[i - 2]) / h if order >= 3 else 1.0
@@ -247,8 +257,7 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
             noise = b_all[i + 1] * math.sqrt(-math.expm1(-2 * h)) if sde else 0.0
             g = 0.0 if i == n - 1 and c.final_step == "gaussian" else 1.0
             rows.append([a_all[i], b_all[i], x_coef * a_all[i] + w0, x_coef * b_all[i], noise, g, w1, w2])
-        np.seterr(**errors)
-        return torch.tensor(rows, dtype=torch.float64)
+        return rows
 
     def _restart_rows(self, start: int) -> None:
         """Rows for a run whose first step is ``start`` (a pipeline's begin index; diffusers restarts its order
@@ -284,7 +293,7 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
             self._init_step_index(timestep)
         i = self.step_index
         assert i is not None
-        if not 0 <= i < len(self.timesteps):
+        if not 0 <= i < self.timesteps.shape[0]:
             raise ValueError(
                 f"step {i} is past the end of the {len(self.timesteps)}-step schedule; call set_timesteps before "
                 "sampling again"
@@ -338,7 +347,8 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         i = self._index(timestep, sample.device)
         if c.variance_type in ("learned", "learned_range") and c.prediction_type == "epsilon":
             model_output = model_output[:, :3]  # diffusers keeps the first 3 channels (the mean) here
-        sample = sample.to(torch.float32) if sample.dtype != torch.float64 else sample  # as diffusers: upcast
+        if sample.dtype not in (torch.float32, torch.float64):
+            sample = sample.to(torch.float32)  # as diffusers: upcast (no call when already there: ~0.7 us)
         gmm = self._gmm_for(sample)  # first: gmm_steps="matched" rewrites the table when the GMM is built
         table = self._table(sample)
 
@@ -369,7 +379,11 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         order = c.solver_order
         # h1 (the latest data prediction), then h2 for order 3; slots still empty (eager first steps, whose rows
         # have H_j = 0) are left out
-        history = tuple(h for h in self.model_outputs[-1:-order:-1] if h is not None)  # order 1: ()
+        if order == 2:  # the common case without a generator expression (~0.3 us)
+            h1 = self.model_outputs[-1]
+            history = () if h1 is None else (h1,)
+        else:
+            history = tuple(h for h in self.model_outputs[-1:-order:-1] if h is not None)  # order 1: ()
         out = self._fused_step(
             m,
             sample,
@@ -388,7 +402,8 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         if not from_tensor:
             self.lower_order_nums = min(self.lower_order_nums + 1, order)
             self._step_index += 1  # type: ignore[operator]  # diffusers types _step_index as None
-        prev = prev.to(model_output.dtype)
+        if prev.dtype != model_output.dtype:
+            prev = prev.to(model_output.dtype)
         if not return_dict:
             return (prev,)
         return scheduler_output(SchedulerOutput, prev_sample=prev)
