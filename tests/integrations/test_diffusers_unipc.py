@@ -107,7 +107,7 @@ OPTIONS = [
 @pytest.mark.parametrize("config", OPTIONS, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_options_match_unipc(config, steps):
     # Checked to fail with the thresholding path skipping _threshold_sample, with disable_corrector ignored by the
-    # rows, and with lower_order_final read as DPM-Solver's (only below 15 steps, n - i capped at 2).
+    # rows, and with lower_order_final ignored (as the grid does).
     ours = _loop(UniPCMultistepGMMScheduler(**config), steps)
     stock = _loop(diffusers.UniPCMultistepScheduler(**config), steps)
     assert_close(ours, stock, kind="f32_loop_upstream")
@@ -163,8 +163,8 @@ def test_nan_where_diffusers_gives_nan():
 @pytest.mark.parametrize("begin", [True, False])
 def test_a_run_starting_mid_schedule_restarts_order_and_corrector(begin):
     # set_begin_index (img2img), or a first timestep found in the schedule: diffusers counts orders from the first
-    # step taken and has no last_sample there (corrector off). Checked to fail without the restart in _index /
-    # set_begin_index (the corrector then reads a missing last_sample as 0 with the order-3 rows).
+    # step taken and has no last_sample there (corrector off). Checked to fail without the restart in _index
+    # (begin=False) and in set_begin_index (begin=True): the order-3 corrector rows of a run from step 0.
     def run(s):
         s.set_timesteps(13)
         if begin:
