@@ -262,10 +262,10 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
             b_t = sigma * a_t
         a = [np.float64(v) for v in a_t.tolist()]
         b = [np.float64(v) for v in b_t.tolist()]
-        lam = [np.log(p) - np.log(q) for p, q in zip(a, b, strict=True)]
         px0, bh1 = bool(self.predict_x0), c.solver_type == "bh1"
         n, out = len(self.timesteps), []
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # sigma 0: lambda = inf, as diffusers
+            lam = [np.log(p) - np.log(q) for p, q in zip(a, b, strict=True)]
             for i in range(n):
                 corrected = [0.0] * 6
                 if i > start and (i - 1) not in self.disable_corrector:
