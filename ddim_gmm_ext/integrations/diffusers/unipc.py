@@ -98,7 +98,8 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
     ``solver_type`` "bh1" / "bh2", ``solver_order`` 1-3, ``predict_x0`` True / False, the corrector and
     ``disable_corrector``, ``lower_order_final``, every sigma schedule (karras, exponential, beta, flow sigmas with
     ``flow_shift``, dynamic shifting, custom ``sigmas``), ``final_sigmas_type``, every ``prediction_type``,
-    ``timestep_spacing`` / ``steps_offset`` and ``set_begin_index``.
+    ``timestep_spacing`` / ``steps_offset`` and ``set_begin_index``. ``disable_corrector`` is read when the rows
+    are built (``set_timesteps``, ``set_begin_index``, a run's first step), not at every step as diffusers reads it.
 
     * Fused from the model output: with ``predict_x0``, "epsilon", "sample", "v_prediction" (VP sigmas) and
       "flow_prediction" (flow sigmas); without, "epsilon". Otherwise the converted output (x0_hat, or eps_hat) is
