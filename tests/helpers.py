@@ -34,6 +34,9 @@ COMPARISONS = {
     "f64_svd": (1e-11, 0.0),
     # float64 whole loop vs a float64 re-implementation of an upstream sampler (ComfyUI's ancestral RF)
     "f64_loop": (1e-10, 1e-10),
+    # float64 whole loop vs an upstream scheduler made to compute in float64 (diffusers' UniPC with its float32 sigmas
+    # cast to float64): the same arithmetic, coefficients tabled here, computed per step there
+    "f64_loop_upstream": (1e-9, 1e-9),
     # float64 whole loop in k-diffusion's VE units (scaled by sigma) vs k-diffusion / the VP loop mapped to VE
     "f64_loop_ve": (1e-9, 1e-9),
     # one float32 expression vs the same formula in float64, absolute (latent-diffusion's stochastic_encode)

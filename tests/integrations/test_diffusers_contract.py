@@ -332,6 +332,7 @@ _IMPORT_SCRIPT = textwrap.dedent(
     assert gd.DDPMGMMScheduler in diffusers.DDPMScheduler().compatibles
     assert gd.DPMSolverMultistepGMMScheduler in diffusers.DPMSolverMultistepScheduler().compatibles
     assert gd.DPMSolverMultistepGMMScheduler in diffusers.DEISMultistepScheduler().compatibles
+    assert gd.UniPCMultistepGMMScheduler in diffusers.UniPCMultistepScheduler().compatibles
     assert type(DDIMPipeline(unet=unet, scheduler=gd.DDIMGMMScheduler()).scheduler) is gd.DDIMGMMScheduler
     gd.unpatch_diffusers()
     assert stock_state()[0] == compatibles and DDIMPipeline.__init__ is init

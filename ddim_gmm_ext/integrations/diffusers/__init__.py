@@ -38,6 +38,7 @@ from .euler import (
     EulerDiscreteSchedulerOutput,
 )
 from .flow_match import FlowMatchEulerDiscreteGMMScheduler, FlowMatchEulerDiscreteSchedulerOutput
+from .unipc import UniPCMultistepGMMScheduler
 
 __all__ = [
     "DDIMGMMScheduler",
@@ -51,6 +52,7 @@ __all__ = [
     "EulerDiscreteSchedulerOutput",
     "FlowMatchEulerDiscreteGMMScheduler",
     "FlowMatchEulerDiscreteSchedulerOutput",
+    "UniPCMultistepGMMScheduler",
     "patch_diffusers",
     "unpatch_diffusers",
 ]
@@ -63,6 +65,7 @@ _STOCK = {
     EulerDiscreteGMMScheduler: "EulerDiscreteScheduler",
     EulerAncestralDiscreteGMMScheduler: "EulerAncestralDiscreteScheduler",
     FlowMatchEulerDiscreteGMMScheduler: "FlowMatchEulerDiscreteScheduler",
+    UniPCMultistepGMMScheduler: "UniPCMultistepScheduler",
 }
 
 # The recorded library name must resolve even when only this package (not the public alias) was imported.

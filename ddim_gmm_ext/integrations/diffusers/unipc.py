@@ -1,0 +1,466 @@
+"""diffusers integration: :class:`UniPCMultistepGMMScheduler`, a drop-in ``UniPCMultistepScheduler`` whose
+UniC corrector and UniP predictor of a step are folded into one fused ``torch.ops.ddimgmm.step`` call.
+
+Step i of UniPC (diffusers' order of operations) with M_j the converted model output of step j (the data
+prediction x0_hat with ``predict_x0``, else the noise prediction eps_hat), x_i the sample passed in and L the
+``last_sample`` kept from step i - 1:
+
+    corrector (i > first step, i - 1 not in disable_corrector):  x_i^c = X_c L + sum_{k=0..p} c_k M_{i-k}
+    otherwise                                                     x_i^c = x_i
+    predictor:                                                    x_{i+1} = X_p x_i^c + sum_{k=0..q-1} w_k M_{i-k}
+
+with p the previous step's order, q this step's, X = b_{i+1} / b_i (``predict_x0``) or a_{i+1} / a_i and the c_k,
+w_k from UniPC's B(h) (bh1 / bh2) rho coefficients (:func:`_interval`). Substituting the corrector, x_{i+1} is
+linear in (x_i, M_i, M_{i-1}, M_{i-2}, M_{i-3}, L) with coefficients that depend only on the schedule: they are
+computed in float64 once per ``set_timesteps`` (order switches, ``lower_order_final`` and the corrector switches as
+rows). x_i = a_i x0_hat + b_i eps_hat for every prediction type, so (x_i, M_i) fold into the op's A, B (M_i is
+computed in the kernel from the model output), M_{i-1} is the op's history h1 and the rest (L, M_{i-2}, M_{i-3})
+its h2: the one of them a row uses directly, or their weighted sum in torch where a row uses more than one (solver
+order 2 and 3 with the corrector on; under ``torch.compile`` always, fused by inductor). The corrected x_i^c, the
+``last_sample`` of the next step, is the same kind of weighted sum in torch (none with the corrector off): it is
+not an output of the op, and computing it apart keeps diffusers' semantics exactly (the corrector reads L, not
+the sample passed in, which a pipeline may have edited).
+
+Importing this module imports diffusers; ``import ddim_gmm_ext`` does not.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from ... import _checks
+from ._base import GMMSchedulerMixin, check_model_output, check_step_count, publish, scheduler_output
+
+__all__ = ["SchedulerOutput", "UniPCMultistepGMMScheduler"]
+
+#: the basis of a step's linear maps: the sample, this step's and the three previous converted outputs, last_sample
+_X, _M0, _M1, _M2, _M3, _L = range(6)
+#: the torch-summed second history: its tensors and their columns in the basis
+_H2_BASIS = (_M2, _M3, _L)
+
+
+def _interval(
+    lam: list, a: list, b: list, j: int, order: int, predict_x0: bool, bh1: bool, corrector: bool
+) -> tuple[float, dict[int, float]]:
+    """UniPC's update over the interval j -> j + 1 of ``order`` as (X, {k: weight of M_{j-k}}): the predictor
+    (``corrector`` False) x_{j+1} = X x_j + sum w_k M_{j-k}, or the corrector's x_{j+1}^c = X x_j + sum w_k M_{j-k},
+    with k = -1 the new output M_{j+1}. Float64 numpy scalars: h = inf (a step to sigma 0) and h = 0 (a repeated
+    sigma) give the inf / NaN diffusers' arithmetic gives."""
+    h = lam[j + 1] - lam[j]
+    hh = -h if predict_x0 else h
+    h_phi_1 = np.expm1(hh)
+    big_b = hh if bh1 else np.expm1(hh)
+    x_coef = b[j + 1] / b[j] if predict_x0 else a[j + 1] / a[j]
+    s = a[j + 1] if predict_x0 else b[j + 1]
+    rks = [(lam[j - k] - lam[j]) / h for k in range(1, order)] + [np.float64(1.0)]
+    rhs, h_phi_k, factorial = [], h_phi_1 / hh - 1, 1
+    for i in range(1, order + 1):
+        rhs.append(h_phi_k * factorial / big_b)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    mat = np.array([[r ** (i - 1) for r in rks] for i in range(1, order + 1)], dtype=np.float64)
+    if corrector:
+        rhos = [np.float64(0.5)] if order == 1 else _solve(mat, rhs)
+    elif order == 1:
+        rhos = []
+    else:
+        rhos = [np.float64(0.5)] if order == 2 else _solve(mat[:-1, :-1], rhs[:-1])
+    k_res = -s * big_b
+    weights = {0: -s * h_phi_1}
+    for k in range(1, order):  # D1_k = (M_{j-k} - M_j) / r_k
+        weights[k] = k_res * rhos[k - 1] / rks[k - 1]
+        weights[0] -= k_res * rhos[k - 1] / rks[k - 1]
+    if corrector:  # D1_t = M_{j+1} - M_j with the last rho
+        weights[-1] = k_res * rhos[-1]
+        weights[0] -= k_res * rhos[-1]
+    return x_coef, weights
+
+
+def _solve(mat: np.ndarray, rhs: list) -> list:
+    """diffusers' ``torch.linalg.solve`` of the rho system in float64; a singular or non-finite system (h = inf or
+    0, where diffusers' solve fails or returns NaN) gives NaN rhos."""
+    try:
+        return list(np.linalg.solve(mat, np.array(rhs, dtype=np.float64)))
+    except (np.linalg.LinAlgError, ValueError):
+        return [np.float64("nan")] * len(rhs)
+
+
+class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
+    """``UniPCMultistepScheduler`` whose step (corrector and predictor) is one fused op call (module docstring).
+
+    Every ``UniPCMultistepScheduler`` config key, default and method is kept. Covered by the fused step:
+    ``solver_type`` "bh1" / "bh2", ``solver_order`` 1-3, ``predict_x0`` True / False, the corrector and
+    ``disable_corrector``, ``lower_order_final``, every sigma schedule (karras, exponential, beta, flow sigmas with
+    ``flow_shift``, dynamic shifting, custom ``sigmas``), ``final_sigmas_type``, every ``prediction_type``,
+    ``timestep_spacing`` / ``steps_offset`` and ``set_begin_index``. ``disable_corrector`` is read when the rows
+    are built (``set_timesteps``, ``set_begin_index``, a run's first step), not at every step as diffusers reads it.
+
+    * Fused from the model output: with ``predict_x0``, "epsilon", "sample", "v_prediction" (VP sigmas) and
+      "flow_prediction" (flow sigmas); without, "epsilon". Otherwise the converted output (x0_hat, or eps_hat) is
+      computed in torch as diffusers' ``convert_model_output`` does and the op takes it as a "sample" (or
+      "epsilon") prediction, the same update: ``thresholding`` (a per-sample quantile of x0_hat, which one pass
+      cannot take), "v_prediction" with flow sigmas, "flow_prediction" with VP sigmas, and "sample" /
+      "v_prediction" without ``predict_x0`` (the history is then the noise prediction, which the op does not
+      return).
+    * ``solver_p`` (another scheduler as the predictor) and ``solver_order`` > 3: ``UniPCMultistepScheduler.step``.
+    * No GMM: UniPC is deterministic (no noise at any step), so a mixture would have no Gaussian noise to replace
+      and its offsets would land on the sample uncompensated. ``gmm_variant`` other than None and
+      :meth:`set_gmm_params` are refused.
+
+    Step index: diffusers' host counter (``step_index``, ``set_begin_index``; a run starting mid-schedule gets its
+    order and corrector switches from its own first step). Under ``torch.compile`` it is the timestep's first
+    position in ``self.timesteps`` as a 0-d device tensor (no host sync, one graph for every step) and the host
+    counters (``step_index``, ``lower_order_nums``, ``this_order``) are not advanced. A compiled loop needs
+    :meth:`prepare_gmm` after ``set_timesteps`` (and after ``set_begin_index``): it fills the empty history and
+    ``last_sample`` with zeros (weight 0 in the first rows), so every step sees the same graph inputs.
+    """
+
+    _compatibles = [*UniPCMultistepScheduler._compatibles, "UniPCMultistepScheduler"]
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        predict_x0: bool = True,
+        solver_type: str = "bh2",
+        lower_order_final: bool = True,
+        disable_corrector: list[int] = [],  # noqa: B006  # diffusers' default, kept for the config
+        solver_p=None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        final_sigmas_type: str = "zero",
+        rescale_betas_zero_snr: bool = False,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        shift_terminal: float | None = None,
+        gmm_variant: str | None = None,
+    ):
+        if isinstance(solver_order, bool) or not isinstance(solver_order, Integral) or solver_order < 1:
+            raise ValueError(f"solver_order must be an int >= 1, got {solver_order!r}")
+        if prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
+            raise ValueError(
+                "prediction_type must be 'epsilon', 'sample', 'v_prediction' or 'flow_prediction', got "
+                f"{prediction_type!r}"
+            )
+        if prediction_type == "flow_prediction" and not predict_x0:
+            raise ValueError(
+                "prediction_type='flow_prediction' needs predict_x0=True (diffusers' UniPC has no noise prediction "
+                "for a flow model), got predict_x0=False"
+            )
+        if final_sigmas_type not in ("zero", "sigma_min"):
+            raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
+        if gmm_variant is not None:
+            raise ValueError(
+                f"gmm_variant={gmm_variant!r}: UniPC is deterministic (no noise at any step), so a Gaussian mixture "
+                "has no noise to replace and its offsets would land on the sample uncompensated; use gmm_variant=None "
+                "(or a stochastic scheduler: DDIMGMMScheduler, DPMSolverMultistepGMMScheduler with "
+                "algorithm_type='sde-dpmsolver++', ...)"
+            )
+        super().__init__(
+            num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=beta_schedule,
+            trained_betas=trained_betas,
+            solver_order=solver_order,
+            prediction_type=prediction_type,  # type: ignore[arg-type]  # diffusers annotates Literals
+            thresholding=thresholding,
+            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+            sample_max_value=sample_max_value,
+            predict_x0=predict_x0,
+            solver_type=solver_type,  # type: ignore[arg-type]
+            lower_order_final=lower_order_final,
+            disable_corrector=disable_corrector,
+            solver_p=solver_p,
+            use_karras_sigmas=use_karras_sigmas,
+            use_exponential_sigmas=use_exponential_sigmas,
+            use_beta_sigmas=use_beta_sigmas,
+            use_flow_sigmas=use_flow_sigmas,
+            flow_shift=flow_shift,
+            timestep_spacing=timestep_spacing,  # type: ignore[arg-type]
+            steps_offset=steps_offset,
+            final_sigmas_type=final_sigmas_type,  # type: ignore[arg-type]
+            rescale_betas_zero_snr=rescale_betas_zero_snr,
+            use_dynamic_shifting=use_dynamic_shifting,
+            time_shift_type=time_shift_type,  # type: ignore[arg-type]
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,  # type: ignore[arg-type]  # diffusers annotates bool
+            shift_terminal=shift_terminal,  # type: ignore[arg-type]
+        )
+        self._init_gmm(None, 8, 1.0, None)
+        self._rows_start: int = 0
+        self._host: list[list[float]] = []  # per step: the 6 + 6 + 3 float64 weights (next, corrected, h2 sum)
+        self._aux: dict = {}  # (device, dtype) -> [S, 9] corrected-sample and h2 weights for the compiled step
+
+    # -- no GMM ------------------------------------------------------------------------------------------------
+    def _gmm_for(self, sample):
+        return None  # UniPC is deterministic: no noise for a mixture to replace
+
+    def set_gmm_params(self, gmm_params=None) -> None:
+        """Refused for anything but None: UniPC is deterministic (see the class docstring)."""
+        if gmm_params is not None:
+            raise ValueError(
+                "UniPCMultistepGMMScheduler takes no GMM (set_gmm_params / gmm_variant): UniPC is deterministic, "
+                "so a mixture has no noise to replace"
+            )
+
+    def _fused(self) -> bool:
+        """Whether steps are this class's (else diffusers' own: ``solver_p``, ``solver_order`` > 3)."""
+        return self.solver_p is None and self.config.solver_order <= 3
+
+    # -- the coefficient table ---------------------------------------------------------------------------------
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None) -> None:
+        """As ``UniPCMultistepScheduler.set_timesteps``; also builds the coefficient table."""
+        if num_inference_steps is not None:
+            num_inference_steps = check_step_count(num_inference_steps)
+        super().set_timesteps(num_inference_steps=num_inference_steps, device=device, sigmas=sigmas, mu=mu)
+        self._build(0)
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """As ``UniPCMultistepScheduler.set_begin_index``; the rows restart the order count and the corrector
+        there (what diffusers' first step of the run does), so a compiled loop from ``begin_index`` is right too."""
+        super().set_begin_index(begin_index)
+        if self._rows is not None and self._fused() and 0 <= begin_index < len(self.timesteps):
+            self._build(begin_index)
+
+    def _order(self, i: int, start: int) -> int:
+        """diffusers' ``this_order`` at step i of a run that began at ``start``."""
+        c = self.config
+        order = min(c.solver_order, len(self.timesteps) - i) if c.lower_order_final else c.solver_order
+        return min(order, min(i - start, c.solver_order) + 1)
+
+    def _weights(self, start: int) -> list[list[float]]:
+        """Per step i: the float64 weights over (x_i, M_i, M_{i-1}, M_{i-2}, M_{i-3}, L) of x_{i+1} and of the
+        corrected x_i^c (module docstring), then a_i, b_i."""
+        c = self.config
+        sigma = self.sigmas.detach().to("cpu", torch.float64)
+        if c.use_flow_sigmas:
+            a_t, b_t = 1 - sigma, sigma
+        else:
+            a_t = 1 / (sigma.square() + 1).sqrt()
+            b_t = sigma * a_t
+        a = [np.float64(v) for v in a_t.tolist()]
+        b = [np.float64(v) for v in b_t.tolist()]
+        px0, bh1 = bool(self.predict_x0), c.solver_type == "bh1"
+        n, out = len(self.timesteps), []
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # sigma 0: lambda = inf, as diffusers
+            lam = [np.log(p) - np.log(q) for p, q in zip(a, b, strict=True)]
+            for i in range(n):
+                corrected = [0.0] * 6
+                if i > start and (i - 1) not in self.disable_corrector:
+                    x_c, w = _interval(lam, a, b, i - 1, self._order(i - 1, start), px0, bh1, corrector=True)
+                    corrected[_L] = x_c
+                    for k, v in w.items():  # k = -1: M_i, 0: M_{i-1}, ...
+                        corrected[_M0 + k + 1] = v
+                else:
+                    corrected[_X] = np.float64(1.0)
+                x_p, w = _interval(lam, a, b, i, self._order(i, start) if i >= start else 1, px0, bh1, corrector=False)
+                nxt = [x_p * v for v in corrected]
+                for k, v in w.items():
+                    nxt[_M0 + k] += v
+                out.append([float(v) for v in [*nxt, *corrected, a[i], b[i]]])
+        return out
+
+    def _build(self, start: int) -> None:
+        """Install the rows of a run beginning at ``start``: the op's [S, 8] table (a_t, b_t, A, B, c, g, H1, H2)
+        with c = g = 0 and the weights of the torch sums (``self._host`` on the host for eager steps, the [S, 9]
+        ``_aux`` table on the device for compiled ones)."""
+        self._rows_start = start
+        rows, host = [], []
+        eps_history = not self.predict_x0
+        for w in self._weights(start):
+            nxt, corrected, (a_i, b_i) = w[:6], w[6:12], w[12:]
+            if eps_history:  # op "epsilon": nx x + n0 eps = nx a x0 + (nx b + n0) eps
+                big_a, big_b = nxt[_X] * a_i, nxt[_X] * b_i + nxt[_M0]
+            else:  # x0_hat: nx x + n0 x0 = (nx a + n0) x0 + nx b eps
+                big_a, big_b = nxt[_X] * a_i + nxt[_M0], nxt[_X] * b_i
+            used = [nxt[k] for k in _H2_BASIS if nxt[k] != 0.0]
+            if len(used) == 1:  # one tensor: the op weighs it (the torch sum is that tensor times 1)
+                h2, sums = used[0], [float(nxt[k] != 0.0) for k in _H2_BASIS]
+            else:
+                h2, sums = (1.0 if used else 0.0), [nxt[k] for k in _H2_BASIS]
+            rows.append([a_i, b_i, big_a, big_b, 0.0, 0.0, nxt[_M1], h2])
+            host.append([*corrected, *sums])
+        self._host = host
+        device = self.timesteps.device
+        aux = torch.tensor(host, dtype=torch.float64, device=device)
+        self._aux = {(device, torch.float64): aux, (device, torch.float32): aux.float()}
+        self._set_rows(torch.tensor(rows, dtype=torch.float64, device=device))
+
+    def _aux_table(self, sample: torch.Tensor) -> torch.Tensor:
+        cdt = _checks.compute_dtype(sample.dtype)
+        key = (sample.device, cdt)
+        if key not in self._aux:
+            self._aux[key] = self._aux[(self.timesteps.device, torch.float64)].to(sample.device, cdt)
+        return self._aux[key]
+
+    def prepare_gmm(self, sample: torch.Tensor):
+        """As :meth:`GMMSchedulerMixin.prepare_gmm` (no GMM here: it returns None); also converts the tables to the
+        sample's device and compute dtype and fills the empty history slots and ``last_sample`` with zeros (in
+        the compute dtype, as the fused step keeps them) so that a compiled loop sees tensors at every step."""
+        super().prepare_gmm(sample)
+        self._aux_table(sample)
+        cdt = _checks.compute_dtype(sample.dtype)
+
+        def zeros():  # one tensor per slot: aliased slots would be a guard, and a recompile once they differ
+            return torch.zeros(sample.shape, dtype=cdt, device=sample.device)
+
+        self.model_outputs = [zeros() if h is None else h for h in self.model_outputs]
+        if self.last_sample is None:
+            self.last_sample = zeros()  # type: ignore[assignment]  # diffusers types last_sample as None
+        return None
+
+    # -- the step ---------------------------------------------------------------------------------------------
+    def _index(self, timestep, device: torch.device):
+        """The step index: diffusers' host counter, or under ``torch.compile`` a 0-d device tensor (the timestep's
+        first position in the schedule; -1 when absent: an all-NaN step)."""
+        if torch.compiler.is_compiling():
+            t = torch.as_tensor(timestep, device=device).reshape(())
+            match = self.timesteps.to(device) == t.to(self.timesteps.dtype)
+            first = match.to(torch.int64).argmax()
+            return torch.where(match.any(), first, torch.full_like(first, -1))
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i = self.step_index
+        assert i is not None
+        if not 0 <= i < len(self.timesteps):
+            raise ValueError(
+                f"step {i} is past the end of the {len(self.timesteps)}-step schedule; call set_timesteps before "
+                "sampling again"
+            )
+        if self.lower_order_nums == 0 and i != self._rows_start:
+            self._build(i)  # a run starting mid-schedule: diffusers restarts its order count and corrector here
+        return i
+
+    def _converted_in_torch(self, model_output, sample, a_t, b_t):
+        """M_i as diffusers' ``convert_model_output`` computes it, for the cases the op's prediction types do not
+        cover (class docstring)."""
+        c = self.config
+        if self.predict_x0:
+            if c.prediction_type == "epsilon":
+                x0 = (sample - b_t * model_output) / a_t
+            elif c.prediction_type == "sample":
+                x0 = model_output
+            elif c.prediction_type == "v_prediction":
+                x0 = a_t * sample - b_t * model_output
+            else:  # flow_prediction: x0 = x - sigma v with diffusers' sigma (b / a on a VP path)
+                x0 = sample - (b_t if c.use_flow_sigmas else b_t / a_t) * model_output
+            return self._threshold_sample(x0) if c.thresholding else x0
+        if c.prediction_type == "sample":
+            return (sample - a_t * model_output) / b_t
+        return a_t * model_output + b_t * sample  # v_prediction
+
+    @staticmethod
+    def _weighted_sum(weights, tensors):
+        """sum w_k t_k: host floats (zero terms and missing tensors skipped) or 0-d tensors (every term)."""
+        out = None
+        for w, t in zip(weights, tensors, strict=True):
+            if t is None or (not isinstance(w, torch.Tensor) and w == 0.0):
+                continue
+            if out is None:
+                out = t * w if isinstance(w, torch.Tensor) or w != 1.0 else t
+            else:
+                out = out + t * w if isinstance(w, torch.Tensor) else torch.add(out, t, alpha=w)
+        return out
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        """One UniPC step (corrector, then predictor) as one fused op call; arguments and outputs as
+        ``UniPCMultistepScheduler.step``."""
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+            )
+        if not self._fused():
+            return super().step(model_output, timestep, sample, return_dict)
+        check_model_output(model_output, sample)
+        c = self.config
+        i = self._index(timestep, sample.device)
+        out_dtype = sample.dtype
+        sample = sample.to(torch.float32) if sample.dtype != torch.float64 else sample
+        table = self._table(sample)
+        compiled = isinstance(i, torch.Tensor)
+
+        pred = c.prediction_type
+        if self.predict_x0:
+            fused = not c.thresholding and (
+                pred in ("epsilon", "sample")
+                or (pred == "v_prediction" and not c.use_flow_sigmas)
+                or (pred == "flow_prediction" and c.use_flow_sigmas)
+            )
+            op_pred = ("flow" if pred == "flow_prediction" else pred) if fused else "sample"
+        else:
+            fused, op_pred = pred == "epsilon", "epsilon"
+        if fused:
+            m = model_output
+        else:
+            row = table[i] if not compiled else table.index_select(0, i.clamp(min=0).reshape(1))[0]
+            m = self._converted_in_torch(model_output.to(sample.dtype), sample, row[0], row[1])
+        if m.dtype not in (sample.dtype, table.dtype):
+            m = m.to(table.dtype)
+
+        order = c.solver_order
+        history = self.model_outputs  # [M_{i-order}, ..., M_{i-1}]
+        olds = [history[-k] if k <= order else None for k in (1, 2, 3)]  # M_{i-1}, M_{i-2}, M_{i-3}
+        last = self.last_sample
+        if last is not None and last.dtype != table.dtype:
+            last = last.to(table.dtype)
+        h2_tensors = (olds[1], olds[2], last)
+        if compiled:
+            aux = self._aux_table(sample).index_select(0, i.clamp(min=0).reshape(1))[0]  # no host read of i
+            corr_w, h2_w = list(aux[:6].unbind()), list(aux[6:].unbind())
+        else:
+            corr_w, h2_w = self._host[i][:6], self._host[i][6:]
+        h2 = self._weighted_sum(h2_w, h2_tensors)
+        if olds[0] is None:
+            history_in: tuple[torch.Tensor, ...] = ()  # the run's first step: its row has H1 = H2 = 0
+        else:
+            history_in = (olds[0],) if h2 is None else (olds[0], h2)
+        out = self._fused_step(m, sample, i, prediction_type=op_pred, gmm=None, rows=table, history=history_in)
+        prev = out.prev_sample
+        converted = out.pred_original_sample if self.predict_x0 else m.to(table.dtype)
+
+        # the corrected sample x_i^c (diffusers' last_sample for the next step): x_i itself with the corrector off
+        corrected = self._weighted_sum(corr_w, (sample, converted, *olds, last))
+        self.last_sample = sample if corrected is None else corrected
+        # the history, as diffusers keeps it: the newest converted output last (a new list; no tensor modified)
+        self.model_outputs = [*self.model_outputs[1:], converted]
+        if not compiled:
+            self.timestep_list = [*self.timestep_list[1:], timestep]
+            self.this_order = self._order(i, self._rows_start)
+            self.lower_order_nums = min(self.lower_order_nums + 1, order)
+            self._step_index += 1  # type: ignore[operator]  # diffusers types _step_index as None
+        prev = prev.to(out_dtype)
+        if not return_dict:
+            return (prev,)
+        return scheduler_output(SchedulerOutput, prev_sample=prev)
+
+
+publish(UniPCMultistepGMMScheduler, SchedulerOutput)
