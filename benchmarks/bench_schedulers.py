@@ -144,7 +144,9 @@ def _dpm_scheduler(which, algorithm):
     from ddim_gmm_ext.diffusers import DPMSolverMultistepGMMScheduler
 
     config = dict(algorithm_type=algorithm, solver_order=2, **DPM_ALGORITHMS[algorithm])
-    return DPMSolverMultistepGMMScheduler(seed=0, **config) if which == "ours" else DPMSolverMultistepScheduler(**config)
+    return (
+        DPMSolverMultistepGMMScheduler(seed=0, **config) if which == "ours" else DPMSolverMultistepScheduler(**config)
+    )
 
 
 def _dpm_case(which, algorithm, shape, generator):

@@ -54,7 +54,9 @@ def cases():
             for gen in (False, True):
                 methods = {w: _dpm_case(w, algorithm, shape, gen) for w in ("ours", "diffusers")}
                 params = {"family": "dpm", "algorithm": algorithm, "shape": list(shape), "generator": gen}
-                out.append((f"DPM {algorithm}, {list(shape)}, {'generator' if gen else 'no generator'}", params, methods))
+                out.append(
+                    (f"DPM {algorithm}, {list(shape)}, {'generator' if gen else 'no generator'}", params, methods)
+                )
     for algorithm in DPM_ALGORITHMS:
         for gen in (False, True):
             methods = {w: _dpm_loop_case(w, algorithm, gen) for w in ("ours", "diffusers")}
