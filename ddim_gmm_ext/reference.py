@@ -619,16 +619,24 @@ def low_rank_moments(offsets: torch.Tensor, priors: torch.Tensor) -> tuple[torch
     = 0) to the covariance. With M = W^T diag(lam) W (eigen-decomposition, orthonormal rows W) and component
     k's noise covariance c^2 I - W^T diag(v_k) W, v_k = lam / (K pi_k) (the weighting of the diagonal
     variant, so sum_k pi_k v_k = lam), the mixture's covariance is c^2 I exactly, in every direction, as long
-    as c^2 >= g^2 v_k (each direction is clipped at 0 beyond). Computed in float64 from the thin SVD of
-    diag(sqrt(pi)) offsets."""
+    as c^2 >= g^2 v_k (each direction is clipped at 0 beyond).
+
+    Computed in float64 from the K x K Gram matrix (not an SVD of the K x D matrix, which took seconds per set
+    at D = 16384): with P = diag(sqrt(pi)) offsets [K, D], M = P^T P shares its nonzero eigenvalues with
+    G = P P^T = V diag(lam) V^T, and W = diag(lam)^(-1/2) V^T P. A direction without variance (lam <= K eps
+    lam_max: a zero prior) gets a zero row, which adds nothing to the noise whatever its v."""
     p64, d64 = priors.double(), offsets.double()
     K = d64.shape[1]
-    weighted = d64 * p64[:, :, None].sqrt()  # [S, K, D]: M = weighted^T weighted
-    _, sv, Vh = torch.linalg.svd(weighted, full_matrices=False)  # Vh [S, K, D], rows ordered by sv
+    weighted = d64 * p64[:, :, None].sqrt()  # P [S, K, D]: M = P^T P
+    lam_all, V = torch.linalg.eigh(weighted @ weighted.transpose(1, 2))  # ascending
     r = max(K - 1, 0)
-    lam = sv[:, :r] ** 2  # [S, r]
+    lam = lam_all.flip(-1)[:, :r].clamp(min=0)  # [S, r], descending
+    rows = V.flip(-1)[:, :, :r].transpose(1, 2) @ weighted  # [S, r, D]; row i has norm sqrt(lam_i)
+    keep = lam > K * torch.finfo(torch.float64).eps * lam[:, :1]
+    basis = torch.where(keep[..., None], rows / lam.clamp(min=torch.finfo(torch.float64).tiny).sqrt()[..., None], 0)
+    lam = torch.where(keep, lam, torch.zeros_like(lam))
     inv = torch.where(p64 > 0, 1.0 / (K * p64), torch.zeros_like(p64))  # [S, K]
-    return inv[:, :, None] * lam[:, None, :], Vh[:, :r].contiguous()
+    return inv[:, :, None] * lam[:, None, :], basis.contiguous()
 
 
 def gmm_parameters(
