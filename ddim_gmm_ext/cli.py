@@ -134,6 +134,45 @@ def cmd_train_digits(args) -> int:
     return 0
 
 
+def cmd_train_fashion(args) -> int:
+    from .quality import fashion
+
+    if not fashion.available():
+        args.error(
+            f"Fashion-MNIST is not installed in {fashion.data_dir()}: install Debian's dataset-fashion-mnist "
+            f"package (`{fashion.APT_COMMAND}`) or set DDIM_GMM_FASHION_DIR"
+        )
+    iters = args.iters or (2000 if args.net == "classifier" else 20_000)
+    batch = args.batch or 64
+    lr = args.lr or (1e-3 if args.net == "classifier" else 5e-4)
+    ckpt = fashion.checkpoint_path(args.out, args.net)
+    if ckpt.exists() and not args.resume:
+        args.error(f"{ckpt} exists: continue it with --resume, or remove it to start again")
+    log_path = Path(args.out) / f"fashion_{args.net}.log"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        print(f"# {' '.join(sys.argv)}  (iters {iters}, batch {batch}, lr {lr}, seed {args.seed})", file=log)
+        try:
+            info = fashion.train(
+                args.net,
+                args.out,
+                iters,
+                batch,
+                lr,
+                args.seed,
+                resume=args.resume,
+                ckpt_every=args.ckpt_every,
+                progress=not args.no_progress,
+                preview_every=args.preview_every,
+                log=log,
+            )
+        except ValueError as error:  # a checkpoint that does not match the options
+            args.error(str(error))
+        print(json.dumps({k: v for k, v in info.items() if k != "loss_curve"}), file=log)
+    print(json.dumps(info, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddim-gmm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +286,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train_digits, error=train.error)
+
+    tf = sub.add_parser(
+        "train-fashion",
+        help="train the Fashion-MNIST eps U-Net or the classifier of fashion-FD (Debian's dataset-fashion-mnist)",
+    )
+    tf.add_argument("--net", choices=("eps", "classifier"), default="eps", help="eps (default) or classifier")
+    tf.add_argument("--iters", type=_positive_int, help="optimiser steps in total (default 20000; classifier 2000)")
+    tf.add_argument("--batch", type=_positive_int, help="batch size (default 64)")
+    tf.add_argument("--lr", type=_positive_float, help="learning rate after warm-up (default 5e-4; classifier 1e-3)")
+    tf.add_argument("--seed", type=_seed, default=0, help="seed of the initialisation and batches (default 0)")
+    tf.add_argument(
+        "--out",
+        default=".",
+        type=_output_folder,
+        help="folder for fashion_<net>.ckpt (checkpoint), .log, and at the end .pt / .json (default: current folder; "
+        "the shipped files live in ddim_gmm_ext/quality/data)",
+    )
+    tf.add_argument("--resume", action="store_true", help="continue the checkpoint in --out (same seed, batch, lr)")
+    tf.add_argument("--ckpt-every", type=_positive_int, default=200, help="checkpoint every N steps (default 200)")
+    tf.add_argument(
+        "--preview-every", type=int, default=0, help="eps: a 20-step DDIM grid of the EMA model every N steps (0: none)"
+    )
+    tf.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tf.set_defaults(func=cmd_train_fashion, error=tf.error)
     return parser
 
 

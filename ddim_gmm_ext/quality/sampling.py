@@ -47,6 +47,17 @@ def make_gmms(sampler_list, dim: int, n_components: int, steps: int, seed: int, 
 
 step_gmm = _checks.gmm_for_step  # the one final-step rule of every sampler
 
+#: The Philox step counter of the initial noise x_T: no sampling step reaches it (steps <= 1000), so x_T and the
+#: step noise are independent draws of the same stream.
+INITIAL_NOISE_STEP = 2**32 - 1
+
+
+def initial_noise(samples: int, dim: int, seed: int, sample_offset: int = 0) -> torch.Tensor:
+    """x_T [samples, dim] float32 of the package's randomness contract: sample n (global index
+    ``sample_offset + row``) is the Philox stream of (seed, n, step :data:`INITIAL_NOISE_STEP`), so a shard of
+    samples [offset, offset + samples) of a larger run gets exactly that run's rows, whatever the split."""
+    return reference.gaussian_noise((samples, dim), seed, sample_offset, INITIAL_NOISE_STEP)
+
 
 def training_alphas_cumprod() -> torch.Tensor:
     """abar_t [1000] float64 of the paper's schedule."""
