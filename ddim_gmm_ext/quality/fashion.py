@@ -311,7 +311,7 @@ def train(
                 pe.lerp_(p, 1 - decay)
         value = loss.item()
         running = value if running is None else 0.99 * running + 0.01 * value
-        if (i + 1) % 50 == 0 or i + 1 == iters:
+        if (i + 1) % 50 == 0:
             bar.set_postfix(loss=f"{running:.4f}")
             curve.append([i + 1, round(running, 5)])
             if log is not None:
@@ -325,6 +325,8 @@ def train(
     final = ema if net_kind == "eps" else net
     final.eval()
     metrics = _final_metrics(net_kind, final, abar, data)
+    if running is not None and (not curve or curve[-1][0] != iters):
+        curve = [*curve, [iters, round(running, 5)]]  # the last step, for the summary (not in the checkpoint)
     return _ship(net_kind, final, out_dir, iters, batch, lr, seed, curve, seconds, metrics)
 
 

@@ -89,18 +89,47 @@ def _steps(items, progress: bool, desc: str):
     return tqdm(items, desc=desc, disable=not progress, leave=False)
 
 
+def _model_outputs(model, xs: list, time, n: int, sample_offset: int, model_batch: int | None) -> list:
+    """The model's output for every sampler's x [n, D] at ``time`` (a Python number, broadcast to the batch).
+    ``model_batch`` None: one stacked call [len(xs) * n, D] (the digits harness). Otherwise each sampler's rows
+    in chunks of the *global* sample indices [j * model_batch, (j + 1) * model_batch): the same batches whatever
+    the shard, so a model whose kernels round differently by batch size still gives a shard the rows of a
+    1-process run (``sample_offset`` must then be a multiple of ``model_batch``)."""
+    dtype = torch.int64 if isinstance(time, int) else torch.get_default_dtype()
+    if model_batch is None:
+        x = torch.cat(xs)
+        return list(model(x, torch.full((len(x),), time, dtype=dtype)).split(n))
+    if sample_offset % model_batch:
+        raise ValueError(f"sample_offset {sample_offset} must be a multiple of model_batch {model_batch}")
+    outs = []
+    for x in xs:
+        chunks = [x[j : j + model_batch] for j in range(0, len(x), model_batch)]
+        outs.append(torch.cat([model(c, torch.full((len(c),), time, dtype=dtype)) for c in chunks]))
+    return outs
+
+
 def sample_ddim(
-    eps_model, x_T, steps: int, eta: float, gmms, seed: int, progress: bool = False, final_step: str = "gaussian"
+    eps_model,
+    x_T,
+    steps: int,
+    eta: float,
+    gmms,
+    seed: int,
+    progress: bool = False,
+    final_step: str = "gaussian",
+    sample_offset: int = 0,
+    model_batch: int | None = None,
 ) -> list:
     """DDIM(-GMM) sampling loops of an epsilon model ``eps_model(x [B, D], t [B] int64)``, one per entry of
-    ``gmms`` (None = DDIM), all from ``x_T`` [N, D] with the same step noise (paired). The model sees one
-    stacked batch [len(gmms) * N, D] per step. ``final_step``: "gaussian" (no mixture on the last step) or
-    "gmm" (see :func:`step_gmm`). Returns one x0 [N, D] per entry of ``gmms``."""
+    ``gmms`` (None = DDIM), all from ``x_T`` [N, D] with the same step noise (paired). ``final_step``:
+    "gaussian" (no mixture on the last step) or "gmm" (see :func:`step_gmm`). ``sample_offset``: the global index
+    of x_T's first row (the randomness contract's, for a shard of a larger run); ``model_batch``: see
+    :func:`_model_outputs` (default: the model sees one stacked batch [len(gmms) * N, D] per step). Returns one
+    x0 [N, D] per entry of ``gmms``."""
     check_final_step(final_step)
     xs = [x_T] * len(gmms)
     for i, (t, abar_t, abar_prev) in enumerate(_steps(vp_schedule(steps), progress, "DDIM steps")):
-        x = torch.cat(xs)
-        eps = eps_model(x, torch.full((len(x),), t, dtype=torch.int64)).split(len(x_T))
+        eps = _model_outputs(eps_model, xs, t, len(x_T), sample_offset, model_batch)
         xs = [
             ddim_step(
                 e,
@@ -111,6 +140,7 @@ def sample_ddim(
                 gmm=step_gmm(gmm, i, steps, final_step),
                 step_index=i,
                 seed=seed,
+                sample_offset=sample_offset,
                 return_pred_original=False,
             ).prev_sample
             for e, x, gmm in zip(eps, xs, gmms, strict=False)
@@ -120,7 +150,16 @@ def sample_ddim(
 
 
 def sample_rfim(
-    flow_model, x_T, steps: int, eta: float, gmms, seed: int, progress: bool = False, final_step: str = "gaussian"
+    flow_model,
+    x_T,
+    steps: int,
+    eta: float,
+    gmms,
+    seed: int,
+    progress: bool = False,
+    final_step: str = "gaussian",
+    sample_offset: int = 0,
+    model_batch: int | None = None,
 ) -> list:
     """RFIM(-GMM) loops of a velocity model ``flow_model(x [B, D], t [B] float) -> v = eps - x0`` from t = 1 to
     0 on the uniform grid, as :func:`sample_ddim` (paired, one x0 [N, D] per entry of ``gmms``)."""
@@ -129,8 +168,7 @@ def sample_rfim(
     xs = [x_T] * len(gmms)
     for i in _steps(range(steps), progress, "RFIM steps"):
         t, s = times[i], times[i + 1]
-        x = torch.cat(xs)
-        v = flow_model(x, torch.full((len(x),), float(t))).split(len(x_T))
+        v = _model_outputs(flow_model, xs, float(t), len(x_T), sample_offset, model_batch)
         xs = [
             rfim_step(
                 m,
@@ -141,6 +179,7 @@ def sample_rfim(
                 gmm=step_gmm(gmm, i, steps, final_step),
                 step_index=i,
                 seed=seed,
+                sample_offset=sample_offset,
                 return_pred_original=False,
             ).prev_sample
             for m, x, gmm in zip(v, xs, gmms, strict=False)
