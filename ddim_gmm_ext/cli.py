@@ -258,7 +258,7 @@ def cmd_train_fashion(args) -> int:
                 preview_every=args.preview_every,
                 log=log,
             )
-        except ValueError as error:  # a checkpoint that does not match the options
+        except (ValueError, FileNotFoundError) as error:  # no checkpoint, or one that does not match the options
             args.error(str(error))
         print(json.dumps({k: v for k, v in info.items() if k != "loss_curve"}), file=log)
     print(json.dumps(info, indent=1))
@@ -442,7 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--resume", action="store_true", help="continue the checkpoint in --out (same seed, batch, lr)")
     tf.add_argument("--ckpt-every", type=_positive_int, default=200, help="checkpoint every N steps (default 200)")
     tf.add_argument(
-        "--preview-every", type=int, default=0, help="eps: a 20-step DDIM grid of the EMA model every N steps (0: none)"
+        "--preview-every",
+        type=_nonnegative_int,
+        default=0,
+        help="eps: a 20-step DDIM grid of the EMA model to fashion_eps_preview.png every N steps (0: none)",
     )
     tf.add_argument("--no-progress", action="store_true", help="no progress bar")
     tf.set_defaults(func=cmd_train_fashion, error=tf.error)
@@ -456,6 +459,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 

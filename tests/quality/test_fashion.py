@@ -112,6 +112,9 @@ def test_train_fashion_cli_refuses_to_overwrite_a_checkpoint(tmp_path, capsys, m
     with pytest.raises(SystemExit):
         cli.main(["train-fashion", "--out", str(tmp_path)])
     assert "--resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --resume without a checkpoint: a parser error, not a traceback
+        cli.main(["train-fashion", "--net", "classifier", "--resume", "--out", str(tmp_path)])
+    assert "no checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("net", SHIPPED)
