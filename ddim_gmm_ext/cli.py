@@ -101,8 +101,8 @@ def cmd_eval(args) -> int:
         args.error(f"--model {args.model} is a Fashion-MNIST model: --dataset fashion")
     if args.model == "digits" and dataset != "digits":
         args.error("--model digits is a digits model: --dataset digits")
-    if dataset == "digits" and (args.fid or args.model_batch):
-        args.error("--fid and --model-batch apply to --model fashion only")
+    if dataset == "digits" and (args.fid or args.model_batch or args.reference):
+        args.error("--fid, --model-batch and --reference apply to --model fashion only")
     settings: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in _eval_settings(args).items()}
     sweep = evaluate.Sweep(
         family=args.family,
@@ -122,7 +122,7 @@ def cmd_eval(args) -> int:
     try:
         sweep.check()
         model = evaluate.load_model(args.model, args.family, sweep.dim)
-        quality = _quality(dataset, args.fid, ctx)
+        quality = _quality(dataset, args.fid, ctx, args.reference)
     except (ValueError, ModuleNotFoundError, FileNotFoundError) as error:
         args.error(str(error))
     result = evaluate.run(model, sweep, quality, progress=not args.no_progress, ctx=ctx)
@@ -135,14 +135,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _quality(dataset: str, fid: bool, ctx):
+def _quality(dataset: str, fid: bool, ctx, reference: int | None = None):
     if dataset == "digits":
         from .quality.metrics import DigitsQuality
 
         return DigitsQuality()
+    from .quality import fashion
     from .quality.fid import FashionQuality
 
-    return FashionQuality(fid=fid, ctx=ctx)
+    real = fashion.load_images("test").flatten(1)
+    return FashionQuality(fid=fid, ctx=ctx, reference=real[:reference] if reference else real)
 
 
 def cmd_sample(args) -> int:
@@ -376,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--model-batch", type=_positive_int, help="fashion: model calls on chunks of this many samples (default 250)"
+    )
+    ev.add_argument(
+        "--reference",
+        type=_positive_int,
+        help="fashion: the first N test images as the reference set (default all 10,000; fewer for a quick CPU run "
+        "with --fid, whose reference costs one Inception pass per image)",
     )
     ev.set_defaults(func=cmd_eval, error=ev.error)
 

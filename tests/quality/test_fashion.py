@@ -255,7 +255,7 @@ def test_eval_fashion_end_to_end(tmp_path):
     out = tmp_path / "eval"
     args = ["eval", "--dataset", "fashion", "--model", "tests.quality.tiny_models:tiny_conv", "--steps", "2"]
     args += ["--etas", "1", "--variants", "ortho-lr", "--scales", "1", "--samples", "12", "--seeds", "0"]
-    assert cli.main([*args, "--model-batch", "5", "--out", str(out), "--no-progress"]) == 0
+    assert cli.main([*args, "--model-batch", "5", "--reference", "300", "--out", str(out), "--no-progress"]) == 0
     payload = json.loads((out / "results.json").read_text())
     assert len(payload["rows"]) == 2 and "Philox" in payload["config"]["initial_noise"]
     assert payload["reference"]["precision"] > 0.5  # real training images against the test split
