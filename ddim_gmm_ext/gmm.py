@@ -93,7 +93,8 @@ class GMM:
         return self._build(dim, n_components, n_steps, scale, variant, share_across_steps, uniform_priors, key)
 
     def _build(self, dim, n_components, n_steps, scale, variant, share_across_steps, uniform_priors, seed) -> GMM:
-        """Tables of ``variant`` from the package's random stream, by the fused ops (reference.gmm_parameters)."""
+        """Tables of ``variant`` from the package's random stream, by the fused ops (reference.gmm_parameters, with
+        ORTHO-LR's basis from the same low_rank_moments)."""
         for name, flag in (("share_across_steps", share_across_steps), ("uniform_priors", uniform_priors)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
@@ -101,7 +102,7 @@ class GMM:
         dim, n_components, n_steps = int(dim), int(n_components), int(n_steps)  # NumPy integers too
         if self.device.type == "meta":
             raise ValueError("device must hold data (cpu or cuda): the tables are drawn, then validated, got meta")
-        priors, offsets, var_offsets = reference.gmm_parameters(
+        priors, offsets, var_offsets, basis = reference._gmm_tables(
             dim,
             n_components,
             n_steps,
@@ -110,12 +111,11 @@ class GMM:
             share_across_steps,
             uniform_priors,
             seed,
-            device=self.device,
-            dtype=torch.float64,
-            thin_svd_fn=api.thin_svd,
-            offset_directions_fn=api.offset_directions,
+            self.device,
+            torch.float64,
+            api.thin_svd,
+            api.offset_directions,
         )
-        basis = reference.low_rank_moments(offsets, priors)[1] if variant == "ortho-lr" else None
         offsets, var_offsets = offsets.to(self.dtype), var_offsets.to(self.dtype)
         if not (torch.isfinite(offsets).all() and torch.isfinite(var_offsets).all()):
             raise ValueError(f"scale {scale} is too large: the GMM tables overflow {self.dtype}")

@@ -664,6 +664,38 @@ def gmm_parameters(
     Built in float64, returned in ``dtype``. ``thin_svd_fn`` and ``offset_directions_fn`` let the fused ops
     stand in for the reference's (GMM does so); they must compute the same values.
     """
+    return _gmm_tables(
+        dim,
+        n_components,
+        n_steps,
+        scale,
+        variant,
+        share_across_steps,
+        uniform_priors,
+        seed,
+        device,
+        dtype,
+        thin_svd_fn,
+        offset_directions_fn,
+    )[:3]
+
+
+def _gmm_tables(
+    dim,
+    n_components,
+    n_steps,
+    scale,
+    variant,
+    share_across_steps,
+    uniform_priors,
+    seed,
+    device,
+    dtype,
+    thin_svd_fn,
+    offset_directions_fn,
+):
+    """:func:`gmm_parameters` and, last, ORTHO-LR's basis from the same :func:`low_rank_moments` (None for the
+    other variants), for :class:`GMM`, which keeps it."""
     check_gmm_config(dim, n_components, n_steps, scale, variant)
     dim, n_components, n_steps = int(dim), int(n_components), int(n_steps)  # NumPy integers are accepted too
     n_sets = 1 if share_across_steps else n_steps
@@ -680,15 +712,16 @@ def gmm_parameters(
     else:
         C = scale * _centre(thin_svd_fn(directions), priors)
     offsets = C.transpose(1, 2).contiguous()
+    basis = None
     if variant == "ortho-vub":
         var_offsets = vub_var_offsets(priors, scale)
     elif variant == "ortho-lr":
-        var_offsets = low_rank_moments(offsets, priors)[0]
+        var_offsets, basis = low_rank_moments(offsets, priors)
     else:
         var_offsets = diagonal_var_offsets(offsets, priors)
     if not (torch.isfinite(offsets).all() and torch.isfinite(var_offsets.to(dtype)).all()):
         raise ValueError(f"scale {scale} is too large: the GMM tables overflow {dtype}")
-    return priors.to(dtype), offsets.to(dtype), var_offsets.to(dtype)
+    return priors.to(dtype), offsets.to(dtype), var_offsets.to(dtype), None if basis is None else basis.to(dtype)
 
 
 def check_gmm_config(dim: int, n_components: int, n_steps: int, scale: float, variant: str) -> None:

@@ -263,6 +263,14 @@ class GMMSchedulerMixin:
         return self._built_gmm
 
     # -- the step --------------------------------------------------------------------------------------
+    def _compiled_index(self, timestep, device: torch.device) -> torch.Tensor:
+        """The step index under ``torch.compile``: a 0-d device tensor, the timestep's first position in
+        ``self.timesteps`` (no host sync, one graph for every step); -1 when absent (an all-NaN step)."""
+        t = torch.as_tensor(timestep, device=device).reshape(())
+        match = self.timesteps.to(device) == t.to(self.timesteps.dtype)  # type: ignore[attr-defined]  # the scheduler's
+        first = match.to(torch.int64).argmax()
+        return torch.where(match.any(), first, torch.full_like(first, -1))
+
     def _fused_step(
         self,
         model_output: torch.Tensor,
@@ -299,6 +307,22 @@ class GMMSchedulerMixin:
             components=components,
             history=history,
         )
+
+
+def torch_data_prediction(scheduler, model_output, sample, a_t, b_t):
+    """x0_hat as diffusers' multistep ``convert_model_output`` computes it in torch (then dynamic thresholding),
+    for the prediction types the fused op does not cover; ``scheduler`` gives the config and
+    ``_threshold_sample``."""
+    c = scheduler.config
+    if c.prediction_type == "epsilon":
+        x0 = (sample - b_t * model_output) / a_t
+    elif c.prediction_type == "sample":
+        x0 = model_output
+    elif c.prediction_type == "v_prediction":
+        x0 = a_t * sample - b_t * model_output
+    else:  # flow_prediction: x0 = x - sigma v with diffusers' sigma (b / a on a VP path)
+        x0 = sample - (b_t if c.use_flow_sigmas else b_t / a_t) * model_output
+    return scheduler._threshold_sample(x0) if c.thresholding else x0  # noqa: SLF001
 
 
 def check_step_count(value, name: str = "num_inference_steps") -> int:

@@ -37,6 +37,7 @@ from ._base import (
     draw_components,
     publish,
     scheduler_output,
+    torch_data_prediction,
 )
 
 __all__ = ["DPMSolverMultistepGMMScheduler", "SchedulerOutput"]
@@ -285,10 +286,7 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         """The step index: diffusers' host counter, or under ``torch.compile`` a 0-d device tensor (the timestep's
         first position in the schedule; -1 when absent: an all-NaN step)."""
         if torch.compiler.is_compiling():
-            t = torch.as_tensor(timestep, device=device).reshape(())
-            match = self.timesteps.to(device) == t.to(self.timesteps.dtype)
-            first = match.to(torch.int64).argmax()
-            return torch.where(match.any(), first, torch.full_like(first, -1))
+            return self._compiled_index(timestep, device)
         if self.step_index is None:
             self._init_step_index(timestep)
         i = self.step_index
@@ -305,19 +303,7 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
     def _x0_in_torch(self, model_output, sample, row):
         """x0_hat as diffusers' ``convert_model_output`` computes it (then dynamic thresholding), for the cases
         the op's prediction types do not cover (class docstring). ``row`` holds a_t, b_t."""
-        c = self.config
-        a_t, b_t = row[0], row[1]
-        if c.prediction_type == "epsilon":
-            x0 = (sample - b_t * model_output) / a_t
-        elif c.prediction_type == "sample":
-            x0 = model_output
-        elif c.prediction_type == "v_prediction":
-            x0 = a_t * sample - b_t * model_output
-        else:  # flow_prediction: x0 = x - sigma v with diffusers' sigma (b / a on a VP path)
-            x0 = sample - (b_t if c.use_flow_sigmas else b_t / a_t) * model_output
-        if c.thresholding:
-            x0 = self._threshold_sample(x0)
-        return x0
+        return torch_data_prediction(self, model_output, sample, row[0], row[1])
 
     def step(
         self,

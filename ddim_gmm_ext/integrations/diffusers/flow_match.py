@@ -158,10 +158,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
         """The step index: the base class's host counter, or under ``torch.compile`` a 0-d device tensor (the
         timestep's first position in the schedule; -1 when absent: an all-NaN step)."""
         if torch.compiler.is_compiling():
-            t = torch.as_tensor(timestep, device=device).reshape(())
-            match = self.timesteps.to(device) == t.to(self.timesteps.dtype)  # type: ignore[call-overload]  # diffusers types timesteps as ndarray
-            first = match.to(torch.int64).argmax()
-            return torch.where(match.any(), first, torch.full_like(first, -1))
+            return self._compiled_index(timestep, device)
         if self.step_index is None:
             try:
                 self._init_step_index(timestep)

@@ -35,7 +35,14 @@ from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepSchedu
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from ... import _checks
-from ._base import GMMSchedulerMixin, check_model_output, check_step_count, publish, scheduler_output
+from ._base import (
+    GMMSchedulerMixin,
+    check_model_output,
+    check_step_count,
+    publish,
+    scheduler_output,
+    torch_data_prediction,
+)
 
 __all__ = ["SchedulerOutput", "UniPCMultistepGMMScheduler"]
 
@@ -337,10 +344,7 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
         """The step index: diffusers' host counter, or under ``torch.compile`` a 0-d device tensor (the timestep's
         first position in the schedule; -1 when absent: an all-NaN step)."""
         if torch.compiler.is_compiling():
-            t = torch.as_tensor(timestep, device=device).reshape(())
-            match = self.timesteps.to(device) == t.to(self.timesteps.dtype)
-            first = match.to(torch.int64).argmax()
-            return torch.where(match.any(), first, torch.full_like(first, -1))
+            return self._compiled_index(timestep, device)
         if self.step_index is None:
             self._init_step_index(timestep)
         i = self.step_index
@@ -359,15 +363,7 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
         cover (class docstring)."""
         c = self.config
         if self.predict_x0:
-            if c.prediction_type == "epsilon":
-                x0 = (sample - b_t * model_output) / a_t
-            elif c.prediction_type == "sample":
-                x0 = model_output
-            elif c.prediction_type == "v_prediction":
-                x0 = a_t * sample - b_t * model_output
-            else:  # flow_prediction: x0 = x - sigma v with diffusers' sigma (b / a on a VP path)
-                x0 = sample - (b_t if c.use_flow_sigmas else b_t / a_t) * model_output
-            return self._threshold_sample(x0) if c.thresholding else x0
+            return torch_data_prediction(self, model_output, sample, a_t, b_t)
         if c.prediction_type == "sample":
             return (sample - a_t * model_output) / b_t
         return a_t * model_output + b_t * sample  # v_prediction
