@@ -302,24 +302,38 @@ def train(net_kind: str, out_dir, iters: int, batch: int, lr: float, seed: int, 
     return manifest
 
 
+def shipped_manifest(data_set: str, nets, net_kind: str, data_dir=DATA_DIR) -> dict:
+    """The manifest ``<data_set>_<net_kind>.json`` of a shipped network of ``data_set`` (digits, fashion)."""
+    if net_kind not in nets:
+        raise ValueError(f"net must be one of {nets}, got {net_kind!r}")
+    path = Path(data_dir) / f"{data_set}_{net_kind}.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no {path}: train it with `ddim-gmm train-{data_set} --net {net_kind} --out {data_dir}`"
+        )
+    return json.loads(path.read_text())
+
+
+def verified_weights(info: dict, data_dir=DATA_DIR) -> dict:
+    """The state dict a manifest names, after checking it against the manifest's sha256 (ValueError on a
+    mismatch)."""
+    weights = Path(data_dir) / info["file"]
+    if sha256(weights) != info["sha256"]:
+        raise ValueError(f"{weights} does not match the sha256 in its manifest: reinstall or retrain it")
+    return torch.load(weights, weights_only=True)
+
+
 def manifest(net_kind: str, data_dir=DATA_DIR) -> dict:
     """The manifest of a shipped network."""
-    if net_kind not in NETS:
-        raise ValueError(f"net must be one of {NETS}, got {net_kind!r}")
-    path = Path(data_dir) / f"digits_{net_kind}.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no {path}: train it with `ddim-gmm train-digits --net {net_kind} --out {data_dir}`")
-    return json.loads(path.read_text())
+    return shipped_manifest("digits", NETS, net_kind, data_dir)
 
 
 def load(net_kind: str, data_dir=DATA_DIR) -> nn.Module:
     """The shipped network ``net_kind`` in eval mode, after checking its weights against the manifest's
     sha256 (ValueError on a mismatch)."""
     info = manifest(net_kind, data_dir)
-    weights = Path(data_dir) / info["file"]
-    if sha256(weights) != info["sha256"]:
-        raise ValueError(f"{weights} does not match the sha256 in its manifest: reinstall or retrain it")
+    state = verified_weights(info, data_dir)
     arch = dict(info["architecture"])
     net = _ARCHITECTURES[arch.pop("class")](**arch)
-    net.load_state_dict(torch.load(weights, weights_only=True))
+    net.load_state_dict(state)
     return net.eval().requires_grad_(False)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .digits import DATA_DIR, check_finite_loss, n_parameters, sha256
+from .digits import DATA_DIR, check_finite_loss, n_parameters, sha256, shipped_manifest, verified_weights
 from .sampling import training_alphas_cumprod
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -399,23 +399,16 @@ def _curve_summary(curve: list, points: int = 20) -> list:
 
 
 def manifest(net_kind: str, data_dir=DATA_DIR) -> dict:
-    if net_kind not in NETS:
-        raise ValueError(f"net must be one of {NETS}, got {net_kind!r}")
-    path = Path(data_dir) / f"fashion_{net_kind}.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no {path}: train it with `ddim-gmm train-fashion --net {net_kind} --out {data_dir}`")
-    return json.loads(path.read_text())
+    """The manifest of a shipped network."""
+    return shipped_manifest("fashion", NETS, net_kind, data_dir)
 
 
 def load(net_kind: str, data_dir=DATA_DIR) -> nn.Module:
     """The shipped network ``net_kind`` in float32 eval mode, after checking its weights against the manifest's
     sha256 (ValueError on a mismatch)."""
     info = manifest(net_kind, data_dir)
-    weights = Path(data_dir) / info["file"]
-    if sha256(weights) != info["sha256"]:
-        raise ValueError(f"{weights} does not match the sha256 in its manifest: reinstall or retrain it")
+    state = verified_weights(info, data_dir)
     net = build(net_kind, info["architecture"])
-    state = torch.load(weights, weights_only=True)
     net.load_state_dict({k: v.float() for k, v in state.items()})
     return net.eval().requires_grad_(False)
 
