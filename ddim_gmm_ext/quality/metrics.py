@@ -33,11 +33,17 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(((mu_x - mu_y) ** 2).sum() + s_x.trace() + s_y.trace() - 2 * cross)
 
 
-def _knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Distance of each row of x [n, F] to its k-th nearest other row, [n]."""
+def knn_radii(x: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Tensor:
+    """Distance of each row of x [n, F] to its k-th nearest other row, [n], in float64. Rows are taken
+    ``chunk`` at a time (a [chunk, n] distance block instead of [n, n]: 10,000 reference images would need 800 MB)
+    and the k + 1 smallest kept by ``topk`` (the 1st smallest is the point itself)."""
     if len(x) <= k:
         raise ValueError(f"need more than k = {k} points for k-NN radii, got {len(x)}")
-    return torch.cdist(x, x).kthvalue(k + 1, dim=1).values  # the 1st smallest is the point itself
+    x = x.double()
+    blocks = [
+        torch.cdist(x[i : i + chunk], x).topk(k + 1, dim=1, largest=False).values[:, k] for i in range(0, len(x), chunk)
+    ]
+    return torch.cat(blocks)
 
 
 def _fraction_covered(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> float:
@@ -45,15 +51,21 @@ def _fraction_covered(points: torch.Tensor, centres: torch.Tensor, radii: torch.
     return float((torch.cdist(points, centres) <= radii[None]).any(dim=1).double().mean())
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+def precision_recall(
+    real: torch.Tensor, fake: torch.Tensor, k: int = 3, real_radii: torch.Tensor | None = None
+) -> tuple[float, float]:
     """(precision, recall) of generated features ``fake`` [m, F] against ``real`` [n, F]: precision is the
     fraction of fake points within the k-NN radius of some real point, recall the fraction of real points
-    within the k-NN radius of some fake point (k = 3 as in Kynkaanniemi et al.). Computed in float64."""
+    within the k-NN radius of some fake point (k = 3 as in Kynkaanniemi et al.). Computed in float64.
+    ``real_radii``: ``knn_radii(real, k)`` computed once for a fixed reference set (the costly part of a call
+    with 10,000 reference images)."""
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"real and fake must be [n, F] and [m, F], got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if real_radii is not None and real_radii.shape != (len(real),):
+        raise ValueError(f"real_radii must be [{len(real)}] (knn_radii of real), got {tuple(real_radii.shape)}")
     real, fake = real.double(), fake.double()
-    precision = _fraction_covered(fake, real, _knn_radii(real, k))
-    recall = _fraction_covered(real, fake, _knn_radii(fake, k))
+    precision = _fraction_covered(fake, real, knn_radii(real, k) if real_radii is None else real_radii.double())
+    recall = _fraction_covered(real, fake, knn_radii(fake, k))
     return precision, recall
 
 
@@ -69,6 +81,7 @@ class DigitsQuality:
         self.classifier = cast(digits.DigitsClassifier, digits.load("classifier"))
         self.real = load_digits_scaled(torch.float32)
         self.real_features = self.features(self.real)
+        self.real_radii = knn_radii(self.real_features, k)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -81,6 +94,6 @@ class DigitsQuality:
         f = self.features(samples[finite])
         if len(f) <= self.k:
             return {"fd": math.inf, "precision": 0.0, "recall": 0.0}
-        precision, recall = precision_recall(self.real_features, f, self.k)
+        precision, recall = precision_recall(self.real_features, f, self.k, self.real_radii)
         fd = frechet_distance(f, self.real_features) if finite.all() else math.inf
         return {"fd": fd, "precision": precision * len(f) / len(samples), "recall": recall}

@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 
 from ddim_gmm_ext import cli  # noqa: E402
 from ddim_gmm_ext.quality import digits, evaluate  # noqa: E402
-from ddim_gmm_ext.quality.metrics import DigitsQuality, frechet_distance, precision_recall  # noqa: E402
+from ddim_gmm_ext.quality.metrics import DigitsQuality, frechet_distance, knn_radii, precision_recall  # noqa: E402
 from ddim_gmm_ext.quality.sampling import make_gmms, sample_ddim, samplers  # noqa: E402
 
 SHIPPED = [net for net in digits.NETS if (digits.DATA_DIR / f"digits_{net}.json").exists()]
@@ -64,6 +64,21 @@ def test_precision_recall_known_cases():
     assert precision < 0.7 and recall > 0.8
     with pytest.raises(ValueError, match="k = 3"):
         precision_recall(x, x[:3])
+
+
+def test_knn_radii_in_chunks_and_cached():
+    """The chunked radii are the k-th nearest other point's distance (checked against the whole distance matrix;
+    fails with the self-distance index k - 1 in ``knn_radii``), and precomputed reference radii give the same
+    precision / recall as computing them in the call."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(301, 8, generator=gen, dtype=torch.float64)
+    whole = torch.cdist(x, x).kthvalue(4, dim=1).values
+    for chunk in (1, 7, 1024):
+        torch.testing.assert_close(knn_radii(x, 3, chunk=chunk), whole, rtol=1e-12, atol=1e-12)
+    fake = 1.3 * torch.randn(200, 8, generator=gen)
+    assert precision_recall(x, fake, 3, knn_radii(x, 3)) == precision_recall(x, fake, 3)
+    with pytest.raises(ValueError, match=r"real_radii must be \[301\]"):
+        precision_recall(x, fake, 3, knn_radii(x, 3)[:5])
 
 
 def test_digits_quality_of_real_and_noise(quality):
