@@ -141,7 +141,8 @@ def frechet_from_stats(a: FeatureStats, b: FeatureStats) -> float:
 
 def _batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([fn(x[j : j + batch]) for j in range(0, len(x), batch)])
+        # an empty x (a rank with an empty shard) still makes one call, for the output's feature shape
+        return torch.cat([fn(x[j : j + batch]) for j in range(0, max(len(x), 1), batch)])
 
 
 class FashionQuality:

@@ -165,6 +165,9 @@ def _model_outputs(model, xs: list, time, n: int, sample_offset: int, model_batc
     outs = []
     for x in xs:
         chunks = [x[j : j + model_batch] for j in range(0, len(x), model_batch)]
+        if not chunks:  # an empty shard (fewer chunks than ranks): no model call (a UNet cannot take 0 rows)
+            outs.append(torch.empty_like(x))
+            continue
         outs.append(torch.cat([model(c, torch.full((len(c),), time, dtype=dtype)) for c in chunks]))
     return outs
 

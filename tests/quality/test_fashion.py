@@ -171,6 +171,23 @@ def test_sample_shards_union_equals_one_run():
     assert torch.isfinite(one).all() and not torch.equal(one[0], one[1])
 
 
+def test_ranks_without_rows_sample_and_score_nothing():
+    """More ranks than model chunks (200 samples in chunks of 250 on 2 ranks): a rank whose shard is empty
+    neither calls the model (the U-Net cannot take 0 rows; mutation checked: without the empty-shard branch of
+    sampling._model_outputs this raises) nor fails computing features, and the shards still make the 1-process run."""
+    from tests.quality import dist_worker
+
+    job = generate.SampleJob(
+        model="tiny", dim=784, samples=5, steps=2, eta=1.0, variant="ortho-lr", scale=2.0, model_batch=4
+    )
+    one = generate.sample(tiny_models.tiny_unet, job)
+    shards = [generate.sample(tiny_models.tiny_unet, job, distributed.Context(r, 4)) for r in range(4)]
+    assert [len(s) for s in shards] == [0, 4, 0, 1]
+    assert torch.equal(torch.cat(shards), one)
+    quality = dist_worker.quality()
+    assert quality.features(torch.empty(0, 784)).shape == (0, quality.real_features.shape[1])
+
+
 def test_sample_cli_writes_npz_and_pt(tmp_path):
     args = ["sample", "--model", "tests.quality.tiny_models:tiny_conv", "--dim", "784", "--samples", "5"]
     args += ["--steps", "2", "--variant", "ortho-lr", "--scale", "2", "--eta", "1", "--no-progress"]
