@@ -2,8 +2,9 @@
 # The Fashion-MNIST evidence study (issue 23 item 6): DDIM vs DDIM-GMM with the controls of docs/quality.md, on the
 # shipped eps model, s chosen on seeds 5-6 and scored on seeds 0-4 (paired), fashion-FD / precision / recall.
 # Each stage is one `ddim-gmm eval` under torchrun (NPROC processes, one thread each); stages run in order and
-# a finished stage is skipped on a rerun. Then `python benchmarks/study/summarise.py OUT` merges them into
-# benchmarks/results/fashion_study.{json,md,png}.
+# a finished stage is skipped on a rerun. Then
+#   python -m ddim_gmm_ext.quality.study OUT --out benchmarks/results/fashion_study
+# merges them into benchmarks/results/fashion_study.{json,md,png} (ddim_gmm_ext/quality/study.py says how).
 #
 #   benchmarks/study/fashion_study.sh OUT [STAGE ...]      # NPROC=2 SAMPLES=200 by default
 #
