@@ -166,7 +166,7 @@ def run_digits(args) -> dict:
     with one_thread():
         model, quality = evaluate.load_model("digits"), DigitsQuality()
         for seed in args.seeds:
-            x_T = evaluate.initial_noise(args.samples, seed)
+            x_T = evaluate.sweep_initial_noise(args.samples, evaluate.DIM, seed)
             (gmm,) = make_gmms([sampler], evaluate.DIM, args.components, steps, seed, per_dim=args.scale_per_dim)
             acts = {
                 GMM_ROW: gmm_step_mask("all", gmm, stds, g),

@@ -196,7 +196,7 @@ def check_model(model, family: str, name: str = "model", dim: int = DIM) -> None
         raise ValueError(f"--model {name!r} returned non-finite values")
 
 
-def initial_noise(samples: int, seed: int, dim: int = DIM, kind: str = "torch", sample_offset: int = 0) -> torch.Tensor:
+def sweep_initial_noise(samples: int, dim: int, seed: int, kind: str = "torch", sample_offset: int = 0) -> torch.Tensor:
     """x_T [samples, dim] of a seed, shared by every sampler of that seed (paired runs): "torch" is
     torch.randn(samples, dim) of torch.Generator().manual_seed(seed) (the digits tables'; not a function of the
     sample index, so one process only), "philox" the randomness contract's stream of (seed, global sample index)
@@ -220,14 +220,14 @@ def sample_and_score(
 ):
     """Samples and metrics {"fd", "precision", "recall"[, "fid"]} of every sampler of ``sweep`` at one
     (steps, eta, seed): [(name, variant, scale, x0, metrics)], x0 this rank's rows [n_r, D] (all N rows in one
-    process). The initial noise is :func:`initial_noise` of ``sweep.noise_kind``; GMM tables and step noise use
+    process). The initial noise is :func:`sweep_initial_noise` of ``sweep.noise_kind``; GMM tables and step noise use
     ``seed`` too. Under torchrun each rank samples its slice (global indices [offset, offset + n_r)) and the
     metrics are those of the union."""
     ctx = ctx or distributed.Context()
     baseline, sample_fn, _ = FAMILIES[sweep.family]
     sampler_list = list(samplers(sweep.scales, sweep.variants, baseline, per_dim=sweep.scale_per_dim))
     offset, count = distributed.shard(sweep.samples, ctx, align=sweep.model_batch or 1)
-    x_T = initial_noise(count, seed, sweep.dim, sweep.noise_kind, offset)
+    x_T = sweep_initial_noise(count, sweep.dim, seed, sweep.noise_kind, offset)
     gmms = make_gmms(sampler_list, sweep.dim, sweep.components, steps, seed, per_dim=sweep.scale_per_dim)
     entries, policies, clips = policy_entries(sweep, sampler_list, gmms, steps, eta, baseline)
     with torch.no_grad():

@@ -193,7 +193,7 @@ def test_digits_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     (gmm,) = make_gmms([sampler], 64, 8, 3, 1)
     acts = tuple(gmm_step_mask("all", gmm, ddim_noise_stds(3, 1.0), [1.0, 1.0, 0.0]))
     with torch.no_grad():
-        (x0,) = sample_ddim(model, evaluate.initial_noise(40, 1), 3, 1.0, [MatchedNoise(gmm, acts)], 1)
+        (x0,) = sample_ddim(model, evaluate.sweep_initial_noise(40, 64, 1), 3, 1.0, [MatchedNoise(gmm, acts)], 1)
     control = DigitsQuality()(x0)
     assert result["rows"][6]["fd"] == pytest.approx(control["fd"], rel=1e-6)
     monkeypatch.setattr(demo, "step_speed", lambda eta: None)  # a .[demo] install has no diffusers

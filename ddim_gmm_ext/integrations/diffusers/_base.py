@@ -309,6 +309,40 @@ class GMMSchedulerMixin:
         )
 
 
+#: the prediction types of the multistep schedulers (DPM-Solver++, UniPC)
+MULTISTEP_PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow_prediction")
+
+
+def check_multistep_prediction(prediction_type) -> None:
+    if prediction_type not in MULTISTEP_PREDICTIONS:
+        raise ValueError(
+            f"prediction_type must be 'epsilon', 'sample', 'v_prediction' or 'flow_prediction', got {prediction_type!r}"
+        )
+
+
+def fused_data_prediction(config) -> str | None:
+    """The op's ``prediction_type`` that gives a multistep scheduler's data prediction x0_hat from the model output
+    in the kernel, or None where diffusers' torch conversion is needed (:func:`torch_data_prediction`): dynamic
+    thresholding (a per-sample quantile), v on a flow path, a flow output on a VP path."""
+    pred = config.prediction_type
+    if config.thresholding:
+        return None
+    if pred in ("epsilon", "sample") or (pred == "v_prediction" and not config.use_flow_sigmas):
+        return pred
+    return "flow" if pred == "flow_prediction" and config.use_flow_sigmas else None
+
+
+def multistep_alpha_sigma(scheduler) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) float64 on the CPU of every entry of a multistep scheduler's ``sigmas`` (x = a x0 + b eps), as
+    diffusers' ``_sigma_to_alpha_sigma_t``: a flow path (``use_flow_sigmas``) a = 1 - sigma, b = sigma; a VP path
+    a = 1 / sqrt(sigma^2 + 1), b = sigma a (sigma = b / a)."""
+    sigma = scheduler.sigmas.detach().to("cpu", torch.float64)
+    if scheduler.config.use_flow_sigmas:
+        return 1 - sigma, sigma
+    a = 1 / (sigma.square() + 1).sqrt()
+    return a, sigma * a
+
+
 def torch_data_prediction(scheduler, model_output, sample, a_t, b_t):
     """x0_hat as diffusers' multistep ``convert_model_output`` computes it in torch (then dynamic thresholding),
     for the prediction types the fused op does not cover; ``scheduler`` gives the config and

@@ -33,8 +33,11 @@ from .._common import multistep_weights as _multistep_weights
 from ._base import (
     GMMSchedulerMixin,
     check_generator,
+    check_multistep_prediction,
     check_step_count,
     draw_components,
+    fused_data_prediction,
+    multistep_alpha_sigma,
     publish,
     scheduler_output,
     torch_data_prediction,
@@ -177,11 +180,7 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
             use_dynamic_shifting=use_dynamic_shifting,
             time_shift_type=time_shift_type,  # type: ignore[arg-type]
         )
-        if prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
-            raise ValueError(
-                "prediction_type must be 'epsilon', 'sample', 'v_prediction' or 'flow_prediction', got "
-                f"{prediction_type!r}"
-            )
+        check_multistep_prediction(prediction_type)
         algorithm = self.config.algorithm_type  # diffusers maps "deis" to "dpmsolver++"
         if gmm_variant is not None and algorithm != "sde-dpmsolver++":
             raise ValueError(
@@ -223,13 +222,7 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         """[S, 8] float64 rows (a_t, b_t, A, B, c, g, H1, H2) of every step of a run beginning at ``start``
         (module docstring), from diffusers' float32 sigmas. A step to sigma 0 (final_sigmas_type "zero") has
         h = inf: e^-h = 0, and the row is x_s = x0_hat."""
-        c = self.config
-        sigma = self.sigmas.detach().to("cpu", torch.float64)
-        if c.use_flow_sigmas:
-            a, b = 1 - sigma, sigma
-        else:
-            a = 1 / (sigma.square() + 1).sqrt()
-            b = sigma * a
+        a, b = multistep_alpha_sigma(self)
         lam: list = (a.log() - b.log()).tolist()
         errors = np.seterr(divide="ignore", invalid="ignore")
         try:
@@ -338,14 +331,9 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         gmm = self._gmm_for(sample)  # first: gmm_steps="matched" rewrites the table when the GMM is built
         table = self._table(sample)
 
-        pred = c.prediction_type
-        fused = not c.thresholding and (
-            pred in ("epsilon", "sample")
-            or (pred == "v_prediction" and not c.use_flow_sigmas)
-            or (pred == "flow_prediction" and c.use_flow_sigmas)
-        )
-        if fused:
-            m, op_pred = model_output, "flow" if pred == "flow_prediction" else pred
+        op_pred = fused_data_prediction(c)
+        if op_pred is not None:
+            m = model_output
         else:
             m, op_pred = self._x0_in_torch(model_output.to(sample.dtype), sample, table[i]), "sample"
         if m.dtype not in (sample.dtype, table.dtype):

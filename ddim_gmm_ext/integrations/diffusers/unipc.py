@@ -38,7 +38,10 @@ from ... import _checks
 from ._base import (
     GMMSchedulerMixin,
     check_model_output,
+    check_multistep_prediction,
     check_step_count,
+    fused_data_prediction,
+    multistep_alpha_sigma,
     publish,
     scheduler_output,
     torch_data_prediction,
@@ -166,11 +169,7 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
     ):
         if isinstance(solver_order, bool) or not isinstance(solver_order, Integral) or solver_order < 1:
             raise ValueError(f"solver_order must be an int >= 1, got {solver_order!r}")
-        if prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
-            raise ValueError(
-                "prediction_type must be 'epsilon', 'sample', 'v_prediction' or 'flow_prediction', got "
-                f"{prediction_type!r}"
-            )
+        check_multistep_prediction(prediction_type)
         if prediction_type == "flow_prediction" and not predict_x0:
             raise ValueError(
                 "prediction_type='flow_prediction' needs predict_x0=True (diffusers' UniPC has no noise prediction "
@@ -262,12 +261,7 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
         """Per step i: the float64 weights over (x_i, M_i, M_{i-1}, M_{i-2}, M_{i-3}, L) of x_{i+1} and of the
         corrected x_i^c (module docstring), then a_i, b_i."""
         c = self.config
-        sigma = self.sigmas.detach().to("cpu", torch.float64)
-        if c.use_flow_sigmas:
-            a_t, b_t = 1 - sigma, sigma
-        else:
-            a_t = 1 / (sigma.square() + 1).sqrt()
-            b_t = sigma * a_t
+        a_t, b_t = multistep_alpha_sigma(self)
         a = [np.float64(v) for v in a_t.tolist()]
         b = [np.float64(v) for v in b_t.tolist()]
         px0, bh1 = bool(self.predict_x0), c.solver_type == "bh1"
@@ -406,12 +400,8 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
 
         pred = c.prediction_type
         if self.predict_x0:
-            fused = not c.thresholding and (
-                pred in ("epsilon", "sample")
-                or (pred == "v_prediction" and not c.use_flow_sigmas)
-                or (pred == "flow_prediction" and c.use_flow_sigmas)
-            )
-            op_pred = ("flow" if pred == "flow_prediction" else pred) if fused else "sample"
+            data_pred = fused_data_prediction(c)
+            fused, op_pred = data_pred is not None, data_pred or "sample"
         else:
             fused, op_pred = pred == "epsilon", "epsilon"
         if fused:
