@@ -110,6 +110,17 @@ def stage_cells(name: str, payload: dict) -> list[dict]:
     return cells
 
 
+def chosen_scale(stage_dir, steps: int, eta: float, variant: str, components: int | None = None) -> float:
+    """The s a finished stage chose for (steps, eta, variant) on its selection seeds (KeyError when it has no
+    such cell or refused every s there)."""
+    payload = json.loads((Path(stage_dir) / "results.json").read_text())
+    for cell in stage_cells(Path(stage_dir).name, payload):
+        if (cell["steps"], cell["eta"], cell["variant"]) == (steps, eta, variant) and cell["scale"] is not None:
+            if components is None or cell["components"] == components:
+                return cell["scale"]
+    raise KeyError(f"{stage_dir}: no chosen s for steps {steps}, eta {eta}, variant {variant}")
+
+
 def merge(stages: dict) -> dict:
     """One payload: every stage's configuration and rows (tagged with the stage) and the cells of all stages.
     ValueError when two stages disagree on a DDIM row they share (they must: same seed, x_T and step noise)."""

@@ -91,3 +91,6 @@ def test_merge_writes_table_and_figure_and_refuses_inconsistent_ddim(tmp_path):
     (tmp_path / "run" / "b" / "results.json").write_text(json.dumps(_stage(ddim_fd=(10.0, 12.5))))
     with pytest.raises(ValueError, match="DDIM at"):
         study.merge(study.load_stages(tmp_path / "run"))
+    assert study.chosen_scale(tmp_path / "run" / "a", 5, 1.0, "rand") == 1.0
+    with pytest.raises(KeyError, match="no chosen s"):
+        study.chosen_scale(tmp_path / "run" / "a", 10, 1.0, "rand")
