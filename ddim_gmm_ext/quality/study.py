@@ -57,8 +57,10 @@ def _paired(rows_a: dict, rows_b: dict, seeds) -> dict:
     return {m: _mean_std([rows_a[s][m] - rows_b[s][m] for s in seeds]) for m in METRICS}
 
 
-def stage_cells(name: str, payload: dict) -> list[dict]:
-    """The cells of one stage: per (steps, eta, GMM variant) the chosen s and every role's metrics at that s."""
+def stage_cells(name: str, payload: dict, every_scale: bool = False) -> list[dict]:
+    """The cells of one stage: per (steps, eta, GMM variant) the chosen s (``scale`` None: every s refused) and
+    every role's metrics at that s; ``every_scale``: one cell per scored s instead, ``selected`` marking the
+    chosen one."""
     config = payload["config"]
     seeds = list(config["seeds"])
     floor = config["precision_floor"]
@@ -76,38 +78,43 @@ def stage_cells(name: str, payload: dict) -> list[dict]:
         for eta in config["etas"]:
             ddim = by_key[(steps, eta, evaluate.FAMILIES[config["family"]][0], None)]
             for variant in config["variants"]:
-                cell = {
-                    "stage": name,
-                    "steps": steps,
-                    "eta": eta,
-                    "components": config["components"],
-                    "variant": variant,
-                    "scale": chosen.get((steps, eta, variant)),
-                    "seeds": seeds,
-                    "ddim": {m: _mean_std([ddim[s][m] for s in seeds]) for m in METRICS},
-                }
-                if cell["scale"] is None:  # every s fell below the precision floor on the selection seeds
-                    cells.append(cell)
-                    continue
-                for role, prefix, suffix in ROLES:
-                    rows = by_key.get((steps, eta, prefix + variant + suffix, cell["scale"]))
-                    if rows is None:
-                        continue
-                    clips = [r["clip_fraction"] for r in rows.values() if r.get("clip_fraction") is not None]
-                    cell[role] = {
-                        **{m: _mean_std([rows[s][m] for s in seeds]) for m in METRICS},
-                        "diff": _paired(rows, ddim, seeds),
-                        "clip_fraction": statistics.fmean(clips) if clips else None,
-                        "_rows": rows,
+                pick = chosen.get((steps, eta, variant))
+                for scale in sorted(config["scales"]) if every_scale else [pick]:
+                    cell = {
+                        "stage": name,
+                        "steps": steps,
+                        "eta": eta,
+                        "components": config["components"],
+                        "variant": variant,
+                        "scale": scale,
+                        "seeds": seeds,
+                        "ddim": {m: _mean_std([ddim[s][m] for s in seeds]) for m in METRICS},
                     }
-                for role, control in (("gmm", "control"), ("matched", "matched_control")):
-                    if role in cell and control in cell:
-                        cell[f"{role}_minus_control"] = _paired(cell[role]["_rows"], cell[control]["_rows"], seeds)
-                cells.append(cell)
-    for cell in cells:
-        for role, _, _ in ROLES:
-            cell.get(role, {}).pop("_rows", None)
+                    if every_scale:
+                        cell["selected"] = scale == pick
+                    if scale is not None:  # None: every s fell below the precision floor on the selection seeds
+                        _add_roles(cell, by_key, ddim, seeds)
+                    cells.append(cell)
     return cells
+
+
+def _add_roles(cell: dict, by_key: dict, ddim: dict, seeds: list) -> None:
+    """Every role's metrics, paired differences to DDIM and to its control, at the cell's s."""
+    per_role = {}
+    for role, prefix, suffix in ROLES:
+        rows = by_key.get((cell["steps"], cell["eta"], prefix + cell["variant"] + suffix, cell["scale"]))
+        if rows is None:
+            continue
+        per_role[role] = rows
+        clips = [r["clip_fraction"] for r in rows.values() if r.get("clip_fraction") is not None]
+        cell[role] = {
+            **{m: _mean_std([rows[s][m] for s in seeds]) for m in METRICS},
+            "diff": _paired(rows, ddim, seeds),
+            "clip_fraction": statistics.fmean(clips) if clips else None,
+        }
+    for role, control in (("gmm", "control"), ("matched", "matched_control")):
+        if role in per_role and control in per_role:
+            cell[f"{role}_minus_control"] = _paired(per_role[role], per_role[control], seeds)
 
 
 def chosen_scale(stage_dir, steps: int, eta: float, variant: str, components: int | None = None) -> float:
@@ -115,9 +122,9 @@ def chosen_scale(stage_dir, steps: int, eta: float, variant: str, components: in
     such cell or refused every s there)."""
     payload = json.loads((Path(stage_dir) / "results.json").read_text())
     for cell in stage_cells(Path(stage_dir).name, payload):
-        if (cell["steps"], cell["eta"], cell["variant"]) == (steps, eta, variant) and cell["scale"] is not None:
-            if components is None or cell["components"] == components:
-                return cell["scale"]
+        same = (cell["steps"], cell["eta"], cell["variant"]) == (steps, eta, variant)
+        if same and cell["scale"] is not None and components in (None, cell["components"]):
+            return cell["scale"]
     raise KeyError(f"{stage_dir}: no chosen s for steps {steps}, eta {eta}, variant {variant}")
 
 
@@ -139,6 +146,9 @@ def merge(stages: dict) -> dict:
         "reference": first["reference"],
         "stages": {name: payload["config"] for name, payload in stages.items()},
         "cells": [cell for name, payload in stages.items() for cell in stage_cells(name, payload)],
+        "cells_every_scale": [
+            cell for name, payload in stages.items() for cell in stage_cells(name, payload, every_scale=True)
+        ],
         "rows": [{"stage": name, **row} for name, payload in stages.items() for row in payload["rows"]],
         "selection_rows": [
             {"stage": name, **row} for name, payload in stages.items() for row in payload.get("selection_rows", [])
@@ -176,6 +186,26 @@ def table_markdown(merged: dict) -> str:
             f"| {_diff(c.get('gmm_minus_control'))} | {_diff(c.get('matched'))} "
             f"| {_diff(gmm, 'precision', 3)} | {_diff(c.get('control'), 'precision', 3)} |"
         )
+    matched = [c for c in merged.get("cells_every_scale", []) if "matched" in c]
+    if matched:
+        lines += [
+            "",
+            "Where the kernel is moment matched: each variant at every scored s on all its mixture steps and on the "
+            'matched ones only (`gmm_steps="matched"`: the steps where g^2 v_k <= c^2 for every component), '
+            "with the matched policy's own control; * marks the chosen s.",
+            "",
+            "| eta | steps | K | variant (s) | clips | GMM dFD | control dFD | matched dFD | matched control dFD "
+            "| matched - control dFD |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in sorted(matched, key=lambda c: (c["eta"], c["steps"], c["components"], c["variant"], c["scale"])):
+            clip = c["gmm"]["clip_fraction"]
+            lines.append(
+                f"| {c['eta']:g} | {c['steps']} | {c['components']} | {c['variant'].upper()} ({c['scale']:g})"
+                f"{'*' if c['selected'] else ''} | {'-' if clip is None else f'{clip:.2f}'} | {_diff(c['gmm'])} "
+                f"| {_diff(c.get('control'))} | {_diff(c['matched'])} | {_diff(c.get('matched_control'))} "
+                f"| {_diff(c.get('matched_minus_control'))} |"
+            )
     ref = merged["reference"]
     lines += [
         "",

@@ -53,6 +53,7 @@ def _stage(ddim_fd=(10.0, 12.0)):
         "etas": [1.0],
         "family": "ddim",
         "variants": ["rand"],
+        "scales": [1.0, 3.0],
         "components": 8,
         "machine": "test",
         "model": "fashion",
@@ -86,6 +87,10 @@ def test_merge_writes_table_and_figure_and_refuses_inconsistent_ddim(tmp_path):
     assert len(merged["cells"]) == 2 and {r["stage"] for r in merged["rows"]} == {"a", "b"}
     table = (tmp_path / "out" / "study.md").read_text()
     assert "| 1 | 5 | 8 | RAND (1) | 0.50 | 11.00 ± 1.41 | -1.00 ± 0.00 |" in table
+    # every s in the moment-matching table, the chosen one starred; s = 3 has no "matched" rows
+    assert "| 1 | 5 | 8 | RAND (1)* | 0.50 | -1.00 ± 0.00 | -1.00 ± 0.71 | -0.25 ± 0.00 | - | - |" in table
+    assert "RAND (3)" not in table
+    assert [c["selected"] for c in merged["cells_every_scale"][:2]] == [True, False]
     assert (tmp_path / "out" / "study.png").stat().st_size > 10_000
     # mutation checked: without the consistency check in merge the next call passes
     (tmp_path / "run" / "b" / "results.json").write_text(json.dumps(_stage(ddim_fd=(10.0, 12.5))))
