@@ -45,9 +45,10 @@ stage steps20 --steps 20 --etas 0.5 1 --variants rand ortho-lr
 # ORTHO (the paper finds it close to RAND).
 stage ortho --steps 5 10 --etas 0.5 1 --variants ortho
 # Inception FID beside fashion-FD on one cell: 10 steps, eta 1, DDIM vs ORTHO-LR at the s eta_pos chose, and its
-# control; one seed of FID_SAMPLES (1000) against all 10,000 test images (about 14,000 Inception passes).
+# control; one seed of FID_SAMPLES (1000) against the first FID_REFERENCE (10,000: all) test images (about 14,000
+# Inception passes; the published run: FID_SAMPLES=500 FID_REFERENCE=2000, 4,000 passes).
 if [[ ${#wanted[@]} -eq 0 || " ${wanted[*]} " =~ " fid " ]] && [[ ! -f $out/fid/results.json ]]; then
     s=$(python -c "from ddim_gmm_ext.quality import study; print(study.chosen_scale('$out/eta_pos', 10, 1.0, 'ortho-lr'))")
     common=(--model fashion --model-batch 250 --seeds 0 --samples "${FID_SAMPLES:-1000}" --no-progress)
-    stage fid --steps 10 --etas 1 --variants ortho-lr --scales "$s" --fid
+    stage fid --steps 10 --etas 1 --variants ortho-lr --scales "$s" --fid --reference "${FID_REFERENCE:-10000}"
 fi

@@ -129,26 +129,35 @@ def chosen_scale(stage_dir, steps: int, eta: float, variant: str, components: in
 
 
 def merge(stages: dict) -> dict:
-    """One payload: every stage's configuration and rows (tagged with the stage) and the cells of all stages.
+    """One payload: every stage's configuration and rows (tagged with the stage) and the cells of the sweep stages;
+    a stage run with the Inception FID (a few cells at another sample count) goes to ``fid`` with its summary.
     ValueError when two stages disagree on a DDIM row they share (they must: same seed, x_T and step noise)."""
     ddim_rows: dict = {}
     for name, payload in stages.items():
         for row in payload["rows"]:
             if row["scale"] is None:
-                key = (row["seed"], row["steps"], row["eta"])
+                key = (payload["config"]["samples"], row["seed"], row["steps"], row["eta"])
                 if key in ddim_rows and ddim_rows[key]["fd"] != row["fd"]:
-                    raise ValueError(f"stage {name}: DDIM at (seed, steps, eta) = {key} differs from another stage")
+                    raise ValueError(
+                        f"stage {name}: DDIM at (samples, seed, steps, eta) = {key} differs from another stage"
+                    )
                 ddim_rows[key] = row
-    first = next(iter(stages.values()))
+    sweeps = {name: p for name, p in stages.items() if not p["config"].get("fid")}
+    first = next(iter(sweeps.values()))
     return {
         "machine": first["config"]["machine"],
         "model": first["config"]["model"],
         "reference": first["reference"],
         "stages": {name: payload["config"] for name, payload in stages.items()},
-        "cells": [cell for name, payload in stages.items() for cell in stage_cells(name, payload)],
+        "cells": [cell for name, payload in sweeps.items() for cell in stage_cells(name, payload)],
         "cells_every_scale": [
-            cell for name, payload in stages.items() for cell in stage_cells(name, payload, every_scale=True)
+            cell for name, payload in sweeps.items() for cell in stage_cells(name, payload, every_scale=True)
         ],
+        "fid": {
+            name: {"summary": p["summary"], "reference": p["reference"]}
+            for name, p in stages.items()
+            if p["config"].get("fid")
+        },
         "rows": [{"stage": name, **row} for name, payload in stages.items() for row in payload["rows"]],
         "selection_rows": [
             {"stage": name, **row} for name, payload in stages.items() for row in payload.get("selection_rows", [])
@@ -206,6 +215,19 @@ def table_markdown(merged: dict) -> str:
                 f"| {_diff(c.get('control'))} | {_diff(c['matched'])} | {_diff(c.get('matched_control'))} "
                 f"| {_diff(c.get('matched_minus_control'))} |"
             )
+    for name, fid in merged.get("fid", {}).items():
+        lines += ["", f"Stage {name} (Inception FID beside fashion-FD, one seed):", ""]
+        lines += ["| steps | eta | sampler | FID | fashion-FD | precision | recall |", "|---|---|---|---|---|---|---|"]
+        for e in fid["summary"]:
+            lines.append(
+                f"| {e['steps']} | {e['eta']:g} | {e['sampler']} | {e['fid']:.2f} | {e['fd']:.2f} "
+                f"| {e['precision']:.3f} | {e['recall']:.3f} |"
+            )
+        r = fid["reference"]
+        lines.append(
+            f"| - | - | real training images | {r['fid']:.2f} | {r['fd']:.2f} | {r['precision']:.3f} "
+            f"| {r['recall']:.3f} |"
+        )
     ref = merged["reference"]
     lines += [
         "",

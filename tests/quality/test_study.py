@@ -54,6 +54,7 @@ def _stage(ddim_fd=(10.0, 12.0)):
         "family": "ddim",
         "variants": ["rand"],
         "scales": [1.0, 3.0],
+        "samples": 200,
         "components": 8,
         "machine": "test",
         "model": "fashion",
@@ -97,5 +98,18 @@ def test_merge_writes_table_and_figure_and_refuses_inconsistent_ddim(tmp_path):
     with pytest.raises(ValueError, match="DDIM at"):
         study.merge(study.load_stages(tmp_path / "run"))
     assert study.chosen_scale(tmp_path / "run" / "a", 5, 1.0, "rand") == 1.0
+    # an FID stage (another sample count: its DDIM rows are not compared) is reported apart from the cells
+    (tmp_path / "run" / "b" / "results.json").write_text(json.dumps(_stage()))
+    fid = _stage(ddim_fd=(10.0, 12.5))
+    fid["config"].update(fid=True, samples=500)
+    fid["summary"] = [
+        {"steps": 5, "eta": 1.0, "sampler": "DDIM", "fid": 50.0, "fd": 10.0, "precision": 0.8, "recall": 0.5}
+    ]
+    fid["reference"].update(fid=20.0)
+    (tmp_path / "run" / "c").mkdir()
+    (tmp_path / "run" / "c" / "results.json").write_text(json.dumps(fid))
+    merged = study.merge(study.load_stages(tmp_path / "run"))
+    assert list(merged["fid"]) == ["c"] and {c["stage"] for c in merged["cells"]} == {"a", "b"}
+    assert "| 5 | 1 | DDIM | 50.00 | 10.00 | 0.800 | 0.500 |" in study.table_markdown(merged)
     with pytest.raises(KeyError, match="no chosen s"):
         study.chosen_scale(tmp_path / "run" / "a", 10, 1.0, "rand")
