@@ -54,6 +54,8 @@ NOISES = ("torch", "philox")
 FAMILIES = {"ddim": ("DDIM", sample_ddim, "eps"), "rfim": ("RFIM", sample_rfim, "flow")}
 NOISE_STDS = {"ddim": ddim_noise_stds, "rfim": rfim_noise_stds}
 METRICS = ("fd", "precision", "recall")
+#: the variant of a GMM sampler's matched-noise control is this prefix + the GMM's variant ("noise~ortho-lr")
+CONTROL_PREFIX = "noise~"
 
 
 @dataclass
@@ -277,7 +279,9 @@ def policy_entries(sweep: Sweep, sampler_list, gmms, steps: int, eta: float, bas
             clips.append(None if math.isnan(clip) else clip)
             if sweep.controls:
                 control = MatchedNoise(gmm, acts)
-                entries.append((f"{baseline}+noise~{name}{tag}", f"noise~{variant}{tag}", scale, control))
+                entries.append(
+                    (f"{baseline}+{CONTROL_PREFIX}{name}{tag}", f"{CONTROL_PREFIX}{variant}{tag}", scale, control)
+                )
                 policies.append("all")
                 clips.append(None)
     return entries, policies, clips
@@ -399,15 +403,25 @@ def best_scales(summary: list[dict], precision_floor: float = 0.0) -> list[dict]
     selection rule; its precision and recall are reported with it) among those whose mean precision is at
     least ``precision_floor`` times the baseline's at the same (steps, eta): FD alone rewards samplers that
     spread samples off the data (precision collapsing while FD improves). A (eta, steps, variant) whose every
-    scale falls below the floor is left out (the tables show it as refused)."""
+    scale falls below the floor is left out (the tables show it as refused).
+
+    A matched-noise control (variant ``CONTROL_PREFIX + v``) is not chosen on its own: it is the entry at the s
+    chosen for ``v``, so that it adds exactly the variance that GMM's offsets add (left out where ``v`` is)."""
     base = {(e["steps"], e["eta"]): e["precision"] for e in summary if e["scale"] is None}
     best: dict = {}
     for entry in summary:
         key = (entry["eta"], entry["steps"], entry["variant"])
+        if entry["variant"].startswith(CONTROL_PREFIX):
+            continue
         if entry["scale"] is not None and entry["precision"] < precision_floor * base[(entry["steps"], entry["eta"])]:
             continue
         if key not in best or entry["fd"] < best[key]["fd"]:
             best[key] = entry
+    for entry in summary:
+        if entry["variant"].startswith(CONTROL_PREFIX):
+            gmm = best.get((entry["eta"], entry["steps"], entry["variant"][len(CONTROL_PREFIX) :]))
+            if gmm is not None and entry["scale"] == gmm["scale"]:
+                best[(entry["eta"], entry["steps"], entry["variant"])] = entry
     return list(best.values())
 
 
@@ -471,8 +485,8 @@ def table_markdown(result: dict, sweep: Sweep, model_name: str) -> str:
                 name = (
                     baseline
                     if variant == baseline
-                    else f"{baseline}+noise~GMM-{variant[6:].upper()}"
-                    if variant.startswith("noise~")
+                    else f"{baseline}+{CONTROL_PREFIX}GMM-{variant[len(CONTROL_PREFIX) :].upper()}"
+                    if variant.startswith(CONTROL_PREFIX)
                     else f"{baseline}-GMM-{variant.upper()}"
                 )
                 cells = [
@@ -509,7 +523,7 @@ def table_markdown(result: dict, sweep: Sweep, model_name: str) -> str:
         + (f"; s chosen on seeds {list(sweep.select_seeds)}" if sweep.select_seeds else "")
         + f"; gmm_steps {', '.join(str(p) for p in sweep.gmm_steps)}"
         + (
-            f"; controls: {baseline} + white noise of the offsets' variance where the GMM acts"
+            f"; controls: {baseline} + white noise of the offsets' variance where the GMM acts, at that GMM's s"
             if sweep.controls
             else ""
         )

@@ -32,9 +32,9 @@ METRICS = ("fd", "precision", "recall")
 #: (key in a cell, variant prefix, variant suffix) of the samplers reported beside each GMM variant
 ROLES = (
     ("gmm", "", ""),
-    ("control", "noise~", ""),
+    ("control", evaluate.CONTROL_PREFIX, ""),
     ("matched", "", "@matched"),
-    ("matched_control", "noise~", "@matched"),
+    ("matched_control", evaluate.CONTROL_PREFIX, "@matched"),
 )
 
 

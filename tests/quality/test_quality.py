@@ -364,5 +364,35 @@ def test_eval_with_controls_and_precision_floor(tmp_path):
     base = [r for r in result["rows"] if r["sampler"] == "DDIM"]
     assert [r["fd"] for r in zero] == pytest.approx([r["fd"] for r in base])
     base_p = next(e["precision"] for e in result["summary"] if e["scale"] is None)
-    assert all(e["precision"] >= base_p for e in result["best"])
+    gmm_best = [e for e in result["best"] if not e["variant"].startswith(evaluate.CONTROL_PREFIX)]
+    assert gmm_best and all(e["precision"] >= base_p for e in gmm_best)
     assert "±" in evaluate.table_markdown(result, sweep, "zero")
+
+
+def _summary_entry(variant, scale, fd, precision=0.8):
+    return {
+        "steps": 5,
+        "eta": 1.0,
+        "sampler": f"{variant} s={scale}",
+        "variant": variant,
+        "scale": scale,
+        "fd": fd,
+        "precision": precision,
+    }
+
+
+def test_best_scales_reports_each_control_at_its_gmms_scale():
+    """The matched-noise control is the GMM's added variance: it is reported at the s chosen for its GMM (here
+    s = 1), not at its own best s (3, lower FD), and left out where every s of the GMM is refused (ortho-lr:
+    precision under the floor). Mutation checked: choosing controls like any variant fails both asserts."""
+    summary = [
+        _summary_entry("DDIM", None, 10.0),
+        _summary_entry("rand", 1, 8.0),
+        _summary_entry("rand", 3, 9.0),
+        _summary_entry("noise~rand", 1, 8.5),
+        _summary_entry("noise~rand", 3, 7.0),
+        _summary_entry("ortho-lr", 1, 5.0, precision=0.5),
+        _summary_entry("noise~ortho-lr", 1, 6.0),
+    ]
+    best = {e["variant"]: e["scale"] for e in evaluate.best_scales(summary, precision_floor=0.9)}
+    assert best == {"DDIM": None, "rand": 1, "noise~rand": 1}
