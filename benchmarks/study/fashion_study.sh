@@ -45,10 +45,11 @@ stage steps20 --steps 20 --etas 0.5 1 --variants rand ortho-lr
 # ORTHO (the paper finds it close to RAND).
 stage ortho --steps 5 10 --etas 0.5 1 --variants ortho
 # Inception FID beside fashion-FD on one cell: 10 steps, eta 1, DDIM vs ORTHO-LR at the s eta_pos chose, and its
-# control; one seed of FID_SAMPLES (1000) against the first FID_REFERENCE (10,000: all) test images (about 14,000
-# Inception passes; the published run: FID_SAMPLES=500 FID_REFERENCE=2000, 4,000 passes).
+# control; FID_SEEDS (0 1 2) of FID_SAMPLES (1000) each against the first FID_REFERENCE (10,000: all) test images
+# (about 19,000 Inception passes; the published run: FID_SAMPLES=500 FID_REFERENCE=2000, 6,500 passes).
 if [[ ${#wanted[@]} -eq 0 || " ${wanted[*]} " =~ " fid " ]] && [[ ! -f $out/fid/results.json ]]; then
     s=$(python -c "from ddim_gmm_ext.quality import study; print(study.chosen_scale('$out/eta_pos', 10, 1.0, 'ortho-lr'))")
-    common=(--model fashion --model-batch 250 --seeds 0 --samples "${FID_SAMPLES:-1000}" --no-progress)
+    read -ra fid_seeds <<< "${FID_SEEDS:-0 1 2}"
+    common=(--model fashion --model-batch 250 --seeds "${fid_seeds[@]}" --samples "${FID_SAMPLES:-1000}" --no-progress)
     stage fid --steps 10 --etas 1 --variants ortho-lr --scales "$s" --fid --reference "${FID_REFERENCE:-10000}"
 fi

@@ -52,16 +52,17 @@ def _mean_std(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def _paired(rows_a: dict, rows_b: dict, seeds) -> dict:
+def _paired(rows_a: dict, rows_b: dict, seeds, metrics=METRICS) -> dict:
     """Per metric, mean / std over ``seeds`` of rows_a[seed][m] - rows_b[seed][m]."""
-    return {m: _mean_std([rows_a[s][m] - rows_b[s][m] for s in seeds]) for m in METRICS}
+    return {m: _mean_std([rows_a[s][m] - rows_b[s][m] for s in seeds]) for m in metrics}
 
 
 def stage_cells(name: str, payload: dict, every_scale: bool = False) -> list[dict]:
     """The cells of one stage: per (steps, eta, GMM variant) the chosen s (``scale`` None: every s refused) and
-    every role's metrics at that s; ``every_scale``: one cell per scored s instead, ``selected`` marking the
-    chosen one."""
+    every role's metrics at that s (a stage run with ``--fid``: the Inception FID too); ``every_scale``: one cell
+    per scored s instead, ``selected`` marking the chosen one."""
     config = payload["config"]
+    metrics = METRICS + (("fid",) if config.get("fid") else ())
     seeds = list(config["seeds"])
     floor = config["precision_floor"]
     selection = payload.get("selection_rows") or payload["rows"]  # no selection seeds: chosen on the scored ones
@@ -88,17 +89,17 @@ def stage_cells(name: str, payload: dict, every_scale: bool = False) -> list[dic
                         "variant": variant,
                         "scale": scale,
                         "seeds": seeds,
-                        "ddim": {m: _mean_std([ddim[s][m] for s in seeds]) for m in METRICS},
+                        "ddim": {m: _mean_std([ddim[s][m] for s in seeds]) for m in metrics},
                     }
                     if every_scale:
                         cell["selected"] = scale == pick
                     if scale is not None:  # None: every s fell below the precision floor on the selection seeds
-                        _add_roles(cell, by_key, ddim, seeds)
+                        _add_roles(cell, by_key, ddim, seeds, metrics)
                     cells.append(cell)
     return cells
 
 
-def _add_roles(cell: dict, by_key: dict, ddim: dict, seeds: list) -> None:
+def _add_roles(cell: dict, by_key: dict, ddim: dict, seeds: list, metrics=METRICS) -> None:
     """Every role's metrics, paired differences to DDIM and to its control, at the cell's s."""
     per_role = {}
     for role, prefix, suffix in ROLES:
@@ -108,13 +109,13 @@ def _add_roles(cell: dict, by_key: dict, ddim: dict, seeds: list) -> None:
         per_role[role] = rows
         clips = [r["clip_fraction"] for r in rows.values() if r.get("clip_fraction") is not None]
         cell[role] = {
-            **{m: _mean_std([rows[s][m] for s in seeds]) for m in METRICS},
-            "diff": _paired(rows, ddim, seeds),
+            **{m: _mean_std([rows[s][m] for s in seeds]) for m in metrics},
+            "diff": _paired(rows, ddim, seeds, metrics),
             "clip_fraction": statistics.fmean(clips) if clips else None,
         }
     for role, control in (("gmm", "control"), ("matched", "matched_control")):
         if role in per_role and control in per_role:
-            cell[f"{role}_minus_control"] = _paired(per_role[role], per_role[control], seeds)
+            cell[f"{role}_minus_control"] = _paired(per_role[role], per_role[control], seeds, metrics)
 
 
 def chosen_scale(stage_dir, steps: int, eta: float, variant: str, components: int | None = None) -> float:
@@ -154,7 +155,7 @@ def merge(stages: dict) -> dict:
             cell for name, payload in sweeps.items() for cell in stage_cells(name, payload, every_scale=True)
         ],
         "fid": {
-            name: {"summary": p["summary"], "reference": p["reference"]}
+            name: {"cells": stage_cells(name, p), "summary": p["summary"], "reference": p["reference"]}
             for name, p in stages.items()
             if p["config"].get("fid")
         },
@@ -171,6 +172,13 @@ def _diff(entry: dict | None, metric: str = "fd", digits: int = 2) -> str:
         return "-"
     d = entry["diff"][metric] if "diff" in entry else entry[metric]
     return f"{d['mean']:+.{digits}f} ± {d['std']:.{digits}f}"
+
+
+def _abs(entry: dict | None, metric: str) -> str:
+    """ "mean ± std" over seeds of a role's (or DDIM's) metric."""
+    if entry is None:
+        return "-"
+    return f"{entry[metric]['mean']:.2f} ± {entry[metric]['std']:.2f}"
 
 
 def table_markdown(merged: dict) -> str:
@@ -216,18 +224,31 @@ def table_markdown(merged: dict) -> str:
                 f"| {_diff(c.get('matched_minus_control'))} |"
             )
     for name, fid in merged.get("fid", {}).items():
-        lines += ["", f"Stage {name} (Inception FID beside fashion-FD, one seed):", ""]
-        lines += ["| steps | eta | sampler | FID | fashion-FD | precision | recall |", "|---|---|---|---|---|---|---|"]
-        for e in fid["summary"]:
+        seeds = fid["cells"][0]["seeds"] if fid["cells"] else []
+        lines += [
+            "",
+            f"Stage {name}: Inception FID beside fashion-FD, mean ± std over seeds {seeds} (differences paired per "
+            "seed):",
+            "",
+            "| steps | eta | variant (s) | DDIM FID | GMM FID | control FID | GMM dFID | control dFID "
+            "| GMM - control dFID | DDIM FD | GMM dFD | control dFD |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in fid["cells"]:
+            if c["scale"] is None:
+                continue
             lines.append(
-                f"| {e['steps']} | {e['eta']:g} | {e['sampler']} | {e['fid']:.2f} | {e['fd']:.2f} "
-                f"| {e['precision']:.3f} | {e['recall']:.3f} |"
+                f"| {c['steps']} | {c['eta']:g} | {c['variant'].upper()} ({c['scale']:g}) | {_abs(c['ddim'], 'fid')} "
+                f"| {_abs(c['gmm'], 'fid')} | {_abs(c.get('control'), 'fid')} | {_diff(c['gmm'], 'fid')} "
+                f"| {_diff(c.get('control'), 'fid')} | {_diff(c.get('gmm_minus_control'), 'fid')} "
+                f"| {_abs(c['ddim'], 'fd')} | {_diff(c['gmm'])} | {_diff(c.get('control'))} |"
             )
         r = fid["reference"]
-        lines.append(
-            f"| - | - | real training images | {r['fid']:.2f} | {r['fd']:.2f} | {r['precision']:.3f} "
-            f"| {r['recall']:.3f} |"
-        )
+        lines += [
+            "",
+            f"Real training images against the same reference: FID {r['fid']:.2f}, fashion-FD {r['fd']:.2f}, "
+            f"precision {r['precision']:.3f}, recall {r['recall']:.3f}.",
+        ]
     ref = merged["reference"]
     lines += [
         "",

@@ -63,6 +63,19 @@ def _stage(ddim_fd=(10.0, 12.0)):
     return {"config": config, "rows": rows, "selection_rows": selection, "reference": reference}
 
 
+def _fid_stage():
+    """A stage run with --fid at one s, no selection seeds (s chosen on the scored rows): FID beside the FD."""
+    rows = []
+    for seed, (ddim, gmm, control) in enumerate(((50.0, 60.0, 58.0), (52.0, 63.0, 60.0))):
+        for variant, scale, fid in (("DDIM", None, ddim), ("rand", 1.0, gmm), ("noise~rand", 1.0, control)):
+            rows.append({**_row(seed, variant, scale, fid / 5), "fid": fid})
+    payload = _stage()
+    payload["config"].update(fid=True, samples=500, scales=[1.0], select_seeds=[])
+    payload.update(rows=rows, selection_rows=[], summary=[])
+    payload["reference"].update(fid=20.0)
+    return payload
+
+
 def test_cells_report_every_role_at_the_s_chosen_on_the_selection_seeds():
     # mutation checked: choosing s on payload["rows"] (the scored seeds) reports s = 3 and fails
     (cell,) = study.stage_cells("a", _stage())
@@ -100,16 +113,16 @@ def test_merge_writes_table_and_figure_and_refuses_inconsistent_ddim(tmp_path):
     assert study.chosen_scale(tmp_path / "run" / "a", 5, 1.0, "rand") == 1.0
     # an FID stage (another sample count: its DDIM rows are not compared) is reported apart from the cells
     (tmp_path / "run" / "b" / "results.json").write_text(json.dumps(_stage()))
-    fid = _stage(ddim_fd=(10.0, 12.5))
-    fid["config"].update(fid=True, samples=500)
-    fid["summary"] = [
-        {"steps": 5, "eta": 1.0, "sampler": "DDIM", "fid": 50.0, "fd": 10.0, "precision": 0.8, "recall": 0.5}
-    ]
-    fid["reference"].update(fid=20.0)
     (tmp_path / "run" / "c").mkdir()
-    (tmp_path / "run" / "c" / "results.json").write_text(json.dumps(fid))
+    (tmp_path / "run" / "c" / "results.json").write_text(json.dumps(_fid_stage()))
     merged = study.merge(study.load_stages(tmp_path / "run"))
     assert list(merged["fid"]) == ["c"] and {c["stage"] for c in merged["cells"]} == {"a", "b"}
-    assert "| 5 | 1 | DDIM | 50.00 | 10.00 | 0.800 | 0.500 |" in study.table_markdown(merged)
+    # FID per seed: DDIM 50, 52; GMM 60, 63 (+10, +11); control 58, 60 (+8, +8); GMM - control +2, +3.
+    # Mutation checked: FID left out of the stage's metrics (METRICS only) fails with a KeyError here.
+    table = study.table_markdown(merged)
+    assert "seeds [0, 1]" in table
+    row = "| 5 | 1 | RAND (1) | 51.00 ± 1.41 | 61.50 ± 2.12 | 59.00 ± 1.41 | +10.50 ± 0.71 | +8.00 ± 0.00 | +2.50 ± 0.71 |"
+    assert row in table
+    assert "FID 20.00, fashion-FD 1.00" in table
     with pytest.raises(KeyError, match="no chosen s"):
         study.chosen_scale(tmp_path / "run" / "a", 10, 1.0, "rand")
