@@ -22,19 +22,22 @@ STEPS = 50
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _bare_op(scheduler, x, m, i, prediction_type):
+def _bare_op(scheduler, x, m, i, prediction_type, return_pred_original=True):
     """The op call the scheduler makes, with everything precomputed: its floor."""
     gmm = scheduler.gmm
     seed = scheduler._stream_seed
     table = scheduler._table_at(0.0, x.device, torch.float32) if prediction_type == "epsilon" else scheduler._table(x)
     tables = None if gmm is None else gmm.step_tables(x)
     index = torch.tensor(i, device=x.device)
-    return lambda: step_op(m, x, table, step_index=index, tables=tables, prediction_type=prediction_type, seed=seed)
+    return lambda: step_op(
+        m, x, table, step_index=index, tables=tables, prediction_type=prediction_type, seed=seed,
+        return_pred_original=return_pred_original,
+    )  # fmt: skip
 
 
-def _cases(family, gmm_variant, device):
-    x = torch.randn(SHAPE, device=device)
-    m = torch.randn(SHAPE, device=device)
+def _cases(family, gmm_variant, device, shape=SHAPE):
+    x = torch.randn(shape, device=device)
+    m = torch.randn(shape, device=device)
     i = STEPS // 2
     gmm = dict(gmm_variant=gmm_variant, gmm_n_components=8, seed=0)
     if family == "ddim":
@@ -61,7 +64,7 @@ def _cases(family, gmm_variant, device):
 
     return {
         "ours": lambda: step(ours),
-        "bare_op": _bare_op(ours, x, m, i, "flow"),
+        "bare_op": _bare_op(ours, x, m, i, "flow", return_pred_original=False),  # its output has no x0
         "diffusers": None if gmm_variant else (lambda: step(stock)),
     }
 

@@ -40,9 +40,11 @@ def cases():
     out = []
     for family, label in (("ddim", "DDIM"), ("flow", "flow matching")):
         for gmm in (None, "ortho-vub"):
-            methods = {k: v for k, v in _cases(family, gmm, "cpu").items() if v is not None}
-            name = f"{label}, {'GMM off' if gmm is None else 'ORTHO-VUB' + (' (eta 1)' if family == 'flow' else '')}"
-            out.append((name, {"family": family, "gmm": gmm, "shape": [1, 4, 64, 64]}, methods))
+            for shape in SHAPES if family == "flow" else SHAPES[:1]:
+                methods = {k: v for k, v in _cases(family, gmm, "cpu", shape).items() if v is not None}
+                variant = "GMM off" if gmm is None else "ORTHO-VUB" + (" (eta 1)" if family == "flow" else "")
+                name = f"{label}, {variant}" + (f", {list(shape)}" if family == "flow" else "")
+                out.append((name, {"family": family, "gmm": gmm, "shape": list(shape)}, methods))
     for family, label in NAMES.items():
         for shape in SHAPES:
             for gen in (False, True):

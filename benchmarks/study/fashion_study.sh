@@ -44,6 +44,9 @@ stage k64 --steps 5 10 --etas 0.5 1 --variants rand ortho-lr --components 64
 stage steps20 --steps 20 --etas 0.5 1 --variants rand ortho-lr
 # ORTHO (the paper finds it close to RAND).
 stage ortho --steps 5 10 --etas 0.5 1 --variants ortho
+# The rest of the K = 8 grid at 20 steps (ORTHO-VUB, ORTHO) and K = 64 at eta = 0.
+stage steps20_more --steps 20 --etas 0.5 1 --variants ortho-vub ortho
+stage k64_eta0 --steps 5 10 --etas 0 --variants rand ortho-lr --components 64
 # Inception FID beside fashion-FD on one cell: 10 steps, eta 1, DDIM vs ORTHO-LR at the s eta_pos chose, and its
 # control; FID_SEEDS (0 1 2) of FID_SAMPLES (1000) each against the first FID_REFERENCE (10,000: all) test images
 # (about 19,000 Inception passes; the published run: FID_SAMPLES=500 FID_REFERENCE=2000, 6,500 passes).

@@ -285,6 +285,7 @@ class GMMSchedulerMixin:
         components: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
         history: tuple[torch.Tensor, ...] = (),
+        return_pred_original: bool = True,
     ):
         """One fused op call for step ``index`` (a host int, or a 0-d int64 tensor on the sample's device).
 
@@ -306,6 +307,7 @@ class GMMSchedulerMixin:
             noise=noise,
             components=components,
             history=history,
+            return_pred_original=return_pred_original,
         )
 
 

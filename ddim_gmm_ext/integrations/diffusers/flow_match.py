@@ -236,8 +236,15 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
                 components = draw_components(generator, gmm, int(i), sample)
             else:
                 self._use_stream()
-        out = self._fused_step(
-            model_output, sample, i, prediction_type="flow", gmm=gmm, noise=noise, components=components
+        out = self._fused_step(  # the output has no x0: the op skips writing it (one pass less over memory)
+            model_output,
+            sample,
+            i,
+            prediction_type="flow",
+            gmm=gmm,
+            noise=noise,
+            components=components,
+            return_pred_original=False,
         )
         if not isinstance(i, torch.Tensor):
             self._step_index += 1  # type: ignore[assignment,operator]  # diffusers types _step_index as None; diffusers' own attribute types
