@@ -121,7 +121,7 @@ def test_merge_writes_table_and_figure_and_refuses_inconsistent_ddim(tmp_path):
     # Mutation checked: FID left out of the stage's metrics (METRICS only) fails with a KeyError here.
     table = study.table_markdown(merged)
     assert "seeds [0, 1]" in table
-    row = "| 5 | 1 | RAND (1) | 51.00 ± 1.41 | 61.50 ± 2.12 | 59.00 ± 1.41 | +10.50 ± 0.71 | +8.00 ± 0.00 | +2.50 ± 0.71 |"
+    row = "| RAND (1) | 51.00 ± 1.41 | 61.50 ± 2.12 | 59.00 ± 1.41 | +10.50 ± 0.71 | +8.00 ± 0.00 | +2.50 ± 0.71 |"
     assert row in table
     assert "FID 20.00, fashion-FD 1.00" in table
     with pytest.raises(KeyError, match="no chosen s"):
