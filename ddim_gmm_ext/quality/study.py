@@ -52,7 +52,7 @@ def _mean_std(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def _paired(rows_a: dict, rows_b: dict, seeds, metrics=METRICS) -> dict:
+def _paired(rows_a: dict, rows_b: dict, seeds, metrics) -> dict:
     """Per metric, mean / std over ``seeds`` of rows_a[seed][m] - rows_b[seed][m]."""
     return {m: _mean_std([rows_a[s][m] - rows_b[s][m] for s in seeds]) for m in metrics}
 
@@ -99,7 +99,7 @@ def stage_cells(name: str, payload: dict, every_scale: bool = False) -> list[dic
     return cells
 
 
-def _add_roles(cell: dict, by_key: dict, ddim: dict, seeds: list, metrics=METRICS) -> None:
+def _add_roles(cell: dict, by_key: dict, ddim: dict, seeds: list, metrics) -> None:
     """Every role's metrics, paired differences to DDIM and to its control, at the cell's s."""
     per_role = {}
     for role, prefix, suffix in ROLES:
