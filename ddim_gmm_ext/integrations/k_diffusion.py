@@ -141,6 +141,7 @@ def _sample(model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, 
         raise ValueError("x must have a batch dimension [B, ...], got a 0-d tensor")
     eta = check_eta(eta)
     check_s_noise(s_noise)
+    check_noise_sampler(noise_sampler)
     if gmm is None or not isinstance(gmm, str):  # checked with the tables otherwise; unused, as the schedulers do
         check_gmm_options(None, n_components, scale, scale_per_dim)
     _checks.check_final_step(final_step)
@@ -168,13 +169,38 @@ def _sample(model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, 
         noise = None
         if sig[i + 1] > 0 and eta > 0:
             if noise_sampler is not None:
-                noise = noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise
+                noise = sampler_noise(noise_sampler, sigmas[i], sigmas[i + 1], x) * s_noise
             elif s_noise != 1.0:
                 noise = s_noise * reference.gaussian_noise(x.shape, run_seed, sample_offset, i, x.dtype, x.device)
         if sig[i + 1] == sig[i]:
             continue
         x = step(i, x, denoised, gmms[i], run_seed, noise)
     return x
+
+
+def check_noise_sampler(noise_sampler) -> None:
+    if noise_sampler is not None and not callable(noise_sampler):
+        raise TypeError(f"noise_sampler must be callable (sigma, sigma_next) -> noise, got {noise_sampler!r}")
+
+
+def sampler_noise(noise_sampler, sigma, sigma_next, x: torch.Tensor) -> torch.Tensor:
+    """``noise_sampler(sigma, sigma_next)`` as the op's noise for ``x``: what k-diffusion's samplers take (they add
+    the draw to x, so a real tensor that broadcasts to x's shape, in any real dtype), else an error naming
+    noise_sampler (k-diffusion raises TypeError on a None draw; a complex draw would make x complex)."""
+    z = noise_sampler(sigma, sigma_next)
+    if not isinstance(z, torch.Tensor) or z.is_complex():
+        what = f"a {z.dtype} tensor" if isinstance(z, torch.Tensor) else type(z).__name__
+        raise TypeError(f"noise_sampler(sigma, sigma_next) must return a real tensor like x, got {what}")
+    if z.shape != x.shape:
+        try:
+            z = z.expand(x.shape).contiguous()
+        except RuntimeError:
+            raise ValueError(
+                f"noise_sampler(sigma, sigma_next) must return noise of x's shape {tuple(x.shape)} (or one that "
+                f"broadcasts to it), got {tuple(z.shape)}"
+            ) from None
+    cdt = _checks.compute_dtype(x.dtype)
+    return z if z.dtype in (x.dtype, cdt) else z.to(cdt)  # e.g. ComfyUI's tree returns the sigmas' dtype
 
 
 def check_s_noise(s_noise, name: str = "s_noise") -> float:
@@ -188,6 +214,8 @@ def _check_sigmas(sigmas) -> list[float]:
     (an increasing step would need noise added, which neither these samplers nor k-diffusion's do)."""
     if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas must be a 1-D tensor with at least 2 entries, got {sigmas!r}")
+    if sigmas.is_complex():  # k-diffusion's sigmas > 0 raises; the cast below would drop the imaginary part
+        raise TypeError(f"sigmas must be real, got a {sigmas.dtype} tensor")
     sig = sigmas.detach().to("cpu", torch.float64).tolist()
     if not all(math.isfinite(s) and s >= 0 for s in sig):
         raise ValueError(f"sigmas must be finite and >= 0, got {sig}")
@@ -412,8 +440,7 @@ def _sample_dpmpp(
     s_noise = check_s_noise(s_noise)
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
-    if noise_sampler is not None and not callable(noise_sampler):
-        raise TypeError(f"noise_sampler must be callable (sigma, sigma_next) -> noise, got {noise_sampler!r}")
+    check_noise_sampler(noise_sampler)
     sig = _check_dpmpp_sigmas(sigmas)
     if gmm is None or not isinstance(gmm, str):
         check_gmm_options(None, n_components, scale, scale_per_dim)
@@ -452,9 +479,9 @@ def _sample_dpmpp(
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        noise = noise_sampler(sigmas[i], sigmas[i + 1]) if noisy[i] and noise_sampler is not None else None
-        if noise is not None and noise.dtype not in (x.dtype, table.dtype):
-            noise = noise.to(table.dtype)  # e.g. ComfyUI's tree returns the sigmas' dtype
+        noise = None
+        if noisy[i] and noise_sampler is not None:
+            noise = sampler_noise(noise_sampler, sigmas[i], sigmas[i + 1], x)
         x = api.step_from_table(
             denoised, x, table, i, gmm=gmms[i], prediction_type="sample", seed=run_seed,
             sample_offset=sample_offset, noise=noise, history=history[: n_history[i]], return_pred_original=False,
