@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .. import _checks, api, reference
+from .. import _checks, _rows, api, reference
 from ..gmm import validate_gmm_steps
 from ._common import (
     check_eta,
@@ -36,9 +36,9 @@ __all__ = [
     "SOLVER_TYPES",
 ]
 
-#: Flow times above 1 by at most this much are float32 rounding of 1 and are taken as 1: ComfyUI's float32
+#: sample_rfim_gmm takes a first flow time above 1 by at most this much, float32 rounding of 1 (ComfyUI's float32
 #: ``time_snr_shift`` gives sigmas[0] = 1 + 2^-23 for some shifts (1.32, 4.03, ...) and up to 1 + 8 * 2^-23 for
-#: shifts below 1; its own samplers run them. 16 float32 ulps at 1; a real time above 1 is still refused.
+#: shifts below 1), and runs it as given; a real time above 1 (VE sigmas, say) is refused. 16 float32 ulps at 1.
 FLOW_TIME_ROUNDING = 16 * 2.0**-23
 
 #: How sample_rfim_gmm sets the noise std c of a flow step t -> s from eta (B^2 + c^2 = s^2 either way):
@@ -128,13 +128,14 @@ def sample_ddim_gmm(
 
 
 def _sample(model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, noise_sampler, step, desc, *,
-            gmm, n_components, scale, share_across_steps, uniform_priors, seed, sample_offset, final_step,
-            scale_per_dim, gmm_steps, noise_std):  # fmt: skip
+            noise_std, gmm, n_components=8, scale=1.0, share_across_steps=False, uniform_priors=True, seed=None,
+            sample_offset=0, final_step="gaussian", scale_per_dim=None, gmm_steps="all"):  # fmt: skip
     """The loop both samplers share: checks, GMM tables, the denoiser call and callback, the noise k-diffusion
     would draw (``noise_sampler`` called exactly when k-diffusion calls it, so a shared sampler stays
     aligned), steps between equal sigmas left out (Euler's x + d * 0), then ``step(i, x, denoised, gmm of step
     i, run seed, noise or None) -> x``. ``noise_std(i)``: the step's noise std c in the units the GMM tables
-    are in (for ``gmm_steps="matched"``)."""
+    are in (for ``gmm_steps="matched"``). The GMM options' defaults are the public samplers' (the ComfyUI node
+    passes only its widgets)."""
     extra_args = {} if extra_args is None else extra_args
     _checks.check_floating("x", x)
     if x.dim() < 1:
@@ -261,46 +262,46 @@ def sample_rfim_gmm(
     """RFIM(-GMM) sampling of a k-diffusion-style flow denoiser (ComfyUI's CONST model sampling: SD3, Flux).
 
     ``model(x, sigma * s_in, **extra_args)`` returns x0 on the flow path x = (1 - sigma) x0 + sigma eps, and
-    sigmas (in [0, 1], non-increasing, as ComfyUI passes them for flow models) are the flow times t. Each step
+    sigmas (in [0, 1], non-increasing, as ComfyUI passes them for flow models; a first one above 1 by float32
+    rounding, :data:`FLOW_TIME_ROUNDING`, runs as given) are the flow times t. Each step
     t -> s is x_s = (1 - s) x0 + sqrt(s^2 - c^2) eps + c z (the GMM kernel in place of c z when ``gmm``):
     with GMM off it is Euler at eta = 0 and, with ``noise="ancestral_rf"``, ComfyUI's euler_ancestral_RF for
     every eta; ``noise="rfim"`` is the paper's c = eta s. A step between equal sigmas leaves x as it is; a
     last sigma above 0 returns the partially denoised x. Other arguments as :func:`sample_ddim_gmm`.
     """
+    return _sample_flow(
+        model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, noise=noise,
+        max_start=1 + FLOW_TIME_ROUNDING, gmm=gmm, n_components=n_components, scale=scale,
+        share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset,
+        final_step=final_step, scale_per_dim=scale_per_dim, gmm_steps=gmm_steps,
+    )  # fmt: skip
+
+
+def _sample_flow(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0, s_noise=1.0,
+                 noise_sampler=None, *, noise, max_start, sample_offset=0, **options):  # fmt: skip
+    """:func:`sample_rfim_gmm` with the largest first sigma it takes: ``max_start`` (ComfyUI's nodes take any,
+    as its samplers run any). A time t above 1 runs ComfyUI's arithmetic: the step reads eps_hat = (x - (1 - t)
+    x0) / t, a_t = 1 - t < 0 (the op takes the row; the path checks of ``api.step`` would refuse it)."""
     if noise not in FLOW_NOISE:
         raise ValueError(f"noise must be one of {FLOW_NOISE}, got {noise!r}")
     sig = _check_sigmas(sigmas)
-    if sig[0] > 1 + FLOW_TIME_ROUNDING or sig[0] == 0:
+    if sig[0] > max_start or sig[0] == 0:
         raise ValueError(f"flow sigmas are times in [0, 1] starting above 0, got sigmas[0] = {sig[0]}")
-    sig = [min(s, 1.0) for s in sig]  # float32 rounding above 1 (see FLOW_TIME_ROUNDING); the model sees sigmas
 
     def noise_std(i):
         return flow_noise_std(sig[i], sig[i + 1], eta, noise)
 
     def flow_step(i, x, denoised, gmm, run_seed, z):
         t, s = sig[i], sig[i + 1]
-        c = flow_noise_std(t, s, eta, noise)
-        return api.step(
-            denoised,
-            x,
-            1.0 - t,
-            t,
-            1.0 - s,
-            s,
-            c,
-            prediction_type="sample",
-            gmm=gmm,
-            step_index=i,
-            seed=run_seed,
-            sample_offset=sample_offset,
-            noise=z,
-        ).prev_sample
+        row = _rows.step_row(1.0 - t, t, 1.0 - s, s, noise_std(i), 1.0, _checks.compute_dtype(x.dtype), x.device)
+        return api.step_from_table(
+            denoised, x, row, i, gmm=gmm, prediction_type="sample", seed=run_seed,
+            sample_offset=sample_offset, noise=z, return_pred_original=False,
+        ).prev_sample  # fmt: skip
 
     return _sample(
         model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, noise_sampler, flow_step, "RFIM-GMM",
-        gmm=gmm, n_components=n_components, scale=scale, share_across_steps=share_across_steps,
-        uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset, final_step=final_step,
-        scale_per_dim=scale_per_dim, gmm_steps=gmm_steps, noise_std=noise_std,
+        noise_std=noise_std, sample_offset=sample_offset, **options,
     )  # fmt: skip
 
 
