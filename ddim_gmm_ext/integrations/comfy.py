@@ -29,6 +29,7 @@ diffusers schedulers treat ``gmm_scale`` with ``gmm_variant=None`` (a widget can
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import torch
 
@@ -172,6 +173,7 @@ def dpmpp_node_options(sampler, solver_type, eta, s_noise, variant, n_components
     and unused there, as n_components and scale are with "off")."""
     from .k_diffusion import SOLVER_TYPES, check_dpmpp_eta
 
+    check_number_widgets(eta=eta)
     if sampler not in DPMPP_NODE_SAMPLERS:
         raise ValueError(f"sampler must be one of {DPMPP_NODE_SAMPLERS}, got {sampler!r}")
     if solver_type not in SOLVER_TYPES:
@@ -187,11 +189,20 @@ def dpmpp_node_options(sampler, solver_type, eta, s_noise, variant, n_components
     return {"sampler": sampler, "solver_type": solver_type, **options}
 
 
+def check_number_widgets(**widgets) -> None:
+    """The nodes' FLOAT widgets (eta, s_noise, scale) must hold numbers: a bool or a string is a TypeError naming
+    the widget (ComfyUI's min / max validation compares, so True passes it as 1)."""
+    for name, value in widgets.items():
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+
+
 def node_options(eta, s_noise, variant, n_components, scale, gmm_steps="all") -> dict:
     """The node's widget values as sampler options, each checked under its widget's name before any sampling.
     ``gmm_steps``: "all" or "matched" (the explicit forms of the samplers' option have no widget)."""
     from .k_diffusion import check_s_noise
 
+    check_number_widgets(eta=eta, s_noise=s_noise, scale=scale)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if gmm_steps not in GMM_STEP_POLICIES:

@@ -248,3 +248,16 @@ def test_node_takes_a_flow_schedule_starting_above_1(comfy_node, sampler):
     sigmas = _comfy_sd3_schedule(0.01, 6, False).double()
     x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     assert torch.isfinite(_run_node(comfy_node, flow, x, sigmas, 5, sampler=sampler)).all()
+
+
+@pytest.mark.parametrize("node", ["SamplerDDIMGMM", "SamplerDPMPPGMM"])
+@pytest.mark.parametrize(("widget", "value"), [("eta", True), ("s_noise", True), ("scale", False), ("eta", "0.5")])
+def test_both_nodes_refuse_a_float_widget_that_is_not_a_number(comfy_node, node, widget, value):
+    # eta=True passed the DDIM-GMM node as 1.0 (the DPM++ node: ValueError); a bool s_noise / scale and a string
+    # eta gave ValueErrors. One rule for both nodes: TypeError naming the widget. Checked to fail (8 of 8)
+    # without the check_number_widgets calls.
+    widgets = dict(eta=0.5, s_noise=1.0, variant="ortho", n_components=4, scale=1.0) | {widget: value}
+    if node == "SamplerDPMPPGMM":
+        widgets |= dict(sampler="dpmpp_2m_sde", solver_type="midpoint")
+    with pytest.raises(TypeError, match=f"{widget} must be a number, got {type(value).__name__}"):
+        comfy_node.NODE_CLASS_MAPPINGS[node]().get_sampler(**widgets)
