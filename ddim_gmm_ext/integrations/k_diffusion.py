@@ -17,6 +17,7 @@ from ..gmm import validate_gmm_steps
 from ._common import (
     check_eta,
     check_gmm_options,
+    check_loop_arguments,
     check_seed,
     multistep_weights,
     progress_bar,
@@ -136,13 +137,12 @@ def _sample(model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, 
     i, run seed, noise or None) -> x``. ``noise_std(i)``: the step's noise std c in the units the GMM tables
     are in (for ``gmm_steps="matched"``). The GMM options' defaults are the public samplers' (the ComfyUI node
     passes only its widgets)."""
-    extra_args = {} if extra_args is None else extra_args
+    extra_args = check_loop_arguments(model, extra_args, callback, noise_sampler)
     _checks.check_floating("x", x)
     if x.dim() < 1:
         raise ValueError("x must have a batch dimension [B, ...], got a 0-d tensor")
     eta = check_eta(eta)
     check_s_noise(s_noise)
-    check_noise_sampler(noise_sampler)
     if gmm is None or not isinstance(gmm, str):  # checked with the tables otherwise; unused, as the schedulers do
         check_gmm_options(None, n_components, scale, scale_per_dim)
     _checks.check_final_step(final_step)
@@ -179,11 +179,6 @@ def _sample(model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, 
     return x
 
 
-def check_noise_sampler(noise_sampler) -> None:
-    if noise_sampler is not None and not callable(noise_sampler):
-        raise TypeError(f"noise_sampler must be callable (sigma, sigma_next) -> noise, got {noise_sampler!r}")
-
-
 def sampler_noise(noise_sampler, sigma, sigma_next, x: torch.Tensor) -> torch.Tensor:
     """``noise_sampler(sigma, sigma_next)`` as the op's noise for ``x``: what k-diffusion's samplers take (they add
     the draw to x, so a real tensor that broadcasts to x's shape, in any real dtype), else an error naming
@@ -213,7 +208,9 @@ def check_s_noise(s_noise, name: str = "s_noise") -> float:
 def _check_sigmas(sigmas) -> list[float]:
     """The sigmas as host floats (one copy per run), checked: 1-D, >= 2 entries, finite, >= 0, non-increasing
     (an increasing step would need noise added, which neither these samplers nor k-diffusion's do)."""
-    if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or sigmas.numel() < 2:
+    if not isinstance(sigmas, torch.Tensor):
+        raise TypeError(f"sigmas must be a 1-D tensor with at least 2 entries, got {type(sigmas).__name__}")
+    if sigmas.dim() != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas must be a 1-D tensor with at least 2 entries, got {sigmas!r}")
     if sigmas.is_complex():  # k-diffusion's sigmas > 0 raises; the cast below would drop the imaginary part
         raise TypeError(f"sigmas must be real, got a {sigmas.dtype} tensor")
@@ -432,7 +429,7 @@ def _sample_dpmpp(
     float64 (:func:`dpmpp_rows`), then per step the denoiser call, the callback, the noise k-diffusion would draw
     and one fused op call with the history (the previous denoiser outputs). ``default_noise``: with the GMM off,
     no ``noise_sampler`` and no seed, draw k-diffusion's default Brownian-tree noise (torchsde installed)."""
-    extra_args = {} if extra_args is None else extra_args
+    extra_args = check_loop_arguments(model, extra_args, callback, noise_sampler)
     _checks.check_floating("x", x)
     if x.dim() < 1:
         raise ValueError("x must have a batch dimension [B, ...], got a 0-d tensor")
@@ -441,7 +438,6 @@ def _sample_dpmpp(
     s_noise = check_s_noise(s_noise)
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
-    check_noise_sampler(noise_sampler)
     sig = _check_dpmpp_sigmas(sigmas)
     if gmm is None or not isinstance(gmm, str):
         check_gmm_options(None, n_components, scale, scale_per_dim)

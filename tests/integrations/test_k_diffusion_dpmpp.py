@@ -252,16 +252,23 @@ def _never_called(x, sigma, **kwargs):
         ("2m_sde", dict(sample_offset=-1), ValueError, "sample_offset must be in"),
         ("2m_sde", dict(gmm=dg.GMM.create(16, n_components=2, n_steps=2)), ValueError, "built for dim=16"),
         ("3m_sde", dict(x=torch.zeros(SHAPE, dtype=torch.int64)), TypeError, "x must have a floating dtype"),
+        # used first inside the loop, where they failed naming nothing (AttributeError "'list' object has no
+        # attribute 'get'", "'int' object is not callable"): checked to fail (5 of 5) without check_loop_arguments
+        # (the sigmas case: with the old ValueError of _check_sigmas)
+        ("2m", dict(model=3), TypeError, "model must be callable"),
+        ("2m_sde", dict(extra_args=[("seed", 1)]), TypeError, "extra_args must be None or a dict"),
+        ("3m_sde", dict(callback=3), TypeError, "callback must be callable or None, got int"),
+        ("2m", dict(sigmas=[2.0, 1.0, 0.0]), TypeError, "sigmas must be a 1-D tensor .*, got list"),
+        ("2m_sde", dict(noise_sampler="brownian"), TypeError, "noise_sampler must be callable or None, got str"),
     ],
 )
 def test_bad_input_is_refused_before_any_work(fn, kwargs, error, match):
     # Each new argument checked with a message naming it, before the model is called (the model raises).
     # Checked to fail with only the non-increasing check on sigmas (the repeated-sigma cases reach the model).
     fns = {"2m": sample_dpmpp_2m_gmm, "2m_sde": sample_dpmpp_2m_sde_gmm, "3m_sde": sample_dpmpp_3m_sde_gmm}
-    args = dict(sigmas=torch.tensor([2.0, 1.0, 0.0]), x=torch.zeros(SHAPE)) | kwargs
-    x = args.pop("x")
+    args = dict(model=_never_called, sigmas=torch.tensor([2.0, 1.0, 0.0]), x=torch.zeros(SHAPE)) | kwargs
     with pytest.raises(error, match=match):
-        fns[fn](_never_called, x, disable=True, **args)
+        fns[fn](disable=True, **args)
 
 
 def _four_samplers():
