@@ -21,6 +21,9 @@ euler_ancestral_RF draw), so the samples equal ComfyUI's Euler (eta 0), Euler an
 sample for sample; with a GMM on, noise and components come from the Philox stream of ComfyUI's seed (up to
 2**64 - 1).
 
+Both nodes take ComfyUI's sigmas as its samplers do (:func:`takes_no_step`): one sigma returns the latent
+unchanged, a flow schedule whose first sigma is above 1 (float32 rounding at small shifts) runs.
+
 The widget values are checked when the node runs, naming the widget (ComfyUI's min / max validation lets NaN
 through). ``n_components`` and ``scale`` only apply with a GMM; with "off" they are checked and unused, as the
 diffusers schedulers treat ``gmm_scale`` with ``gmm_variant=None`` (a widget cannot be left empty).
