@@ -48,6 +48,21 @@ def check_floating(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {t.dtype}")
 
 
+def check_history(history) -> tuple[torch.Tensor, ...]:
+    """A multistep step's ``history``: () or (h1,) or (h1, h2) (a list too) of floating tensors, as a tuple; their
+    shapes, dtypes and devices against the sample are the op's checks. None is refused, not read as ()."""
+    if not isinstance(history, (tuple, list)):
+        raise TypeError(
+            "history must be a tuple of at most 2 tensors: () for none, (h1,) or (h1, h2) (the previous steps' "
+            f"data predictions, h1 the latest), got {type(history).__name__}"
+        )
+    if len(history) > 2:
+        raise ValueError(f"history takes at most 2 tensors (h1, h2), got {len(history)}")
+    for j, h in enumerate(history):
+        check_floating(f"history[{j}]", h)
+    return tuple(history)
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> None:
     items = [(n, t) for n, t in tensors.items() if isinstance(t, torch.Tensor)]
     first_name, first = items[0]

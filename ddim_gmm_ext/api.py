@@ -117,7 +117,7 @@ def step_from_table(
     """
     if not isinstance(coeffs, torch.Tensor):
         raise TypeError(f"coeffs must be a torch.Tensor of rows (a_t, b_t, A, B, c, g), got {type(coeffs).__name__}")
-    history = _check_history(history)
+    history = _checks.check_history(history)
     if isinstance(step_index, torch.Tensor):
         if step_index.dim() != 0 or step_index.dtype != torch.int64 or step_index.device != sample.device:
             raise ValueError(
@@ -161,15 +161,6 @@ def step_from_table(
         return_pred_original=return_pred_original,
         history=history,
     )
-
-
-def _check_history(history) -> tuple[torch.Tensor, ...]:
-    """``history`` as a tuple of at most two tensors (a list is accepted); shapes, dtypes and devices are the op's."""
-    if not isinstance(history, (tuple, list)) or not all(isinstance(h, torch.Tensor) for h in history):
-        raise TypeError(f"history must be a tuple of at most 2 tensors (h1, h2), got {type(history).__name__}")
-    if len(history) > 2:
-        raise ValueError(f"history takes at most 2 tensors (h1, h2), got {len(history)}")
-    return tuple(history)
 
 
 def fused_step(

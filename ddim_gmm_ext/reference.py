@@ -379,6 +379,7 @@ def step_from_table(
     The last form has noise covariance c^2 I - g^2 W^T diag(v_k) W, each eigen-direction clipped at 0.
     A tensor index outside the table gives NaN samples and components -1 (the op's device convention).
     """
+    history = _checks.check_history(history)
     cdt = compute_dtype(sample.dtype)
     i = step_index
     n_rows = coeffs.shape[0] if coeffs.dim() == 2 else 0

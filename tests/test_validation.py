@@ -238,3 +238,43 @@ def test_numpy_integers_are_ints_everywhere():
         dg.ddim_step(m, x, 0.3, 0.5, gmm=gmm, step_index=np.float64(1))
     with pytest.raises(ValueError, match="seed must be an int"):
         dg.GMM.create(12, n_components=3, seed=np.bool_(True))
+
+
+_ROW = [0.9, 0.4, 0.8, 0.3, 0.2, 1.0, 0.5, -0.1]  # (a_t, b_t, A, B, c, g, H1, H2): a step that reads h1 and h2
+TABLE_FNS = {"api": dg.step_from_table, "reference": ref.step_from_table}
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("step_fn", TABLE_FNS.values(), ids=TABLE_FNS.keys())
+@pytest.mark.parametrize(
+    ("history", "error", "match"),
+    [
+        (None, TypeError, r"history must be a tuple of at most 2 tensors: \(\) for none.*got NoneType"),
+        ("h1", TypeError, "history must be a tuple.*got str"),
+        (lambda m: m, TypeError, "history must be a tuple.*got Tensor"),
+        (lambda m: (m, None), TypeError, r"history\[1\] must be a torch.Tensor, got NoneType"),
+        (lambda m: (m.bool(), m), TypeError, r"history\[0\] must have a floating dtype .* got torch.bool"),
+        (lambda m: (m.to(torch.complex64),), TypeError, r"history\[0\] must have a floating .* got torch.complex64"),
+        (lambda m: (m.long(),), TypeError, r"history\[0\] must have a floating dtype .* got torch.int64"),
+        (lambda m: (m, m, m), ValueError, r"history takes at most 2 tensors \(h1, h2\), got 3"),
+    ],
+)
+def test_bad_history_is_refused_naming_it(device, step_fn, history, error, match):
+    # The public step functions, on the CPU path and on meta (the op's fake kernel): the same exception, raised
+    # before the op. Checked to fail (30 of 32) without check_history: the api converted bool, int and complex
+    # histories to float32 and ran (the complex one dropping its imaginary part) and named neither None entry;
+    # the reference raised AttributeError / "Boolean value of Tensor" / "object of type 'NoneType' has no len()",
+    # or failed on meta before any check.
+    m, x = torch.randn(2, 3, 4, device=device), torch.randn(2, 3, 4, device=device)
+    coeffs = torch.tensor([_ROW], device=device)
+    with pytest.raises(error, match=match):
+        step_fn(m, x, coeffs, 0, history=history(m) if callable(history) else history, prediction_type="sample")
+
+
+def test_history_as_a_list_is_still_taken():
+    m, x, h = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    coeffs = torch.tensor([_ROW])
+    kw = dict(prediction_type="sample", noise=torch.zeros_like(x))
+    as_list = dg.step_from_table(m, x, coeffs, 0, history=[h, h], **kw).prev_sample
+    expected = ref.step_from_table(m, x, coeffs, 0, history=(h, h), **kw).prev_sample
+    torch.testing.assert_close(as_list, expected)

@@ -12,6 +12,7 @@ Seeds (one rule for every integration):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from numbers import Integral, Real
 
 import torch
@@ -25,6 +26,22 @@ def check_eta(eta, name: str = "eta") -> float:
     if isinstance(eta, torch.Tensor) or not isinstance(eta, Real) or not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {eta!r}")
     return float(eta)
+
+
+def check_loop_arguments(model, extra_args, callback, noise_sampler=None) -> Mapping:
+    """A sampling loop's model, extra_args, callback and noise_sampler, checked before any work (each is first
+    used inside the loop, where a bad one failed naming nothing): model callable, extra_args None or a mapping
+    (the model's keyword arguments; returned, {} for None), callback and noise_sampler callable or None."""
+    if not callable(model):
+        raise TypeError(f"model must be callable (the denoiser), got {type(model).__name__}")
+    if extra_args is not None and not isinstance(extra_args, Mapping):
+        raise TypeError(
+            f"extra_args must be None or a dict of the model's keyword arguments, got {type(extra_args).__name__}"
+        )
+    for name, value in (("callback", callback), ("noise_sampler", noise_sampler)):
+        if value is not None and not callable(value):
+            raise TypeError(f"{name} must be callable or None, got {type(value).__name__} {value!r}")
+    return {} if extra_args is None else extra_args
 
 
 def check_seed(seed) -> int | None:

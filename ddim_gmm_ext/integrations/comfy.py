@@ -21,12 +21,20 @@ euler_ancestral_RF draw), so the samples equal ComfyUI's Euler (eta 0), Euler an
 sample for sample; with a GMM on, noise and components come from the Philox stream of ComfyUI's seed (up to
 2**64 - 1).
 
+Both nodes take ComfyUI's sigmas as its samplers do (:func:`takes_no_step`): one sigma returns the latent
+unchanged, a flow schedule whose first sigma is above 1 (float32 rounding at small shifts) runs.
+
 The widget values are checked when the node runs, naming the widget (ComfyUI's min / max validation lets NaN
 through). ``n_components`` and ``scale`` only apply with a GMM; with "off" they are checked and unused, as the
 diffusers schedulers treat ``gmm_scale`` with ``gmm_variant=None`` (a widget cannot be left empty).
 """
 
 from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
 
 from ..gmm import GMM_STEP_POLICIES, GMM_VARIANTS
 from ._common import check_eta, check_gmm_options
@@ -74,19 +82,37 @@ def comfy_noise_sampler(x, extra_args):
     return default_noise_sampler(x, seed=(extra_args or {}).get("seed"))
 
 
+def takes_no_step(sigmas) -> bool:
+    """The nodes' rule for ComfyUI's sigmas, one for both, as ComfyUI's samplers (comfy/k_diffusion/sampling.py):
+
+    * a schedule of one sigma (SplitSigmas at step 0 gives [sigma_max] as its high half, at the last step [0.] as
+      its low half) takes no step: its DPM++ SDE samplers return x for len(sigmas) <= 1 and the others loop zero
+      times, so the latent comes back unchanged (True here; the sampler functions return x);
+    * every other schedule runs as ComfyUI runs it, a flow schedule whose first sigma lies above 1 included:
+      ComfyUI's float32 ``time_snr_shift`` puts ModelSamplingSD3's sigma_max above 1 by its rounding times
+      1 / shift (up to ~1e-4 at shifts <= 0.09, more below), and its samplers take that sigma as it is (the DPM++
+      SDE ones move a first flow sigma >= 1 to the sigma of percent 1e-4, as the DPM++ node does; the DDIM-GMM
+      node runs euler_ancestral_RF's arithmetic on it, where ``sample_rfim_gmm`` alone refuses a first time
+      more than 16 float32 ulps above 1)."""
+    return isinstance(sigmas, torch.Tensor) and sigmas.dim() == 1 and len(sigmas) <= 1
+
+
 def sample_ddim_gmm_any(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, **options):
     """The node's sampler function: the flow or the VE sampler, by the model's sampling type. ComfyUI passes no
-    noise sampler; with the GMM off ComfyUI's own is used (sample-for-sample parity with its samplers)."""
-    from .k_diffusion import sample_ddim_gmm, sample_rfim_gmm
+    noise sampler; with the GMM off ComfyUI's own is used (sample-for-sample parity with its samplers). Sigmas
+    as :func:`takes_no_step` says."""
+    from .k_diffusion import _sample_flow, sample_ddim_gmm
 
+    if takes_no_step(sigmas):
+        return x
     if noise_sampler is None and "gmm" in options and options["gmm"] is None:
         noise_sampler = comfy_noise_sampler(x, extra_args)
     if is_flow_model(model):
         # ComfyUI's euler_ancestral_RF scales its noise by the model sampling's noise_scale (1 when absent)
         options["s_noise"] = options.get("s_noise", 1.0) * getattr(model_sampling(model), "noise_scale", 1.0)
-        return sample_rfim_gmm(
+        return _sample_flow(
             model, x, sigmas, extra_args, callback, disable, noise_sampler=noise_sampler, noise="ancestral_rf",
-            **options,
+            max_start=math.inf, **options,
         )  # fmt: skip
     return sample_ddim_gmm(model, x, sigmas, extra_args, callback, disable, noise_sampler=noise_sampler, **options)
 
@@ -116,9 +142,12 @@ def sample_dpmpp_gmm_any(
     models: k-diffusion's VE formulas. Flow models (CONST) on the SDE samplers, as ComfyUI runs them: lambda =
     log((1 - t) / t), alpha_s = 1 - s, a first sigma >= 1 moved to the model's sigma at percent 1e-4 (after
     the noise sampler is built), s_noise times the model sampling's noise_scale; ComfyUI's dpmpp_2m runs its VE
-    formulas on flow sigmas too (x_s = (s / t) x + ... : the flow Euler step at order 1)."""
+    formulas on flow sigmas too (x_s = (s / t) x + ... : the flow Euler step at order 1). Sigmas as
+    :func:`takes_no_step` says."""
     from .k_diffusion import DPMPP_SAMPLERS, _sample_dpmpp
 
+    if takes_no_step(sigmas):
+        return x
     _, sde = DPMPP_SAMPLERS[sampler]
     path = "ve"
     if sde:
@@ -147,6 +176,7 @@ def dpmpp_node_options(sampler, solver_type, eta, s_noise, variant, n_components
     and unused there, as n_components and scale are with "off")."""
     from .k_diffusion import SOLVER_TYPES, check_dpmpp_eta
 
+    check_number_widgets(eta=eta)
     if sampler not in DPMPP_NODE_SAMPLERS:
         raise ValueError(f"sampler must be one of {DPMPP_NODE_SAMPLERS}, got {sampler!r}")
     if solver_type not in SOLVER_TYPES:
@@ -162,11 +192,20 @@ def dpmpp_node_options(sampler, solver_type, eta, s_noise, variant, n_components
     return {"sampler": sampler, "solver_type": solver_type, **options}
 
 
+def check_number_widgets(**widgets) -> None:
+    """The nodes' FLOAT widgets (eta, s_noise, scale) must hold numbers: a bool or a string is a TypeError naming
+    the widget (ComfyUI's min / max validation compares, so True passes it as 1)."""
+    for name, value in widgets.items():
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+
+
 def node_options(eta, s_noise, variant, n_components, scale, gmm_steps="all") -> dict:
     """The node's widget values as sampler options, each checked under its widget's name before any sampling.
     ``gmm_steps``: "all" or "matched" (the explicit forms of the samplers' option have no widget)."""
     from .k_diffusion import check_s_noise
 
+    check_number_widgets(eta=eta, s_noise=s_noise, scale=scale)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if gmm_steps not in GMM_STEP_POLICIES:

@@ -12,11 +12,12 @@ import math
 
 import torch
 
-from .. import _checks, api, reference
+from .. import _checks, _rows, api, reference
 from ..gmm import validate_gmm_steps
 from ._common import (
     check_eta,
     check_gmm_options,
+    check_loop_arguments,
     check_seed,
     multistep_weights,
     progress_bar,
@@ -36,9 +37,9 @@ __all__ = [
     "SOLVER_TYPES",
 ]
 
-#: Flow times above 1 by at most this much are float32 rounding of 1 and are taken as 1: ComfyUI's float32
+#: sample_rfim_gmm takes a first flow time above 1 by at most this much, float32 rounding of 1 (ComfyUI's float32
 #: ``time_snr_shift`` gives sigmas[0] = 1 + 2^-23 for some shifts (1.32, 4.03, ...) and up to 1 + 8 * 2^-23 for
-#: shifts below 1; its own samplers run them. 16 float32 ulps at 1; a real time above 1 is still refused.
+#: shifts below 1), and runs it as given; a real time above 1 (VE sigmas, say) is refused. 16 float32 ulps at 1.
 FLOW_TIME_ROUNDING = 16 * 2.0**-23
 
 #: How sample_rfim_gmm sets the noise std c of a flow step t -> s from eta (B^2 + c^2 = s^2 either way):
@@ -128,14 +129,15 @@ def sample_ddim_gmm(
 
 
 def _sample(model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, noise_sampler, step, desc, *,
-            gmm, n_components, scale, share_across_steps, uniform_priors, seed, sample_offset, final_step,
-            scale_per_dim, gmm_steps, noise_std):  # fmt: skip
+            noise_std, gmm, n_components=8, scale=1.0, share_across_steps=False, uniform_priors=True, seed=None,
+            sample_offset=0, final_step="gaussian", scale_per_dim=None, gmm_steps="all"):  # fmt: skip
     """The loop both samplers share: checks, GMM tables, the denoiser call and callback, the noise k-diffusion
     would draw (``noise_sampler`` called exactly when k-diffusion calls it, so a shared sampler stays
     aligned), steps between equal sigmas left out (Euler's x + d * 0), then ``step(i, x, denoised, gmm of step
     i, run seed, noise or None) -> x``. ``noise_std(i)``: the step's noise std c in the units the GMM tables
-    are in (for ``gmm_steps="matched"``)."""
-    extra_args = {} if extra_args is None else extra_args
+    are in (for ``gmm_steps="matched"``). The GMM options' defaults are the public samplers' (the ComfyUI node
+    passes only its widgets)."""
+    extra_args = check_loop_arguments(model, extra_args, callback, noise_sampler)
     _checks.check_floating("x", x)
     if x.dim() < 1:
         raise ValueError("x must have a batch dimension [B, ...], got a 0-d tensor")
@@ -168,13 +170,33 @@ def _sample(model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, 
         noise = None
         if sig[i + 1] > 0 and eta > 0:
             if noise_sampler is not None:
-                noise = noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise
+                noise = sampler_noise(noise_sampler, sigmas[i], sigmas[i + 1], x) * s_noise
             elif s_noise != 1.0:
                 noise = s_noise * reference.gaussian_noise(x.shape, run_seed, sample_offset, i, x.dtype, x.device)
         if sig[i + 1] == sig[i]:
             continue
         x = step(i, x, denoised, gmms[i], run_seed, noise)
     return x
+
+
+def sampler_noise(noise_sampler, sigma, sigma_next, x: torch.Tensor) -> torch.Tensor:
+    """``noise_sampler(sigma, sigma_next)`` as the op's noise for ``x``: what k-diffusion's samplers take (they add
+    the draw to x, so a real tensor that broadcasts to x's shape, in any real dtype), else an error naming
+    noise_sampler (k-diffusion raises TypeError on a None draw; a complex draw would make x complex)."""
+    z = noise_sampler(sigma, sigma_next)
+    if not isinstance(z, torch.Tensor) or z.is_complex():
+        what = f"a {z.dtype} tensor" if isinstance(z, torch.Tensor) else type(z).__name__
+        raise TypeError(f"noise_sampler(sigma, sigma_next) must return a real tensor like x, got {what}")
+    if z.shape != x.shape:
+        try:
+            z = z.expand(x.shape).contiguous()
+        except RuntimeError:
+            raise ValueError(
+                f"noise_sampler(sigma, sigma_next) must return noise of x's shape {tuple(x.shape)} (or one that "
+                f"broadcasts to it), got {tuple(z.shape)}"
+            ) from None
+    cdt = _checks.compute_dtype(x.dtype)
+    return z if z.dtype in (x.dtype, cdt) else z.to(cdt)  # e.g. ComfyUI's tree returns the sigmas' dtype
 
 
 def check_s_noise(s_noise, name: str = "s_noise") -> float:
@@ -186,8 +208,12 @@ def check_s_noise(s_noise, name: str = "s_noise") -> float:
 def _check_sigmas(sigmas) -> list[float]:
     """The sigmas as host floats (one copy per run), checked: 1-D, >= 2 entries, finite, >= 0, non-increasing
     (an increasing step would need noise added, which neither these samplers nor k-diffusion's do)."""
-    if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or sigmas.numel() < 2:
+    if not isinstance(sigmas, torch.Tensor):
+        raise TypeError(f"sigmas must be a 1-D tensor with at least 2 entries, got {type(sigmas).__name__}")
+    if sigmas.dim() != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas must be a 1-D tensor with at least 2 entries, got {sigmas!r}")
+    if sigmas.is_complex():  # k-diffusion's sigmas > 0 raises; the cast below would drop the imaginary part
+        raise TypeError(f"sigmas must be real, got a {sigmas.dtype} tensor")
     sig = sigmas.detach().to("cpu", torch.float64).tolist()
     if not all(math.isfinite(s) and s >= 0 for s in sig):
         raise ValueError(f"sigmas must be finite and >= 0, got {sig}")
@@ -233,46 +259,46 @@ def sample_rfim_gmm(
     """RFIM(-GMM) sampling of a k-diffusion-style flow denoiser (ComfyUI's CONST model sampling: SD3, Flux).
 
     ``model(x, sigma * s_in, **extra_args)`` returns x0 on the flow path x = (1 - sigma) x0 + sigma eps, and
-    sigmas (in [0, 1], non-increasing, as ComfyUI passes them for flow models) are the flow times t. Each step
+    sigmas (in [0, 1], non-increasing, as ComfyUI passes them for flow models; a first one above 1 by float32
+    rounding, :data:`FLOW_TIME_ROUNDING`, runs as given) are the flow times t. Each step
     t -> s is x_s = (1 - s) x0 + sqrt(s^2 - c^2) eps + c z (the GMM kernel in place of c z when ``gmm``):
     with GMM off it is Euler at eta = 0 and, with ``noise="ancestral_rf"``, ComfyUI's euler_ancestral_RF for
     every eta; ``noise="rfim"`` is the paper's c = eta s. A step between equal sigmas leaves x as it is; a
     last sigma above 0 returns the partially denoised x. Other arguments as :func:`sample_ddim_gmm`.
     """
+    return _sample_flow(
+        model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, noise=noise,
+        max_start=1 + FLOW_TIME_ROUNDING, gmm=gmm, n_components=n_components, scale=scale,
+        share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset,
+        final_step=final_step, scale_per_dim=scale_per_dim, gmm_steps=gmm_steps,
+    )  # fmt: skip
+
+
+def _sample_flow(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0, s_noise=1.0,
+                 noise_sampler=None, *, noise, max_start, sample_offset=0, **options):  # fmt: skip
+    """:func:`sample_rfim_gmm` with the largest first sigma it takes: ``max_start`` (ComfyUI's nodes take any,
+    as its samplers run any). A time t above 1 runs ComfyUI's arithmetic: the step reads eps_hat = (x - (1 - t)
+    x0) / t, a_t = 1 - t < 0 (the op takes the row; the path checks of ``api.step`` would refuse it)."""
     if noise not in FLOW_NOISE:
         raise ValueError(f"noise must be one of {FLOW_NOISE}, got {noise!r}")
     sig = _check_sigmas(sigmas)
-    if sig[0] > 1 + FLOW_TIME_ROUNDING or sig[0] == 0:
+    if sig[0] > max_start or sig[0] == 0:
         raise ValueError(f"flow sigmas are times in [0, 1] starting above 0, got sigmas[0] = {sig[0]}")
-    sig = [min(s, 1.0) for s in sig]  # float32 rounding above 1 (see FLOW_TIME_ROUNDING); the model sees sigmas
 
     def noise_std(i):
         return flow_noise_std(sig[i], sig[i + 1], eta, noise)
 
     def flow_step(i, x, denoised, gmm, run_seed, z):
         t, s = sig[i], sig[i + 1]
-        c = flow_noise_std(t, s, eta, noise)
-        return api.step(
-            denoised,
-            x,
-            1.0 - t,
-            t,
-            1.0 - s,
-            s,
-            c,
-            prediction_type="sample",
-            gmm=gmm,
-            step_index=i,
-            seed=run_seed,
-            sample_offset=sample_offset,
-            noise=z,
-        ).prev_sample
+        row = _rows.step_row(1.0 - t, t, 1.0 - s, s, noise_std(i), 1.0, _checks.compute_dtype(x.dtype), x.device)
+        return api.step_from_table(
+            denoised, x, row, i, gmm=gmm, prediction_type="sample", seed=run_seed,
+            sample_offset=sample_offset, noise=z, return_pred_original=False,
+        ).prev_sample  # fmt: skip
 
     return _sample(
         model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, noise_sampler, flow_step, "RFIM-GMM",
-        gmm=gmm, n_components=n_components, scale=scale, share_across_steps=share_across_steps,
-        uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset, final_step=final_step,
-        scale_per_dim=scale_per_dim, gmm_steps=gmm_steps, noise_std=noise_std,
+        noise_std=noise_std, sample_offset=sample_offset, **options,
     )  # fmt: skip
 
 
@@ -403,7 +429,7 @@ def _sample_dpmpp(
     float64 (:func:`dpmpp_rows`), then per step the denoiser call, the callback, the noise k-diffusion would draw
     and one fused op call with the history (the previous denoiser outputs). ``default_noise``: with the GMM off,
     no ``noise_sampler`` and no seed, draw k-diffusion's default Brownian-tree noise (torchsde installed)."""
-    extra_args = {} if extra_args is None else extra_args
+    extra_args = check_loop_arguments(model, extra_args, callback, noise_sampler)
     _checks.check_floating("x", x)
     if x.dim() < 1:
         raise ValueError("x must have a batch dimension [B, ...], got a 0-d tensor")
@@ -412,8 +438,6 @@ def _sample_dpmpp(
     s_noise = check_s_noise(s_noise)
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
-    if noise_sampler is not None and not callable(noise_sampler):
-        raise TypeError(f"noise_sampler must be callable (sigma, sigma_next) -> noise, got {noise_sampler!r}")
     sig = _check_dpmpp_sigmas(sigmas)
     if gmm is None or not isinstance(gmm, str):
         check_gmm_options(None, n_components, scale, scale_per_dim)
@@ -452,9 +476,9 @@ def _sample_dpmpp(
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        noise = noise_sampler(sigmas[i], sigmas[i + 1]) if noisy[i] and noise_sampler is not None else None
-        if noise is not None and noise.dtype not in (x.dtype, table.dtype):
-            noise = noise.to(table.dtype)  # e.g. ComfyUI's tree returns the sigmas' dtype
+        noise = None
+        if noisy[i] and noise_sampler is not None:
+            noise = sampler_noise(noise_sampler, sigmas[i], sigmas[i + 1], x)
         x = api.step_from_table(
             denoised, x, table, i, gmm=gmms[i], prediction_type="sample", seed=run_seed,
             sample_offset=sample_offset, noise=noise, history=history[: n_history[i]], return_pred_original=False,

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .. import _checks, api
-from ._common import check_eta, check_seed, progress_bar, resolve_gmm, step_gmms, stream_seed
+from ._common import check_eta, check_loop_arguments, check_seed, progress_bar, resolve_gmm, step_gmms, stream_seed
 
 __all__ = ["sample_rfim"]
 
@@ -52,7 +52,7 @@ def sample_rfim(
     callback({"x", "i", "t", "s", "denoised"}) after each step, with x the new sample at time s and denoised
     the x0 prediction. Returns x at times[-1].
     """
-    extra_args = {} if extra_args is None else extra_args
+    model_kwargs = check_loop_arguments(model, extra_args, callback)
     eta = check_eta(eta)
     if prediction_type not in _PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {_PREDICTION_TYPES}, got {prediction_type!r}")
@@ -76,7 +76,7 @@ def sample_rfim(
     for i in progress_bar(range(n_steps), not progress, "RFIM-GMM" if gmm is not None else "RFIM"):
         t, s = ts[i], ts[i + 1]
         out = api.rfim_step(
-            model(x, x.new_full((x.shape[0],), t), **extra_args),
+            model(x, x.new_full((x.shape[0],), t), **model_kwargs),
             x,
             t,
             s,

@@ -220,3 +220,44 @@ def test_node_refuses_bad_widget_values_naming_the_widget(comfy_node, widgets, m
     # Checked to fail (11 of 11) with get_sampler passing the values unchecked.
     with pytest.raises(ValueError, match=match):
         comfy_node.NODE_CLASS_MAPPINGS["SamplerDPMPPGMM"]().get_sampler(**(WIDGETS | widgets))
+
+
+@pytest.mark.parametrize("sampling", [_Const, EPS])
+@pytest.mark.parametrize("sigmas", [[0.0], [1.0], [14.6]], ids=["last-step-low-half", "flow-high-half", "ve-high"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2m"])
+def test_node_returns_the_latent_for_a_single_sigma(comfy_node, sigmas, sampling, sampler):
+    # The DDIM-GMM node's rule (comfy.takes_no_step): ComfyUI's dpmpp_2m_sde / 3m_sde return x for
+    # len(sigmas) <= 1, its dpmpp_2m loops zero times. The node raised (for [0.] torch's "min(): Expected
+    # reduction dim" from the noise sampler's sigma_min). Checked to fail (18 of 18) without the takes_no_step
+    # test in sample_dpmpp_gmm_any.
+    model = _wrapper(sampling())
+    model.__class__.__call__ = lambda self, x, sigma, **kw: pytest.fail("the model is called")
+    x = torch.randn(SHAPE)
+    assert _run_node(comfy_node, model, x, torch.tensor(sigmas), 3, sampler=sampler) is x
+
+
+@pytest.mark.filterwarnings("ignore:Should have t:UserWarning")
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "dpmpp_2m"])
+def test_node_takes_a_flow_schedule_starting_above_1(comfy_node, sampler):
+    # The same schedules as the DDIM-GMM node's test (ModelSamplingSD3 at shift 0.01: sigmas[0] 816 ulps above
+    # 1): the SDE samplers move it to percent 1e-4 as ComfyUI's, dpmpp_2m runs its VE formulas on it as ComfyUI's.
+    from tests.integrations.test_comfy_flow import _comfy_sd3_schedule
+
+    flow, denoiser = _wrapper(_Const()), _flow_denoiser()
+    flow.__class__.__call__ = lambda self, x, sigma, **kw: denoiser(x, sigma)
+    sigmas = _comfy_sd3_schedule(0.01, 6, False).double()
+    x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert torch.isfinite(_run_node(comfy_node, flow, x, sigmas, 5, sampler=sampler)).all()
+
+
+@pytest.mark.parametrize("node", ["SamplerDDIMGMM", "SamplerDPMPPGMM"])
+@pytest.mark.parametrize(("widget", "value"), [("eta", True), ("s_noise", True), ("scale", False), ("eta", "0.5")])
+def test_both_nodes_refuse_a_float_widget_that_is_not_a_number(comfy_node, node, widget, value):
+    # eta=True passed the DDIM-GMM node as 1.0 (the DPM++ node: ValueError); a bool s_noise / scale and a string
+    # eta gave ValueErrors. One rule for both nodes: TypeError naming the widget. Checked to fail (8 of 8)
+    # without the check_number_widgets calls.
+    widgets = dict(eta=0.5, s_noise=1.0, variant="ortho", n_components=4, scale=1.0) | {widget: value}
+    if node == "SamplerDPMPPGMM":
+        widgets |= dict(sampler="dpmpp_2m_sde", solver_type="midpoint")
+    with pytest.raises(TypeError, match=f"{widget} must be a number, got {type(value).__name__}"):
+        comfy_node.NODE_CLASS_MAPPINGS[node]().get_sampler(**widgets)

@@ -135,9 +135,9 @@ def test_node_dispatches_on_the_model_sampling_type():
 @pytest.mark.parametrize("ulps", [1, 8, 16])
 def test_flow_schedule_starting_at_float32_rounding_above_1(ulps):
     # ComfyUI's float32 time_snr_shift gives sigmas[0] = 1 + 2^-23 for 63 of 1000 ModelSamplingSD3 shifts (1.32,
-    # 4.03, ...) and up to 1 + 8 * 2^-23 for shifts below 1; its own samplers run them. Taken as t = 1, which
-    # differs from ComfyUI's arithmetic on 1 + 2^-23 by float32 rounding. Checked to fail with the old check
-    # (sigmas[0] > 1 refused).
+    # 4.03, ...) and up to 1 + 8 * 2^-23 for shifts below 1; its own samplers run them, and so does
+    # sample_rfim_gmm, with ComfyUI's arithmetic on t > 1 (float64 tolerance; taking t as 1 failed it). Checked to
+    # fail with the old check (sigmas[0] > 1 refused).
     sigmas = _shift(torch.linspace(1, 0, 8, dtype=torch.float64), 1.32)
     sigmas[0] = 1 + ulps * 2.0**-23
     x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
@@ -145,7 +145,7 @@ def test_flow_schedule_starting_at_float32_rounding_above_1(ulps):
     ours = sample_rfim_gmm(
         _flow_denoiser(), x, sigmas, eta=0.5, noise="ancestral_rf", gmm=None, disable=True, noise_sampler=_SharedNoise()
     )
-    assert_close(ours, expected, kind="f32_loop")
+    assert_close(ours, expected, kind="f64_loop")
     tables = sample_rfim_gmm(_flow_denoiser(), x, sigmas, eta=0.5, gmm="ortho-lr", n_components=4, seed=0, disable=True)
     assert torch.isfinite(tables).all()
 
@@ -282,3 +282,48 @@ def test_node_off_takes_unused_gmm_widgets_as_the_schedulers_do():
     assert node_options(0.5, 1.0, "off", 3, 5.0)["gmm"] is None
     with pytest.raises(ValueError, match="scale must be a finite number"):
         node_options(0.5, 1.0, "off", 3, math.nan)
+
+
+def _comfy_sd3_schedule(shift: float, steps: int, sgm: bool) -> torch.Tensor:
+    """ComfyUI's ModelSamplingSD3 sigmas under its normal (``sgm=False``) / sgm_uniform scheduler, from its
+    behaviour, in its float32: the model's table time_snr_shift(shift, i / 1000) for i = 1..1000, timesteps
+    from 1000 sigma_max to 1000 sigma_min, each mapped back through time_snr_shift, a 0 appended. Its first
+    sigma lies above 1 by the float32 rounding of sigma_max times about 1 / shift (816 ulps at shift 0.01)."""
+
+    def time_snr_shift(t):
+        return shift * t / (1 + (shift - 1) * t)
+
+    table = time_snr_shift(torch.arange(1, 1001) / 1000)
+    start, end = table[-1] * 1000, table[0] * 1000
+    timesteps = torch.linspace(start, end, steps + 1)[:-1] if sgm else torch.linspace(start, end, steps)
+    return torch.tensor([float(time_snr_shift(t / 1000)) for t in timesteps] + [0.0])
+
+
+@pytest.mark.parametrize("sgm", [False, True])
+@pytest.mark.parametrize(("shift", "ulps"), [(0.09, 33), (0.03, 282), (0.01, 816)])
+def test_node_runs_comfyui_flow_schedules_starting_above_1_as_comfyui(comfy_node, shift, ulps, sgm):
+    # ModelSamplingSD3 at small shifts puts sigmas[0] 33-816 float32 ulps above 1; ComfyUI's euler_ancestral_RF
+    # (and the DPM++ node) run it, the node refused it ("flow sigmas are times in [0, 1]"). Now it runs ComfyUI's
+    # arithmetic on t > 1 (eps_hat = (x - (1 - t) x0) / t), checked against its update rule in float64. Checked
+    # to fail with the node's max_start at 1 + FLOW_TIME_ROUNDING (refused, 6 of 6) and with the first time taken
+    # as 1 (the old rounding rule: 6 of 6, by about 1e-4 relative at 816 ulps, 4e-6 at 33).
+    sigmas = _comfy_sd3_schedule(shift, 6, sgm)
+    assert round((float(sigmas[0]) - 1) / 2**-23) == ulps
+    sigmas = sigmas.double()  # its float32 values, exactly
+    flow, model = _wrapper(CONST()), _flow_denoiser()
+    flow.__class__.__call__ = lambda self, x, sigma, **kw: model(x, sigma)
+    x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    expected = _comfy_ancestral_rf(model, x, sigmas, 0.5, _comfy_default_noise_sampler(x, seed=9))
+    assert_close(_run_node(comfy_node, flow, x, sigmas, 9), expected, kind="f64_loop")
+
+
+@pytest.mark.parametrize("sampling", [CONST, EPS])
+@pytest.mark.parametrize("sigmas", [[0.0], [1.0], [14.6]], ids=["last-step-low-half", "flow-high-half", "ve-high"])
+@pytest.mark.parametrize("variant", ["off", "ortho"])
+def test_node_returns_the_latent_for_a_single_sigma(comfy_node, sigmas, sampling, variant):
+    # ComfyUI's samplers take no step on a schedule of one sigma (SplitSigmas at step 0, or [0.] at the end) and
+    # return x; the node raised "at least 2 entries". Checked to fail (12 of 12) without the takes_no_step test.
+    model = _wrapper(sampling())
+    model.__class__.__call__ = lambda self, x, sigma, **kw: pytest.fail("the model is called")
+    x = torch.randn(SHAPE)
+    assert _run_node(comfy_node, model, x, torch.tensor(sigmas), 3, variant=variant) is x

@@ -148,14 +148,20 @@ def test_progress_bar(capsys):
         (dict(x=3), TypeError, "x must be a torch.Tensor"),
         (dict(x=torch.zeros(())), ValueError, "x must have a batch dimension"),
         (dict(x=torch.zeros(SHAPE, dtype=torch.int64)), TypeError, "x must have a floating dtype"),
+        # used first inside the loop, where they failed naming nothing: checked to fail (5 of 5) without
+        # check_loop_arguments (the sigmas case: with the old ValueError of _check_sigmas)
+        (dict(model=None), TypeError, "model must be callable"),
+        (dict(extra_args="seed"), TypeError, "extra_args must be None or a dict"),
+        (dict(callback=print, noise_sampler=3), TypeError, "noise_sampler must be callable or None, got int"),
+        (dict(callback=[]), TypeError, "callback must be callable or None, got list"),
+        (dict(sigmas=(2.0, 1.0, 0.0)), TypeError, "sigmas must be a 1-D tensor .*, got tuple"),
     ],
 )
 def test_bad_input(kwargs, error, match):
-    args = dict(sigmas=torch.tensor([2.0, 1.0, 0.0]), x=torch.zeros(SHAPE))
+    args = dict(model=lambda x, s: x, sigmas=torch.tensor([2.0, 1.0, 0.0]), x=torch.zeros(SHAPE), eta=0.5)
     args.update(kwargs)
-    x = args.pop("x")
     with pytest.raises(error, match=match):
-        sample_ddim_gmm(lambda x, s: x, x, disable=True, **args)
+        sample_ddim_gmm(disable=True, **args)
 
 
 def test_comfy_node_only_inside_comfyui(monkeypatch):

@@ -252,13 +252,99 @@ def _never_called(x, sigma, **kwargs):
         ("2m_sde", dict(sample_offset=-1), ValueError, "sample_offset must be in"),
         ("2m_sde", dict(gmm=dg.GMM.create(16, n_components=2, n_steps=2)), ValueError, "built for dim=16"),
         ("3m_sde", dict(x=torch.zeros(SHAPE, dtype=torch.int64)), TypeError, "x must have a floating dtype"),
+        # used first inside the loop, where they failed naming nothing (AttributeError "'list' object has no
+        # attribute 'get'", "'int' object is not callable"): checked to fail (5 of 5) without check_loop_arguments
+        # (the sigmas case: with the old ValueError of _check_sigmas)
+        ("2m", dict(model=3), TypeError, "model must be callable"),
+        ("2m_sde", dict(extra_args=[("seed", 1)]), TypeError, "extra_args must be None or a dict"),
+        ("3m_sde", dict(callback=3), TypeError, "callback must be callable or None, got int"),
+        ("2m", dict(sigmas=[2.0, 1.0, 0.0]), TypeError, "sigmas must be a 1-D tensor .*, got list"),
+        ("2m_sde", dict(noise_sampler="brownian"), TypeError, "noise_sampler must be callable or None, got str"),
     ],
 )
 def test_bad_input_is_refused_before_any_work(fn, kwargs, error, match):
     # Each new argument checked with a message naming it, before the model is called (the model raises).
     # Checked to fail with only the non-increasing check on sigmas (the repeated-sigma cases reach the model).
     fns = {"2m": sample_dpmpp_2m_gmm, "2m_sde": sample_dpmpp_2m_sde_gmm, "3m_sde": sample_dpmpp_3m_sde_gmm}
-    args = dict(sigmas=torch.tensor([2.0, 1.0, 0.0]), x=torch.zeros(SHAPE)) | kwargs
-    x = args.pop("x")
+    args = dict(model=_never_called, sigmas=torch.tensor([2.0, 1.0, 0.0]), x=torch.zeros(SHAPE)) | kwargs
     with pytest.raises(error, match=match):
-        fns[fn](_never_called, x, disable=True, **args)
+        fns[fn](disable=True, **args)
+
+
+def _four_samplers():
+    """Every k-diffusion twin that takes a noise_sampler, with its sigmas (flow times for sample_rfim_gmm)."""
+    from ddim_gmm_ext.k_diffusion import sample_ddim_gmm, sample_rfim_gmm
+
+    ve = torch.tensor([2.0, 1.0, 0.5, 0.0])
+    return {
+        "ddim": (sample_ddim_gmm, ve, dict(eta=1.0)),
+        "rfim": (sample_rfim_gmm, torch.tensor([1.0, 0.6, 0.3, 0.0]), dict(eta=1.0)),
+        "2m_sde": (sample_dpmpp_2m_sde_gmm, ve, {}),
+        "3m_sde": (sample_dpmpp_3m_sde_gmm, ve, {}),
+    }
+
+
+@pytest.mark.parametrize("gmm", [None, "ortho"])
+@pytest.mark.parametrize(
+    ("draw", "error", "match"),
+    [
+        (lambda x: None, TypeError, r"noise_sampler\(sigma, sigma_next\) must return a real tensor.*NoneType"),
+        (lambda x: torch.randn_like(x, dtype=torch.complex64), TypeError, "must return a real tensor.*complex64"),
+        (lambda x: torch.randn(3, *x.shape[1:]), ValueError, r"noise_sampler.*x's shape \(2, 2, 4, 4\)"),
+    ],
+)
+@pytest.mark.parametrize("fn", ["ddim", "rfim", "2m_sde", "3m_sde"])
+def test_a_bad_noise_sampler_draw_is_refused_naming_noise_sampler(fn, draw, error, match, gmm):
+    # k-diffusion raises TypeError when its noise sampler returns None (None * tensor); the DPM++ twins drew the
+    # Philox stream instead, and took a complex draw's real part. Checked to fail (24 of 24) with sampler_noise
+    # returning the draw as it came: the DPM++ twins ran the None and complex draws, the other errors named
+    # `noise` or nothing.
+    sampler, sigmas, kwargs = _four_samplers()[fn]
+    x = torch.randn(SHAPE)
+    with pytest.raises(error, match=match):
+        sampler(_model, x, sigmas, disable=True, gmm=gmm, seed=0, noise_sampler=lambda s, t: draw(x), **kwargs)
+
+
+def test_a_none_draw_is_a_type_error_in_k_diffusion_too():
+    # What the rule above follows: k-diffusion 0.1.1.post1's sample_dpmpp_2m_sde adds the draw to x.
+    from tests.integrations.kdiffusion_upstream import load_sampling
+
+    with pytest.raises(TypeError):
+        load_sampling().sample_dpmpp_2m_sde(
+            _model, torch.randn(SHAPE), torch.tensor([2.0, 1.0, 0.0]), disable=True, noise_sampler=lambda s, t: None
+        )
+
+
+@pytest.mark.parametrize("fn", ["ddim", "rfim"])
+def test_a_noise_sampler_that_is_not_callable_is_refused_before_any_work(fn):
+    # The DDIM / RFIM twins called it mid-run ("'int' object is not callable", after the model's first call).
+    # Checked to fail without the check_noise_sampler call in _sample.
+    sampler, sigmas, kwargs = _four_samplers()[fn]
+    with pytest.raises(TypeError, match="noise_sampler must be callable"):
+        sampler(_never_called, torch.zeros(SHAPE), sigmas, disable=True, noise_sampler=3, **kwargs)
+
+
+@pytest.mark.parametrize("draw_dtype", [torch.float64, torch.int64])
+def test_noise_that_broadcasts_to_x_or_has_another_real_dtype_runs_as_in_k_diffusion(draw_dtype):
+    # k-diffusion adds the draw to x: a [1, ...] draw (one noise for the batch) and an integer draw both run
+    # there. Checked to fail without the expand in sampler_noise (the op refused the [1, ...] shape).
+    from tests.integrations.kdiffusion_upstream import load_sampling
+
+    sigmas = _sigmas(7, True, torch.float64)
+    x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * sigmas[0]
+
+    def draws():
+        gen = torch.Generator().manual_seed(8)
+        return lambda s, t: (torch.randn((1, *SHAPE[1:]), generator=gen, dtype=torch.float64) * 3).to(draw_dtype)
+
+    expected = load_sampling().sample_dpmpp_2m_sde(_model, x, sigmas, disable=True, eta=0.7, noise_sampler=draws())
+    got = sample_dpmpp_2m_sde_gmm(_model, x, sigmas, disable=True, eta=0.7, gmm=None, noise_sampler=draws())
+    assert_close(got, expected, kind="f64_loop_ve")
+
+
+def test_complex_sigmas_are_refused():
+    # The host copy took their real part silently (k-diffusion's sigmas > 0 raises). Checked to fail without
+    # the is_complex check in _check_sigmas.
+    for sampler in (sample_dpmpp_2m_sde_gmm, _four_samplers()["ddim"][0]):
+        with pytest.raises(TypeError, match="sigmas must be real, got a torch.complex64"):
+            sampler(_never_called, torch.zeros(SHAPE), torch.tensor([2.0, 1.0, 0.0], dtype=torch.complex64))

@@ -96,3 +96,19 @@ def test_bad_input(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         sample_rfim(_velocity, torch.zeros(2, D), progress=False, **args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(model="v"), "model must be callable"),
+        (dict(extra_args=["cond"]), "extra_args must be None or a dict"),
+        (dict(callback=1), "callback must be callable or None, got int"),
+    ],
+)
+def test_bad_loop_arguments_are_refused_before_any_work(kwargs, match):
+    # They failed inside the loop naming nothing ("'int' object is not callable", "argument after ** must be a
+    # mapping"). Checked to fail (3 of 3) without the check_loop_arguments call.
+    args = dict(model=lambda x, t: pytest.fail("the model is called"), x=torch.zeros(2, 4), times=[1.0, 0.5, 0.0])
+    with pytest.raises(TypeError, match=match):
+        sample_rfim(**(args | kwargs), progress=False)
