@@ -271,7 +271,8 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
         a = [np.float64(v) for v in a_t.tolist()]
         b = [np.float64(v) for v in b_t.tolist()]
         px0, bh1 = bool(self.predict_x0), c.solver_type == "bh1"
-        n, out, singular = len(self.timesteps), [], {}
+        n, out = len(self.timesteps), []
+        singular: dict[int, int] = {}
 
         def interval(i: int, j: int, order: int, corrector: bool):
             try:
