@@ -79,6 +79,17 @@ LOOP_ERROR_FACTOR = 4.0
 # oracle computes something else, and the bound above would be vacuous
 ORACLE_SANITY = 1e-3
 
+# (sample dtype, model output dtype) of the mixed-precision step checks: an autocast half output of a float32 sample,
+# float64 on either side, a half sample
+MIXED_DTYPES = [
+    (torch.float32, torch.float16),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float64),
+    (torch.float64, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.float16, torch.float16),
+]
+
 # Monte Carlo bounds: a statistic within this many standard errors of its expectation (atol = MC_SIGMAS * se).
 MC_SIGMAS = 5
 # the wider bound of the maxima over many coordinates in the moment tests (table steps, Euler VE, test_moments)

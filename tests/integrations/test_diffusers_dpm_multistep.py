@@ -16,7 +16,7 @@ import diffusers  # noqa: E402
 
 import ddim_gmm_ext as dg  # noqa: E402
 from ddim_gmm_ext.diffusers import DPMSolverMultistepGMMScheduler  # noqa: E402
-from tests.helpers import MC_SIGMAS_WIDE, assert_close, assert_loop_error_within, assert_within  # noqa: E402
+from tests.helpers import MC_SIGMAS_WIDE, MIXED_DTYPES, assert_close, assert_loop_error_within, assert_within  # noqa: E402
 
 SHAPE = (2, 3, 4, 4)
 # A fixed linear "model" per prediction type, near a denoiser of data at 0 so that loops stay O(1).
@@ -356,17 +356,7 @@ BASE = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
 
 @pytest.mark.parametrize("algorithm_type", ["dpmsolver++", "sde-dpmsolver++"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
-@pytest.mark.parametrize(
-    "sample_dtype, output_dtype",
-    [
-        (torch.float32, torch.float16),
-        (torch.float32, torch.bfloat16),
-        (torch.float32, torch.float64),
-        (torch.float64, torch.float32),
-        (torch.float16, torch.float32),
-        (torch.float16, torch.float16),
-    ],
-)
+@pytest.mark.parametrize("sample_dtype, output_dtype", MIXED_DTYPES)
 def test_output_dtype_is_diffusers(algorithm_type, prediction_type, sample_dtype, output_dtype):
     # diffusers returns its data prediction's dtype: the promoted dtype of the sample and the model output
     # ("epsilon": a float32 sample with an autocast fp16 output stays float32, float64 stays float64), the model

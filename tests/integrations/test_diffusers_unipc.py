@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 import diffusers  # noqa: E402
 
 from ddim_gmm_ext.diffusers import UniPCMultistepGMMScheduler  # noqa: E402
-from tests.helpers import assert_close, assert_loop_error_within  # noqa: E402
+from tests.helpers import MIXED_DTYPES, assert_close, assert_loop_error_within  # noqa: E402
 
 SHAPE = (2, 3, 4, 4)
 # A fixed linear "model" per prediction type, near a denoiser of data at 0 so that loops stay O(1).
@@ -374,17 +374,7 @@ def test_degenerate_schedule_refused_at_set_timesteps(config, sigmas, named):
         ours.set_timesteps(steps, sigmas=sigmas)
 
 
-@pytest.mark.parametrize(
-    "sample_dtype, output_dtype",
-    [
-        (torch.float32, torch.float16),
-        (torch.float32, torch.bfloat16),
-        (torch.float32, torch.float64),
-        (torch.float64, torch.float32),
-        (torch.float16, torch.float32),
-        (torch.float16, torch.float16),
-    ],
-)
+@pytest.mark.parametrize("sample_dtype, output_dtype", MIXED_DTYPES)
 def test_output_dtype_is_diffusers(sample_dtype, output_dtype):
     # diffusers' UniPC returns the sample's dtype whatever the model output's (its updates end in .to(x.dtype)); so
     # does ours. The model output depends on t only, so that both loops see the same rounded outputs.
