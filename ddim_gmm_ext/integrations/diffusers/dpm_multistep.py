@@ -111,7 +111,11 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
     1-3, ``solver_type`` "midpoint" / "heun", every sigma schedule (karras, exponential, beta, lu-lambdas, flow
     sigmas with ``flow_shift``), ``final_sigmas_type``, ``lower_order_final``, ``euler_at_final`` and every
     ``prediction_type``. The history (``self.model_outputs``, the data predictions, as diffusers keeps them) is
-    passed to the op; nothing is modified in place.
+    passed to the op; nothing is modified in place. The model output may be what diffusers' conversion takes (a
+    tensor, NumPy array or float of the sample's shape or one that broadcasts to it; real floating point), and the
+    result has diffusers' dtype (the promoted dtype of sample and model output; the model output's with "sample").
+    Schedules whose sigmas are not a path (non-finite, zero before the end) and, with the SDE, increasing timesteps
+    are refused at ``set_timesteps``.
 
     * Fused from the model output: "epsilon", "sample", "v_prediction" (VP sigmas), "flow_prediction" (flow
       sigmas). Otherwise x0_hat is computed in torch first and the op takes it as a "sample" prediction (the same

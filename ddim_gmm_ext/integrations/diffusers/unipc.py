@@ -126,6 +126,9 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
     * No GMM: UniPC is deterministic (no noise at any step), so a mixture would have no Gaussian noise to replace
       and its offsets would land on the sample uncompensated. ``gmm_variant`` other than None and
       :meth:`set_gmm_params` are refused.
+    * Refused: schedules whose sigmas are not a path (non-finite, zero before the end), at ``set_timesteps``; an
+      order-3 step to sigma 0 (``solver_order`` >= 3, ``lower_order_final=False``, ``final_sigmas_type="zero"``), a
+      singular rho system, at that step (where diffusers raises ``LinAlgError``) or at :meth:`prepare_gmm`.
 
     Step index: diffusers' host counter (``step_index``, ``set_begin_index``; a run starting mid-schedule gets its
     order and corrector switches from its own first step). Under ``torch.compile`` it is the timestep's first
