@@ -4,7 +4,10 @@ SDE-GMM one-step moments; bad configs and arguments."""
 
 import itertools
 import math
+import sys
+from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +16,7 @@ import diffusers  # noqa: E402
 
 import ddim_gmm_ext as dg  # noqa: E402
 from ddim_gmm_ext.diffusers import DPMSolverMultistepGMMScheduler  # noqa: E402
-from tests.helpers import MC_SIGMAS_WIDE, assert_close, assert_within  # noqa: E402
+from tests.helpers import MC_SIGMAS_WIDE, MIXED_DTYPES, assert_close, assert_loop_error_within, assert_within  # noqa: E402
 
 SHAPE = (2, 3, 4, 4)
 # A fixed linear "model" per prediction type, near a denoiser of data at 0 so that loops stay O(1).
@@ -47,6 +50,43 @@ def _loop(scheduler, steps, seed=1, noise=False):
     return x
 
 
+class _TorchWithFloat64Upcast:
+    """torch, as diffusers' DPM-Solver module sees it, with float32 meaning float64: its step upcasts the sample with
+    ``sample.to(torch.float32)`` and draws / converts the noise in float32; under this it runs in float64 (the same
+    code, every other torch name unchanged)."""
+
+    float32 = torch.float64
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _loop64(scheduler, steps, seed=1):
+    """The oracle of _loop: diffusers' DPMSolverMultistepScheduler computing in float64 (its float32 sigmas cast
+    after set_timesteps), from _loop's start and with _loop's noise (drawn in float32 from the same generator, as
+    diffusers draws it, and passed as variance_noise)."""
+    scheduler.set_timesteps(steps)
+    scheduler.sigmas = scheduler.sigmas.double()
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).double()
+    gen = torch.Generator().manual_seed(seed)
+    sde = scheduler.config.algorithm_type.startswith("sde")
+    module = sys.modules[type(scheduler).__module__]
+    with mock.patch.object(module, "torch", _TorchWithFloat64Upcast()):
+        for t in scheduler.timesteps:
+            z = torch.randn(SHAPE, generator=gen).double() if sde else None
+            x = scheduler.step(_model(x, t, scheduler.config.prediction_type), t, x, variance_noise=z).prev_sample
+    return x
+
+
+def _assert_matches_stock(config, steps):
+    """Our float32 loop against diffusers' float32 loop, both judged against diffusers' arithmetic in float64 (beta
+    sigmas at order 3 amplify float32 rounding by a CPU-dependent amount: tests.helpers.LOOP_ERROR_FACTOR)."""
+    ours = _loop(DPMSolverMultistepGMMScheduler(**config), steps)
+    stock = _loop(diffusers.DPMSolverMultistepScheduler(**config), steps)
+    oracle = _loop64(diffusers.DPMSolverMultistepScheduler(**config), steps)
+    assert_loop_error_within(ours, stock, oracle)
+
+
 def _grid():
     for alg, order, solver, sigmas in itertools.product(
         ["dpmsolver++", "sde-dpmsolver++"], [1, 2, 3], ["midpoint", "heun"], SIGMAS
@@ -61,14 +101,13 @@ def _grid():
 GRID = list(_grid())
 
 
-# Checked to fail: with the heun D1 coefficient used for midpoint (order 2), with r0 inverted in the weights, and
-# with the SDE's e^-h left out of the x_t coefficient.
+# Checked to fail: with the heun D1 coefficient used for midpoint (order 2), with r0 inverted in the weights, with
+# the SDE's e^-h left out of the x_t coefficient, and with the order-3 k2 of _solver_coefficients scaled by 1 + 1e-3
+# (a row coefficient off by 1e-3 relative).
 @pytest.mark.parametrize("steps", [7, 13])
 @pytest.mark.parametrize("config", GRID, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_whole_loop_matches_dpm_solver(config, steps):
-    ours = _loop(DPMSolverMultistepGMMScheduler(**config), steps)
-    stock = _loop(diffusers.DPMSolverMultistepScheduler(**config), steps)
-    assert_close(ours, stock, kind="f32_loop_upstream")
+    _assert_matches_stock(config, steps)
 
 
 OPTIONS = [
@@ -90,9 +129,7 @@ OPTIONS = [
 @pytest.mark.parametrize("config", OPTIONS, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_options_match_dpm_solver(config, steps):
     # Checked to fail with the thresholding path skipping _threshold_sample.
-    ours = _loop(DPMSolverMultistepGMMScheduler(**config), steps)
-    stock = _loop(diffusers.DPMSolverMultistepScheduler(**config), steps)
-    assert_close(ours, stock, kind="f32_loop_upstream")
+    _assert_matches_stock(config, steps)
 
 
 def test_variance_noise_and_learned_variance():
@@ -299,3 +336,139 @@ def test_bad_arguments_named():
         x = s.step(x, t, x).prev_sample
     with pytest.raises(ValueError, match="past the end of the 7-step schedule"):
         s.step(x, t, x)
+
+
+# ---- dtypes and model-output forms --------------------------------------------------------------------------------
+
+
+def _fixed_output_loop(scheduler, sample_dtype, output, steps=5):
+    """A loop whose model output ``output(t)`` depends on t only (both loops see the same rounded outputs)."""
+    scheduler.set_timesteps(steps)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).to(sample_dtype)
+    gen = torch.Generator().manual_seed(1)
+    for t in scheduler.timesteps:
+        x = scheduler.step(output(t), t, x, generator=gen).prev_sample
+    return x
+
+
+BASE = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("algorithm_type", ["dpmsolver++", "sde-dpmsolver++"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+@pytest.mark.parametrize("sample_dtype, output_dtype", MIXED_DTYPES)
+def test_output_dtype_is_diffusers(algorithm_type, prediction_type, sample_dtype, output_dtype):
+    # diffusers returns its data prediction's dtype: the promoted dtype of the sample and the model output
+    # ("epsilon": a float32 sample with an autocast fp16 output stays float32, float64 stays float64), the model
+    # output's with "sample". Checked to fail with the output cast to the model output's dtype (fp16 / bf16 outputs
+    # of a float32 sample, "epsilon").
+    config = dict(algorithm_type=algorithm_type, prediction_type=prediction_type, solver_order=3)
+
+    def output(t):
+        return (0.3 * BASE + t / 1000).to(output_dtype)
+
+    ours = _fixed_output_loop(DPMSolverMultistepGMMScheduler(**config), sample_dtype, output)
+    stock = _fixed_output_loop(diffusers.DPMSolverMultistepScheduler(**config), sample_dtype, output)
+    assert ours.dtype == stock.dtype
+    # diffusers rounds sigma_t * model_output to a half output's dtype (a 0-d float32 factor does not promote), ours
+    # computes in float32: they differ by the half dtype's rounding, amplified by 1 / a_t over the loop
+    lowest = max(sample_dtype, output_dtype, ours.dtype, key=lambda d: torch.finfo(d).eps)
+    assert_close(ours, stock, dtype=lowest, scale=10.0)
+
+
+FORMS = {
+    "numpy": lambda t: (0.3 * BASE + t / 1000).numpy(),
+    "numpy-float64": lambda t: (0.3 * BASE + t / 1000).double().numpy(),
+    "0-d": lambda t: t.float() / 1000 - 0.4,
+    "float": lambda t: float(t) / 1000 - 0.4,
+    "broadcast": lambda t: (0.3 * BASE + t / 1000)[:1, :, :1, :1],
+}
+
+
+@pytest.mark.parametrize("algorithm_type", ["dpmsolver++", "sde-dpmsolver++"])
+@pytest.mark.parametrize("form", FORMS)
+def test_model_output_forms_diffusers_takes(algorithm_type, form):
+    # NumPy arrays, 0-d tensors, Python floats and outputs that broadcast to the sample: diffusers' epsilon
+    # conversion takes them; ours gives its samples, in its dtype (it failed with AttributeError / the op's shape
+    # message). With "sample" diffusers fails on some of them (a NumPy dtype in .to(), a 0-d noise shape); ours takes
+    # the same forms there, as their tensor. Checked to fail without _model_output_tensor's conversion.
+    config = dict(algorithm_type=algorithm_type, solver_order=2)
+    ours = _fixed_output_loop(DPMSolverMultistepGMMScheduler(**config), torch.float32, FORMS[form])
+    stock = _fixed_output_loop(diffusers.DPMSolverMultistepScheduler(**config), torch.float32, FORMS[form])
+    assert ours.dtype == stock.dtype
+    assert_close(ours, stock, kind="f32_loop_upstream")
+    config["prediction_type"] = "sample"
+
+    def as_tensor(t):
+        return torch.as_tensor(FORMS[form](t)).expand(SHAPE)
+
+    ours = _fixed_output_loop(DPMSolverMultistepGMMScheduler(**config), torch.float32, FORMS[form])
+    same = _fixed_output_loop(DPMSolverMultistepGMMScheduler(**config), torch.float32, as_tensor)
+    assert_close(ours, same, kind="exact")
+
+
+REAL = "model_output must be a real floating-point tensor"
+
+
+@pytest.mark.parametrize(
+    "output, error, match",
+    [
+        (torch.ones(SHAPE, dtype=torch.int32), TypeError, f"{REAL}, got torch.int32"),
+        (torch.ones(SHAPE, dtype=torch.bool), TypeError, f"{REAL}, got torch.bool"),
+        (torch.ones(SHAPE, dtype=torch.complex64), TypeError, f"{REAL}, got torch.complex64"),
+        (np.ones(SHAPE, dtype=np.int64), TypeError, f"{REAL}, got torch.int64"),
+        ([0.1], TypeError, f"{REAL}, got list"),
+        (
+            torch.ones(3, 3),
+            ValueError,
+            "model_output must have the sample's shape \\(2, 3, 4, 4\\) or one that broadcasts",
+        ),
+    ],
+    ids=["int", "bool", "complex", "numpy-int", "list", "shape"],
+)
+def test_model_outputs_that_are_not_real_floats_are_refused(output, error, match):
+    # An int / bool output: diffusers' "sample" prediction returns an int sample (or fails on bool), its epsilon
+    # one a float sample from the integer values; a noise or data prediction is real-valued, so ours refuses them
+    # all naming model_output, before any noise is drawn or the step counter moves.
+    s = DPMSolverMultistepGMMScheduler(algorithm_type="sde-dpmsolver++")
+    s.set_timesteps(7)
+    x = torch.zeros(SHAPE)
+    with pytest.raises(error, match=match):
+        s.step(output, s.timesteps[0], x)
+    assert s.step_index is None
+    with pytest.raises(TypeError, match="sample must be a torch.Tensor, got ndarray"):
+        s.step(x, s.timesteps[0], x.numpy())
+
+
+# ---- degenerate schedules ------------------------------------------------------------------------------------
+
+
+def test_sde_timesteps_must_decrease():
+    # Increasing custom timesteps with the SDE: the noise std b_s sqrt(1 - e^-2h) has h < 0 (diffusers: NaN samples;
+    # ours failed at set_timesteps with "math domain error"). ValueError naming timesteps at set_timesteps; the ODE
+    # (which runs either way) is accepted. Checked to fail without set_timesteps' _check_decreasing call.
+    s = DPMSolverMultistepGMMScheduler(algorithm_type="sde-dpmsolver++")
+    with pytest.raises(ValueError, match="timesteps must decrease with algorithm_type='sde-dpmsolver\\+\\+'"):
+        s.set_timesteps(timesteps=[100, 300, 500, 700])
+    DPMSolverMultistepGMMScheduler().set_timesteps(timesteps=[100, 300, 500, 700])
+    s.set_timesteps(timesteps=[700, 500, 300, 100])
+
+
+@pytest.mark.parametrize(
+    "config, named",
+    [
+        (dict(beta_end=0.999), "beta_end=0.999"),  # alphas_cumprod reaches 0: sigma = inf
+        (dict(beta_end=0.999, use_karras_sigmas=True), "use_karras_sigmas=True"),  # NaN
+        (dict(use_flow_sigmas=True, flow_shift=0.0, prediction_type="flow_prediction"), "flow_shift=0.0"),  # zeros
+        (dict(use_flow_sigmas=True, flow_shift=float("inf"), prediction_type="flow_prediction"), "flow_shift=inf"),
+    ],
+    ids=lambda v: str(v),
+)
+@pytest.mark.parametrize("algorithm_type", ["dpmsolver++", "sde-dpmsolver++"])
+def test_degenerate_schedule_refused_at_set_timesteps(config, named, algorithm_type):
+    # diffusers gives non-finite samples or fails at the last step (IndexError); ours gave non-finite samples, a
+    # ZeroDivisionError at set_timesteps or "past the end" at the last step. ValueError at set_timesteps naming the
+    # sigmas and the config keys. Checked to fail without set_timesteps' check_multistep_sigmas call.
+    s = DPMSolverMultistepGMMScheduler(**config, algorithm_type=algorithm_type)
+    with pytest.raises(ValueError, match=f"sigmas must be finite and > 0.*{named}"):
+        s.set_timesteps(7)

@@ -4,6 +4,7 @@ the compiled loop and the refusals."""
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ pytest.importorskip("diffusers")
 import diffusers  # noqa: E402
 
 from ddim_gmm_ext.diffusers import UniPCMultistepGMMScheduler  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+from tests.helpers import MIXED_DTYPES, assert_close, assert_loop_error_within  # noqa: E402
 
 SHAPE = (2, 3, 4, 4)
 # A fixed linear "model" per prediction type, near a denoiser of data at 0 so that loops stay O(1).
@@ -76,15 +77,23 @@ def _grid():
 GRID = list(_grid())
 
 
+def _assert_matches_stock(config, steps):
+    """Our float32 loop against diffusers' float32 loop, both judged against diffusers' arithmetic in float64: the
+    rho solve on beta sigmas and 1 / a_t amplify float32 rounding by a CPU-dependent amount (tests.helpers)."""
+    ours = _loop(UniPCMultistepGMMScheduler(**config), steps)
+    stock = _loop(diffusers.UniPCMultistepScheduler(**config), steps)
+    oracle = _loop64(diffusers.UniPCMultistepScheduler(**config), steps)
+    assert_loop_error_within(ours, stock, oracle)
+
+
 # Checked to fail: with the corrector's last rho left out (D1_t), with the h2 sum using last_sample alone (M_{i-2}
-# dropped: orders 2 and 3 with the corrector on), with rhos_p = rhos_c[:-1] for order 2 (diffusers' 0.5), and with
-# the x0 history under predict_x0=False.
+# dropped: orders 2 and 3 with the corrector on), with rhos_p = rhos_c[:-1] for order 2 (diffusers' 0.5), with the
+# x0 history under predict_x0=False, and with the predictor's order-3 rho of M_{j-2} scaled by 1 + 1e-3 in _interval
+# (a row coefficient off by 1e-3 relative).
 @pytest.mark.parametrize("steps", [7, 13])
 @pytest.mark.parametrize("config", GRID, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_whole_loop_matches_unipc(config, steps):
-    ours = _loop(UniPCMultistepGMMScheduler(**config), steps)
-    stock = _loop(diffusers.UniPCMultistepScheduler(**config), steps)
-    assert_close(ours, stock, kind="f32_loop_upstream")
+    _assert_matches_stock(config, steps)
 
 
 OPTIONS = [
@@ -108,9 +117,7 @@ OPTIONS = [
 def test_options_match_unipc(config, steps):
     # Checked to fail with the thresholding path skipping _threshold_sample, with disable_corrector ignored by the
     # rows, and with lower_order_final ignored (as the grid does).
-    ours = _loop(UniPCMultistepGMMScheduler(**config), steps)
-    stock = _loop(diffusers.UniPCMultistepScheduler(**config), steps)
-    assert_close(ours, stock, kind="f32_loop_upstream")
+    _assert_matches_stock(config, steps)
 
 
 def _loop64(scheduler, steps):
@@ -118,7 +125,7 @@ def _loop64(scheduler, steps):
     scheduler.set_timesteps(steps)
     if type(scheduler) is diffusers.UniPCMultistepScheduler:
         scheduler.sigmas = scheduler.sigmas.double()
-    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).double()  # _loop's start, in float64
     for t in scheduler.timesteps:
         x = scheduler.step(_model(x, t, scheduler.config.prediction_type), t, x).prev_sample
     return x
@@ -298,3 +305,90 @@ def test_bad_arguments_named():
         x = s.step(x, t, x).prev_sample
     with pytest.raises(ValueError, match="past the end of the 7-step schedule"):
         s.step(x, t, x)
+
+
+# ---- degenerate configs ---------------------------------------------------------------------------------------
+
+
+def test_singular_rho_system_is_refused_where_diffusers_raises():
+    # solver_order=3, lower_order_final=False, final_sigmas_type="zero": the last step is an order-3 step to sigma 0,
+    # whose rho system is singular. diffusers raises LinAlgError at that step; ours raises a ValueError naming the
+    # config keys there, after the same earlier steps, and before writing NaN. A run from step 6 (img2img) has an
+    # order-1 last step: no error on either side. Checked to fail without the step's _check_solvable call (an
+    # all-NaN sample, no error).
+    config = dict(solver_order=3, lower_order_final=False)
+    samples = []
+    for scheduler in (diffusers.UniPCMultistepScheduler(**config), UniPCMultistepGMMScheduler(**config)):
+        scheduler.set_timesteps(7)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+        for t in scheduler.timesteps[:-1]:
+            x = scheduler.step(_model(x, t, "epsilon"), t, x).prev_sample
+        samples.append(x)
+        t = scheduler.timesteps[-1]
+        with pytest.raises(Exception) as error:
+            scheduler.step(_model(x, t, "epsilon"), t, x)
+        if isinstance(scheduler, UniPCMultistepGMMScheduler):
+            assert error.type is ValueError
+            assert "solver_order=3 with lower_order_final=False" in str(error.value)
+        else:
+            assert isinstance(error.value, torch.linalg.LinAlgError)
+    assert torch.isfinite(samples[1]).all()
+    assert_close(samples[1], samples[0], kind="f32_loop_upstream")
+    ours = _loop(UniPCMultistepGMMScheduler(**config), 7, start=6)
+    assert torch.isfinite(ours).all()
+    assert_close(ours, _loop(diffusers.UniPCMultistepScheduler(**config), 7, start=6), kind="f32_loop_upstream")
+    ours = UniPCMultistepGMMScheduler(**config)
+    ours.set_timesteps(7)
+    with pytest.raises(ValueError, match="lower_order_final=False"):  # a compiled loop cannot raise at the step
+        ours.prepare_gmm(torch.zeros(SHAPE))
+
+
+DEGENERATE = [
+    (dict(beta_end=0.999), None, "beta_end=0.999"),  # alphas_cumprod reaches 0: sigma = inf
+    (dict(beta_start=0.5, beta_end=1.0, beta_schedule="scaled_linear"), None, "beta_end=1.0"),
+    (dict(use_flow_sigmas=True, flow_shift=0.0, prediction_type="flow_prediction"), None, "flow_shift=0.0"),  # NaN
+    (dict(use_flow_sigmas=True, flow_shift=float("nan"), prediction_type="flow_prediction"), None, "flow_shift=nan"),
+    (dict(use_flow_sigmas=True, prediction_type="flow_prediction"), (0.9, float("nan"), 0.3), "the sigmas argument"),
+    (dict(use_flow_sigmas=True, prediction_type="flow_prediction"), (0.9, 0.0, 0.3), "sigmas\\[1\\] = 0.0"),  # 0 early
+]
+
+
+@pytest.mark.parametrize("config, sigmas, named", DEGENERATE, ids=lambda v: str(v))
+def test_degenerate_schedule_refused_at_set_timesteps(config, sigmas, named):
+    # Sigmas that are not a point of the path (inf, NaN, 0 before the end): diffusers' loop gives non-finite samples
+    # (or fails at a later step); ours refuses at set_timesteps, naming the sigmas and the config keys (it failed at
+    # the first step with the op's "H1 = -nan but history0 is None"). Checked to fail without set_timesteps'
+    # check_multistep_sigmas call.
+    steps, sigmas = (7, None) if sigmas is None else (None, np.array(sigmas))
+    stock = diffusers.UniPCMultistepScheduler(**config)
+    stock.set_timesteps(steps, sigmas=sigmas)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    try:
+        for t in stock.timesteps:
+            x = stock.step(_model(x, t, stock.config.prediction_type), t, x).prev_sample
+        assert not torch.isfinite(x).all()
+    except (AssertionError, IndexError, RuntimeError) as error:
+        assert not isinstance(error, AssertionError) or not error.args  # diffusers' own bare assert
+    ours = UniPCMultistepGMMScheduler(**config)
+    with pytest.raises(ValueError, match=f"sigmas must be finite and > 0.*{named}"):
+        ours.set_timesteps(steps, sigmas=sigmas)
+
+
+@pytest.mark.parametrize("sample_dtype, output_dtype", MIXED_DTYPES)
+def test_output_dtype_is_diffusers(sample_dtype, output_dtype):
+    # diffusers' UniPC returns the sample's dtype whatever the model output's (its updates end in .to(x.dtype)); so
+    # does ours. The model output depends on t only, so that both loops see the same rounded outputs.
+    def run(s):
+        s.set_timesteps(5)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).to(sample_dtype)
+        base = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+        for t in s.timesteps:
+            x = s.step((0.3 * base + t / 1000).to(output_dtype), t, x).prev_sample
+        return x
+
+    ours, stock = run(UniPCMultistepGMMScheduler()), run(diffusers.UniPCMultistepScheduler())
+    assert ours.dtype == stock.dtype == sample_dtype
+    # diffusers rounds sigma_t * model_output to a half output's dtype (a 0-d float32 factor does not promote), ours
+    # computes in float32: the two differ by the half dtype's rounding, amplified by 1 / a_t over the loop
+    lowest = max(sample_dtype, output_dtype, key=lambda d: torch.finfo(d).eps)
+    assert_close(ours, stock, dtype=lowest, scale=10.0)

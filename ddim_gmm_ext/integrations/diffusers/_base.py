@@ -345,6 +345,44 @@ def multistep_alpha_sigma(scheduler) -> tuple[torch.Tensor, torch.Tensor]:
     return a, sigma * a
 
 
+#: the config keys a multistep scheduler's sigmas come from, named by :func:`check_multistep_sigmas`
+_SIGMA_KEYS = (
+    "beta_schedule", "beta_start", "beta_end", "trained_betas", "rescale_betas_zero_snr", "use_karras_sigmas",
+    "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "flow_shift",
+    "use_dynamic_shifting", "sigma_min", "sigma_max", "shift_terminal",
+)  # fmt: skip
+
+
+def check_multistep_sigmas(scheduler, argument: str | None = None) -> None:
+    """At ``set_timesteps``: every entry of a multistep scheduler's ``sigmas`` must be a point of its path (x = a x0 +
+    b eps with a, b >= 0): finite, > 0 (the last one >= 0: a step to the data), and <= 1 on a flow path (a = 1 -
+    sigma). Otherwise (beta_end near 1 makes alphas_cumprod 0 and sigma inf; a flow_shift of 0, inf or NaN gives NaN
+    or zero sigmas) the stock scheduler returns non-finite samples or fails at a later step: a ValueError naming the
+    sigmas, the config keys they come from and ``argument`` (the set_timesteps argument that gave them, if any)."""
+    sigma = scheduler.sigmas.detach().to("cpu", torch.float64)
+    flow = bool(getattr(scheduler.config, "use_flow_sigmas", False))
+    bad = ~torch.isfinite(sigma) | (sigma < 0)
+    bad[:-1] |= sigma[:-1] == 0
+    if flow:
+        bad |= sigma > 1
+    if not bool(bad.any()):
+        return
+    where = bad.nonzero().flatten().tolist()
+    shown = ", ".join(f"sigmas[{i}] = {sigma[i].item()}" for i in where[:4]) + (", ..." if len(where) > 4 else "")
+    c = scheduler.config
+    keys = ", ".join(
+        f"{k}={'<given>' if k == 'trained_betas' else repr(c[k])}"
+        for k in _SIGMA_KEYS
+        if k in c and (k != "trained_betas" or c[k] is not None)
+    )
+    raise ValueError(
+        f"the schedule's sigmas must be finite and > 0 (the last one >= 0){', and <= 1 on a flow path' if flow else ''}"
+        f", got {len(where)} that are not ({shown}) from {f'the {argument} argument and ' if argument else ''}the "
+        f"config ({keys}): the samples would be non-finite. Use betas below 1 (beta_end < 1 keeps alphas_cumprod > "
+        "0), a finite flow_shift > 0, or such sigmas"
+    )
+
+
 def torch_data_prediction(scheduler, model_output, sample, a_t, b_t):
     """x0_hat as diffusers' multistep ``convert_model_output`` computes it in torch (then dynamic thresholding),
     for the prediction types the fused op does not cover; ``scheduler`` gives the config and

@@ -33,7 +33,9 @@ from .._common import multistep_weights as _multistep_weights
 from ._base import (
     GMMSchedulerMixin,
     check_generator,
+    check_model_output,
     check_multistep_prediction,
+    check_multistep_sigmas,
     check_step_count,
     draw_components,
     fused_data_prediction,
@@ -67,6 +69,38 @@ def _solver_coefficients(order: int, h: float, a_s: float, sde: bool, solver_typ
     return k0, (k1 if order >= 2 else 0.0), k2
 
 
+def _model_output_tensor(
+    model_output, sample: torch.Tensor, learned_variance: bool
+) -> tuple[torch.Tensor, torch.dtype]:
+    """The model output as a real floating tensor of the sample's shape, from what diffusers' DPM-Solver++ takes: a
+    tensor, a NumPy array or scalar, or a Python float, of the sample's shape or one that broadcasts to it (a 0-d
+    output); and the promoted dtype of the sample and the output as given (a 0-d output does not promote). With
+    ``learned_variance``, the first 3 channels (the mean), as diffusers keeps them. Integer, bool and complex outputs
+    are refused (a TypeError naming ``model_output``): a noise or data prediction is real-valued, and diffusers' result
+    for them is not a sample (its "sample" prediction returns an int sample, or fails on a bool one)."""
+    if isinstance(model_output, (np.ndarray, np.generic, float)):
+        model_output = torch.as_tensor(model_output, device=sample.device)
+    promoted = sample.dtype
+    if isinstance(model_output, torch.Tensor):
+        if learned_variance and model_output.dim() >= 2:
+            model_output = model_output[:, :3]
+        if model_output.is_floating_point():
+            promoted = torch.result_type(sample, model_output)
+        if model_output.shape != sample.shape:
+            try:
+                shape = torch.broadcast_shapes(model_output.shape, sample.shape)
+            except RuntimeError:
+                shape = None
+            if shape != sample.shape:
+                raise ValueError(
+                    f"model_output must have the sample's shape {tuple(sample.shape)} or one that broadcasts to it, "
+                    f"got {tuple(model_output.shape)}"
+                )
+            model_output = model_output.expand(sample.shape)
+    check_model_output(model_output, sample)
+    return model_output, promoted
+
+
 class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepScheduler):
     """``DPMSolverMultistepScheduler`` with a fused DPM-Solver++ step and the optional DDIM-GMM noise (Gabbur,
     TMLR 2026) on ``algorithm_type="sde-dpmsolver++"``.
@@ -77,7 +111,11 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
     1-3, ``solver_type`` "midpoint" / "heun", every sigma schedule (karras, exponential, beta, lu-lambdas, flow
     sigmas with ``flow_shift``), ``final_sigmas_type``, ``lower_order_final``, ``euler_at_final`` and every
     ``prediction_type``. The history (``self.model_outputs``, the data predictions, as diffusers keeps them) is
-    passed to the op; nothing is modified in place.
+    passed to the op; nothing is modified in place. The model output may be what diffusers' conversion takes (a
+    tensor, NumPy array or float of the sample's shape or one that broadcasts to it; real floating point), and the
+    result has diffusers' dtype (the promoted dtype of sample and model output; the model output's with "sample").
+    Schedules whose sigmas are not a path (non-finite, zero before the end) and, with the SDE, increasing timesteps
+    are refused at ``set_timesteps``.
 
     * Fused from the model output: "epsilon", "sample", "v_prediction" (VP sigmas), "flow_prediction" (flow
       sigmas). Otherwise x0_hat is computed in torch first and the op takes it as a "sample" prediction (the same
@@ -201,8 +239,26 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         if num_inference_steps is not None:
             num_inference_steps = check_step_count(num_inference_steps)
         super().set_timesteps(num_inference_steps=num_inference_steps, device=device, mu=mu, timesteps=timesteps)
+        check_multistep_sigmas(self, "timesteps" if timesteps is not None else None)
+        if self.config.algorithm_type in ("sde-dpmsolver++", "sde-dpmsolver"):
+            self._check_decreasing(timesteps is not None)
         self._rows_start = 0
         self._set_rows(self._coefficient_rows(0).to(self.timesteps.device))
+
+    def _check_decreasing(self, custom: bool) -> None:
+        """The SDE step's noise std b_s sqrt(1 - e^-2h) needs h = lambda_s - lambda_t >= 0 at every step: sigmas
+        that do not increase (diffusers' step gives NaN otherwise). ValueError naming ``timesteps`` (``custom``)."""
+        sigma = self.sigmas.detach().to("cpu", torch.float64)
+        rises = (sigma[1:] > sigma[:-1]).nonzero().flatten().tolist()
+        if rises:
+            i = rises[0]
+            raise ValueError(
+                f"{'timesteps' if custom else 'the schedule'} must decrease with "
+                f"algorithm_type={self.config.algorithm_type!r} (the SDE step's noise std needs sigma to fall): "
+                f"step {i} goes from timestep {self.timesteps[i].item()} (sigma {sigma[i].item():.6g}) to "
+                + (f"timestep {self.timesteps[i + 1].item()} " if i + 1 < len(self.timesteps) else "the final sigma ")
+                + f"(sigma {sigma[i + 1].item():.6g}); pass timesteps in decreasing order"
+            )
 
     def _order(self, i: int, start: int, n: int | None = None) -> int:
         """diffusers' solver order at step i of a run that began at step ``start`` (lower_order_nums = i - start,
@@ -316,6 +372,19 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         c = self.config
         if c.algorithm_type not in _DATA_PREDICTION:
             return super().step(model_output, timestep, sample, generator, variance_noise, return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
+        # diffusers returns its data prediction's dtype: the model output's for "sample", else the promoted dtype of
+        # the sample and the model output; the step runs in float64 where either is float64, else in float32
+        if not isinstance(model_output, torch.Tensor) or model_output.shape != sample.shape:
+            learned = c.variance_type in ("learned", "learned_range") and c.prediction_type == "epsilon"
+            model_output, promoted = _model_output_tensor(model_output, sample, learned)
+        elif model_output.dtype == sample.dtype and sample.is_floating_point():
+            promoted = sample.dtype
+        else:
+            check_model_output(model_output, sample)  # real floating: a TypeError naming model_output otherwise
+            promoted = torch.result_type(sample, model_output)
+        out_dtype = model_output.dtype if c.prediction_type == "sample" else promoted
         if variance_noise is not None and tuple(variance_noise.shape) != tuple(model_output.shape):
             raise ValueError(
                 f"variance_noise must have the model output's shape {tuple(model_output.shape)}, got "
@@ -324,10 +393,8 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         if generator is not None:
             generator = check_generator(generator, sample.shape[0])
         i = self._index(timestep, sample.device)
-        if c.variance_type in ("learned", "learned_range") and c.prediction_type == "epsilon":
-            model_output = model_output[:, :3]  # diffusers keeps the first 3 channels (the mean) here
-        if sample.dtype not in (torch.float32, torch.float64):
-            sample = sample.to(torch.float32)  # as diffusers: upcast (no call when already there: ~0.7 us)
+        if sample.dtype != torch.float64 and (sample.dtype != torch.float32 or model_output.dtype == torch.float64):
+            sample = sample.to(torch.float64 if model_output.dtype == torch.float64 else torch.float32)
         gmm = self._gmm_for(sample)  # first: gmm_steps="matched" rewrites the table when the GMM is built
         table = self._table(sample)
 
@@ -376,8 +443,8 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
         if not from_tensor:
             self.lower_order_nums = min(self.lower_order_nums + 1, order)
             self._step_index += 1  # type: ignore[operator]  # diffusers types _step_index as None
-        if prev.dtype != model_output.dtype:
-            prev = prev.to(model_output.dtype)
+        if prev.dtype != out_dtype:
+            prev = prev.to(out_dtype)
         if not return_dict:
             return (prev,)
         return scheduler_output(SchedulerOutput, prev_sample=prev)

@@ -39,6 +39,7 @@ from ._base import (
     GMMSchedulerMixin,
     check_model_output,
     check_multistep_prediction,
+    check_multistep_sigmas,
     check_step_count,
     fused_data_prediction,
     multistep_alpha_sigma,
@@ -93,11 +94,14 @@ def _interval(
 
 
 def _solve(mat: np.ndarray, rhs: list) -> list:
-    """diffusers' ``torch.linalg.solve`` of the rho system in float64; a singular or non-finite system (h = inf or
-    0, where diffusers' solve fails or returns NaN) gives NaN rhos."""
+    """diffusers' ``torch.linalg.solve`` of the rho system in float64: ``np.linalg.LinAlgError`` where the system is
+    singular (an order-3 step to sigma 0, h = inf: diffusers' solve raises there too); a non-finite system (h = 0,
+    where diffusers' solve returns NaN) gives NaN rhos."""
     try:
         return list(np.linalg.solve(mat, np.array(rhs, dtype=np.float64)))
-    except (np.linalg.LinAlgError, ValueError):
+    except np.linalg.LinAlgError:
+        raise
+    except ValueError:
         return [np.float64("nan")] * len(rhs)
 
 
@@ -122,6 +126,9 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
     * No GMM: UniPC is deterministic (no noise at any step), so a mixture would have no Gaussian noise to replace
       and its offsets would land on the sample uncompensated. ``gmm_variant`` other than None and
       :meth:`set_gmm_params` are refused.
+    * Refused: schedules whose sigmas are not a path (non-finite, zero before the end), at ``set_timesteps``; an
+      order-3 step to sigma 0 (``solver_order`` >= 3, ``lower_order_final=False``, ``final_sigmas_type="zero"``), a
+      singular rho system, at that step (where diffusers raises ``LinAlgError``) or at :meth:`prepare_gmm`.
 
     Step index: diffusers' host counter (``step_index``, ``set_begin_index``; a run starting mid-schedule gets its
     order and corrector switches from its own first step). Under ``torch.compile`` it is the timestep's first
@@ -218,6 +225,7 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
         self._init_gmm(None, 8, 1.0, None)
         self._rows_start: int = 0
         self._host: list[list[float]] = []  # per step: the 6 + 6 + 3 float64 weights (next, corrected, h2 sum)
+        self._singular: dict[int, int] = {}  # step -> order of the rows' steps whose rho system is singular
         self._aux: dict = {}  # (device, dtype) -> [S, 9] corrected-sample and h2 weights for the compiled step
 
     # -- no GMM ------------------------------------------------------------------------------------------------
@@ -242,6 +250,7 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
         if num_inference_steps is not None:
             num_inference_steps = check_step_count(num_inference_steps)
         super().set_timesteps(num_inference_steps=num_inference_steps, device=device, sigmas=sigmas, mu=mu)
+        check_multistep_sigmas(self, "sigmas" if sigmas is not None else None)
         self._build(0)
 
     def set_begin_index(self, begin_index: int = 0) -> None:
@@ -266,23 +275,51 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
         b = [np.float64(v) for v in b_t.tolist()]
         px0, bh1 = bool(self.predict_x0), c.solver_type == "bh1"
         n, out = len(self.timesteps), []
+        singular: dict[int, int] = {}
+
+        def interval(i: int, j: int, order: int, corrector: bool):
+            try:
+                return _interval(lam, a, b, j, order, px0, bh1, corrector)
+            except np.linalg.LinAlgError:  # step i is refused (_check_solvable); NaN weights until then
+                singular[i] = order
+                return np.float64("nan"), {k: np.float64("nan") for k in range(-1 if corrector else 0, order)}
+
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # sigma 0: lambda = inf, as diffusers
             lam = [np.log(p) - np.log(q) for p, q in zip(a, b, strict=True)]
             for i in range(n):
                 corrected = [0.0] * 6
                 if i > start and (i - 1) not in self.disable_corrector:
-                    x_c, w = _interval(lam, a, b, i - 1, self._order(i - 1, start), px0, bh1, corrector=True)
+                    x_c, w = interval(i, i - 1, self._order(i - 1, start), corrector=True)
                     corrected[_L] = x_c
                     for k, v in w.items():  # k = -1: M_i, 0: M_{i-1}, ...
                         corrected[_M0 + k + 1] = v
                 else:
                     corrected[_X] = np.float64(1.0)
-                x_p, w = _interval(lam, a, b, i, self._order(i, start) if i >= start else 1, px0, bh1, corrector=False)
+                x_p, w = interval(i, i, self._order(i, start) if i >= start else 1, corrector=False)
                 nxt = [x_p * v for v in corrected]
                 for k, v in w.items():
                     nxt[_M0 + k] += v
                 out.append([float(v) for v in [*nxt, *corrected, a[i], b[i]]])
+        self._singular = singular
         return out
+
+    def _check_solvable(self, i: int | None = None) -> None:
+        """Step ``i`` (None: any step of the rows) must not need a singular rho system: diffusers' step raises
+        ``torch.linalg.LinAlgError`` there (an order-3 step to sigma 0: ``solver_order`` >= 3 with
+        ``lower_order_final=False`` and ``final_sigmas_type="zero"``), the rows hold NaN. A ValueError naming the config
+        keys instead, before the step does any work."""
+        steps = sorted(self._singular) if i is None else [i] if i in self._singular else []
+        if not steps:
+            return
+        j, c = steps[0], self.config
+        raise ValueError(
+            f"step {j} of the {len(self.timesteps)}-step UniPC schedule is an order-{self._singular[j]} step to "
+            f"sigma {self.sigmas[j + 1].item():.6g}, whose rho system is singular (diffusers' step raises LinAlgError "
+            "there): "
+            f"solver_order={c.solver_order} with lower_order_final={c.lower_order_final} and "
+            f"final_sigmas_type={c.final_sigmas_type!r}; use lower_order_final=True (the default), "
+            "final_sigmas_type='sigma_min' or solver_order <= 2"
+        )
 
     def _build(self, start: int) -> None:
         """Install the rows of a run beginning at ``start``: the op's [S, 8] table (a_t, b_t, A, B, c, g, H1, H2)
@@ -322,6 +359,7 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
         sample's device and compute dtype and fills the empty history slots and ``last_sample`` with zeros (in
         the compute dtype, as the fused step keeps them) so that a compiled loop sees tensors at every step."""
         super().prepare_gmm(sample)
+        self._check_solvable()  # a compiled step cannot raise at the step itself
         self._aux_table(sample)
         cdt = _checks.compute_dtype(sample.dtype)
 
@@ -393,6 +431,8 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
         check_model_output(model_output, sample)
         c = self.config
         i = self._index(timestep, sample.device)
+        if self._singular and not isinstance(i, torch.Tensor):
+            self._check_solvable(i)
         out_dtype = sample.dtype
         sample = sample.to(torch.float32) if sample.dtype != torch.float64 else sample
         table = self._table(sample)
