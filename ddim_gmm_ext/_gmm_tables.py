@@ -51,10 +51,10 @@ def build(
         var_offsets = inverse[:, :, None] * eigenvalues[:, None, :]
     else:  # the diagonal of Delta_k = M / (K pi_k)
         var_offsets = inverse[:, :, None] * (priors[:, :, None] * offsets**2).sum(1, keepdim=True)
-    tables = [t.to(dtype) for t in (priors, offsets, var_offsets)]
-    if not (torch.isfinite(tables[1]).all() and torch.isfinite(tables[2]).all()):
+    offsets, var_offsets = offsets.to(dtype), var_offsets.to(dtype)
+    if not (torch.isfinite(offsets).all() and torch.isfinite(var_offsets).all()):
         raise _checks.gmm_overflow_error(scale, dtype)
-    return (*tables, None if basis is None else basis.to(dtype))
+    return priors.to(dtype), offsets, var_offsets, None if basis is None else basis.to(dtype)
 
 
 def _centre(columns: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:

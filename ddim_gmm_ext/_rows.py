@@ -30,48 +30,13 @@ def step_row(a_t, b_t, a_s, b_s, c, g, dtype: torch.dtype, device) -> torch.Tens
 
 
 def prepare_step(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    a_t,
-    b_t,
-    a_s,
-    b_s,
-    noise_std,
-    *,
-    gmm,
-    step_index: int,
-    prediction_type: str,
-    guidance_scale,
-    clip_sample_range,
-    use_clipped_model_output: bool,
-    seed: int,
-    sample_offset: int,
-    noise: torch.Tensor | None,
-    components: torch.Tensor | None,
+    model_output: torch.Tensor, sample: torch.Tensor, a_t, b_t, a_s, b_s, noise_std, **options
 ) -> torch.Tensor:
-    """The prologue of ``step(model_output, sample, a_t, b_t, a_s, b_s, noise_std, ...)``: every check, before any
-    work (:func:`_checks.check_step`; the fused op has no gradient for the coefficients, so a coefficient that
-    requires grad is refused, by its name), then the coefficient row [6] (g = 1) on the sample's device in the
-    compute dtype."""
-    _checks.check_step(
-        model_output,
-        sample,
-        a_t,
-        b_t,
-        a_s,
-        b_s,
-        noise_std,
-        gmm=gmm,
-        step_index=step_index,
-        prediction_type=prediction_type,
-        guidance_scale=guidance_scale,
-        clip_sample_range=clip_sample_range,
-        use_clipped_model_output=use_clipped_model_output,
-        seed=seed,
-        sample_offset=sample_offset,
-        noise=noise,
-        components=components,
-    )
+    """The prologue of ``step(model_output, sample, a_t, b_t, a_s, b_s, noise_std, **options)``: every check, before
+    any work (:func:`_checks.check_step`, which takes the step's keyword options; the fused op has no gradient for
+    the coefficients, so a coefficient that requires grad is refused, by its name), then the coefficient row [6]
+    (g = 1) on the sample's device in the compute dtype."""
+    _checks.check_step(model_output, sample, a_t, b_t, a_s, b_s, noise_std, **options)
     if torch.is_grad_enabled():
         for name, v in zip(_COEFFICIENT_NAMES, (a_t, b_t, a_s, b_s, noise_std), strict=True):
             if isinstance(v, torch.Tensor) and v.requires_grad:

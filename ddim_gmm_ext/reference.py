@@ -374,9 +374,11 @@ def step(
     )
     # The row in float64 tensors on the sample's device (a coefficient that requires grad stays in the graph),
     # then in the compute dtype, as step_from_table takes it.
-    path = (torch.as_tensor(v, dtype=torch.float64, device=sample.device).reshape(()) for v in (a_t, b_t, a_s, b_s))
-    c = torch.as_tensor(noise_std, dtype=torch.float64, device=sample.device).reshape(())
-    row = torch.stack(coefficient_row(*path, c, torch.ones_like(c))).to(compute_dtype(sample.dtype))
+    a_t, b_t, a_s, b_s, c = (
+        torch.as_tensor(v, dtype=torch.float64, device=sample.device).reshape(())
+        for v in (a_t, b_t, a_s, b_s, noise_std)
+    )
+    row = torch.stack(coefficient_row(a_t, b_t, a_s, b_s, c, torch.ones_like(c))).to(compute_dtype(sample.dtype))
     return step_from_table(
         model_output,
         sample,
