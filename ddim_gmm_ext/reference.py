@@ -504,11 +504,11 @@ def gmm_parameters(
                    sum_k pi_k delta_k = 0 holds exactly (normalising each column breaks it by O(1/sqrt(D))).
     ORTHO (eq. 10): U = thin SVD of O, delta_k = s (U_k - sum_l pi_l U_l).
     var_offsets: diagonal of eq. 11 for RAND / ORTHO (Dv = D); VUB bounds of eq. 12 for ORTHO-VUB (Dv = K);
-    for ORTHO-LR (ORTHO's offsets) the eigenvalues of :func:`low_rank_moments` (Dv = K - 1), whose basis
-    :class:`GMM` keeps beside them. RAND with K = 1: the one centred offset is 0 (the Gaussian kernel).
-    Built in float64, returned in ``dtype``. ``thin_svd_fn`` and ``offset_directions_fn`` let the fused ops
-    stand in for the reference's; they must compute the same values. A scale whose ORTHO-VUB / ORTHO-LR tables
-    would overflow ``dtype`` is refused before any table is drawn (:func:`_checks.check_gmm_scale`).
+    for ORTHO-LR (ORTHO's offsets) the eigenvalues of :func:`low_rank_moments` (Dv = K - 1); :class:`GMM`'s
+    tables (built by the runtime) carry that basis beside them. RAND with K = 1: the one centred offset is 0 (the
+    Gaussian kernel). Built in float64, returned in ``dtype``. ``thin_svd_fn`` and ``offset_directions_fn`` let
+    the fused ops stand in for the reference's; they must compute the same values. A scale whose ORTHO-VUB /
+    ORTHO-LR tables would overflow ``dtype`` is refused before any table is drawn (:func:`_checks.check_gmm_scale`).
     """
     check_gmm_config(dim, n_components, n_steps, scale, variant)
     dim, n_components, n_steps = int(dim), int(n_components), int(n_steps)  # NumPy integers are accepted too
