@@ -9,10 +9,10 @@ from . import (
     ops,  # noqa: F401  (registers torch.ops.ddimgmm)
     reference,
 )
+from ._rows import coefficient_row
 from ._version import __version__
 from .api import StepOutput, ddim_step, rfim_step, step, step_from_table, thin_svd
 from .gmm import GMM
-from .reference import coefficient_row
 
 __all__ = [
     "GMM",

@@ -21,6 +21,8 @@ SEED_RANGE = 2**64
 #: What the last sampling step does: "gaussian" (no mixture; the paper's model is Gaussian at the last step,
 #: where offsets would land on the output uncompensated) or "gmm" (the mixture at every step).
 FINAL_STEPS = ("gaussian", "gmm")
+#: The GMM variants the tables are built for (docs/design.md 1.3).
+VARIANTS = ("rand", "ortho", "ortho-vub", "ortho-lr")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -196,6 +198,49 @@ def check_index(name: str, value: int, upper: int) -> int:
     return int(value)
 
 
+def check_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    a_t,
+    b_t,
+    a_s,
+    b_s,
+    noise_std,
+    *,
+    gmm,
+    step_index: int,
+    prediction_type: str,
+    guidance_scale,
+    clip_sample_range,
+    use_clipped_model_output: bool,
+    seed: int,
+    sample_offset: int,
+    noise: torch.Tensor | None,
+    components: torch.Tensor | None,
+) -> None:
+    """Every check of ``step(model_output, sample, a_t, b_t, a_s, b_s, noise_std, ...)``, before any work: the step
+    index against the GMM's steps, the path coefficients, then :func:`check_step_inputs`."""
+    if gmm is not None:
+        gmm.set_index(step_index)  # checks the index against the GMM's steps
+    rederive = clip_sample_range is not None and use_clipped_model_output
+    check_coefficients(a_t, b_t, a_s, b_s, noise_std, prediction_type, rederive)
+    check_step_inputs(
+        model_output,
+        sample,
+        b_s=b_s,
+        noise_std=noise_std,
+        gmm=gmm,
+        guidance_scale=guidance_scale,
+        prediction_type=prediction_type,
+        clip_sample_range=clip_sample_range,
+        seed=seed,
+        sample_offset=sample_offset,
+        step_index=step_index,
+        noise=noise,
+        components=components,
+    )
+
+
 def check_step_inputs(
     model_output: torch.Tensor,
     sample: torch.Tensor,
@@ -278,3 +323,54 @@ def check_priors(priors: torch.Tensor) -> None:
     sums = p.sum(-1)
     if not torch.allclose(sums, torch.ones_like(sums), atol=1e-5):
         raise ValueError(f"priors must sum to 1 over components, got sums {sums.tolist()[:4]}")
+
+
+def check_gmm_config(dim: int, n_components: int, n_steps: int, scale: float, variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS + ('ortho-vub*',)}, got {variant!r}")
+    if not is_int(n_components) or n_components < 1:
+        raise ValueError(f"n_components must be an int >= 1, got {n_components!r}")
+    if not is_int(dim) or dim < 2:
+        raise ValueError(f"dim must be an int >= 2 (elements per sample), got {dim!r}")
+    if n_components >= dim:
+        raise ValueError(f"n_components ({n_components}) must be < dim ({dim}) (paper eq. 9 needs K < D)")
+    if not is_int(n_steps) or n_steps < 1:
+        raise ValueError(f"n_steps must be an int >= 1, got {n_steps!r}")
+    if not (isinstance(scale, Real) and not isinstance(scale, bool) and math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
+
+
+def gmm_overflow_error(scale: float, dtype: torch.dtype) -> ValueError:
+    """The one message for a scale whose GMM tables do not fit ``dtype``."""
+    return ValueError(f"scale {scale} is too large: the GMM tables overflow {dtype}")
+
+
+def check_gmm_scale(scale: float, variant: str, priors: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuses, before any table is drawn, a scale whose ORTHO-VUB or ORTHO-LR variance offsets overflow ``dtype``.
+
+    Those variances follow from the scale and the priors alone (docs/design.md 1.3): ORTHO-VUB's largest is
+    s^2 max(pi) / (K min(pi)), ORTHO-LR's s^2 lam_max / (K min(pi)) with lam_max the largest eigenvalue of
+    diag(pi) - pi pi^T (the offsets s (U_k - U pi) have M = s^2 U (diag(pi) - pi pi^T) U^T). Beyond float64 the
+    ORTHO-LR eigen-decomposition would meet inf. RAND's and ORTHO's diagonal variances depend on the directions:
+    their tables are checked once built (:func:`gmm_overflow_error`). ``priors`` [S, K]; zero priors are never
+    drawn and get no variance."""
+    K = priors.shape[-1]
+    if variant not in ("ortho-vub", "ortho-lr") or K == 1 or scale == 0:
+        return
+    p = priors.detach().to("cpu", torch.float64)
+    if variant == "ortho-vub":
+        top = p.amax(-1)
+    else:
+        top = torch.linalg.eigvalsh(torch.diag_embed(p) - p[:, :, None] * p[:, None, :])[:, -1]
+    low = torch.where(p > 0, p, torch.ones_like(p)).amin(-1)
+    peak = float(scale) * (float(scale) * float((top / (K * low)).amax()))
+    if not peak <= torch.finfo(dtype).max:
+        raise gmm_overflow_error(scale, dtype)
+
+
+def check_thin_svd_input(O) -> None:  # noqa: E741
+    check_floating("O", O)
+    if O.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"O must be float32 or float64, got {O.dtype}")
+    if O.dim() != 3 or O.shape[2] > O.shape[1]:
+        raise ValueError(f"O must have shape [S, D, K] with K <= D, got {tuple(O.shape)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, _rows, reference
+from . import _checks, _rows, _schedules
 from .ops import offset_directions as _offset_directions_op
 from .ops import step as _step_op
 from .ops import thin_svd as _thin_svd_op
@@ -38,7 +38,7 @@ def step(
     ``gmm``, the Gaussian-mixture kernel of parameter set ``step_index``. See :func:`reference.step`.
 
     Runs the fused ``torch.ops.ddimgmm.step`` (one pass over memory, no host sync) on the row
-    :func:`reference.coefficient_row`. A model output in another dtype than the sample is converted to the
+    :func:`coefficient_row`. A model output in another dtype than the sample is converted to the
     compute dtype first (one extra copy). The op has no gradient for the coefficients: a tensor coefficient
     that requires grad is refused (use :func:`reference.step`)."""
     row = _rows.prepare_step(
@@ -59,7 +59,6 @@ def step(
         sample_offset=sample_offset,
         noise=noise,
         components=components,
-        differentiable=False,
     )
     return fused_step(
         model_output,
@@ -103,7 +102,7 @@ def step_from_table(
     Args:
         coeffs: [S, 6] rows (or one row [6]) of (a_t, b_t, A, B, c, g) on the sample's device in the compute
             dtype (float64 for float64 samples, float32 otherwise); build rows with
-            :func:`reference.coefficient_row`. A linear multistep solver's rows have 8 columns
+            :func:`ddim_gmm_ext.coefficient_row`. A linear multistep solver's rows have 8 columns
             (a_t, b_t, A, B, c, g, H1, H2): mean = A x0 + B eps + H1 h1 + H2 h2.
         step_index: an int, or a 0-d int64 tensor on the sample's device. A tensor is never read on the host,
             so a compiled or CUDA-graph-captured loop bakes in no step number; outside the table (or outside a
@@ -220,13 +219,13 @@ def fused_step(
 
 def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_prev, *, eta: float = 0.0, **options) -> StepOutput:
     """DDIM(-GMM) step from abar_t to abar_prev with c = eta * DDIM sigma; ``options`` as :func:`step`."""
-    return step(model_output, sample, *_rows.ddim_path(alpha_prod_t, alpha_prod_prev, eta, options), **options)
+    return step(model_output, sample, *_schedules.ddim_path(alpha_prod_t, alpha_prod_prev, eta, options), **options)
 
 
 def rfim_step(model_output, sample, t, s, *, eta: float = 0.0, prediction_type: str = "flow", **options) -> StepOutput:
     """RFIM(-GMM) step of a rectified flow from time t to s < t with c = eta * s; ``options`` as :func:`step`."""
     options["prediction_type"] = prediction_type
-    return step(model_output, sample, *_rows.rfim_path(t, s, eta, options), **options)
+    return step(model_output, sample, *_schedules.rfim_path(t, s, eta, options), **options)
 
 
 def thin_svd(O: torch.Tensor) -> torch.Tensor:  # noqa: E741 (the paper's name; a public keyword)
@@ -241,7 +240,7 @@ def thin_svd(O: torch.Tensor) -> torch.Tensor:  # noqa: E741 (the paper's name; 
     O[s] (sigma_min / sigma_max <= max(D, K) eps) raises ValueError. On CUDA, where those decisions would need
     a host sync, the Gram route's accuracy holds (orthogonality ~ eps cond^2: 1e-13 at cond 1e4, 3e-11 at 1e6,
     float64) and an O[s] with sigma_min / sigma_max <= 1e-6 or non-finite values gives U[s] all nan."""
-    reference._check_thin_svd_input(O)
+    _checks.check_thin_svd_input(O)
     if O.numel() == 0:
         return _thin_svd_op.thin_svd(O)
     if O.device.type != "cpu":
@@ -263,7 +262,10 @@ def thin_svd(O: torch.Tensor) -> torch.Tensor:  # noqa: E741 (the paper's name; 
             s = int(tiny.nonzero()[0])
             ratio = float(sv[s, -1] / sv[s, 0])
             raise ValueError(f"O[{s}] is rank-deficient: sigma_min / sigma_max = {ratio:.3g}") from None
-        return reference.thin_svd(O)
+        U = torch.linalg.svd(O, full_matrices=False).U
+        # Signs as the Gram route fixes them: each column's entry of largest magnitude positive.
+        sign = torch.sign(torch.gather(U, 1, U.abs().argmax(dim=1, keepdim=True)))
+        return U * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
 def offset_directions(n_sets: int, dim: int, n_components: int, seed: int, device="cpu") -> torch.Tensor:

@@ -8,11 +8,11 @@ from numbers import Real
 import numpy as np
 import torch
 
-from . import _checks, api, reference
+from . import _checks, _gmm_tables
 
 _VARIANT_ALIASES = {"ortho-vub*": ("ortho-vub", True)}
 #: The variant names GMM.create accepts ("ortho-vub*" is ORTHO-VUB shared across steps).
-GMM_VARIANTS = reference.VARIANTS + tuple(_VARIANT_ALIASES)
+GMM_VARIANTS = _checks.VARIANTS + tuple(_VARIANT_ALIASES)
 
 
 def _resolve_device(device=None, gpu=None) -> torch.device:
@@ -93,41 +93,25 @@ class GMM:
         return self._build(dim, n_components, n_steps, scale, variant, share_across_steps, uniform_priors, key)
 
     def _build(self, dim, n_components, n_steps, scale, variant, share_across_steps, uniform_priors, seed) -> GMM:
-        """Tables of ``variant`` from the package's random stream, by the fused ops (reference.gmm_parameters, with
-        ORTHO-LR's basis from the same low_rank_moments)."""
+        """Tables of ``variant`` from the package's random stream, by the fused ops (:mod:`._gmm_tables`)."""
         for name, flag in (("share_across_steps", share_across_steps), ("uniform_priors", uniform_priors)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
-        reference.check_gmm_config(dim, n_components, n_steps, scale, variant)
+        _checks.check_gmm_config(dim, n_components, n_steps, scale, variant)
         dim, n_components, n_steps = int(dim), int(n_components), int(n_steps)  # NumPy integers too
         if self.device.type == "meta":
             raise ValueError("device must hold data (cpu or cuda): the tables are drawn, then validated, got meta")
-        priors, offsets, var_offsets, basis = reference._gmm_tables(
-            dim,
-            n_components,
-            n_steps,
-            scale,
-            variant,
-            share_across_steps,
-            uniform_priors,
-            seed,
-            self.device,
-            torch.float64,
-            api.thin_svd,
-            api.offset_directions,
-        )
-        offsets, var_offsets = offsets.to(self.dtype), var_offsets.to(self.dtype)
-        if not (torch.isfinite(offsets).all() and torch.isfinite(var_offsets).all()):
-            raise ValueError(f"scale {scale} is too large: the GMM tables overflow {self.dtype}")
+        tables = (share_across_steps, uniform_priors, seed, self.device, self.dtype)
+        priors, offsets, var_offsets, basis = _gmm_tables.build(dim, n_components, n_steps, scale, variant, *tables)
         self._set(
-            priors.to(self.dtype),
+            priors,
             offsets,
             var_offsets,
             variant=variant,
             scale=float(scale),
             n_steps=n_steps,
             shared=share_across_steps,
-            basis=None if basis is None else basis.to(self.dtype),
+            basis=basis,
         )
         return self
 
@@ -149,7 +133,7 @@ class GMM:
     ) -> GMM:
         """variant: "rand", "ortho", "ortho-vub", "ortho-vub*" (ORTHO-VUB shared across steps) or "ortho-lr"
         (ORTHO's offsets with the exact low-rank covariance: the mixture's covariance is c^2 I in every direction,
-        see :func:`reference.low_rank_moments`; needs K < D).
+        see :func:`ddim_gmm_ext.reference.low_rank_moments`; needs K < D).
 
         The offsets' size is given either as the paper's ``scale`` s (default 1.0) or as ``scale_per_dim``,
         with s = scale_per_dim * sqrt(dim): the per-coordinate size of an offset is s / sqrt(dim), so a
@@ -157,7 +141,7 @@ class GMM:
         scale = resolve_scale(scale, scale_per_dim, dim)
         if variant in _VARIANT_ALIASES:
             variant, share_across_steps = _VARIANT_ALIASES[variant]
-        if variant not in reference.VARIANTS:
+        if variant not in _checks.VARIANTS:
             raise ValueError(f"variant must be one of {GMM_VARIANTS}, got {variant!r}")
         key = _checks.check_seed(seed)
         assert key is not None  # check_seed refuses None here

@@ -9,7 +9,12 @@ Everything the fused kernels compute is defined here, readably and float64-capab
 * the noise levels c of DDIM-eta, RFIM and gDDIM-lambda;
 * the random stream (Philox4x32-10) every kernel must reproduce, so that the same seed gives the same
   samples on every device and batch layout;
-* the GMM parameters RAND / ORTHO / ORTHO-VUB (paper eq. 9-12), and the thin SVD they need.
+* the GMM parameters RAND / ORTHO / ORTHO-VUB / ORTHO-LR (paper eq. 9-12), and the thin SVD they need.
+
+A leaf of the package: it imports only the argument rules (:mod:`._checks`) and the schedules and path
+coefficients (:mod:`._schedules`), both shared with the runtime, never the runtime itself (api, ops, gmm,
+integrations; tests/test_imports.py). It builds its own coefficient rows and its own GMM tables (LAPACK SVD), so
+that the oracle tests compare the fused runtime with an independent implementation.
 
 Compute precision: float64 inputs are computed in float64, every other floating dtype in float32; the
 result is cast back to the sample's dtype.
@@ -18,14 +23,24 @@ result is cast back to the sample's dtype.
 from __future__ import annotations
 
 import math
-from numbers import Real
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
-from . import _checks
-from ._checks import PREDICTION_TYPES, compute_dtype
+from . import _checks, _schedules
+from ._checks import PREDICTION_TYPES, VARIANTS, check_gmm_config, compute_dtype
+from ._schedules import (
+    _sqrt_pos,
+    alphas_cumprod,
+    betas_for_alpha_bar,
+    ddim_coefficients,
+    ddim_timesteps,
+    make_betas,
+    noise_std,
+    rf_times,
+    rfim_coefficients,
+    vp_coefficients,
+)
 
 __all__ = [
     "StepOutput",
@@ -36,6 +51,8 @@ __all__ = [
     "rf_times",
     "vp_coefficients",
     "noise_std",
+    "ddim_coefficients",
+    "rfim_coefficients",
     "predict_x0_eps",
     "coefficient_row",
     "step_from_table",
@@ -61,147 +78,6 @@ class StepOutput(NamedTuple):
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None
     components: torch.Tensor | None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Schedules (as diffusers' DDIMScheduler computes them: betas in float32, cumprod in float32)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
-    """The "squaredcos_cap_v2" (Glide cosine) betas."""
-
-    def alpha_bar(t):
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = [
-        min(1 - alpha_bar((i + 1) / num_diffusion_timesteps) / alpha_bar(i / num_diffusion_timesteps), max_beta)
-        for i in range(num_diffusion_timesteps)
-    ]
-    return torch.tensor(betas, dtype=torch.float32)
-
-
-def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Shift and scale sqrt(alpha_bar) so the last step has zero SNR (Lin et al. 2023, Algorithm 1)."""
-    sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
-    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
-    ab = sqrt_ab**2
-    alphas = torch.cat([ab[0:1], ab[1:] / ab[:-1]])
-    return 1 - alphas
-
-
-def make_betas(
-    num_train_timesteps: int = 1000,
-    beta_start: float = 0.0001,
-    beta_end: float = 0.02,
-    beta_schedule: str = "linear",
-    trained_betas=None,
-    rescale_betas_zero_snr: bool = False,
-) -> torch.Tensor:
-    """Betas [T] float32, as diffusers' DDIMScheduler.__init__ builds them."""
-    if trained_betas is not None:
-        betas = torch.tensor(trained_betas, dtype=torch.float32)
-    elif beta_schedule == "linear":
-        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
-    elif beta_schedule == "scaled_linear":
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
-    elif beta_schedule == "squaredcos_cap_v2":
-        betas = betas_for_alpha_bar(num_train_timesteps)
-    else:
-        raise ValueError(
-            f"beta_schedule must be one of 'linear', 'scaled_linear', 'squaredcos_cap_v2' (or pass trained_betas), "
-            f"got {beta_schedule!r}"
-        )
-    if rescale_betas_zero_snr:
-        betas = _rescale_zero_terminal_snr(betas)
-    return betas
-
-
-def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
-    """abar_t = prod_{i<=t} (1 - beta_i), in the betas' dtype (float32 for diffusers parity)."""
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
-def ddim_timesteps(
-    num_inference_steps: int,
-    num_train_timesteps: int = 1000,
-    timestep_spacing: str = "leading",
-    steps_offset: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps, prev_timesteps) int64, sampling order, as diffusers' DDIMScheduler.
-
-    As in diffusers, the previous timestep is always ``t - num_train_timesteps // num_inference_steps`` (for
-    every spacing); a negative previous timestep means "use final_alpha_cumprod".
-    """
-    if not 1 <= num_inference_steps <= num_train_timesteps:
-        raise ValueError(
-            f"num_inference_steps must be in [1, num_train_timesteps={num_train_timesteps}], got {num_inference_steps}"
-        )
-    n, T = num_inference_steps, num_train_timesteps
-    if timestep_spacing == "linspace":
-        ts = np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
-    elif timestep_spacing == "leading":
-        ts = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.int64) + steps_offset
-    elif timestep_spacing == "trailing":
-        ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
-    else:
-        raise ValueError(f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {timestep_spacing!r}")
-    return ts, ts - T // n
-
-
-def rf_times(num_steps: int, shift: float = 1.0, dtype=torch.float64) -> torch.Tensor:
-    """Rectified-flow time grid [num_steps + 1] from 1 (noise) to 0 (data), uniform in t before the optional
-    resolution shift t -> shift t / (1 + (shift - 1) t) used by SD3-style samplers."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if not shift > 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
-    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=dtype)
-    return shift * t / (1 + (shift - 1) * t)
-
-
-def _scalar(x):
-    """A Python float for host scalars (numbers, one-element CPU tensors), else a float64 tensor: the schedule
-    formulas below run on either, and device tensors are never read on the host."""
-    v = _checks.host_value(x)
-    return v if v is not None else torch.as_tensor(x, dtype=torch.float64)
-
-
-def _sqrt_pos(x):
-    """sqrt(max(x, 0)) of a float or a tensor."""
-    return max(x, 0.0) ** 0.5 if isinstance(x, float) else x.clamp(min=0).sqrt()
-
-
-def vp_coefficients(alpha_prod):
-    """(a, b) = (sqrt(abar), sqrt(1 - abar)) of the VP path."""
-    alpha_prod = _scalar(alpha_prod)
-    return _sqrt_pos(alpha_prod), _sqrt_pos(1 - alpha_prod)
-
-
-def noise_std(a_t, b_t, a_s, b_s, eta: float = 0.0, schedule: str = "ddim"):
-    """Noise standard deviation c of the step t -> s (0 <= c <= b_s).
-
-    ddim:  c^2 = eta^2 b_s^2 (1 - r), r = (a_t b_s / (a_s b_t))^2 (DDIM eq. 16 on VP paths, k-diffusion's
-           ancestral sigma_up on VE paths; eta = 1 is ancestral sampling)
-    rfim:  c = eta b_s (paper sec. 4)
-    gddim: c^2 = b_s^2 (1 - r^(eta^2)) (gDDIM Theorem 1 with lambda = eta)
-    """
-    _checks.check_nonnegative("eta", eta)
-    if schedule not in _checks.NOISE_SCHEDULES:
-        raise ValueError(f"noise schedule must be one of {_checks.NOISE_SCHEDULES}, got {schedule!r}")
-    a_t, b_t, a_s, b_s = (_scalar(v) for v in (a_t, b_t, a_s, b_s))
-    if schedule == "rfim":
-        return eta * b_s
-    if isinstance(a_s, float) and isinstance(b_t, float) and a_s * b_t == 0:
-        raise ValueError(
-            f"noise_std needs a_s > 0 and b_t > 0 (a step from a noisy time to one with signal), "
-            f"got a_s = {a_s}, b_t = {b_t}"
-        )
-    r = (a_t * b_s / (a_s * b_t)) ** 2
-    if schedule == "ddim":
-        return eta * _sqrt_pos(b_s**2 * (1 - r))
-    return _sqrt_pos(b_s**2 * (1 - r ** (eta**2)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -478,9 +354,7 @@ def step(
     ``return_pred_original=False`` leaves pred_original_sample None (a fused step then writes 12 B per
     element instead of 16).
     """
-    from . import _rows  # the prologue shared with the fused api.step (a runtime module importing this one)
-
-    row = _rows.prepare_step(
+    _checks.check_step(
         model_output,
         sample,
         a_t,
@@ -498,8 +372,14 @@ def step(
         sample_offset=sample_offset,
         noise=noise,
         components=components,
-        differentiable=True,
     )
+    # The row in float64 tensors on the sample's device (a coefficient that requires grad stays in the graph),
+    # then in the compute dtype, as step_from_table takes it.
+    a_t, b_t, a_s, b_s, c = (
+        torch.as_tensor(v, dtype=torch.float64, device=sample.device).reshape(())
+        for v in (a_t, b_t, a_s, b_s, noise_std)
+    )
+    row = torch.stack(coefficient_row(a_t, b_t, a_s, b_s, c, torch.ones_like(c))).to(compute_dtype(sample.dtype))
     return step_from_table(
         model_output,
         sample,
@@ -523,60 +403,27 @@ def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_prev, *, eta: float
 
     ``options`` are those of :func:`step` (gmm, step_index, prediction_type, guidance_scale, clip_sample_range,
     use_clipped_model_output, seed, sample_offset, noise, components)."""
-    from ._rows import ddim_path  # (a_t, b_t, ...) with a division by zero named by the caller's argument
-
-    return step(model_output, sample, *ddim_path(alpha_prod_t, alpha_prod_prev, eta, options), **options)
-
-
-def ddim_coefficients(alpha_prod_t, alpha_prod_prev, eta: float):
-    """(a_t, b_t, a_s, b_s, c) of a DDIM step."""
-    _checks.check_number("alpha_prod_t", alpha_prod_t, 0.0, 1.0)  # 0: zero terminal SNR (v / sample prediction)
-    _checks.check_number("alpha_prod_prev", alpha_prod_prev, 0.0, 1.0)
-    _checks.check_number("eta", eta, 0.0)
-    a_t, b_t = vp_coefficients(alpha_prod_t)
-    a_s, b_s = vp_coefficients(alpha_prod_prev)
-    return a_t, b_t, a_s, b_s, noise_std(a_t, b_t, a_s, b_s, eta, "ddim")
-
-
-def rfim_coefficients(t, s, eta: float):
-    """(a_t, b_t, a_s, b_s, c) of an RFIM step on x_t = (1 - t) x0 + t eps, with c = eta * s."""
-    _checks.check_number("t", t, 0.0, 1.0)
-    _checks.check_number("s", s, 0.0, 1.0)
-    _checks.check_number("eta", eta, 0.0, 1.0)
-    t, s = _scalar(t), _scalar(s)
-    return 1 - t, t, 1 - s, s, noise_std(1 - t, t, 1 - s, s, eta, "rfim")
+    return step(model_output, sample, *_schedules.ddim_path(alpha_prod_t, alpha_prod_prev, eta, options), **options)
 
 
 def rfim_step(model_output, sample, t, s, *, eta: float = 0.0, prediction_type: str = "flow", **options) -> StepOutput:
     """RFIM(-GMM) step from time t to s < t of a rectified flow (paper eq. 20 with its sign typo fixed:
     E[x_s | x0] = (1 - s) x0). ``prediction_type`` "flow" takes the velocity v = eps - x0; "sample" x0."""
-    from ._rows import rfim_path  # (a_t, b_t, ...) with a division by zero named by the caller's argument
-
     options["prediction_type"] = prediction_type
-    return step(model_output, sample, *rfim_path(t, s, eta, options), **options)
+    return step(model_output, sample, *_schedules.rfim_path(t, s, eta, options), **options)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # GMM parameters (paper eq. 9-12, docs/design.md 1.3, 1.4)
 # ---------------------------------------------------------------------------------------------------------
 
-VARIANTS = ("rand", "ortho", "ortho-vub", "ortho-lr")
-
 
 def thin_svd(O: torch.Tensor) -> torch.Tensor:  # noqa: E741 (the paper's name; a public keyword)
     """U [S, D, K] of O [S, D, K] by LAPACK, columns ordered by singular value, signs fixed so that each
     column's entry of largest magnitude is positive (the first such entry on ties)."""
-    _check_thin_svd_input(O)
+    _checks.check_thin_svd_input(O)
     U = torch.linalg.svd(O, full_matrices=False).U
     return _fix_signs(U)
-
-
-def _check_thin_svd_input(O) -> None:  # noqa: E741
-    _checks.check_floating("O", O)
-    if O.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"O must be float32 or float64, got {O.dtype}")
-    if O.dim() != 3 or O.shape[2] > O.shape[1]:
-        raise ValueError(f"O must have shape [S, D, K] with K <= D, got {tuple(O.shape)}")
 
 
 def _fix_signs(U: torch.Tensor) -> torch.Tensor:
@@ -609,7 +456,7 @@ def vub_var_offsets(priors: torch.Tensor, scale: float) -> torch.Tensor:
         return torch.zeros_like(priors)[:, :, None]
     ascending = priors.sort(-1).values
     inv = torch.where(priors > 0, 1.0 / (K * priors), torch.zeros_like(priors))
-    s2 = float(scale) * float(scale)  # inf beyond ~1.3e154, named by gmm_parameters' check (float ** 2 raises)
+    s2 = float(scale) * float(scale)  # (float ** 2 would raise beyond ~1.3e154; gmm_parameters refuses that first)
     return s2 * inv[:, :, None] * ascending[:, None, :]
 
 
@@ -622,19 +469,17 @@ def low_rank_moments(offsets: torch.Tensor, priors: torch.Tensor) -> tuple[torch
     variant, so sum_k pi_k v_k = lam), the mixture's covariance is c^2 I exactly, in every direction, as long
     as c^2 >= g^2 v_k (each direction is clipped at 0 beyond).
 
-    Computed in float64 from the K x K Gram matrix (not an SVD of the K x D matrix, which took seconds per set
-    at D = 16384): with P = diag(sqrt(pi)) offsets [K, D], M = P^T P shares its nonzero eigenvalues with
-    G = P P^T = V diag(lam) V^T, and W = diag(lam)^(-1/2) V^T P. A direction without variance (lam <= K eps
-    lam_max: a zero prior) gets a zero row, which adds nothing to the noise whatever its v."""
+    In float64 by LAPACK: M = P^T P with P = diag(sqrt(pi)) offsets [K, D], so the SVD P^T = W^T diag(sigma) V^T
+    gives W and lam = sigma^2 (descending). A direction without variance (lam <= K eps lam_max: a zero prior)
+    gets a zero row, which adds nothing to the noise whatever its v."""
     p64, d64 = priors.double(), offsets.double()
     K = d64.shape[1]
-    weighted = d64 * p64[:, :, None].sqrt()  # P [S, K, D]: M = P^T P
-    lam_all, V = torch.linalg.eigh(weighted @ weighted.transpose(1, 2))  # ascending
     r = max(K - 1, 0)
-    lam = lam_all.flip(-1)[:, :r].clamp(min=0)  # [S, r], descending
-    rows = V.flip(-1)[:, :, :r].transpose(1, 2) @ weighted  # [S, r, D]; row i has norm sqrt(lam_i)
+    weighted = d64 * p64[:, :, None].sqrt()  # P [S, K, D]
+    U, sigma, _ = torch.linalg.svd(weighted.transpose(1, 2), full_matrices=False)  # P^T [S, D, K], tall
+    lam = sigma[:, :r] ** 2  # [S, r]
     keep = lam > K * torch.finfo(torch.float64).eps * lam[:, :1]
-    basis = torch.where(keep[..., None], rows / lam.clamp(min=torch.finfo(torch.float64).tiny).sqrt()[..., None], 0)
+    basis = torch.where(keep[..., None], U[:, :, :r].transpose(1, 2), 0)
     lam = torch.where(keep, lam, torch.zeros_like(lam))
     inv = torch.where(p64 > 0, 1.0 / (K * p64), torch.zeros_like(p64))  # [S, K]
     return inv[:, :, None] * lam[:, None, :], basis.contiguous()
@@ -660,81 +505,35 @@ def gmm_parameters(
                    sum_k pi_k delta_k = 0 holds exactly (normalising each column breaks it by O(1/sqrt(D))).
     ORTHO (eq. 10): U = thin SVD of O, delta_k = s (U_k - sum_l pi_l U_l).
     var_offsets: diagonal of eq. 11 for RAND / ORTHO (Dv = D); VUB bounds of eq. 12 for ORTHO-VUB (Dv = K);
-    for ORTHO-LR (ORTHO's offsets) the eigenvalues of :func:`low_rank_moments` (Dv = K - 1), whose basis
-    :class:`GMM` keeps beside them. RAND with K = 1: the one centred offset is 0 (the Gaussian kernel).
-    Built in float64, returned in ``dtype``. ``thin_svd_fn`` and ``offset_directions_fn`` let the fused ops
-    stand in for the reference's (GMM does so); they must compute the same values.
+    for ORTHO-LR (ORTHO's offsets) the eigenvalues of :func:`low_rank_moments` (Dv = K - 1); :class:`GMM`'s
+    tables (built by the runtime) carry that basis beside them. RAND with K = 1: the one centred offset is 0 (the
+    Gaussian kernel). Built in float64, returned in ``dtype``. ``thin_svd_fn`` and ``offset_directions_fn`` let
+    the fused ops stand in for the reference's; they must compute the same values. A scale whose ORTHO-VUB /
+    ORTHO-LR tables would overflow ``dtype`` is refused before any table is drawn (:func:`_checks.check_gmm_scale`).
     """
-    return _gmm_tables(
-        dim,
-        n_components,
-        n_steps,
-        scale,
-        variant,
-        share_across_steps,
-        uniform_priors,
-        seed,
-        device,
-        dtype,
-        thin_svd_fn,
-        offset_directions_fn,
-    )[:3]
-
-
-def _gmm_tables(
-    dim,
-    n_components,
-    n_steps,
-    scale,
-    variant,
-    share_across_steps,
-    uniform_priors,
-    seed,
-    device,
-    dtype,
-    thin_svd_fn,
-    offset_directions_fn,
-):
-    """:func:`gmm_parameters` and, last, ORTHO-LR's basis from the same :func:`low_rank_moments` (None for the
-    other variants), for :class:`GMM`, which keeps it."""
     check_gmm_config(dim, n_components, n_steps, scale, variant)
     dim, n_components, n_steps = int(dim), int(n_components), int(n_steps)  # NumPy integers are accepted too
     n_sets = 1 if share_across_steps else n_steps
-    priors = (
-        torch.full((n_sets, n_components), 1.0 / n_components, dtype=torch.float64, device=device)
-        if uniform_priors
-        else random_priors(n_sets, n_components, seed, device)
-    )
-    directions = offset_directions_fn(n_sets, dim, n_components, seed, device)
+    if uniform_priors:
+        priors = torch.full((n_sets, n_components), 1.0 / n_components, dtype=torch.float64, device=device)
+    else:
+        priors = random_priors(n_sets, n_components, seed, device)
+    _checks.check_gmm_scale(scale, variant, priors, dtype)
+    O = offset_directions_fn(n_sets, dim, n_components, seed, device)  # noqa: E741
     if variant == "rand":
-        C = _centre(directions, priors)
+        C = _centre(O, priors)
         C = scale * C / C.norm(dim=1, keepdim=True).clamp(min=torch.finfo(C.dtype).tiny)  # K = 1: C = 0
         C = _centre(C, priors)
     else:
-        C = scale * _centre(thin_svd_fn(directions), priors)
+        C = scale * _centre(thin_svd_fn(O), priors)
     offsets = C.transpose(1, 2).contiguous()
-    basis = None
     if variant == "ortho-vub":
         var_offsets = vub_var_offsets(priors, scale)
     elif variant == "ortho-lr":
-        var_offsets, basis = low_rank_moments(offsets, priors)
+        var_offsets = low_rank_moments(offsets, priors)[0]
     else:
         var_offsets = diagonal_var_offsets(offsets, priors)
-    if not (torch.isfinite(offsets).all() and torch.isfinite(var_offsets.to(dtype)).all()):
-        raise ValueError(f"scale {scale} is too large: the GMM tables overflow {dtype}")
-    return priors.to(dtype), offsets.to(dtype), var_offsets.to(dtype), None if basis is None else basis.to(dtype)
-
-
-def check_gmm_config(dim: int, n_components: int, n_steps: int, scale: float, variant: str) -> None:
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS + ('ortho-vub*',)}, got {variant!r}")
-    if not _checks.is_int(n_components) or n_components < 1:
-        raise ValueError(f"n_components must be an int >= 1, got {n_components!r}")
-    if not _checks.is_int(dim) or dim < 2:
-        raise ValueError(f"dim must be an int >= 2 (elements per sample), got {dim!r}")
-    if n_components >= dim:
-        raise ValueError(f"n_components ({n_components}) must be < dim ({dim}) (paper eq. 9 needs K < D)")
-    if not _checks.is_int(n_steps) or n_steps < 1:
-        raise ValueError(f"n_steps must be an int >= 1, got {n_steps!r}")
-    if not (isinstance(scale, Real) and not isinstance(scale, bool) and math.isfinite(scale) and scale >= 0):
-        raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
+    offsets, var_offsets = offsets.to(dtype), var_offsets.to(dtype)
+    if not (torch.isfinite(offsets).all() and torch.isfinite(var_offsets).all()):
+        raise _checks.gmm_overflow_error(scale, dtype)
+    return priors.to(dtype), offsets, var_offsets

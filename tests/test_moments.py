@@ -305,17 +305,20 @@ def test_ortho_lr_needs_fewer_components_than_dim():
 
 @pytest.mark.parametrize("uniform", [True, False])
 def test_low_rank_moments_match_lapacks_svd_of_the_weighted_offsets(uniform):
-    # Oracle: LAPACK's SVD of P = diag(sqrt(pi)) offsets (what low_rank_moments computed before its K x K Gram
-    # route): the same eigenvalues lam_i = sigma_i^2 and the same projector on their span (rows within a repeated
-    # eigenvalue are any orthonormal basis of its eigenspace; uniform priors repeat it K - 1 times).
-    # Mutation checked: dividing the rows by lam instead of sqrt(lam) fails the projector.
+    # Oracle: LAPACK's SVD of P = diag(sqrt(pi)) offsets: the same eigenvalues lam_i = sigma_i^2 and the same
+    # projector on their span (rows within a repeated eigenvalue are any orthonormal basis of its eigenspace;
+    # uniform priors repeat it K - 1 times). Checked: the runtime's tables (GMM, from a K x K Gram matrix) and
+    # the specification's (reference.low_rank_moments).
+    # Mutation checked: dividing the runtime's rows by lam instead of sqrt(lam) (_gmm_tables._low_rank) fails the
+    # projector.
     K = 5
     gmm = dg.GMM.create(64, n_components=K, n_steps=3, variant="ortho-lr", uniform_priors=uniform, seed=2,
                         dtype=torch.float64)  # fmt: skip
-    var, basis = R.low_rank_moments(gmm.offsets, gmm.priors)
     _, sv, vh = torch.linalg.svd(gmm.offsets * gmm.priors[:, :, None].sqrt(), full_matrices=False)
-    lam = (sv[:, : K - 1] ** 2)[:, None, :].expand_as(var)
-    assert_close(var * (K * gmm.priors)[:, :, None], lam, kind="f64_svd")
+    lam = (sv[:, : K - 1] ** 2)[:, None, :].expand_as(gmm.var_offsets)
     projector = vh[:, : K - 1].transpose(1, 2) @ vh[:, : K - 1]
-    assert_close(basis.transpose(1, 2) @ basis, projector, kind="f64_svd")
-    assert_close(basis @ basis.transpose(1, 2), torch.eye(K - 1, dtype=torch.float64).expand(3, -1, -1), kind="f64_svd")
+    eye = torch.eye(K - 1, dtype=torch.float64).expand(3, -1, -1)
+    for var, basis in ((gmm.var_offsets, gmm.basis), R.low_rank_moments(gmm.offsets, gmm.priors)):
+        assert_close(var * (K * gmm.priors)[:, :, None], lam, kind="f64_svd")
+        assert_close(basis.transpose(1, 2) @ basis, projector, kind="f64_svd")
+        assert_close(basis @ basis.transpose(1, 2), eye, kind="f64_svd")

@@ -1,6 +1,7 @@
 """Every bad input named in the foundation issue raises a clear error naming the argument."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -102,6 +103,36 @@ def test_bad_gmm_config_raises(kwargs, match):
     error = TypeError if "must be a bool" in match else ValueError
     with pytest.raises(error, match=match):
         dg.GMM.create(**kwargs)
+
+
+@pytest.mark.parametrize("variant", ["ortho-lr", "ortho-vub"])
+@pytest.mark.parametrize("scale", [1e155, 1e300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("uniform_priors", [True, False])
+def test_an_overflowing_scale_is_named_before_any_table_is_drawn(monkeypatch, variant, scale, dtype, uniform_priors):
+    # ORTHO-LR from ~1e155 on raised LinAlgError from eigh (its Gram matrix held inf) after drawing and decomposing
+    # the directions. Their variances follow from the scale and the priors: refused before the draw, by the
+    # runtime and the specification alike. Checked to fail without _checks.check_gmm_scale (16 of 16 cases: the
+    # draw starts; unpatched, ORTHO-LR then raises LinAlgError).
+    from ddim_gmm_ext import _gmm_tables
+
+    def started(*args, **kwargs):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(_gmm_tables.api, "offset_directions", started)
+    options = dict(variant=variant, uniform_priors=uniform_priors, dtype=dtype)
+    message = re.escape(f"scale {scale} is too large: the GMM tables overflow {dtype}")
+    with pytest.raises(ValueError, match=message):
+        dg.GMM.create(64, n_components=8, n_steps=2, scale=scale, **options)
+    with pytest.raises(ValueError, match=message):
+        ref.gmm_parameters(64, 8, 2, scale, offset_directions_fn=started, **options)
+
+
+def test_the_largest_scale_that_fits_still_builds():
+    # The up-front check is exact for ORTHO-LR (uniform priors: every variance offset is s^2 / K), so it refuses no
+    # scale whose tables fit: s = 2e154 has s^2 = inf in float64 but s^2 / 8 = 5e307.
+    gmm = dg.GMM.create(64, n_components=8, n_steps=2, scale=2e154, variant="ortho-lr", dtype=torch.float64)
+    assert ((gmm.var_offsets / (2e154 * (2e154 / 8)) - 1).abs() < 1e-12).all()
 
 
 def test_upper_bound_vars_needs_orthonormal():

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .. import _checks, _rows, api, reference
+from .. import _checks, _rows, _schedules, api, reference
 from ..gmm import validate_gmm_steps
 from ._common import (
     check_eta,
@@ -100,7 +100,7 @@ def sample_ddim_gmm(
         return 1.0 / (1.0 + sig[i] ** 2), 1.0 / (1.0 + sig[i + 1] ** 2)
 
     def noise_std(i):  # c of the VP step, the units of the tables (g = 1)
-        return reference.ddim_coefficients(*vp(i), eta)[4]
+        return _schedules.ddim_coefficients(*vp(i), eta)[4]
 
     def ve_step(i, x, denoised, gmm, run_seed, noise):
         # the VP DDIM step of x_VP = x sqrt(abar), abar = 1 / (1 + sigma^2), mapped back to VE

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import _checks, api, reference
+from .. import _checks, _schedules, api, reference
 from ..gmm import GMM, resolve_scale, validate_gmm_steps
 from ._common import check_eta, check_seed, progress_bar, resolve_gmm, step_gmms, stream_seed
 
@@ -123,7 +123,7 @@ class DDIMSampler:
         abar = self.model.alphas_cumprod.detach().to("cpu", torch.float64)
         alphas = abar[self.ddim_timesteps]
         alphas_prev = torch.cat([abar[:1], abar[self.ddim_timesteps[:-1]]])
-        coeffs = reference.ddim_coefficients(alphas, alphas_prev, eta)
+        coeffs = _schedules.ddim_coefficients(alphas, alphas_prev, eta)
         # [S, 5] in step order; a one-step schedule comes back as Python floats, hence as_tensor / expand
         n = len(self.ddim_timesteps)
         table = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(-1).expand(n) for v in coeffs], -1)
@@ -298,7 +298,7 @@ class DDIMSampler:
         )
         if ddim_use_original_steps:
             abar = self.model.alphas_cumprod.detach().to("cpu", torch.float64)
-            stds = [float(reference.ddim_coefficients(abar[j], abar[j - 1] if j > 0 else 1.0, self.ddim_eta)[4])
+            stds = [float(_schedules.ddim_coefficients(abar[j], abar[j - 1] if j > 0 else 1.0, self.ddim_eta)[4])
                     for j in reversed(range(steps))]  # fmt: skip
         else:
             stds = self._coefficients[:steps, 4].flip(0).tolist()  # one copy, in sampling order
@@ -384,7 +384,7 @@ class DDIMSampler:
             prev = abar[index - 1] if index > 0 else torch.ones((), dtype=torch.float64, device=abar.device)
             coefficients = tuple(
                 torch.as_tensor(v, dtype=torch.float64, device=x.device)
-                for v in reference.ddim_coefficients(abar[index], prev, self.ddim_eta)
+                for v in _schedules.ddim_coefficients(abar[index], prev, self.ddim_eta)
             )
         else:
             coefficients = self._coefficients[index].unbind()

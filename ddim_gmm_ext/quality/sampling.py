@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .. import _checks, reference
+from .. import _checks, _schedules, reference
 from .._checks import check_final_step
 from ..api import ddim_step, rfim_step
 from ..gmm import GMM, GMM_VARIANTS
@@ -88,12 +88,12 @@ def offset_variance(gmm: GMM, step_index: int, like: torch.Tensor, g: float = 1.
 
 def ddim_noise_stds(steps: int, eta: float) -> list[float]:
     """The noise std c of each step of :func:`sample_ddim` (sampling order)."""
-    return [float(reference.ddim_coefficients(a, p, eta)[4]) for _, a, p in vp_schedule(steps)]
+    return [float(_schedules.ddim_coefficients(a, p, eta)[4]) for _, a, p in vp_schedule(steps)]
 
 
 def rfim_noise_stds(steps: int, eta: float) -> list[float]:
     """The noise std c = eta * s of each step of :func:`sample_rfim` (sampling order)."""
-    return [eta * float(s) for s in reference.rf_times(steps)[1:]]
+    return [eta * float(s) for s in _schedules.rf_times(steps)[1:]]
 
 
 def _plan(gmms, gmm_steps, final_step: str, stds: list[float]) -> list:
@@ -122,13 +122,13 @@ def _add_control_noise(x: torch.Tensor, entry, step_index: int, seed: int, sampl
 
 def training_alphas_cumprod() -> torch.Tensor:
     """abar_t [1000] float64 of the paper's schedule."""
-    return reference.alphas_cumprod(reference.make_betas(**BETAS)).double()
+    return _schedules.alphas_cumprod(_schedules.make_betas(**BETAS)).double()
 
 
 def vp_schedule(steps: int):
     """[(t, abar_t, abar_prev)] in sampling order: t the training timestep the model sees."""
     abar = training_alphas_cumprod()
-    timesteps, prev = reference.ddim_timesteps(steps, BETAS["num_train_timesteps"], "leading", steps_offset=1)
+    timesteps, prev = _schedules.ddim_timesteps(steps, BETAS["num_train_timesteps"], "leading", steps_offset=1)
     return [(int(t), abar[t], abar[p] if p >= 0 else abar[0]) for t, p in zip(timesteps, prev, strict=False)]
 
 
@@ -234,7 +234,7 @@ def sample_rfim(
     0 on the uniform grid, as :func:`sample_ddim` (paired, one x0 [N, D] per entry of ``gmms``)."""
     check_final_step(final_step)
     plan = _plan(gmms, gmm_steps, final_step, rfim_noise_stds(steps, eta))
-    times = reference.rf_times(steps)
+    times = _schedules.rf_times(steps)
     xs = [x_T] * len(gmms)
     for i in _steps(range(steps), progress, "RFIM steps"):
         t, s = times[i], times[i + 1]
