@@ -420,7 +420,8 @@ def test_set_gmm_params_is_accepted_where_the_steps_draw_noise(ours, config):
 
 
 # Mutation checked: without the new-run rule in _use_stream (the stream seed drawn once per set_timesteps, as
-# before) a rerun repeats the first run's noise bitwise and every case fails.
+# before) a rerun repeats the first run's noise bitwise and every case fails; without _new_run in prepare_gmm
+# no seed is drawn there.
 @pytest.mark.parametrize(
     ("ours", "step_kwargs"), [(gd.DDIMGMMScheduler, dict(eta=1.0)), (gd.DDPMGMMScheduler, {})], ids=lambda v: str(v)
 )
@@ -445,6 +446,10 @@ def test_seed_none_gmm_rerun_without_set_timesteps_draws_fresh_noise(ours, step_
             y = scheduler.step(_model(y, t), t, y, **step_kwargs).prev_sample
         outs.append(y)
     assert not is_close(outs[1], outs[0], "distinct")
+    # prepare_gmm begins a run (the only run start a compiled loop's host sees): its seed is drawn there
+    before = torch.get_rng_state()
+    scheduler.prepare_gmm(x)
+    assert not torch.equal(torch.get_rng_state(), before)
     # a fixed seed reproduces every rerun bitwise
     fixed = ours(**GMM, seed=4)
     one = _run(fixed, x, step_kwargs=step_kwargs)

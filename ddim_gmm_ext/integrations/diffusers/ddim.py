@@ -53,7 +53,8 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
       DDIM for the same generator; not sync-free (a CPU generator draws on the host).
     * neither, with a GMM or a ``seed``: z and k from the Philox stream of (seed, sample index, step index),
       drawn inside the fused step: no noise tensor, no host sync, compiles with ``fullgraph=True``. With
-      ``seed=None`` the stream seed is drawn from torch's global RNG at the first step (or ``prepare_gmm``).
+      ``seed=None`` the stream seed is drawn from torch's global RNG at the first step of each run (or at
+      ``prepare_gmm``; a loop rerun without ``set_timesteps`` is a new run: see :class:`GMMSchedulerMixin`).
     * neither, GMM off and ``seed=None``: z drawn from torch's global RNG exactly as ``DDIMScheduler`` draws it
       (only when eta > 0), so the loop leaves the global RNG as ``DDIMScheduler`` does.
 

@@ -51,7 +51,8 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
     ``DDPMScheduler`` for the same generator. No generator, GMM off and ``seed=None``: z drawn from torch's global
     RNG as ``DDPMScheduler`` draws it (the loop leaves the global RNG as the stock class does). No generator
     otherwise: z and k from the op's Philox stream of (seed, sample index, step index), drawn inside the op
-    (``seed=None``: the stream seed is drawn from the global RNG at the first step).
+    (``seed=None``: the stream seed is drawn from the global RNG at the first step of each run, a rerun without
+    ``set_timesteps`` included: see :class:`GMMSchedulerMixin`).
 
     Under ``torch.compile`` the step index is looked up on the device from the timestep tensor (one graph for the
     loop; GMM tables and a pending stream seed need :meth:`prepare_gmm` first); noise drawn from the global RNG
