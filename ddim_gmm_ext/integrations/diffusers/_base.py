@@ -169,7 +169,8 @@ class GMMSchedulerMixin:
         # NumPy / tensor values of our keys become Python values in the config, so that save_pretrained's JSON
         # holds them and the checks below see what is stored
         stored = {k: python_value(v) for k, v in self.config.items() if k in GMM_CONFIG_KEYS}  # type: ignore[attr-defined]  # ConfigMixin's
-        self.register_to_config(**stored)  # type: ignore[attr-defined]
+        if stored:  # Euler and UniPC have few or none
+            self.register_to_config(**stored)  # type: ignore[attr-defined]
         gmm_variant, gmm_n_components, gmm_scale, seed, final_step, scale_per_dim, gmm_steps = map(
             python_value, (gmm_variant, gmm_n_components, gmm_scale, seed, final_step, scale_per_dim, gmm_steps)
         )
