@@ -309,9 +309,9 @@ class GMMSchedulerMixin:
             )
 
     def _check_prepared(self, sample: torch.Tensor) -> None:
-        """A step's sample must have the shape :meth:`prepare_gmm` was given (a compiled loop's graph inputs, a
-        multistep solver's zero history, are made for it)."""
-        if self._prepared_shape is not None and tuple(sample.shape) != self._prepared_shape:
+        """After :meth:`prepare_gmm`, a step's sample must have the shape it was given (a compiled loop's graph
+        inputs, a multistep solver's zero history, are made for it)."""
+        if tuple(sample.shape) != self._prepared_shape:
             raise ValueError(
                 f"prepare_gmm was called with a sample of shape {self._prepared_shape} but step got a sample of "
                 f"shape {tuple(sample.shape)}: call scheduler.set_timesteps(...), then scheduler.prepare_gmm(sample) "
@@ -320,7 +320,8 @@ class GMMSchedulerMixin:
 
     def _table(self, sample: torch.Tensor) -> torch.Tensor:
         """The rows on the sample's device in its compute dtype (converted once per schedule)."""
-        self._check_prepared(sample)
+        if self._prepared_shape is not None:  # tested here: a call less per step without prepare_gmm
+            self._check_prepared(sample)
         cdt = _checks.compute_dtype(sample.dtype)
         key = (sample.device, cdt)
         table = self._tables.get(key)
@@ -352,7 +353,8 @@ class GMMSchedulerMixin:
 
     def _gmm_for(self, sample: torch.Tensor) -> GMM | None:
         """The GMM tables of this schedule (None when GMM is off), built or checked against ``sample``."""
-        self._check_prepared(sample)
+        if self._prepared_shape is not None:
+            self._check_prepared(sample)
         gmm = self._user_gmm
         if gmm is None and self.config.gmm_variant is None:
             return None
