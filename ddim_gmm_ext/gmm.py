@@ -230,9 +230,10 @@ class GMM:
         return self.priors, self.offsets, self.var_offsets
 
     def set_index(self, step_index: int) -> int:
-        """Index into the S parameter sets for sampling step ``step_index``."""
+        """Index into the S parameter sets for sampling step ``step_index``: a shared set serves any step (the
+        op's index range), per-step sets the steps they were built for."""
         self._require()
-        _checks.check_index("step_index", step_index, self.n_steps)
+        _checks.check_index("step_index", step_index, _checks.MAX_INDEX if self.shared else self.n_steps)
         return 0 if self.shared else step_index
 
     def tables(self, like: torch.Tensor):

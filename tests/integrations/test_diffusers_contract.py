@@ -2,17 +2,20 @@
 call, the global RNG left as the stock class leaves it, a GMM stream derived from the generator, output dtypes,
 the zero-SNR rule, clear errors, empty batches, and an import that leaves diffusers' own classes unchanged."""
 
+import math
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("diffusers")
 import diffusers  # noqa: E402
 
+import ddim_gmm_ext as dg  # noqa: E402
 import ddim_gmm_ext.diffusers as gd  # noqa: E402
 from tests.helpers import assert_close, is_close  # noqa: E402
 
@@ -346,3 +349,249 @@ _IMPORT_SCRIPT = textwrap.dedent(
 def test_importing_leaves_stock_classes_unchanged_and_patching_is_explicit():
     proc = subprocess.run([sys.executable, "-c", _IMPORT_SCRIPT], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+# -- the GMM plumbing of every scheduler ------------------------------------------------------------------------
+
+# every scheduler class, with a config whose steps draw noise (a GMM is accepted there)
+NOISY = [
+    (gd.DDIMGMMScheduler, {}),
+    (gd.DDPMGMMScheduler, {}),
+    (gd.EulerAncestralDiscreteGMMScheduler, {}),
+    (gd.FlowMatchEulerDiscreteGMMScheduler, dict(stochastic_sampling=True)),
+    (gd.DPMSolverMultistepGMMScheduler, dict(algorithm_type="sde-dpmsolver++")),
+]
+NOISY_IDS = [cls.__name__ for cls, _ in NOISY]
+# configurations whose steps have no noise for a mixture to replace
+NOISELESS = [
+    (gd.DPMSolverMultistepGMMScheduler, dict(algorithm_type="dpmsolver++")),
+    (gd.DPMSolverMultistepGMMScheduler, dict(algorithm_type="deis", final_sigmas_type="sigma_min")),
+    (gd.DPMSolverMultistepGMMScheduler, dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")),
+    (gd.DPMSolverMultistepGMMScheduler, dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min")),
+    (gd.UniPCMultistepGMMScheduler, {}),
+    (gd.DDPMGMMScheduler, dict(variance_type="learned")),
+    (gd.DDPMGMMScheduler, dict(variance_type="learned_range")),
+    (gd.DDPMGMMScheduler, dict(thresholding=True)),
+]
+
+
+def _gmm_for_shape(n_steps=STEPS, **kwargs):
+    return dg.GMM.create(math.prod(SHAPE[1:]), n_components=2, n_steps=n_steps, variant="ortho", **kwargs)
+
+
+def _run(scheduler, x, generator=None, step_kwargs=None, set_timesteps=True):
+    """A whole loop (as _loop) with the option of rerunning the schedule without set_timesteps."""
+    if set_timesteps:
+        scheduler.set_timesteps(STEPS)
+    x = x * getattr(scheduler, "init_noise_sigma", 1.0)
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        kwargs = dict(step_kwargs or {}, **({} if generator is None else dict(generator=generator)))
+        x = scheduler.step(_model(inp, t), t, x, **kwargs).prev_sample
+    return x
+
+
+# Mutation checked: set_gmm_params without its _refuse_gmm call (as before) fails every case: the tables are
+# accepted (and ignored, or for dpmsolver++ added to the sample with no noise to replace).
+@pytest.mark.parametrize(("ours", "config"), NOISELESS, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_set_gmm_params_is_refused_where_gmm_variant_is(ours, config):
+    with pytest.raises(ValueError) as by_config:
+        ours(**config, gmm_variant="ortho")
+    scheduler = ours(**config)
+    with pytest.raises(ValueError) as by_params:
+        scheduler.set_gmm_params(_gmm_for_shape())
+    assert "set_gmm_params" in str(by_params.value)
+    assert str(by_params.value) == str(by_config.value).replace("gmm_variant='ortho'", "set_gmm_params")
+    scheduler.set_gmm_params(None)  # going back to the config is always allowed
+
+
+def test_euler_refuses_set_gmm_params():
+    with pytest.raises(ValueError, match="set_gmm_params: EulerDiscreteGMMScheduler is deterministic"):
+        gd.EulerDiscreteGMMScheduler().set_gmm_params(_gmm_for_shape())
+
+
+@pytest.mark.parametrize(("ours", "config"), NOISY, ids=NOISY_IDS)
+def test_set_gmm_params_is_accepted_where_the_steps_draw_noise(ours, config):
+    ours(**config, gmm_variant="ortho")
+    scheduler = ours(**config)
+    gmm = _gmm_for_shape()
+    scheduler.set_gmm_params(gmm)
+    assert scheduler.gmm is gmm
+
+
+# Mutation checked: without the new-run rule in _use_stream (the stream seed drawn once per set_timesteps, as
+# before) a rerun repeats the first run's noise bitwise and every case fails; without _new_run in prepare_gmm
+# no seed is drawn there.
+@pytest.mark.parametrize(
+    ("ours", "step_kwargs"), [(gd.DDIMGMMScheduler, dict(eta=1.0)), (gd.DDPMGMMScheduler, {})], ids=lambda v: str(v)
+)
+def test_seed_none_gmm_rerun_without_set_timesteps_draws_fresh_noise(ours, step_kwargs):
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    scheduler = ours(**GMM)
+    torch.manual_seed(0)
+    first = _run(scheduler, x, step_kwargs=step_kwargs)
+    state = torch.get_rng_state()
+    again = _run(scheduler, x, step_kwargs=step_kwargs, set_timesteps=False)
+    assert not is_close(again, first, "distinct")
+    # the rerun is a run of its own: a new seed from the global RNG where the first run left it
+    torch.set_rng_state(state)
+    assert_close(again, _run(ours(**GMM), x, step_kwargs=step_kwargs), kind="exact")
+    # a rerun from a begin index (img2img) is a new run too
+    scheduler.set_begin_index(3) if hasattr(scheduler, "set_begin_index") else None
+    y = x
+    outs = []
+    for _ in range(2):
+        y = x
+        for t in scheduler.timesteps[3:]:
+            y = scheduler.step(_model(y, t), t, y, **step_kwargs).prev_sample
+        outs.append(y)
+    assert not is_close(outs[1], outs[0], "distinct")
+    # prepare_gmm begins a run (the only run start a compiled loop's host sees): its seed is drawn there
+    before = torch.get_rng_state()
+    scheduler.prepare_gmm(x)
+    assert not torch.equal(torch.get_rng_state(), before)
+    # a fixed seed reproduces every rerun bitwise
+    fixed = ours(**GMM, seed=4)
+    one = _run(fixed, x, step_kwargs=step_kwargs)
+    assert_close(_run(fixed, x, step_kwargs=step_kwargs, set_timesteps=False), one, kind="exact")
+
+
+# Mutation checked: GMM.set_index checking a shared set's index against n_steps (as before) fails every case
+# with "step_index must be in [0, 3), got 3" at the fourth step (the generator path draws the components there).
+@pytest.mark.parametrize("shared", ["create", "from_params"])
+@pytest.mark.parametrize(("ours", "config"), NOISY, ids=NOISY_IDS)
+def test_a_shared_gmm_serves_any_number_of_steps(ours, config, shared):
+    if shared == "create":
+        gmm = _gmm_for_shape(n_steps=3, share_across_steps=True)
+    else:
+        priors, offsets, var_offsets, _ = _gmm_for_shape(n_steps=1).tables(torch.empty(0))
+        gmm = dg.GMM.from_params(priors, offsets, var_offsets)  # one set: shared, n_steps 1
+    # the oracle: the same set repeated for each of the STEPS steps
+    per_step = dg.GMM.from_params(*(t.expand(STEPS, *t.shape[1:]) for t in gmm.tables(torch.empty(0))[:3]))
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    _, step_kwargs = _stochastic_kwargs(ours)
+    results = []
+    for tables in (gmm, per_step):
+        for generator in (torch.Generator().manual_seed(2), None):
+            scheduler = ours(**config, seed=5)
+            scheduler.set_timesteps(STEPS)
+            scheduler.set_gmm_params(tables)
+            results.append(_run(scheduler, x, generator, step_kwargs, set_timesteps=False))
+    assert_close(results[0], results[2], kind="exact")
+    assert_close(results[1], results[3], kind="exact")
+    # the host-index entry points of the op
+    sample = torch.zeros(1, *SHAPE[1:])
+    row = torch.tensor([[1.0, 0.5, 1.0, 0.5, 0.5, 1.0]])
+    out = dg.step_from_table(sample, sample, row.expand(STEPS, 6), STEPS - 1, gmm=gmm, prediction_type="epsilon")
+    assert torch.isfinite(out.prev_sample).all()
+    out = dg.step(sample, sample, 1.0, 0.5, 1.0, 0.5, 0.5, gmm=gmm, step_index=STEPS - 1)
+    assert torch.isfinite(out.prev_sample).all()
+    assert_close(gmm.params(STEPS - 1, sample)[1], gmm.params(0, sample)[1], kind="exact")
+
+
+NUMPY_KEYS = dict(
+    gmm_variant=np.str_("ortho"),
+    gmm_n_components=np.int32(2),
+    gmm_scale=np.float32(1.5),
+    gmm_share_across_steps=np.bool_(False),
+    gmm_uniform_priors=np.bool_(True),
+    seed=torch.tensor(3),
+    gmm_steps=np.array([0, 2, 5]),
+    final_step=np.str_("gmm"),
+)
+
+
+# Mutation checked: without the Python values stored in _init_gmm (as before) save_pretrained fails ("not JSON
+# serializable") and set_timesteps with the NumPy gmm_steps fails ("truth value of an array is ambiguous").
+@pytest.mark.parametrize(("ours", "config"), NOISY, ids=NOISY_IDS)
+def test_numpy_and_tensor_config_values_are_stored_as_python_values(ours, config, tmp_path):
+    extra = dict(rfim_eta=np.float32(1.0)) if ours is gd.FlowMatchEulerDiscreteGMMScheduler else {}
+    config = {k: v for k, v in config.items() if k != "stochastic_sampling"}
+    scheduler = ours(**config, **NUMPY_KEYS, **extra)
+    for key in (*NUMPY_KEYS, *extra):
+        value = scheduler.config[key]
+        assert type(value) in (str, int, float, bool, list), (key, type(value))
+    assert scheduler.config.gmm_steps == [0, 2, 5]
+    scheduler.save_pretrained(tmp_path)
+    loaded = ours.from_pretrained(tmp_path)
+    public = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+    assert {k: v for k, v in loaded.config.items() if not k.startswith("_")} == public
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    _, step_kwargs = _stochastic_kwargs(ours)
+    plain = {k: python_list(v) for k, v in {**NUMPY_KEYS, **extra}.items()}
+    expected = _run(ours(**config, **plain), x, None, step_kwargs)
+    assert_close(_run(scheduler, x, None, step_kwargs), expected, kind="exact")
+    assert_close(_run(loaded, x, None, step_kwargs), expected, kind="exact")
+
+
+def python_list(value):
+    """The plain Python form a user would have written (the oracle's config)."""
+    return value.tolist() if isinstance(value, (np.ndarray, np.generic, torch.Tensor)) else value
+
+
+@pytest.mark.parametrize("mask", [np.array([True, False] * 3 + [True]), torch.tensor([1, 3])])
+def test_gmm_steps_as_an_array_is_accepted(mask):
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    got = _run(gd.DDIMGMMScheduler(**GMM, seed=0, gmm_steps=mask), x, step_kwargs=dict(eta=1.0))
+    want = _run(gd.DDIMGMMScheduler(**GMM, seed=0, gmm_steps=mask.tolist()), x, step_kwargs=dict(eta=1.0))
+    assert_close(got, want, kind="exact")
+
+
+def test_a_non_bool_gmm_flag_is_refused_up_front():
+    with pytest.raises(TypeError, match="gmm_share_across_steps must be a bool, got 1"):
+        gd.DDIMGMMScheduler(**GMM, gmm_share_across_steps=1)
+
+
+ALL_CLASSES = [*(cls for cls, _ in NOISY), gd.EulerDiscreteGMMScheduler, gd.UniPCMultistepGMMScheduler]
+
+
+# Mutation checked: without _check_prepared, DPM-Solver++ and UniPC fail inside the op ("history0 must have the
+# sample's shape") and the others run on without a word; without the type check prepare_gmm(None) raises
+# AttributeError.
+@pytest.mark.parametrize("ours", ALL_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("prepared", [(1, *SHAPE[1:]), (2, 3, 4, 16)])
+def test_prepare_gmm_with_another_shape_than_the_loop_is_named(ours, prepared):
+    config = dict(NOISY).get(ours, {})
+    scheduler = ours(**config)
+    scheduler.set_timesteps(STEPS)
+    with pytest.raises(TypeError, match="prepare_gmm\\(sample\\): sample must be a tensor"):
+        scheduler.prepare_gmm(None)
+    scheduler.prepare_gmm(torch.zeros(prepared))
+    x = torch.zeros(SHAPE)
+    t = scheduler.timesteps[0]
+    named = rf"prepare_gmm was called with a sample of shape \({prepared[0]}, .*{SHAPE[-1]}\)"
+    with pytest.raises(ValueError, match=named):
+        scheduler.step(x, t, x)
+    scheduler.set_timesteps(STEPS)  # as the message says
+    scheduler.prepare_gmm(x)
+    assert torch.isfinite(scheduler.step(x, t, x).prev_sample).all()
+
+
+def test_a_compiled_step_after_prepare_gmm_with_another_shape_is_named():
+    scheduler = gd.DDIMGMMScheduler(**GMM, seed=0)
+    scheduler.set_timesteps(STEPS)
+    scheduler.prepare_gmm(torch.zeros(1, *SHAPE[1:]))
+    x = torch.zeros(SHAPE)
+    step = torch.compile(lambda m, t, y: scheduler.step(m, t, y).prev_sample, fullgraph=True)
+    with pytest.raises(Exception, match=r"prepare_gmm was called with a sample of shape \(1, 3, 8, 8\)"):
+        step(x, scheduler.timesteps[0], x)
+
+
+# Mutation checked: without check_begin_index the stock set_begin_index stores -1 and the first step fails in
+# the op ("step_index must be in [0, 2**32)") or as "past the end"; without check_host_step in Euler's step, a
+# second run fails in the op ("outside the coefficient table").
+@pytest.mark.parametrize("ours", ALL_CLASSES, ids=lambda c: c.__name__)
+def test_begin_index_and_a_second_run_without_set_timesteps_are_named(ours):
+    config = dict(NOISY).get(ours, {})
+    scheduler = ours(**config)
+    scheduler.set_timesteps(STEPS)
+    if hasattr(scheduler, "set_begin_index"):
+        with pytest.raises(ValueError, match=r"begin_index must be an int >= 0 .*got -1"):
+            scheduler.set_begin_index(-1)
+    if ours in (gd.DDIMGMMScheduler, gd.DDPMGMMScheduler):
+        return  # the step index comes from the timestep: a second run is a run (see the seed rule)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    _run(scheduler, x, set_timesteps=False)
+    past = f"step {STEPS} is past the end of the {STEPS}-step schedule; call set_timesteps"
+    with pytest.raises(ValueError, match=past):
+        _run(scheduler, x, set_timesteps=False)

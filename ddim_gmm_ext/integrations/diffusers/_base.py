@@ -19,6 +19,7 @@ import dataclasses
 from collections import OrderedDict
 from numbers import Integral
 
+import numpy as np
 import torch
 
 from ... import _checks, api
@@ -55,6 +56,60 @@ def zero_snr_rows(a_t: torch.Tensor, prediction_type: str, bounded: bool, config
     )
 
 
+#: this package's config keys (every scheduler's that it has): stored as Python values (:func:`python_value`)
+GMM_CONFIG_KEYS = (
+    "gmm_variant",
+    "gmm_n_components",
+    "gmm_scale",
+    "gmm_share_across_steps",
+    "gmm_uniform_priors",
+    "seed",
+    "gmm_scale_per_dim",
+    "final_step",
+    "gmm_steps",
+    "rfim_eta",
+)
+
+
+def python_value(value):
+    """``value`` with NumPy scalars / arrays and tensors made Python numbers and lists (a tuple becomes a list),
+    as a config key stores it: ``save_pretrained`` writes JSON, and the JSON round trip gives the same value."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()  # a 0-d one gives a number
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [python_value(v) for v in value]
+    return value
+
+
+def check_begin_index(begin_index) -> int:
+    """``set_begin_index``'s argument: an int >= 0, the position of the run's first step (stock diffusers stores
+    any value; -1 would index the schedule from its end)."""
+    if isinstance(begin_index, bool) or not isinstance(begin_index, Integral) or begin_index < 0:
+        raise ValueError(
+            f"begin_index must be an int >= 0 (the position in scheduler.timesteps of the run's first step), "
+            f"got {begin_index!r}"
+        )
+    return int(begin_index)
+
+
+class CheckedBeginIndexMixin:
+    """``set_begin_index`` of a stock scheduler that has one, with its argument checked (:func:`check_begin_index`)
+    when it is given, not at the step that reads it. Listed before the stock class."""
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        super().set_begin_index(check_begin_index(begin_index))  # type: ignore[misc]  # the stock class's
+
+
+def check_host_step(i: int, n_steps: int) -> None:
+    """A host step counter past the schedule (a loop run again without ``set_timesteps``): the call to make."""
+    if not 0 <= i < n_steps:
+        raise ValueError(
+            f"step {i} is past the end of the {n_steps}-step schedule; call set_timesteps before sampling again"
+        )
+
+
 class GMMSchedulerMixin:
     """GMM config keys, GMM tables, the step index and the fused step of a drop-in diffusers scheduler.
 
@@ -80,24 +135,54 @@ class GMMSchedulerMixin:
       - GMM off: the step's noise (if any) is drawn from torch's global RNG exactly as the stock scheduler draws
         it (``randn_tensor``), so a loop leaves the global RNG as the stock class does and ``torch.manual_seed``
         gives the stock samples;
-      - GMM on: the stream seed is drawn from torch's global RNG once per schedule, lazily, at the first step
+      - GMM on: the stream seed is drawn from torch's global RNG once per run, lazily, at the run's first step
         that uses the stream (or at :meth:`prepare_gmm`), not at ``set_timesteps``: diffusers pipelines call
-        ``set_timesteps`` before ``prepare_latents``, whose draw must stay the stock one.
+        ``set_timesteps`` before ``prepare_latents``, whose draw must stay the stock one. A run begins at
+        ``set_timesteps`` and at :meth:`prepare_gmm`, and, for a step whose position in the schedule is known
+        on the host, at a step that is not after the previous one (a loop run again without ``set_timesteps``,
+        from the start or from a begin index): each run draws fresh noise, as the stock scheduler does.
 
       With a ``generator`` passed to ``step``, noise and components come from it and no seed is drawn.
 
     GMM tables are built on the first step after ``set_timesteps`` from that sample's per-sample size, device
     and dtype (one parameter set per inference step) and cached. Tables given with :meth:`set_gmm_params` take
     precedence and are never rebuilt (a size mismatch is an error).
+
+    A configuration whose steps have no noise for a mixture to replace (:meth:`_gmm_refusal`) refuses a GMM from
+    either source, ``gmm_variant`` or :meth:`set_gmm_params`, with the same ValueError.
     """
+
+    def _gmm_refusal(self, source: str) -> str | None:
+        """Why this configuration takes no GMM, as the message of the ValueError that ``source`` (the user's
+        call: "gmm_variant='ortho'" or "set_gmm_params") raises; None where its steps have noise to replace. The
+        one rule of a scheduler class, read by its constructor and by :meth:`set_gmm_params`."""
+        return None
+
+    def _refuse_gmm(self, source: str) -> None:
+        reason = self._gmm_refusal(source)
+        if reason is not None:
+            raise ValueError(reason)
 
     def _init_gmm(
         self, gmm_variant, gmm_n_components, gmm_scale, seed, final_step="gaussian", scale_per_dim=None, gmm_steps="all"
     ):
+        # NumPy / tensor values of our keys become Python values in the config, so that save_pretrained's JSON
+        # holds them and the checks below see what is stored
+        stored = {k: python_value(v) for k, v in self.config.items() if k in GMM_CONFIG_KEYS}  # type: ignore[attr-defined]  # ConfigMixin's
+        if stored:  # Euler and UniPC have few or none
+            self.register_to_config(**stored)  # type: ignore[attr-defined]
+        gmm_variant, gmm_n_components, gmm_scale, seed, final_step, scale_per_dim, gmm_steps = map(
+            python_value, (gmm_variant, gmm_n_components, gmm_scale, seed, final_step, scale_per_dim, gmm_steps)
+        )
         check_gmm_options(gmm_variant, gmm_n_components, gmm_scale, scale_per_dim, prefix="gmm_")
+        for key in ("gmm_share_across_steps", "gmm_uniform_priors"):  # read when the tables are built
+            if key in stored and not isinstance(stored[key], bool):
+                raise TypeError(f"{key} must be a bool, got {stored[key]!r}")
         _checks.check_final_step(final_step)
         validate_gmm_steps(gmm_steps)  # the form; indices are checked against the steps by set_timesteps
         check_seed(seed)
+        if gmm_variant is not None:
+            self._refuse_gmm(f"gmm_variant={gmm_variant!r}")
         self._user_gmm: GMM | None = None
         self._built_gmm: GMM | None = None
         self._built_key = None
@@ -107,12 +192,16 @@ class GMMSchedulerMixin:
         self._tables: dict = {}  # (device, dtype) -> the rows in that compute dtype
         self._stream_seed = 0
         self._seed_pending = False  # seed=None: the stream seed is drawn at the first step that uses it
+        self._last_stream_index: int | None = None  # host position of the run's latest step that used the stream
+        self._prepared_shape: tuple[int, ...] | None = None  # the sample shape of prepare_gmm (None: not called)
 
     # -- GMM tables -------------------------------------------------------------------------------------
     def set_gmm_params(self, gmm_params: GMM | None = None) -> None:
         """Use these GMM tables (one parameter set per inference step, or shared) instead of building them
-        from the config; None goes back to the config."""
+        from the config; None goes back to the config. Refused, as ``gmm_variant`` is, where the steps have no
+        noise for a mixture to replace."""
         if gmm_params is not None:
+            self._refuse_gmm("set_gmm_params")
             if not isinstance(gmm_params, GMM):
                 raise TypeError(f"gmm_params must be a ddim_gmm_ext.GMM, got {type(gmm_params).__name__}")
             if self._rows is not None:
@@ -142,9 +231,8 @@ class GMMSchedulerMixin:
         rows = self._gate(rows, None)
         self._rows = rows
         self._tables = {(rows.device, torch.float32): rows.float()}
-        seed = getattr(self.config, "seed", None)  # Euler has no seed key
-        self._stream_seed = 0 if seed is None else seed
-        self._seed_pending = seed is None
+        self._new_run()
+        self._prepared_shape = None
         if self._user_gmm is not None:
             check_gmm_steps(self._user_gmm, rows.shape[0], "gmm_params")
 
@@ -179,9 +267,23 @@ class GMMSchedulerMixin:
         self._rows = self._gate(self._ungated_rows, gmm)
         self._tables = {(self._rows.device, torch.float32): self._rows.float()}
 
-    def _use_stream(self) -> None:
-        """The Philox stream is about to be used: draw the run's stream seed from torch's global RNG if it is
-        still pending (seed=None). Lazy so that set_timesteps and GMM-off loops leave the global RNG alone."""
+    def _new_run(self) -> None:
+        """A sampling run begins (class docstring): its stream seed is the config's, or (seed=None) pending, drawn
+        by :meth:`_use_stream` when the run first uses the stream."""
+        seed = getattr(self.config, "seed", None)  # Euler has no seed key
+        self._stream_seed = 0 if seed is None else seed
+        self._seed_pending = seed is None
+        self._last_stream_index = None
+
+    def _use_stream(self, index=None) -> None:
+        """The Philox stream is about to be used by the step at ``index`` (its host position in the schedule, or
+        None where the host does not know it): draw the run's stream seed from torch's global RNG if it is still
+        pending (seed=None). A step not after the run's previous one begins a new run. Lazy so that
+        set_timesteps and GMM-off loops leave the global RNG alone."""
+        if isinstance(index, int):
+            if self._last_stream_index is not None and index <= self._last_stream_index:
+                self._new_run()
+            self._last_stream_index = index
         if self._seed_pending:
             if torch.compiler.is_compiling():
                 raise RuntimeError(
@@ -206,8 +308,20 @@ class GMMSchedulerMixin:
                 "call scheduler.set_timesteps(num_inference_steps) before step"
             )
 
+    def _check_prepared(self, sample: torch.Tensor) -> None:
+        """After :meth:`prepare_gmm`, a step's sample must have the shape it was given (a compiled loop's graph
+        inputs, a multistep solver's zero history, are made for it)."""
+        if tuple(sample.shape) != self._prepared_shape:
+            raise ValueError(
+                f"prepare_gmm was called with a sample of shape {self._prepared_shape} but step got a sample of "
+                f"shape {tuple(sample.shape)}: call scheduler.set_timesteps(...), then scheduler.prepare_gmm(sample) "
+                "with the loop's sample"
+            )
+
     def _table(self, sample: torch.Tensor) -> torch.Tensor:
         """The rows on the sample's device in its compute dtype (converted once per schedule)."""
+        if self._prepared_shape is not None:  # tested here: a call less per step without prepare_gmm
+            self._check_prepared(sample)
         cdt = _checks.compute_dtype(sample.dtype)
         key = (sample.device, cdt)
         table = self._tables.get(key)
@@ -217,18 +331,30 @@ class GMMSchedulerMixin:
 
     def prepare_gmm(self, sample: torch.Tensor) -> GMM | None:
         """Build (or check) the GMM tables for samples like ``sample`` now; call it after ``set_timesteps`` and
-        before running a compiled loop, which cannot build them inside the graph. Returns the tables in use."""
+        before running a compiled loop, which cannot build them inside the graph. Returns the tables in use.
+
+        It begins a run (with ``seed=None``, a fresh stream seed; see the class docstring); the loop's steps must
+        then take samples of ``sample``'s shape."""
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(
+                f"prepare_gmm(sample): sample must be a tensor like the loop's samples, got {type(sample).__name__}"
+            )
         if self._rows is None:
             raise ValueError("call set_timesteps before prepare_gmm")
+        self._prepared_shape = None  # this call's sample sets it
         gmm = self._gmm_for(sample)
+        self._new_run()
         if gmm is not None:
             gmm.tables(sample)  # converted to the sample's device and compute dtype outside the graph
             self._use_stream()  # a compiled loop cannot draw the seed (seed=None) inside the graph
         self._table(sample)
+        self._prepared_shape = tuple(sample.shape)
         return gmm
 
     def _gmm_for(self, sample: torch.Tensor) -> GMM | None:
         """The GMM tables of this schedule (None when GMM is off), built or checked against ``sample``."""
+        if self._prepared_shape is not None:
+            self._check_prepared(sample)
         gmm = self._user_gmm
         if gmm is None and self.config.gmm_variant is None:
             return None

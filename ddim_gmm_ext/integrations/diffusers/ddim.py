@@ -20,6 +20,7 @@ from ... import _checks, api, reference
 from .._common import check_eta
 from ._base import (
     GMMSchedulerMixin,
+    check_begin_index,
     check_generator,
     check_model_output,
     check_step_count,
@@ -52,7 +53,8 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
       DDIM for the same generator; not sync-free (a CPU generator draws on the host).
     * neither, with a GMM or a ``seed``: z and k from the Philox stream of (seed, sample index, step index),
       drawn inside the fused step: no noise tensor, no host sync, compiles with ``fullgraph=True``. With
-      ``seed=None`` the stream seed is drawn from torch's global RNG at the first step (or ``prepare_gmm``).
+      ``seed=None`` the stream seed is drawn from torch's global RNG at the first step of each run (or at
+      ``prepare_gmm``; a loop rerun without ``set_timesteps`` is a new run: see :class:`GMMSchedulerMixin`).
     * neither, GMM off and ``seed=None``: z drawn from torch's global RNG exactly as ``DDIMScheduler`` draws it
       (only when eta > 0), so the loop leaves the global RNG as ``DDIMScheduler`` does.
 
@@ -144,6 +146,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         self._index_of_host: list[int] | None = None
         self._eta_rows: dict = {}  # eta -> [S, 6] float64 rows
         self._step_index: int = 0
+        self._position: int | None = None  # the last step's position in the schedule, where the host knows it
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
@@ -170,9 +173,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Accepted for diffusers' img2img pipelines, which call it after ``set_timesteps`` when they skip the
         first steps; the step index comes from the timestep anyway, so this only sets :attr:`step_index`."""
-        if isinstance(begin_index, bool) or not isinstance(begin_index, Integral) or begin_index < 0:
-            raise ValueError(f"begin_index must be an int >= 0, got {begin_index!r}")
-        self._step_index = int(begin_index)
+        self._step_index = check_begin_index(begin_index)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """As ``DDIMScheduler.set_timesteps``; also builds on ``device`` the coefficient table of every step
@@ -234,6 +235,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
             raise ValueError("call set_timesteps before step (the timestep -> step index map is built there)")
         index_of, index_of_host = self._index_of, self._index_of_host
         T = index_of.shape[0]
+        self._position = None
         if isinstance(timestep, torch.Tensor):
             if timestep.numel() != 1 or timestep.dtype not in _INT_DTYPES:
                 raise ValueError(
@@ -243,6 +245,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
             compiling = torch.compiler.is_compiling()
             view = None if compiling else self._schedule_position(timestep)
             if view is not None:  # an element of self.timesteps (a pipeline's loop): its position, no device work
+                self._position = view
                 return self._step_tensors[view] if timestep.device.type != "cpu" else view
             if compiling or timestep.device.type != "cpu":
                 t = timestep.reshape(()).to(device)
@@ -255,7 +258,8 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         if not 0 <= timestep < T:
             raise ValueError(f"timestep must be in [0, {T}) (num_train_timesteps), got {timestep}")
         i = index_of_host[timestep]
-        return None if i < 0 else i  # None: a training timestep outside the schedule (see step)
+        self._position = None if i < 0 else i
+        return self._position  # None: a training timestep outside the schedule (see step)
 
     def _off_schedule_row(self, timestep: int, eta: float, gmm, device, cdt) -> tuple[torch.Tensor, int]:
         """The coefficient row of a training timestep that is not in ``self.timesteps``, as ``DDIMScheduler``
@@ -359,7 +363,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
             if generator is not None:
                 components = draw_components(generator, gmm, int(op_index), sample)
             else:
-                self._use_stream()
+                self._use_stream(self._position)
 
         thresholding, clip, prediction_type = self._step_options
         if thresholding:

@@ -51,7 +51,8 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
     ``DDPMScheduler`` for the same generator. No generator, GMM off and ``seed=None``: z drawn from torch's global
     RNG as ``DDPMScheduler`` draws it (the loop leaves the global RNG as the stock class does). No generator
     otherwise: z and k from the op's Philox stream of (seed, sample index, step index), drawn inside the op
-    (``seed=None``: the stream seed is drawn from the global RNG at the first step).
+    (``seed=None``: the stream seed is drawn from the global RNG at the first step of each run, a rerun without
+    ``set_timesteps`` included: see :class:`GMMSchedulerMixin`).
 
     Under ``torch.compile`` the step index is looked up on the device from the timestep tensor (one graph for the
     loop; GMM tables and a pending stream seed need :meth:`prepare_gmm` first); noise drawn from the global RNG
@@ -121,15 +122,21 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
         )
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
-        if gmm_variant is not None and (thresholding or variance_type not in _FIXED_VARIANCES):
-            raise ValueError(
-                f"gmm_variant={gmm_variant!r} needs a fixed variance_type {_FIXED_VARIANCES} and thresholding=False, "
-                f"got variance_type={variance_type!r}, thresholding={thresholding}"
-            )
         self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim, gmm_steps)
         self._index_of_host: dict[int, int] = {}
         self._timesteps_host: list[int] = []
         self._index_of = torch.full((0,), -1, dtype=torch.int64)
+
+    def _gmm_refusal(self, source: str) -> str | None:
+        """A learned variance (read from the model output) or thresholding: the step is diffusers' own."""
+        c = self.config
+        if c.thresholding or c.variance_type not in _FIXED_VARIANCES:
+            return (
+                f"{source} needs a fixed variance_type {_FIXED_VARIANCES} and thresholding=False, got "
+                f"variance_type={c.variance_type!r}, thresholding={c.thresholding}: those steps are diffusers' own, "
+                "with no fused noise for a mixture to replace"
+            )
+        return None
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None) -> None:
         """As ``DDPMScheduler.set_timesteps``; also builds the [S, 6] coefficient table of the schedule."""
@@ -234,7 +241,7 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
             if generator is not None:
                 components = draw_components(generator, gmm, int(i), sample)
             else:
-                self._use_stream()
+                self._use_stream(i)
         out = self._fused_step(
             model_output,
             sample,

@@ -31,6 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .._common import multistep_weights as _multistep_weights
 from ._base import (
+    CheckedBeginIndexMixin,
     GMMSchedulerMixin,
     check_generator,
     check_model_output,
@@ -101,7 +102,7 @@ def _model_output_tensor(
     return model_output, promoted
 
 
-class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepScheduler):
+class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSolverMultistepScheduler):
     """``DPMSolverMultistepScheduler`` with a fused DPM-Solver++ step and the optional DDIM-GMM noise (Gabbur,
     TMLR 2026) on ``algorithm_type="sde-dpmsolver++"``.
 
@@ -219,19 +220,22 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, DPMSolverMultistepSchedu
             time_shift_type=time_shift_type,  # type: ignore[arg-type]
         )
         check_multistep_prediction(prediction_type)
-        algorithm = self.config.algorithm_type  # diffusers maps "deis" to "dpmsolver++"
-        if gmm_variant is not None and algorithm != "sde-dpmsolver++":
-            raise ValueError(
-                f"gmm_variant={gmm_variant!r} needs algorithm_type='sde-dpmsolver++' (the mixture replaces that "
-                f"solver's noise), got algorithm_type={algorithm!r}: "
-                + (
-                    "a deterministic solver (noise std 0) has no noise to replace"
-                    if algorithm == "dpmsolver++"
-                    else "its steps are diffusers' own (noise-prediction history)"
-                )
-            )
         self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim, gmm_steps)
         self._rows_start: int = 0
+
+    def _gmm_refusal(self, source: str) -> str | None:
+        algorithm = self.config.algorithm_type  # diffusers maps "deis" to "dpmsolver++"
+        if algorithm == "sde-dpmsolver++":
+            return None
+        return (
+            f"{source} needs algorithm_type='sde-dpmsolver++' (the mixture replaces that solver's noise), got "
+            f"algorithm_type={algorithm!r}: "
+            + (
+                "a deterministic solver (noise std 0) has no noise to replace"
+                if algorithm == "dpmsolver++"
+                else "its steps are diffusers' own (noise-prediction history)"
+            )
+        )
 
     # -- the coefficient table ---------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None) -> None:

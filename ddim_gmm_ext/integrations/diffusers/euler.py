@@ -29,8 +29,10 @@ from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedule
 from diffusers.utils.torch_utils import randn_tensor
 
 from ._base import (
+    CheckedBeginIndexMixin,
     GMMSchedulerMixin,
     check_generator,
+    check_host_step,
     check_model_output,
     check_step_count,
     draw_components,
@@ -46,7 +48,7 @@ __all__ = [
 ]
 
 
-class _FusedEulerMixin(GMMSchedulerMixin):
+class _FusedEulerMixin(GMMSchedulerMixin, CheckedBeginIndexMixin):
     """The VE row table and the fused step shared by the two Euler schedulers.
 
     The fused step covers ``prediction_type`` "epsilon", "sample" (Euler) and "v_prediction".
@@ -73,6 +75,7 @@ class _FusedEulerMixin(GMMSchedulerMixin):
         if self.step_index is None:
             self._init_step_index(timestep)
         i = self.step_index
+        check_host_step(i, self._n_steps())  # stock: an IndexError at the sigma lookup
         # the base class computes in float32 and promotes with the model output: float64 x0 for a float64 model
         sample = sample.to(torch.float32)
         if model_output.dtype == torch.float64:
@@ -114,6 +117,13 @@ class EulerDiscreteGMMScheduler(_FusedEulerMixin, EulerDiscreteScheduler):
 
     def _gmm_for(self, sample):
         return None  # Euler is deterministic: no noise for a mixture to replace
+
+    def _gmm_refusal(self, source: str) -> str | None:
+        return (
+            f"{source}: EulerDiscreteGMMScheduler is deterministic (no noise at any step, s_churn = 0), so a "
+            "Gaussian mixture has no noise to replace and its offsets would land on the sample uncompensated; use "
+            "EulerAncestralDiscreteGMMScheduler"
+        )
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None) -> None:
         """As ``EulerDiscreteScheduler.set_timesteps``; also builds the [S, 6] row table."""

@@ -23,20 +23,23 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .._common import check_eta
 from ._base import (
+    CheckedBeginIndexMixin,
     GMMSchedulerMixin,
     check_generator,
+    check_host_step,
     check_model_output,
     check_step_count,
     coefficient_rows,
     draw_components,
     publish,
+    python_value,
     scheduler_output,
 )
 
 __all__ = ["FlowMatchEulerDiscreteGMMScheduler", "FlowMatchEulerDiscreteSchedulerOutput"]
 
 
-class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscreteScheduler):
+class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, FlowMatchEulerDiscreteScheduler):
     """``FlowMatchEulerDiscreteScheduler`` with the RFIM / RFIM-GMM kernel (Gabbur, TMLR 2026, section 4) and a
     fused step.
 
@@ -101,7 +104,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
             raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
         if shift_terminal is not None and not (isinstance(shift_terminal, Real) and 0 <= shift_terminal < 1):
             raise ValueError(f"shift_terminal must be None or a number in [0, 1), got {shift_terminal!r}")
-        eta = check_eta(rfim_eta, "rfim_eta")
+        eta = check_eta(python_value(rfim_eta), "rfim_eta")  # a NumPy / 0-d tensor value as the number
         if stochastic_sampling and 0 < eta < 1:
             raise ValueError(f"stochastic_sampling=True is rfim_eta = 1; got rfim_eta={rfim_eta}: set one or the other")
         super().__init__(
@@ -168,11 +171,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
                     f"scheduler.timesteps or call set_begin_index"
                 ) from None
         i = self.step_index
-        if not 0 <= i < self._n_steps():
-            raise ValueError(
-                f"step {i} is past the end of the {self._n_steps()}-step schedule; call set_timesteps before "
-                "sampling again"
-            )
+        check_host_step(i, self._n_steps())
         return i
 
     def step(

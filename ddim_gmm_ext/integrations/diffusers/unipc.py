@@ -36,6 +36,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from ... import _checks
 from ._base import (
+    CheckedBeginIndexMixin,
     GMMSchedulerMixin,
     check_model_output,
     check_multistep_prediction,
@@ -105,7 +106,7 @@ def _solve(mat: np.ndarray, rhs: list) -> list:
         return [np.float64("nan")] * len(rhs)
 
 
-class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
+class UniPCMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, UniPCMultistepScheduler):
     """``UniPCMultistepScheduler`` whose step (corrector and predictor) is one fused op call (module docstring).
 
     Every ``UniPCMultistepScheduler`` config key, default and method is kept. Covered by the fused step:
@@ -184,13 +185,6 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
             )
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
-        if gmm_variant is not None:
-            raise ValueError(
-                f"gmm_variant={gmm_variant!r}: UniPC is deterministic (no noise at any step), so a Gaussian mixture "
-                "has no noise to replace and its offsets would land on the sample uncompensated; use gmm_variant=None "
-                "(or a stochastic scheduler: DDIMGMMScheduler, DPMSolverMultistepGMMScheduler with "
-                "algorithm_type='sde-dpmsolver++', ...)"
-            )
         super().__init__(
             num_train_timesteps=num_train_timesteps,
             beta_start=beta_start,
@@ -222,7 +216,7 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
             sigma_max=sigma_max,  # type: ignore[arg-type]  # diffusers annotates bool
             shift_terminal=shift_terminal,  # type: ignore[arg-type]
         )
-        self._init_gmm(None, 8, 1.0, None)
+        self._init_gmm(gmm_variant, 8, 1.0, None)  # refused (_gmm_refusal) unless None
         self._rows_start: int = 0
         self._host: list[list[float]] = []  # per step: the 6 + 6 + 3 float64 weights (next, corrected, h2 sum)
         self._singular: dict[int, int] = {}  # step -> order of the rows' steps whose rho system is singular
@@ -232,13 +226,12 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, UniPCMultistepScheduler):
     def _gmm_for(self, sample):
         return None  # UniPC is deterministic: no noise for a mixture to replace
 
-    def set_gmm_params(self, gmm_params=None) -> None:
-        """Refused for anything but None: UniPC is deterministic (see the class docstring)."""
-        if gmm_params is not None:
-            raise ValueError(
-                "UniPCMultistepGMMScheduler takes no GMM (set_gmm_params / gmm_variant): UniPC is deterministic, "
-                "so a mixture has no noise to replace"
-            )
+    def _gmm_refusal(self, source: str) -> str | None:
+        return (
+            f"{source}: UniPC is deterministic (no noise at any step), so a Gaussian mixture has no noise to replace "
+            "and its offsets would land on the sample uncompensated; use gmm_variant=None (or a stochastic "
+            "scheduler: DDIMGMMScheduler, DPMSolverMultistepGMMScheduler with algorithm_type='sde-dpmsolver++', ...)"
+        )
 
     def _fused(self) -> bool:
         """Whether steps are this class's (else diffusers' own: ``solver_p``, ``solver_order`` > 3)."""
