@@ -12,10 +12,12 @@ from . import (
 from ._version import __version__
 from .api import StepOutput, ddim_step, rfim_step, step, step_from_table, thin_svd
 from .gmm import GMM
+from .gmm_options import GMMOptions
 from .reference import coefficient_row
 
 __all__ = [
     "GMM",
+    "GMMOptions",
     "StepOutput",
     "step",
     "step_from_table",
