@@ -3,8 +3,8 @@
 Every sampler outside diffusers holds one :class:`GMMOptions` (k-diffusion and rectified-flow samplers,
 latent-diffusion's ``DDIMSampler``, the ComfyUI nodes): the checks, the table build and the decision of which
 steps the mixture acts on (the final-step rule and ``gmm_steps``) live here and nowhere else. The field names are
-the function keywords; diffusers config keys spell the same fields with a ``gmm_`` prefix (``gmm_variant``,
-``gmm_n_components``, ``gmm_scale``, ``gmm_scale_per_dim``, ``gmm_steps``; ``seed`` and ``final_step`` as here).
+the function keywords; diffusers config keys spell the same fields with a ``gmm_`` prefix (:data:`CONFIG_KEYS`;
+``seed`` and ``final_step`` as here), read by :meth:`GMMOptions.from_config`.
 """
 
 from __future__ import annotations
@@ -96,6 +96,17 @@ class GMMOptions:
         object.__setattr__(self, "seed", _checks.check_seed(self.seed, allow_none=True))
         object.__setattr__(self, "gmm_steps", validate_gmm_steps(self.gmm_steps))
 
+    @classmethod
+    def from_config(cls, config) -> GMMOptions:
+        """The options of a diffusers scheduler's config (a mapping or an attribute namespace), keys as
+        :data:`CONFIG_KEYS`; the mixture options are checked under their config names (``gmm_scale`` ...)."""
+        get = config.get if hasattr(config, "get") else lambda key, default: getattr(config, key, default)
+        values = {field: get(key, _DEFAULTS[field]) for field, key in CONFIG_KEYS.items()}
+        check_mixture_options(
+            values["variant"], values["n_components"], values["scale"], values["scale_per_dim"], prefix="gmm_"
+        )
+        return cls(**values)
+
     @property
     def on(self) -> bool:
         """Whether a mixture is configured (a variant or tables)."""
@@ -108,13 +119,16 @@ class GMMOptions:
     def build(self, sample: torch.Tensor, n_steps: int, variant: str | None = None) -> GMM:
         """Tables of ``variant`` (default: this value's) for ``sample``'s per-sample size on its device (float64
         tables for float64 samples), one parameter set per step of ``n_steps`` (or one shared)."""
+        variant = variant if variant is not None else self.variant
+        if variant is None:
+            raise ValueError("GMMOptions.build needs a variant (the options have none)")
         return GMM.create(
             per_sample_dim(sample),
             n_components=self.n_components,
             n_steps=n_steps,
             scale=None if self.scale_per_dim is not None else float(self.scale),
             scale_per_dim=self.scale_per_dim,
-            variant=variant if variant is not None else self.variant,
+            variant=variant,
             share_across_steps=self.share_across_steps,
             uniform_priors=self.uniform_priors,
             seed=0 if self.seed is None else self.seed,
@@ -146,3 +160,18 @@ class GMMOptions:
             if not _checks.final_step_allows(self.final_step, i, n):
                 gs[i] = 0.0
         return [gmm if acts else None for acts in gmm_step_mask(policy, gmm, c, gs)]
+
+
+#: GMMOptions field -> the diffusers schedulers' config key (their convention: a ``gmm_`` prefix).
+CONFIG_KEYS = {
+    "variant": "gmm_variant",
+    "n_components": "gmm_n_components",
+    "scale": "gmm_scale",
+    "scale_per_dim": "gmm_scale_per_dim",
+    "share_across_steps": "gmm_share_across_steps",
+    "uniform_priors": "gmm_uniform_priors",
+    "seed": "seed",
+    "final_step": "final_step",
+    "gmm_steps": "gmm_steps",
+}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GMMOptions)}

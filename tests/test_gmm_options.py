@@ -164,3 +164,21 @@ def test_gmm_options_is_one_checked_value_with_one_final_step_rule():
     assert sampler.gmm_options.final_step == "gmm"
     with pytest.raises(ValueError, match="final_step must be one of"):
         sampler.final_step = "last"
+
+
+def test_from_config_reads_every_diffusers_scheduler_with_a_gmm():
+    # The gmm_-prefixed config keys map onto GMMOptions' fields (what the diffusers schedulers adopt next).
+    # Checked to fail when CONFIG_KEYS maps scale to "scale" (the config's default 1 read instead of 2.5) and when
+    # from_config checks without the gmm_ prefix.
+    import ddim_gmm_ext.diffusers as dd
+    from ddim_gmm_ext.gmm_options import CONFIG_KEYS
+
+    given = dict(variant="ortho", n_components=3, scale=2.5, share_across_steps=True, uniform_priors=False, seed=9,
+                 final_step="gmm", gmm_steps=[0, 2])  # fmt: skip
+    for cls in (dd.DDIMGMMScheduler, dd.DDPMGMMScheduler, dd.DPMSolverMultistepGMMScheduler,
+                dd.EulerAncestralDiscreteGMMScheduler, dd.FlowMatchEulerDiscreteGMMScheduler):  # fmt: skip
+        extra = {"algorithm_type": "sde-dpmsolver++"} if cls is dd.DPMSolverMultistepGMMScheduler else {}
+        scheduler = cls(**{CONFIG_KEYS[k]: v for k, v in given.items()}, **extra)
+        assert dg.GMMOptions.from_config(scheduler.config) == dg.GMMOptions(**given), cls.__name__
+    with pytest.raises(ValueError, match="gmm_n_components must be an int >= 1"):
+        dg.GMMOptions.from_config({"gmm_variant": "ortho", "gmm_n_components": 0})

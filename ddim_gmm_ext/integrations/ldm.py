@@ -19,6 +19,18 @@ __all__ = ["DDIMSampler"]
 _PARAMETERIZATIONS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 
+def _option(field: str) -> property:
+    """A DDIMSampler attribute that reads ``gmm_options.<field>`` and, set, replaces the options (checked)."""
+
+    def get(self):
+        return getattr(self.gmm_options, field)
+
+    def set_(self, value):
+        self.gmm_options = self.gmm_options.replace(**{field: value})
+
+    return property(get, set_, doc=f"``gmm_options.{field}``")
+
+
 class DDIMSampler:
     """DDIM(-GMM) sampling of a latent-diffusion model.
 
@@ -90,6 +102,15 @@ class DDIMSampler:
         self.ddim_eta: float = 0.0
         self._coefficients = torch.empty(0, 5)  # [S, 5] per-step (a_t, b_t, a_s, b_s, c), set by make_schedule
         self._built: tuple[tuple, GMM | None] | None = None  # (request key, tables) of the last built tables
+
+    gmm = _option("variant")
+    gmm_params = _option("tables")
+    n_components = _option("n_components")
+    scale = _option("scale")
+    scale_per_dim = _option("scale_per_dim")
+    seed = _option("seed")
+    final_step = _option("final_step")
+    gmm_steps = _option("gmm_steps")
 
     def _gmm_tables(self, x: torch.Tensor, steps: int) -> GMM | None:
         """The GMM of a run over ``steps`` steps from ``x`` (None: DDIM). Tables built from the options are a
@@ -546,31 +567,6 @@ def _stack_conditioning(uncond, cond):
     if not isinstance(cond, torch.Tensor) or not isinstance(uncond, torch.Tensor):
         raise TypeError("conditioning and unconditional_conditioning must be tensors (or dicts / lists of them)")
     return torch.cat([uncond, cond])
-
-
-def _option(field: str) -> property:
-    """A DDIMSampler attribute that reads ``gmm_options.<field>`` and, set, replaces the options (checked)."""
-
-    def get(self):
-        return getattr(self.gmm_options, field)
-
-    def set_(self, value):
-        self.gmm_options = self.gmm_options.replace(**{field: value})
-
-    return property(get, set_, doc=f"``gmm_options.{field}``")
-
-
-for _attr, _field in {
-    "gmm": "variant",
-    "gmm_params": "tables",
-    "n_components": "n_components",
-    "scale": "scale",
-    "scale_per_dim": "scale_per_dim",
-    "seed": "seed",
-    "final_step": "final_step",
-    "gmm_steps": "gmm_steps",
-}.items():
-    setattr(DDIMSampler, _attr, _option(_field))
 
 
 def _deprecated_gmm(gmm, gmm_params) -> tuple[str | None, GMM | None]:
