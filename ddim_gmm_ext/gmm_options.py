@@ -144,6 +144,11 @@ class GMMOptions:
             return self.tables
         return None if self.variant is None else self.build(sample, n_steps)
 
+    def final_step_g(self, n_steps: int) -> list[float]:
+        """Per step of ``n_steps`` 1.0 where the final-step rule (:func:`ddim_gmm_ext._checks.final_step_allows`)
+        lets the mixture act and 0.0 where it does not: the g column of a VP coefficient table."""
+        return [1.0 if _checks.final_step_allows(self.final_step, i, n_steps) else 0.0 for i in range(n_steps)]
+
     def plan(self, gmm: GMM | None, c, g=1.0) -> list[GMM | None]:
         """The GMM each step of a host loop passes (None: a Gaussian step), decided once before the loop: where
         the final-step rule (:func:`ddim_gmm_ext._checks.final_step_allows`) and ``gmm_steps``
@@ -155,10 +160,7 @@ class GMMOptions:
         policy = validate_gmm_steps(self.gmm_steps, n)  # checked with the GMM off too, as the other options
         if gmm is None:
             return [None] * n
-        gs = torch.as_tensor(g, dtype=torch.float64).expand(n).clone()
-        for i in range(n):
-            if not _checks.final_step_allows(self.final_step, i, n):
-                gs[i] = 0.0
+        gs = torch.as_tensor(g, dtype=torch.float64).expand(n) * torch.tensor(self.final_step_g(n))
         return [gmm if acts else None for acts in gmm_step_mask(policy, gmm, c, gs)]
 
 
