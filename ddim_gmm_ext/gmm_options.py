@@ -160,7 +160,7 @@ class GMMOptions:
         policy = validate_gmm_steps(self.gmm_steps, n)  # checked with the GMM off too, as the other options
         if gmm is None:
             return [None] * n
-        gs = torch.as_tensor(g, dtype=torch.float64).expand(n) * torch.tensor(self.final_step_g(n))
+        gs = torch.as_tensor(g, dtype=torch.float64).expand(n) * torch.tensor(self.final_step_g(n), dtype=torch.float64)
         return [gmm if acts else None for acts in gmm_step_mask(policy, gmm, c, gs)]
 
 
