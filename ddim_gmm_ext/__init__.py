@@ -13,9 +13,11 @@ from ._rows import coefficient_row
 from ._version import __version__
 from .api import StepOutput, ddim_step, rfim_step, step, step_from_table, thin_svd
 from .gmm import GMM
+from .gmm_options import GMMOptions
 
 __all__ = [
     "GMM",
+    "GMMOptions",
     "StepOutput",
     "step",
     "step_from_table",

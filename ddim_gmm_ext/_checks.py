@@ -121,10 +121,15 @@ def check_final_step(final_step) -> str:
     return final_step
 
 
+def final_step_allows(final_step: str, step_index: int, n_steps: int) -> bool:
+    """The final-step rule: the mixture may act at step ``step_index`` of ``n_steps`` unless it is the last one
+    and ``final_step`` is "gaussian" (there c is 0 or tiny, so offsets would land on the output uncompensated)."""
+    return not (final_step == "gaussian" and step_index == n_steps - 1)
+
+
 def gmm_for_step(gmm, step_index: int, n_steps: int, final_step: str):
-    """The GMM a sampler passes for step ``step_index`` of ``n_steps``: None on the last step when
-    ``final_step`` is "gaussian" (there c is 0 or tiny, so offsets would land on the output uncompensated)."""
-    return None if final_step == "gaussian" and step_index == n_steps - 1 else gmm
+    """The GMM a sampler passes for step ``step_index`` of ``n_steps`` (:func:`final_step_allows`)."""
+    return gmm if final_step_allows(final_step, step_index, n_steps) else None
 
 
 def check_number(

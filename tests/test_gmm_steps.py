@@ -250,7 +250,7 @@ def _sampler_runs():
     times = dg.reference.rf_times(4)
 
     def ldm(gmm, steps):
-        sampler = dg.DDIMSampler(_ldm_model(), gmm=gmm is not None, gmm_params=gmm, seed=3, final_step="gmm",
+        sampler = dg.DDIMSampler(_ldm_model(), gmm=gmm, seed=3, final_step="gmm",
                                  gmm_steps=steps)  # fmt: skip
         return sampler.sample(4, 2, (1, 4, 4), x_T=x.reshape(2, 1, 4, 4), eta=1.0, progress=False)[0].reshape(2, 16)
 

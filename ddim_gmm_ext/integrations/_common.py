@@ -11,14 +11,16 @@ Seeds (one rule for every integration):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from numbers import Integral, Real
+from numbers import Real
 
 import torch
 
 from .. import _checks
-from ..gmm import GMM, GMM_VARIANTS, gmm_step_mask, resolve_scale, validate_gmm_steps
+from ..gmm import GMM
+from ..gmm_options import GMMOptions, check_mixture_options
+from ..gmm_options import check_gmm as check_gmm  # re-exported: the diffusers schedulers import them from here
+from ..gmm_options import check_gmm_steps as check_gmm_steps
 
 
 def check_eta(eta, name: str = "eta") -> float:
@@ -57,39 +59,8 @@ def stream_seed(seed: int | None) -> int:
 
 
 def check_gmm_options(variant, n_components, scale, scale_per_dim=None, prefix: str = "") -> None:
-    """Options of a GMM built by name; the dimension is checked when the first sample is seen. ``prefix``:
-    how the caller names them ("gmm_" for the schedulers' config keys). ``scale_per_dim`` replaces ``scale``,
-    whose default is 1: a scale_per_dim beside any other scale is an error, not a silent choice."""
-    if variant is not None and variant not in GMM_VARIANTS:
-        raise ValueError(f"{prefix or 'GMM '}variant must be None (off) or one of {GMM_VARIANTS}, got {variant!r}")
-    if isinstance(n_components, bool) or not isinstance(n_components, Integral) or n_components < 1:
-        raise ValueError(f"{prefix}n_components must be an int >= 1, got {n_components!r}")
-    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"{prefix}scale must be a finite number >= 0, got {scale!r}")
-    if scale_per_dim is not None:
-        resolve_scale(None, scale_per_dim, 1)  # the value's check (the dimension comes with the first sample)
-        if scale != 1.0:
-            raise ValueError(
-                f"pass {prefix}scale or {prefix}scale_per_dim, not both: {prefix}scale_per_dim replaces "
-                f"{prefix}scale (got {prefix}scale={scale!r}, {prefix}scale_per_dim={scale_per_dim!r}; leave "
-                f"{prefix}scale at its default 1)"
-            )
-
-
-def step_gmms(gmm: GMM | None, gmm_steps, final_step: str, c, g=1.0) -> list[GMM | None]:
-    """The GMM each step of a host loop passes (None: a Gaussian step), decided once before the loop: where
-    ``final_step`` and ``gmm_steps`` (:func:`ddim_gmm_ext.gmm.gmm_step_mask`; "matched" reads the tables and the
-    noise std c of every step) both allow the mixture. ``gmm=None`` on a step is what g = 0 is in a coefficient
-    table (the same noise, no offset), and the list is host data: no sync in the loop. ``c``: [S] noise stds in
-    the loop's sample space; ``g``: the GMM scale per step (1 on VP paths)."""
-    n = len(c)
-    policy = validate_gmm_steps(gmm_steps, n)  # checked with the GMM off too, as the other GMM options
-    if gmm is None:
-        return [None] * n
-    gs = torch.as_tensor(g, dtype=torch.float64).expand(n).clone()
-    if final_step == "gaussian":
-        gs[-1] = 0.0
-    return [gmm if acts else None for acts in gmm_step_mask(policy, gmm, c, gs)]
+    """:func:`ddim_gmm_ext.gmm_options.check_mixture_options` (the diffusers schedulers' config keys)."""
+    check_mixture_options(variant, n_components, scale, scale_per_dim, prefix)
 
 
 def multistep_weights(order: int, k: tuple[float, float, float], r0: float, r1: float) -> tuple[float, ...]:
@@ -110,30 +81,6 @@ def multistep_weights(order: int, k: tuple[float, float, float], r0: float, r1: 
     return tuple(k0 * (j == 0) + k1 * p + k2 * q for j, (p, q) in enumerate(zip(d1, d2, strict=True)))
 
 
-def per_sample_dim(sample: torch.Tensor) -> int:
-    return math.prod(sample.shape[1:])
-
-
-def check_gmm(gmm: GMM, sample: torch.Tensor, n_steps: int, name: str = "gmm") -> None:
-    """A user's GMM must match the per-sample size and hold a parameter set for each of the n_steps steps."""
-    if not isinstance(gmm, GMM):
-        raise TypeError(f"{name} must be a ddim_gmm_ext.GMM, got {type(gmm).__name__}")
-    dim = per_sample_dim(sample)
-    if gmm.dim != dim:
-        raise ValueError(
-            f"{name} was built for dim={gmm.dim} but each sample has {dim} elements (shape {tuple(sample.shape)})"
-        )
-    check_gmm_steps(gmm, n_steps, name)
-
-
-def check_gmm_steps(gmm: GMM, n_steps: int, name: str = "gmm") -> None:
-    if not gmm.shared and gmm.n_steps < n_steps:
-        raise ValueError(
-            f"{name} has parameter sets for {gmm.n_steps} steps but sampling takes {n_steps}: build it with "
-            f"n_steps={n_steps} or share_across_steps=True"
-        )
-
-
 def build_gmm(
     variant,
     sample: torch.Tensor,
@@ -146,54 +93,25 @@ def build_gmm(
     seed: int | None,
     scale_per_dim: float | None = None,
 ) -> GMM:
-    """GMM tables for ``sample``'s per-sample size on its device (float64 tables for float64 samples).
-    ``scale_per_dim``, when given, replaces ``scale`` (s = scale_per_dim * sqrt(D), :func:`GMM.create`)."""
-    return GMM.create(
-        per_sample_dim(sample),
+    """:meth:`GMMOptions.build` from the options as keywords (the diffusers schedulers' config)."""
+    options = GMMOptions(
         n_components=n_components,
-        n_steps=n_steps,
-        scale=None if scale_per_dim is not None else float(scale),
+        scale=scale,
         scale_per_dim=scale_per_dim,
-        variant=variant,
         share_across_steps=share_across_steps,
         uniform_priors=uniform_priors,
-        seed=0 if seed is None else seed,
-        device=sample.device,
-        dtype=_checks.compute_dtype(sample.dtype),
+        seed=seed,
     )
+    return options.build(sample, n_steps, variant)
 
 
-def resolve_gmm(
-    gmm,
-    sample: torch.Tensor,
-    n_steps: int,
-    *,
-    n_components,
-    scale,
-    share_across_steps,
-    uniform_priors,
-    seed: int | None,
-    scale_per_dim: float | None = None,
-) -> GMM | None:
-    """``gmm`` as a sampler argument: None (plain DDIM / RFIM), a :class:`GMM` (checked against the sample and
-    the number of steps), or a variant name (tables built for this run from the other options)."""
-    if gmm is None:
-        return None
+def sampler_options(gmm, **options) -> GMMOptions:
+    """A sampler's ``gmm`` argument (None: off; a variant name; a :class:`GMM`) with its other GMM keyword
+    arguments as one checked :class:`GMMOptions` (a GMM that is not one is refused when the run starts, against
+    the sample)."""
     if isinstance(gmm, str):
-        check_gmm_options(gmm, n_components, scale, scale_per_dim)
-        return build_gmm(
-            gmm,
-            sample,
-            n_steps,
-            n_components=n_components,
-            scale=scale,
-            share_across_steps=share_across_steps,
-            uniform_priors=uniform_priors,
-            seed=seed,
-            scale_per_dim=scale_per_dim,
-        )
-    check_gmm(gmm, sample, n_steps)
-    return gmm
+        return GMMOptions(variant=gmm, **options)
+    return GMMOptions(tables=gmm, **options)
 
 
 def progress_bar(iterable, disable: bool | None, desc: str):

@@ -37,7 +37,8 @@ from numbers import Real
 import torch
 
 from ..gmm import GMM_STEP_POLICIES, GMM_VARIANTS
-from ._common import check_eta, check_gmm_options
+from ..gmm_options import GMMOptions
+from ._common import check_eta
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
@@ -210,14 +211,13 @@ def node_options(eta, s_noise, variant, n_components, scale, gmm_steps="all") ->
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if gmm_steps not in GMM_STEP_POLICIES:
         raise ValueError(f"gmm_steps must be one of {GMM_STEP_POLICIES}, got {gmm_steps!r}")
-    gmm = None if variant == "off" else variant
-    check_gmm_options(gmm, n_components, scale)
+    gmm = GMMOptions(variant=None if variant == "off" else variant, n_components=n_components, scale=scale)
     return {
         "eta": check_eta(eta),
         "s_noise": check_s_noise(s_noise),
-        "gmm": gmm,
-        "n_components": n_components,
-        "scale": scale,
+        "gmm": gmm.variant,
+        "n_components": gmm.n_components,
+        "scale": gmm.scale,
         "gmm_steps": gmm_steps,
     }
 

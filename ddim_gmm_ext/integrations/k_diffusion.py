@@ -14,17 +14,7 @@ import torch
 
 from .. import _checks, _rows, _schedules, api, reference
 from ..gmm import validate_gmm_steps
-from ._common import (
-    check_eta,
-    check_gmm_options,
-    check_loop_arguments,
-    check_seed,
-    multistep_weights,
-    progress_bar,
-    resolve_gmm,
-    step_gmms,
-    stream_seed,
-)
+from ._common import check_eta, check_loop_arguments, multistep_weights, progress_bar, sampler_options, stream_seed
 
 __all__ = [
     "sample_ddim_gmm",
@@ -143,25 +133,16 @@ def _sample(model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, 
         raise ValueError("x must have a batch dimension [B, ...], got a 0-d tensor")
     eta = check_eta(eta)
     check_s_noise(s_noise)
-    if gmm is None or not isinstance(gmm, str):  # checked with the tables otherwise; unused, as the schedulers do
-        check_gmm_options(None, n_components, scale, scale_per_dim)
-    _checks.check_final_step(final_step)
+    options = sampler_options(
+        gmm, n_components=n_components, scale=scale, scale_per_dim=scale_per_dim,
+        share_across_steps=share_across_steps, uniform_priors=uniform_priors, final_step=final_step,
+        gmm_steps=gmm_steps, seed=seed if seed is not None else extra_args.get("seed"),
+    )  # fmt: skip
     n_steps = len(sig) - 1
-    seed = check_seed(seed if seed is not None else extra_args.get("seed"))
-    gmm = resolve_gmm(
-        gmm,
-        x,
-        n_steps,
-        n_components=n_components,
-        scale=scale,
-        share_across_steps=share_across_steps,
-        uniform_priors=uniform_priors,
-        seed=seed,
-        scale_per_dim=scale_per_dim,
-    )
+    gmm = options.resolve(x, n_steps)
     stds = [noise_std(i) if sig[i + 1] != sig[i] else 0.0 for i in range(n_steps)]  # equal sigmas: skipped steps
-    gmms = step_gmms(gmm, gmm_steps, final_step, stds)
-    run_seed = stream_seed(seed)
+    gmms = options.plan(gmm, stds)
+    run_seed = stream_seed(options.seed)
     s_in = x.new_ones([x.shape[0]])
     for i in progress_bar(range(n_steps), disable, desc):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -439,10 +420,12 @@ def _sample_dpmpp(
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
     sig = _check_dpmpp_sigmas(sigmas)
-    if gmm is None or not isinstance(gmm, str):
-        check_gmm_options(None, n_components, scale, scale_per_dim)
-    _checks.check_final_step(final_step)
-    seed = check_seed(seed if seed is not None else extra_args.get("seed"))
+    options = sampler_options(
+        gmm, n_components=n_components, scale=scale, scale_per_dim=scale_per_dim,
+        share_across_steps=share_across_steps, uniform_priors=uniform_priors, final_step=final_step,
+        gmm_steps=gmm_steps, seed=seed if seed is not None else extra_args.get("seed"),
+    )  # fmt: skip
+    seed = options.seed
     if gmm is not None and (not sde or eta * s_noise == 0):
         why = (
             f"{sampler} is deterministic"
@@ -455,15 +438,12 @@ def _sample_dpmpp(
             "sample_dpmpp_2m_sde_gmm / sample_dpmpp_3m_sde_gmm with eta > 0 and s_noise > 0"
         )
     n_steps = len(sig) - 1
-    validate_gmm_steps(gmm_steps, n_steps)
+    validate_gmm_steps(options.gmm_steps, n_steps)
     _checks.check_index("sample_offset", sample_offset, _checks.MAX_INDEX)
     rows = dpmpp_rows(sig, sampler, eta=eta, s_noise=s_noise, solver_type=solver_type, path=path)
     n_history = [2 if h2 != 0 else 1 if h1 != 0 else 0 for h1, h2 in rows[:, 6:].tolist()]
-    gmm = resolve_gmm(
-        gmm, x, n_steps, n_components=n_components, scale=scale, share_across_steps=share_across_steps,
-        uniform_priors=uniform_priors, seed=seed, scale_per_dim=scale_per_dim,
-    )  # fmt: skip
-    gmms = step_gmms(gmm, gmm_steps, final_step, rows[:, 4], rows[:, 5])
+    gmm = options.resolve(x, n_steps)
+    gmms = options.plan(gmm, rows[:, 4], rows[:, 5])
     noisy = [sde and eta > 0 and s > 0 for s in sig[1:]]  # the steps k-diffusion draws noise for
     if noise_sampler is None and gmm is None and seed is None and sde and default_noise and _torchsde_available():
         noise_sampler, run_seed = _BrownianNoise(x, sigmas, any(noisy)), 0

@@ -3,19 +3,32 @@
 
 from __future__ import annotations
 
+import warnings
 from numbers import Integral
-from typing import Any
 
 import numpy as np
 import torch
 
 from .. import _checks, _schedules, api, reference
-from ..gmm import GMM, resolve_scale, validate_gmm_steps
-from ._common import check_eta, check_seed, progress_bar, resolve_gmm, step_gmms, stream_seed
+from ..gmm import GMM, resolve_scale
+from ..gmm_options import GMMOptions
+from ._common import check_eta, progress_bar, stream_seed
 
 __all__ = ["DDIMSampler"]
 
 _PARAMETERIZATIONS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+
+
+def _option(field: str) -> property:
+    """A DDIMSampler attribute that reads ``gmm_options.<field>`` and, set, replaces the options (checked)."""
+
+    def get(self):
+        return getattr(self.gmm_options, field)
+
+    def set_(self, value):
+        self.gmm_options = self.gmm_options.replace(**{field: value})
+
+    return property(get, set_, doc=f"``gmm_options.{field}``")
 
 
 class DDIMSampler:
@@ -23,15 +36,18 @@ class DDIMSampler:
 
     model: exposes ``apply_model(x, t, c)`` (t a [B] long tensor of train timesteps), ``alphas_cumprod`` [T]
     and optionally ``parameterization`` ("eps" default, "x0" or "v"), as ``LatentDiffusion`` does.
-    gmm: False (DDIM), True, or a variant name; with ``gmm_params`` (a ``ddim_gmm_ext.GMM``, as in the
-    authors' README) those tables are used, otherwise tables are built per ``sample`` call for the sample
-    size ("ortho-vub" for True) with ``n_components`` / ``scale`` (the paper's s, 1 by default) or
+    gmm: None (DDIM, the default), a variant name or a ``ddim_gmm_ext.GMM`` (those tables are used; the
+    deprecated ``gmm=True, gmm_params=tables`` of the authors' README still works, with a DeprecationWarning, as
+    do ``gmm=True`` for "ortho-vub" and ``gmm=False`` for None). A variant's tables are built per ``sample``
+    call for the sample size with ``n_components`` / ``scale`` (the paper's s, 1 by default) or
     ``scale_per_dim`` (s = scale_per_dim sqrt(D) for D elements per sample; not both). final_step:
     "gaussian" (default: no mixture on the last step, the paper's model) or "gmm". gmm_steps: where the mixture
     acts, "all" (default), "matched" (only steps whose kernel does not clip, :func:`ddim_gmm_ext.gmm.matched_steps`,
     decided at the start of each sampling loop from the tables and the steps' noise std), a list of step indices
     (sampling order, 0 = first step) or a boolean mask of the steps; both it and final_step must allow a step.
-    seed: see ``ddim_gmm_ext.integrations._common``.
+    seed: see ``ddim_gmm_ext.integrations._common``. The options are held as one
+    :class:`~ddim_gmm_ext.gmm_options.GMMOptions`, ``gmm_options``; the attributes of the same names (``scale``,
+    ``seed``, ...; ``gmm`` the variant, ``gmm_params`` the tables) read it, and setting one replaces it, checked.
 
     The schedule is latent-diffusion's (:func:`ddim_timesteps`): "uniform" runs every c-th timestep with
     c = T // S, which is more than S steps when S does not divide T (31 for S = 30), and all of them are run,
@@ -42,7 +58,7 @@ class DDIMSampler:
     def __init__(
         self,
         model,
-        gmm=False,
+        gmm: str | GMM | None = None,
         gmm_params: GMM | None = None,
         *,
         n_components: int = 8,
@@ -66,15 +82,19 @@ class DDIMSampler:
             raise ValueError("gmm_params given with gmm=False: pass gmm=True to sample with them")
         if gmm_params is not None and not isinstance(gmm_params, GMM):
             raise TypeError(f"gmm_params must be a ddim_gmm_ext.GMM, got {type(gmm_params).__name__}")
+        variant, tables = _deprecated_gmm(gmm, gmm_params)
         self.model = model
-        self.gmm = "ortho-vub" if gmm is True else (gmm or None)
-        self.gmm_params = gmm_params
         resolve_scale(scale, scale_per_dim, 1)  # the values' checks (not both; D comes with the first sample)
-        self.n_components, self.scale = n_components, 1.0 if scale is None else scale
-        self.seed = check_seed(seed)
-        self.final_step = _checks.check_final_step(final_step)
-        self.gmm_steps = validate_gmm_steps(gmm_steps)  # the form now; indices against the steps of each run
-        self.scale_per_dim = scale_per_dim
+        self.gmm_options = GMMOptions(
+            variant=variant,
+            tables=tables,
+            n_components=n_components,
+            scale=1.0 if scale is None else scale,
+            scale_per_dim=scale_per_dim,
+            seed=seed,
+            final_step=final_step,
+            gmm_steps=gmm_steps,  # the form now; indices against the steps of each run
+        )
         self.ddpm_num_timesteps = int(model.alphas_cumprod.shape[0])
         self.ddim_timesteps: np.ndarray | None = None
         self.ddim_alphas: torch.Tensor | None = None  # set by make_schedule, with upstream's other attributes
@@ -83,25 +103,26 @@ class DDIMSampler:
         self._coefficients = torch.empty(0, 5)  # [S, 5] per-step (a_t, b_t, a_s, b_s, c), set by make_schedule
         self._built: tuple[tuple, GMM | None] | None = None  # (request key, tables) of the last built tables
 
+    gmm = _option("variant")
+    gmm_params = _option("tables")
+    n_components = _option("n_components")
+    scale = _option("scale")
+    scale_per_dim = _option("scale_per_dim")
+    seed = _option("seed")
+    final_step = _option("final_step")
+    gmm_steps = _option("gmm_steps")
+
     def _gmm_tables(self, x: torch.Tensor, steps: int) -> GMM | None:
         """The GMM of a run over ``steps`` steps from ``x`` (None: DDIM). Tables built from the options are a
         function of (options, sample size, steps, device, dtype) only, so they are kept and reused while those
         stay the same: building them costs O(steps D K) (about 0.6 s for a 4x64x64 latent, 51 steps, K = 8 on one CPU
         core), more than the steps themselves when a script calls ``sample`` once per batch."""
-        gmm = self.gmm_params if self.gmm_params is not None else self.gmm
-        options: dict[str, Any] = dict(
-            n_components=self.n_components,
-            scale=self.scale,
-            share_across_steps=False,
-            uniform_priors=True,
-            seed=self.seed,
-            scale_per_dim=self.scale_per_dim,
-        )
-        if not isinstance(gmm, str):
-            return resolve_gmm(gmm, x, steps, **options)
-        key = (gmm, tuple(sorted(options.items())), tuple(x.shape[1:]), steps, x.device, x.dtype == torch.float64)
+        options = self.gmm_options
+        if options.variant is None:
+            return options.resolve(x, steps)
+        key = (options, tuple(x.shape[1:]), steps, x.device, x.dtype == torch.float64)
         if self._built is None or self._built[0] != key:
-            self._built = (key, resolve_gmm(gmm, x, steps, **options))
+            self._built = (key, options.resolve(x, steps))
         return self._built[1]
 
     def _schedule(self, steps: int, ddim_discretize: str, eta: float) -> np.ndarray:
@@ -302,7 +323,7 @@ class DDIMSampler:
                     for j in reversed(range(steps))]  # fmt: skip
         else:
             stds = self._coefficients[:steps, 4].flip(0).tolist()  # one copy, in sampling order
-        gmms = step_gmms(gmm, self.gmm_steps, self.final_step, stds)
+        gmms = self.gmm_options.plan(gmm, stds)
         intermediates = {"x_inter": [x], "pred_x0": [x]}
         order = np.flip(schedule)
         for i in progress_bar(range(steps), not progress, "DDIM-GMM Sampler" if gmm is not None else "DDIM Sampler"):
@@ -546,3 +567,26 @@ def _stack_conditioning(uncond, cond):
     if not isinstance(cond, torch.Tensor) or not isinstance(uncond, torch.Tensor):
         raise TypeError("conditioning and unconditional_conditioning must be tensors (or dicts / lists of them)")
     return torch.cat([uncond, cond])
+
+
+def _deprecated_gmm(gmm, gmm_params) -> tuple[str | None, GMM | None]:
+    """(variant, tables) of DDIMSampler's ``gmm`` / ``gmm_params``: the current spelling is ``gmm`` None, a
+    variant name or a GMM; ``gmm=True`` ("ortho-vub"), ``gmm=False`` (None) and ``gmm_params`` (the tables,
+    with ``gmm=True``) are the earlier one, kept for one release with a DeprecationWarning."""
+    if gmm_params is not None:  # the authors' README: gmm=True, gmm_params=tables
+        warnings.warn(
+            f"DDIMSampler(gmm={gmm!r}, gmm_params=...) is deprecated: pass the tables as gmm=<the GMM>",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return None, gmm_params
+    if isinstance(gmm, bool):
+        new = "gmm='ortho-vub'" if gmm else "gmm=None (the default)"
+        warnings.warn(f"DDIMSampler(gmm={gmm}) is deprecated: pass {new}", DeprecationWarning, stacklevel=3)
+    if gmm is True:
+        return "ortho-vub", None
+    if gmm is False:
+        return None, None
+    if isinstance(gmm, str) or gmm is None:
+        return gmm or None, None
+    return None, gmm

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from .. import _checks, api
-from ._common import check_eta, check_loop_arguments, check_seed, progress_bar, resolve_gmm, step_gmms, stream_seed
+from .. import api
+from ._common import check_eta, check_loop_arguments, progress_bar, sampler_options, stream_seed
 
 __all__ = ["sample_rfim"]
 
@@ -58,21 +58,14 @@ def sample_rfim(
         raise ValueError(f"prediction_type must be one of {_PREDICTION_TYPES}, got {prediction_type!r}")
     ts = _check_times(times)
     n_steps = len(ts) - 1
-    seed = check_seed(seed)
-    gmm = resolve_gmm(
-        gmm,
-        x,
-        n_steps,
-        n_components=n_components,
-        scale=scale,
-        share_across_steps=share_across_steps,
-        uniform_priors=uniform_priors,
-        seed=seed,
-        scale_per_dim=scale_per_dim,
-    )
-    _checks.check_final_step(final_step)
-    gmms = step_gmms(gmm, gmm_steps, final_step, [eta * s for s in ts[1:]])
-    run_seed = stream_seed(seed)
+    options = sampler_options(
+        gmm, n_components=n_components, scale=scale, scale_per_dim=scale_per_dim,
+        share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=seed, final_step=final_step,
+        gmm_steps=gmm_steps,
+    )  # fmt: skip
+    gmm = options.resolve(x, n_steps)
+    gmms = options.plan(gmm, [eta * s for s in ts[1:]])
+    run_seed = stream_seed(options.seed)
     for i in progress_bar(range(n_steps), not progress, "RFIM-GMM" if gmm is not None else "RFIM"):
         t, s = ts[i], ts[i + 1]
         out = api.rfim_step(

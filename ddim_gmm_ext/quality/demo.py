@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from ..gmm_options import GMMOptions
 from .sampling import make_gmms, sample_ddim, samplers
 
 # The digits demo's setting: the project's 5-seed tables (benchmarks/results/quality_digits.json, README
@@ -162,7 +163,7 @@ def run_digits(args) -> dict:
     (sampler,) = samplers(sweep.scales, sweep.variants, None, per_dim=args.scale_per_dim)
     rows, first = [], {}
     stds = ddim_noise_stds(steps, eta)
-    g = [1.0] * (steps - 1) + [0.0]  # final_step="gaussian", the default
+    g = GMMOptions().final_step_g(steps)  # final_step="gaussian", the default
     with one_thread():
         model, quality = evaluate.load_model("digits"), DigitsQuality()
         for seed in args.seeds:

@@ -31,6 +31,7 @@ import torch
 
 from .._checks import check_final_step, check_seed
 from ..gmm import clipped_fraction, gmm_step_mask, validate_gmm_steps
+from ..gmm_options import GMMOptions
 from . import distributed
 from .sampling import (
     GMM_VARIANTS,
@@ -260,7 +261,7 @@ def policy_entries(sweep: Sweep, sampler_list, gmms, steps: int, eta: float, bas
     ([(name, variant, scale, entry of gmms)], the gmm_steps policy of each, the fraction of its mixture steps
     whose kernel clips, None for the baseline and the controls)."""
     stds = NOISE_STDS[sweep.family](steps, eta)
-    g = [1.0] * (steps - 1) + [0.0 if sweep.final_step == "gaussian" else 1.0]  # the final_step rule
+    g = GMMOptions(final_step=sweep.final_step).final_step_g(steps)
     entries: list[tuple] = []
     policies: list = []
     clips: list[float | None] = []

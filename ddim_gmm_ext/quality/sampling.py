@@ -15,7 +15,7 @@ from .. import _checks, _schedules, reference
 from .._checks import check_final_step
 from ..api import ddim_step, rfim_step
 from ..gmm import GMM, GMM_VARIANTS
-from ..integrations._common import step_gmms
+from ..gmm_options import GMMOptions
 
 # The paper's training schedule (its appendix A.5); DDIM timesteps as latent-diffusion's (leading, +1, the
 # last step going to abar_0).
@@ -97,7 +97,7 @@ def rfim_noise_stds(steps: int, eta: float) -> list[float]:
 
 
 def _plan(gmms, gmm_steps, final_step: str, stds: list[float]) -> list:
-    """Per entry of ``gmms`` the GMM of each step (None: no mixture), by :func:`step_gmms` (``gmm_steps`` one
+    """Per entry of ``gmms`` the GMM of each step (None: no mixture), by :meth:`GMMOptions.plan` (``gmm_steps`` one
     policy, or one per entry); a :class:`MatchedNoise` entry runs the baseline's steps."""
     # a list of policies (names or sequences) is one per entry; a list of ints / bools is one explicit policy
     per_entry = isinstance(gmm_steps, list) and all(isinstance(p, (str, list, tuple)) for p in gmm_steps)
@@ -105,7 +105,7 @@ def _plan(gmms, gmm_steps, final_step: str, stds: list[float]) -> list:
     if len(policies) != len(gmms):
         raise ValueError(f"gmm_steps must be one policy or one per sampler ({len(gmms)}), got {len(policies)}")
     return [
-        step_gmms(None if isinstance(g, MatchedNoise) else g, p, final_step, stds)
+        GMMOptions(final_step=final_step, gmm_steps=p).plan(None if isinstance(g, MatchedNoise) else g, stds)
         for g, p in zip(gmms, policies, strict=True)
     ]
 

@@ -70,7 +70,7 @@ def test_guidance_in_one_call_and_gmm_equals_diffusers_gmm():
     x_T = torch.randn(BATCH, *SHAPE)
     cond, uncond = torch.randn(BATCH, 3), torch.zeros(BATCH, 3)
     gmm = dg.GMM.create(32, n_components=3, n_steps=STEPS, variant="ortho-vub", scale=2.0, seed=1)
-    sampler = dg.DDIMSampler(model, gmm=True, gmm_params=gmm, seed=2)
+    sampler = dg.DDIMSampler(model, gmm=gmm, seed=2)
     samples, _ = sampler.sample(
         STEPS,
         BATCH,
@@ -110,7 +110,7 @@ def test_bad_input():
         dg.DDIMSampler(object())
     with pytest.raises(ValueError, match="gmm=False"):
         dg.DDIMSampler(model, gmm_params=dg.GMM.create(32, n_components=2, n_steps=STEPS))
-    sampler = dg.DDIMSampler(model, gmm=True, gmm_params=dg.GMM.create(32, n_components=2, n_steps=2))
+    sampler = dg.DDIMSampler(model, gmm=dg.GMM.create(32, n_components=2, n_steps=2))
     with pytest.raises(ValueError, match="parameter sets for 2 steps"):
         sampler.sample(STEPS, BATCH, SHAPE, progress=False)
     with pytest.raises(ValueError, match="ddim_eta"):

@@ -209,7 +209,7 @@ def test_final_step_equals_reference_loop(final_step, variant):
     S, D = 30, math.prod(SHAPE)
     gmm = dg.GMM.create(D, n_components=3, n_steps=31, variant=variant, scale=3.0, seed=1)
     x_T = torch.randn(BATCH, *SHAPE, generator=torch.Generator().manual_seed(0))
-    sampler = dg.DDIMSampler(model, gmm=True, gmm_params=gmm, seed=7, final_step=final_step)
+    sampler = dg.DDIMSampler(model, gmm=gmm, seed=7, final_step=final_step)
     samples, _ = sampler.sample(S=S, batch_size=BATCH, shape=SHAPE, eta=1.0, x_T=x_T, progress=False)
     ts = sampler.ddim_timesteps.tolist()
     both = [_reference_gmm_loop(model, x_T, ts, 1.0, 7, gmm, gaussian_last=g) for g in (True, False)]
@@ -263,11 +263,11 @@ def test_non_finite_guidance_scale_refused_before_sampling(w):
 def test_gmm_options_refused_before_sampling():
     model = HybridStandIn()
     with pytest.raises(ValueError, match="final_step must be one of"):
-        dg.DDIMSampler(model, gmm=True, final_step="last")
+        dg.DDIMSampler(model, gmm="ortho-vub", final_step="last")
     with pytest.raises(ValueError, match="pass scale or scale_per_dim, not both"):
-        dg.DDIMSampler(model, gmm=True, scale=2.0, scale_per_dim=0.1)
+        dg.DDIMSampler(model, gmm="ortho-vub", scale=2.0, scale_per_dim=0.1)
     with pytest.raises(ValueError, match=r"seed must be None or an int in \[0, 2\*\*64\)"):
-        dg.DDIMSampler(model, gmm=True, seed=2**64)
+        dg.DDIMSampler(model, gmm="ortho-vub", seed=2**64)
     for kw, message in [({"scale_per_dim": -1.0}, "scale_per_dim must be"), ({"scale": math.nan}, "scale must be")]:
         with pytest.raises(ValueError, match=message):
             dg.DDIMSampler(model, gmm="ortho", **kw).sample(S=5, batch_size=1, shape=SHAPE, progress=False)
@@ -314,12 +314,12 @@ def test_gmm_tables_sized_to_the_steps_run():
     built = dg.DDIMSampler(model, gmm="ortho", n_components=3, scale=2.0, seed=11, final_step="gmm")
     samples, _ = built.sample(S=30, batch_size=BATCH, shape=SHAPE, eta=1.0, x_T=x_T, progress=False)
     gmm = dg.GMM.create(D, n_components=3, n_steps=31, variant="ortho", scale=2.0, uniform_priors=True, seed=11)
-    given = dg.DDIMSampler(model, gmm=True, gmm_params=gmm, seed=11, final_step="gmm")
+    given = dg.DDIMSampler(model, gmm=gmm, seed=11, final_step="gmm")
     expected, _ = given.sample(S=30, batch_size=BATCH, shape=SHAPE, eta=1.0, x_T=x_T, progress=False)
     assert_close(samples, expected, kind="f32_tables")
     short = dg.GMM.create(D, n_components=3, n_steps=30, variant="ortho", seed=11)
     with pytest.raises(ValueError, match="parameter sets for 30 steps but sampling takes 31: build it with n_steps=31"):
-        dg.DDIMSampler(model, gmm=True, gmm_params=short).sample(S=30, batch_size=1, shape=SHAPE, progress=False)
+        dg.DDIMSampler(model, gmm=short).sample(S=30, batch_size=1, shape=SHAPE, progress=False)
 
 
 def test_built_tables_are_reused_across_calls(monkeypatch):
