@@ -1,6 +1,7 @@
 """The command line as people use it: every user error is one argparse-style line naming the flag, exit 2,
 before any work; a model or a training run that goes non-finite exits 1 saying where."""
 
+import json
 import sys
 import types
 
@@ -318,3 +319,24 @@ def test_eval_reference_above_the_test_set_is_a_parser_error(monkeypatch, capsys
     monkeypatch.setattr(evaluate, "run", _no_work)
     err = _parser_error(capsys, ["eval", "--model", "fashion", "--reference", "10001", "--out", str(tmp_path / "o")])
     assert "--reference" in err and "10000" in err, err
+
+
+def test_damaged_manifest_or_weights_of_a_model_folder_are_parser_errors(tmp_path, capsys):
+    """--model fashion:FOLDER whose manifest is not JSON (the message named no file), or whose weights match the
+    manifest's sha256 but are not a torch file (UnpicklingError traceback). Checked to fail with
+    shipped_manifest's plain json.loads and with verified_weights' plain torch.load."""
+    from ddim_gmm_ext.quality import digits
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    manifest = folder / "fashion_eps.json"
+    manifest.write_text("{not json")
+    argv = ["sample", "--model", f"fashion:{folder}", "--out", str(tmp_path / "s.npz")]
+    err = _parser_error(capsys, argv)
+    assert str(manifest) in err and "manifest" in err, err
+    weights = folder / "fashion_eps.pt"
+    weights.write_bytes(b"not a torch file")
+    manifest.write_text(json.dumps({"file": weights.name, "sha256": digits.sha256(weights), "architecture": {}}))
+    err = _parser_error(capsys, argv)
+    assert str(weights) in err and "not a readable weights file" in err, err
+    assert not (tmp_path / "s.npz").exists()
