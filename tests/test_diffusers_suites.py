@@ -66,13 +66,19 @@ class EulerDiscreteSchedulerTest(SchedulerCommonTest):
     @unittest.skip("a skip")
     def test_skipped(self):
         pass
+
+
+class EulerDiscreteScheduler1DTest(EulerDiscreteSchedulerTest):
+    def test_runs_the_drop_in(self):
+        assert self.scheduler_classes[0].__name__ == "EulerDiscreteGMMScheduler"
 """
 
 
 def test_runs_a_suite_file_on_the_drop_in(tmp_path):
     """Checked to fail with the harness rebinding removed (the special case then fails), with the harness class
-    imported beside the suite left selected (3 passed) and with the file pattern reduced to the class name (the
-    file that only imports EulerDiscreteScheduler is found too)."""
+    imported beside the suite left selected (5 passed), with the counts keyed by test name (a subclass's reruns
+    of its base's tests counted once: 2 passed) and with the file pattern reduced to the class name (the file that
+    only imports EulerDiscreteScheduler is found too)."""
     tool = _tool()
     folder = tmp_path / "tests" / "schedulers"
     folder.mkdir(parents=True)
@@ -88,7 +94,10 @@ def test_runs_a_suite_file_on_the_drop_in(tmp_path):
     assert [p.name for p in files] == ["test_scheduler_euler.py"]
     assert tool.suite_files(tmp_path, "FlowMatchEulerDiscreteScheduler") == []
     counts = tool.run_file(tmp_path, files[0], "EulerDiscreteScheduler", ours=True)
-    assert counts == {"passed": 2, "failed": 0, "skipped": 1, "error": 0, "failed_tests": []}
+    assert counts == {"passed": 4, "failed": 0, "skipped": 2, "error": 0, "failed_tests": []}
     stock = tool.run_file(tmp_path, files[0], "EulerDiscreteScheduler", ours=False)
-    assert stock["passed"] == 1 and stock["failed_tests"] == ["test_runs_the_drop_in"]
+    assert stock["passed"] == 2 and stock["failed_tests"] == [
+        "EulerDiscreteScheduler1DTest::test_runs_the_drop_in",
+        "EulerDiscreteSchedulerTest::test_runs_the_drop_in",
+    ]
     assert not list(tmp_path.rglob("__pycache__")) and not list(tmp_path.rglob(".pytest_cache"))

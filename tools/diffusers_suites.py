@@ -110,8 +110,8 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         return
     stats = reporter.stats
 
-    def ids(key: str) -> list[str]:
-        return sorted({r.nodeid.rpartition("::")[2] for r in stats.get(key, []) if hasattr(r, "nodeid")})
+    def ids(key: str) -> list[str]:  # "Class::test" (a subclass reruns its base's tests under the same names)
+        return sorted({r.nodeid.partition("::")[2] for r in stats.get(key, []) if hasattr(r, "nodeid")})
 
     counts = {key: len(ids(key)) for key in ("passed", "failed", "skipped", "error")}
     counts["failed_tests"] = ids("failed") + ids("error")  # type: ignore[assignment]
