@@ -5,9 +5,11 @@
 
 For each row of :data:`DROP_INS` it finds the files under ``tests/schedulers`` whose test class declares
 ``scheduler_classes = (<stock class>,)``, runs each file with pytest in its own process with that tuple set to
-our drop-in, and prints the passed / failed / skipped counts per file (and the failing tests). The tests import
-the installed diffusers (the one our classes extend), not the checkout's ``src``: ``tests/conftest.py``, which
-puts ``src`` on ``sys.path``, is left out (``--noconftest``; its FutureWarning filter is passed as ``-W``).
+our drop-in, and prints the passed / failed / skipped counts per file (and the failing tests; exit status 1 when
+a drop-in fails any). The counts leave out the tests of the harness base class that each file imports, which run
+with no scheduler class. The tests import the installed diffusers (the one our classes extend), not the
+checkout's ``src``: ``tests/conftest.py``, which puts ``src`` on ``sys.path``, is left out (``--noconftest``; its
+FutureWarning filter is passed as ``-W``).
 
 Subclass-awareness, applied at run time in the pytest process and never written to the checkout: diffusers'
 common harness (``tests/schedulers/test_schedulers.py``) special-cases some stock classes by identity
