@@ -105,8 +105,8 @@ def _check_memory(args, flags: str, need: int, what: str) -> None:
 
 
 def _check_samples_memory(args, samples: int, dim: int) -> None:
-    need = samples * dim * SAMPLE_BYTES_PER_VALUE
-    _check_memory(args, "--samples / --dim", need, f"{samples} samples of D = {dim}")
+    flags = "--samples / --dim" if getattr(args, "dim", None) else "--samples"
+    _check_memory(args, flags, samples * dim * SAMPLE_BYTES_PER_VALUE, f"{samples} samples of D = {dim}")
 
 
 def _dataset(model: str) -> str:
