@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +33,13 @@ MAX_SCALE = 1e6
 #: --upsample bound: D = 64 u^2 <= 16384, the size of a Stable Diffusion latent (the mixture's means take
 #: 0.35 GB there; 200 tried to allocate 37 GB).
 MAX_UPSAMPLE = 16
+#: Peak memory of a sampling run per float32 value of its [N, D] samples: measured here (AMD EPYC, 1 thread),
+#: `sample --dim 50000 --samples 1000` peaked 1.0 GB above the interpreter's own 0.5 GB for 0.2 GB of samples
+#: (x_T, the running x, the model's output, the result, the written copy: five float32 arrays); six allowed.
+SAMPLE_BYTES_PER_VALUE = 6 * 4
+#: Peak memory of one train-fashion step per image of the batch (float32 forward and backward), measured here:
+#: 7.3 MB for the eps U-Net, 0.62 MB for the classifier; rounded up.
+TRAIN_BYTES_PER_IMAGE = {"eps": 8 << 20, "classifier": 1 << 20}
 #: --sigma0 bounds: the analytic mixture's NLL divides by sigma0^2 in float64 and its eps model adds a^2 sigma0^2
 #: in float32; both stay finite and meaningful inside this range (1e-300 made log(sigma0^2) fail).
 SIGMA0_RANGE = (1e-6, 1e6)
@@ -68,10 +76,10 @@ def cmd_demo(args) -> int:
     return demo.digits_demo(args)
 
 
-def _check_dimension(args, dim: int) -> None:
-    """The options bounded by the data's dimension D: K < D, and the offset scale s (s = value * sqrt(D) with
-    --scale-per-dim) at most MAX_SCALE."""
-    if args.components >= dim:
+def _check_dimension(args, dim: int, gmm: bool = True) -> None:
+    """The options bounded by the data's dimension D: K < D (with a GMM), and the offset scale s (s = value *
+    sqrt(D) with --scale-per-dim) at most MAX_SCALE."""
+    if gmm and args.components >= dim:
         args.error(f"argument --components: K must be < D = {dim} (the data's dimension), got {args.components}")
     for value in args.scales or ():
         s = value * math.sqrt(dim) if args.scale_per_dim else value
@@ -80,18 +88,41 @@ def _check_dimension(args, dim: int) -> None:
             args.error(f"argument --scales: s must be <= {MAX_SCALE:g}, got s = {s:g}{per_dim}")
 
 
+def _memory() -> int:
+    """This machine's physical memory in bytes: what the memory-derived bounds compare against."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_memory(args, flags: str, need: int, what: str) -> None:
+    """A parser error naming ``flags`` when a run needs more than this machine's memory (the allocator's
+    traceback, minutes into the run, before)."""
+    have = _memory()
+    if need > have:
+        args.error(
+            f"argument {flags}: {what} need about {need / 2**30:.3g} GiB, more than this machine's "
+            f"{have / 2**30:.3g} GiB of memory"
+        )
+
+
+def _check_samples_memory(args, samples: int, dim: int) -> None:
+    flags = "--samples / --dim" if getattr(args, "dim", None) else "--samples"
+    _check_memory(args, flags, samples * dim * SAMPLE_BYTES_PER_VALUE, f"{samples} samples of D = {dim}")
+
+
 def _dataset(model: str) -> str:
     return "fashion" if model == "fashion" or model.startswith("fashion:") else "digits"
 
 
-def _fashion_data_check(args) -> None:
+def _fashion_data_check(args, *splits: str) -> None:
+    """Read the Fashion-MNIST ``splits``: a parser error naming the Debian package when they are absent, or the
+    damaged file."""
     from .quality import fashion
 
-    if not fashion.available():
-        args.error(
-            f"Fashion-MNIST is not installed in {fashion.data_dir()}: install Debian's dataset-fashion-mnist "
-            f"package (`{fashion.APT_COMMAND}`) or set DDIM_GMM_FASHION_DIR"
-        )
+    try:
+        for split in splits:
+            fashion.load_split(split)
+    except (fashion.FashionDataMissing, fashion.FashionDataCorrupt) as error:
+        args.error(str(error))
 
 
 def cmd_eval(args) -> int:
@@ -113,8 +144,13 @@ def cmd_eval(args) -> int:
         **settings,
     )
     _check_dimension(args, sweep.dim)
+    _check_samples_memory(args, sweep.samples, sweep.dim)
     if dataset == "fashion":
-        _fashion_data_check(args)
+        from .quality.fashion import SIZES
+
+        if args.reference and args.reference > SIZES["test"]:
+            args.error(f"argument --reference: at most the {SIZES['test']} test images, got {args.reference}")
+        _fashion_data_check(args, "test")
     ctx = distributed.init()
     if ctx.active and dataset == "digits":
         args.error("torchrun runs the fashion evaluation (--model fashion); the digits one runs in one process")
@@ -160,7 +196,8 @@ def cmd_sample(args) -> int:
     if args.family == "ddim" and args.steps > 1000:
         args.error(f"argument --steps: must be <= 1000 (the training timesteps), got {args.steps}")
     args.scales = [args.scale if args.scale is not None else 1.0]
-    _check_dimension(args, dim)
+    _check_dimension(args, dim, gmm=args.variant != "off")
+    _check_samples_memory(args, args.samples, dim)
     if args.out.suffix not in (".npz", ".pt"):
         args.error(f"argument --out: must end in .npz or .pt, got {str(args.out)!r}")
     ctx = distributed.init()
@@ -234,17 +271,20 @@ def cmd_train_digits(args) -> int:
 def cmd_train_fashion(args) -> int:
     from .quality import fashion
 
-    if not fashion.available():
-        args.error(
-            f"Fashion-MNIST is not installed in {fashion.data_dir()}: install Debian's dataset-fashion-mnist "
-            f"package (`{fashion.APT_COMMAND}`) or set DDIM_GMM_FASHION_DIR"
-        )
     iters = args.iters or (2000 if args.net == "classifier" else 20_000)
     batch = args.batch or 64
     lr = args.lr or (1e-3 if args.net == "classifier" else 5e-4)
+    per_image = TRAIN_BYTES_PER_IMAGE[args.net]
+    _check_memory(args, "--batch", batch * per_image, f"{batch} images of {per_image >> 20} MiB ({args.net} step)")
     ckpt = fashion.checkpoint_path(args.out, args.net)
     if ckpt.exists() and not args.resume:
         args.error(f"{ckpt} exists: continue it with --resume, or remove it to start again")
+    if args.resume:
+        try:
+            fashion.resume_state(ckpt, args.net, iters, batch, lr, args.seed)
+        except (ValueError, FileNotFoundError) as error:
+            args.error(str(error))
+    _fashion_data_check(args, "train", "test")  # the test split scores the final network
     log_path = Path(args.out) / f"fashion_{args.net}.log"
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:

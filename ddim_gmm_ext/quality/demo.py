@@ -225,7 +225,7 @@ def one_thread():
 def step_speed(eta: float, shape=SPEED_SHAPE, calls: int = SPEED_CALLS) -> dict | None:
     """Median seconds per call of diffusers' ``DDIMScheduler.step`` and of ``DDIMGMMScheduler.step`` (GMM off,
     and with ORTHO-LR K = 8) at ``shape`` float32, 50-step schedule, ``eta``, no generator, calls interleaved,
-    on one thread. None when diffusers is not installed (a ``.[demo]`` install)."""
+    on one thread. None when diffusers is not installed (the ``demo`` extra installs it)."""
     try:
         from diffusers import DDIMScheduler
 

@@ -311,7 +311,10 @@ def shipped_manifest(data_set: str, nets, net_kind: str, data_dir=DATA_DIR) -> d
         raise FileNotFoundError(
             f"no {path}: train it with `ddim-gmm train-{data_set} --net {net_kind} --out {data_dir}`"
         )
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:  # a damaged manifest (JSONDecodeError, UnicodeDecodeError)
+        raise ValueError(f"{path} is not a readable manifest ({error}): reinstall or retrain it") from error
 
 
 def verified_weights(info: dict, data_dir=DATA_DIR) -> dict:
@@ -320,7 +323,21 @@ def verified_weights(info: dict, data_dir=DATA_DIR) -> dict:
     weights = Path(data_dir) / info["file"]
     if sha256(weights) != info["sha256"]:
         raise ValueError(f"{weights} does not match the sha256 in its manifest: reinstall or retrain it")
-    return torch.load(weights, weights_only=True)
+    return load_torch_file(weights, "weights file")
+
+
+def load_torch_file(path, what: str):
+    """``torch.load(path, weights_only=True)``; ValueError naming ``path`` and ``what`` it should be when it cannot
+    be read (a damaged file raises any of UnpicklingError, EOFError, RuntimeError, KeyError ... from the
+    unpickler); FileNotFoundError as is."""
+    try:
+        return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001  (whatever a damaged file makes the unpickler raise)
+        first = str(error).strip().partition("\n")[0].partition(". ")[0]  # its first sentence
+        reason = f"{type(error).__name__}: {first}" if first else type(error).__name__
+        raise ValueError(f"{path} is not a readable {what} ({reason})") from error
 
 
 def manifest(net_kind: str, data_dir=DATA_DIR) -> dict:

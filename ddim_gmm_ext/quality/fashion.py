@@ -21,16 +21,26 @@ from __future__ import annotations
 import datetime
 import gzip
 import json
+import math
 import os
 import shlex
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .digits import DATA_DIR, check_finite_loss, n_parameters, sha256, shipped_manifest, verified_weights
+from .digits import (
+    DATA_DIR,
+    check_finite_loss,
+    load_torch_file,
+    n_parameters,
+    sha256,
+    shipped_manifest,
+    verified_weights,
+)
 from .sampling import training_alphas_cumprod
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -61,6 +71,17 @@ class FashionDataMissing(FileNotFoundError):
     """Fashion-MNIST is not installed (the message names the Debian package and the apt command)."""
 
 
+class FashionDataCorrupt(ValueError):
+    """A Fashion-MNIST file that is not the IDX file it should be (the message names it and how to reinstall)."""
+
+    def __init__(self, path: Path, shape: tuple, reason: str):
+        super().__init__(
+            f"{path} is not a Fashion-MNIST IDX file of shape {shape} ({reason}): reinstall Debian's "
+            f"dataset-fashion-mnist package (`{APT_COMMAND} --reinstall`), or set DDIM_GMM_FASHION_DIR to a folder "
+            "holding intact copies"
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------
@@ -76,18 +97,26 @@ def available() -> bool:
 
 
 def _read_idx(path: Path, magic: int, shape: tuple) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
+    """The uint8 array of shape ``shape`` an IDX .gz file holds; FashionDataCorrupt naming ``path`` when it is not
+    one (not gzip, truncated, another header or size)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as error:  # BadGzipFile is an OSError; a cut-off stream an EOFError
+        raise FashionDataCorrupt(path, shape, f"{type(error).__name__}: {error}") from error
     header = 4 * (1 + len(shape))
-    values = np.frombuffer(raw[:header], dtype=">u4")
-    if values[0] != magic or tuple(int(v) for v in values[1:]) != shape:
-        raise ValueError(f"{path}: not an IDX file of shape {shape} (header {values.tolist()})")
+    values = np.frombuffer(raw[: min(header, len(raw) // 4 * 4)], dtype=">u4")
+    if len(values) * 4 < header or values[0] != magic or tuple(int(v) for v in values[1:]) != shape:
+        raise FashionDataCorrupt(path, shape, f"header {values.tolist()}")
+    if len(raw) - header != math.prod(shape):
+        raise FashionDataCorrupt(path, shape, f"{len(raw) - header} data bytes, expected {math.prod(shape)}")
     return np.frombuffer(raw[header:], dtype=np.uint8).reshape(shape)
 
 
 def load_split(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 [N, 28, 28], labels int64 [N]) of ``split`` ("train": 60,000, "test": 10,000).
-    FashionDataMissing naming the Debian package when the files are absent."""
+    FashionDataMissing naming the Debian package when the files are absent, FashionDataCorrupt naming the file
+    when one is damaged."""
     if split not in FILES:
         raise ValueError(f"split must be one of {tuple(FILES)}, got {split!r}")
     folder = data_dir()
@@ -101,6 +130,8 @@ def load_split(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     n = SIZES[split]
     images = _read_idx(paths[0], 0x803, (n, SIDE, SIDE))
     labels = _read_idx(paths[1], 0x801, (n,))
+    if labels.max() >= N_CLASSES:  # a class index the classifier's loss cannot take
+        raise FashionDataCorrupt(paths[1], (n,), f"label {int(labels.max())}, expected < {N_CLASSES}")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
@@ -218,6 +249,40 @@ def checkpoint_path(out_dir, net_kind: str) -> Path:
     return Path(out_dir) / f"fashion_{net_kind}.ckpt"
 
 
+#: What a training checkpoint holds (:func:`train` writes them all).
+CHECKPOINT_KEYS = (
+    *("net", "seed", "batch", "lr", "step", "seconds"),
+    *("model", "ema", "optimizer", "generator", "curve", "running"),
+)
+
+
+def read_checkpoint(path) -> dict:
+    """The state of a training checkpoint (weights only: nothing in it is executed); ValueError naming ``path``
+    when it is not one (damaged, another file, keys missing), FileNotFoundError when it is absent."""
+    state = load_torch_file(path, "train-fashion checkpoint")
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing or state["net"] not in NETS:
+        raise ValueError(f"{path} is not a train-fashion checkpoint (missing {', '.join(missing) or 'a known net'})")
+    return state
+
+
+def resume_state(ckpt: Path, net_kind: str, iters: int, batch: int, lr: float, seed: int) -> dict:
+    """The checkpoint ``--resume`` continues, after checking it was trained with these options and is not past
+    ``iters`` (FileNotFoundError / ValueError naming --resume). The command line calls it before any work."""
+    if not Path(ckpt).exists():
+        raise FileNotFoundError(f"--resume: no checkpoint {ckpt}")
+    try:
+        state = read_checkpoint(ckpt)
+    except ValueError as error:
+        raise ValueError(f"--resume: {error}") from error
+    for key, value in (("seed", seed), ("batch", batch), ("lr", lr), ("net", net_kind)):
+        if state[key] != value:
+            raise ValueError(f"--resume: the checkpoint was trained with {key} = {state[key]!r}, not {value!r}")
+    if state["step"] > iters:
+        raise ValueError(f"--resume: the checkpoint is at step {state['step']}, beyond --iters {iters}")
+    return state
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -262,19 +327,12 @@ def train(
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-4 if net_kind == "classifier" else 0.0)
     start_step, curve, running, seconds = 0, [], None, 0.0
     if resume:
-        if not ckpt.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint {ckpt}")
-        state = torch.load(ckpt, weights_only=False)
-        for key, value in (("seed", seed), ("batch", batch), ("lr", lr), ("net", net_kind)):
-            if state[key] != value:
-                raise ValueError(f"--resume: the checkpoint was trained with {key} = {state[key]!r}, not {value!r}")
+        state = resume_state(ckpt, net_kind, iters, batch, lr, seed)
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         start_step, curve, running, seconds = state["step"], state["curve"], state["running"], state["seconds"]
-        if start_step > iters:
-            raise ValueError(f"--resume: the checkpoint is at step {start_step}, beyond --iters {iters}")
     began = time.perf_counter()
 
     def save(step: int) -> None:
@@ -414,8 +472,9 @@ def load(net_kind: str, data_dir=DATA_DIR) -> nn.Module:
 
 
 def load_checkpoint_ema(path) -> nn.Module:
-    """The EMA network of a training checkpoint (to look at a run in progress)."""
-    state = torch.load(path, weights_only=False)
+    """The EMA network of a training checkpoint (to look at a run in progress); ValueError naming ``path`` when it
+    is not one."""
+    state = read_checkpoint(path)
     net = build(state["net"])
     net.load_state_dict(state["ema"] if state["net"] == "eps" else state["model"])
     return net.eval().requires_grad_(False)

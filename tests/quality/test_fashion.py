@@ -107,7 +107,6 @@ def test_train_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_train_fashion_cli_refuses_to_overwrite_a_checkpoint(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(fashion, "available", lambda: True)
     fashion.checkpoint_path(tmp_path, "eps").write_bytes(b"x")
     with pytest.raises(SystemExit):
         cli.main(["train-fashion", "--out", str(tmp_path)])
