@@ -89,6 +89,63 @@ def cpu_times(fn: Callable[[], object], repeats: int) -> dict:
     }
 
 
+def quartiles(xs: list[float]) -> dict:
+    """Median, quartiles, min and max of ``xs``."""
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "q1": q[0], "q3": q[2], "min": min(xs), "max": max(xs)}
+
+
+def _block(fn: Callable[[], object], n: int) -> tuple[float, float, float]:
+    """``n`` back-to-back calls: wall and process-CPU microseconds per call over the block, and the median of
+    the calls' own wall times (a call during which the process was descheduled is an outlier there, not a
+    shift of the whole block)."""
+    clock = time.perf_counter
+    each = []
+    w, c = clock(), time.process_time()
+    for _ in range(n):
+        t = clock()
+        fn()
+        each.append(clock() - t)
+    wall, cpu = 1e6 * (clock() - w) / n, 1e6 * (time.process_time() - c) / n
+    return wall, cpu, 1e6 * statistics.median(each)
+
+
+#: calls per block from which the per-call median is the steadier figure
+MIN_CALLS_FOR_MEDIAN = 5
+
+
+def interleaved(methods: dict[str, Callable[[], object]], rounds: int, block_ms: float) -> dict:
+    """Times ``methods`` side by side: after a warm-up each gets a block of back-to-back calls sized to about
+    ``block_ms`` (one call for slower ones), one block per method per round, the order reversed every other
+    round, so that load on a shared machine falls on all of them alike. Per method: us per call (median and
+    quartiles of the rounds' block means, wall; median process CPU); per other method the per-round ratio
+    other / first of wall time, process-CPU time and, where every method made at least MIN_CALLS_FOR_MEDIAN
+    calls a block, of the blocks' median call times ("call"): a ratio above 1, the first is faster."""
+    calls = {}
+    for name, fn in methods.items():
+        for _ in range(2):
+            fn()
+        per_call, _, _ = _block(fn, 1)
+        calls[name] = max(1, int(1e3 * block_ms / max(per_call, 1.0)))
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": [], "call": []} for name in methods}
+    order = list(methods)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            for key, value in zip(("wall", "cpu", "call"), _block(methods[name], calls[name]), strict=True):
+                times[name][key].append(value)
+    out: dict = {name: {"calls_per_block": calls[name], "wall_us": quartiles(times[name]["wall"]),
+                        "median_cpu_us": statistics.median(times[name]["cpu"]),
+                        "median_call_us": statistics.median(times[name]["call"])} for name in methods}  # fmt: skip
+    kinds = ("wall", "cpu") + (("call",) if min(calls.values()) >= MIN_CALLS_FOR_MEDIAN else ())
+    first, *others = methods
+    for name in others:
+        out[f"ratio {name} / {first}"] = {
+            kind: quartiles([o / f for o, f in zip(times[name][kind], times[first][kind], strict=True)])
+            for kind in kinds
+        }
+    return out
+
+
 def write_json(doc: dict, device: str, out: str | None, default_name: str) -> str:
     """Writes ``doc`` with the shared fields (date, command, device, machine, versions) to ``out`` or to
     benchmarks/results/<default_name>; returns the path."""
