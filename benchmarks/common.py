@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -95,19 +96,21 @@ def quartiles(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "q1": q[0], "q3": q[2], "min": min(xs), "max": max(xs)}
 
 
-def _block(fn: Callable[[], object], n: int) -> tuple[float, float, float]:
-    """``n`` back-to-back calls: wall and process-CPU microseconds per call over the block, and the median of
-    the calls' own wall times (a call during which the process was descheduled is an outlier there, not a
-    shift of the whole block)."""
+def _block(fn: Callable[[], object], n: int) -> tuple[float, float, float, float]:
+    """``n`` back-to-back calls: wall and process-CPU microseconds per call over the block, the median of the
+    calls' own wall times (a call during which the process was descheduled is an outlier there, not a shift of
+    the whole block) and the minor page faults per call (fresh memory an allocation had to fault in)."""
     clock = time.perf_counter
     each = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     w, c = clock(), time.process_time()
     for _ in range(n):
         t = clock()
         fn()
         each.append(clock() - t)
     wall, cpu = 1e6 * (clock() - w) / n, 1e6 * (time.process_time() - c) / n
-    return wall, cpu, 1e6 * statistics.median(each)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n
+    return wall, cpu, 1e6 * statistics.median(each), faults
 
 
 #: calls per block from which the per-call median is the steadier figure
@@ -125,17 +128,25 @@ def interleaved(methods: dict[str, Callable[[], object]], rounds: int, block_ms:
     for name, fn in methods.items():
         for _ in range(2):
             fn()
-        per_call, _, _ = _block(fn, 1)
+        per_call = _block(fn, 1)[0]
         calls[name] = max(1, int(1e3 * block_ms / max(per_call, 1.0)))
-    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": [], "call": []} for name in methods}
+    keys = ("wall", "cpu", "call", "faults")
+    times: dict[str, dict[str, list[float]]] = {name: {key: [] for key in keys} for name in methods}
     order = list(methods)
     for r in range(rounds):
         for name in order if r % 2 == 0 else order[::-1]:
-            for key, value in zip(("wall", "cpu", "call"), _block(methods[name], calls[name]), strict=True):
+            for key, value in zip(keys, _block(methods[name], calls[name]), strict=True):
                 times[name][key].append(value)
-    out: dict = {name: {"calls_per_block": calls[name], "wall_us": quartiles(times[name]["wall"]),
-                        "median_cpu_us": statistics.median(times[name]["cpu"]),
-                        "median_call_us": statistics.median(times[name]["call"])} for name in methods}  # fmt: skip
+    out: dict = {
+        name: {
+            "calls_per_block": calls[name],
+            "wall_us": quartiles(times[name]["wall"]),
+            "median_cpu_us": statistics.median(times[name]["cpu"]),
+            "median_call_us": statistics.median(times[name]["call"]),
+            "page_faults_per_call": statistics.mean(times[name]["faults"]),
+        }
+        for name in methods
+    }
     kinds = ("wall", "cpu") + (("call",) if min(calls.values()) >= MIN_CALLS_FOR_MEDIAN else ())
     first, *others = methods
     for name in others:

@@ -11,23 +11,25 @@ generator where the class draws noise (bench_schedulers.py); dg.thin_svd against
 (bench_thin_svd.py); whole loops, a 20-step DPM-Solver++ loop with a 3x3 convolution (bench_schedulers.py) and
 DDIM loops with the shipped digits MLP and Fashion-MNIST U-Net (bench_model_loops.py).
 
-Measurement: one torch thread (on a shared machine a parallel region waits on a descheduled peer). Per case the
-two sides alternate, a block of back-to-back calls each per round (common.interleaved), and each round gives a
-ratio upstream / ours of process-CPU times (above 1: ours faster); the case's figure is that ratio's median over
-the rounds, with its quartiles. Load on the machine falls on both sides of a round alike, and CPU time does not
-count the time the process waits descheduled, so the ratio holds where absolute times move by tens of percent.
+Measurement: one torch thread (on a shared machine a parallel region waits on a descheduled peer) and glibc's
+heap thresholds fixed (steady_heap). Per case the two sides alternate, a block of back-to-back calls each per
+round (common.interleaved), and each round gives a ratio upstream / ours (above 1: ours faster) of the blocks'
+median call times where both sides make at least 5 calls a block (a call preempted by another process is an
+outlier, dropped by the median), else of their process-CPU times (the time spent descheduled is not counted).
+The case's figure is that ratio's median over the rounds, with its quartiles. Load falls on both sides of a
+round alike, so the ratio holds where absolute times move by tens of percent.
 
-The margin (see docs/performance.md, "The regression gate"). The baseline of a case is the median of its ratio
-over RUNS separate gate runs (log scale). Its noise sigma is the larger of (a) the standard deviation of log
-ratio across those runs and (b) the standard error of one run's median from its own rounds, 1.2533 * IQR /
-(1.349 sqrt(rounds)) in log units: (b) keeps a case whose RUNS runs happened to agree closely from getting a
-margin below what its rounds can resolve. A case fails when log(ratio) < log(baseline) - margin, with margin =
-max(MARGIN_FLOOR, K_SIGMA * sigma), and when a re-measurement of it right after fails too. K_SIGMA: one gate
-run compares about 45 cases; to keep false alarms under 1% a run, each case may fail one measurement with
-probability sqrt(0.01 / 45) = 0.015 when both must fail; the t quantile of 4 degrees of freedom (sigma from 5
-runs) at 0.015 is 3.2, times sqrt(1 + 1.57 / 5) = 1.15 for the baseline median's own error (variance
-1.57 sigma^2 / RUNS), is 3.7: K_SIGMA = 4. MARGIN_FLOOR (3%): below it a ratio's shift is within what a
-different allocator state or CPU frequency moves both sides by, not a code change.
+The margin (docs/performance.md, "The regression gate"). A case's baseline is the median of its ratio over RUNS
+separate gate runs, in log units. Its noise sigma is the larger of (a) the spread of log ratio across those runs,
+1.4826 x their median absolute deviation (a normal sample's sigma; one run during a burst of load does not
+widen it) and (b) one run's standard error of the median from its own rounds, sqrt(pi / 2) x (IQR / 1.349) /
+sqrt(rounds): (b) keeps a case whose runs happened to agree closely from getting a margin below what its rounds
+resolve. A case fails when log(ratio) < log(baseline) - margin, margin = max(MARGIN_FLOOR, K_SIGMA x sigma), and
+a re-measurement right after falls below too. K_SIGMA: a gate run compares 39 cases; to keep false alarms under
+1% a run, with two failed measurements needed, one measurement may fail with probability sqrt(0.01 / 39) =
+0.016; sigma comes from 5 runs (4 degrees of freedom), whose t quantile at 0.016 is 3.23, and the baseline's
+own error (a median of 5: variance 1.57 sigma^2 / 5) widens it by sqrt(1 + 1.57 / 5) = 1.15, to 3.70: K_SIGMA
+= 4. MARGIN_FLOOR, 3%: a shift both sides see from CPU frequency or cache state, not a code change.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ K_SIGMA = 4.0
 MARGIN_FLOOR = 0.03
 #: the standard error of a median of n normal draws is sqrt(pi / 2) sigma / sqrt(n); an IQR is 1.349 sigma
 _MEDIAN_SE, _IQR_SIGMA = math.sqrt(math.pi / 2), 1.349
+#: sigma of a normal sample from its median absolute deviation
+_MAD_SIGMA = 1.4826
 CSV_FIELDS = (
     "date", "commit", "dirty", "cpu_model", "cpu_count", "torch_threads", "python", "torch", "diffusers",
     "ddim_gmm_ext", "load1", "case", "group", "ratio", "ratio_q1", "ratio_q3", "ours_us", "upstream_us",
@@ -72,11 +76,11 @@ def baseline_case(runs: list[dict]) -> dict:
     """A case's baseline from its summaries in several runs (each {"ratio": {"median", "q1", "q3"}, "rounds"}):
     the median ratio, sigma (log units) and the margin below which a ratio fails (module docstring)."""
     logs = [math.log(r["ratio"]["median"]) for r in runs]
-    between = statistics.stdev(logs) if len(logs) > 1 else 0.0
+    center = statistics.median(logs)
+    between = _MAD_SIGMA * statistics.median(abs(x - center) for x in logs)
     within = statistics.median(run_sigma(r) for r in runs)
     sigma = max(between, within)
     margin = max(MARGIN_FLOOR, K_SIGMA * sigma)
-    center = statistics.median(logs)
     return {
         "ratio": math.exp(center),
         "runs": [r["ratio"]["median"] for r in runs],
@@ -299,7 +303,24 @@ def measure(case: Case) -> dict:
         "ratios": ratios,
         "ours_us": timed["ours"][unit],
         "upstream_us": timed["upstream"][unit],
+        "page_faults_per_call": {side: timed[side]["page_faults_per_call"] for side in ("ours", "upstream")},
     }
+
+
+def steady_heap() -> bool:
+    """glibc's malloc with fixed thresholds: outputs up to 32 MB come from the heap and freed memory is not
+    returned to the system at every free. By default both thresholds adapt to past frees, so whether a step's
+    fresh output is faulted in anew (a page fault per 4 KB: several times the step's own cost at [1, 4, 64, 64])
+    depends on what the process allocated before, and one side of a case could pay it for a whole case and the
+    other not. The gate measures the code; the results keep the page faults per call. False where not glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def _git(*args: str) -> str:
@@ -315,6 +336,7 @@ def run_gate(selected: list[Case], out_dir: str, note: str = "") -> dict:
     from common import machine, versions
 
     torch.set_num_threads(1)
+    steady_heap()
     start, load_before = time.time(), os.getloadavg()
     results = []
     for case in selected:
