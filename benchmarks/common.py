@@ -117,19 +117,18 @@ def _block(fn: Callable[[], object], n: int) -> tuple[float, float, float, float
 MIN_CALLS_FOR_MEDIAN = 5
 
 
-def interleaved(methods: dict[str, Callable[[], object]], rounds: int, block_ms: float) -> dict:
+def interleaved(methods: dict[str, Callable[[], object]], rounds: int, block_ms: float, min_calls: int = 1) -> dict:
     """Times ``methods`` side by side: after a warm-up each gets a block of back-to-back calls sized to about
-    ``block_ms`` (one call for slower ones), one block per method per round, the order reversed every other
+    ``block_ms`` (at least ``min_calls`` calls), one block per method per round, the order reversed every other
     round, so that load on a shared machine falls on all of them alike. Per method: us per call (median and
     quartiles of the rounds' block means, wall; median process CPU); per other method the per-round ratio
     other / first of wall time, process-CPU time and, where every method made at least MIN_CALLS_FOR_MEDIAN
     calls a block, of the blocks' median call times ("call"): a ratio above 1, the first is faster."""
     calls = {}
     for name, fn in methods.items():
-        for _ in range(2):
-            fn()
-        per_call = _block(fn, 1)[0]
-        calls[name] = max(1, int(1e3 * block_ms / max(per_call, 1.0)))
+        fn()
+        per_call = min(_block(fn, 1)[0] for _ in range(3))  # the fastest: a preempted call would shrink the block
+        calls[name] = max(min_calls, int(1e3 * block_ms / max(per_call, 1.0)))
     keys = ("wall", "cpu", "call", "faults")
     times: dict[str, dict[str, list[float]]] = {name: {key: [] for key in keys} for name in methods}
     order = list(methods)

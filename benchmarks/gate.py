@@ -186,6 +186,7 @@ class Case:
     build: Callable[[], dict]  # -> {"ours": call, "upstream": call}
     rounds: int
     block_ms: float
+    min_calls: int = 1  # common.MIN_CALLS_FOR_MEDIAN: the ratio of per-call medians, in every run alike
 
 
 def _shape(shape) -> str:
@@ -248,15 +249,18 @@ def cases() -> list[Case]:
 
     import bench_schedulers as sch
     import torch
+    from common import MIN_CALLS_FOR_MEDIAN as MEDIAN
 
     out = []
     for shape, eta in (((1, 4, 64, 64), 0.0), ((8, 4, 128, 128), 0.0), ((16, 3, 256, 256), 0.0),
                        ((1, 4, 64, 64), 1.0), ((8, 4, 128, 128), 1.0)):  # fmt: skip
         out.append(
-            Case(f"op eta {eta:g} {_shape(shape)} vs copy", "op", partial(_op, shape, eta), 50, _block_ms(shape))
+            Case(
+                f"op eta {eta:g} {_shape(shape)} vs copy", "op", partial(_op, shape, eta), 50, _block_ms(shape), MEDIAN
+            )
         )
     shapes = ((1, 4, 64, 64), (4, 4, 128, 128))
-    steps = []  # (name, builder)
+    steps = []  # (name, shape, builder)
     for family, label in (("ddim", "DDIM"), ("flow", "flow matching")):
         steps += [(f"{label} {_shape(shape)}", shape, partial(_fused, family, shape)) for shape in shapes]
     for family, label in (("ddpm", "DDPM"), ("euler", "Euler"), ("euler_a", "Euler ancestral")):
@@ -270,14 +274,16 @@ def cases() -> list[Case]:
                 name = f"DPM {algorithm} {_shape(shape)}{' generator' if gen else ''}"
                 steps.append((name, shape, partial(_pair, sch._dpm_case, algorithm, shape, gen)))
     steps += [(f"UniPC {_shape(shape)}", shape, partial(_pair, sch._unipc_case, shape)) for shape in shapes]
-    out += [Case(f"{name} vs diffusers", "scheduler", build, 50, _block_ms(shape)) for name, shape, build in steps]
+    out += [
+        Case(f"{name} vs diffusers", "scheduler", build, 50, _block_ms(shape), MEDIAN) for name, shape, build in steps
+    ]
     for shape, dtype in (((50, 16384, 8), torch.float64), ((50, 16384, 8), torch.float32),
                          ((8, 4096, 8), torch.float64), ((8, 4096, 8), torch.float32)):  # fmt: skip
         name = f"thin_svd {_shape(shape)} {str(dtype).removeprefix('torch.')} vs torch.linalg.svd"
         out.append(Case(name, "thin_svd", partial(_svd, shape, dtype), 21, 0.0))
     for algorithm in sch.DPM_ALGORITHMS:
         name = f"DPM {algorithm} 20-step loop, conv model vs diffusers"
-        out.append(Case(name, "loop", partial(_pair, sch._dpm_loop_case, algorithm, False), 20, 25.0))
+        out.append(Case(name, "loop", partial(_pair, sch._dpm_loop_case, algorithm, False), 20, 25.0, MEDIAN))
     for model, steps_, rounds in (("digits", 20, 9), ("fashion", 5, 5)):
         name = f"DDIM {steps_}-step loop, {model} model vs diffusers"
         out.append(Case(name, "loop", partial(_model_loop, model, steps_), rounds, 0.0))
@@ -290,7 +296,7 @@ def measure(case: Case) -> dict:
     quartiles (and the wall-time ratio's), each side's median us per call."""
     from common import interleaved
 
-    timed = interleaved(case.build(), case.rounds, case.block_ms)
+    timed = interleaved(case.build(), case.rounds, case.block_ms, case.min_calls)
     ratios = timed["ratio upstream / ours"]
     kind = "call" if "call" in ratios else "cpu"
     unit = "median_call_us" if kind == "call" else "median_cpu_us"
