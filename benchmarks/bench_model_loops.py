@@ -39,8 +39,10 @@ def model_loop(model: str, variant: str, steps: int, net: torch.nn.Module | None
     """A zero-argument call running one whole sampling loop under no_grad: set_timesteps, then ``steps`` x (the
     network at the step's timestep, the scheduler step), from a fixed x_T on the network's training schedule.
 
-    ``timer``, if given, accumulates the seconds spent in the network (``timer["model"]``) and in the whole loop
-    (``timer["loop"]``): the rest of the loop is the sampler's (set_timesteps, the step, the loop itself)."""
+    ``timer``, if given, accumulates the CPU seconds of this thread spent in the network (``timer["model"]``) and
+    in the whole loop (``timer["loop"]``): the rest of the loop is the sampler's (set_timesteps, the step, the loop
+    itself). Thread CPU time, so that time spent descheduled on a shared machine is no one's share; with one torch
+    thread all of the loop's work is on this thread."""
     from diffusers import DDIMScheduler
 
     from ddim_gmm_ext.diffusers import DDIMGMMScheduler
@@ -56,7 +58,7 @@ def model_loop(model: str, variant: str, steps: int, net: torch.nn.Module | None
         s = DDIMGMMScheduler(**config, gmm_variant=gmm, gmm_n_components=8, seed=0)
     x_T = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(0))
     t_batch = torch.empty(batch, dtype=torch.int64)
-    clock = time.perf_counter
+    clock = time.thread_time
 
     def loop():
         start = clock()

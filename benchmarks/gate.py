@@ -51,6 +51,8 @@ ROOT = os.path.dirname(HERE)
 BASELINE = os.path.join(HERE, "baseline.json")
 RESULTS = os.path.join(HERE, "results", "gate")
 RUNS = 5
+#: rounds of a step case (each a few ms a side): the ratio's median over 20 rounds resolves a few percent
+ROUNDS = 20
 K_SIGMA = 4.0
 MARGIN_FLOOR = 0.03
 #: the standard error of a median of n normal draws is sqrt(pi / 2) sigma / sqrt(n); an IQR is 1.349 sigma
@@ -275,16 +277,17 @@ def cases() -> list[Case]:
                 steps.append((name, shape, partial(_pair, sch._dpm_case, algorithm, shape, gen)))
     steps += [(f"UniPC {_shape(shape)}", shape, partial(_pair, sch._unipc_case, shape)) for shape in shapes]
     out += [
-        Case(f"{name} vs diffusers", "scheduler", build, 50, _block_ms(shape), MEDIAN) for name, shape, build in steps
+        Case(f"{name} vs diffusers", "scheduler", build, ROUNDS, _block_ms(shape), MEDIAN)
+        for name, shape, build in steps
     ]
     for shape, dtype in (((50, 16384, 8), torch.float64), ((50, 16384, 8), torch.float32),
                          ((8, 4096, 8), torch.float64), ((8, 4096, 8), torch.float32)):  # fmt: skip
         name = f"thin_svd {_shape(shape)} {str(dtype).removeprefix('torch.')} vs torch.linalg.svd"
-        out.append(Case(name, "thin_svd", partial(_svd, shape, dtype), 21, 0.0))
+        out.append(Case(name, "thin_svd", partial(_svd, shape, dtype), 11, 0.0))
     for algorithm in sch.DPM_ALGORITHMS:
         name = f"DPM {algorithm} 20-step loop, conv model vs diffusers"
-        out.append(Case(name, "loop", partial(_pair, sch._dpm_loop_case, algorithm, False), 20, 25.0, MEDIAN))
-    for model, steps_, rounds in (("digits", 20, 9), ("fashion", 5, 5)):
+        out.append(Case(name, "loop", partial(_pair, sch._dpm_loop_case, algorithm, False), ROUNDS, 25.0, MEDIAN))
+    for model, steps_, rounds in (("digits", 20, 7), ("fashion", 5, 3)):
         name = f"DDIM {steps_}-step loop, {model} model vs diffusers"
         out.append(Case(name, "loop", partial(_model_loop, model, steps_), rounds, 0.0))
     return out
@@ -475,6 +478,21 @@ def refresh(args, selected: list[Case]) -> int:
     return 0
 
 
+def table(entry: dict) -> str:
+    """The baseline entry of one machine as the markdown table of docs/performance.md."""
+    lines = [
+        "| case | ratio [quartiles] | runs | margin | fails below |",
+        "|---|---|---|---|---|",
+    ]
+    for name, c in entry["cases"].items():
+        runs = ", ".join(f"{r:.2f}" for r in c["runs"])
+        lines.append(
+            f"| {name} | {c['ratio']:.2f} [{c['q1']:.2f}, {c['q3']:.2f}] | {runs} | {c['margin_log']:.1%} "
+            f"| {c['limit']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--refresh", action="store_true", help="measure this machine's baseline anew and write it")
@@ -485,10 +503,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=RESULTS, help="folder of latest.json and history.csv")
     p.add_argument("--note", default="", help="what else ran on the machine (recorded in the results)")
     p.add_argument("--list", action="store_true", help="list the cases")
+    p.add_argument("--table", action="store_true", help="print this machine's baseline as a markdown table")
     args = p.parse_args(argv)
     # the suites' modules, and this checkout's package before an installed copy (a script's folder, not the
     # working directory, starts sys.path)
     sys.path[:0] = [HERE, ROOT]
+    if args.table:
+        import torch
+        from common import machine
+
+        torch.set_num_threads(1)  # the key names the thread count the gate runs with
+        print(table(load_baseline(args.baseline)["machines"][machine_key(machine("cpu"))]))
+        return 0
     selected = [c for c in cases() if args.only is None or args.only in c.name]
     if args.list:
         print("\n".join(f"{c.group:10s} {c.name}" for c in selected))

@@ -6,9 +6,11 @@ each loop (the loop's time less the network's, over the loop's).
 
 The cases are bench_model_loops.py's. Per (model, steps) the variants (ours GMM off at eta 0, diffusers at eta 0,
 ours ORTHO-VUB at eta 1) run interleaved, one whole loop each per round, the order reversed every other round.
-Each loop times its network calls itself (perf_counter around each call), so the sampler's time is everything
-else in the loop: set_timesteps, the scheduler steps and the loop's own Python. Figures are medians over the
-rounds of process-CPU ms per loop (and the network's wall-clock share of the loop in the same loop).
+Each loop times its network calls itself (this thread's CPU time around each call; one torch thread), so the
+sampler's time is everything else in the loop: set_timesteps, the scheduler steps and the loop's own Python.
+Figures are medians over the rounds of CPU ms per loop, the network's and the sampler's, and the sampler's
+share of the loop; the wall time per loop is recorded beside them (on a loaded machine it also counts the time
+the process waited for a core).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from common import quartiles, write_json
 
 
 def measure(model: str, steps: int, net, rounds: int) -> dict:
-    """Per variant: loop ms (wall quartiles, median CPU), the network's ms per loop and the sampler's share; and
-    the per-round ratios diffusers / ours of the whole loop and of the sampler's part alone."""
+    """Per variant: CPU ms per loop (quartiles; and the median wall ms), the network's and the sampler's CPU ms
+    per loop and the sampler's share; and the per-round ratios diffusers / ours of the whole loop's CPU time and
+    of the sampler's part alone."""
     timers = {v: {} for v in VARIANTS}
     loops = {v: model_loop(model, v, steps, net, timers[v]) for v in VARIANTS}
     for loop in loops.values():
@@ -35,20 +38,20 @@ def measure(model: str, steps: int, net, rounds: int) -> dict:
     for r in range(rounds):
         for v in order if r % 2 == 0 else order[::-1]:
             timers[v].clear()
-            c = time.process_time()
+            w = time.perf_counter()
             loops[v]()
-            cpu = time.process_time() - c
+            wall = time.perf_counter() - w
             loop_s, model_s = timers[v]["loop"], timers[v]["model"]
-            rows[v]["wall_ms"].append(1e3 * loop_s)
-            rows[v]["cpu_ms"].append(1e3 * cpu)
+            rows[v]["wall_ms"].append(1e3 * wall)
+            rows[v]["cpu_ms"].append(1e3 * loop_s)
             rows[v]["model_ms"].append(1e3 * model_s)
             rows[v]["sampler_ms"].append(1e3 * (loop_s - model_s))
     out: dict = {"model": model, "steps": steps, "batch": MODELS[model][0], "sample_shape": list(MODELS[model][1])}
     for v, row in rows.items():
-        shares = [s / w for s, w in zip(row["sampler_ms"], row["wall_ms"], strict=True)]
+        shares = [s / c for s, c in zip(row["sampler_ms"], row["cpu_ms"], strict=True)]
         out[v] = {
-            "wall_ms": quartiles(row["wall_ms"]),
-            "median_cpu_ms": statistics.median(row["cpu_ms"]),
+            "cpu_ms": quartiles(row["cpu_ms"]),
+            "median_wall_ms": statistics.median(row["wall_ms"]),
             "median_model_ms": statistics.median(row["model_ms"]),
             "median_sampler_ms": statistics.median(row["sampler_ms"]),
             "sampler_us_per_step": 1e3 * statistics.median(row["sampler_ms"]) / steps,
@@ -56,7 +59,7 @@ def measure(model: str, steps: int, net, rounds: int) -> dict:
         }
     ours, theirs = rows["ours"], rows["diffusers"]
     out["ratio diffusers / ours, loop"] = quartiles(
-        [d / o for d, o in zip(theirs["wall_ms"], ours["wall_ms"], strict=True)]
+        [d / o for d, o in zip(theirs["cpu_ms"], ours["cpu_ms"], strict=True)]
     )
     out["ratio diffusers / ours, sampler"] = quartiles(
         [d / o for d, o in zip(theirs["sampler_ms"], ours["sampler_ms"], strict=True)]
@@ -82,7 +85,7 @@ def main(argv=None) -> dict:
             line = f"{model:8s} {steps:3d} steps"
             for v in VARIANTS:
                 r = row[v]
-                line += f" | {v}: {r['wall_ms']['median']:8.1f} ms, sampler {r['sampler_share']['median']:6.2%}"
+                line += f" | {v}: {r['cpu_ms']['median']:8.1f} ms, sampler {r['sampler_share']['median']:6.2%}"
             line += f" | diffusers / ours {row['ratio diffusers / ours, loop']['median']:.3f}"
             line += f", sampler alone {row['ratio diffusers / ours, sampler']['median']:.2f}"
             print(line, flush=True)
