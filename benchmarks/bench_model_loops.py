@@ -35,6 +35,37 @@ def load_model(model: str) -> torch.nn.Module:
     return fashion.load("eps")
 
 
+def _scheduler(variant: str):
+    from diffusers import DDIMScheduler
+
+    from ddim_gmm_ext.diffusers import DDIMGMMScheduler
+    from ddim_gmm_ext.quality.sampling import BETAS
+
+    gmm, _ = VARIANTS[variant]
+    config = dict(**BETAS, clip_sample=False)
+    if variant == "diffusers":
+        return DDIMScheduler(**config)
+    return DDIMGMMScheduler(**config, gmm_variant=gmm, gmm_n_components=8, seed=0)
+
+
+def lone_step(model: str, variant: str, steps: int):
+    """A zero-argument call of the loop's middle scheduler step alone, on the model's sample shape (the same
+    arguments every call), to set against its share of the loop."""
+    batch, shape = MODELS[model]
+    s = _scheduler(variant)
+    s.set_timesteps(steps)
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn((batch, *shape), generator=g), torch.randn((batch, *shape), generator=g)
+    t = s.timesteps[steps // 2]
+    eta = VARIANTS[variant][1]
+
+    def step():
+        with torch.no_grad():
+            return s.step(eps, t, x, eta=eta)
+
+    return step
+
+
 def model_loop(model: str, variant: str, steps: int, net: torch.nn.Module | None = None, timer: dict | None = None):
     """A zero-argument call running one whole sampling loop under no_grad: set_timesteps, then ``steps`` x (the
     network at the step's timestep, the scheduler step), from a fixed x_T on the network's training schedule.
@@ -43,19 +74,10 @@ def model_loop(model: str, variant: str, steps: int, net: torch.nn.Module | None
     in the whole loop (``timer["loop"]``): the rest of the loop is the sampler's (set_timesteps, the step, the loop
     itself). Thread CPU time, so that time spent descheduled on a shared machine is no one's share; with one torch
     thread all of the loop's work is on this thread."""
-    from diffusers import DDIMScheduler
-
-    from ddim_gmm_ext.diffusers import DDIMGMMScheduler
-    from ddim_gmm_ext.quality.sampling import BETAS
-
     net = load_model(model) if net is None else net
     batch, shape = MODELS[model]
-    gmm, eta = VARIANTS[variant]
-    config = dict(**BETAS, clip_sample=False)
-    if variant == "diffusers":
-        s = DDIMScheduler(**config)
-    else:
-        s = DDIMGMMScheduler(**config, gmm_variant=gmm, gmm_n_components=8, seed=0)
+    eta = VARIANTS[variant][1]
+    s = _scheduler(variant)
     x_T = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(0))
     t_batch = torch.empty(batch, dtype=torch.int64)
     clock = time.thread_time

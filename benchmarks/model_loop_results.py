@@ -10,7 +10,10 @@ Each loop times its network calls itself (this thread's CPU time around each cal
 sampler's time is everything else in the loop: set_timesteps, the scheduler steps and the loop's own Python.
 Figures are medians over the rounds of CPU ms per loop, the network's and the sampler's, and the sampler's
 share of the loop; the wall time per loop is recorded beside them (on a loaded machine it also counts the time
-the process waited for a core).
+the process waited for a core). Beside them, the loop's middle step timed alone (interleaved, per-call
+medians) and its share: steps x that step's time over the loop's. On CPU a step inside the loop costs more than
+alone (right after the network's matrix products even a copy of the sample is several times slower), for both
+schedulers alike.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import statistics
 import time
 
 import torch
-from bench_model_loops import MODELS, STEPS, VARIANTS, load_model, model_loop
-from common import quartiles, write_json
+from bench_model_loops import MODELS, STEPS, VARIANTS, load_model, lone_step, model_loop
+from common import interleaved, quartiles, write_json
 
 
 def measure(model: str, steps: int, net, rounds: int) -> dict:
@@ -57,6 +60,13 @@ def measure(model: str, steps: int, net, rounds: int) -> dict:
             "sampler_us_per_step": 1e3 * statistics.median(row["sampler_ms"]) / steps,
             "sampler_share": quartiles(shares),
         }
+    # the same step alone, interleaved (per-call medians): what it costs without the network around it
+    alone = interleaved({v: lone_step(model, v, steps) for v in VARIANTS}, 20, 2.0, 5)
+    for v in VARIANTS:
+        us = alone[v]["median_call_us"]
+        out[v]["lone_step_us"] = us
+        out[v]["lone_step_share"] = steps * us / (1e3 * out[v]["cpu_ms"]["median"])
+    out["ratio diffusers / ours, lone step"] = alone["ratio diffusers / ours"]["call"]
     ours, theirs = rows["ours"], rows["diffusers"]
     out["ratio diffusers / ours, loop"] = quartiles(
         [d / o for d, o in zip(theirs["cpu_ms"], ours["cpu_ms"], strict=True)]
@@ -88,6 +98,7 @@ def main(argv=None) -> dict:
                 line += f" | {v}: {r['cpu_ms']['median']:8.1f} ms, sampler {r['sampler_share']['median']:6.2%}"
             line += f" | diffusers / ours {row['ratio diffusers / ours, loop']['median']:.3f}"
             line += f", sampler alone {row['ratio diffusers / ours, sampler']['median']:.2f}"
+            line += f", lone step {row['ratio diffusers / ours, lone step']['median']:.2f}"
             print(line, flush=True)
     doc = {
         "benchmark": "whole DDIM loops with the shipped networks, ours vs diffusers, the sampler's share",
