@@ -456,7 +456,8 @@ def refresh(args, selected: list[Case]) -> int:
         print(f"gate: refresh run {i + 1} of {args.runs}", flush=True)
         doc = run_gate(selected, args.out, args.note)
         write_results(doc, args.out, {})
-        with open(os.path.join(args.out, f"refresh_run_{i + 1}.json"), "w") as f:
+        tag = "" if args.only is None else "_" + "".join(ch if ch.isalnum() else "_" for ch in args.only)
+        with open(os.path.join(args.out, f"refresh{tag}_run_{i + 1}.json"), "w") as f:
             json.dump(doc, f, indent=1)
         runs.append(doc)
     baseline = load_baseline(args.baseline)
