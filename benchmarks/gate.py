@@ -464,8 +464,12 @@ def refresh(args, selected: list[Case]) -> int:
     entry = build_baseline(runs)
     key = machine_key(entry["machine"])
     old = baseline["machines"].get(key, {}).get("cases", {})
-    if args.only is not None:  # a partial refresh keeps the cases it did not measure
-        entry["cases"] = {**old, **entry["cases"]}
+    if args.only is not None and key in baseline["machines"]:
+        # a partial refresh keeps the cases it did not measure, and the whole refresh's record; its own is added
+        whole = baseline["machines"][key]
+        partial = {k: entry[k] for k in ("date", "commit", "versions", "runs", "load_1min")}
+        entry = {**whole, "cases": {**old, **entry["cases"]}}
+        entry["partial_refreshes"] = [*whole.get("partial_refreshes", []), {"only": args.only, **partial}]
     moved = what_moved(old, entry["cases"])
     print("\n".join(moved) if moved else "gate: nothing moved beyond its margin")
     for name, c in entry["cases"].items():
@@ -486,10 +490,10 @@ def table(entry: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for name, c in entry["cases"].items():
-        runs = ", ".join(f"{r:.2f}" for r in c["runs"])
+        runs = ", ".join(f"{r:.3g}" for r in c["runs"])
         lines.append(
-            f"| {name} | {c['ratio']:.2f} [{c['q1']:.2f}, {c['q3']:.2f}] | {runs} | {c['margin_log']:.1%} "
-            f"| {c['limit']:.2f} |"
+            f"| {name} | {c['ratio']:.3g} [{c['q1']:.3g}, {c['q3']:.3g}] | {runs} | {c['margin_log']:.1%} "
+            f"| {c['limit']:.3g} |"
         )
     return "\n".join(lines)
 

@@ -181,3 +181,29 @@ def test_ci_runs_the_gate_as_its_own_step_outside_the_readme_test_command():
     steps = dict(line.split(None, 1) for line in listing.stdout.splitlines())
     assert steps["bench"] == "python benchmarks/gate.py"
     assert "gate" not in steps["tests"] and "benchmarks" not in steps["tests"]
+
+
+def test_a_refresh_from_run_files_writes_the_machine_entry_and_a_partial_one_keeps_the_rest(gate, tmp_path, capsys):
+    # Checked to fail with a partial refresh replacing the whole entry (the DDIM case and the first record lost).
+    import argparse
+
+    files = []
+    for j, r in enumerate((3.6, 3.7, 3.5, 3.65, 3.55)):
+        files.append(tmp_path / f"run{j}.json")
+        files[-1].write_text(json.dumps(_run({"DDIM vs diffusers": r, "thin_svd vs torch.linalg.svd": 2.4})))
+    baseline = tmp_path / "baseline.json"
+    args = argparse.Namespace(baseline=str(baseline), out=str(tmp_path), note="", only=None, runs=5,
+                              from_results=[str(f) for f in files])  # fmt: skip
+    assert gate.refresh(args, []) == 0
+    whole = json.loads(baseline.read_text())["machines"]["AMD EPYC | 1 thread(s)"]
+    assert whole["runs"] == 5 and whole["cases"]["DDIM vs diffusers"]["ratio"] == pytest.approx(3.6)
+    slower = tmp_path / "slower.json"
+    slower.write_text(json.dumps(_run({"thin_svd vs torch.linalg.svd": 1.2}, load=7.0)))
+    args.only, args.from_results = "thin_svd", [str(slower)]
+    assert gate.refresh(args, []) == 0
+    assert "down      thin_svd vs torch.linalg.svd: 2.400 -> 1.200 (-50.0%" in capsys.readouterr().out
+    entry = json.loads(baseline.read_text())["machines"]["AMD EPYC | 1 thread(s)"]
+    assert entry["cases"]["DDIM vs diffusers"] == whole["cases"]["DDIM vs diffusers"]
+    assert entry["cases"]["thin_svd vs torch.linalg.svd"]["ratio"] == pytest.approx(1.2)
+    assert entry["runs"] == 5 and entry["load_1min"] == whole["load_1min"]
+    assert entry["partial_refreshes"][0]["only"] == "thin_svd" and entry["partial_refreshes"][0]["load_1min"][0] == 7.0
