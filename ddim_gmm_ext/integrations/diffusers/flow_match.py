@@ -152,8 +152,8 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, FlowMatchEulerDiscre
         t, s = sig[:-1], sig[1:]
         self._run_eta = self.eta  # read once per schedule (a config lookup is a noticeable part of a step)
         # the Euler step's dt = s - t of every step, in the sigmas' dtype as the base class computes it
-        sigmas = self.sigmas.detach().to("cpu")
-        self._euler_dt = (sigmas[1:] - sigmas[:-1]).tolist()
+        sig32 = self.sigmas.detach().to("cpu")
+        self._euler_dt = (sig32[1:] - sig32[:-1]).tolist()
         self._set_rows(
             coefficient_rows(1 - t, t, 1 - s, s, self._run_eta * s, self.config.final_step).to(self.sigmas.device)
         )
