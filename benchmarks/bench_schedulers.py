@@ -152,23 +152,38 @@ def _dpm_scheduler(which, algorithm):
     )
 
 
-def _dpm_case(which, algorithm, shape, generator):
-    """The middle step of a 20-step schedule, after the steps before it (so the order-2 history and the order
-    count are a real run's), re-run in place: the history keeps its length (the newest x0 replaces the oldest)."""
-    s = _dpm_scheduler(which, algorithm)
+def _multistep_case(s, shape, generator):
+    """The middle step of a 20-step schedule of the multistep scheduler ``s``, after the steps before it (so the
+    history and the order count are a real run's), re-run in place: the history keeps its length (the newest
+    output replaces the oldest)."""
     s.set_timesteps(DPM_STEPS)
     x, m = torch.randn(shape), torch.randn(shape)
-    gen = torch.Generator().manual_seed(0) if generator else None
+    # no generator keyword without a generator: UniPC's step has none
+    gen = {"generator": torch.Generator().manual_seed(0)} if generator else {}
     i = DPM_STEPS // 2
     for t in s.timesteps[:i]:
-        s.step(m, t, x, generator=gen)
+        s.step(m, t, x, **gen)
     t = s.timesteps[i]
 
     def step():
         s._step_index = i  # the base class counts steps; keep stepping the same one
-        return s.step(m, t, x, generator=gen)
+        return s.step(m, t, x, **gen)
 
     return step
+
+
+def _dpm_case(which, algorithm, shape, generator):
+    return _multistep_case(_dpm_scheduler(which, algorithm), shape, generator)
+
+
+def _unipc_case(which, shape):
+    """UniPC (bh2, order 2, the corrector on: diffusers' defaults) at the middle step of 20; deterministic."""
+    from diffusers import UniPCMultistepScheduler
+
+    from ddim_gmm_ext.diffusers import UniPCMultistepGMMScheduler
+
+    cls = UniPCMultistepGMMScheduler if which == "ours" else UniPCMultistepScheduler
+    return _multistep_case(cls(), shape, generator=False)
 
 
 def _dpm_loop_case(which, algorithm, generator, shape=(1, 4, 64, 64), steps=DPM_STEPS):
@@ -197,6 +212,12 @@ def _dpm_loop_case(which, algorithm, generator, shape=(1, 4, 64, 64), steps=DPM_
 @pytest.mark.parametrize("which", ["ours", "diffusers"])
 def test_dpm_step_vs_base(benchmark, which, algorithm, shape, generator):
     benchmark(_dpm_case(which, algorithm, shape, generator))
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 64, 64), (4, 4, 128, 128)], ids=["1x4x64x64", "4x4x128x128"])
+@pytest.mark.parametrize("which", ["ours", "diffusers"])
+def test_unipc_step_vs_base(benchmark, which, shape):
+    benchmark(_unipc_case(which, shape))
 
 
 @pytest.mark.parametrize("generator", [False, True], ids=["no_generator", "generator"])

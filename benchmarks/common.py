@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -87,6 +88,72 @@ def cpu_times(fn: Callable[[], object], repeats: int) -> dict:
         "median_cpu_ms": statistics.median(cpu),
         "ms": wall,
     }
+
+
+def quartiles(xs: list[float]) -> dict:
+    """Median, quartiles, min and max of ``xs``."""
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "q1": q[0], "q3": q[2], "min": min(xs), "max": max(xs)}
+
+
+def _block(fn: Callable[[], object], n: int) -> tuple[float, float, float, float]:
+    """``n`` back-to-back calls: wall and process-CPU microseconds per call over the block, the median of the
+    calls' own wall times (a call during which the process was descheduled is an outlier there, not a shift of
+    the whole block) and the minor page faults per call (fresh memory an allocation had to fault in)."""
+    clock = time.perf_counter
+    each = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    w, c = clock(), time.process_time()
+    for _ in range(n):
+        t = clock()
+        fn()
+        each.append(clock() - t)
+    wall, cpu = 1e6 * (clock() - w) / n, 1e6 * (time.process_time() - c) / n
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n
+    return wall, cpu, 1e6 * statistics.median(each), faults
+
+
+#: calls per block from which the per-call median is the steadier figure
+MIN_CALLS_FOR_MEDIAN = 5
+
+
+def interleaved(methods: dict[str, Callable[[], object]], rounds: int, block_ms: float, min_calls: int = 1) -> dict:
+    """Times ``methods`` side by side: after a warm-up each gets a block of back-to-back calls sized to about
+    ``block_ms`` (at least ``min_calls`` calls), one block per method per round, the order reversed every other
+    round, so that load on a shared machine falls on all of them alike. Per method: us per call (median and
+    quartiles of the rounds' block means, wall; median process CPU); per other method the per-round ratio
+    other / first of wall time, process-CPU time and, where every method made at least MIN_CALLS_FOR_MEDIAN
+    calls a block, of the blocks' median call times ("call"): a ratio above 1, the first is faster."""
+    calls = {}
+    for name, fn in methods.items():
+        fn()
+        per_call = min(_block(fn, 1)[0] for _ in range(3))  # the fastest: a preempted call would shrink the block
+        calls[name] = max(min_calls, int(1e3 * block_ms / max(per_call, 1.0)))
+    keys = ("wall", "cpu", "call", "faults")
+    times: dict[str, dict[str, list[float]]] = {name: {key: [] for key in keys} for name in methods}
+    order = list(methods)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            for key, value in zip(keys, _block(methods[name], calls[name]), strict=True):
+                times[name][key].append(value)
+    out: dict = {
+        name: {
+            "calls_per_block": calls[name],
+            "wall_us": quartiles(times[name]["wall"]),
+            "median_cpu_us": statistics.median(times[name]["cpu"]),
+            "median_call_us": statistics.median(times[name]["call"]),
+            "page_faults_per_call": statistics.mean(times[name]["faults"]),
+        }
+        for name in methods
+    }
+    kinds = ("wall", "cpu") + (("call",) if min(calls.values()) >= MIN_CALLS_FOR_MEDIAN else ())
+    first, *others = methods
+    for name in others:
+        out[f"ratio {name} / {first}"] = {
+            kind: quartiles([o / f for o, f in zip(times[name][kind], times[first][kind], strict=True)])
+            for kind in kinds
+        }
+    return out
 
 
 def write_json(doc: dict, device: str, out: str | None, default_name: str) -> str:

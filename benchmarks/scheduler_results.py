@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 from bench_schedulers import (
@@ -27,7 +25,7 @@ from bench_schedulers import (
     _dpm_loop_case,
     _new_family_case,
 )
-from common import write_json
+from common import interleaved, write_json
 
 import ddim_gmm_ext
 
@@ -66,46 +64,6 @@ def cases():
                       "steps": 20}  # fmt: skip
             name = f"DPM {algorithm} 20-step loop, 3x3 conv model, {'generator' if gen else 'no generator'}"
             out.append((name, params, methods))
-    return out
-
-
-def _quartiles(xs):
-    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-    return {"median": statistics.median(xs), "q1": q[0], "q3": q[2], "min": min(xs), "max": max(xs)}
-
-
-def _block(fn, n):
-    w, c = time.perf_counter(), time.process_time()
-    for _ in range(n):
-        fn()
-    return 1e6 * (time.perf_counter() - w) / n, 1e6 * (time.process_time() - c) / n
-
-
-def interleaved(methods, rounds, block_ms):
-    """Per method: us per call (median / quartiles of the rounds' block means, wall; median CPU); per other
-    method the per-round ratio other / first."""
-    calls = {}
-    for name, fn in methods.items():  # warm up, then size each method's block to about block_ms
-        for _ in range(3):
-            fn()
-        per_call, _ = _block(fn, 3)
-        calls[name] = max(1, int(1e3 * block_ms / max(per_call, 1.0)))
-    wall = {name: [] for name in methods}
-    cpu = {name: [] for name in methods}
-    order = list(methods)
-    for r in range(rounds):
-        for name in order if r % 2 == 0 else order[::-1]:
-            w, c = _block(methods[name], calls[name])
-            wall[name].append(w)
-            cpu[name].append(c)
-    out = {name: {"calls_per_block": calls[name], "wall_us": _quartiles(wall[name]),
-                  "median_cpu_us": statistics.median(cpu[name])} for name in methods}  # fmt: skip
-    first, *others = methods
-    for name in others:
-        out[f"ratio {name} / {first}"] = {
-            "wall": _quartiles([o / f for o, f in zip(wall[name], wall[first], strict=True)]),
-            "cpu": _quartiles([o / f for o, f in zip(cpu[name], cpu[first], strict=True)]),
-        }
     return out
 
 

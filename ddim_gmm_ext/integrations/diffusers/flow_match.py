@@ -48,7 +48,8 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
 
         x0 = x - t v,   eps = x + (1 - t) v,   x_s = (1 - s) x0 + sqrt(s^2 - c^2) eps + c z,   c = rfim_eta * s
 
-    rfim_eta = 0 is the Euler step x + (s - t) v of the base class; rfim_eta = 1 is its ``stochastic_sampling``
+    rfim_eta = 0 is the Euler step x + (s - t) v of the base class (with GMM off, outside ``torch.compile``, one
+    ``torch.add``: the fused op's fixed cost is more than that step); rfim_eta = 1 is its ``stochastic_sampling``
     step (1 - s) x0 + s z. With GMM on, c z becomes delta_k + sqrt(max(c^2 - v_k, 0)) z (k ~ Categorical(pi)),
     which keeps E[x_s | x0] = (1 - s) x0 and the per-coordinate variance s^2 of the exact-velocity marginal; the
     GMM needs noise (rfim_eta > 0) to replace.
@@ -153,6 +154,9 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
             raise ValueError(f"the schedule's sigmas must lie in [0, 1], got {sig.tolist()[:8]}")
         t, s = sig[:-1], sig[1:]
         self._run_eta = self.eta  # read once per schedule (a config lookup is a noticeable part of a step)
+        # the Euler step's dt = s - t of every step, in the sigmas' dtype as the base class computes it
+        sig32 = self.sigmas.detach().to("cpu")
+        self._euler_dt = (sig32[1:] - sig32[:-1]).tolist()
         self._set_rows(
             coefficient_rows(1 - t, t, 1 - s, s, self._run_eta * s, self.config.final_step).to(self.sigmas.device)
         )
@@ -226,6 +230,17 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
             sample = sample.to(torch.float32)  # type: ignore[assignment]
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
+        if gmm is None and self._run_eta == 0 and not isinstance(i, torch.Tensor):
+            # The deterministic step is x + (s - t) v: one torch.add moves the same bytes as the fused op (read x
+            # and v, write x_s) without the op's fixed cost, which at small shapes exceeded the base class's two
+            # eager ops. Under torch.compile (i a device tensor) the op's path stays.
+            prev_sample = torch.add(sample, model_output, alpha=self._euler_dt[i])
+            self._step_index += 1  # type: ignore[assignment,operator]  # diffusers types _step_index as None
+            if prev_sample.dtype != model_output.dtype:
+                prev_sample = prev_sample.to(model_output.dtype)
+            if not return_dict:
+                return (prev_sample,)
+            return scheduler_output(FlowMatchEulerDiscreteSchedulerOutput, prev_sample=prev_sample)
 
         noise = components = None
         if self._run_eta > 0 and self._torch_noise(generator, gmm):  # as the base class's stochastic_sampling
