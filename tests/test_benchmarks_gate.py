@@ -207,3 +207,33 @@ def test_a_refresh_from_run_files_writes_the_machine_entry_and_a_partial_one_kee
     assert entry["cases"]["thin_svd vs torch.linalg.svd"]["ratio"] == pytest.approx(1.2)
     assert entry["runs"] == 5 and entry["load_1min"] == whole["load_1min"]
     assert entry["partial_refreshes"][0]["only"] == "thin_svd" and entry["partial_refreshes"][0]["load_1min"][0] == 7.0
+
+
+def test_a_machine_without_a_baseline_is_held_to_no_drop_in_slower_than_upstream(gate, tmp_path, monkeypatch, capsys):
+    # Another CPU family has no baseline of its own: its scheduler and thin-SVD cases must still be >= 1x their
+    # upstream (confirmed by a re-measurement), its op-vs-copy cases are not judged. Checked to fail with the
+    # floor's groups emptied (the slow scheduler passes) and with the old rule (any run without a baseline fails).
+    import argparse
+
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps({"machines": {"Intel Xeon | 1 thread(s)": _baseline(gate)}}))
+    measured = [{"DDIM vs diffusers": 1.5, "op vs copy": 0.1, "thin_svd vs torch.linalg.svd": 0.8}]
+
+    def fake_run(selected, out_dir, note=""):
+        doc = _run(measured.pop(0))
+        for case in doc["cases"]:
+            case["group"] = {"DDIM": "scheduler", "op": "op", "thin_svd": "thin_svd"}[case["case"].split()[0]]
+        return doc
+
+    monkeypatch.setattr(gate, "run_gate", fake_run)
+    selected = [gate.Case(n, "scheduler", dict, 1, 1.0) for n in ("DDIM vs diffusers", "thin_svd vs torch.linalg.svd")]
+    args = argparse.Namespace(baseline=str(baseline), out=str(tmp_path / "out"), note="", only=None)
+    measured.append({"thin_svd vs torch.linalg.svd": 0.85})  # the re-measurement confirms it
+    assert gate.check(args, selected) == 1
+    captured = capsys.readouterr()
+    assert (
+        "no baseline for this machine" in captured.err and "gate: FAILED: thin_svd vs torch.linalg.svd" in captured.err
+    )
+    assert "DDIM" not in captured.err.split("FAILED")[1] and "op vs copy" not in captured.err.split("FAILED")[1]
+    measured[:] = [{"DDIM vs diffusers": 1.5, "op vs copy": 0.1, "thin_svd vs torch.linalg.svd": 1.2}]
+    assert gate.check(args, selected) == 0
