@@ -35,6 +35,7 @@ from . import distributed
 from .sampling import (
     GMM_VARIANTS,
     MatchedNoise,
+    check_final_alpha,
     ddim_noise_stds,
     make_gmms,
     rfim_noise_stds,
@@ -81,6 +82,7 @@ class Sweep:
     noise: str | None = None  # x_T: "torch" (digits' torch.randn of the seed) or "philox"; None: by data set
     model_batch: int | None = None  # model calls on chunks of this many global sample indices (None: one batch)
     fid: bool = False  # fashion: also the Inception FID (the fid extra)
+    final_alpha: str = "one"  # ddim: the last step to abar = 1 (x0_hat) or "abar0" (quality.sampling.FINAL_ALPHAS)
 
     @property
     def dim(self) -> int:
@@ -128,6 +130,7 @@ class Sweep:
         for seed in self.seeds:
             check_seed(seed, "seeds")
         check_final_step(self.final_step)
+        check_final_alpha(self.final_alpha)
         if not self.gmm_steps:
             raise ValueError("gmm_steps must not be empty")
         for policy in self.gmm_steps:
@@ -144,12 +147,22 @@ class Sweep:
 def load_model(spec: str, family: str = "ddim", dim: int = DIM):
     """The model named by ``spec``: "digits" (the shipped network of ``family``), "fashion" (the shipped
     Fashion-MNIST eps model; ddim only), "fashion:PATH" (a folder holding fashion_eps.pt / .json, or a training
-    checkpoint fashion_eps.ckpt, whose EMA weights are used) or "module:callable", checked on a [2, dim] batch
-    before any sampling (ValueError naming --model on failure)."""
+    checkpoint fashion_eps.ckpt, whose EMA weights are used), "exact-fashion[:N]" / "exact-digits[:N]" (the
+    exact denoiser of the first N training images, :mod:`ddim_gmm_ext.quality.exact`; ddim only) or
+    "module:callable", checked on a [2, dim] batch before any sampling (ValueError naming --model on failure)."""
     if spec == "digits":
         from . import digits
 
         model = digits.load(FAMILIES[family][2])
+    elif spec.startswith("exact-"):
+        from . import exact
+
+        if family != "ddim":
+            raise ValueError(f"--model {spec!r} is an epsilon model: use --family ddim")
+        try:
+            model = exact.load(spec).eps_model
+        except (FileNotFoundError, ValueError) as error:
+            raise ValueError(f"--model {spec!r}: {error}") from error
     elif spec == "fashion" or spec.startswith("fashion:"):
         from . import fashion
 
@@ -245,6 +258,7 @@ def sample_and_score(
             gmm_steps=policies,
             sample_offset=offset,
             model_batch=sweep.model_batch,
+            **({"final_alpha": sweep.final_alpha} if sweep.family == "ddim" else {}),
         )
     pairs = zip(entries, xs, clips, strict=True)
     return [
@@ -259,7 +273,7 @@ def policy_entries(sweep: Sweep, sampler_list, gmms, steps: int, eta: float, bas
     control (:class:`MatchedNoise` at the steps that GMM acts, variant "noise~..."). Returns
     ([(name, variant, scale, entry of gmms)], the gmm_steps policy of each, the fraction of its mixture steps
     whose kernel clips, None for the baseline and the controls)."""
-    stds = NOISE_STDS[sweep.family](steps, eta)
+    stds = ddim_noise_stds(steps, eta, sweep.final_alpha) if sweep.family == "ddim" else rfim_noise_stds(steps, eta)
     g = [1.0] * (steps - 1) + [0.0 if sweep.final_step == "gaussian" else 1.0]  # the final_step rule
     entries: list[tuple] = []
     policies: list = []
