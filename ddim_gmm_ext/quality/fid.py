@@ -244,25 +244,36 @@ class _Precomputed(nn.Module):
         return features
 
 
-def kid(real: torch.Tensor, fake: torch.Tensor, degree: int = 3, coef: float = 1.0) -> float:
+def _poly_kernel_sum(a: torch.Tensor, b: torch.Tensor, degree: int, coef: float, chunk: int = 1024) -> float:
+    """sum_ij (a_i . b_j / F + coef)^degree, ``chunk`` rows of a at a time (memory [chunk, len(b)])."""
+    gamma = 1.0 / a.shape[1]
+    return math.fsum(
+        float(((a[j : j + chunk] @ b.T) * gamma + coef).pow(degree).sum()) for j in range(0, len(a), chunk)
+    )
+
+
+def kid_within(x: torch.Tensor, degree: int = 3, coef: float = 1.0) -> float:
+    """The within-set term of :func:`kid`, sum_{i != j} k(x_i, x_j) / (m (m - 1)) (fixed for a reference set)."""
+    x = x.double()
+    diagonal = float(((x * x).sum(1) / x.shape[1] + coef).pow(degree).sum())
+    return (_poly_kernel_sum(x, x, degree, coef) - diagonal) / (len(x) * (len(x) - 1))
+
+
+def kid(
+    real: torch.Tensor, fake: torch.Tensor, degree: int = 3, coef: float = 1.0, real_within: float | None = None
+) -> float:
     """Kernel Inception Distance: the unbiased MMD^2 between feature sets [m, F] and [n, F] (any sizes) with
     the polynomial kernel (x.y / F + coef)^degree of Binkowski et al. (2018), as torchmetrics' ``poly_mmd`` (which
-    needs m = n and averages over random subsets; this is the full-set statistic, deterministic), in float64."""
+    needs m = n and averages over random subsets; this is the full-set statistic, deterministic), in float64.
+    ``real_within``: :func:`kid_within` of ``real``, computed once for a fixed reference set."""
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"real and fake must be [m, F] and [n, F], got {tuple(real.shape)} and {tuple(fake.shape)}")
-    m, n = len(real), len(fake)
-    if m < 2 or n < 2:
+    if len(real) < 2 or len(fake) < 2:
         raise ValueError("KID needs at least 2 rows in each set")
     x, y = real.double(), fake.double()
-    gamma = 1.0 / x.shape[1]
-
-    def kernel_sum(a, b):
-        return float(((a @ b.T) * gamma + coef).pow(degree).sum())
-
-    def off_diagonal(a):
-        return kernel_sum(a, a) - float(((a * a).sum(1) * gamma + coef).pow(degree).sum())
-
-    return off_diagonal(x) / (m * (m - 1)) + off_diagonal(y) / (n * (n - 1)) - 2 * kernel_sum(x, y) / (m * n)
+    within = kid_within(x, degree, coef) if real_within is None else real_within
+    cross = _poly_kernel_sum(y, x, degree, coef) / (len(x) * len(y))
+    return within + kid_within(y, degree, coef) - 2 * cross
 
 
 def uint8_sha256(images: torch.Tensor) -> str:
@@ -303,6 +314,7 @@ class InceptionScorer:
 
         self._fid = FrechetInceptionDistance(feature=_Precomputed(self.real.shape[1]), reset_real_features=False)
         self._fid.update(self.real, real=True)
+        self._real_within = kid_within(self.real)
 
     def features(self, samples: torch.Tensor) -> torch.Tensor:
         """Inception pool3 features [n, 2048] float64 of samples [n, 784] (data scale, quantised to uint8)."""
@@ -312,7 +324,7 @@ class InceptionScorer:
         """{"fid", "kid"} of sample features [n, 2048] against the reference."""
         self._fid.reset()  # keeps the reference statistics
         self._fid.update(features, real=False)
-        return {"fid": float(self._fid.compute()), "kid": kid(self.real, features)}
+        return {"fid": float(self._fid.compute()), "kid": kid(self.real, features, real_within=self._real_within)}
 
     def __call__(self, samples: torch.Tensor) -> dict:
         """{"fid", "kid"} of samples [n, 784]; inf for both when any sample is non-finite."""

@@ -11,7 +11,7 @@ import torch
 
 from ddim_gmm_ext.gmm import GMM
 from ddim_gmm_ext.quality import exact, fashion, study
-from ddim_gmm_ext.quality.fid import InceptionScorer, kid, uint8_sha256
+from ddim_gmm_ext.quality.fid import InceptionScorer, _poly_kernel_sum, kid, kid_within, uint8_sha256
 from ddim_gmm_ext.quality.metrics import frechet_distance, holm, paired_test
 from ddim_gmm_ext.quality.sampling import (
     LowRankNoise,
@@ -91,7 +91,8 @@ def test_exact_denoiser_identity_and_errors():
 
 
 def test_kid_is_torchmetrics_poly_mmd_and_unbiased():
-    # Mutation checked: keeping the kernel's diagonal in the within-set sums (biased MMD) fails both checks.
+    # Mutation checked: keeping the kernel's diagonal in the within-set sums (biased MMD) fails both checks; so
+    # does a chunked kernel sum that drops the last partial chunk (range(0, len(a) - chunk + 1, chunk)).
     from torchmetrics.image.kid import poly_mmd
 
     g = torch.Generator().manual_seed(0)
@@ -106,6 +107,8 @@ def test_kid_is_torchmetrics_poly_mmd_and_unbiased():
     kxx, kyy, kxy = k(a, a), k(c, c), k(a, c)
     expected = (kxx.sum() - kxx.trace()) / (40 * 39) + (kyy.sum() - kyy.trace()) / (25 * 24) - 2 * kxy.mean()
     assert kid(a, c) == pytest.approx(float(expected), rel=1e-10)
+    assert _poly_kernel_sum(a, c, 3, 1.0, chunk=7) == pytest.approx(float(kxy.sum()), rel=1e-12)
+    assert kid(a, c, real_within=kid_within(a)) == kid(a, c)
     many = torch.randn(4000, 8, generator=g, dtype=torch.float64)
     assert abs(kid(many[:2000], many[2000:])) < 0.01
 
