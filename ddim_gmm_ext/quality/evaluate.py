@@ -109,8 +109,8 @@ class Sweep:
             raise ValueError(f"variants: unknown {unknown}; choose from {GMM_VARIANTS}")
         if not self.steps or any(not isinstance(s, int) or s < 1 for s in self.steps):
             raise ValueError(f"steps must be integers >= 1, got {self.steps}")
-        if self.family == "ddim" and max(self.steps) > 1000:
-            raise ValueError(f"steps must be <= 1000 (the training timesteps), got {max(self.steps)}")
+        if self.family == "ddim" and max(self.steps) > 999:  # leading timesteps + 1 reach t = 1000 at 1000 steps
+            raise ValueError(f"steps must be <= 999 (the leading timesteps + 1 of 1000), got {max(self.steps)}")
         if not self.etas or any(not (e >= 0 and math.isfinite(e)) for e in self.etas):
             raise ValueError(f"etas must be finite and >= 0, got {self.etas}")
         if self.family == "rfim" and max(self.etas) > 1:

@@ -180,13 +180,19 @@ def check_final_alpha(final_alpha) -> None:
 
 
 def vp_schedule(steps: int, final_alpha: str = "one"):
-    """[(t, abar_t, abar_prev)] in sampling order: t the training timestep the model sees; the last step's
-    abar_prev is 1 or abar_0 (``final_alpha``, see :data:`FINAL_ALPHAS`)."""
+    """[(t, abar_t, abar_prev)] in sampling order: t the training timestep the model sees; the last step goes
+    to abar = 1 (``final_alpha`` "one", whatever its previous timestep: with 501-999 steps that is t = 0) or to
+    abar_0 (see :data:`FINAL_ALPHAS`)."""
     check_final_alpha(final_alpha)
+    n_train = BETAS["num_train_timesteps"]
+    if not 1 <= steps < n_train:  # leading spacing with offset 1 reaches t = 1000 at 1000 steps
+        raise ValueError(f"steps must be in [1, {n_train - 1}] (leading timesteps + 1), got {steps}")
     abar = training_alphas_cumprod()
-    end = torch.ones((), dtype=abar.dtype) if final_alpha == "one" else abar[0]
-    timesteps, prev = reference.ddim_timesteps(steps, BETAS["num_train_timesteps"], "leading", steps_offset=1)
-    return [(int(t), abar[t], abar[p] if p >= 0 else end) for t, p in zip(timesteps, prev, strict=False)]
+    timesteps, prev = reference.ddim_timesteps(steps, n_train, "leading", steps_offset=1)
+    out = [(int(t), abar[t], abar[p] if p >= 0 else abar[0]) for t, p in zip(timesteps, prev, strict=False)]
+    if final_alpha == "one":
+        out[-1] = (out[-1][0], out[-1][1], torch.ones((), dtype=abar.dtype))
+    return out
 
 
 def check_finite(xs, step_index: int, where: str) -> None:

@@ -516,13 +516,18 @@ def run_stage(stage: Stage, out_path, log=print, inception=None) -> dict:
     nearest = None
     extra: dict = old.get("memorisation", {})
     if isinstance(model, ExactDenoiser):
-        train = model.images
+        # the training set is the model's: its samples' distance to it, and the floor drawn from it
+        train, train_name = model.images, f"the model's {len(model.images)} training images"
 
         def nearest(x):
-            return nearest_distances(x, train)
+            return nearest_distances(x, model.images)
 
         if not extra:
             extra = {"reference_nearest_train_median": float(nearest(reference).median())}
+    else:
+        from . import fashion
+
+        train, train_name = fashion.load_images("train").flatten(1), "Fashion-MNIST's 60,000 training images"
     start = time.perf_counter()
 
     def save(summary=None):
@@ -546,12 +551,10 @@ def run_stage(stage: Stage, out_path, log=print, inception=None) -> dict:
         tmp.write_text(json.dumps(payload, indent=1) + "\n")
         tmp.replace(out_path)
 
-    if "train_floor" not in extra:  # real training images against the same reference: the floor of n samples
-        from . import fashion
-
-        train = fashion.load_images("train").flatten(1)
+    if "train_floor" not in extra:  # n training images against the same reference: what a copying sampler scores
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: stage.samples]
-        extra["train_floor"] = {"n": stage.samples, "subset": "randperm(60000, seed 0)[:n]", **scorer(train[pick])}
+        subset = f"randperm({len(train)}, seed 0)[:{len(pick)}] of {train_name}"
+        extra["train_floor"] = {"n": len(pick), "subset": subset, **scorer(train[pick])}
     for phase, seeds in (
         ("select", stage.select_seeds if stage.variants or len(stage.etas) > 1 else ()),
         ("score", stage.seeds),

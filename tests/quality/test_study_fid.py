@@ -35,10 +35,11 @@ def _constant_x0_model(target: torch.Tensor):
     return model
 
 
-@pytest.mark.parametrize("steps, eta", [(7, 0.0), (13, 1.0)])
+@pytest.mark.parametrize("steps, eta", [(7, 0.0), (13, 1.0), (999, 0.0)])
 def test_last_step_returns_x0_hat(steps, eta):
     # Mutation checked: vp_schedule ending at abar[0] whatever final_alpha (the old end) fails: the output keeps
-    # noise of std b_0 ~ 0.039 around target.
+    # noise of std b_0 ~ 0.039 around target; so does going to 1 only where the previous timestep is < 0 (999
+    # steps: ratio 1, the last step is t = 1 -> 0).
     target = torch.linspace(-1, 1, 16)
     x_T = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
     (clean,) = sample_ddim(_constant_x0_model(target), x_T, steps, eta, [None], seed=1)
@@ -49,6 +50,8 @@ def test_last_step_returns_x0_hat(steps, eta):
     assert (old - target).abs().max() > 1e-3  # latent-diffusion's end keeps part of the noise
     with pytest.raises(ValueError, match="final_alpha"):
         sample_ddim(_constant_x0_model(target), x_T, steps, eta, [None], seed=1, final_alpha="zero")
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 999\]"):
+        vp_schedule(1000)
 
 
 def _posterior_mean_bruteforce(images: torch.Tensor, x: torch.Tensor, abar: float) -> torch.Tensor:
@@ -229,6 +232,8 @@ def test_tiny_stage_end_to_end(tmp_path):
     assert payload["reference"]["n"] == 40 and payload["reference"]["name"].startswith("Fashion-MNIST test")
     assert payload["stage"]["scales"] == [0.0, 1.0, 3.0] and payload["stage"]["seeds"] == [0, 1]
     assert "selection_rule" in payload and "paired t-test" in payload["statistics"]
+    # the floor is drawn from the exact model's own training set, as its samples are
+    assert payload["memorisation"]["train_floor"]["subset"].endswith("of the model's 300 training images")
     assert {r["seed"] for r in payload["rows"] if r["phase"] == "select"} == {2}
     for cell in summary["cells"]:
         choice = cell["variants"]["ortho-lr"]
