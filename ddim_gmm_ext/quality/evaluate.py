@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,7 +53,10 @@ DATASETS = {
     "fashion": (784, "fashion-FD", "Fashion-MNIST's 10,000 test images"),
 }
 NOISES = ("torch", "philox")
-FAMILIES = {"ddim": ("DDIM", sample_ddim, "eps"), "rfim": ("RFIM", sample_rfim, "flow")}
+FAMILIES: dict[str, tuple[str, Callable[..., list], str]] = {
+    "ddim": ("DDIM", sample_ddim, "eps"),
+    "rfim": ("RFIM", sample_rfim, "flow"),
+}
 NOISE_STDS = {"ddim": ddim_noise_stds, "rfim": rfim_noise_stds}
 METRICS = ("fd", "precision", "recall")
 #: the variant of a GMM sampler's matched-noise control is this prefix + the GMM's variant ("noise~ortho-lr")
@@ -150,6 +154,7 @@ def load_model(spec: str, family: str = "ddim", dim: int = DIM):
     checkpoint fashion_eps.ckpt, whose EMA weights are used), "exact-fashion[:N]" / "exact-digits[:N]" (the
     exact denoiser of the first N training images, :mod:`ddim_gmm_ext.quality.exact`; ddim only) or
     "module:callable", checked on a [2, dim] batch before any sampling (ValueError naming --model on failure)."""
+    model: Callable
     if spec == "digits":
         from . import digits
 
@@ -160,7 +165,7 @@ def load_model(spec: str, family: str = "ddim", dim: int = DIM):
         if family != "ddim":
             raise ValueError(f"--model {spec!r} is an epsilon model: use --family ddim")
         try:
-            model = exact.load(spec).eps_model
+            model = exact.load(spec)  # callable: its __call__ is eps_model
         except (FileNotFoundError, ValueError) as error:
             raise ValueError(f"--model {spec!r}: {error}") from error
     elif spec == "fashion" or spec.startswith("fashion:"):
