@@ -24,7 +24,12 @@ import torch
 
 from ._checks import FINAL_STEPS, check_seed
 from .gmm import GMM_STEP_POLICIES
-from .quality.sampling import GMM_VARIANTS
+from .quality.sampling import FINAL_ALPHAS, GMM_VARIANTS
+
+FINAL_ALPHA_HELP = (
+    "ddim: where the last step goes: one (default): abar = 1, the output is x0_hat (a pixel-space model's clean "
+    "sample); abar0: the training schedule's abar_0 (latent-diffusion's convention, which leaves noise of std ~0.04)"
+)
 
 #: The largest offset scale s the CLI takes: offsets of norm s on digits of norm <= 8 (64 values in [-1, 1]);
 #: beyond about 1e3 a sampler only measures added noise, and 1e6 keeps the tables' s^2 and the samples far
@@ -110,7 +115,8 @@ def _check_samples_memory(args, samples: int, dim: int) -> None:
 
 
 def _dataset(model: str) -> str:
-    return "fashion" if model == "fashion" or model.startswith("fashion:") else "digits"
+    fashion = model == "fashion" or model.startswith(("fashion:", "exact-fashion"))
+    return "fashion" if fashion else "digits"
 
 
 def _fashion_data_check(args, *splits: str) -> None:
@@ -217,6 +223,7 @@ def cmd_sample(args) -> int:
         scale_per_dim=args.scale_per_dim,
         components=args.components,
         final_step=args.final_step,
+        final_alpha=args.final_alpha,
         seed=args.seed,
         model_batch=args.model_batch,
     )
@@ -251,6 +258,7 @@ def _eval_settings(args) -> dict[str, Any]:
         "components": args.components,
         "final_step": args.final_step,
         "scale_per_dim": args.scale_per_dim,
+        "final_alpha": args.final_alpha,
         "precision_floor": args.precision_floor,
         "controls": not args.no_controls,
         "gmm_steps": args.gmm_steps or ["all"],
@@ -362,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default="digits",
         help="'digits' (shipped), 'fashion' (the shipped Fashion-MNIST eps model; 'fashion:FOLDER' or "
-        "'fashion:PATH.ckpt' for a train-fashion output or checkpoint; runs under torchrun too) or "
+        "'fashion:PATH.ckpt' for a train-fashion output or checkpoint; runs under torchrun too), "
+        "'exact-fashion[:N]' / 'exact-digits[:N]' (the exact denoiser of the first N training images) or "
         "'module:callable': eps(x [B, 64], t [B] int64 timesteps) for ddim, v(x [B, 64], t [B] float in [0, 1]) "
         "for rfim",
     )
@@ -397,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="gaussian",
         help="gaussian (default, the paper's model): no mixture on the last step; gmm: offsets on every step",
     )
+    ev.add_argument("--final-alpha", choices=FINAL_ALPHAS, default="one", help=FINAL_ALPHA_HELP)
     ev.add_argument(
         "--scale-per-dim",
         action="store_true",
@@ -453,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument(
         "--model",
         default="fashion",
-        help="'fashion' (default; 'fashion:FOLDER' or 'fashion:PATH.ckpt'), 'digits' or 'module:callable' (with --dim)",
+        help="'fashion' (default; 'fashion:FOLDER' or 'fashion:PATH.ckpt'), 'digits', 'exact-fashion[:N]' / "
+        "'exact-digits[:N]' (the exact denoiser of a training set) or 'module:callable' (with --dim)",
     )
     sa.add_argument("--dim", type=_positive_int, help="D of a module:callable model")
     sa.add_argument("--family", choices=tuple(EVAL_DEFAULTS), default="ddim", help="ddim (default) or rfim")
@@ -467,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--scale-per-dim", action="store_true", help="read --scale as s / sqrt(D)")
     sa.add_argument("--components", type=_positive_int, default=8, help="K < D (default 8)")
     sa.add_argument("--final-step", choices=FINAL_STEPS, default="gaussian", help="gaussian (default) or gmm")
+    sa.add_argument("--final-alpha", choices=FINAL_ALPHAS, default="one", help=FINAL_ALPHA_HELP)
     sa.add_argument("--seed", type=_seed, default=0, help="seed of x_T, the step noise and the GMM tables")
     sa.add_argument(
         "--model-batch", type=_positive_int, default=250, help="model calls on chunks of this many samples (250)"

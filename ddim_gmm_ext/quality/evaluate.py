@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from . import distributed
 from .sampling import (
     GMM_VARIANTS,
     MatchedNoise,
+    check_final_alpha,
     ddim_noise_stds,
     make_gmms,
     rfim_noise_stds,
@@ -52,8 +54,10 @@ DATASETS = {
     "fashion": (784, "fashion-FD", "Fashion-MNIST's 10,000 test images"),
 }
 NOISES = ("torch", "philox")
-FAMILIES = {"ddim": ("DDIM", sample_ddim, "eps"), "rfim": ("RFIM", sample_rfim, "flow")}
-NOISE_STDS = {"ddim": ddim_noise_stds, "rfim": rfim_noise_stds}
+FAMILIES: dict[str, tuple[str, Callable[..., list], str]] = {
+    "ddim": ("DDIM", sample_ddim, "eps"),
+    "rfim": ("RFIM", sample_rfim, "flow"),
+}
 METRICS = ("fd", "precision", "recall")
 #: the variant of a GMM sampler's matched-noise control is this prefix + the GMM's variant ("noise~ortho-lr")
 CONTROL_PREFIX = "noise~"
@@ -82,6 +86,7 @@ class Sweep:
     noise: str | None = None  # x_T: "torch" (digits' torch.randn of the seed) or "philox"; None: by data set
     model_batch: int | None = None  # model calls on chunks of this many global sample indices (None: one batch)
     fid: bool = False  # fashion: also the Inception FID (the fid extra)
+    final_alpha: str = "one"  # ddim: the last step to abar = 1 (x0_hat) or "abar0" (quality.sampling.FINAL_ALPHAS)
 
     @property
     def dim(self) -> int:
@@ -108,8 +113,8 @@ class Sweep:
             raise ValueError(f"variants: unknown {unknown}; choose from {GMM_VARIANTS}")
         if not self.steps or any(not isinstance(s, int) or s < 1 for s in self.steps):
             raise ValueError(f"steps must be integers >= 1, got {self.steps}")
-        if self.family == "ddim" and max(self.steps) > 1000:
-            raise ValueError(f"steps must be <= 1000 (the training timesteps), got {max(self.steps)}")
+        if self.family == "ddim" and max(self.steps) > 999:  # leading timesteps + 1 reach t = 1000 at 1000 steps
+            raise ValueError(f"steps must be <= 999 (the leading timesteps + 1 of 1000), got {max(self.steps)}")
         if not self.etas or any(not (e >= 0 and math.isfinite(e)) for e in self.etas):
             raise ValueError(f"etas must be finite and >= 0, got {self.etas}")
         if self.family == "rfim" and max(self.etas) > 1:
@@ -129,6 +134,7 @@ class Sweep:
         for seed in self.seeds:
             check_seed(seed, "seeds")
         check_final_step(self.final_step)
+        check_final_alpha(self.final_alpha)
         if not self.gmm_steps:
             raise ValueError("gmm_steps must not be empty")
         for policy in self.gmm_steps:
@@ -145,12 +151,23 @@ class Sweep:
 def load_model(spec: str, family: str = "ddim", dim: int = DIM):
     """The model named by ``spec``: "digits" (the shipped network of ``family``), "fashion" (the shipped
     Fashion-MNIST eps model; ddim only), "fashion:PATH" (a folder holding fashion_eps.pt / .json, or a training
-    checkpoint fashion_eps.ckpt, whose EMA weights are used) or "module:callable", checked on a [2, dim] batch
-    before any sampling (ValueError naming --model on failure)."""
+    checkpoint fashion_eps.ckpt, whose EMA weights are used), "exact-fashion[:N]" / "exact-digits[:N]" (the
+    exact denoiser of the first N training images, :mod:`ddim_gmm_ext.quality.exact`; ddim only) or
+    "module:callable", checked on a [2, dim] batch before any sampling (ValueError naming --model on failure)."""
+    model: Callable
     if spec == "digits":
         from . import digits
 
         model = digits.load(FAMILIES[family][2])
+    elif spec.startswith("exact-"):
+        from . import exact
+
+        if family != "ddim":
+            raise ValueError(f"--model {spec!r} is an epsilon model: use --family ddim")
+        try:
+            model = exact.load(spec)  # callable: its __call__ is eps_model
+        except (FileNotFoundError, ValueError) as error:
+            raise ValueError(f"--model {spec!r}: {error}") from error
     elif spec == "fashion" or spec.startswith("fashion:"):
         from . import fashion
 
@@ -246,6 +263,7 @@ def sample_and_score(
             gmm_steps=policies,
             sample_offset=offset,
             model_batch=sweep.model_batch,
+            **({"final_alpha": sweep.final_alpha} if sweep.family == "ddim" else {}),
         )
     pairs = zip(entries, xs, clips, strict=True)
     return [
@@ -260,7 +278,7 @@ def policy_entries(sweep: Sweep, sampler_list, gmms, steps: int, eta: float, bas
     control (:class:`MatchedNoise` at the steps that GMM acts, variant "noise~..."). Returns
     ([(name, variant, scale, entry of gmms)], the gmm_steps policy of each, the fraction of its mixture steps
     whose kernel clips, None for the baseline and the controls)."""
-    stds = NOISE_STDS[sweep.family](steps, eta)
+    stds = ddim_noise_stds(steps, eta, sweep.final_alpha) if sweep.family == "ddim" else rfim_noise_stds(steps, eta)
     g = GMMOptions(final_step=sweep.final_step).final_step_g(steps)
     entries: list[tuple] = []
     policies: list = []

@@ -230,3 +230,105 @@ class FashionQuality:
             value = float(self.fid.compute())  # torchmetrics sums the states over ranks first
             out["fid"] = value if all_finite else math.inf
         return out
+
+
+class _Precomputed(nn.Module):
+    """Feature "extractor" for torchmetrics that takes features already computed (each image's Inception pass is
+    made once and feeds both FID and KID)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def _poly_kernel_sum(a: torch.Tensor, b: torch.Tensor, degree: int, coef: float, chunk: int = 1024) -> float:
+    """sum_ij (a_i . b_j / F + coef)^degree, ``chunk`` rows of a at a time (memory [chunk, len(b)])."""
+    gamma = 1.0 / a.shape[1]
+    return math.fsum(
+        float(((a[j : j + chunk] @ b.T) * gamma + coef).pow(degree).sum()) for j in range(0, len(a), chunk)
+    )
+
+
+def kid_within(x: torch.Tensor, degree: int = 3, coef: float = 1.0) -> float:
+    """The within-set term of :func:`kid`, sum_{i != j} k(x_i, x_j) / (m (m - 1)) (fixed for a reference set)."""
+    x = x.double()
+    diagonal = float(((x * x).sum(1) / x.shape[1] + coef).pow(degree).sum())
+    return (_poly_kernel_sum(x, x, degree, coef) - diagonal) / (len(x) * (len(x) - 1))
+
+
+def kid(
+    real: torch.Tensor, fake: torch.Tensor, degree: int = 3, coef: float = 1.0, real_within: float | None = None
+) -> float:
+    """Kernel Inception Distance: the unbiased MMD^2 between feature sets [m, F] and [n, F] (any sizes) with
+    the polynomial kernel (x.y / F + coef)^degree of Binkowski et al. (2018), as torchmetrics' ``poly_mmd`` (which
+    needs m = n and averages over random subsets; this is the full-set statistic, deterministic), in float64.
+    ``real_within``: :func:`kid_within` of ``real``, computed once for a fixed reference set."""
+    if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"real and fake must be [m, F] and [n, F], got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError("KID needs at least 2 rows in each set")
+    x, y = real.double(), fake.double()
+    within = kid_within(x, degree, coef) if real_within is None else real_within
+    cross = _poly_kernel_sum(y, x, degree, coef) / (len(x) * len(y))
+    return within + kid_within(y, degree, coef) - 2 * cross
+
+
+def uint8_sha256(images: torch.Tensor) -> str:
+    """sha256 of images quantised as :func:`to_uint8` (the bytes the Inception sees): a reference set's identity."""
+    return hashlib.sha256(to_uint8(images).numpy().tobytes()).hexdigest()
+
+
+class InceptionScorer:
+    """Inception FID (torchmetrics' ``FrechetInceptionDistance`` on the shipped Inception's pool3 features) and KID
+    (:func:`kid`) of samples [n, 784] (data scale) against a fixed reference set, whose size and identity
+    (``reference_name``, the sha256 of its uint8 bytes) :attr:`reference` records. Each image goes through the
+    Inception once (both metrics use those features); the reference features are cached in ``cache_dir`` (keyed
+    by the reference's and the network's hashes) when one is given."""
+
+    metrics = ("fid", "kid")
+
+    def __init__(
+        self,
+        reference: torch.Tensor,
+        reference_name: str,
+        inception: nn.Module | None = None,
+        batch: int = 100,
+        cache_dir: Path | str | None = None,
+    ):
+        self.net = inception if inception is not None else InceptionFeatures()
+        self.batch = batch
+        digest = uint8_sha256(reference)
+        self.reference = {"name": reference_name, "n": len(reference), "sha256": digest}
+        cache = Path(cache_dir) / f"inception_{digest[:16]}_{INCEPTION_SHA1[:8]}.pt" if cache_dir else None
+        if cache is not None and cache.is_file():
+            self.real = torch.load(cache)
+        else:
+            self.real = self.features(reference)
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(self.real, cache)
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self._fid = FrechetInceptionDistance(feature=_Precomputed(self.real.shape[1]), reset_real_features=False)
+        self._fid.update(self.real, real=True)
+        self._real_within = kid_within(self.real)
+
+    def features(self, samples: torch.Tensor) -> torch.Tensor:
+        """Inception pool3 features [n, 2048] float64 of samples [n, 784] (data scale, quantised to uint8)."""
+        return _batched(lambda c: self.net(to_uint8(c)), samples, self.batch).double()[: len(samples)]
+
+    def score_features(self, features: torch.Tensor) -> dict:
+        """{"fid", "kid"} of sample features [n, 2048] against the reference."""
+        self._fid.reset()  # keeps the reference statistics
+        self._fid.update(features, real=False)
+        return {"fid": float(self._fid.compute()), "kid": kid(self.real, features, real_within=self._real_within)}
+
+    def __call__(self, samples: torch.Tensor) -> dict:
+        """{"fid", "kid"} of samples [n, 784]; inf for both when any sample is non-finite."""
+        samples = samples.flatten(1)
+        if not torch.isfinite(samples).all():
+            return {"fid": math.inf, "kid": math.inf}
+        return self.score_features(self.features(samples))

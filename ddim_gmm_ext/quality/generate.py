@@ -36,6 +36,7 @@ class SampleJob:
     final_step: str = "gaussian"
     seed: int = 0
     model_batch: int = 250
+    final_alpha: str = "one"  # ddim: where the last step goes (quality.sampling.FINAL_ALPHAS)
 
 
 def sample(model, job: SampleJob, ctx: distributed.Context | None = None, progress: bool = False) -> torch.Tensor:
@@ -59,6 +60,7 @@ def sample(model, job: SampleJob, ctx: distributed.Context | None = None, progre
             final_step=job.final_step,
             sample_offset=offset,
             model_batch=job.model_batch,
+            **({"final_alpha": job.final_alpha} if job.family == "ddim" else {}),
         )[0]
 
 

