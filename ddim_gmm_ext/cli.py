@@ -24,7 +24,7 @@ import torch
 
 from ._checks import FINAL_STEPS, check_seed
 from .gmm import GMM_STEP_POLICIES
-from .quality.sampling import FINAL_ALPHAS, GMM_VARIANTS
+from .quality.sampling import FINAL_ALPHAS, GMM_VARIANTS, MAX_DDIM_STEPS
 
 FINAL_ALPHA_HELP = (
     "ddim: where the last step goes: one (default): abar = 1, the output is x0_hat (a pixel-space model's clean "
@@ -199,8 +199,8 @@ def cmd_sample(args) -> int:
         args.error(f"--dim applies to --model module:callable (the {args.model} model has D = {dim})")
     if args.variant == "off" and (args.scale is not None or args.scale_per_dim):
         args.error("--scale / --scale-per-dim apply with a GMM --variant")
-    if args.family == "ddim" and args.steps > 1000:
-        args.error(f"argument --steps: must be <= 1000 (the training timesteps), got {args.steps}")
+    if args.family == "ddim" and args.steps > MAX_DDIM_STEPS:
+        args.error(f"argument --steps: must be <= {MAX_DDIM_STEPS} (the leading timesteps + 1), got {args.steps}")
     args.scales = [args.scale if args.scale is not None else 1.0]
     _check_dimension(args, dim, gmm=args.variant != "off")
     _check_samples_memory(args, args.samples, dim)
@@ -554,8 +554,8 @@ def _nonnegative_int(text: str) -> int:
 
 def _ddim_steps(text: str) -> int:
     value = _positive_int(text)
-    if value > 1000:
-        raise argparse.ArgumentTypeError(f"must be <= 1000 (the training timesteps), got {value}")
+    if value > MAX_DDIM_STEPS:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_DDIM_STEPS} (the leading timesteps + 1), got {value}")
     return value
 
 

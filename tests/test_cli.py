@@ -38,6 +38,11 @@ def _no_work(*_, **__):
         (["demo", "--model", "analytic", "--sigma0", "nan"], "--sigma0"),
         (["demo", "--steps", "1001"], "--steps"),
         (["eval", "--steps", "1001"], "steps"),
+        # 1000 steps reach t = 1000 with the leading timesteps + 1: a traceback from the schedule before (checked
+        # to fail with the old bound of 1000)
+        (["demo", "--steps", "1000"], "--steps"),
+        (["eval", "--steps", "1000"], "steps"),
+        (["sample", "--steps", "1000", "--out", "{dir}/s.npz"], "--steps"),
         (["train-digits", "--net", "eps", "--lr", "inf"], "--lr"),
         (["train-digits", "--net", "eps", "--lr", "-1"], "--lr"),
         (["eval", "--final-step", "last"], "--final-step"),

@@ -36,6 +36,7 @@ from ..gmm_options import GMMOptions
 from . import distributed
 from .sampling import (
     GMM_VARIANTS,
+    MAX_DDIM_STEPS,
     MatchedNoise,
     check_final_alpha,
     ddim_noise_stds,
@@ -113,8 +114,8 @@ class Sweep:
             raise ValueError(f"variants: unknown {unknown}; choose from {GMM_VARIANTS}")
         if not self.steps or any(not isinstance(s, int) or s < 1 for s in self.steps):
             raise ValueError(f"steps must be integers >= 1, got {self.steps}")
-        if self.family == "ddim" and max(self.steps) > 999:  # leading timesteps + 1 reach t = 1000 at 1000 steps
-            raise ValueError(f"steps must be <= 999 (the leading timesteps + 1 of 1000), got {max(self.steps)}")
+        if self.family == "ddim" and max(self.steps) > MAX_DDIM_STEPS:
+            raise ValueError(f"steps must be <= {MAX_DDIM_STEPS} (the leading timesteps + 1), got {max(self.steps)}")
         if not self.etas or any(not (e >= 0 and math.isfinite(e)) for e in self.etas):
             raise ValueError(f"etas must be finite and >= 0, got {self.etas}")
         if self.family == "rfim" and max(self.etas) > 1:

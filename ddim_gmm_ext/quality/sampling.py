@@ -20,6 +20,8 @@ from ..gmm_options import GMMOptions
 
 # The paper's training schedule (its appendix A.5); DDIM timesteps as latent-diffusion's (leading, +1).
 BETAS: dict[str, Any] = dict(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="linear")
+#: The most DDIM steps the schedule takes: leading timesteps with offset 1 reach t = 1000 at 1000 steps.
+MAX_DDIM_STEPS = BETAS["num_train_timesteps"] - 1
 
 
 def samplers(scales, variants=GMM_VARIANTS, baseline: str | None = "DDIM", per_dim: bool = False):
@@ -185,8 +187,8 @@ def vp_schedule(steps: int, final_alpha: str = "one"):
     abar_0 (see :data:`FINAL_ALPHAS`)."""
     check_final_alpha(final_alpha)
     n_train = BETAS["num_train_timesteps"]
-    if not 1 <= steps < n_train:  # leading spacing with offset 1 reaches t = 1000 at 1000 steps
-        raise ValueError(f"steps must be in [1, {n_train - 1}] (leading timesteps + 1), got {steps}")
+    if not 1 <= steps <= MAX_DDIM_STEPS:
+        raise ValueError(f"steps must be in [1, {MAX_DDIM_STEPS}] (leading timesteps + 1), got {steps}")
     abar = training_alphas_cumprod()
     timesteps, prev = _schedules.ddim_timesteps(steps, n_train, "leading", steps_offset=1)
     out = [(int(t), abar[t], abar[p] if p >= 0 else abar[0]) for t, p in zip(timesteps, prev, strict=False)]
