@@ -123,7 +123,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
             time_shift_type=time_shift_type,
             stochastic_sampling=stochastic_sampling,
         )
-        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim, gmm_steps)
+        self._init_gmm()
 
     @property
     def eta(self) -> float:
@@ -154,7 +154,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
         t, s = sig[:-1], sig[1:]
         self._run_eta = self.eta  # read once per schedule (a config lookup is a noticeable part of a step)
         self._set_rows(
-            coefficient_rows(1 - t, t, 1 - s, s, self._run_eta * s, self.config.final_step).to(self.sigmas.device)
+            coefficient_rows(1 - t, t, 1 - s, s, self._run_eta * s, self._final_step_g(len(t))).to(self.sigmas.device)
         )
 
     def _index(self, timestep, device: torch.device):
