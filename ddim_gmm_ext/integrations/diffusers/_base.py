@@ -168,7 +168,7 @@ class GMMSchedulerMixin:
             self._refuse_gmm(f"gmm_variant={self._gmm_options.variant!r}")
         self._user_gmm: GMM | None = None
         self._built_gmm: GMM | None = None
-        self._built_key = None
+        self._built_key: tuple | None = None  # (per-sample shape, steps, device, float64) of _built_gmm
         self._rows: torch.Tensor | None = None  # [S, 6] ([S, 8] multistep) float64 on the device, gmm_steps applied
         self._ungated_rows: torch.Tensor | None = None  # the same before gmm_steps
         self._gated_for: GMM | None = None  # the GMM whose "matched" steps are in self._rows (None: not yet)
