@@ -1,4 +1,4 @@
-"""What the sampler integrations share: argument checks, seeds, GMM tables, progress bars.
+"""What the sampler integrations share: argument checks, seeds, a sampler's GMM options, progress bars.
 
 Seeds (one rule for every integration):
 
@@ -16,11 +16,7 @@ from numbers import Real
 
 import torch
 
-from .. import _checks
-from ..gmm import GMM
-from ..gmm_options import GMMOptions, check_mixture_options
-from ..gmm_options import check_gmm as check_gmm  # re-exported: the diffusers schedulers import them from here
-from ..gmm_options import check_gmm_steps as check_gmm_steps
+from ..gmm_options import GMMOptions
 
 
 def check_eta(eta, name: str = "eta") -> float:
@@ -46,21 +42,11 @@ def check_loop_arguments(model, extra_args, callback, noise_sampler=None) -> Map
     return {} if extra_args is None else extra_args
 
 
-def check_seed(seed) -> int | None:
-    """A sampler's ``seed``: None or an int in [0, 2**64)."""
-    return _checks.check_seed(seed, allow_none=True)
-
-
 def stream_seed(seed: int | None) -> int:
     """The Philox seed of one sampling run (see the module docstring)."""
     if seed is not None:
         return int(seed)  # a NumPy integer too (np.uint64 arithmetic overflows where int does not)
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-
-
-def check_gmm_options(variant, n_components, scale, scale_per_dim=None, prefix: str = "") -> None:
-    """:func:`ddim_gmm_ext.gmm_options.check_mixture_options` (the diffusers schedulers' config keys)."""
-    check_mixture_options(variant, n_components, scale, scale_per_dim, prefix)
 
 
 def multistep_weights(order: int, k: tuple[float, float, float], r0: float, r1: float) -> tuple[float, ...]:
@@ -79,30 +65,6 @@ def multistep_weights(order: int, k: tuple[float, float, float], r0: float, r1: 
     d1 = [p + r0 / (r0 + r1) * q for p, q in zip(d10, diff, strict=True)]
     d2 = [q / (r0 + r1) for q in diff]
     return tuple(k0 * (j == 0) + k1 * p + k2 * q for j, (p, q) in enumerate(zip(d1, d2, strict=True)))
-
-
-def build_gmm(
-    variant,
-    sample: torch.Tensor,
-    n_steps: int,
-    *,
-    n_components,
-    scale,
-    share_across_steps,
-    uniform_priors,
-    seed: int | None,
-    scale_per_dim: float | None = None,
-) -> GMM:
-    """:meth:`GMMOptions.build` from the options as keywords (the diffusers schedulers' config)."""
-    options = GMMOptions(
-        n_components=n_components,
-        scale=scale,
-        scale_per_dim=scale_per_dim,
-        share_across_steps=share_across_steps,
-        uniform_priors=uniform_priors,
-        seed=seed,
-    )
-    return options.build(sample, n_steps, variant)
 
 
 def sampler_options(gmm, **options) -> GMMOptions:

@@ -542,6 +542,30 @@ def test_a_non_bool_gmm_flag_is_refused_up_front():
         gd.DDIMGMMScheduler(**GMM, gmm_share_across_steps=1)
 
 
+# Mutation checked: the final-step rule (_checks.final_step_allows) leaving out step n - 2 instead of n - 1 fails
+# every case (the runs part at the step before the last); a scheduler writing g = 1 on every row ignores
+# final_step and fails its case.
+@pytest.mark.parametrize(("ours", "config"), NOISY, ids=NOISY_IDS)
+def test_final_step_gaussian_leaves_the_mixture_out_of_the_last_step_only(ours, config):
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    _, step_kwargs = _stochastic_kwargs(ours)
+
+    def samples(final_step):
+        scheduler = ours(**config, **GMM, seed=3, final_step=final_step)
+        scheduler.set_timesteps(STEPS)
+        y, out = x * getattr(scheduler, "init_noise_sigma", 1.0), []
+        for t in scheduler.timesteps:
+            inp = scheduler.scale_model_input(y, t) if hasattr(scheduler, "scale_model_input") else y
+            y = scheduler.step(_model(inp, t), t, y, **step_kwargs).prev_sample
+            out.append(y)
+        return out
+
+    gaussian, mixture = samples("gaussian"), samples("gmm")
+    for a, b in zip(gaussian[:-1], mixture[:-1], strict=True):
+        assert_close(a, b, kind="exact")
+    assert not torch.equal(gaussian[-1], mixture[-1])
+
+
 ALL_CLASSES = [*(cls for cls, _ in NOISY), gd.EulerDiscreteGMMScheduler, gd.UniPCMultistepGMMScheduler]
 
 

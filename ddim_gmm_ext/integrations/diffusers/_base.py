@@ -3,7 +3,8 @@ taken from the ``timestep`` argument, the one fused step call, and the registrat
 
 A scheduler built on :class:`GMMSchedulerMixin` (a diffusers scheduler subclass listing the mixin first):
 
-* calls :meth:`GMMSchedulerMixin._init_gmm` at the end of its ``__init__`` with the GMM config keys;
+* calls :meth:`GMMSchedulerMixin._init_gmm` at the end of its ``__init__`` (it reads the GMM config keys as one
+  :class:`~ddim_gmm_ext.gmm_options.GMMOptions`);
 * fills ``self._rows`` in ``set_timesteps`` with :func:`coefficient_rows`: one row per inference step, in
   sampling order, on the schedule's device;
 * calls :meth:`GMMSchedulerMixin._fused_step` once per ``step``.
@@ -23,18 +24,16 @@ import numpy as np
 import torch
 
 from ... import _checks, api
-from ...gmm import GMM, gmm_step_mask, validate_gmm_steps
-from .._common import build_gmm, check_gmm, check_gmm_options, check_gmm_steps, check_seed, stream_seed
+from ...gmm import GMM, gmm_step_mask
+from ...gmm_options import CONFIG_KEYS, GMMOptions, check_gmm, check_gmm_steps
+from .._common import stream_seed
 
 
-def coefficient_rows(a_t, b_t, a_s, b_s, c, final_step: str = "gmm") -> torch.Tensor:
-    """[S, 6] float64 rows (a_t, b_t, A, B, c, g) from [S] float64 path coefficients and noise stds: g = 1,
-    except g = 0 (the Gaussian step) on the last row when ``final_step`` is "gaussian"."""
+def coefficient_rows(a_t, b_t, a_s, b_s, c, g: torch.Tensor | None = None) -> torch.Tensor:
+    """[S, 6] float64 rows (a_t, b_t, A, B, c, g) from [S] float64 path coefficients, noise stds and GMM scales
+    ``g`` (default 1; a scheduler passes :meth:`GMMSchedulerMixin._final_step_g`)."""
     big_b = (b_s.square() - c.square()).clamp(min=0).sqrt()
-    g = torch.ones_like(a_t)
-    if final_step == "gaussian":
-        g[-1] = 0.0
-    return torch.stack([a_t, b_t, a_s, big_b, c, g], dim=-1)
+    return torch.stack([a_t, b_t, a_s, big_b, c, torch.ones_like(a_t) if g is None else g], dim=-1)
 
 
 def zero_snr_rows(a_t: torch.Tensor, prediction_type: str, bounded: bool, config: str) -> None:
@@ -57,18 +56,7 @@ def zero_snr_rows(a_t: torch.Tensor, prediction_type: str, bounded: bool, config
 
 
 #: this package's config keys (every scheduler's that it has): stored as Python values (:func:`python_value`)
-GMM_CONFIG_KEYS = (
-    "gmm_variant",
-    "gmm_n_components",
-    "gmm_scale",
-    "gmm_share_across_steps",
-    "gmm_uniform_priors",
-    "seed",
-    "gmm_scale_per_dim",
-    "final_step",
-    "gmm_steps",
-    "rfim_eta",
-)
+GMM_CONFIG_KEYS = (*CONFIG_KEYS.values(), "rfim_eta")
 
 
 def python_value(value):
@@ -163,29 +151,24 @@ class GMMSchedulerMixin:
         if reason is not None:
             raise ValueError(reason)
 
-    def _init_gmm(
-        self, gmm_variant, gmm_n_components, gmm_scale, seed, final_step="gaussian", scale_per_dim=None, gmm_steps="all"
-    ):
+    def _init_gmm(self) -> None:
+        """Check the GMM config keys (a key the scheduler does not have reads as its default) and hold them as
+        one :class:`~ddim_gmm_ext.gmm_options.GMMOptions`; called at the end of ``__init__``."""
         # NumPy / tensor values of our keys become Python values in the config, so that save_pretrained's JSON
         # holds them and the checks below see what is stored
         stored = {k: python_value(v) for k, v in self.config.items() if k in GMM_CONFIG_KEYS}  # type: ignore[attr-defined]  # ConfigMixin's
         if stored:  # Euler and UniPC have few or none
             self.register_to_config(**stored)  # type: ignore[attr-defined]
-        gmm_variant, gmm_n_components, gmm_scale, seed, final_step, scale_per_dim, gmm_steps = map(
-            python_value, (gmm_variant, gmm_n_components, gmm_scale, seed, final_step, scale_per_dim, gmm_steps)
-        )
-        check_gmm_options(gmm_variant, gmm_n_components, gmm_scale, scale_per_dim, prefix="gmm_")
-        for key in ("gmm_share_across_steps", "gmm_uniform_priors"):  # read when the tables are built
+        # gmm_steps: its form here; indices are checked against the steps by set_timesteps
+        self._gmm_options = GMMOptions.from_config(self.config)  # type: ignore[attr-defined]
+        for key in ("gmm_share_across_steps", "gmm_uniform_priors"):  # GMMOptions takes any truth value
             if key in stored and not isinstance(stored[key], bool):
                 raise TypeError(f"{key} must be a bool, got {stored[key]!r}")
-        _checks.check_final_step(final_step)
-        validate_gmm_steps(gmm_steps)  # the form; indices are checked against the steps by set_timesteps
-        check_seed(seed)
-        if gmm_variant is not None:
-            self._refuse_gmm(f"gmm_variant={gmm_variant!r}")
+        if self._gmm_options.variant is not None:
+            self._refuse_gmm(f"gmm_variant={self._gmm_options.variant!r}")
         self._user_gmm: GMM | None = None
         self._built_gmm: GMM | None = None
-        self._built_key = None
+        self._built_key: tuple | None = None  # (per-sample shape, steps, device, float64) of _built_gmm
         self._rows: torch.Tensor | None = None  # [S, 6] ([S, 8] multistep) float64 on the device, gmm_steps applied
         self._ungated_rows: torch.Tensor | None = None  # the same before gmm_steps
         self._gated_for: GMM | None = None  # the GMM whose "matched" steps are in self._rows (None: not yet)
@@ -212,6 +195,11 @@ class GMMSchedulerMixin:
     def gmm(self) -> GMM | None:
         """The GMM tables in use: those of :meth:`set_gmm_params`, else the ones built at the last step."""
         return self._user_gmm if self._user_gmm is not None else self._built_gmm
+
+    def _final_step_g(self, n_steps: int) -> torch.Tensor:
+        """[n_steps] float64 GMM scales of the final-step rule (:meth:`GMMOptions.final_step_g`): 1, or 0 on a
+        step where the mixture is left out."""
+        return torch.tensor(self._gmm_options.final_step_g(n_steps), dtype=torch.float64)
 
     def _schedule_rows(self) -> torch.Tensor:
         """The [S, 6] float64 rows of the schedule; ValueError before ``set_timesteps``."""
@@ -356,16 +344,13 @@ class GMMSchedulerMixin:
         if self._prepared_shape is not None:
             self._check_prepared(sample)
         gmm = self._user_gmm
-        if gmm is None and self.config.gmm_variant is None:
+        if gmm is None and self._gmm_options.variant is None:
             return None
         n_steps = self._n_steps()
         if gmm is not None:
             check_gmm(gmm, sample, n_steps, "gmm_params")
             self._gate_for(gmm)
             return gmm
-        c = self.config
-        if c.gmm_variant is None:
-            return None
         key = (tuple(sample.shape[1:]), n_steps, sample.device, sample.dtype == torch.float64)
         if key != self._built_key:
             if torch.compiler.is_compiling():
@@ -373,17 +358,7 @@ class GMMSchedulerMixin:
                     "the GMM tables are built at the first step, which cannot happen inside a compiled graph: call "
                     "scheduler.prepare_gmm(sample) (or set_gmm_params) after set_timesteps, before the compiled loop"
                 )
-            self._built_gmm = build_gmm(
-                c.gmm_variant,
-                sample,
-                n_steps,
-                n_components=c.gmm_n_components,
-                scale=c.gmm_scale,
-                share_across_steps=c.gmm_share_across_steps,
-                uniform_priors=c.gmm_uniform_priors,
-                seed=c.seed,
-                scale_per_dim=c.gmm_scale_per_dim,
-            )
+            self._built_gmm = self._gmm_options.build(sample, n_steps)
             self._built_key = key
         self._gate_for(self._built_gmm)
         return self._built_gmm

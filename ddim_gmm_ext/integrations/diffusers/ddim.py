@@ -141,7 +141,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
             raise ValueError(
                 f"{source} must give betas in [0, 1], got values in [{betas.min().item()}, {betas.max().item()}]"
             )
-        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim, gmm_steps)
+        self._init_gmm()
         self._index_of: torch.Tensor | None = None  # [T] int64: position of each train timestep, -1 if absent
         self._index_of_host: list[int] | None = None
         self._eta_rows: dict = {}  # eta -> [S, 6] float64 rows
@@ -209,7 +209,8 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         rows = self._eta_rows.get(eta)
         if rows is None:
             a_t, b_t, a_s, b_s, sigma = self._path
-            rows = coefficient_rows(a_t, b_t, a_s, b_s, eta * sigma, self.config.final_step).to(self.timesteps.device)
+            g = self._final_step_g(len(a_t))
+            rows = coefficient_rows(a_t, b_t, a_s, b_s, eta * sigma, g).to(self.timesteps.device)
             rows = self._eta_rows[eta] = self._gate(rows, self._gated_for)
         return rows
 

@@ -122,7 +122,7 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
         )
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
-        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim, gmm_steps)
+        self._init_gmm()
         self._index_of_host: dict[int, int] = {}
         self._timesteps_host: list[int] = []
         self._index_of = torch.full((0,), -1, dtype=torch.int64)
@@ -178,9 +178,7 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
                         std[i] = (0.5 * v).exp()  # v = log beta_t (DDPMScheduler.step takes its sqrt: NaN)
                     else:
                         std[i] = v.sqrt()
-        rows = torch.stack([a_t, b_t, k0 + kt * a_t, kt * b_t, std, torch.ones_like(a_t)], dim=-1)
-        if self.config.final_step == "gaussian":
-            rows[-1, 5] = 0  # g = 0: the last step (to x0) draws Gaussian noise, not the mixture
+        rows = torch.stack([a_t, b_t, k0 + kt * a_t, kt * b_t, std, self._final_step_g(len(t))], dim=-1)
         self._set_rows(rows.to(self.timesteps.device))
 
     def _index(self, timestep, device: torch.device):

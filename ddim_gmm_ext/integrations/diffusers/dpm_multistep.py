@@ -220,7 +220,7 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, 
             time_shift_type=time_shift_type,  # type: ignore[arg-type]
         )
         check_multistep_prediction(prediction_type)
-        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim, gmm_steps)
+        self._init_gmm()
         self._rows_start: int = 0
 
     def _gmm_refusal(self, source: str) -> str | None:
@@ -299,6 +299,7 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, 
         c = self.config
         sde = c.algorithm_type == "sde-dpmsolver++"
         n = len(self.timesteps)
+        gs = self._gmm_options.final_step_g(n)
         rows = []
         for i in range(n):
             order = self._order(i, start, n) if i >= start else 1
@@ -309,8 +310,7 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, 
             w0, w1, w2 = _multistep_weights(order, k, r0, r1)
             x_coef = b_all[i + 1] / b_all[i] * (math.exp(-h) if sde else 1.0)
             noise = b_all[i + 1] * math.sqrt(-math.expm1(-2 * h)) if sde else 0.0
-            g = 0.0 if i == n - 1 and c.final_step == "gaussian" else 1.0
-            rows.append([a_all[i], b_all[i], x_coef * a_all[i] + w0, x_coef * b_all[i], noise, g, w1, w2])
+            rows.append([a_all[i], b_all[i], x_coef * a_all[i] + w0, x_coef * b_all[i], noise, gs[i], w1, w2])
         return rows
 
     def _restart_rows(self, start: int) -> None:

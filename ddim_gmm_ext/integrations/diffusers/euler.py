@@ -133,7 +133,7 @@ class EulerDiscreteGMMScheduler(_FusedEulerMixin, EulerDiscreteScheduler):
             num_inference_steps=num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas
         )
         if not hasattr(self, "_rows"):  # the base class's __init__ is kept: the mixin's state is set up here
-            self._init_gmm(None, 8, 1.0, None)
+            self._init_gmm()
         sigma_next = self.sigmas.detach().to("cpu", torch.float64)[1:]
         self._install_rows(sigma_next, torch.zeros_like(sigma_next))
 
@@ -210,7 +210,7 @@ class EulerAncestralDiscreteGMMScheduler(_FusedEulerMixin, EulerAncestralDiscret
             steps_offset=steps_offset,
             rescale_betas_zero_snr=rescale_betas_zero_snr,
         )
-        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim, gmm_steps)
+        self._init_gmm()
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """As ``EulerAncestralDiscreteScheduler.set_timesteps``; also builds the [S, 6] row table (GMM scale
@@ -221,9 +221,7 @@ class EulerAncestralDiscreteGMMScheduler(_FusedEulerMixin, EulerAncestralDiscret
         s_from, s_to = s[:-1], s[1:]
         up = (s_to.square() * (s_from.square() - s_to.square()) / s_from.square()).clamp(min=0).sqrt()
         down = (s_to.square() - up.square()).clamp(min=0).sqrt()
-        g = (1 + s_to.square()).sqrt()
-        if self.config.final_step == "gaussian":
-            g[-1] = 0.0
+        g = (1 + s_to.square()).sqrt() * self._final_step_g(len(s_to))
         self._install_rows(down, up, g)
 
     def step(

@@ -124,7 +124,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
             time_shift_type=time_shift_type,
             stochastic_sampling=stochastic_sampling,
         )
-        self._init_gmm(gmm_variant, gmm_n_components, gmm_scale, seed, final_step, gmm_scale_per_dim, gmm_steps)
+        self._init_gmm()
 
     @property
     def eta(self) -> float:
@@ -158,7 +158,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
         sig32 = self.sigmas.detach().to("cpu")
         self._euler_dt = (sig32[1:] - sig32[:-1]).tolist()
         self._set_rows(
-            coefficient_rows(1 - t, t, 1 - s, s, self._run_eta * s, self.config.final_step).to(self.sigmas.device)
+            coefficient_rows(1 - t, t, 1 - s, s, self._run_eta * s, self._final_step_g(len(t))).to(self.sigmas.device)
         )
 
     def _index(self, timestep, device: torch.device):

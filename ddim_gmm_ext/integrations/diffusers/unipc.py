@@ -216,7 +216,7 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, UniP
             sigma_max=sigma_max,  # type: ignore[arg-type]  # diffusers annotates bool
             shift_terminal=shift_terminal,  # type: ignore[arg-type]
         )
-        self._init_gmm(gmm_variant, 8, 1.0, None)  # refused (_gmm_refusal) unless None
+        self._init_gmm()  # gmm_variant refused (_gmm_refusal) unless None
         self._rows_start: int = 0
         self._host: list[list[float]] = []  # per step: the 6 + 6 + 3 float64 weights (next, corrected, h2 sum)
         self._singular: dict[int, int] = {}  # step -> order of the rows' steps whose rho system is singular
