@@ -1,6 +1,15 @@
 // The LibTorch stable ABI as the kernels use it: one compiled _C loads in every torch from its target on.
 // Only torch/csrc/stable (C shim calls) and torch/headeronly (inline code) are used; ATen ops go through the
 // stable dispatcher call (aten()). Included first by every source, .cu included (nvcc gets no extra flags).
+//
+// What the stable surface of the target cannot express, and the route taken:
+//   - tags on a schema (def with tags is 2.12+): the schemas are defined in Python (ddim_gmm_ext/ops/schema.py);
+//   - typed errors: only standard exceptions cross; ValueError comes from std::invalid_argument, TypeError from
+//     pybind11::type_error (csrc/cpu/type_error.h), both through torch's pybind11 translation;
+//   - a failed shim call (an ATen op, parallel_for) raises RuntimeError without the callee's message: the
+//     kernels raise their own errors outside parallel regions (thin_svd's status codes);
+//   - Scalar arguments of ATen ops: 0-d tensors instead (scalar_like);
+//   - the current CUDA stream: the C shim's aoti_torch_get_current_cuda_stream (a C++ wrapper is 2.13+).
 #pragma once
 
 // The oldest torch whose stable ABI the kernels target (2.10: parallel_for, get_num_threads, the dispatcher
@@ -79,6 +88,25 @@ auto aten(const char* op, const char* overload, const Args&... args) {
     for (size_t i = 0; i < N; ++i) out[i] = torch::stable::detail::to<Tensor>(stack[i]);
     return out;
   }
+}
+
+// A new contiguous tensor through the shim's empty_strided, a direct call: torch::stable::empty goes through
+// the dispatcher, microseconds that show on a small step.
+inline Tensor empty_tensor(torch::headeronly::IntHeaderOnlyArrayRef sizes, ScalarType dtype,
+                           const torch::stable::Device& device) {
+  std::vector<int64_t> strides(sizes.size());
+  int64_t stride = 1;
+  for (size_t i = sizes.size(); i-- > 0;) {
+    strides[i] = stride;
+    stride *= sizes[i] > 1 ? sizes[i] : 1;
+  }
+  using torch::stable::detail::from;
+  using torch::stable::detail::to;
+  AtenTensorHandle handle = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(int64_t(sizes.size()), sizes.data(), strides.data(),
+                                                  to<int32_t>(from(dtype)), to<int32_t>(from(device.type())),
+                                                  device.index(), &handle));
+  return Tensor(handle);
 }
 
 // A 0-d tensor holding v, in t's dtype (or `dtype`) and on t's device: the Scalar arguments of ATen ops,

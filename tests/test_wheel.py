@@ -46,7 +46,8 @@ def test_wheel_installs_and_passes_the_suite_under_another_torch(tmp_path):
     venv.create(env_dir, with_pip=True)
     py = str(env_dir / "bin" / "python")
     diffusers = importlib.metadata.version("diffusers")
-    _run([py, "-m", "pip", "install", "-q", f"torch=={WHEEL_TORCH}", "pytest", "scipy", f"diffusers=={diffusers}"])
+    deps = [f"torch=={WHEEL_TORCH}", "pytest", "scipy", "torchsde", f"diffusers=={diffusers}"]
+    _run([py, "-m", "pip", "install", "-q", *deps])
     _run([py, "-m", "pip", "install", "-q", str(wheel)])
 
     # The tests run from a copy (with pyproject's pytest settings), so the checkout's package is not on the path.

@@ -17,7 +17,7 @@ Tensor offset_directions(int64_t n_sets, int64_t dim, int64_t n_components, int6
                 n_components);
   DDIMGMM_CHECK(n_sets < (int64_t(1) << 32), "ddimgmm::offset_directions: n_sets must be < 2**32, got ", n_sets);
   // seed: the 64-bit Philox key's bits as an int64 (Python passes seeds >= 2**63 as negative numbers).
-  Tensor out = torch::stable::empty({n_sets, dim, n_components}, ScalarType::Double);
+  Tensor out = empty_tensor({n_sets, dim, n_components}, ScalarType::Double, torch::headeronly::DeviceType::CPU);
   const int64_t numel = dim * n_components, groups = (numel + 3) / 4;
   const uint32_t k0 = uint32_t(uint64_t(seed)), k1 = uint32_t(uint64_t(seed) >> 32);
   double* base = out.mutable_data_ptr<double>();

@@ -199,14 +199,14 @@ struct Tables {
 };
 
 template <typename scalar_t, typename m_t, typename h_t, bool kGuidance, bool kWriteX0, int kHist>
-void run(const Tensor& model_output, const Tensor& sample, const Tensor& row, const Tensor& hist0,
+void run(const Tensor& model_output, const Tensor& sample, const void* row, int64_t n_cols, const Tensor& hist0,
          const Tensor& hist1, const Tables& tab,
          const Tensor& noise, const Tensor& comps_in, int64_t prediction_type, std::optional<double> guidance,
          std::optional<double> clip, bool use_clipped, int64_t seed, int64_t sample_offset, int64_t step_index,
          Tensor& prev, Tensor& x0_out, Tensor& comps_out) {
   using T = opmath_t<scalar_t>;
   const int64_t B = sample.size(0), D = per_sample_numel(sample);
-  const Coeffs<T> k = make_coeffs(row.const_data_ptr<T>(), row.size(0), prediction_type, guidance, clip, use_clipped);
+  const Coeffs<T> k = make_coeffs(static_cast<const T*>(row), n_cols, prediction_type, guidance, clip, use_clipped);
   const uint32_t k0 = uint32_t(uint64_t(seed) & 0xFFFFFFFFu), k1 = uint32_t(uint64_t(seed) >> 32);
   const uint32_t step = uint32_t(step_index);
 
@@ -336,6 +336,16 @@ using Sizes = torch::headeronly::IntHeaderOnlyArrayRef;
 
 // t itself when contiguous (no dispatcher call on the hot path), else a contiguous copy.
 Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+
+// The data of t[i] (of t itself unless `stacked`), contiguous. A contiguous t is addressed directly (select
+// and contiguous are dispatcher calls, microseconds on a small step); otherwise `kept` holds a contiguous copy.
+const void* pick(const Tensor& t, bool stacked, int64_t i, Tensor& kept) {
+  if (t.is_contiguous()) {
+    return static_cast<const char*>(t.const_data_ptr()) + (stacked ? i * t.stride(0) * int64_t(t.element_size()) : 0);
+  }
+  kept = torch::stable::contiguous(stacked ? torch::stable::select(t, 0, i) : t);
+  return kept.const_data_ptr();
+}
 
 bool is_floating(ScalarType t) {
   switch (t) {
@@ -520,9 +530,7 @@ std::tuple<Tensor, Tensor, Tensor> step_cpu(
     }
   }
 
-  auto empty = [&](Sizes sizes, ScalarType type) {
-    return torch::stable::empty(sizes, type, std::nullopt, sample.device());
-  };
+  auto empty = [&](Sizes sizes, ScalarType type) { return empty_tensor(sizes, type, sample.device()); };
   Tensor prev = empty(sample.sizes(), dtype);
   Tensor x0 = return_pred_original ? empty(sample.sizes(), dtype) : empty({0}, dtype);
   Tensor comps = empty({gmm ? B : 0}, ScalarType::Long);
@@ -539,25 +547,22 @@ std::tuple<Tensor, Tensor, Tensor> step_cpu(
       return {prev, x0, comps};
     }
   }
-  const Tensor row = dense(n_rows ? torch::stable::select(coeffs, 0, i) : coeffs);
+  Tensor row_kept;
+  const void* row = pick(coeffs, n_rows != 0, i, row_kept);
   const int n_hist = int(history0.has_value()) + int(history1.has_value());
   for (int j = n_hist; j < n_cols - 6; ++j) {  // a history term the caller did not pass
-    const double h = cdt == ScalarType::Double ? row.const_data_ptr<double>()[6 + j] : row.const_data_ptr<float>()[6 + j];
+    const double h = cdt == ScalarType::Double ? static_cast<const double*>(row)[6 + j]
+                                               : static_cast<const float*>(row)[6 + j];
     STEP_CHECK(h == 0.0, "coeffs row ", i, " has H", j + 1, " = ", h, " but history", j, " is None");
   }
   const int64_t set = n_sets ? i : 0;
   Tables tab;
-  Tensor pri, off, var, bas;
+  Tensor pri, off, var, bas;  // contiguous copies of non-contiguous tables
   if (gmm) {
-    auto pick = [&](const Tensor& t) { return dense(n_sets ? torch::stable::select(t, 0, set) : t); };
-    pri = pick(*priors), off = pick(*offsets), var = pick(*var_offsets);
-    tab.priors = pri.const_data_ptr();
-    tab.offsets = off.const_data_ptr();
-    tab.var_offsets = var.const_data_ptr();
-    if (basis) {
-      bas = pick(*basis);
-      tab.basis = bas.const_data_ptr();
-    }
+    tab.priors = pick(*priors, n_sets != 0, set, pri);
+    tab.offsets = pick(*offsets, n_sets != 0, set, off);
+    tab.var_offsets = pick(*var_offsets, n_sets != 0, set, var);
+    if (basis) tab.basis = pick(*basis, n_sets != 0, set, bas);
     tab.K = K;
     tab.Dv = Dv;
   }
@@ -573,7 +578,7 @@ std::tuple<Tensor, Tensor, Tensor> step_cpu(
       using m_t = decltype(m_tag);
       using h_t = decltype(h_tag);
       constexpr int H = decltype(n_hist_tag)::value;
-      auto args = std::tie(m, x, row, h0, h1, tab, z, kin, prediction_type, guidance_scale, clip_sample_range,
+      auto args = std::tie(m, x, row, n_cols, h0, h1, tab, z, kin, prediction_type, guidance_scale, clip_sample_range,
                            use_clipped_model_output, seed, sample_offset, i, prev, x0, comps);
       if (guided && return_pred_original) std::apply(run<scalar_t, m_t, h_t, true, true, H>, args);
       if (guided && !return_pred_original) std::apply(run<scalar_t, m_t, h_t, true, false, H>, args);

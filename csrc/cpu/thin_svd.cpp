@@ -86,7 +86,7 @@ bool needs_second_pass(double min_sigma_ratio, int64_t D, int64_t K, double out_
 // U[ill] = LAPACK's U of O[ill] (float64, rounded to O's dtype), each column's first entry of largest
 // magnitude made positive as in reference.thin_svd (argmax returns the first maximal entry).
 void lapack_fallback(const Tensor& O, Tensor& U, const std::vector<int64_t>& ill) {
-  Tensor index = torch::stable::empty({int64_t(ill.size())}, ScalarType::Long);
+  Tensor index = empty_tensor({int64_t(ill.size())}, ScalarType::Long, O.device());
   std::copy(ill.begin(), ill.end(), index.mutable_data_ptr<int64_t>());
   const Tensor picked = torch::stable::to(aten("aten::index_select", "", O, int64_t(0), index), ScalarType::Double);
   const Tensor V = aten<3>("aten::linalg_svd", "", picked, /*full_matrices=*/false, std::optional<std::string>())[0];
@@ -526,7 +526,7 @@ std::vector<int64_t> run_small_k(const scalar_t* O, scalar_t* U, int64_t S, int6
 Tensor thin_svd_small_k(const Tensor& O) {
   const int64_t S = O.size(0), D = O.size(1), K = O.size(2);
   const Tensor Oc = torch::stable::contiguous(O);
-  Tensor U = torch::stable::empty(O.sizes(), O.scalar_type(), std::nullopt, O.device());
+  Tensor U = empty_tensor(O.sizes(), O.scalar_type(), O.device());
   // Rows are split into chunks only while there are few matrices: enough items to keep every core busy,
   // never more than kMaxWorkItems (bounds the S * chunks * K^2 partial sums). The chunks depend only on the
   // shape and both schedules add their partial sums in chunk order, so the result is bitwise the same for
@@ -589,7 +589,7 @@ Tensor thin_svd_blas(const Tensor& O) {
 
 Tensor thin_svd_cpu(const Tensor& O) {
   check_input(O);
-  if (O.numel() == 0) return torch::stable::empty(O.sizes(), O.scalar_type(), std::nullopt, O.device());
+  if (O.numel() == 0) return empty_tensor(O.sizes(), O.scalar_type(), O.device());
   return O.size(2) <= kSmallK ? thin_svd_small_k(O) : thin_svd_blas(O);
 }
 

@@ -303,12 +303,12 @@ Tensor thin_svd_small_k(const Tensor& O) {
   const int64_t S = O.size(0), D = O.size(1);
   const int K = static_cast<int>(O.size(2));
   const Tensor Oc = torch::stable::contiguous(O);
-  Tensor U = torch::stable::empty(O.sizes(), O.scalar_type(), std::nullopt, O.device());
+  Tensor U = empty_tensor(O.sizes(), O.scalar_type(), O.device());
   const int64_t chunks = ceil_div(D, kChunkRows);
   const int64_t chunk_rows = ceil_div(D, chunks);
   DDIMGMM_CHECK(chunks <= std::numeric_limits<int32_t>::max(), "thin_svd: O [S, D, K] on CUDA needs D < 2^42");
   auto empty = [&](torch::headeronly::IntHeaderOnlyArrayRef sizes, ScalarType type) {
-    return torch::stable::empty(sizes, type, std::nullopt, O.device());
+    return empty_tensor(sizes, type, O.device());
   };
   Tensor partial = empty({S, chunks, K, K}, ScalarType::Double);  // upper triangles written, lower never read
   Tensor W = empty({S, K, K}, ScalarType::Double);
@@ -357,7 +357,7 @@ Tensor thin_svd_cuda(const Tensor& O) {
   DDIMGMM_CHECK(O.scalar_type() == ScalarType::Float || O.scalar_type() == ScalarType::Double,
                 "thin_svd: O must be float32 or float64, got ", O.scalar_type());
   DDIMGMM_CHECK(O.size(2) <= O.size(1), "thin_svd: O [S, D, K] needs K <= D, got shape ", shape(O.sizes()));
-  if (O.numel() == 0) return torch::stable::empty(O.sizes(), O.scalar_type(), std::nullopt, O.device());
+  if (O.numel() == 0) return empty_tensor(O.sizes(), O.scalar_type(), O.device());
   const torch::stable::accelerator::DeviceGuard guard(O.get_device_index());
   if (O.size(2) <= kMaxK) return thin_svd_small_k(O);
   // Deciding to skip the second pass would need sigma_ratio on the host: always run it.
