@@ -34,6 +34,9 @@ namespace {
 
 using namespace philox;
 
+// Optional tensors: a default-constructed stable Tensor allocates a handle, std::nullopt does not.
+using Opt = std::optional<Tensor>;
+
 // Elements per sample: the product of the sizes after the batch dimension.
 int64_t per_sample_numel(const Tensor& t) {
   int64_t n = 1;
@@ -199,9 +202,8 @@ struct Tables {
 };
 
 template <typename scalar_t, typename m_t, typename h_t, bool kGuidance, bool kWriteX0, int kHist>
-void run(const Tensor& model_output, const Tensor& sample, const void* row, int64_t n_cols, const Tensor& hist0,
-         const Tensor& hist1, const Tables& tab,
-         const Tensor& noise, const Tensor& comps_in, int64_t prediction_type, std::optional<double> guidance,
+void run(const Tensor& model_output, const Tensor& sample, const void* row, int64_t n_cols, const Opt& hist0,
+         const Opt& hist1, const Tables& tab, const Opt& noise, const Opt& comps_in, int64_t prediction_type, std::optional<double> guidance,
          std::optional<double> clip, bool use_clipped, int64_t seed, int64_t sample_offset, int64_t step_index,
          Tensor& prev, Tensor& x0_out, Tensor& comps_out) {
   using T = opmath_t<scalar_t>;
@@ -212,10 +214,10 @@ void run(const Tensor& model_output, const Tensor& sample, const void* row, int6
 
   const scalar_t* x = sample.const_data_ptr<scalar_t>();
   const m_t* m = model_output.const_data_ptr<m_t>();
-  const h_t* h1 = kHist >= 1 ? hist0.const_data_ptr<h_t>() : nullptr;
-  const h_t* h2 = kHist >= 2 ? hist1.const_data_ptr<h_t>() : nullptr;
-  const T* z_given = noise.defined() ? noise.const_data_ptr<T>() : nullptr;
-  const int64_t* k_given = comps_in.defined() ? comps_in.const_data_ptr<int64_t>() : nullptr;
+  const h_t* h1 = kHist >= 1 ? hist0->const_data_ptr<h_t>() : nullptr;
+  const h_t* h2 = kHist >= 2 ? hist1->const_data_ptr<h_t>() : nullptr;
+  const T* z_given = noise ? noise->const_data_ptr<T>() : nullptr;
+  const int64_t* k_given = comps_in ? comps_in->const_data_ptr<int64_t>() : nullptr;
   const T* priors = static_cast<const T*>(tab.priors);
   const T* offsets = static_cast<const T*>(tab.offsets);
   const T* var_offsets = static_cast<const T*>(tab.var_offsets);
@@ -339,12 +341,12 @@ Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::co
 
 // The data of t[i] (of t itself unless `stacked`), contiguous. A contiguous t is addressed directly (select
 // and contiguous are dispatcher calls, microseconds on a small step); otherwise `kept` holds a contiguous copy.
-const void* pick(const Tensor& t, bool stacked, int64_t i, Tensor& kept) {
+const void* pick(const Tensor& t, bool stacked, int64_t i, std::optional<Tensor>& kept) {
   if (t.is_contiguous()) {
     return static_cast<const char*>(t.const_data_ptr()) + (stacked ? i * t.stride(0) * int64_t(t.element_size()) : 0);
   }
   kept = torch::stable::contiguous(stacked ? torch::stable::select(t, 0, i) : t);
-  return kept.const_data_ptr();
+  return kept->const_data_ptr();
 }
 
 bool is_floating(ScalarType t) {
@@ -519,11 +521,11 @@ std::tuple<Tensor, Tensor, Tensor> step_cpu(
                n_sets, " parameter sets)");
   }
 
-  Tensor kin;
+  Opt kin;
   if (components) {
     kin = dense(torch::stable::to(*components, ScalarType::Long));
     if (B > 0) {
-      const int64_t* v = kin.const_data_ptr<int64_t>();
+      const int64_t* v = kin->const_data_ptr<int64_t>();
       const auto [lo_at, hi_at] = std::minmax_element(v, v + B);
       const int64_t lo = *lo_at, hi = *hi_at;
       STEP_CHECK(lo >= 0 && hi < K, "components must be in [0, ", K, "), got values in [", lo, ", ", hi, "]");
@@ -547,7 +549,7 @@ std::tuple<Tensor, Tensor, Tensor> step_cpu(
       return {prev, x0, comps};
     }
   }
-  Tensor row_kept;
+  Opt row_kept;
   const void* row = pick(coeffs, n_rows != 0, i, row_kept);
   const int n_hist = int(history0.has_value()) + int(history1.has_value());
   for (int j = n_hist; j < n_cols - 6; ++j) {  // a history term the caller did not pass
@@ -557,7 +559,7 @@ std::tuple<Tensor, Tensor, Tensor> step_cpu(
   }
   const int64_t set = n_sets ? i : 0;
   Tables tab;
-  Tensor pri, off, var, bas;  // contiguous copies of non-contiguous tables
+  Opt pri, off, var, bas;  // contiguous copies of non-contiguous tables
   if (gmm) {
     tab.priors = pick(*priors, n_sets != 0, set, pri);
     tab.offsets = pick(*offsets, n_sets != 0, set, off);
@@ -566,10 +568,10 @@ std::tuple<Tensor, Tensor, Tensor> step_cpu(
     tab.K = K;
     tab.Dv = Dv;
   }
-  Tensor z = noise ? dense(torch::stable::to(*noise, cdt)) : Tensor();
+  const Opt z = noise ? Opt(dense(torch::stable::to(*noise, cdt))) : std::nullopt;
   const Tensor x = dense(sample), m = dense(model_output);
-  const Tensor h0 = history0 ? dense(*history0) : Tensor();
-  const Tensor h1 = history1 ? dense(*history1) : Tensor();
+  const Opt h0 = history0 ? Opt(dense(*history0)) : std::nullopt;
+  const Opt h1 = history1 ? Opt(dense(*history1)) : std::nullopt;
 
   auto dispatch = [&](auto sample_tag) {
     using scalar_t = decltype(sample_tag);
@@ -592,7 +594,7 @@ std::tuple<Tensor, Tensor, Tensor> step_cpu(
         if (n_hist == 1) return go(m_tag, h_tag, std::integral_constant<int, 1>{});
         return go(m_tag, h_tag, std::integral_constant<int, 2>{});
       };
-      if (h0.scalar_type() == dtype) return with_h(scalar_t{});
+      if (h0->scalar_type() == dtype) return with_h(scalar_t{});
       return with_h(T{});
     };
     if (m.scalar_type() == dtype) {
