@@ -4,6 +4,11 @@ build without a GPU; there the architectures default to sm_80, sm_90 and PTX, or
 CI has a CPU torch, which cannot link CUDA code: it compiles the .cu files with nvcc alone
 (tests/test_gpu_compile.py).
 
+The C++ uses only the LibTorch stable ABI (csrc/stable.h sets its target, torch 2.10) and Python's limited API
+(3.10), so one built wheel loads in every torch >= 2.10 and every CPython >= 3.10 of its platform:
+`python -m build --wheel --no-isolation` (or `pip wheel --no-build-isolation --no-deps .`) builds it against the
+installed torch, any torch >= 2.10.
+
 No -std flag is passed: torch's BuildExtension adds the standard its headers need (C++20 from torch 2.12 on,
 where C++17 draws warnings and, from 2.14, errors), and nvcc refuses a second -std."""
 
@@ -37,8 +42,10 @@ def _default_arch_list():
 
 def _extension():
     # -fno-math-errno: sqrt without an errno branch, so that loops calling it vectorise (csrc/cpu/step.cpp);
-    # -ffp-contract=off: no FMA contraction, so the ISA clones of a kernel round identically (csrc/cpu/isa.h)
-    cxx = ["-O3", "-fopenmp" if os.name != "nt" else "/openmp"] + (
+    # -ffp-contract=off: no FMA contraction, so the ISA clones of a kernel round identically (csrc/cpu/isa.h);
+    # -fopenmp-simd: the `omp simd` loops only. Threads come from torch's own pool (torch::stable::parallel_for,
+    # torch.get_num_threads() of them), so the library links no OpenMP runtime a user's machine may lack.
+    cxx = ["-O3", "-fopenmp-simd" if os.name != "nt" else "/openmp:experimental"] + (
         ["-fno-math-errno", "-ffp-contract=off"] if os.name != "nt" else []
     )
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
@@ -49,10 +56,10 @@ def _extension():
             "ddim_gmm_ext._C",
             sources + _sources("csrc/cuda/*.cu"),
             extra_compile_args={"cxx": cxx + ["-DDDIMGMM_WITH_CUDA"], "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
-            py_limited_api=False,
+            py_limited_api=True,
         )
-    return CppExtension("ddim_gmm_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    # py_limited_api: torch's build adds -DPy_LIMITED_API (CPython 3.10's) and links no torch Python bindings
+    return CppExtension("ddim_gmm_ext._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True)
 
 
 setup(
@@ -62,4 +69,5 @@ setup(
     package_data={"ddim_gmm_ext": ["py.typed"], "ddim_gmm_ext.quality": ["data/*"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -32,7 +32,7 @@ def test_the_readme_test_command_is_ci_install_then_tests():
     steps = _steps()
     assert command == f"{steps['install']} && {steps['tests']}", (command, steps)
     assert list(steps)[:2] == ["install", "tests"]
-    assert {"lint", "format", "types", "sdist", "rehearsal"} <= steps.keys()
+    assert {"lint", "format", "types", "sdist", "wheel", "rehearsal"} <= steps.keys()
 
 
 def _run(tmp_path, python_script: str, *steps: str) -> tuple[subprocess.CompletedProcess, str]:

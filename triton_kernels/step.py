@@ -1,6 +1,6 @@
 """Triton kernels of ``ddimgmm::step`` and their launcher.
 
-Semantics are those of the ``ddimgmm::step`` schema (csrc/ops.cpp); the CPU twin is ``csrc/cpu/step.cpp`` and
+Semantics are those of the ``ddimgmm::step`` schema (ops/schema.py); the CPU twin is ``csrc/cpu/step.cpp`` and
 both draw the same random stream (Philox4x32-10 counters as in ``reference.py``), so a seed gives the same
 samples on every device to float32 rounding.
 
@@ -635,7 +635,7 @@ def launch_plan(
 
 def step(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``ddimgmm::step`` with the Triton kernels; arguments (those of :func:`launch_plan`, in the schema's
-    order) and results as the schema (csrc/ops.cpp), already validated by the caller. Returns (prev_sample,
+    order) and results as the schema (ops/schema.py), already validated by the caller. Returns (prev_sample,
     pred_original_sample or empty, components [B] int64 or empty). Inputs are read as they are if contiguous
     (otherwise copied once); nothing is read on the host (the step index may be a device tensor), so the call
     can be captured in a CUDA graph."""

@@ -3,10 +3,7 @@
 //   O[s].flat[f] = lane f % 4 of normals(philox(c0 = (f / 4) mod 2^32, c1 = (f / 4) >> 32, c2 = s,
 //                                               c3 = OFFSETS), key = seed), computed in float64.
 // The pure-torch reference spends seconds on the 6.5M draws of [50, 16384, 8]; this is one parallel pass.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+#include "../stable.h"
 #include "philox.h"
 
 namespace ddimgmm {
@@ -14,17 +11,17 @@ namespace {
 
 constexpr uint32_t kOffsetsStream = 2;  // c3 of reference.OFFSETS
 
-at::Tensor offset_directions(int64_t n_sets, int64_t dim, int64_t n_components, int64_t seed) {
-  TORCH_CHECK(n_sets >= 0 && dim >= 0 && n_components >= 0,
-              "ddimgmm::offset_directions: n_sets, dim, n_components must be >= 0, got ", n_sets, ", ", dim, ", ",
-              n_components);
-  TORCH_CHECK(n_sets < (int64_t(1) << 32), "ddimgmm::offset_directions: n_sets must be < 2**32, got ", n_sets);
+Tensor offset_directions(int64_t n_sets, int64_t dim, int64_t n_components, int64_t seed) {
+  DDIMGMM_CHECK(n_sets >= 0 && dim >= 0 && n_components >= 0,
+                "ddimgmm::offset_directions: n_sets, dim, n_components must be >= 0, got ", n_sets, ", ", dim, ", ",
+                n_components);
+  DDIMGMM_CHECK(n_sets < (int64_t(1) << 32), "ddimgmm::offset_directions: n_sets must be < 2**32, got ", n_sets);
   // seed: the 64-bit Philox key's bits as an int64 (Python passes seeds >= 2**63 as negative numbers).
-  at::Tensor out = at::empty({n_sets, dim, n_components}, at::kDouble);
+  Tensor out = empty_tensor({n_sets, dim, n_components}, ScalarType::Double, torch::headeronly::DeviceType::CPU);
   const int64_t numel = dim * n_components, groups = (numel + 3) / 4;
   const uint32_t k0 = uint32_t(uint64_t(seed)), k1 = uint32_t(uint64_t(seed) >> 32);
-  double* base = out.data_ptr<double>();
-  at::parallel_for(0, n_sets * groups, 4096, [&](int64_t begin, int64_t end) {
+  double* base = out.mutable_data_ptr<double>();
+  torch::stable::parallel_for(0, n_sets * groups, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t s = i / groups, g = i % groups;
       uint32_t c0 = uint32_t(g), c1 = uint32_t(uint64_t(g) >> 32), c2 = uint32_t(s), c3 = kOffsetsStream;
@@ -41,6 +38,8 @@ at::Tensor offset_directions(int64_t n_sets, int64_t dim, int64_t n_components, 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ddimgmm, CompositeExplicitAutograd, m) { m.impl("offset_directions", &offset_directions); }
+STABLE_TORCH_LIBRARY_IMPL(ddimgmm, CompositeExplicitAutograd, m) {
+  m.impl("offset_directions", TORCH_BOX(&offset_directions));
+}
 
 }  // namespace ddimgmm

@@ -8,19 +8,15 @@
 // A multistep solver's history (up to two previous data predictions h_j, 8-column rows) is read in the same
 // loop: mean = A x0 + B eps + H1 h1 + H2 h2.
 //
-// Compute precision: float64 samples in float64, every other dtype in float32 (at::opmath_type).
+// Compute precision: float64 samples in float64, every other dtype in float32 (opmath_t).
 // The random stream is the reference's, element for element:
 //   z[n, j]  = lane j % 4 of normals(philox(c0 = j / 4, c1 = n, c2 = step_index, c3 = NOISE), key = seed)
 //   (seed: the 64-bit key, passed as the int64 with its bits)
 //   k[n]     = #{j < K - 1 : u >= cdf_j},  u = (word0 of philox(0, n, step_index, COMPONENT) >> 8) 2^-24
 // with n = sample_offset + b the global sample index.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+#include "../stable.h"
 #include "philox.h"
+#include "type_error.h"
 
 #include <algorithm>
 #include <cmath>
@@ -37,6 +33,16 @@ namespace ddimgmm {
 namespace {
 
 using namespace philox;
+
+// Optional tensors: a default-constructed stable Tensor allocates a handle, std::nullopt does not.
+using Opt = std::optional<Tensor>;
+
+// Elements per sample: the product of the sizes after the batch dimension.
+int64_t per_sample_numel(const Tensor& t) {
+  int64_t n = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) n *= t.size(d);
+  return n;
+}
 
 constexpr uint32_t kNoiseStream = 0, kComponentStream = 1;  // c3 of reference.NOISE / reference.COMPONENT
 constexpr int64_t kChunk = 256;                              // elements per inner loop (64 Philox calls)
@@ -196,37 +202,36 @@ struct Tables {
 };
 
 template <typename scalar_t, typename m_t, typename h_t, bool kGuidance, bool kWriteX0, int kHist>
-void run(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& row, const at::Tensor& hist0,
-         const at::Tensor& hist1, const Tables& tab,
-         const at::Tensor& noise, const at::Tensor& comps_in, int64_t prediction_type, std::optional<double> guidance,
+void run(const Tensor& model_output, const Tensor& sample, const void* row, int64_t n_cols, const Opt& hist0,
+         const Opt& hist1, const Tables& tab, const Opt& noise, const Opt& comps_in, int64_t prediction_type, std::optional<double> guidance,
          std::optional<double> clip, bool use_clipped, int64_t seed, int64_t sample_offset, int64_t step_index,
-         at::Tensor& prev, at::Tensor& x0_out, at::Tensor& comps_out) {
-  using T = at::opmath_type<scalar_t>;
-  const int64_t B = sample.size(0), D = c10::multiply_integers(sample.sizes().slice(1));
-  const Coeffs<T> k = make_coeffs(row.data_ptr<T>(), row.size(0), prediction_type, guidance, clip, use_clipped);
+         Tensor& prev, Tensor& x0_out, Tensor& comps_out) {
+  using T = opmath_t<scalar_t>;
+  const int64_t B = sample.size(0), D = per_sample_numel(sample);
+  const Coeffs<T> k = make_coeffs(static_cast<const T*>(row), n_cols, prediction_type, guidance, clip, use_clipped);
   const uint32_t k0 = uint32_t(uint64_t(seed) & 0xFFFFFFFFu), k1 = uint32_t(uint64_t(seed) >> 32);
   const uint32_t step = uint32_t(step_index);
 
-  const scalar_t* x = sample.data_ptr<scalar_t>();
-  const m_t* m = model_output.data_ptr<m_t>();
-  const h_t* h1 = kHist >= 1 ? hist0.data_ptr<h_t>() : nullptr;
-  const h_t* h2 = kHist >= 2 ? hist1.data_ptr<h_t>() : nullptr;
-  const T* z_given = noise.defined() ? noise.data_ptr<T>() : nullptr;
-  const int64_t* k_given = comps_in.defined() ? comps_in.data_ptr<int64_t>() : nullptr;
+  const scalar_t* x = sample.const_data_ptr<scalar_t>();
+  const m_t* m = model_output.const_data_ptr<m_t>();
+  const h_t* h1 = kHist >= 1 ? hist0->const_data_ptr<h_t>() : nullptr;
+  const h_t* h2 = kHist >= 2 ? hist1->const_data_ptr<h_t>() : nullptr;
+  const T* z_given = noise ? noise->const_data_ptr<T>() : nullptr;
+  const int64_t* k_given = comps_in ? comps_in->const_data_ptr<int64_t>() : nullptr;
   const T* priors = static_cast<const T*>(tab.priors);
   const T* offsets = static_cast<const T*>(tab.offsets);
   const T* var_offsets = static_cast<const T*>(tab.var_offsets);
   const T* basis = static_cast<const T*>(tab.basis);
   const int64_t Dv = tab.Dv;
-  scalar_t* out = prev.data_ptr<scalar_t>();
-  scalar_t* x0p = kWriteX0 ? x0_out.data_ptr<scalar_t>() : nullptr;
-  int64_t* kout = priors ? comps_out.data_ptr<int64_t>() : nullptr;
+  scalar_t* out = prev.mutable_data_ptr<scalar_t>();
+  scalar_t* x0p = kWriteX0 ? x0_out.mutable_data_ptr<scalar_t>() : nullptr;
+  int64_t* kout = priors ? comps_out.mutable_data_ptr<int64_t>() : nullptr;
 
   const int64_t blocks = std::max<int64_t>(1, (D + kBlock - 1) / kBlock);  // >= 1: components even when D = 0
   // Components first (one per sample), so both passes below read them.
   std::vector<int64_t> comp(priors ? B : 0);
   if (priors) {
-    at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         comp[b] = k_given ? k_given[b] : draw_component(priors, tab.K, uint32_t(sample_offset + b), step, k0, k1);
         kout[b] = comp[b];
@@ -249,7 +254,7 @@ void run(const at::Tensor& model_output, const at::Tensor& sample, const at::Ten
   std::vector<T> partial(lowrank ? B * blocks * Dv : 0, T(0));
   const int64_t grain = k.c2 != T(0) ? kGrainNoisy : kGrainNoiseless;  // c = 0: no element draws noise
   if (lowrank_noise && Dv > 0) {
-    at::parallel_for(0, B * blocks, kGrainNoisy, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, B * blocks, kGrainNoisy, [&](int64_t begin, int64_t end) {
       alignas(64) T z[kChunk];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks, j_begin = (task % blocks) * kBlock, j_end = std::min(D, j_begin + kBlock);
@@ -268,7 +273,7 @@ void run(const at::Tensor& model_output, const at::Tensor& sample, const at::Ten
     });
   }
 
-  at::parallel_for(0, B * blocks, grain, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, B * blocks, grain, [&](int64_t begin, int64_t end) {
     alignas(64) T z[kChunk], sd[kChunk], add[kChunk];
     std::vector<T> coef(lowrank ? Dv : 0);
     for (int64_t task = begin; task < end; ++task) {
@@ -329,58 +334,89 @@ void run(const at::Tensor& model_output, const at::Tensor& sample, const at::Ten
   });
 }
 
-// torch's spelling (float32, ...) in messages, as Python users write it.
-std::string dtype_name(at::ScalarType t) {
+using Sizes = torch::headeronly::IntHeaderOnlyArrayRef;
+
+// t itself when contiguous (no dispatcher call on the hot path), else a contiguous copy.
+Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+
+// The data of t[i] (of t itself unless `stacked`), contiguous. A contiguous t is addressed directly (select
+// and contiguous are dispatcher calls, microseconds on a small step); otherwise `kept` holds a contiguous copy.
+const void* pick(const Tensor& t, bool stacked, int64_t i, std::optional<Tensor>& kept) {
+  if (t.is_contiguous()) {
+    return static_cast<const char*>(t.const_data_ptr()) + (stacked ? i * t.stride(0) * int64_t(t.element_size()) : 0);
+  }
+  kept = torch::stable::contiguous(stacked ? torch::stable::select(t, 0, i) : t);
+  return kept->const_data_ptr();
+}
+
+bool is_floating(ScalarType t) {
   switch (t) {
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kFloat: return "float32";
-    case at::kDouble: return "float64";
-    case at::kInt: return "int32";
-    case at::kLong: return "int64";
-    default: return c10::toString(t);
+    case ScalarType::Half:
+    case ScalarType::BFloat16:
+    case ScalarType::Float:
+    case ScalarType::Double:
+    case ScalarType::Float8_e5m2:
+    case ScalarType::Float8_e4m3fn:
+    case ScalarType::Float8_e5m2fnuz:
+    case ScalarType::Float8_e4m3fnuz:
+    case ScalarType::Float8_e8m0fnu: return true;
+    default: return false;
+  }
+}
+
+// torch's spelling (float32, ...) in messages, as Python users write it.
+std::string dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::Half: return "float16";
+    case ScalarType::BFloat16: return "bfloat16";
+    case ScalarType::Float: return "float32";
+    case ScalarType::Double: return "float64";
+    case ScalarType::Int: return "int32";
+    case ScalarType::Long: return "int64";
+    default: return torch::headeronly::toString(t);
   }
 }
 
 // Argument checks, in the order and with the messages and exception types of the Python checks of the CUDA
 // and fake kernels (ddim_gmm_ext/ops/step.py, `check`): one bad call raises the same error on every backend.
-#define STEP_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "ddimgmm::step: ", __VA_ARGS__)
+#define STEP_CHECK(cond, ...) DDIMGMM_CHECK_VALUE(cond, "ddimgmm::step: ", __VA_ARGS__)
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
-    const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& coeffs,
-    const std::optional<at::Tensor>& step_tensor, const std::optional<at::Tensor>& priors,
-    const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& var_offsets,
-    const std::optional<at::Tensor>& basis, const std::optional<at::Tensor>& noise,
-    const std::optional<at::Tensor>& components, int64_t prediction_type, std::optional<double> guidance_scale,
+std::tuple<Tensor, Tensor, Tensor> step_cpu(
+    const Tensor& model_output, const Tensor& sample, const Tensor& coeffs,
+    const std::optional<Tensor>& step_tensor, const std::optional<Tensor>& priors,
+    const std::optional<Tensor>& offsets, const std::optional<Tensor>& var_offsets,
+    const std::optional<Tensor>& basis, const std::optional<Tensor>& noise,
+    const std::optional<Tensor>& components, int64_t prediction_type, std::optional<double> guidance_scale,
     std::optional<double> clip_sample_range, bool use_clipped_model_output, int64_t seed, int64_t sample_offset,
-    int64_t step_index, bool return_pred_original, const std::optional<at::Tensor>& history0,
-    const std::optional<at::Tensor>& history1) {
+    int64_t step_index, bool return_pred_original, const std::optional<Tensor>& history0,
+    const std::optional<Tensor>& history1) {
   const auto dtype = sample.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-                   "ddimgmm::step: sample must be float16, bfloat16, float32 or float64, got ", dtype_name(dtype));
+  DDIMGMM_CHECK_TYPE(dtype == ScalarType::Float || dtype == ScalarType::Double || dtype == ScalarType::Half ||
+                         dtype == ScalarType::BFloat16,
+                     "ddimgmm::step: sample must be float16, bfloat16, float32 or float64, got ", dtype_name(dtype));
   STEP_CHECK(sample.dim() >= 1, "sample must have a batch dimension, got a 0-d tensor");
-  const auto cdt = dtype == at::kDouble ? at::kDouble : at::kFloat;  // compute dtype
-  const int64_t B = sample.size(0), D = c10::multiply_integers(sample.sizes().slice(1));
+  const auto cdt = dtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;  // compute dtype
+  const int64_t B = sample.size(0), D = per_sample_numel(sample);
   const bool guided = guidance_scale.has_value();
 
   auto expected = sample.sizes().vec();
   if (guided) expected[0] = 2 * B;
-  STEP_CHECK(model_output.sizes() == at::IntArrayRef(expected), "model_output must have shape ",
-             at::IntArrayRef(expected), guided ? " ([2B, ...], unconditional half first)" : " (the sample's)",
-             ", got ", model_output.sizes());
+  STEP_CHECK(model_output.sizes() == Sizes(expected), "model_output must have shape ", shape(expected),
+             guided ? " ([2B, ...], unconditional half first)" : " (the sample's)", ", got ",
+             shape(model_output.sizes()));
   STEP_CHECK(model_output.scalar_type() == dtype || model_output.scalar_type() == cdt,
              "model_output must have the sample's dtype (", dtype_name(dtype), ") or the compute dtype (",
              dtype_name(cdt), "), got ", dtype_name(model_output.scalar_type()));
   const int64_t n_cols = coeffs.dim() >= 1 ? coeffs.size(-1) : 0;
   STEP_CHECK((n_cols == 6 || n_cols == 8) && (coeffs.dim() == 1 || (coeffs.dim() == 2 && coeffs.size(0) >= 1)),
              "coeffs must be one row [6] or [8], or a table [S, 6] or [S, 8], of (a_t, b_t, A, B, c, g[, H1, H2]), "
-             "got shape ", coeffs.sizes());
+             "got shape ", shape(coeffs.sizes()));
   STEP_CHECK(coeffs.scalar_type() == cdt, "coeffs must be ", dtype_name(cdt), " (the compute dtype of a ",
              dtype_name(dtype), " sample), got ", dtype_name(coeffs.scalar_type()));
   if (step_tensor) {
-    STEP_CHECK(step_tensor->dim() == 0 && step_tensor->scalar_type() == at::kLong,
+    STEP_CHECK(step_tensor->dim() == 0 && step_tensor->scalar_type() == ScalarType::Long,
                "step_tensor must be a 0-d int64 tensor, got ", dtype_name(step_tensor->scalar_type()), " of shape ",
-               step_tensor->sizes());
+               shape(step_tensor->sizes()));
     STEP_CHECK(step_index == 0, "pass the step index as step_tensor or as step_index, not both (step_index = ",
                step_index, ")");
   }
@@ -398,11 +434,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
   STEP_CHECK(n_tables == 0 || n_tables == 3, "pass all of priors, offsets, var_offsets or none");
   STEP_CHECK(!basis || n_tables == 3, "basis given without GMM tables (priors, offsets, var_offsets)");
   const bool gmm = n_tables == 3;
-  auto on_device = [&](const char* name, const at::Tensor* t) {
+  auto on_device = [&](const char* name, const Tensor* t) {
     STEP_CHECK(!t || t->device() == sample.device(), "every tensor must be on the sample's device ",
-               sample.device(), "; ", name, " is on ", t->device());
+               device_name(sample.device()), "; ", name, " is on ", device_name(t->device()));
   };
-  auto opt = [](const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; };
+  auto opt = [](const std::optional<Tensor>& t) { return t ? &*t : nullptr; };
   on_device("model_output", &model_output);
   on_device("coeffs", &coeffs);
   on_device("step_tensor", opt(step_tensor));
@@ -418,7 +454,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
   // whose index is always range-checked (a GMM built for one step is not a shared one).
   int64_t n_sets = 0, K = 0, Dv = 0;
   if (gmm) {
-    auto in_cdt = [&](const char* name, const at::Tensor* t) {
+    auto in_cdt = [&](const char* name, const Tensor* t) {
       STEP_CHECK(!t || t->scalar_type() == cdt, name, " must be ", dtype_name(cdt), " (the compute dtype of a ",
                  dtype_name(dtype), " sample), got ", dtype_name(t->scalar_type()));
     };
@@ -428,47 +464,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
     in_cdt("basis", opt(basis));
     const bool stacked = priors->dim() == 2;
     STEP_CHECK((priors->dim() == 1 || stacked) && priors->size(-1) >= 1 && (!stacked || priors->size(0) >= 1),
-               "priors must have shape [K] or [S, K] with K >= 1, got ", priors->sizes());
+               "priors must have shape [K] or [S, K] with K >= 1, got ", shape(priors->sizes()));
     K = priors->size(-1);
     n_sets = stacked ? priors->size(0) : 0;
     const int64_t lead = stacked ? 1 : 0;
     auto head = [&]() { return stacked ? std::vector<int64_t>{n_sets} : std::vector<int64_t>{}; };
     std::vector<int64_t> want = head();
     want.insert(want.end(), {K, D});
-    STEP_CHECK(offsets->sizes() == at::IntArrayRef(want), "offsets must have shape ", at::IntArrayRef(want),
-               " (priors ", priors->sizes(), ", D = per-sample numel), got ", offsets->sizes());
+    STEP_CHECK(offsets->sizes() == Sizes(want), "offsets must have shape ", shape(want), " (priors ",
+               shape(priors->sizes()), ", D = per-sample numel), got ", shape(offsets->sizes()));
     Dv = var_offsets->dim() == 2 + lead ? var_offsets->size(-1) : -1;
     want = head();
     want.insert(want.end(), {K, Dv});
-    STEP_CHECK(var_offsets->dim() == 2 + lead && var_offsets->sizes() == at::IntArrayRef(want) && Dv <= D,
+    STEP_CHECK(var_offsets->dim() == 2 + lead && var_offsets->sizes() == Sizes(want) && Dv <= D,
                "var_offsets must have shape [", stacked ? "S, " : "", "K, Dv] with K = ", K, " and Dv <= ", D,
-               ", got ", var_offsets->sizes());
+               ", got ", shape(var_offsets->sizes()));
     if (basis) {
       want = head();
       want.insert(want.end(), {Dv, D});
-      STEP_CHECK(basis->sizes() == at::IntArrayRef(want), "basis must have shape ", at::IntArrayRef(want),
-                 " (one row per variance offset), got ", basis->sizes());
+      STEP_CHECK(basis->sizes() == Sizes(want), "basis must have shape ", shape(want),
+                 " (one row per variance offset), got ", shape(basis->sizes()));
     }
   }
   if (noise) {
-    STEP_CHECK(noise->is_floating_point() && noise->sizes() == sample.sizes(),
-               "noise must be a floating tensor of the sample's shape ", sample.sizes(), ", got ",
-               dtype_name(noise->scalar_type()), " ", noise->sizes());
+    STEP_CHECK(is_floating(noise->scalar_type()) && noise->sizes() == sample.sizes(),
+               "noise must be a floating tensor of the sample's shape ", shape(sample.sizes()), ", got ",
+               dtype_name(noise->scalar_type()), " ", shape(noise->sizes()));
   }
   if (components) {
     STEP_CHECK(gmm, "components given without GMM tables");
-    STEP_CHECK((components->scalar_type() == at::kLong || components->scalar_type() == at::kInt) &&
+    STEP_CHECK((components->scalar_type() == ScalarType::Long || components->scalar_type() == ScalarType::Int) &&
                    components->dim() == 1 && components->size(0) == B,
                "components must be an int32/int64 tensor of shape [", B, "], got ",
-               dtype_name(components->scalar_type()), " ", components->sizes());
+               dtype_name(components->scalar_type()), " ", shape(components->sizes()));
   }
   STEP_CHECK(!history1 || history0, "history1 given without history0 (history0 is the latest prediction, history1 "
              "the one before)");
   for (const auto* h : {opt(history0), opt(history1)}) {
     if (!h) continue;
     const char* name = h == opt(history0) ? "history0" : "history1";
-    STEP_CHECK(h->sizes() == sample.sizes(), name, " must have the sample's shape ", sample.sizes(),
-               " (a previous step's prediction of each sample), got ", h->sizes());
+    STEP_CHECK(h->sizes() == sample.sizes(), name, " must have the sample's shape ", shape(sample.sizes()),
+               " (a previous step's prediction of each sample), got ", shape(h->sizes()));
     STEP_CHECK(h->scalar_type() == dtype || h->scalar_type() == cdt, name, " must have the sample's dtype (",
                dtype_name(dtype), ") or the compute dtype (", dtype_name(cdt), "), got ", dtype_name(h->scalar_type()));
     STEP_CHECK(n_cols == 8, name, " given with ", n_cols, "-column coeffs (no H1, H2): pass rows of 8 columns "
@@ -485,65 +521,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
                n_sets, " parameter sets)");
   }
 
-  at::Tensor kin;
+  Opt kin;
   if (components) {
-    kin = components->to(at::kLong).contiguous();
+    kin = dense(torch::stable::to(*components, ScalarType::Long));
     if (B > 0) {
-      const int64_t lo = kin.min().item<int64_t>(), hi = kin.max().item<int64_t>();
+      const int64_t* v = kin->const_data_ptr<int64_t>();
+      const auto [lo_at, hi_at] = std::minmax_element(v, v + B);
+      const int64_t lo = *lo_at, hi = *hi_at;
       STEP_CHECK(lo >= 0 && hi < K, "components must be in [0, ", K, "), got values in [", lo, ", ", hi, "]");
     }
   }
 
-  at::Tensor prev = at::empty(sample.sizes(), sample.options());
-  at::Tensor x0 = return_pred_original ? at::empty(sample.sizes(), sample.options()) : at::empty({0}, sample.options());
-  at::Tensor comps = at::empty({gmm ? B : 0}, sample.options().dtype(at::kLong));
+  auto empty = [&](Sizes sizes, ScalarType type) { return empty_tensor(sizes, type, sample.device()); };
+  Tensor prev = empty(sample.sizes(), dtype);
+  Tensor x0 = return_pred_original ? empty(sample.sizes(), dtype) : empty({0}, dtype);
+  Tensor comps = empty({gmm ? B : 0}, ScalarType::Long);
   if (B == 0) return {prev, x0, comps};
 
   int64_t i = step_index;
   if (step_tensor) {
-    i = step_tensor->item<int64_t>();
+    i = step_tensor->const_data_ptr<int64_t>()[0];
     const bool ok = i >= 0 && i < kMaxIndex && (n_rows == 0 || i < n_rows) && (n_sets == 0 || i < n_sets);
     if (!ok) {  // the device convention: this call's outputs are NaN and its components -1
-      prev.fill_(std::numeric_limits<double>::quiet_NaN());
-      x0.fill_(std::numeric_limits<double>::quiet_NaN());
-      comps.fill_(-1);
+      torch::stable::fill_(prev, std::numeric_limits<double>::quiet_NaN());
+      torch::stable::fill_(x0, std::numeric_limits<double>::quiet_NaN());
+      torch::stable::fill_(comps, -1.0);
       return {prev, x0, comps};
     }
   }
-  const at::Tensor row = (n_rows ? coeffs[i] : coeffs).contiguous();
+  Opt row_kept;
+  const void* row = pick(coeffs, n_rows != 0, i, row_kept);
   const int n_hist = int(history0.has_value()) + int(history1.has_value());
   for (int j = n_hist; j < n_cols - 6; ++j) {  // a history term the caller did not pass
-    const double h = row[6 + j].item<double>();
+    const double h = cdt == ScalarType::Double ? static_cast<const double*>(row)[6 + j]
+                                               : static_cast<const float*>(row)[6 + j];
     STEP_CHECK(h == 0.0, "coeffs row ", i, " has H", j + 1, " = ", h, " but history", j, " is None");
   }
   const int64_t set = n_sets ? i : 0;
   Tables tab;
-  at::Tensor pri, off, var, bas;
+  Opt pri, off, var, bas;  // contiguous copies of non-contiguous tables
   if (gmm) {
-    auto pick = [&](const at::Tensor& t) { return (n_sets ? t[set] : t).contiguous(); };
-    pri = pick(*priors), off = pick(*offsets), var = pick(*var_offsets);
-    tab.priors = pri.data_ptr();
-    tab.offsets = off.data_ptr();
-    tab.var_offsets = var.data_ptr();
-    if (basis) {
-      bas = pick(*basis);
-      tab.basis = bas.data_ptr();
-    }
+    tab.priors = pick(*priors, n_sets != 0, set, pri);
+    tab.offsets = pick(*offsets, n_sets != 0, set, off);
+    tab.var_offsets = pick(*var_offsets, n_sets != 0, set, var);
+    if (basis) tab.basis = pick(*basis, n_sets != 0, set, bas);
     tab.K = K;
     tab.Dv = Dv;
   }
-  at::Tensor z = noise ? noise->to(cdt).contiguous() : at::Tensor();
-  const at::Tensor x = sample.contiguous(), m = model_output.contiguous();
-  const at::Tensor h0 = history0 ? history0->contiguous() : at::Tensor();
-  const at::Tensor h1 = history1 ? history1->contiguous() : at::Tensor();
+  const Opt z = noise ? Opt(dense(torch::stable::to(*noise, cdt))) : std::nullopt;
+  const Tensor x = dense(sample), m = dense(model_output);
+  const Opt h0 = history0 ? Opt(dense(*history0)) : std::nullopt;
+  const Opt h1 = history1 ? Opt(dense(*history1)) : std::nullopt;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "ddimgmm_step_cpu", [&] {
-    using T = at::opmath_type<scalar_t>;
+  auto dispatch = [&](auto sample_tag) {
+    using scalar_t = decltype(sample_tag);
+    using T = opmath_t<scalar_t>;
     auto go = [&](auto m_tag, auto h_tag, auto n_hist_tag) {
       using m_t = decltype(m_tag);
       using h_t = decltype(h_tag);
       constexpr int H = decltype(n_hist_tag)::value;
-      auto args = std::tie(m, x, row, h0, h1, tab, z, kin, prediction_type, guidance_scale, clip_sample_range,
+      auto args = std::tie(m, x, row, n_cols, h0, h1, tab, z, kin, prediction_type, guidance_scale, clip_sample_range,
                            use_clipped_model_output, seed, sample_offset, i, prev, x0, comps);
       if (guided && return_pred_original) std::apply(run<scalar_t, m_t, h_t, true, true, H>, args);
       if (guided && !return_pred_original) std::apply(run<scalar_t, m_t, h_t, true, false, H>, args);
@@ -557,7 +594,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
         if (n_hist == 1) return go(m_tag, h_tag, std::integral_constant<int, 1>{});
         return go(m_tag, h_tag, std::integral_constant<int, 2>{});
       };
-      if (h0.scalar_type() == dtype) return with_h(scalar_t{});
+      if (h0->scalar_type() == dtype) return with_h(scalar_t{});
       return with_h(T{});
     };
     if (m.scalar_type() == dtype) {
@@ -565,12 +602,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
     } else {
       with_m(T{});
     }
-  });
+  };
+  switch (dtype) {
+    case ScalarType::Half: dispatch(c10::Half{}); break;
+    case ScalarType::BFloat16: dispatch(c10::BFloat16{}); break;
+    case ScalarType::Float: dispatch(float{}); break;
+    default: dispatch(double{});
+  }
   return {prev, x0, comps};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ddimgmm, CPU, m) { m.impl("step", &step_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(ddimgmm, CPU, m) { m.impl("step", TORCH_BOX(&step_cpu)); }
 
 }  // namespace ddimgmm

@@ -24,10 +24,7 @@
 // return arbitrary vectors for the null space anyway). Non-finite input is rejected too. A matrix past
 // kGramMaxCond (below kMinSigmaRatio) is handed to LAPACK, and one whose Gram would over- or underflow is
 // scaled by a power of two first, so dg.thin_svd needs no pass of its own over O on CPU.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+#include "../stable.h"
 #include "../thin_svd_aten.h"
 #include "isa.h"
 
@@ -47,7 +44,7 @@ constexpr int64_t kSmallK = 32;
 constexpr int64_t kChunkRows = 4096;
 constexpr int64_t kMaxWorkItems = 256;
 
-enum Status : int { kOk = 0, kNonFinite = 1, kRankDeficient = 2, kIllConditioned = 3 };
+enum Status : int { kOk = 0, kNonFinite = 1, kRankDeficient = 2, kIllConditioned = 3, kSecondPassFailed = 4 };
 
 // Past this condition number the Gram route's U (off LAPACK's by ~eps64 cond^2 in its columns, though
 // orthonormal after the second pass) gives way to LAPACK for that matrix: U then agrees with LAPACK to ~1e-11
@@ -59,21 +56,22 @@ constexpr double kGramMaxCond = std::is_same_v<scalar_t, float> ? 1e4 : 1e3;
 // A Gram diagonal below this (2^-700) means products of O's entries may have lost bits to underflow.
 constexpr double kTinyGram = 0x1p-700;
 
-void check_input(const at::Tensor& O) {
-  TORCH_CHECK(O.dim() == 3, "thin_svd: O must have shape [S, D, K], got ", O.dim(), " dimensions");
-  TORCH_CHECK(O.scalar_type() == at::kFloat || O.scalar_type() == at::kDouble,
-              "thin_svd: O must be float32 or float64, got ", O.scalar_type());
-  TORCH_CHECK(O.size(2) <= O.size(1), "thin_svd: O [S, D, K] needs K <= D, got shape ", O.sizes());
+void check_input(const Tensor& O) {
+  DDIMGMM_CHECK(O.dim() == 3, "thin_svd: O must have shape [S, D, K], got ", O.dim(), " dimensions");
+  DDIMGMM_CHECK(O.scalar_type() == ScalarType::Float || O.scalar_type() == ScalarType::Double,
+                "thin_svd: O must be float32 or float64, got ", O.scalar_type());
+  DDIMGMM_CHECK(O.size(2) <= O.size(1), "thin_svd: O [S, D, K] needs K <= D, got shape ", shape(O.sizes()));
 }
 
 // Raises for the first failed matrix; `sigma_ratio` holds sigma_min / sigma_max of each matrix.
 void raise_on_status(const std::vector<int>& status, const std::vector<double>& sigma_ratio) {
   for (size_t s = 0; s < status.size(); ++s) {
-    TORCH_CHECK(status[s] != kNonFinite, "thin_svd: O must be finite; O[", s,
-                "] holds inf or nan (or values whose squares overflow)");
-    TORCH_CHECK(status[s] != kRankDeficient, "thin_svd: O[", s,
-                "] is numerically rank-deficient: sigma_min / sigma_max = ", sigma_ratio[s], " <= ",
-                kMinSigmaRatio, " (the Gram route cannot resolve it; use reference.thin_svd)");
+    DDIMGMM_CHECK(status[s] != kNonFinite, "thin_svd: O must be finite; O[", s,
+                  "] holds inf or nan (or values whose squares overflow)");
+    DDIMGMM_CHECK(status[s] != kRankDeficient, "thin_svd: O[", s,
+                  "] is numerically rank-deficient: sigma_min / sigma_max = ", sigma_ratio[s], " <= ",
+                  kMinSigmaRatio, " (the Gram route cannot resolve it; use reference.thin_svd)");
+    DDIMGMM_CHECK(status[s] != kSecondPassFailed, "thin_svd: second orthogonalisation pass failed for O[", s, "]");
   }
 }
 
@@ -87,12 +85,12 @@ bool needs_second_pass(double min_sigma_ratio, int64_t D, int64_t K, double out_
 
 // U[ill] = LAPACK's U of O[ill] (float64, rounded to O's dtype), each column's first entry of largest
 // magnitude made positive as in reference.thin_svd (argmax returns the first maximal entry).
-void lapack_fallback(const at::Tensor& O, at::Tensor& U, const std::vector<int64_t>& ill) {
-  const at::Tensor index = at::tensor(ill, at::kLong);
-  at::Tensor V = std::get<0>(at::linalg_svd(O.index_select(0, index).to(at::kDouble), /*full_matrices=*/false));
-  V = V.to(O.scalar_type());
-  const at::Tensor pivot = at::gather(V, 1, V.abs().argmax(1, /*keepdim=*/true));
-  U.index_copy_(0, index, V * at::where(pivot < 0, -1.0, 1.0).to(V.scalar_type()));
+void lapack_fallback(const Tensor& O, Tensor& U, const std::vector<int64_t>& ill) {
+  Tensor index = empty_tensor({int64_t(ill.size())}, ScalarType::Long, O.device());
+  std::copy(ill.begin(), ill.end(), index.mutable_data_ptr<int64_t>());
+  const Tensor picked = torch::stable::to(aten("aten::index_select", "", O, int64_t(0), index), ScalarType::Double);
+  const Tensor V = aten<3>("aten::linalg_svd", "", picked, /*full_matrices=*/false, std::optional<std::string>())[0];
+  aten("aten::index_copy_", "", U, int64_t(0), index, op::fix_signs(torch::stable::to(V, O.scalar_type())));
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -367,11 +365,15 @@ struct SmallK {
   }
 
   // Second pass from the Gram of O M (parts): G2 = R^T R, M <- M R^(-1). R is near the identity, so its
-  // Cholesky cannot fail once the rank check has passed.
+  // Cholesky cannot fail once the rank check has passed (if it did: status kSecondPassFailed, raised after the
+  // parallel region, which would not carry the message).
   void second_stage(int64_t s, const double* parts) {
     std::vector<double> R(K * K), W(K * K);
     sum_chunks(parts, R.data());
-    TORCH_CHECK(cholesky_upper(K, R), "thin_svd: second orthogonalisation pass failed for O[", s, "]");
+    if (!cholesky_upper(K, R)) {
+      status[s] = kSecondPassFailed;
+      return;
+    }
     double* m = &M[s * KP * KP];
     for (int64_t i = 0; i < K; ++i)
       for (int64_t j = 0; j < K; ++j) W[i * K + j] = m[i * KP + j];
@@ -437,7 +439,7 @@ struct SmallK {
   // are 2 MB). Per stage over the whole batch (the other schedule), every pass streams all of O from DRAM:
   // that schedule is kept for few, tall matrices, where it splits a matrix's rows between threads.
   void run_by_matrix() {
-    at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> parts(chunks * KP * KP), best(chunks * K);
       std::vector<char> negative(chunks * K);
       scalar_t sign[KP];
@@ -448,6 +450,7 @@ struct SmallK {
         if (second_pass_needed(s)) {
           for (int64_t c = 0; c < chunks; ++c) gram_chunk(s, c, &M[s * KP * KP], &parts[c * KP * KP]);
           second_stage(s, parts.data());
+          if (status[s] != kOk) continue;
         }
         for (int64_t c = 0; c < chunks; ++c) write_chunk(s, c, &best[c * K], &negative[c * K]);
         if (column_signs(best.data(), negative.data(), sign))
@@ -459,7 +462,7 @@ struct SmallK {
   // By (matrix, row chunk) work item, one stage at a time over the whole batch.
   template <typename F>
   void for_items(F fn) const {
-    at::parallel_for(0, S * chunks, 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, S * chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) fn(item / chunks, item % chunks);
     });
   }
@@ -469,13 +472,13 @@ struct SmallK {
     std::vector<char> negative(S * chunks * K);
     auto part = [&](int64_t s, int64_t c) { return &parts[(s * chunks + c) * KP * KP]; };
     for_items([&](int64_t s, int64_t c) { gram_chunk(s, c, nullptr, part(s, c)); });
-    at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
       for (int64_t s = begin; s < end; ++s) first_stage(s, part(s, 0));
     });
     for_items([&](int64_t s, int64_t c) {
       if (second_pass_needed(s)) gram_chunk(s, c, &M[s * KP * KP], part(s, c));
     });
-    at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
       for (int64_t s = begin; s < end; ++s)
         if (second_pass_needed(s)) second_stage(s, part(s, 0));
     });
@@ -520,10 +523,10 @@ std::vector<int64_t> run_small_k(const scalar_t* O, scalar_t* U, int64_t S, int6
   }
 }
 
-at::Tensor thin_svd_small_k(const at::Tensor& O) {
+Tensor thin_svd_small_k(const Tensor& O) {
   const int64_t S = O.size(0), D = O.size(1), K = O.size(2);
-  at::Tensor Oc = O.contiguous();
-  at::Tensor U = at::empty_like(Oc);
+  const Tensor Oc = torch::stable::contiguous(O);
+  Tensor U = empty_tensor(O.sizes(), O.scalar_type(), O.device());
   // Rows are split into chunks only while there are few matrices: enough items to keep every core busy,
   // never more than kMaxWorkItems (bounds the S * chunks * K^2 partial sums). The chunks depend only on the
   // shape and both schedules add their partial sums in chunk order, so the result is bitwise the same for
@@ -531,12 +534,14 @@ at::Tensor thin_svd_small_k(const at::Tensor& O) {
   const int64_t chunks =
       std::max<int64_t>(1, std::min((D + kChunkRows - 1) / kChunkRows, kMaxWorkItems / std::max<int64_t>(S, 1)));
   const int64_t chunk_rows = (D + chunks - 1) / chunks;
-  const bool by_matrix = chunks == 1 || S >= 4 * at::get_num_threads();
+  const bool by_matrix = chunks == 1 || S >= 4 * int64_t(torch::stable::get_num_threads());
   std::vector<int64_t> ill;
-  AT_DISPATCH_FLOATING_TYPES(O.scalar_type(), "thin_svd_cpu", [&] {
-    ill = run_small_k<scalar_t>(Oc.data_ptr<scalar_t>(), U.data_ptr<scalar_t>(), S, D, K, chunks, chunk_rows,
-                                by_matrix);
-  });
+  if (O.scalar_type() == ScalarType::Float) {
+    ill = run_small_k(Oc.const_data_ptr<float>(), U.mutable_data_ptr<float>(), S, D, K, chunks, chunk_rows, by_matrix);
+  } else {
+    ill = run_small_k(Oc.const_data_ptr<double>(), U.mutable_data_ptr<double>(), S, D, K, chunks, chunk_rows,
+                      by_matrix);
+  }
   if (!ill.empty()) lapack_fallback(Oc, U, ill);
   return U;
 }
@@ -545,28 +550,32 @@ at::Tensor thin_svd_small_k(const at::Tensor& O) {
 // BLAS route, K > kSmallK
 // ---------------------------------------------------------------------------------------------------------
 
-at::Tensor thin_svd_blas(const at::Tensor& O) {
+Tensor thin_svd_blas(const Tensor& O) {
   const int64_t D = O.size(1), K = O.size(2);
-  const bool is_float = O.scalar_type() == at::kFloat;
+  const bool is_float = O.scalar_type() == ScalarType::Float;
   const double out_eps = is_float ? std::numeric_limits<float>::epsilon() : std::numeric_limits<double>::epsilon();
   const double max_cond = is_float ? kGramMaxCond<float> : kGramMaxCond<double>;
-  at::Tensor In = O;
+  Tensor In = O;
   if (!is_float) {  // scaled by a power of two (exact): the Gram of a 1e-170 or 1e170 matrix under- or overflows
-    const at::Tensor peak = O.abs().amax({1, 2}, /*keepdim=*/true);
-    const at::Tensor one = at::ones_like(peak);
-    In = O * at::where(peak.isfinite().logical_and(peak > 0), at::ldexp(one, -std::get<1>(at::frexp(peak))), one);
+    const Tensor peak = torch::stable::amax(op::abs(O), {1, 2}, /*keepdim=*/true);
+    const Tensor one = torch::stable::full(peak.sizes(), 1.0, ScalarType::Double, std::nullopt, O.device());
+    const Tensor usable = aten("aten::logical_and", "", aten("aten::isfinite", "", peak),
+                               aten("aten::gt", "Tensor", peak, scalar_like(peak, 0.0)));
+    const Tensor exponent = aten<2>("aten::frexp", "Tensor", peak)[1];
+    const Tensor scale = aten("aten::ldexp", "Tensor", one, aten("aten::neg", "", exponent));
+    In = op::mul(O, op::where(usable, scale, one));
   }
   std::vector<int64_t> ill;
-  at::Tensor U = thin_svd_aten(In, [&](const at::Tensor& finite, const at::Tensor& sigma_ratio) {
+  Tensor U = thin_svd_aten(In, [&](const Tensor& finite, const Tensor& sigma_ratio) {
     const int64_t S = finite.size(0);
     std::vector<int> status(S, kOk);
     std::vector<double> ratio(S, 1.0);
-    const at::Tensor f = finite.contiguous();
-    for (int64_t s = 0; s < S; ++s) status[s] = f.data_ptr<bool>()[s] ? kOk : kNonFinite;
+    const Tensor f = torch::stable::contiguous(finite);
+    for (int64_t s = 0; s < S; ++s) status[s] = f.const_data_ptr<bool>()[s] ? kOk : kNonFinite;
     if (sigma_ratio.defined()) {
-      const at::Tensor r = sigma_ratio.contiguous();
+      const Tensor r = torch::stable::contiguous(sigma_ratio);
       for (int64_t s = 0; s < S; ++s) {
-        ratio[s] = r.data_ptr<double>()[s];
+        ratio[s] = r.const_data_ptr<double>()[s];
         if (!(ratio[s] > kMinSigmaRatio)) status[s] = kRankDeficient;
         if (status[s] == kOk && ratio[s] * max_cond < 1.0) ill.push_back(s);
       }
@@ -574,18 +583,18 @@ at::Tensor thin_svd_blas(const at::Tensor& O) {
     raise_on_status(status, ratio);
     return needs_second_pass(*std::min_element(ratio.begin(), ratio.end()), D, K, out_eps);
   }).U;
-  if (!ill.empty()) lapack_fallback(O.contiguous(), U, ill);
+  if (!ill.empty()) lapack_fallback(torch::stable::contiguous(O), U, ill);
   return U;
 }
 
-at::Tensor thin_svd_cpu(const at::Tensor& O) {
+Tensor thin_svd_cpu(const Tensor& O) {
   check_input(O);
-  if (O.numel() == 0) return at::empty_like(O, at::MemoryFormat::Contiguous);
+  if (O.numel() == 0) return empty_tensor(O.sizes(), O.scalar_type(), O.device());
   return O.size(2) <= kSmallK ? thin_svd_small_k(O) : thin_svd_blas(O);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ddimgmm, CPU, m) { m.impl("thin_svd", &thin_svd_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(ddimgmm, CPU, m) { m.impl("thin_svd", TORCH_BOX(&thin_svd_cpu)); }
 
 }  // namespace ddimgmm

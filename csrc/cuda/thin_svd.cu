@@ -17,18 +17,20 @@
 // Values that would need a host round trip to raise (non-finite or rank-deficient O[s], see
 // kMinSigmaRatio) make U[s] all nan instead of raising; the CPU kernel raises.
 //
-// Includes only c10/cuda and ATen core headers: they ship with every torch wheel, while ATen/cuda/*
-// pulls in cuBLAS / cuSPARSE headers that a bare CUDA toolkit may lack.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+// Stable ABI only (csrc/stable.h): the device guard and the current stream come from the C shim, which
+// declares its CUDA stream call under USE_CUDA. No cuBLAS / cuSPARSE headers, which a bare toolkit may lack.
+#ifndef USE_CUDA
+#define USE_CUDA
+#endif
+#include "../stable.h"
+#include "../thin_svd_aten.h"
+
+#include <torch/csrc/stable/accelerator.h>
+
+#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <limits>
-
-#include "../thin_svd_aten.h"
 
 namespace ddimgmm {
 namespace {
@@ -291,63 +293,79 @@ __global__ void fix_signs(scalar_t* U, const double* best, int64_t D, int K, int
     if (negate[e % K]) u[e] = -u[e];
 }
 
-at::Tensor thin_svd_small_k(const at::Tensor& O) {
+// Raises the error of the last launch, as C10_CUDA_KERNEL_LAUNCH_CHECK does.
+void launch_check() {
+  const cudaError_t error = cudaGetLastError();
+  DDIMGMM_CHECK(error == cudaSuccess, "thin_svd: CUDA kernel launch failed: ", cudaGetErrorString(error));
+}
+
+Tensor thin_svd_small_k(const Tensor& O) {
   const int64_t S = O.size(0), D = O.size(1);
   const int K = static_cast<int>(O.size(2));
-  const at::Tensor Oc = O.contiguous();
-  at::Tensor U = at::empty_like(Oc);
+  const Tensor Oc = torch::stable::contiguous(O);
+  Tensor U = empty_tensor(O.sizes(), O.scalar_type(), O.device());
   const int64_t chunks = ceil_div(D, kChunkRows);
   const int64_t chunk_rows = ceil_div(D, chunks);
-  TORCH_CHECK(chunks <= std::numeric_limits<int32_t>::max(), "thin_svd: O [S, D, K] on CUDA needs D < 2^42");
-  const auto f64 = O.options().dtype(at::kDouble);
-  at::Tensor partial = at::empty({S, chunks, K, K}, f64);  // upper triangles written, lower never read
-  at::Tensor W = at::empty({S, K, K}, f64);
-  at::Tensor ok = at::empty({S}, O.options().dtype(at::kByte));
-  at::Tensor best = at::empty({S, chunks, K}, f64);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(O.scalar_type(), "thin_svd_cuda", [&] {
+  DDIMGMM_CHECK(chunks <= std::numeric_limits<int32_t>::max(), "thin_svd: O [S, D, K] on CUDA needs D < 2^42");
+  auto empty = [&](torch::headeronly::IntHeaderOnlyArrayRef sizes, ScalarType type) {
+    return empty_tensor(sizes, type, O.device());
+  };
+  Tensor partial = empty({S, chunks, K, K}, ScalarType::Double);  // upper triangles written, lower never read
+  Tensor W = empty({S, K, K}, ScalarType::Double);
+  Tensor ok = empty({S}, ScalarType::Byte);
+  Tensor best = empty({S, chunks, K}, ScalarType::Double);
+  void* stream_handle = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(O.get_device_index(), &stream_handle));
+  const cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
+  auto dispatch = [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
     // Matrices go in slabs of at most kMaxGridY (a grid's y extent); every kernel indexes from the slab's
     // base pointers, so a slab is the same computation as a batch of its own.
     for (int64_t s0 = 0; s0 < S; s0 += kMaxGridY) {
       const int64_t n = S - s0 < kMaxGridY ? S - s0 : kMaxGridY;
       const dim3 rows_grid(static_cast<unsigned>(chunks), static_cast<unsigned>(n));
-      const scalar_t* o = Oc.data_ptr<scalar_t>() + s0 * D * K;
-      scalar_t* u = U.data_ptr<scalar_t>() + s0 * D * K;
-      double* part = partial.data_ptr<double>() + s0 * chunks * K * K;
-      double* w = W.data_ptr<double>() + s0 * K * K;
-      uint8_t* good = ok.data_ptr<uint8_t>() + s0;
-      double* b = best.data_ptr<double>() + s0 * chunks * K;
+      const scalar_t* o = Oc.const_data_ptr<scalar_t>() + s0 * D * K;
+      scalar_t* u = U.mutable_data_ptr<scalar_t>() + s0 * D * K;
+      double* part = partial.mutable_data_ptr<double>() + s0 * chunks * K * K;
+      double* w = W.mutable_data_ptr<double>() + s0 * K * K;
+      uint8_t* good = ok.mutable_data_ptr<uint8_t>() + s0;
+      double* b = best.mutable_data_ptr<double>() + s0 * chunks * K;
       gram_partials<scalar_t><<<rows_grid, kGramThreads, 0, stream>>>(o, nullptr, part, D, K, chunk_rows);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_check();
       eigen<<<static_cast<unsigned>(n), kWarp, 0, stream>>>(part, chunks, K, w, good);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_check();
       gram_partials<scalar_t><<<rows_grid, kGramThreads, 0, stream>>>(o, w, part, D, K, chunk_rows);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_check();
       cholesky<<<static_cast<unsigned>(n), kWarp, 0, stream>>>(part, chunks, K, w, good);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_check();
       write_u<scalar_t><<<rows_grid, kThreads, 0, stream>>>(o, w, good, u, b, D, K, chunk_rows);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_check();
       fix_signs<scalar_t><<<rows_grid, kThreads, 0, stream>>>(u, b, D, K, chunk_rows);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_check();
     }
-  });
+  };
+  if (O.scalar_type() == ScalarType::Float) {
+    dispatch(float{});
+  } else {
+    dispatch(double{});
+  }
   return U;
 }
 
-at::Tensor thin_svd_cuda(const at::Tensor& O) {
-  TORCH_CHECK(O.dim() == 3, "thin_svd: O must have shape [S, D, K], got ", O.dim(), " dimensions");
-  TORCH_CHECK(O.scalar_type() == at::kFloat || O.scalar_type() == at::kDouble,
-              "thin_svd: O must be float32 or float64, got ", O.scalar_type());
-  TORCH_CHECK(O.size(2) <= O.size(1), "thin_svd: O [S, D, K] needs K <= D, got shape ", O.sizes());
-  if (O.numel() == 0) return at::empty_like(O, at::MemoryFormat::Contiguous);
-  const c10::cuda::CUDAGuard guard(O.device());
+Tensor thin_svd_cuda(const Tensor& O) {
+  DDIMGMM_CHECK(O.dim() == 3, "thin_svd: O must have shape [S, D, K], got ", O.dim(), " dimensions");
+  DDIMGMM_CHECK(O.scalar_type() == ScalarType::Float || O.scalar_type() == ScalarType::Double,
+                "thin_svd: O must be float32 or float64, got ", O.scalar_type());
+  DDIMGMM_CHECK(O.size(2) <= O.size(1), "thin_svd: O [S, D, K] needs K <= D, got shape ", shape(O.sizes()));
+  if (O.numel() == 0) return empty_tensor(O.sizes(), O.scalar_type(), O.device());
+  const torch::stable::accelerator::DeviceGuard guard(O.get_device_index());
   if (O.size(2) <= kMaxK) return thin_svd_small_k(O);
   // Deciding to skip the second pass would need sigma_ratio on the host: always run it.
-  return thin_svd_aten(O, [](const at::Tensor&, const at::Tensor&) { return true; }).U;
+  return thin_svd_aten(O, [](const Tensor&, const Tensor&) { return true; }).U;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ddimgmm, CUDA, m) { m.impl("thin_svd", &thin_svd_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(ddimgmm, CUDA, m) { m.impl("thin_svd", TORCH_BOX(&thin_svd_cuda)); }
 
 }  // namespace ddimgmm

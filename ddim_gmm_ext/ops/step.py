@@ -1,5 +1,5 @@
 """CUDA kernel (the Triton launcher) and fake implementation of ``ddimgmm::step``; the CPU kernel is C++
-(csrc/cpu/step.cpp). Arguments are documented with the schema in csrc/ops.cpp; autograd is registered here
+(csrc/cpu/step.cpp). Arguments are documented with the schema in ops/schema.py; autograd is registered here
 for every backend."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from .._checks import MAX_INDEX as _MAX_INDEX
 from .._checks import compute_dtype as _compute_dtype
 from .._checks import op_seed, prediction_type_code
 
-#: The op's arguments in schema order (csrc/ops.cpp); the CUDA and fake kernels take them by these names.
+#: The op's arguments in schema order (ops/schema.py); the CUDA and fake kernels take them by these names.
 ARGUMENTS = (
     "model_output",
     "sample",

@@ -94,6 +94,26 @@ def test_op_equals_reference(case, as_tensor, dtype):
             assert torch.equal(ours.components, ref.components)
 
 
+def test_non_contiguous_tables_are_read_as_their_values():
+    # The kernel addresses a contiguous table's set directly and copies a strided one: both give the same bits
+    # (checked to fail with the strided copy taken of the whole table rather than of its row / set i).
+    x, m = _inputs(torch.float32)
+    gmm = _gmm("basis")
+    tables = (_rows(torch.float32), gmm.priors, gmm.offsets, gmm.var_offsets, gmm.basis)
+
+    def strided(t):
+        return t.transpose(0, -1).contiguous().transpose(0, -1)
+
+    for i in (0, 3):
+        outs = []
+        for make in (lambda t: t.contiguous(), strided):
+            coeffs, priors, offsets, var_offsets, basis = (make(t) for t in tables)
+            outs.append(torch.ops.ddimgmm.step(m, x, coeffs, None, priors, offsets, var_offsets, basis, None, None,
+                                               0, None, None, False, 5, 0, i, True))  # fmt: skip
+        assert not strided(tables[2]).is_contiguous()
+        assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+
+
 def test_per_step_api_is_the_table_with_one_row():
     # dg.step builds the row with coefficient_row: the same samples as the table form at that row.
     x, m = _inputs(torch.float32)
