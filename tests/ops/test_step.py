@@ -2,6 +2,7 @@
 the randomness contract (docs/design.md 2), moment oracles, and op registration (opcheck, compile)."""
 
 import math
+import typing
 
 import pytest
 import torch
@@ -265,7 +266,20 @@ def test_moment_matching_oracle(device, variant):
 
 
 from ddim_gmm_ext._checks import compute_dtype  # noqa: E402
-from ddim_gmm_ext.ops.step import ARGUMENTS  # noqa: E402 (the schema's argument names, in order)
+from ddim_gmm_ext.ops.step import ARGUMENTS, StepArgs  # noqa: E402 (the schema's arguments, in order)
+
+
+def test_step_args_are_the_registered_schema():
+    # StepArgs is the one Python list of the op's arguments (the wrapper, the checks, the fake and CUDA kernels,
+    # autograd and the Triton launch plan read it by name): names, order, types and defaults are the schema's.
+    # Checked to fail with StepArgs's seed and sample_offset fields swapped.
+    schema = torch.ops.ddimgmm.step.default._schema
+    python_type = {"Tensor": torch.Tensor, "Optional[Tensor]": torch.Tensor | None, "int": int, "bool": bool}
+    python_type["Optional[float]"] = float | None
+    want = [(a.name, python_type[str(a.type)]) for a in schema.arguments]
+    assert list(typing.get_type_hints(StepArgs).items()) == want
+    assert StepArgs._field_defaults == {a.name: None for a in schema.arguments if a.has_default_value()}
+    assert all(a.default_value is None for a in schema.arguments if a.has_default_value())
 
 
 def _op_args(device, dtype=torch.float32, gmm=True, guided=False, table=False):
