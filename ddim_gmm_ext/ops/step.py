@@ -11,8 +11,8 @@ from typing import NamedTuple, get_args, get_type_hints
 import torch
 
 from .._checks import MAX_INDEX as _MAX_INDEX
+from .._checks import StepOptions, op_seed, prediction_type_code
 from .._checks import compute_dtype as _compute_dtype
-from .._checks import op_seed, prediction_type_code
 
 
 class StepArgs(NamedTuple):
@@ -357,6 +357,7 @@ torch.library.register_autograd("ddimgmm::step", _backward, setup_context=_setup
 
 
 _NO_TABLES = (None, None, None, None)
+_DEFAULT_OPTIONS = StepOptions()
 
 
 def _any_requires_grad(*tensors: torch.Tensor | None) -> bool:
@@ -370,18 +371,10 @@ def step(
     model_output: torch.Tensor,
     sample: torch.Tensor,
     coeffs: torch.Tensor,
+    options: StepOptions = _DEFAULT_OPTIONS,
     *,
     step_index: int | torch.Tensor = 0,
     tables: tuple | None = None,
-    noise: torch.Tensor | None = None,
-    components: torch.Tensor | None = None,
-    prediction_type: str = "epsilon",
-    guidance_scale: float | None = None,
-    clip_sample_range: float | None = None,
-    use_clipped_model_output: bool = False,
-    seed: int = 0,
-    sample_offset: int = 0,
-    return_pred_original: bool = True,
     history: tuple[torch.Tensor, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The package's one call of ``torch.ops.ddimgmm.step``, by keyword (the op's arguments by name in a
@@ -389,7 +382,8 @@ def step(
 
     ``step_index``: a host int, or a 0-d int64 tensor on the sample's device (the op's ``step_tensor``, never
     read on the host). ``tables``: (priors, offsets, var_offsets, basis or None) as :meth:`GMM.step_tables` gives
-    them, or None. ``prediction_type``: the name; ``seed``: an unsigned 64-bit int (NumPy integers too).
+    them, or None. ``options``: the step's options (prediction type by name, seed an unsigned 64-bit int, NumPy
+    integers too; noise and components, the op's overrides of the draws).
     ``history``: a multistep solver's previous data predictions, () or (h1,) or (h1, h2), latest first, each of
     the sample's shape and dtype or the compute dtype (the op's history0, history1); they need 8-column coeffs
     (a_t, b_t, A, B, c, g, H1, H2), and a row with H_j != 0 needs h_j.
@@ -404,6 +398,9 @@ def step(
         raise ValueError(f"ddimgmm::step: history takes at most 2 tensors (h1, h2), got {len(history)}")
     from_tensor = isinstance(step_index, torch.Tensor)
     priors, offsets, var_offsets, basis = _NO_TABLES if tables is None else tables
+    prediction_type, guidance_scale, clip_sample_range, use_clipped, seed, sample_offset, noise, components, x0 = (
+        options
+    )
     args = StepArgs(
         model_output=model_output,
         sample=sample,
@@ -418,11 +415,11 @@ def step(
         prediction_type=prediction_type_code(prediction_type),
         guidance_scale=None if guidance_scale is None else float(guidance_scale),
         clip_sample_range=None if clip_sample_range is None else float(clip_sample_range),
-        use_clipped_model_output=use_clipped_model_output,
+        use_clipped_model_output=use_clipped,
         seed=op_seed(seed),
         sample_offset=sample_offset,
         step_index=0 if from_tensor else step_index,
-        return_pred_original=return_pred_original,
+        return_pred_original=x0,
         history0=history[0] if history else None,
         history1=history[1] if len(history) > 1 else None,
     )
