@@ -152,31 +152,33 @@ def check(a: StepArgs) -> None:
                     f"{name} must be {_name(cdt)} (the compute dtype of a {_name(a.sample.dtype)} sample), "
                     f"got {_name(t.dtype)}",
                 )
-        stacked = a.priors.dim() == 2
+        priors, offsets, var_offsets, basis = a.priors, a.offsets, a.var_offsets, a.basis
+        assert priors is not None and offsets is not None and var_offsets is not None  # gmm: all three given
+        stacked = priors.dim() == 2
         need(
-            a.priors.dim() in (1, 2) and a.priors.shape[-1] >= 1 and (not stacked or a.priors.shape[0] >= 1),
-            f"priors must have shape [K] or [S, K] with K >= 1, got {_shape(a.priors.shape)}",
+            priors.dim() in (1, 2) and priors.shape[-1] >= 1 and (not stacked or priors.shape[0] >= 1),
+            f"priors must have shape [K] or [S, K] with K >= 1, got {_shape(priors.shape)}",
         )
-        K = a.priors.shape[-1]
-        n_sets = a.priors.shape[0] if stacked else 0
+        K = priors.shape[-1]
+        n_sets = priors.shape[0] if stacked else 0
         head = (n_sets,) if stacked else ()
         want = head + (K, D)
         need(
-            tuple(a.offsets.shape) == want,
-            f"offsets must have shape {_shape(want)} (priors {_shape(a.priors.shape)}, D = per-sample numel), "
-            f"got {_shape(a.offsets.shape)}",
+            tuple(offsets.shape) == want,
+            f"offsets must have shape {_shape(want)} (priors {_shape(priors.shape)}, D = per-sample numel), "
+            f"got {_shape(offsets.shape)}",
         )
-        Dv = a.var_offsets.shape[-1] if a.var_offsets.dim() == 2 + stacked else -1
+        Dv = var_offsets.shape[-1] if var_offsets.dim() == 2 + stacked else -1
         need(
-            a.var_offsets.dim() == 2 + stacked and tuple(a.var_offsets.shape) == head + (K, Dv) and Dv <= D,
+            var_offsets.dim() == 2 + stacked and tuple(var_offsets.shape) == head + (K, Dv) and Dv <= D,
             f"var_offsets must have shape [{'S, ' if stacked else ''}K, Dv] with K = {K} and Dv <= {D}, "
-            f"got {_shape(a.var_offsets.shape)}",
+            f"got {_shape(var_offsets.shape)}",
         )
-        if a.basis is not None:
+        if basis is not None:
             want = head + (Dv, D)
             need(
-                tuple(a.basis.shape) == want,
-                f"basis must have shape {_shape(want)} (one row per variance offset), got {_shape(a.basis.shape)}",
+                tuple(basis.shape) == want,
+                f"basis must have shape {_shape(want)} (one row per variance offset), got {_shape(basis.shape)}",
             )
     if a.noise is not None:
         need(
@@ -215,6 +217,7 @@ def check(a: StepArgs) -> None:
             "(a_t, b_t, A, B, c, g, H1, H2)",
         )
     if a.history1 is not None:
+        assert a.history0 is not None  # checked above
         need(
             a.history1.dtype == a.history0.dtype,
             f"history1 must have history0's dtype ({_name(a.history0.dtype)}), got {_name(a.history1.dtype)}",
