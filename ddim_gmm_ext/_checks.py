@@ -221,17 +221,7 @@ class StepOptions(NamedTuple):
 
 
 def check_step(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    a_t,
-    b_t,
-    a_s,
-    b_s,
-    noise_std,
-    options: StepOptions,
-    *,
-    gmm,
-    step_index: int,
+    model_output, sample, a_t, b_t, a_s, b_s, noise_std, options: StepOptions, *, gmm, step_index: int
 ) -> StepOptions:
     """Every check of ``step(model_output, sample, a_t, b_t, a_s, b_s, noise_std, ...)``, before any work: the step
     index against the GMM's steps, the path coefficients, then :func:`check_step_inputs` (whose ``options`` it

@@ -30,17 +30,7 @@ def step_row(a_t, b_t, a_s, b_s, c, g, dtype: torch.dtype, device) -> torch.Tens
 
 
 def prepare_step(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    a_t,
-    b_t,
-    a_s,
-    b_s,
-    noise_std,
-    options: _checks.StepOptions,
-    *,
-    gmm,
-    step_index: int,
+    model_output, sample, a_t, b_t, a_s, b_s, noise_std, options: _checks.StepOptions, *, gmm, step_index: int
 ) -> tuple[torch.Tensor, _checks.StepOptions]:
     """The prologue of ``step(model_output, sample, a_t, b_t, a_s, b_s, noise_std, ...)``: every check, before any
     work (:func:`_checks.check_step`; the fused op has no gradient for the coefficients, so a coefficient that
