@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E402
 
+from ddim_gmm_ext._checks import StepOptions  # noqa: E402
 from ddim_gmm_ext.diffusers import DDIMGMMScheduler, FlowMatchEulerDiscreteGMMScheduler  # noqa: E402
 from ddim_gmm_ext.ops.step import step as step_op  # noqa: E402 (the op call the package makes)
 
@@ -29,10 +30,8 @@ def _bare_op(scheduler, x, m, i, prediction_type, return_pred_original=True):
     table = scheduler._table_at(0.0, x.device, torch.float32) if prediction_type == "epsilon" else scheduler._table(x)
     tables = None if gmm is None else gmm.step_tables(x)
     index = torch.tensor(i, device=x.device)
-    return lambda: step_op(
-        m, x, table, step_index=index, tables=tables, prediction_type=prediction_type, seed=seed,
-        return_pred_original=return_pred_original,
-    )  # fmt: skip
+    options = StepOptions(prediction_type, seed=seed, return_pred_original=return_pred_original)
+    return lambda: step_op(m, x, table, options, step_index=index, tables=tables)
 
 
 def _cases(family, gmm_variant, device, shape=SHAPE):

@@ -40,6 +40,7 @@ def test_gmm_variant_step(benchmark, device, shape, variant):
     pytest benchmarks/bench_step.py -k gmm_variant --benchmark-group-by=param:shape"""
     import ddim_gmm_ext as dg
     from ddim_gmm_ext import reference as R
+    from ddim_gmm_ext._checks import StepOptions
     from ddim_gmm_ext.ops.step import step as step_op
 
     g = torch.Generator().manual_seed(0)
@@ -48,12 +49,13 @@ def test_gmm_variant_step(benchmark, device, shape, variant):
     gmm = dg.GMM.create(x[0].numel(), n_components=8, n_steps=4, variant=variant, device=device)
     a_t, b_t, a_s, b_s, c = R.ddim_coefficients(0.3, 0.45, 1.0)
     row = torch.tensor(R.coefficient_row(a_t, b_t, a_s, b_s, c), dtype=torch.float32, device=device)
-    options = dict(step_index=1, tables=gmm.step_tables(x), return_pred_original=False)
+    options = StepOptions(return_pred_original=False)
+    tables = gmm.step_tables(x)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    step_op(m, x, row, **options)
+    step_op(m, x, row, options, step_index=1, tables=tables)
 
     def run():
-        step_op(m, x, row, **options)
+        step_op(m, x, row, options, step_index=1, tables=tables)
         sync()
 
     benchmark(run)

@@ -24,6 +24,7 @@ from common import cuda_time, write_json
 
 import ddim_gmm_ext as dg
 from ddim_gmm_ext import reference as R
+from ddim_gmm_ext._checks import StepOptions
 from ddim_gmm_ext.ops.step import step as step_op
 
 SHAPES = [(1, 4, 64, 64), (8, 4, 128, 128), (16, 3, 256, 256)]
@@ -41,7 +42,7 @@ def make_cases(device: str, shape, eta: float) -> dict:
     tables = gmm.step_tables(x)
 
     def op():
-        return step_op(m, x, coeffs, step_index=STEP, tables=tables, return_pred_original=False)
+        return step_op(m, x, coeffs, StepOptions(return_pred_original=False), step_index=STEP, tables=tables)
 
     def public():
         return dg.ddim_step(m, x, ALPHA_T, ALPHA_PREV, eta=eta, gmm=gmm, step_index=STEP)

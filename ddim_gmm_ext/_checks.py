@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
+from typing import NamedTuple
 
 import torch
 
@@ -203,66 +204,50 @@ def check_index(name: str, value: int, upper: int) -> int:
     return int(value)
 
 
+class StepOptions(NamedTuple):
+    """A step's options as :func:`ddim_gmm_ext.step` takes them (the same names and defaults), carried as one
+    value from ``step`` / ``step_from_table`` (checked once, by :func:`check_step_inputs`) through
+    ``api.fused_step`` to the op's wrapper ``ops.step.step``."""
+
+    prediction_type: str = "epsilon"
+    guidance_scale: float | None = None
+    clip_sample_range: float | None = None
+    use_clipped_model_output: bool = False
+    seed: int = 0
+    sample_offset: int = 0
+    noise: torch.Tensor | None = None
+    components: torch.Tensor | None = None
+    return_pred_original: bool = True
+
+
 def check_step(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    a_t,
-    b_t,
-    a_s,
-    b_s,
-    noise_std,
-    *,
-    gmm,
-    step_index: int,
-    prediction_type: str,
-    guidance_scale,
-    clip_sample_range,
-    use_clipped_model_output: bool,
-    seed: int,
-    sample_offset: int,
-    noise: torch.Tensor | None,
-    components: torch.Tensor | None,
-) -> None:
+    model_output, sample, a_t, b_t, a_s, b_s, noise_std, options: StepOptions, *, gmm, step_index: int
+) -> StepOptions:
     """Every check of ``step(model_output, sample, a_t, b_t, a_s, b_s, noise_std, ...)``, before any work: the step
-    index against the GMM's steps, the path coefficients, then :func:`check_step_inputs`."""
+    index against the GMM's steps, the path coefficients, then :func:`check_step_inputs` (whose ``options`` it
+    returns)."""
     if gmm is not None:
         gmm.set_index(step_index)  # checks the index against the GMM's steps
-    rederive = clip_sample_range is not None and use_clipped_model_output
-    check_coefficients(a_t, b_t, a_s, b_s, noise_std, prediction_type, rederive)
-    check_step_inputs(
-        model_output,
-        sample,
-        b_s=b_s,
-        noise_std=noise_std,
-        gmm=gmm,
-        guidance_scale=guidance_scale,
-        prediction_type=prediction_type,
-        clip_sample_range=clip_sample_range,
-        seed=seed,
-        sample_offset=sample_offset,
-        step_index=step_index,
-        noise=noise,
-        components=components,
+    rederive = options.clip_sample_range is not None and options.use_clipped_model_output
+    check_coefficients(a_t, b_t, a_s, b_s, noise_std, options.prediction_type, rederive)
+    return check_step_inputs(
+        model_output, sample, options, b_s=b_s, noise_std=noise_std, gmm=gmm, step_index=step_index
     )
 
 
 def check_step_inputs(
     model_output: torch.Tensor,
     sample: torch.Tensor,
+    options: StepOptions,
     *,
     b_s,
     noise_std,
     gmm,
-    guidance_scale,
-    prediction_type: str,
-    clip_sample_range,
-    seed: int,
-    sample_offset: int,
     step_index: int,
-    noise: torch.Tensor | None,
-    components: torch.Tensor | None,
-) -> None:
-    """Shapes, dtypes, devices and ranges of one step's inputs (gmm: a GMM or None)."""
+) -> StepOptions:
+    """Shapes, dtypes, devices and ranges of one step's inputs (gmm: a GMM or None); returns ``options`` with
+    the sample offset as a Python int (NumPy integers pass the check)."""
+    prediction_type, guidance_scale, clip_sample_range, _, seed, sample_offset, noise, components, _ = options
     check_noise_std(noise_std, b_s)
     gmm_dim = None if gmm is None else gmm.dim
     n_components = None if gmm is None else gmm.n_components
@@ -318,6 +303,7 @@ def check_step_inputs(
             lo, hi = int(components.min()), int(components.max())
             if lo < 0 or hi >= n_components:
                 raise ValueError(f"components must be in [0, {n_components}), got values in [{lo}, {hi}]")
+    return options if type(sample_offset) is int else options._replace(sample_offset=int(sample_offset))
 
 
 def check_priors(priors: torch.Tensor) -> None:

@@ -30,13 +30,15 @@ def step_row(a_t, b_t, a_s, b_s, c, g, dtype: torch.dtype, device) -> torch.Tens
 
 
 def prepare_step(
-    model_output: torch.Tensor, sample: torch.Tensor, a_t, b_t, a_s, b_s, noise_std, **options
-) -> torch.Tensor:
-    """The prologue of ``step(model_output, sample, a_t, b_t, a_s, b_s, noise_std, **options)``: every check, before
-    any work (:func:`_checks.check_step`, which takes the step's keyword options; the fused op has no gradient for
-    the coefficients, so a coefficient that requires grad is refused, by its name), then the coefficient row [6]
-    (g = 1) on the sample's device in the compute dtype."""
-    _checks.check_step(model_output, sample, a_t, b_t, a_s, b_s, noise_std, **options)
+    model_output, sample, a_t, b_t, a_s, b_s, noise_std, options: _checks.StepOptions, *, gmm, step_index: int
+) -> tuple[torch.Tensor, _checks.StepOptions]:
+    """The prologue of ``step(model_output, sample, a_t, b_t, a_s, b_s, noise_std, ...)``: every check, before any
+    work (:func:`_checks.check_step`; the fused op has no gradient for the coefficients, so a coefficient that
+    requires grad is refused, by its name), then the coefficient row [6] (g = 1) on the sample's device in the
+    compute dtype, and the checked ``options``."""
+    options = _checks.check_step(
+        model_output, sample, a_t, b_t, a_s, b_s, noise_std, options, gmm=gmm, step_index=step_index
+    )
     if torch.is_grad_enabled():
         for name, v in zip(_COEFFICIENT_NAMES, (a_t, b_t, a_s, b_s, noise_std), strict=True):
             if isinstance(v, torch.Tensor) and v.requires_grad:
@@ -44,4 +46,5 @@ def prepare_step(
                     f"no gradient with respect to {name} (a schedule constant) through the fused step; detach it, "
                     "or differentiate through dg.reference.step"
                 )
-    return step_row(a_t, b_t, a_s, b_s, noise_std, 1.0, _checks.compute_dtype(sample.dtype), sample.device)
+    row = step_row(a_t, b_t, a_s, b_s, noise_std, 1.0, _checks.compute_dtype(sample.dtype), sample.device)
+    return row, options

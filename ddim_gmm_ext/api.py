@@ -41,41 +41,14 @@ def step(
     :func:`coefficient_row`. A model output in another dtype than the sample is converted to the
     compute dtype first (one extra copy). The op has no gradient for the coefficients: a tensor coefficient
     that requires grad is refused (use :func:`reference.step`)."""
-    row = _rows.prepare_step(
-        model_output,
-        sample,
-        a_t,
-        b_t,
-        a_s,
-        b_s,
-        noise_std,
-        gmm=gmm,
-        step_index=step_index,
-        prediction_type=prediction_type,
-        guidance_scale=guidance_scale,
-        clip_sample_range=clip_sample_range,
-        use_clipped_model_output=use_clipped_model_output,
-        seed=seed,
-        sample_offset=sample_offset,
-        noise=noise,
-        components=components,
+    options = _checks.StepOptions(
+        prediction_type, guidance_scale, clip_sample_range, use_clipped_model_output, seed, sample_offset, noise,
+        components, return_pred_original,
+    )  # fmt: skip
+    row, options = _rows.prepare_step(
+        model_output, sample, a_t, b_t, a_s, b_s, noise_std, options, gmm=gmm, step_index=step_index
     )
-    return fused_step(
-        model_output,
-        sample,
-        row,
-        int(step_index),
-        gmm,
-        prediction_type=prediction_type,
-        guidance_scale=guidance_scale,
-        clip_sample_range=clip_sample_range,
-        use_clipped_model_output=use_clipped_model_output,
-        seed=seed,
-        sample_offset=int(sample_offset),
-        noise=noise,
-        components=components,
-        return_pred_original=return_pred_original,
-    )
+    return fused_step(model_output, sample, row, int(step_index), gmm, options)
 
 
 def step_from_table(
@@ -128,38 +101,15 @@ def step_from_table(
         host_index = step_index
         if gmm is not None:
             gmm.set_index(step_index)
-    _checks.check_step_inputs(
-        model_output,
-        sample,
-        b_s=None,
-        noise_std=None,
-        gmm=gmm,
-        guidance_scale=guidance_scale,
-        prediction_type=prediction_type,
-        clip_sample_range=clip_sample_range,
-        seed=seed,
-        sample_offset=sample_offset,
-        step_index=host_index,
-        noise=noise,
-        components=components,
+    options = _checks.StepOptions(
+        prediction_type, guidance_scale, clip_sample_range, use_clipped_model_output, seed, sample_offset, noise,
+        components, return_pred_original,
+    )  # fmt: skip
+    options = _checks.check_step_inputs(
+        model_output, sample, options, b_s=None, noise_std=None, gmm=gmm, step_index=host_index
     )
-    return fused_step(
-        model_output,
-        sample,
-        coeffs,
-        step_index if isinstance(step_index, torch.Tensor) else int(step_index),
-        gmm,
-        prediction_type=prediction_type,
-        guidance_scale=guidance_scale,
-        clip_sample_range=clip_sample_range,
-        use_clipped_model_output=use_clipped_model_output,
-        seed=seed,
-        sample_offset=int(sample_offset),
-        noise=noise,
-        components=components,
-        return_pred_original=return_pred_original,
-        history=history,
-    )
+    index = step_index if isinstance(step_index, torch.Tensor) else int(step_index)
+    return fused_step(model_output, sample, coeffs, index, gmm, options, history=history)
 
 
 def fused_step(
@@ -168,16 +118,8 @@ def fused_step(
     coeffs: torch.Tensor,
     step_index: int | torch.Tensor,
     gmm,
+    options: _checks.StepOptions,
     *,
-    prediction_type: str,
-    guidance_scale: float | None = None,
-    clip_sample_range: float | None = None,
-    use_clipped_model_output: bool = False,
-    seed: int = 0,
-    sample_offset: int = 0,
-    noise: torch.Tensor | None = None,
-    components: torch.Tensor | None = None,
-    return_pred_original: bool = True,
     history: tuple[torch.Tensor, ...] = (),
 ) -> StepOutput:
     """The fused step of arguments a caller has settled (:func:`step`, :func:`step_from_table`, the diffusers
@@ -188,33 +130,20 @@ def fused_step(
         coeffs: the [S, 6] / [S, 8] table (or one row) in the compute dtype, on the sample's device.
         step_index: a host int, or a 0-d int64 tensor on the sample's device.
         gmm: a :class:`GMM` or None; its tables go to the op as :meth:`GMM.step_tables` gives them.
+        options: the step's options (a :class:`_checks.StepOptions`), settled by the caller.
         history: () or (h1,) or (h1, h2), a multistep solver's previous data predictions (h1 the latest), for
             8-column ``coeffs``: mean = A x0 + B eps + H1 h1 + H2 h2. Histories in neither the sample's nor the
-            compute dtype, or in two dtypes, are converted to the compute dtype (as the model output is).
-        Other arguments as :func:`step`, settled by the caller."""
+            compute dtype, or in two dtypes, are converted to the compute dtype (as the model output is)."""
     cdt = _checks.compute_dtype(sample.dtype)
     if model_output.dtype not in (sample.dtype, cdt):
         model_output = model_output.to(cdt)
     if history and (history[0].dtype not in (sample.dtype, cdt) or history[-1].dtype != history[0].dtype):
         history = tuple(h.to(cdt) for h in history)
+    tables = None if gmm is None else gmm.step_tables(sample)
     prev, x0, k = _step_op.step(
-        model_output,
-        sample,
-        coeffs,
-        step_index=step_index,
-        tables=None if gmm is None else gmm.step_tables(sample),
-        noise=noise,
-        components=components,
-        prediction_type=prediction_type,
-        guidance_scale=guidance_scale,
-        clip_sample_range=clip_sample_range,
-        use_clipped_model_output=use_clipped_model_output,
-        seed=seed,
-        sample_offset=sample_offset,
-        return_pred_original=return_pred_original,
-        history=history,
+        model_output, sample, coeffs, options, step_index=step_index, tables=tables, history=history
     )
-    return StepOutput(prev, x0 if return_pred_original else None, k if gmm is not None else None)
+    return StepOutput(prev, x0 if options.return_pred_original else None, k if gmm is not None else None)
 
 
 def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_prev, *, eta: float = 0.0, **options) -> StepOutput:

@@ -354,25 +354,11 @@ def step(
     ``return_pred_original=False`` leaves pred_original_sample None (a fused step then writes 12 B per
     element instead of 16).
     """
-    _checks.check_step(
-        model_output,
-        sample,
-        a_t,
-        b_t,
-        a_s,
-        b_s,
-        noise_std,
-        gmm=gmm,
-        step_index=step_index,
-        prediction_type=prediction_type,
-        guidance_scale=guidance_scale,
-        clip_sample_range=clip_sample_range,
-        use_clipped_model_output=use_clipped_model_output,
-        seed=seed,
-        sample_offset=sample_offset,
-        noise=noise,
-        components=components,
-    )
+    options = _checks.StepOptions(
+        prediction_type, guidance_scale, clip_sample_range, use_clipped_model_output, seed, sample_offset, noise,
+        components, return_pred_original,
+    )  # fmt: skip
+    _checks.check_step(model_output, sample, a_t, b_t, a_s, b_s, noise_std, options, gmm=gmm, step_index=step_index)
     # The row in float64 tensors on the sample's device (a coefficient that requires grad stays in the graph),
     # then in the compute dtype, as step_from_table takes it.
     a_t, b_t, a_s, b_s, c = (

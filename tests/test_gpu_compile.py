@@ -35,6 +35,7 @@ import pytest
 import torch
 
 from ddim_gmm_ext._checks import compute_dtype
+from ddim_gmm_ext.ops.step import StepArgs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
@@ -162,7 +163,7 @@ def _plan(dtype, m_dtype, gmm, D, **overrides):
     args.update(overrides)
     if args["guidance_scale"] is not None:
         args["model_output"] = _meta((2 * B, D), m_dtype)
-    return STEP.launch_plan(**args)[0]
+    return STEP.launch_plan(StepArgs(**args))[0]
 
 
 VARIANTS = triton_variants() if STEP is not None else {}

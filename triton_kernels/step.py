@@ -21,13 +21,16 @@ from __future__ import annotations
 import math
 import os
 import struct
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .._checks import compute_dtype
+
+if TYPE_CHECKING:
+    from ..ops.step import StepArgs
 
 try:  # dispatching module (triton >= 3.0); older layouts kept the CUDA one only
     from triton.language.extra import libdevice
@@ -502,39 +505,18 @@ def _check_size(name: str, value: int) -> None:
         raise ValueError(f"ddimgmm::step (Triton): {name} = {value} exceeds the kernel's 32-bit index range")
 
 
-def launch_plan(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    coeffs: torch.Tensor,
-    step_tensor: torch.Tensor | None,
-    priors: torch.Tensor | None,
-    offsets: torch.Tensor | None,
-    var_offsets: torch.Tensor | None,
-    basis: torch.Tensor | None,
-    noise: torch.Tensor | None,
-    components: torch.Tensor | None,
-    prediction_type: int,
-    guidance_scale: float | None,
-    clip_sample_range: float | None,
-    use_clipped_model_output: bool,
-    seed: int,
-    sample_offset: int,
-    step_index: int,
-    return_pred_original: bool,
-    history0: torch.Tensor | None = None,
-    history1: torch.Tensor | None = None,
-) -> tuple[list[Launch], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def launch_plan(a: StepArgs) -> tuple[list[Launch], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The launches of one step (the projection pass first when ``basis`` is given) and the outputs they
-    write (prev_sample, pred_original_sample or empty, components or empty). Arguments as the schema,
-    already validated by the caller; works on tensors of any device (nothing is launched or read)."""
-    B = sample.shape[0]
-    D = math.prod(sample.shape[1:])
-    cdt = compute_dtype(sample.dtype)
-    gmm = priors is not None
-    mode = MODE_NONE if not gmm else MODE_BASIS if basis is not None else MODE_DIAG
-    dev = sample.device
-    prev = torch.empty(sample.shape, dtype=sample.dtype, device=dev)
-    x0 = torch.empty(sample.shape if return_pred_original else (0,), dtype=sample.dtype, device=dev)
+    write (prev_sample, pred_original_sample or empty, components or empty). ``a``: the op's arguments by
+    name, already validated by the caller; works on tensors of any device (nothing is launched or read)."""
+    B = a.sample.shape[0]
+    D = math.prod(a.sample.shape[1:])
+    cdt = compute_dtype(a.sample.dtype)
+    gmm = a.priors is not None
+    mode = MODE_NONE if not gmm else MODE_BASIS if a.basis is not None else MODE_DIAG
+    dev = a.sample.device
+    prev = torch.empty(a.sample.shape, dtype=a.sample.dtype, device=dev)
+    x0 = torch.empty(a.sample.shape if a.return_pred_original else (0,), dtype=a.sample.dtype, device=dev)
     comps = torch.empty((B if gmm else 0,), dtype=torch.int64, device=dev)
     outputs = (prev, x0, comps)
     if B == 0:
@@ -544,39 +526,39 @@ def launch_plan(
     for name, size in (("batch size x blocks", B * n_blocks), ("per-sample numel", D)):
         _check_size(name, size)
 
-    x = sample.contiguous()
-    m = model_output.contiguous()
-    z = noise.to(cdt).contiguous() if noise is not None else x.new_empty(0, dtype=cdt)
-    k_in = components.to(torch.int64).contiguous() if components is not None else comps
+    x = a.sample.contiguous()
+    m = a.model_output.contiguous()
+    z = a.noise.to(cdt).contiguous() if a.noise is not None else x.new_empty(0, dtype=cdt)
+    k_in = a.components.to(torch.int64).contiguous() if a.components is not None else comps
     # Absent histories point at another tensor of a dtype already in the signature (never read): the sample
     # for the first, the first for the second, so a call without history keeps the kernel of a call with one
     # in the sample's dtype.
-    h0 = history0.contiguous() if history0 is not None else x
-    h1 = history1.contiguous() if history1 is not None else h0
+    h0 = a.history0.contiguous() if a.history0 is not None else x
+    h1 = a.history1.contiguous() if a.history1 is not None else h0
     if gmm:
-        stacked = priors.dim() == 2
-        n_sets = priors.shape[0] if stacked else 0
-        K = priors.shape[-1]
-        Dv = var_offsets.shape[-1]
-        tables = [t.contiguous() for t in (priors, offsets, var_offsets)]
-        tables.append(basis.contiguous() if basis is not None else tables[2])
+        stacked = a.priors.dim() == 2
+        n_sets = a.priors.shape[0] if stacked else 0
+        K = a.priors.shape[-1]
+        Dv = a.var_offsets.shape[-1]
+        tables = [t.contiguous() for t in (a.priors, a.offsets, a.var_offsets)]
+        tables.append(a.basis.contiguous() if a.basis is not None else tables[2])
         for name, size in (("K x D", K * D), ("Dv x D", Dv * D), ("sets", max(n_sets, 1) * K * max(D, Dv))):
             _check_size(name, size)
     else:
         n_sets, K, Dv = 0, 1, 0
-        tables = [coeffs] * 4
-    step_ptr = step_tensor if step_tensor is not None else comps.new_empty(0)
+        tables = [a.coeffs] * 4
+    step_ptr = a.step_tensor if a.step_tensor is not None else comps.new_empty(0)
     words = {
-        "from_tensor": int(step_tensor is not None),
-        "step_word": _i32(step_index),
-        "seed_lo": _i32(seed),
-        "seed_hi": _i32(seed >> 32),
-        "sample_offset": _i32(sample_offset),
+        "from_tensor": int(a.step_tensor is not None),
+        "step_word": _i32(a.step_index),
+        "seed_lo": _i32(a.seed),
+        "seed_hi": _i32(a.seed >> 32),
+        "sample_offset": _i32(a.sample_offset),
     }
-    common = {"n_blocks": n_blocks, "n_rows": coeffs.shape[0] if coeffs.dim() == 2 else 0, "n_sets": n_sets}
+    common = {"n_blocks": n_blocks, "n_rows": a.coeffs.shape[0] if a.coeffs.dim() == 2 else 0, "n_sets": n_sets}
     constexprs = {"F64": cdt == torch.float64, "LIBDEVICE": not _INTERPRETED, "BLOCK": block}
     options = {"num_warps": num_warps, "enable_fp_fusion": False}
-    if cdt == torch.float64 or sample.dtype in (torch.float16, torch.bfloat16):
+    if cdt == torch.float64 or a.sample.dtype in (torch.float16, torch.bfloat16):
         # Unbounded, ptxas trades spills for occupancy (4-16 B per thread, varying with the triton version and
         # target): in float64, and, since the multistep history terms, for half-precision samples at B256 on
         # sm_80 under triton 3.6 (4 B; the GPU machine's version, found by the rehearsal). They get the
@@ -589,16 +571,16 @@ def launch_plan(
     if mode == MODE_BASIS:
         partial = torch.empty((B, Dv, n_blocks), dtype=cdt, device=dev)
         args = {"basis_ptr": tables[3], "noise_ptr": z, "step_ptr": step_ptr, "partial_ptr": partial, "D": D}
-        args |= {"Dv": Dv} | common | {"noise_given": int(noise is not None)}
+        args |= {"Dv": Dv} | common | {"noise_given": int(a.noise is not None)}
         args |= {k: words[k] for k in ("from_tensor", "step_word", "seed_lo", "seed_hi", "sample_offset")}
         launches.append(Launch(_project_kernel, grid, args, constexprs, options))
 
-    w_lo, w_hi = _f64_words(guidance_scale if guidance_scale is not None else 0.0)
-    clip_lo, clip_hi = _f64_words(clip_sample_range if clip_sample_range is not None else math.inf)
+    w_lo, w_hi = _f64_words(a.guidance_scale if a.guidance_scale is not None else 0.0)
+    clip_lo, clip_hi = _f64_words(a.clip_sample_range if a.clip_sample_range is not None else math.inf)
     args = {
         "x_ptr": x,
         "m_ptr": m,
-        "coeffs_ptr": coeffs,
+        "coeffs_ptr": a.coeffs,
         "step_ptr": step_ptr,
         "priors_ptr": tables[0],
         "offsets_ptr": tables[1],
@@ -610,22 +592,22 @@ def launch_plan(
         "hist0_ptr": h0,
         "hist1_ptr": h1,
         "out_ptr": prev,
-        "x0_ptr": x0 if return_pred_original else prev,
+        "x0_ptr": x0 if a.return_pred_original else prev,
         "comps_out_ptr": comps,
         "B": B,
         "D": D,
         "K": K,
         "Dv": Dv,
     }
-    args |= {"n_blocks": n_blocks, "n_rows": common["n_rows"], "n_cols": coeffs.shape[-1], "n_sets": n_sets}
-    args |= {"n_hist": int(history0 is not None) + int(history1 is not None)}
+    args |= {"n_blocks": n_blocks, "n_rows": common["n_rows"], "n_cols": a.coeffs.shape[-1], "n_sets": n_sets}
+    args |= {"n_hist": int(a.history0 is not None) + int(a.history1 is not None)}
     args |= {
-        "pred": prediction_type,
-        "guided": int(guidance_scale is not None),
-        "rederive": int(clip_sample_range is not None and use_clipped_model_output),
-        "write_x0": int(return_pred_original),
-        "noise_given": int(noise is not None),
-        "comps_given": int(components is not None),
+        "pred": a.prediction_type,
+        "guided": int(a.guidance_scale is not None),
+        "rederive": int(a.clip_sample_range is not None and a.use_clipped_model_output),
+        "write_x0": int(a.return_pred_original),
+        "noise_given": int(a.noise is not None),
+        "comps_given": int(a.components is not None),
     }
     args |= words
     args |= {"w_lo": w_lo, "w_hi": w_hi, "clip_lo": clip_lo, "clip_hi": clip_hi}
@@ -633,13 +615,13 @@ def launch_plan(
     return launches, outputs
 
 
-def step(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run ``ddimgmm::step`` with the Triton kernels; arguments (those of :func:`launch_plan`, in the schema's
-    order) and results as the schema (ops/schema.py), already validated by the caller. Returns (prev_sample,
+def step(a: StepArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``ddimgmm::step`` with the Triton kernels; ``a``: the op's arguments by name (as :func:`launch_plan`),
+    results as the schema (ops/schema.py), already validated by the caller. Returns (prev_sample,
     pred_original_sample or empty, components [B] int64 or empty). Inputs are read as they are if contiguous
     (otherwise copied once); nothing is read on the host (the step index may be a device tensor), so the call
     can be captured in a CUDA graph."""
-    launches, outputs = launch_plan(*args)
+    launches, outputs = launch_plan(a)
     for launch in launches:
         launch.kernel[launch.grid](*launch.args.values(), **launch.constexprs, **launch.options)
     return outputs

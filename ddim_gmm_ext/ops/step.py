@@ -5,68 +5,69 @@ for every backend."""
 from __future__ import annotations
 
 import math
+import warnings
+from typing import NamedTuple, get_args, get_type_hints
 
 import torch
 
 from .._checks import MAX_INDEX as _MAX_INDEX
+from .._checks import StepOptions, op_seed, prediction_type_code
 from .._checks import compute_dtype as _compute_dtype
-from .._checks import op_seed, prediction_type_code
 
-#: The op's arguments in schema order (ops/schema.py); the CUDA and fake kernels take them by these names.
-ARGUMENTS = (
-    "model_output",
-    "sample",
-    "coeffs",
-    "step_tensor",
-    "priors",
-    "offsets",
-    "var_offsets",
-    "basis",
-    "noise",
-    "components",
-    "prediction_type",
-    "guidance_scale",
-    "clip_sample_range",
-    "use_clipped_model_output",
-    "seed",
-    "sample_offset",
-    "step_index",
-    "return_pred_original",
-    "history0",
-    "history1",
-)
+
+class StepArgs(NamedTuple):
+    """The arguments of ``ddimgmm::step`` in the schema's order (ops/schema.py; tests/ops/test_step.py holds the
+    two equal, names, types and defaults). The wrapper :func:`step` builds one by name; the checks, the CUDA and
+    fake kernels, autograd and the Triton launch plan read it by name. Documented with the schema."""
+
+    model_output: torch.Tensor
+    sample: torch.Tensor
+    coeffs: torch.Tensor
+    step_tensor: torch.Tensor | None
+    priors: torch.Tensor | None
+    offsets: torch.Tensor | None
+    var_offsets: torch.Tensor | None
+    basis: torch.Tensor | None
+    noise: torch.Tensor | None
+    components: torch.Tensor | None
+    prediction_type: int
+    guidance_scale: float | None
+    clip_sample_range: float | None
+    use_clipped_model_output: bool
+    seed: int
+    sample_offset: int
+    step_index: int
+    return_pred_original: bool
+    history0: torch.Tensor | None = None
+    history1: torch.Tensor | None = None
+
+
+#: The op's argument names in schema order.
+ARGUMENTS = StepArgs._fields
+_TENSOR_ARGUMENTS = tuple(n for n, kind in get_type_hints(StepArgs).items() if torch.Tensor in (kind, *get_args(kind)))
+
+# torch's Python spelling for the dtypes a user passes, c10's (Bool, ComplexFloat, ...) for any other: the
+# spelling of the C++ kernel's messages (csrc/cpu/step.cpp dtype_name), so both say the same.
+_PYTHON_SPELLED = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64)
 
 
 def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    if dtype in _PYTHON_SPELLED:
+        return str(dtype).removeprefix("torch.")
+    try:
+        with warnings.catch_warnings():  # complex32 and the quantized dtypes warn that they are experimental
+            warnings.simplefilter("ignore")
+            legacy = torch.empty(0, dtype=dtype).type()  # "torch.ComplexFloatTensor": c10's name inside
+    except (RuntimeError, TypeError):
+        return str(dtype).removeprefix("torch.")
+    return legacy.removeprefix("torch.").removeprefix("quantized.").removesuffix("Tensor")
 
 
 def _shape(shape) -> str:
     return "[" + ", ".join(str(int(v)) for v in shape) + "]"
 
 
-def check(
-    model_output,
-    sample,
-    coeffs,
-    step_tensor,
-    priors,
-    offsets,
-    var_offsets,
-    basis,
-    noise,
-    components,
-    prediction_type,
-    guidance_scale,
-    clip_sample_range,
-    use_clipped_model_output,
-    seed,
-    sample_offset,
-    step_index,
-    return_pred_original,
-    history0=None,
-    history1=None,
-) -> None:
+def check(a: StepArgs) -> None:
     """The argument checks of ``ddimgmm::step`` for the CUDA and fake kernels: shapes, dtypes, devices and host
     scalars only (reading a tensor's values would sync). The C++ kernel (csrc/cpu/step.cpp) makes the same
     checks in the same order with the same messages and exception types (TypeError for the sample's dtype,
@@ -76,92 +77,83 @@ def check(
         if not ok:
             raise ValueError(f"ddimgmm::step: {msg}")
 
-    if sample.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if a.sample.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(
-            f"ddimgmm::step: sample must be float16, bfloat16, float32 or float64, got {_name(sample.dtype)}"
+            f"ddimgmm::step: sample must be float16, bfloat16, float32 or float64, got {_name(a.sample.dtype)}"
         )
-    need(sample.dim() >= 1, "sample must have a batch dimension, got a 0-d tensor")
-    cdt = _compute_dtype(sample.dtype)
-    B = sample.shape[0]
-    D = math.prod(sample.shape[1:])
-    guided = guidance_scale is not None
-    expected = ((2 * B,) if guided else (B,)) + tuple(sample.shape[1:])
+    need(a.sample.dim() >= 1, "sample must have a batch dimension, got a 0-d tensor")
+    cdt = _compute_dtype(a.sample.dtype)
+    B = a.sample.shape[0]
+    D = math.prod(a.sample.shape[1:])
+    guided = a.guidance_scale is not None
+    expected = ((2 * B,) if guided else (B,)) + tuple(a.sample.shape[1:])
     hint = " ([2B, ...], unconditional half first)" if guided else " (the sample's)"
     need(
-        tuple(model_output.shape) == expected,
-        f"model_output must have shape {_shape(expected)}{hint}, got {_shape(model_output.shape)}",
+        tuple(a.model_output.shape) == expected,
+        f"model_output must have shape {_shape(expected)}{hint}, got {_shape(a.model_output.shape)}",
     )
     need(
-        model_output.dtype in (sample.dtype, cdt),
-        f"model_output must have the sample's dtype ({_name(sample.dtype)}) or the compute dtype ({_name(cdt)}), "
-        f"got {_name(model_output.dtype)}",
+        a.model_output.dtype in (a.sample.dtype, cdt),
+        f"model_output must have the sample's dtype ({_name(a.sample.dtype)}) or the compute dtype ({_name(cdt)}), "
+        f"got {_name(a.model_output.dtype)}",
     )
-    n_cols = coeffs.shape[-1] if coeffs.dim() >= 1 else 0
+    n_cols = a.coeffs.shape[-1] if a.coeffs.dim() >= 1 else 0
     need(
-        n_cols in (6, 8) and (coeffs.dim() == 1 or (coeffs.dim() == 2 and coeffs.shape[0] >= 1)),
+        n_cols in (6, 8) and (a.coeffs.dim() == 1 or (a.coeffs.dim() == 2 and a.coeffs.shape[0] >= 1)),
         "coeffs must be one row [6] or [8], or a table [S, 6] or [S, 8], of (a_t, b_t, A, B, c, g[, H1, H2]), "
-        f"got shape {_shape(coeffs.shape)}",
+        f"got shape {_shape(a.coeffs.shape)}",
     )
     need(
-        coeffs.dtype == cdt,
-        f"coeffs must be {_name(cdt)} (the compute dtype of a {_name(sample.dtype)} sample), got {_name(coeffs.dtype)}",
+        a.coeffs.dtype == cdt,
+        f"coeffs must be {_name(cdt)} (the compute dtype of a {_name(a.sample.dtype)} sample), "
+        f"got {_name(a.coeffs.dtype)}",
     )
-    if step_tensor is not None:
+    if a.step_tensor is not None:
         need(
-            step_tensor.dim() == 0 and step_tensor.dtype == torch.int64,
-            f"step_tensor must be a 0-d int64 tensor, got {_name(step_tensor.dtype)} of shape "
-            f"{_shape(step_tensor.shape)}",
+            a.step_tensor.dim() == 0 and a.step_tensor.dtype == torch.int64,
+            f"step_tensor must be a 0-d int64 tensor, got {_name(a.step_tensor.dtype)} of shape "
+            f"{_shape(a.step_tensor.shape)}",
         )
         need(
-            step_index == 0,
-            f"pass the step index as step_tensor or as step_index, not both (step_index = {step_index})",
+            a.step_index == 0,
+            f"pass the step index as step_tensor or as step_index, not both (step_index = {a.step_index})",
         )
     need(
-        0 <= prediction_type <= 3,
-        f"prediction_type must be 0 (epsilon), 1 (sample), 2 (v_prediction) or 3 (flow), got {prediction_type}",
+        0 <= a.prediction_type <= 3,
+        f"prediction_type must be 0 (epsilon), 1 (sample), 2 (v_prediction) or 3 (flow), got {a.prediction_type}",
     )
-    if clip_sample_range is not None:
-        need(clip_sample_range > 0, f"clip_sample_range must be > 0, got {clip_sample_range:g}")
-    need(0 <= step_index < _MAX_INDEX, f"step_index must be in [0, 2**32), got {step_index}")
+    if a.clip_sample_range is not None:
+        need(a.clip_sample_range > 0, f"clip_sample_range must be > 0, got {a.clip_sample_range:g}")
+    need(0 <= a.step_index < _MAX_INDEX, f"step_index must be in [0, 2**32), got {a.step_index}")
     need(
-        0 <= sample_offset <= _MAX_INDEX - B,
-        f"sample_offset must be >= 0 with sample_offset + batch size <= 2**32, got {sample_offset} + {B}",
+        0 <= a.sample_offset <= _MAX_INDEX - B,
+        f"sample_offset must be >= 0 with sample_offset + batch size <= 2**32, got {a.sample_offset} + {B}",
     )
     need(D <= 4 * _MAX_INDEX, f"per-sample numel must be <= 2**34 (32-bit Philox counter), got {D}")
-    tables = (priors, offsets, var_offsets)
+    tables = (a.priors, a.offsets, a.var_offsets)
     n_tables = sum(t is not None for t in tables)
     need(n_tables in (0, 3), "pass all of priors, offsets, var_offsets or none")
-    need(basis is None or n_tables == 3, "basis given without GMM tables (priors, offsets, var_offsets)")
+    need(a.basis is None or n_tables == 3, "basis given without GMM tables (priors, offsets, var_offsets)")
     gmm = n_tables == 3
-    named = {
-        "model_output": model_output,
-        "coeffs": coeffs,
-        "step_tensor": step_tensor,
-        "priors": priors,
-        "offsets": offsets,
-        "var_offsets": var_offsets,
-        "basis": basis,
-        "noise": noise,
-        "components": components,
-        "history0": history0,
-        "history1": history1,
-    }
-    for name, t in named.items():
+    for name in _TENSOR_ARGUMENTS:
+        t = getattr(a, name)
         if t is not None:
             need(
-                t.device == sample.device,
-                f"every tensor must be on the sample's device {sample.device}; {name} is on {t.device}",
+                t.device == a.sample.device,
+                f"every tensor must be on the sample's device {a.sample.device}; {name} is on {t.device}",
             )
     n_sets = 0
     if gmm:
         for name in ("priors", "offsets", "var_offsets", "basis"):
-            t = named[name]
+            t = getattr(a, name)
             if t is not None:
                 need(
                     t.dtype == cdt,
-                    f"{name} must be {_name(cdt)} (the compute dtype of a {_name(sample.dtype)} sample), "
+                    f"{name} must be {_name(cdt)} (the compute dtype of a {_name(a.sample.dtype)} sample), "
                     f"got {_name(t.dtype)}",
                 )
+        priors, offsets, var_offsets, basis = a.priors, a.offsets, a.var_offsets, a.basis
+        assert priors is not None and offsets is not None and var_offsets is not None  # gmm: all three given
         stacked = priors.dim() == 2
         need(
             priors.dim() in (1, 2) and priors.shape[-1] >= 1 and (not stacked or priors.shape[0] >= 1),
@@ -188,35 +180,35 @@ def check(
                 tuple(basis.shape) == want,
                 f"basis must have shape {_shape(want)} (one row per variance offset), got {_shape(basis.shape)}",
             )
-    if noise is not None:
+    if a.noise is not None:
         need(
-            noise.is_floating_point() and noise.shape == sample.shape,
-            f"noise must be a floating tensor of the sample's shape {_shape(sample.shape)}, got "
-            f"{_name(noise.dtype)} {_shape(noise.shape)}",
+            a.noise.is_floating_point() and a.noise.shape == a.sample.shape,
+            f"noise must be a floating tensor of the sample's shape {_shape(a.sample.shape)}, got "
+            f"{_name(a.noise.dtype)} {_shape(a.noise.shape)}",
         )
-    if components is not None:
+    if a.components is not None:
         need(gmm, "components given without GMM tables")
         need(
-            components.dtype in (torch.int32, torch.int64) and tuple(components.shape) == (B,),
-            f"components must be an int32/int64 tensor of shape [{B}], got {_name(components.dtype)} "
-            f"{_shape(components.shape)}",
+            a.components.dtype in (torch.int32, torch.int64) and tuple(a.components.shape) == (B,),
+            f"components must be an int32/int64 tensor of shape [{B}], got {_name(a.components.dtype)} "
+            f"{_shape(a.components.shape)}",
         )
     need(
-        history1 is None or history0 is not None,
+        a.history1 is None or a.history0 is not None,
         "history1 given without history0 (history0 is the latest prediction, history1 the one before)",
     )
     for name in ("history0", "history1"):
-        h = named[name]
+        h = getattr(a, name)
         if h is None:
             continue
         need(
-            h.shape == sample.shape,
-            f"{name} must have the sample's shape {_shape(sample.shape)} (a previous step's prediction of each "
+            h.shape == a.sample.shape,
+            f"{name} must have the sample's shape {_shape(a.sample.shape)} (a previous step's prediction of each "
             f"sample), got {_shape(h.shape)}",
         )
         need(
-            h.dtype in (sample.dtype, cdt),
-            f"{name} must have the sample's dtype ({_name(sample.dtype)}) or the compute dtype ({_name(cdt)}), "
+            h.dtype in (a.sample.dtype, cdt),
+            f"{name} must have the sample's dtype ({_name(a.sample.dtype)}) or the compute dtype ({_name(cdt)}), "
             f"got {_name(h.dtype)}",
         )
         need(
@@ -224,40 +216,43 @@ def check(
             f"{name} given with {n_cols}-column coeffs (no H1, H2): pass rows of 8 columns "
             "(a_t, b_t, A, B, c, g, H1, H2)",
         )
-    if history1 is not None:
+    if a.history1 is not None:
+        assert a.history0 is not None  # checked above
         need(
-            history1.dtype == history0.dtype,
-            f"history1 must have history0's dtype ({_name(history0.dtype)}), got {_name(history1.dtype)}",
+            a.history1.dtype == a.history0.dtype,
+            f"history1 must have history0's dtype ({_name(a.history0.dtype)}), got {_name(a.history1.dtype)}",
         )
-    n_rows = coeffs.shape[0] if coeffs.dim() == 2 else 0
-    if step_tensor is None:
+    n_rows = a.coeffs.shape[0] if a.coeffs.dim() == 2 else 0
+    if a.step_tensor is None:
         need(
-            n_rows == 0 or step_index < n_rows,
-            f"step_index {step_index} is outside the coefficient table [{n_rows}, {n_cols}]",
+            n_rows == 0 or a.step_index < n_rows,
+            f"step_index {a.step_index} is outside the coefficient table [{n_rows}, {n_cols}]",
         )
         need(
-            n_sets == 0 or step_index < n_sets,
-            f"step_index {step_index} is outside the GMM tables ({n_sets} parameter sets)",
+            n_sets == 0 or a.step_index < n_sets,
+            f"step_index {a.step_index} is outside the GMM tables ({n_sets} parameter sets)",
         )
 
 
 @torch.library.register_kernel("ddimgmm::step", "cuda")
 def _step_cuda(*args):
-    check(*args)
+    a = StepArgs(*args)
+    check(a)
     from .._triton import load_step_launcher  # triton is needed only once a CUDA tensor arrives
 
     step = load_step_launcher()
-    with torch.cuda.device(args[1].device):  # the sample's device, whatever the current one
-        return step(*args)
+    with torch.cuda.device(a.sample.device):  # the sample's device, whatever the current one
+        return step(a)
 
 
 @torch.library.register_fake("ddimgmm::step")
 def _step_fake(*args):
-    check(*args)
-    sample, priors, return_pred_original = args[1], args[4], args[17]
+    a = StepArgs(*args)
+    check(a)
+    sample = a.sample
     prev = sample.new_empty(sample.shape)
-    x0 = sample.new_empty(sample.shape if return_pred_original else (0,))
-    comps = sample.new_empty((sample.shape[0] if priors is not None else 0,), dtype=torch.int64)
+    x0 = sample.new_empty(sample.shape if a.return_pred_original else (0,))
+    comps = sample.new_empty((sample.shape[0] if a.priors is not None else 0,), dtype=torch.int64)
     return prev, x0, comps
 
 
@@ -288,10 +283,10 @@ def _linear_coefficients(a_t, b_t, prediction_type: int):
     return one, -b_t, one, a_t
 
 
-def _refuse_gradient(named: dict) -> None:
+def _refuse_gradient(a: StepArgs) -> None:
     """NotImplementedError, before any work, for an input without a derivative that requires grad."""
     for name in _NO_GRAD_INPUTS:
-        t = named[name]
+        t = getattr(a, name)
         if t is not None and t.requires_grad:
             raise NotImplementedError(
                 f"ddimgmm::step: no gradient with respect to {name} (schedule constants and draws); detach it, or "
@@ -300,16 +295,13 @@ def _refuse_gradient(named: dict) -> None:
 
 
 def _setup_context(ctx, inputs, output):
-    named = dict(zip(ARGUMENTS, inputs, strict=True))
-    _refuse_gradient(named)
-    ctx.save_for_backward(named["model_output"], named["sample"], named["coeffs"], named["step_tensor"])
-    ctx.history_dtypes = tuple(None if named[n] is None else named[n].dtype for n in ("history0", "history1"))
-    ctx.options = tuple(
-        named[n] for n in ("prediction_type", "guidance_scale", "clip_sample_range", "use_clipped_model_output")
-    )
-    ctx.step_index = named["step_index"]
-    priors = named["priors"]
-    ctx.n_sets = priors.shape[0] if priors is not None and priors.dim() == 2 else 0  # 0: one shared set
+    a = StepArgs(*inputs)
+    _refuse_gradient(a)
+    ctx.save_for_backward(a.model_output, a.sample, a.coeffs, a.step_tensor)
+    ctx.history_dtypes = tuple(None if h is None else h.dtype for h in (a.history0, a.history1))
+    ctx.options = (a.prediction_type, a.guidance_scale, a.clip_sample_range, a.use_clipped_model_output)
+    ctx.step_index = a.step_index
+    ctx.n_sets = a.priors.shape[0] if a.priors is not None and a.priors.dim() == 2 else 0  # 0: one shared set
 
 
 def _backward(ctx, grad_prev, grad_x0, grad_components):
@@ -368,6 +360,8 @@ torch.library.register_autograd("ddimgmm::step", _backward, setup_context=_setup
 
 
 _NO_TABLES = (None, None, None, None)
+_DEFAULT_OPTIONS = StepOptions()
+_new_record = tuple.__new__
 
 
 def _any_requires_grad(*tensors: torch.Tensor | None) -> bool:
@@ -381,26 +375,19 @@ def step(
     model_output: torch.Tensor,
     sample: torch.Tensor,
     coeffs: torch.Tensor,
+    options: StepOptions = _DEFAULT_OPTIONS,
     *,
     step_index: int | torch.Tensor = 0,
     tables: tuple | None = None,
-    noise: torch.Tensor | None = None,
-    components: torch.Tensor | None = None,
-    prediction_type: str = "epsilon",
-    guidance_scale: float | None = None,
-    clip_sample_range: float | None = None,
-    use_clipped_model_output: bool = False,
-    seed: int = 0,
-    sample_offset: int = 0,
-    return_pred_original: bool = True,
     history: tuple[torch.Tensor, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The package's one call of ``torch.ops.ddimgmm.step``, by keyword (the schema's order is written here only;
-    a new schema argument becomes a new keyword with a default, and no caller changes).
+    """The package's one call of ``torch.ops.ddimgmm.step``, by keyword (the op's arguments by name in a
+    :class:`StepArgs`; a new schema argument becomes a new keyword with a default, and no caller changes).
 
     ``step_index``: a host int, or a 0-d int64 tensor on the sample's device (the op's ``step_tensor``, never
     read on the host). ``tables``: (priors, offsets, var_offsets, basis or None) as :meth:`GMM.step_tables` gives
-    them, or None. ``prediction_type``: the name; ``seed``: an unsigned 64-bit int (NumPy integers too).
+    them, or None. ``options``: the step's options (prediction type by name, seed an unsigned 64-bit int, NumPy
+    integers too; noise and components, the op's overrides of the draws).
     ``history``: a multistep solver's previous data predictions, () or (h1,) or (h1, h2), latest first, each of
     the sample's shape and dtype or the compute dtype (the op's history0, history1); they need 8-column coeffs
     (a_t, b_t, A, B, c, g, H1, H2), and a row with H_j != 0 needs h_j.
@@ -415,30 +402,39 @@ def step(
         raise ValueError(f"ddimgmm::step: history takes at most 2 tensors (h1, h2), got {len(history)}")
     from_tensor = isinstance(step_index, torch.Tensor)
     priors, offsets, var_offsets, basis = _NO_TABLES if tables is None else tables
-    args = (
-        model_output,
-        sample,
-        coeffs,
-        step_index if from_tensor else None,
-        priors,
-        offsets,
-        var_offsets,
-        basis,
-        noise,
-        components,
-        prediction_type_code(prediction_type),
-        None if guidance_scale is None else float(guidance_scale),
-        None if clip_sample_range is None else float(clip_sample_range),
-        use_clipped_model_output,
-        op_seed(seed),
-        sample_offset,
-        0 if from_tensor else step_index,
-        return_pred_original,
-        *history,
+    prediction_type, guidance_scale, clip_sample_range, use_clipped, seed, sample_offset, noise, components, x0 = (
+        options
+    )
+    # The record built positionally, in StepArgs' order: a keyword call of a 20-field NamedTuple costs about
+    # 1 us, a sixth of a small step; tests/ops/test_step.py checks every field of this call by name.
+    args = _new_record(
+        StepArgs,
+        (
+            model_output,
+            sample,
+            coeffs,
+            step_index if from_tensor else None,
+            priors,
+            offsets,
+            var_offsets,
+            basis,
+            noise,
+            components,
+            prediction_type_code(prediction_type),
+            None if guidance_scale is None else float(guidance_scale),
+            None if clip_sample_range is None else float(clip_sample_range),
+            use_clipped,
+            op_seed(seed),
+            sample_offset,
+            0 if from_tensor else step_index,
+            x0,
+            history[0] if history else None,
+            history[1] if len(history) > 1 else None,
+        ),
     )
     if torch.is_grad_enabled():
         if _any_requires_grad(coeffs, noise, priors, offsets, var_offsets, basis):
-            _refuse_gradient(dict(zip(ARGUMENTS, args, strict=False)))
+            _refuse_gradient(args)
         if model_output.requires_grad or sample.requires_grad or _any_requires_grad(*history):
             return torch.ops.ddimgmm.step(*args)
     if torch.compiler.is_compiling():

@@ -2,6 +2,7 @@
 the randomness contract (docs/design.md 2), moment oracles, and op registration (opcheck, compile)."""
 
 import math
+import typing
 
 import pytest
 import torch
@@ -265,7 +266,48 @@ def test_moment_matching_oracle(device, variant):
 
 
 from ddim_gmm_ext._checks import compute_dtype  # noqa: E402
-from ddim_gmm_ext.ops.step import ARGUMENTS  # noqa: E402 (the schema's argument names, in order)
+from ddim_gmm_ext.ops.step import ARGUMENTS, StepArgs  # noqa: E402 (the schema's arguments, in order)
+
+
+def test_step_args_are_the_registered_schema():
+    # StepArgs is the one Python list of the op's arguments (the wrapper, the checks, the fake and CUDA kernels,
+    # autograd and the Triton launch plan read it by name): names, order, types and defaults are the schema's.
+    # Checked to fail with StepArgs's seed and sample_offset fields swapped.
+    schema = torch.ops.ddimgmm.step.default._schema
+    python_type = {"Tensor": torch.Tensor, "Optional[Tensor]": torch.Tensor | None, "int": int, "bool": bool}
+    python_type["Optional[float]"] = float | None
+    want = [(a.name, python_type[str(a.type)]) for a in schema.arguments]
+    assert list(typing.get_type_hints(StepArgs).items()) == want
+    assert StepArgs._field_defaults == {a.name: None for a in schema.arguments if a.has_default_value()}
+    assert all(a.default_value is None for a in schema.arguments if a.has_default_value())
+
+
+def test_the_wrapper_passes_every_argument_under_its_name(monkeypatch):
+    # ops.step.step builds its StepArgs positionally (the fast way): each of its inputs must reach the op as the
+    # field of that name. Checked to fail with seed and sample_offset swapped in the wrapper's tuple.
+    from ddim_gmm_ext._checks import StepOptions
+    from ddim_gmm_ext.ops import step as step_module
+
+    seen = []
+    monkeypatch.setattr(torch.ops.ddimgmm, "step", lambda *args: seen.append(StepArgs(*args)))
+    t = {n: torch.zeros(i + 1) for i, n in enumerate(("m", "x", "c", "i", "p", "o", "v", "b", "z", "k", "h0", "h1"))}
+    options = StepOptions("flow", 2.0, 3.0, True, 5, 6, t["z"], t["k"], False)
+    tables = (t["p"], t["o"], t["v"], t["b"])
+    for index, history in ((7, (t["h0"], t["h1"])), (t["i"], ())):
+        step_module.step(t["m"], t["x"], t["c"], options, step_index=index, tables=tables, history=history)
+    by_tensor = seen.pop()
+    a = seen.pop()
+    assert (a.model_output, a.sample, a.coeffs, a.step_tensor) == (t["m"], t["x"], t["c"], None)
+    assert (a.priors, a.offsets, a.var_offsets, a.basis, a.noise, a.components) == tables + (t["z"], t["k"])
+    assert (a.prediction_type, a.guidance_scale, a.clip_sample_range, a.use_clipped_model_output) == (3, 2.0, 3.0, True)
+    assert (a.seed, a.sample_offset, a.step_index, a.return_pred_original) == (5, 6, 7, False)
+    assert (a.history0, a.history1) == (t["h0"], t["h1"])
+    assert (by_tensor.step_tensor, by_tensor.step_index, by_tensor.history0, by_tensor.history1) == (
+        t["i"],
+        0,
+        None,
+        None,
+    )
 
 
 def _op_args(device, dtype=torch.float32, gmm=True, guided=False, table=False):

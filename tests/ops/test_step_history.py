@@ -15,7 +15,7 @@ import torch
 
 import ddim_gmm_ext as dg
 from ddim_gmm_ext import reference as R
-from ddim_gmm_ext.ops.step import ARGUMENTS
+from ddim_gmm_ext.ops.step import ARGUMENTS, StepArgs
 from tests.helpers import COMPARISONS, DEVICES, TOLERANCES, assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -180,6 +180,12 @@ BAD_CALLS = [
     (r"history0 must have the sample's dtype \(float32\) or the compute dtype \(float32\), got float64",
      dict(history0=lambda a: a["history0"].double())),
     (r"on the sample's device .*; history0 is on", dict(history0=lambda a: a["history0"].to("meta"))),
+    # dtypes outside torch's floating and index types are named as c10 names them (the C++ kernel's spelling);
+    # checked to fail with ops/step.py's _name returning str(dtype) ("got bool" on meta, "got Bool" on CPU).
+    (r"history0 must have the sample's dtype \(float32\) or the compute dtype \(float32\), got Bool",
+     dict(history0=lambda a: a["history0"].bool())),
+    (r"history0 must have the sample's dtype \(float32\) or the compute dtype \(float32\), got ComplexFloat",
+     dict(history0=lambda a: a["history0"].to(torch.complex64))),
     ("history0 given with 6-column coeffs", dict(coeffs=lambda a: a["coeffs"][:, :6])),
     (r"coeffs must be one row \[6\] or \[8\]", dict(coeffs=lambda a: a["coeffs"][:, :7])),
     (r"step_index 4 is outside the coefficient table \[4, 8\]", dict(step_index=4)),
@@ -310,7 +316,7 @@ def check_triton(device: str) -> None:
         args = _op_args(dtype, pred, n_hist, hist_dtype, gmm, index, as_tensor)
         cpp = torch.ops.ddimgmm.step(*args.values())
         moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args.values()]
-        tri = [t.cpu() for t in triton_step(*moved)]
+        tri = [t.cpu() for t in triton_step(StepArgs(*moved))]
         name = f"{dtype} {pred} {n_hist} {kind}"
         if gmm is not None:
             assert torch.equal(tri[2], cpp[2]), name
@@ -322,7 +328,9 @@ def check_triton(device: str) -> None:
     # H2 != 0 on row 2 with one history passed; H1 != 0 on row 1 with none: NaN samples, x0 still written.
     for n_hist, index in ((1, 2), (0, 1)):
         args = _op_args(n_hist=n_hist, index=index, as_tensor=True)
-        prev, x0, _ = triton_step(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args.values()])
+        prev, x0, _ = triton_step(
+            StepArgs(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args.values()])
+        )
         assert prev.isnan().all() and not x0.isnan().any(), (n_hist, index)
 
 

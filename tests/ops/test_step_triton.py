@@ -117,6 +117,7 @@ def check_parity(device: str) -> None:
     """Launch the Triton kernels on ``device`` for every case and compare them with the references."""
     from ddim_gmm_ext import reference as R
     from ddim_gmm_ext._triton import load_step_launcher
+    from ddim_gmm_ext.ops.step import StepArgs
 
     triton_step = load_step_launcher()
     step_from_table = getattr(R, "step_from_table", None)
@@ -145,7 +146,7 @@ def check_parity(device: str) -> None:
         args = [m, x, coeffs, step_tensor, *tables, noise, comps, pred, w, clip, True, word, 7]
         args += [0 if as_tensor else i, True]
         moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
-        tri = [t.cpu() for t in triton_step(*moved)]
+        tri = [t.cpu() for t in triton_step(StepArgs(*moved))]
         exp = schema_step(m, x, coeffs, i, tables, noise, comps, pred, w, clip, True, seed, 7)
         if gmm:
             assert torch.equal(tri[2], exp[2]), (name, tri[2], exp[2])
@@ -158,7 +159,7 @@ def check_parity(device: str) -> None:
             ref = R.step(m, x, 0.6, 0.8, 0.8, 0.6, 0.45, step_index=i, seed=seed, sample_offset=7)
             assert_close(tri[0], ref.prev_sample, kind="f32_step")
         if name == "gaussian-g0":  # g = 0: the GMM step is the Gaussian step (components still drawn)
-            plain = triton_step(*moved[:4], None, None, None, None, *moved[8:])
+            plain = triton_step(StepArgs(*moved[:4], None, None, None, None, *moved[8:]))
             assert_close(tri[0], plain[0].cpu(), kind="exact")
         if cpp_v2:
             cpp = torch.ops.ddimgmm.step(*args)
@@ -188,6 +189,7 @@ def check_invalid_step(device: str) -> None:
     """A device step index outside the coefficient table or the GMM sets: every output NaN, components -1
     (and nothing read out of bounds: the interpreter would raise)."""
     from ddim_gmm_ext._triton import load_step_launcher
+    from ddim_gmm_ext.ops.step import StepArgs
 
     triton_step = load_step_launcher()
     gen = torch.Generator().manual_seed(0)
@@ -198,19 +200,19 @@ def check_invalid_step(device: str) -> None:
         tables = _tables(gmm, D, 3, 4, torch.float32, gen) if gmm else (None,) * 4
         for bad in (4, -1, 2**32 + 1):
             args = [m, x, coeffs, torch.tensor(bad), *tables, None, None, 0, None, None, False, 5, 0, 0, True]
-            prev, x0, comps = triton_step(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args])
+            prev, x0, comps = triton_step(StepArgs(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args]))
             assert prev.isnan().all() and x0.isnan().all(), (gmm, bad)
             if gmm:
                 assert comps.tolist() == [-1] * SHAPE[0], (gmm, bad, comps)
         if gmm:  # the table path alone (coeffs [6]): a step past the 4 GMM sets is invalid too
             args = [m, x, coeffs[0], torch.tensor(4), *tables, None, None, 0, None, None, False, 5, 0, 0, True]
-            prev = triton_step(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args])[0]
+            prev = triton_step(StepArgs(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args]))[0]
             assert prev.isnan().all(), gmm
             # One stacked set [1, ...] is one step's set, not a shared one (issue 22): index 1 is past it. On
             # 9e9d80e the kernel took S_g == 1 for shared and returned set 0's finite samples.
             one = tuple(None if t is None else t[:1] for t in tables)
             args = [m, x, coeffs[0], torch.tensor(1), *one, None, None, 0, None, None, False, 5, 0, 0, True]
-            prev, _, comps = triton_step(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args])
+            prev, _, comps = triton_step(StepArgs(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args]))
             assert prev.isnan().all() and comps.tolist() == [-1] * SHAPE[0], gmm
 
 

@@ -395,21 +395,17 @@ class GMMSchedulerMixin:
         the row, the GMM parameter set and the Philox step itself: nothing about the step number is read on the
         host. The scheduler has settled every argument :func:`ddim_gmm_ext.step_from_table` would check, so it
         goes to :func:`ddim_gmm_ext.api.fused_step` (the op checks shapes, dtypes and devices itself)."""
-        return api.fused_step(
-            model_output,
-            sample,
-            self._table(sample) if rows is None else rows,
-            index,
-            gmm,
-            prediction_type=prediction_type,
+        options = _checks.StepOptions(
+            prediction_type,
             clip_sample_range=clip_sample_range,
             use_clipped_model_output=use_clipped_model_output,
             seed=self._stream_seed,
             noise=noise,
             components=components,
-            history=history,
             return_pred_original=return_pred_original,
         )
+        rows = self._table(sample) if rows is None else rows
+        return api.fused_step(model_output, sample, rows, index, gmm, options, history=history)
 
 
 #: the prediction types of the multistep schedulers (DPM-Solver++, UniPC)
