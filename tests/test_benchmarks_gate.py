@@ -237,3 +237,10 @@ def test_a_machine_without_a_baseline_is_held_to_no_drop_in_slower_than_upstream
     assert "DDIM" not in captured.err.split("FAILED")[1] and "op vs copy" not in captured.err.split("FAILED")[1]
     measured[:] = [{"DDIM vs diffusers": 1.5, "op vs copy": 0.1, "thin_svd vs torch.linalg.svd": 1.2}]
     assert gate.check(args, selected) == 0
+
+
+def test_a_ratio_the_unchanged_code_gave_during_the_baseline_passes(gate):
+    # A bimodal case (the float64 thin SVD: 3.3x in most processes, 2.3x in some): the robust sigma ignores the
+    # minority mode, so the margin also covers the lowest baseline run. Checked to fail without that term.
+    b = gate.baseline_case([_summary(r) for r in (3.30, 3.31, 3.29, 2.31, 3.28)])
+    assert gate.verdict(2.31, b) == "ok" and gate.verdict(2.31 * 0.9, b) == "regressed"
