@@ -34,7 +34,21 @@
 #include <type_traits>
 #include <vector>
 
+// Older torch headers (2.11, the GPU machine's, where this builds from source) lack the stable error-check macro
+// of later ones; the plain one checks the same shim error code.
+#ifndef STABLE_TORCH_ERROR_CODE_CHECK
+#define STABLE_TORCH_ERROR_CODE_CHECK TORCH_ERROR_CODE_CHECK
+#endif
+
 namespace ddimgmm {
+
+// Two shapes equal (HeaderOnlyArrayRef has no operator== in the 2.11 headers).
+inline bool same_shape(torch::headeronly::IntHeaderOnlyArrayRef a, torch::headeronly::IntHeaderOnlyArrayRef b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;

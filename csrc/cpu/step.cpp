@@ -14,9 +14,9 @@
 //   (seed: the 64-bit key, passed as the int64 with its bits)
 //   k[n]     = #{j < K - 1 : u >= cdf_j},  u = (word0 of philox(0, n, step_index, COMPONENT) >> 8) 2^-24
 // with n = sample_offset + b the global sample index.
+#include "type_error.h"  // first: it includes pybind11 before stable.h defines TORCH_TARGET_VERSION
 #include "../stable.h"
 #include "philox.h"
-#include "type_error.h"
 
 #include <algorithm>
 #include <cmath>
@@ -401,7 +401,7 @@ std::tuple<Tensor, Tensor, Tensor> step_cpu(
 
   auto expected = sample.sizes().vec();
   if (guided) expected[0] = 2 * B;
-  STEP_CHECK(model_output.sizes() == Sizes(expected), "model_output must have shape ", shape(expected),
+  STEP_CHECK(same_shape(model_output.sizes(), Sizes(expected)), "model_output must have shape ", shape(expected),
              guided ? " ([2B, ...], unconditional half first)" : " (the sample's)", ", got ",
              shape(model_output.sizes()));
   STEP_CHECK(model_output.scalar_type() == dtype || model_output.scalar_type() == cdt,
@@ -471,23 +471,23 @@ std::tuple<Tensor, Tensor, Tensor> step_cpu(
     auto head = [&]() { return stacked ? std::vector<int64_t>{n_sets} : std::vector<int64_t>{}; };
     std::vector<int64_t> want = head();
     want.insert(want.end(), {K, D});
-    STEP_CHECK(offsets->sizes() == Sizes(want), "offsets must have shape ", shape(want), " (priors ",
+    STEP_CHECK(same_shape(offsets->sizes(), Sizes(want)), "offsets must have shape ", shape(want), " (priors ",
                shape(priors->sizes()), ", D = per-sample numel), got ", shape(offsets->sizes()));
     Dv = var_offsets->dim() == 2 + lead ? var_offsets->size(-1) : -1;
     want = head();
     want.insert(want.end(), {K, Dv});
-    STEP_CHECK(var_offsets->dim() == 2 + lead && var_offsets->sizes() == Sizes(want) && Dv <= D,
+    STEP_CHECK(var_offsets->dim() == 2 + lead && same_shape(var_offsets->sizes(), Sizes(want)) && Dv <= D,
                "var_offsets must have shape [", stacked ? "S, " : "", "K, Dv] with K = ", K, " and Dv <= ", D,
                ", got ", shape(var_offsets->sizes()));
     if (basis) {
       want = head();
       want.insert(want.end(), {Dv, D});
-      STEP_CHECK(basis->sizes() == Sizes(want), "basis must have shape ", shape(want),
+      STEP_CHECK(same_shape(basis->sizes(), Sizes(want)), "basis must have shape ", shape(want),
                  " (one row per variance offset), got ", shape(basis->sizes()));
     }
   }
   if (noise) {
-    STEP_CHECK(is_floating(noise->scalar_type()) && noise->sizes() == sample.sizes(),
+    STEP_CHECK(is_floating(noise->scalar_type()) && same_shape(noise->sizes(), sample.sizes()),
                "noise must be a floating tensor of the sample's shape ", shape(sample.sizes()), ", got ",
                dtype_name(noise->scalar_type()), " ", shape(noise->sizes()));
   }
@@ -503,7 +503,7 @@ std::tuple<Tensor, Tensor, Tensor> step_cpu(
   for (const auto* h : {opt(history0), opt(history1)}) {
     if (!h) continue;
     const char* name = h == opt(history0) ? "history0" : "history1";
-    STEP_CHECK(h->sizes() == sample.sizes(), name, " must have the sample's shape ", shape(sample.sizes()),
+    STEP_CHECK(same_shape(h->sizes(), sample.sizes()), name, " must have the sample's shape ", shape(sample.sizes()),
                " (a previous step's prediction of each sample), got ", shape(h->sizes()));
     STEP_CHECK(h->scalar_type() == dtype || h->scalar_type() == cdt, name, " must have the sample's dtype (",
                dtype_name(dtype), ") or the compute dtype (", dtype_name(cdt), "), got ", dtype_name(h->scalar_type()));
