@@ -96,7 +96,7 @@ def test_exact_denoiser_identity_and_errors():
 def test_kid_is_torchmetrics_poly_mmd_and_unbiased():
     # Mutation checked: keeping the kernel's diagonal in the within-set sums (biased MMD) fails both checks; so
     # does a chunked kernel sum that drops the last partial chunk (range(0, len(a) - chunk + 1, chunk)).
-    from torchmetrics.image.kid import poly_mmd
+    poly_mmd = pytest.importorskip("torchmetrics.image.kid").poly_mmd  # the fid extra (not on the GPU image)
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(40, 8, generator=g, dtype=torch.float64), torch.randn(40, 8, generator=g, dtype=torch.float64)
@@ -192,6 +192,7 @@ class _TinyFeatures(torch.nn.Module):
 
 def test_inception_scorer_fid_kid_and_reference_identity():
     # Mutation checked: scoring the reference against itself for FID (real=True on the samples' update) fails.
+    pytest.importorskip("torchmetrics")  # the fid extra (not on the GPU image)
     g = torch.Generator().manual_seed(1)
     reference = torch.rand(60, 784, generator=g) * 2 - 1
     samples = torch.rand(50, 784, generator=g) * 2 - 1.2
