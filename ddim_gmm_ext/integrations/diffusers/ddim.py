@@ -16,7 +16,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler, DDIMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ... import _checks, api, reference
+from ... import _checks, _schedules, api
 from .._common import check_eta
 from ._base import (
     GMMSchedulerMixin,
@@ -285,8 +285,8 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         prev = t - self.config.num_train_timesteps // self.num_inference_steps
         abar = self.alphas_cumprod.detach().to("cpu", torch.float64)
         abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], self.final_alpha_cumprod.double())
-        path = reference.ddim_coefficients(abar[t], abar_prev, 1.0)
-        # one-element tensors come back as Python floats (the reference's host path for a single step)
+        path = _schedules.ddim_coefficients(abar[t], abar_prev, 1.0)
+        # one-element tensors come back as Python floats (the host path for a single step)
         a_t, b_t, a_s, b_s, sigma = (torch.as_tensor(v, dtype=torch.float64).reshape(len(t)) for v in path)
         c = self.config
         zero_snr_rows(
