@@ -238,13 +238,13 @@ def fewstep_node_options(sampler, eta, s_noise, variant, n_components, scale, gm
         raise ValueError(f"sampler must be one of {FEWSTEP_NODE_SAMPLERS}, got {sampler!r}")
     options = node_options(0.0, s_noise, variant, n_components, scale, gmm_steps)
     options["eta"] = check_dpmpp_eta(eta)
-    if options["gmm"] is not None and sampler != "lcm":
-        if sampler == "res_multistep" or options["eta"] * options["s_noise"] == 0:
-            why = "sampler 'res_multistep' is deterministic" if sampler == "res_multistep" else "eta or s_noise is 0"
-            raise ValueError(
-                f"variant={variant!r} has no noise to replace: {why}; set variant to 'off', or use "
-                "res_multistep_ancestral with eta > 0 and s_noise > 0"
-            )
+    deterministic = sampler == "res_multistep" or options["eta"] * options["s_noise"] == 0
+    if options["gmm"] is not None and sampler != "lcm" and deterministic:
+        why = "sampler 'res_multistep' is deterministic" if sampler == "res_multistep" else "eta or s_noise is 0"
+        raise ValueError(
+            f"variant={variant!r} has no noise to replace: {why}; set variant to 'off', or use "
+            "res_multistep_ancestral with eta > 0 and s_noise > 0"
+        )
     return {"sampler": sampler, **options}
 
 

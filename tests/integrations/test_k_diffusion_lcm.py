@@ -141,10 +141,12 @@ def test_gmm_changes_the_samples_and_a_noise_sampler_supplies_z():
 # ---- the mixture's moments ----------------------------------------------------------------------------------
 
 
-def _scale_for(variant: str, c: float, g: float, fill: float) -> float:
-    """The GMM scale at which g^2 max v_k = fill c^2 (v_k grows with the scale squared): matched at fill < 1."""
-    probe = dg.GMM.create(16, n_components=4, n_steps=1, variant=variant, scale=1.0, seed=2, dtype=torch.float64)
-    return math.sqrt(fill * c * c / (g * g * float(probe.var_offsets.max())))
+def scale_for(variant: str, cs: list[float], gs: list[float], fill: float) -> float:
+    """The GMM scale (D = 16, K = 4, seed 2, a set per step) at which the steps' largest g^2 max v_k / c^2 is
+    ``fill`` (v_k grows with the scale squared): every step matched for fill < 1."""
+    probe = dg.GMM.create(16, n_components=4, n_steps=len(cs), variant=variant, scale=1.0, seed=2, dtype=torch.float64)
+    peaks = probe.var_offsets.reshape(len(cs), -1).amax(1).tolist()
+    return math.sqrt(fill * min(c * c / (g * g * v) for c, g, v in zip(cs, gs, peaks, strict=True)))
 
 
 @pytest.mark.parametrize("variant", ["ortho-lr", "rand"])
@@ -160,7 +162,7 @@ def test_lcm_gmm_step_matches_the_lcm_moments(path, t, s, variant):
     flow = path == "flow"
     a_s, c, g = (1 - s, s, 1.0) if flow else (1.0, s, math.sqrt(1 + s * s))
     gmm = dg.GMM.create(
-        16, n_components=4, n_steps=1, variant=variant, scale=_scale_for(variant, c, g, 0.9), seed=2,
+        16, n_components=4, n_steps=1, variant=variant, scale=scale_for(variant, [c], [g], 0.9), seed=2,
         dtype=torch.float64,
     )  # fmt: skip
     assert matched_steps(gmm, [c], [g]) == [True]
