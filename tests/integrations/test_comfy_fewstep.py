@@ -176,8 +176,8 @@ class VPredictionSampling(EpsSampling):
 
 @pytest.fixture
 def comfy_node(monkeypatch):
-    """The node module as ComfyUI loads it: comfy.samplers.KSAMPLER records (sampler function, extra_options)
-    and comfy.k_diffusion.sampling has ComfyUI's default noise sampler."""
+    """The node module as ComfyUI loads it (test_comfy_flow's stand-in): comfy.samplers.KSAMPLER records (sampler
+    function, extra_options) and comfy.k_diffusion.sampling has ComfyUI's default noise sampler."""
     import ddim_gmm_ext.comfy as node
 
     comfy = types.ModuleType("comfy")

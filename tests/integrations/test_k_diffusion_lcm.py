@@ -223,9 +223,8 @@ def _never_called(x, sigma, **kwargs):
 )
 def test_bad_input_is_refused_before_any_work(kwargs, error, match):
     # Each argument checked with a message naming it, before the model is called (the model raises), as the other
-    # k-diffusion twins refuse it. Checked to fail without the path check (1), without check_flow_start (2), and
-    # with validate_gmm_steps moved after the table build (the [5] case: the tables' build ran first; here the
-    # error is the same, so that one is checked by the model not being called only).
+    # k-diffusion twins refuse it. Checked to fail without the path check (1 case) and without check_flow_start
+    # (2); the other rules are the shared ones of the k-diffusion twins.
     args = dict(model=_never_called, sigmas=torch.tensor([2.0, 1.0, 0.0]), x=torch.zeros(SHAPE)) | kwargs
     with pytest.raises(error, match=match):
         sample_lcm_gmm(disable=True, **args)
@@ -235,3 +234,41 @@ def test_a_bad_noise_sampler_draw_is_refused_naming_noise_sampler():
     x = torch.randn(SHAPE)
     with pytest.raises(TypeError, match=r"noise_sampler\(sigma, sigma_next\) must return a real tensor.*NoneType"):
         sample_lcm_gmm(ve_model, x, torch.tensor([2.0, 1.0, 0.0]), gmm=None, noise_sampler=lambda s, t: None)
+
+
+# ---- the README's options table ------------------------------------------------------------------------------
+
+
+def test_readme_options_table_holds_for_the_few_step_samplers(monkeypatch):
+    # The defaults the README's GMM-options table gives these samplers are their signatures' (as
+    # tests/test_gmm_options.py checks the others), and the table's keywords reach the tables' build. Checked to
+    # fail with sample_res_multistep_ancestral_gmm's gmm default None, and with _start dropping the seed.
+    import inspect
+
+    from ddim_gmm_ext.k_diffusion import sample_res_multistep_ancestral_gmm, sample_res_multistep_gmm
+    from tests.test_gmm_options import _table, _value, _variant_defaults
+
+    table, variants = _table(), _variant_defaults()
+    for f in (sample_lcm_gmm, sample_res_multistep_gmm, sample_res_multistep_ancestral_gmm):
+        params = inspect.signature(f).parameters
+        assert params["gmm"].default == variants[f.__name__], f.__name__
+        for option, (keyword, default) in table.items():
+            if option != "variant":
+                assert params[keyword].default == _value(default), (f.__name__, keyword)
+    builds = []
+    create = dg.GMM.create
+    monkeypatch.setattr(dg.GMM, "create", staticmethod(lambda *a, **k: builds.append(k) or create(*a, **k)))
+    documented = {table["variant"][0]: "ortho", table["K"][0]: 3, table["s / sqrt(D)"][0]: 0.25,
+                  table["last step"][0]: "gmm", table["where it acts"][0]: [0, 2], table["seed"][0]: 7}  # fmt: skip
+    x, sigmas = torch.randn(2, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([8.0, 3.0, 1.0, 0.0])
+    for f in (sample_lcm_gmm, sample_res_multistep_ancestral_gmm):
+        builds.clear()
+        assert torch.isfinite(f(lambda v, s: torch.tanh(v), x, sigmas, disable=True, **documented)).all()
+        (k,) = builds
+        assert (k["variant"], k["n_components"], k["scale_per_dim"], k["scale"], k["seed"]) == (
+            "ortho",
+            3,
+            0.25,
+            None,
+            7,
+        )
