@@ -253,19 +253,19 @@ def lcm_renoise(model):
     to sigma s with the model sampling's ``noise_scaling(s, z, D)``, which is A D + c z for every ComfyUI model
     sampling ((1, s) for eps / v models, (1 - s, s noise_scale) for CONST ones, (1, 0) for its image-to-image
     flows), so A and c are read from it at (z, D) = (0, 1) and (1, 0) in float64. Without a model sampling (or
-    its noise_scaling): the VE form. g: 1 for flow models, sqrt(1 + s^2) otherwise."""
-    from .k_diffusion_fewstep import ve_renoise
+    its noise_scaling): the path's form (:func:`path_renoise`). g: 1 for flow models, sqrt(1 + s^2) otherwise."""
+    from .k_diffusion_fewstep import path_gmm_scale, path_renoise
 
     flow = is_flow_model(model)
     scaling = getattr(model_sampling(model), "noise_scaling", None)
     if scaling is None:
-        return ve_renoise(False)
+        return path_renoise(flow)
 
     def renoise(s: float) -> tuple[float, float, float]:
         sigma = torch.tensor(s, dtype=torch.float64)
         a = scaling(sigma, torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64))
         c = scaling(sigma, torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64))
-        return float(a), float(c), 1.0 if flow else math.sqrt(1.0 + s * s)
+        return float(a), float(c), path_gmm_scale(s, flow)
 
     return renoise
 
@@ -285,7 +285,7 @@ def sample_fewstep_gmm_any(
     if noise_sampler is None and options.get("gmm") is None:
         noise_sampler = comfy_noise_sampler(x, extra_args)
     flow = is_flow_model(model)
-    eta, s_noise = options.pop("eta"), options.pop("s_noise")
+    eta, s_noise = options.pop("eta", 1.0), options.pop("s_noise", 1.0)
     if sampler == "lcm":
         return _sample_lcm(
             model, x, sigmas, extra_args, callback, disable, noise_sampler, renoise=lcm_renoise(model),

@@ -57,15 +57,15 @@ def _check_path(path) -> bool:
     return path == "flow"
 
 
-def _gmm_scale(s: float, flow: bool) -> float:
+def path_gmm_scale(s: float, flow: bool) -> float:
     """g of a step to sigma s: the VP tables in the path's units (1 / a_s^VP on VE paths)."""
     return 1.0 if flow else math.sqrt(1.0 + s * s)
 
 
-def ve_renoise(flow: bool):
+def path_renoise(flow: bool):
     """LCM's re-noising to sigma s as (A, c, g): x_s = A D + c z, ComfyUI's ``noise_scaling`` of eps / v models
     (VE) or of CONST models (flow, noise_scale 1)."""
-    return lambda s: (1.0 - s if flow else 1.0, s, _gmm_scale(s, flow))
+    return lambda s: (1.0 - s if flow else 1.0, s, path_gmm_scale(s, flow))
 
 
 def lcm_rows(sig: list[float], renoise) -> torch.Tensor:
@@ -111,7 +111,7 @@ def res_multistep_rows(sig: list[float], *, eta: float, s_noise: float, flow: bo
             b2 = phi2 / c2
             decay = math.exp(-h)
             a, b, h1 = decay + h * (phi1 - b2), decay * t, h * b2
-        rows.append([1.0, t, a, b, c, _gmm_scale(s, flow), h1, 0.0])
+        rows.append([1.0, t, a, b, c, path_gmm_scale(s, flow), h1, 0.0])
         old_down = down
     return torch.tensor(rows, dtype=torch.float64).reshape(-1, 8)
 
@@ -207,7 +207,7 @@ def sample_lcm_gmm(
     the final x."""
     flow = _check_path(path)
     return _sample_lcm(
-        model, x, sigmas, extra_args, callback, disable, noise_sampler, renoise=ve_renoise(flow),
+        model, x, sigmas, extra_args, callback, disable, noise_sampler, renoise=path_renoise(flow),
         max_start=1 + FLOW_TIME_ROUNDING, flow=flow, gmm=gmm, n_components=n_components, scale=scale,
         share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset,
         final_step=final_step, scale_per_dim=scale_per_dim, gmm_steps=gmm_steps,

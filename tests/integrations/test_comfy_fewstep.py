@@ -174,6 +174,14 @@ class VPredictionSampling(EpsSampling):
     """ComfyUI's V_PREDICTION model sampling: EPS's noise_scaling."""
 
 
+class ImgToImgFlowSampling(ConstSampling):
+    """ComfyUI's IMG_TO_IMG_FLOW model sampling (a CONST subclass), from its behaviour: noise_scaling returns the
+    latent, so its lcm adds no noise."""
+
+    def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+        return latent_image
+
+
 @pytest.fixture
 def comfy_node(monkeypatch):
     """The node module as ComfyUI loads it (test_comfy_flow's stand-in): comfy.samplers.KSAMPLER records (sampler
@@ -215,6 +223,7 @@ MODELS = {  # name -> (model sampling, denoiser, sigmas)
     "v": (VPredictionSampling, ve_model, SCHEDULES["partial"]),
     "flow": (ConstSampling, flow_model, FLOW_SIGMAS),
     "flow-noise-scale-0.5": (lambda: ConstSampling(0.5), flow_model, FLOW_SIGMAS[2:]),
+    "img-to-img-flow": (ImgToImgFlowSampling, flow_model, FLOW_SIGMAS[1:]),
 }
 NODE_CASES = {  # name -> (widgets, stand-in run(model, x, sigmas, sampling, noise))
     "lcm": (dict(sampler="lcm"), lambda m, x, s, sampling, noise: comfy_lcm(m, x, s, sampling, noise)),
@@ -235,9 +244,10 @@ def test_node_off_equals_comfyui_sample_for_sample(comfy_node, case, model_type)
     # ComfyUI passes its samplers no noise sampler: they draw default_noise_sampler(x, extra_args["seed"]). With
     # the variant off the node uses that one, so a seed gives ComfyUI's samples, for eps, v and flow models (lcm
     # re-noises with the model sampling's noise_scaling; res_multistep runs its VE arithmetic on flow sigmas).
-    # Checked to fail with (failing cases of 12): the node's own Philox noise (no ComfyUI noise sampler: 8, all
-    # but res_multistep), lcm_renoise ignoring the model sampling (the VE form: 2, the flow models; the flow form
-    # without noise_scaling's noise_scale: 1), res_multistep run with the eta widget (4).
+    # Checked to fail with (failing cases of 15): the node's own Philox noise (no ComfyUI noise sampler: 9, all
+    # but res_multistep and lcm on the image-to-image flow), lcm_renoise ignoring the model sampling (the VE form:
+    # 3, the flow models; the flow form: 2, noise_scale and the image-to-image flow), res_multistep run with the
+    # eta widget (5).
     widgets, upstream = NODE_CASES[case]
     make_sampling, denoiser, sigmas = MODELS[model_type]
     sampling = make_sampling()
