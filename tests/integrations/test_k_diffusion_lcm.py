@@ -186,6 +186,25 @@ def test_lcm_gmm_step_matches_the_lcm_moments(path, t, s, variant):
     assert not is_close(runs["gmm"], runs["off"], "distinct")
 
 
+def test_gmm_steps_matched_reads_the_rows_noise_level_and_scale():
+    # gmm_steps="matched" acts on the steps whose kernel does not clip at the row's c and g (matched_steps, decided
+    # before the loop): the run equals the one with those steps listed, and differs from "all" (at this scale the
+    # late, low-noise steps clip). Checked to fail with the plan given c without g (g = 1: more steps matched).
+    sigmas = torch.tensor(SCHEDULES["ve"]["karras-7"], dtype=torch.float64)
+    x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * sigmas[0]
+    nexts = sigmas[1:].tolist()
+    gmm = dg.GMM.create(32, n_components=4, n_steps=7, variant="ortho-lr", scale=1.5, seed=2, dtype=torch.float64)
+    mask = matched_steps(gmm, nexts, [math.sqrt(1 + s * s) for s in nexts])
+    assert any(mask) and not all(mask[:-1])
+
+    def run(steps):
+        return sample_lcm_gmm(ve_model, x, sigmas, gmm=gmm, gmm_steps=steps, final_step="gmm", seed=3, disable=True)
+
+    matched = run("matched")
+    assert_close(matched, run([i for i, m in enumerate(mask) if m]), kind="exact")
+    assert not is_close(matched, run("all"), "distinct")
+
+
 # ---- bad input ----------------------------------------------------------------------------------------------
 
 
