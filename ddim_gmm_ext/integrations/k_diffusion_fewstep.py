@@ -43,17 +43,17 @@ from .k_diffusion import (
     sampler_noise,
 )
 
-__all__ = ["sample_lcm_gmm", "sample_res_multistep_gmm", "sample_res_multistep_ancestral_gmm", "PATHS"]
+__all__ = ["sample_lcm_gmm", "sample_res_multistep_gmm", "sample_res_multistep_ancestral_gmm", "LCM_PATHS"]
 
 #: The paths a sampler's ``path`` names: "ve" (x = x0 + sigma eps: eps / v models) or "flow" (x = (1 - sigma) x0 +
 #: sigma eps: ComfyUI's CONST models).
-PATHS = ("ve", "flow")
+LCM_PATHS = ("ve", "flow")
 
 
 def _check_path(path) -> bool:
     """True for the flow path."""
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path not in LCM_PATHS:
+        raise ValueError(f"path must be one of {LCM_PATHS}, got {path!r}")
     return path == "flow"
 
 
