@@ -5,7 +5,8 @@ Inside ComfyUI (``comfy.samplers`` importable), importing this module defines th
 ``SamplerCustomAdvanced``; the first runs :func:`ddim_gmm_ext.k_diffusion.sample_ddim_gmm`, the second DPM++ 2M,
 2M SDE (midpoint / heun) or 3M SDE (:func:`sample_dpmpp_gmm_any`), equal to ComfyUI's ``dpmpp_2m`` /
 ``dpmpp_2m_sde`` / ``dpmpp_3m_sde`` with the variant "off" (its Brownian-tree noise of the seed) for eps, v and
-flow models. Anywhere else the
+flow models. A third, ``SamplerFewStepGMM``, runs ComfyUI's ``lcm``, ``res_multistep`` and
+``res_multistep_ancestral`` (:func:`sample_fewstep_gmm_any`), equal to them with the variant "off". Anywhere else the
 mappings below stay empty and nothing is imported. To install, put a folder in ``ComfyUI/custom_nodes/`` whose
 ``__init__.py`` is
 
@@ -222,6 +223,81 @@ def node_options(eta, s_noise, variant, n_components, scale, gmm_steps="all") ->
     }
 
 
+#: The few-step node's sampler widget (ComfyUI's sampler names).
+FEWSTEP_NODE_SAMPLERS = ("lcm", "res_multistep", "res_multistep_ancestral")
+
+
+def fewstep_node_options(sampler, eta, s_noise, variant, n_components, scale, gmm_steps="all") -> dict:
+    """The few-step node's widget values as sampler options, each checked under its widget's name before any
+    sampling. eta is res_multistep_ancestral's, s_noise res_multistep's (both checked and unused by lcm);
+    res_multistep, and res_multistep_ancestral at eta or s_noise 0, take only the variant "off"."""
+    from .k_diffusion import check_dpmpp_eta
+
+    check_number_widgets(eta=eta)
+    if sampler not in FEWSTEP_NODE_SAMPLERS:
+        raise ValueError(f"sampler must be one of {FEWSTEP_NODE_SAMPLERS}, got {sampler!r}")
+    options = node_options(0.0, s_noise, variant, n_components, scale, gmm_steps)
+    options["eta"] = check_dpmpp_eta(eta)
+    deterministic = sampler == "res_multistep" or options["eta"] * options["s_noise"] == 0
+    if options["gmm"] is not None and sampler != "lcm" and deterministic:
+        why = "sampler 'res_multistep' is deterministic" if sampler == "res_multistep" else "eta or s_noise is 0"
+        raise ValueError(
+            f"variant={variant!r} has no noise to replace: {why}; set variant to 'off', or use "
+            "res_multistep_ancestral with eta > 0 and s_noise > 0"
+        )
+    return {"sampler": sampler, **options}
+
+
+def lcm_renoise(model):
+    """ComfyUI's LCM re-noising for ``model`` as ``s -> (A, c, g)``: its ``sample_lcm`` moves the denoiser output D
+    to sigma s with the model sampling's ``noise_scaling(s, z, D)``, which is A D + c z for every ComfyUI model
+    sampling ((1, s) for eps / v models, (1 - s, s noise_scale) for CONST ones, (1, 0) for its image-to-image
+    flows), so A and c are read from it at (z, D) = (0, 1) and (1, 0) in float64. Without a model sampling (or
+    its noise_scaling): the path's form (:func:`path_renoise`). g: 1 for flow models, sqrt(1 + s^2) otherwise."""
+    from .k_diffusion_fewstep import path_gmm_scale, path_renoise
+
+    flow = is_flow_model(model)
+    scaling = getattr(model_sampling(model), "noise_scaling", None)
+    if scaling is None:
+        return path_renoise(flow)
+
+    def renoise(s: float) -> tuple[float, float, float]:
+        sigma = torch.tensor(s, dtype=torch.float64)
+        a = scaling(sigma, torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64))
+        c = scaling(sigma, torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64))
+        return float(a), float(c), path_gmm_scale(s, flow)
+
+    return renoise
+
+
+def sample_fewstep_gmm_any(
+    model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, *, sampler, **options
+):
+    """The few-step node's sampler function, ComfyUI's ``sample_<sampler>`` with the DDIM-GMM noise. With the GMM
+    off and no noise sampler: ComfyUI's own default noise sampler of the seed (what its lcm / res_multistep draw).
+    lcm re-noises as the model sampling does (:func:`lcm_renoise`; flow sigmas of any start, as ComfyUI's);
+    res_multistep runs its VE arithmetic on the sigmas of every model type, flow ones included, as ComfyUI's
+    (g = 1 there). Sigmas as :func:`takes_no_step` says."""
+    from .k_diffusion_fewstep import _sample_lcm, _sample_res_multistep
+
+    if takes_no_step(sigmas):
+        return x
+    if noise_sampler is None and options.get("gmm") is None:
+        noise_sampler = comfy_noise_sampler(x, extra_args)
+    flow = is_flow_model(model)
+    eta, s_noise = options.pop("eta", 1.0), options.pop("s_noise", 1.0)
+    if sampler == "lcm":
+        return _sample_lcm(
+            model, x, sigmas, extra_args, callback, disable, noise_sampler, renoise=lcm_renoise(model),
+            max_start=math.inf, flow=flow, **options,
+        )  # fmt: skip
+    ancestral = sampler == "res_multistep_ancestral"
+    return _sample_res_multistep(
+        model, x, sigmas, extra_args, callback, disable, noise_sampler, eta=eta if ancestral else 0.0,
+        s_noise=s_noise, ancestral=ancestral, flow=flow, **options,
+    )  # fmt: skip
+
+
 if _comfy_samplers is not None:
 
     class SamplerDDIMGMM:
@@ -298,3 +374,34 @@ if _comfy_samplers is not None:
 
     NODE_CLASS_MAPPINGS["SamplerDPMPPGMM"] = SamplerDPMPPGMM
     NODE_DISPLAY_NAME_MAPPINGS["SamplerDPMPPGMM"] = "DPM++ GMM Sampler (2M, 2M SDE, 3M SDE)"
+
+    class SamplerFewStepGMM:
+        """Node: LCM / res_multistep / res_multistep_ancestral with the DDIM-GMM noise -> SAMPLER."""
+
+        CATEGORY = "sampling/custom_sampling/samplers"
+        RETURN_TYPES = ("SAMPLER",)
+        FUNCTION = "get_sampler"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            required = SamplerDDIMGMM.INPUT_TYPES()["required"]
+            return {
+                "required": {
+                    "sampler": (
+                        list(FEWSTEP_NODE_SAMPLERS),
+                        {"default": "lcm", "tooltip": "res_multistep is deterministic: variant off only"},
+                    ),
+                    "eta": (
+                        "FLOAT",
+                        {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "res_multistep_ancestral"},
+                    ),
+                    **{name: required[name] for name in ("s_noise", "variant", "n_components", "scale", "gmm_steps")},
+                }
+            }
+
+        def get_sampler(self, sampler, eta, s_noise, variant, n_components, scale, gmm_steps="all"):
+            options = fewstep_node_options(sampler, eta, s_noise, variant, n_components, scale, gmm_steps)
+            return (_comfy_samplers.KSAMPLER(sample_fewstep_gmm_any, extra_options=options),)
+
+    NODE_CLASS_MAPPINGS["SamplerFewStepGMM"] = SamplerFewStepGMM
+    NODE_DISPLAY_NAME_MAPPINGS["SamplerFewStepGMM"] = "LCM / res_multistep GMM Sampler"

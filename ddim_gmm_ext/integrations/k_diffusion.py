@@ -205,6 +205,12 @@ def _check_sigmas(sigmas) -> list[float]:
     return sig
 
 
+def check_flow_start(sig: list[float], max_start: float) -> None:
+    """Flow sigmas are times in [0, 1]: the first one above 0 and at most ``max_start`` (see :func:`_sample_flow`)."""
+    if sig[0] > max_start or sig[0] == 0:
+        raise ValueError(f"flow sigmas are times in [0, 1] starting above 0, got sigmas[0] = {sig[0]}")
+
+
 def flow_noise_std(t: float, s: float, eta: float, noise: str = "rfim") -> float:
     """Noise std c of the flow step t -> s on x_t = (1 - t) x0 + t eps (see :data:`FLOW_NOISE`)."""
     if noise == "rfim" or s == 0:
@@ -263,8 +269,7 @@ def _sample_flow(model, x, sigmas, extra_args=None, callback=None, disable=None,
     if noise not in FLOW_NOISE:
         raise ValueError(f"noise must be one of {FLOW_NOISE}, got {noise!r}")
     sig = _check_sigmas(sigmas)
-    if sig[0] > max_start or sig[0] == 0:
-        raise ValueError(f"flow sigmas are times in [0, 1] starting above 0, got sigmas[0] = {sig[0]}")
+    check_flow_start(sig, max_start)
 
     def noise_std(i):
         return flow_noise_std(sig[i], sig[i + 1], eta, noise)
