@@ -360,6 +360,8 @@ def test_gmm_moment_oracle_sees_dropped_variance_offsets(cls):
         (FlowMatchLCMGMMScheduler, {"scale_factors": [1.5], "gmm_variant": "ortho"}, "needs scale_factors=None"),
         (FlowMatchLCMGMMScheduler, {"shift": 0.0}, "shift must be a finite number > 0"),
         (LCMGMMScheduler, {"gmm_variant": "nope"}, "gmm_variant"),
+        (TCDGMMScheduler, {"beta_schedule": "linear", "beta_start": 0.1, "beta_end": 2.0}, "must give betas in \\[0, 1\\]"),
+        (LCMGMMScheduler, {"trained_betas": [0.01] * 10}, "trained_betas must have num_train_timesteps=1000 values"),
     ],
 )
 def test_bad_config_is_refused(cls, config, match):

@@ -94,6 +94,17 @@ def _eps_terms(prediction_type: str, a_t, b_t):
     return b_t, -a_t  # v_prediction
 
 
+def _check_betas(betas: torch.Tensor, trained_betas, beta_schedule: str, n_train: int) -> None:
+    """The training betas in [0, 1] (beta_end = 2 makes alphas negative: the stock step takes square roots of
+    negative alpha_bar and returns NaN) and ``trained_betas`` of num_train_timesteps values."""
+    if trained_betas is not None and len(trained_betas) != n_train:
+        raise ValueError(f"trained_betas must have num_train_timesteps={n_train} values, got {len(trained_betas)}")
+    b = betas.double()
+    if not (torch.isfinite(b).all() and (b >= 0).all() and (b <= 1).all()):
+        source = "trained_betas" if trained_betas is not None else f"beta_start / beta_end ({beta_schedule})"
+        raise ValueError(f"{source} must give betas in [0, 1], got values in [{b.min().item()}, {b.max().item()}]")
+
+
 class _FusedConsistencyMixin(GMMSchedulerMixin, CheckedBeginIndexMixin):
     """The step index and the noise of the three drop-ins (listed before the stock class)."""
 
@@ -214,6 +225,7 @@ class LCMGMMScheduler(_FusedConsistencyMixin, LCMScheduler):
             timestep_scaling=timestep_scaling,
             rescale_betas_zero_snr=rescale_betas_zero_snr,
         )
+        _check_betas(self.betas, trained_betas, beta_schedule, num_train_timesteps)
         self._init_gmm()
 
     def _fallback(self) -> bool:
@@ -383,6 +395,7 @@ class TCDGMMScheduler(_FusedConsistencyMixin, TCDScheduler):
             timestep_scaling=timestep_scaling,
             rescale_betas_zero_snr=rescale_betas_zero_snr,
         )
+        _check_betas(self.betas, trained_betas, beta_schedule, num_train_timesteps)
         self._init_gmm()
 
     @staticmethod
