@@ -20,8 +20,8 @@ import os
 import torch
 from bench_schedulers import (
     DPM_ALGORITHMS,
-    _consistency_case,
     _cases,
+    _consistency_case,
     _dpm_case,
     _dpm_loop_case,
     _new_family_case,

@@ -360,7 +360,11 @@ def test_gmm_moment_oracle_sees_dropped_variance_offsets(cls):
         (FlowMatchLCMGMMScheduler, {"scale_factors": [1.5], "gmm_variant": "ortho"}, "needs scale_factors=None"),
         (FlowMatchLCMGMMScheduler, {"shift": 0.0}, "shift must be a finite number > 0"),
         (LCMGMMScheduler, {"gmm_variant": "nope"}, "gmm_variant"),
-        (TCDGMMScheduler, {"beta_schedule": "linear", "beta_start": 0.1, "beta_end": 2.0}, "must give betas in \\[0, 1\\]"),
+        (
+            TCDGMMScheduler,
+            {"beta_schedule": "linear", "beta_start": 0.1, "beta_end": 2.0},
+            "must give betas in \\[0, 1\\]",
+        ),
         (LCMGMMScheduler, {"trained_betas": [0.01] * 10}, "trained_betas must have num_train_timesteps=1000 values"),
     ],
 )
@@ -411,3 +415,29 @@ def test_bad_step_input_is_refused(cls):
             s.set_timesteps(timesteps=[500, -1])
         with pytest.raises(ValueError, match="not in the schedule"):
             s.step(x, 3, x)
+
+
+@pytest.mark.parametrize("cls", list(STOCK))
+def test_gmm_steps_select_the_re_noising_steps_as_on_ddim(cls):
+    # gmm_steps reads the rows' c and g columns as DDIM's: a list leaves the other steps Gaussian (the same Philox
+    # noise as the GMM off with that seed), and "matched" drops every step where a variance offset would clip
+    # (gmm_scale 10: all of them). Checked to fail with the gate planted out (GMMSchedulerMixin._gate returning the
+    # rows unchanged).
+    kw = {"eta": 0.5} if cls is TCDGMMScheduler else {}
+
+    def run(steps, **config):
+        s = cls(seed=3, **config)
+        s.set_timesteps(4)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+        outs = []
+        for t in s.timesteps[:steps]:
+            x = s.step(_model(x, t), t, x, **kw).prev_sample
+            outs.append(x)
+        return outs, s
+
+    off, _ = run(3)
+    listed, _ = run(3, gmm_variant="ortho", gmm_steps=[1])
+    assert torch.equal(listed[0], off[0]) and not torch.allclose(listed[1], off[1])
+    matched, s = run(3, gmm_variant="ortho", gmm_scale=10.0, gmm_steps="matched")
+    assert s.gmm is not None and torch.equal(matched[2], off[2])
+    assert dg.gmm.matched_steps(s.gmm, s._schedule_rows()[:3, 4]) == [False] * 3
