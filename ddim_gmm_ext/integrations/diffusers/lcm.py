@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
+from typing import cast
 
 import torch
 from diffusers.configuration_utils import register_to_config
@@ -65,7 +66,7 @@ def _check_prediction(prediction_type, cls_name: str) -> None:
 
 
 def _check_positive(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and value > 0):
+    if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and float(value) > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
@@ -273,7 +274,7 @@ class LCMGMMScheduler(_FusedConsistencyMixin, LCMScheduler):
         p, q = _boundary_terms(self.config.prediction_type, a_t, b_t)
         alpha, beta = c_skip + c_out * p, c_out * q
         # noise on every step but the num_inference_steps-th (stock: step_index != num_inference_steps - 1)
-        noisy = torch.arange(n) != self.num_inference_steps - 1
+        noisy = torch.ne(torch.arange(n), cast(int, self.num_inference_steps) - 1)
         a_next = torch.where(noisy, abar_p.sqrt(), torch.ones_like(abar_p))
         c = torch.where(noisy, (1 - abar_p).sqrt(), torch.zeros_like(abar_p))
         if not self._fallback():
@@ -312,7 +313,7 @@ class LCMGMMScheduler(_FusedConsistencyMixin, LCMScheduler):
             model_output, sample, i, prediction_type="epsilon", gmm=gmm, noise=noise, components=components
         )
         if not isinstance(i, torch.Tensor):
-            self._step_index += 1  # type: ignore[operator]  # diffusers types _step_index as None
+            self._step_index += 1  # type: ignore[assignment,operator]  # diffusers types _step_index as None
         if not return_dict:
             return (out.prev_sample, out.pred_original_sample)
         return scheduler_output(LCMSchedulerOutput, prev_sample=out.prev_sample, denoised=out.pred_original_sample)
@@ -402,7 +403,7 @@ class TCDGMMScheduler(_FusedConsistencyMixin, TCDScheduler):
     def _check_eta(eta) -> float:
         if isinstance(eta, torch.Tensor) and eta.numel() == 1 and not torch.compiler.is_compiling():
             eta = eta.item()
-        if isinstance(eta, bool) or not isinstance(eta, Real) or not 0 <= eta <= 1:
+        if isinstance(eta, bool) or not isinstance(eta, Real) or not 0 <= float(eta) <= 1:
             raise ValueError(f"eta (TCD's gamma) must be a number in [0, 1], got {eta!r}")
         return float(eta)
 
@@ -465,7 +466,7 @@ class TCDGMMScheduler(_FusedConsistencyMixin, TCDScheduler):
         pe, qe = _eps_terms(self.config.prediction_type, a_t, b_t)
         alpha, beta = a_s * px + b_s * pe, a_s * qx + b_s * qe
         ratio = abar[prev] / abar[s]
-        noisy = (torch.arange(n) != self.num_inference_steps - 1) & (eta > 0)
+        noisy = torch.ne(torch.arange(n), cast(int, self.num_inference_steps) - 1) & (eta > 0)
         a_next = torch.where(noisy, ratio.sqrt(), torch.ones_like(ratio))
         c = torch.where(noisy, (1 - ratio).clamp(min=0).sqrt(), torch.zeros_like(ratio))
         self._noisy = noisy.tolist()
@@ -519,7 +520,7 @@ class TCDGMMScheduler(_FusedConsistencyMixin, TCDScheduler):
             model_output, sample, i, prediction_type="epsilon", gmm=gmm, noise=noise, components=components
         )
         if not isinstance(i, torch.Tensor):
-            self._step_index += 1  # type: ignore[operator]  # diffusers types _step_index as None
+            self._step_index += 1  # type: ignore[assignment,operator]  # diffusers types _step_index as None
         if not return_dict:
             return (out.prev_sample, out.pred_original_sample)
         return scheduler_output(
@@ -664,7 +665,7 @@ class FlowMatchLCMGMMScheduler(_FusedConsistencyMixin, FlowMatchLCMScheduler):
         check_model_output(model_output, sample)
         generator = check_generator(generator, sample.shape[0])
         if self._init_size is None or self.step_index is None:  # as the stock step (for set_scale_factors later)
-            self._init_size = model_output.size()[2:]
+            self._init_size = model_output.size()[2:]  # type: ignore[assignment]  # diffusers types it as None
         sample = sample.to(torch.float32)  # type: ignore[assignment]  # as the stock step: the update in float32
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
@@ -680,7 +681,7 @@ class FlowMatchLCMGMMScheduler(_FusedConsistencyMixin, FlowMatchLCMScheduler):
             return_pred_original=False,
         )
         if not isinstance(i, torch.Tensor):
-            self._step_index += 1  # type: ignore[operator]  # diffusers types _step_index as None
+            self._step_index += 1  # type: ignore[assignment,operator]  # diffusers types _step_index as None
         prev_sample = out.prev_sample.to(model_output.dtype)
         if not return_dict:
             return (prev_sample,)
