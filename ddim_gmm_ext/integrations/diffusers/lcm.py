@@ -145,34 +145,12 @@ class _FusedConsistencyMixin(GMMSchedulerMixin, CheckedBeginIndexMixin):
         return noise, components
 
 
-class LCMGMMScheduler(_FusedConsistencyMixin, LCMScheduler):
-    """``LCMScheduler`` with a fused step and the optional moment-matched mixture where it re-noises.
+class _VPConsistencyMixin(_FusedConsistencyMixin):
+    """The config (the same keys for LCM and TCD, and the GMM keys) and the ``set_timesteps`` checks of
+    :class:`LCMGMMScheduler` and :class:`TCDGMMScheduler`."""
 
-    Every ``LCMScheduler`` config key, default and method is kept; GMM config keys, tables and
-    :meth:`set_gmm_params`: see :class:`GMMSchedulerMixin`.
-
-    The step at t (the next timestep p, the sample's VP path a = sqrt(alpha_bar), b = sqrt(1 - alpha_bar)):
-    denoised = c_skip x + c_out x0_hat (the boundary condition of ``timestep_scaling``), then
-    x_p = a_p denoised + b_p z: the full noise level of p (B = 0, c = b_p), none on the last step of the schedule
-    (x_p = denoised). One row (module docstring) per step, for every prediction type; ``original_inference_steps``,
-    ``strength``, custom ``timesteps`` and ``set_begin_index`` as the stock class. c_skip and c_out are computed in
-    float32 from the timestep tensor, as the stock step computes them from the timestep a pipeline passes.
-
-    The mixture replaces b_p z on every step that re-noises; the last step has no noise, so ``final_step`` changes
-    nothing here (the last re-noised sample goes to the model, not to the output).
-
-    Randomness as :class:`DDPMGMMScheduler`: with ``generator`` (one or one per sample), z drawn exactly as the
-    stock class draws it (``randn_tensor``, only on steps with noise), then the GMM components from it; GMM off and
-    ``seed=None``: z from torch's global RNG as the stock class; otherwise the op's Philox stream.
-
-    Falls back to ``LCMScheduler.step`` (GMM off only; a GMM is refused) where x0_hat is clipped or thresholded
-    before the boundary condition (``clip_sample`` / ``thresholding``): clipping inside the op acts on the
-    op's x0, which here is the boundary-conditioned y, not x0_hat.
-    Zero-SNR schedules with ``prediction_type="epsilon"`` and no clipping: ``set_timesteps`` raises where the
-    schedule reaches alpha_bar = 0 (the stock class returns non-finite samples).
-    """
-
-    _compatibles = [*LCMScheduler._compatibles, "LCMScheduler"]
+    #: whether the step applies LCM's boundary condition (reads timestep_scaling and original_inference_steps)
+    _boundary_condition = False
 
     @register_to_config
     def __init__(
@@ -204,9 +182,10 @@ class LCMGMMScheduler(_FusedConsistencyMixin, LCMScheduler):
         gmm_scale_per_dim: float | None = None,
         gmm_steps="all",
     ):
-        _check_prediction(prediction_type, "LCMScheduler")
-        _check_positive(timestep_scaling, "timestep_scaling")
-        check_step_count(original_inference_steps, "original_inference_steps")
+        _check_prediction(prediction_type, type(self).__name__)
+        if self._boundary_condition:  # TCD's step reads neither (its config may hold original_inference_steps=None)
+            _check_positive(timestep_scaling, "timestep_scaling")
+            check_step_count(original_inference_steps, "original_inference_steps")
         super().__init__(
             num_train_timesteps=num_train_timesteps,
             beta_start=beta_start,
@@ -228,6 +207,50 @@ class LCMGMMScheduler(_FusedConsistencyMixin, LCMScheduler):
         )
         _check_betas(self.betas, trained_betas, beta_schedule, num_train_timesteps)
         self._init_gmm()
+
+    @staticmethod
+    def _check_schedule_arguments(num_inference_steps, original_inference_steps, timesteps):
+        """``set_timesteps``'s arguments, before the stock class builds the schedule; returns the step count."""
+        if num_inference_steps is not None:
+            num_inference_steps = check_step_count(num_inference_steps)
+        if original_inference_steps is not None:
+            check_step_count(original_inference_steps, "original_inference_steps")
+        if timesteps is not None and len(timesteps) == 0:
+            raise ValueError("timesteps must hold at least one timestep, got an empty list")
+        if timesteps is not None and min(int(t) for t in timesteps) < 0:
+            raise ValueError(f"timesteps must be >= 0 (training timesteps), got {list(timesteps)}")
+        return num_inference_steps
+
+
+class LCMGMMScheduler(_VPConsistencyMixin, LCMScheduler):
+    """``LCMScheduler`` with a fused step and the optional moment-matched mixture where it re-noises.
+
+    Every ``LCMScheduler`` config key, default and method is kept; GMM config keys, tables and
+    :meth:`set_gmm_params`: see :class:`GMMSchedulerMixin`.
+
+    The step at t (the next timestep p, the sample's VP path a = sqrt(alpha_bar), b = sqrt(1 - alpha_bar)):
+    denoised = c_skip x + c_out x0_hat (the boundary condition of ``timestep_scaling``), then
+    x_p = a_p denoised + b_p z: the full noise level of p (B = 0, c = b_p), none on the last step of the schedule
+    (x_p = denoised). One row (module docstring) per step, for every prediction type; ``original_inference_steps``,
+    ``strength``, custom ``timesteps`` and ``set_begin_index`` as the stock class. c_skip and c_out are computed in
+    float32 from the timestep tensor, as the stock step computes them from the timestep a pipeline passes.
+
+    The mixture replaces b_p z on every step that re-noises; the last step has no noise, so ``final_step`` changes
+    nothing here (the last re-noised sample goes to the model, not to the output).
+
+    Randomness as :class:`DDPMGMMScheduler`: with ``generator`` (one or one per sample), z drawn exactly as the
+    stock class draws it (``randn_tensor``, only on steps with noise), then the GMM components from it; GMM off and
+    ``seed=None``: z from torch's global RNG as the stock class; otherwise the op's Philox stream.
+
+    Falls back to ``LCMScheduler.step`` (GMM off only; a GMM is refused) where x0_hat is clipped or thresholded
+    before the boundary condition (``clip_sample`` / ``thresholding``): clipping inside the op acts on the
+    op's x0, which here is the boundary-conditioned y, not x0_hat.
+    Zero-SNR schedules with ``prediction_type="epsilon"`` and no clipping: ``set_timesteps`` raises where the
+    schedule reaches alpha_bar = 0 (the stock class returns non-finite samples).
+    """
+
+    _compatibles = [*LCMScheduler._compatibles, "LCMScheduler"]
+    _boundary_condition = True
 
     def _fallback(self) -> bool:
         return bool(self.config.clip_sample or self.config.thresholding)
@@ -251,14 +274,7 @@ class LCMGMMScheduler(_FusedConsistencyMixin, LCMScheduler):
         strength: float = 1.0,
     ) -> None:
         """As ``LCMScheduler.set_timesteps``; also builds the [S, 6] coefficient table of the schedule."""
-        if num_inference_steps is not None:
-            num_inference_steps = check_step_count(num_inference_steps)
-        if original_inference_steps is not None:
-            check_step_count(original_inference_steps, "original_inference_steps")
-        if timesteps is not None and len(timesteps) == 0:
-            raise ValueError("timesteps must hold at least one timestep, got an empty list")
-        if timesteps is not None and min(int(t) for t in timesteps) < 0:
-            raise ValueError(f"timesteps must be >= 0 (training timesteps), got {list(timesteps)}")
+        num_inference_steps = self._check_schedule_arguments(num_inference_steps, original_inference_steps, timesteps)
         super().set_timesteps(num_inference_steps, device, original_inference_steps, timesteps, strength)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
         t = self.timesteps.detach().cpu().long()
         n = len(t)
@@ -319,7 +335,7 @@ class LCMGMMScheduler(_FusedConsistencyMixin, LCMScheduler):
         return scheduler_output(LCMSchedulerOutput, prev_sample=out.prev_sample, denoised=out.pred_original_sample)
 
 
-class TCDGMMScheduler(_FusedConsistencyMixin, TCDScheduler):
+class TCDGMMScheduler(_VPConsistencyMixin, TCDScheduler):
     """``TCDScheduler`` with a fused step and the optional moment-matched mixture where it re-noises.
 
     Every ``TCDScheduler`` config key, default and method is kept; GMM config keys, tables and
@@ -344,60 +360,7 @@ class TCDGMMScheduler(_FusedConsistencyMixin, TCDScheduler):
 
     #: the stock step's default eta: set_timesteps builds the rows for it
     _DEFAULT_ETA = 0.3
-
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-        beta_schedule: str = "scaled_linear",
-        trained_betas=None,
-        original_inference_steps: int = 50,
-        clip_sample: bool = False,
-        clip_sample_range: float = 1.0,
-        set_alpha_to_one: bool = True,
-        steps_offset: int = 0,
-        prediction_type: str = "epsilon",
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        sample_max_value: float = 1.0,
-        timestep_spacing: str = "leading",
-        timestep_scaling: float = 10.0,
-        rescale_betas_zero_snr: bool = False,
-        gmm_variant: str | None = None,
-        gmm_n_components: int = 8,
-        gmm_scale: float = 1.0,
-        gmm_share_across_steps: bool = False,
-        gmm_uniform_priors: bool = True,
-        seed: int | None = None,
-        final_step: str = "gaussian",
-        gmm_scale_per_dim: float | None = None,
-        gmm_steps="all",
-    ) -> None:
-        _check_prediction(prediction_type, "TCDScheduler")
-        self._row_eta: float | None = None  # the eta of the installed rows
-        super().__init__(
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            beta_schedule=beta_schedule,
-            trained_betas=trained_betas,
-            original_inference_steps=original_inference_steps,
-            clip_sample=clip_sample,
-            clip_sample_range=clip_sample_range,
-            set_alpha_to_one=set_alpha_to_one,
-            steps_offset=steps_offset,
-            prediction_type=prediction_type,
-            thresholding=thresholding,
-            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-            sample_max_value=sample_max_value,
-            timestep_spacing=timestep_spacing,
-            timestep_scaling=timestep_scaling,
-            rescale_betas_zero_snr=rescale_betas_zero_snr,
-        )
-        _check_betas(self.betas, trained_betas, beta_schedule, num_train_timesteps)
-        self._init_gmm()
+    _row_eta: float | None = None  # the eta of the installed rows
 
     @staticmethod
     def _check_eta(eta) -> float:
@@ -416,7 +379,7 @@ class TCDGMMScheduler(_FusedConsistencyMixin, TCDScheduler):
 
     def _gmm_refusal(self, source: str) -> str | None:
         """The installed rows are eta = 0's (the step's eta decides; set_timesteps installs 0.3's)."""
-        return self._no_noise(source) if getattr(self, "_row_eta", None) == 0 else None
+        return self._no_noise(source) if self._row_eta == 0 else None
 
     def _gmm_configured(self) -> str | None:
         """The source of a configured GMM, as :meth:`_gmm_refusal` names it; None when off."""
@@ -435,14 +398,7 @@ class TCDGMMScheduler(_FusedConsistencyMixin, TCDScheduler):
     ) -> None:
         """As ``TCDScheduler.set_timesteps``; also builds the coefficient table for eta = 0.3 (the stock step's
         default; a step with another eta rebuilds it)."""
-        if num_inference_steps is not None:
-            num_inference_steps = check_step_count(num_inference_steps)
-        if original_inference_steps is not None:
-            check_step_count(original_inference_steps, "original_inference_steps")
-        if timesteps is not None and len(timesteps) == 0:
-            raise ValueError("timesteps must hold at least one timestep, got an empty list")
-        if timesteps is not None and min(int(t) for t in timesteps) < 0:
-            raise ValueError(f"timesteps must be >= 0 (training timesteps), got {list(timesteps)}")
+        num_inference_steps = self._check_schedule_arguments(num_inference_steps, original_inference_steps, timesteps)
         super().set_timesteps(num_inference_steps, device, original_inference_steps, timesteps, strength)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
         a_t = self.alphas_cumprod.detach().cpu().double()[self.timesteps.detach().cpu().long()].sqrt()
         if self.config.prediction_type == "epsilon" and bool((a_t == 0).any()):
