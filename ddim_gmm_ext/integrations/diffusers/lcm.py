@@ -186,7 +186,7 @@ class _VPConsistencyMixin(_FusedConsistencyMixin):
         if self._boundary_condition:  # TCD's step reads neither (its config may hold original_inference_steps=None)
             _check_positive(timestep_scaling, "timestep_scaling")
             check_step_count(original_inference_steps, "original_inference_steps")
-        super().__init__(
+        super().__init__(  # type: ignore[call-arg]  # LCMScheduler's or TCDScheduler's (next in the MRO)
             num_train_timesteps=num_train_timesteps,
             beta_start=beta_start,
             beta_end=beta_end,
@@ -220,6 +220,21 @@ class _VPConsistencyMixin(_FusedConsistencyMixin):
         if timesteps is not None and min(int(t) for t in timesteps) < 0:
             raise ValueError(f"timesteps must be >= 0 (training timesteps), got {list(timesteps)}")
         return num_inference_steps
+
+    def _affine_step(self, model_output, timestep, sample, generator):
+        """The fused step of a row y = alpha x - beta m, x_prev = A y + c z (the module docstring) at the step of
+        ``timestep``, arguments checked; the op's x0 output is y (LCM's denoised, TCD's pred_noised_sample)."""
+        i = self._index(timestep, sample.device)
+        gmm = self._gmm_for(sample)
+        dtype = torch.promote_types(sample.dtype, model_output.dtype)  # the stock classes' dtype of y and z
+        draws = isinstance(i, int) and self._noisy[i]
+        noise, components = self._noise(sample, model_output, generator, gmm, i, draws, dtype)
+        out = self._fused_step(
+            model_output, sample, i, prediction_type="epsilon", gmm=gmm, noise=noise, components=components
+        )
+        if not isinstance(i, torch.Tensor):
+            self._step_index += 1  # type: ignore[attr-defined]  # the stock class's
+        return out
 
 
 class LCMGMMScheduler(_VPConsistencyMixin, LCMScheduler):
@@ -320,16 +335,7 @@ class LCMGMMScheduler(_VPConsistencyMixin, LCMScheduler):
         check_model_output(model_output, sample)
         if generator is not None:
             generator = check_generator(generator, sample.shape[0])
-        i = self._index(timestep, sample.device)
-        gmm = self._gmm_for(sample)
-        dtype = torch.promote_types(sample.dtype, model_output.dtype)  # the stock class's denoised dtype
-        draws = isinstance(i, int) and self._noisy[i]
-        noise, components = self._noise(sample, model_output, generator, gmm, i, draws, dtype)
-        out = self._fused_step(
-            model_output, sample, i, prediction_type="epsilon", gmm=gmm, noise=noise, components=components
-        )
-        if not isinstance(i, torch.Tensor):
-            self._step_index += 1  # type: ignore[assignment,operator]  # diffusers types _step_index as None
+        out = self._affine_step(model_output, timestep, sample, generator)
         if not return_dict:
             return (out.prev_sample, out.pred_original_sample)
         return scheduler_output(LCMSchedulerOutput, prev_sample=out.prev_sample, denoised=out.pred_original_sample)
@@ -467,16 +473,7 @@ class TCDGMMScheduler(_VPConsistencyMixin, TCDScheduler):
         if generator is not None:
             generator = check_generator(generator, sample.shape[0])
         self._use_eta(eta)
-        i = self._index(timestep, sample.device)
-        gmm = self._gmm_for(sample)
-        dtype = torch.promote_types(sample.dtype, model_output.dtype)  # the stock class's pred_noised_sample dtype
-        draws = isinstance(i, int) and self._noisy[i]
-        noise, components = self._noise(sample, model_output, generator, gmm, i, draws, dtype)
-        out = self._fused_step(
-            model_output, sample, i, prediction_type="epsilon", gmm=gmm, noise=noise, components=components
-        )
-        if not isinstance(i, torch.Tensor):
-            self._step_index += 1  # type: ignore[assignment,operator]  # diffusers types _step_index as None
+        out = self._affine_step(model_output, timestep, sample, generator)
         if not return_dict:
             return (out.prev_sample, out.pred_original_sample)
         return scheduler_output(
