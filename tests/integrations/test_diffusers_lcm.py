@@ -441,3 +441,37 @@ def test_gmm_steps_select_the_re_noising_steps_as_on_ddim(cls):
     matched, s = run(3, gmm_variant="ortho", gmm_scale=10.0, gmm_steps="matched")
     assert s.gmm is not None and torch.equal(matched[2], off[2])
     assert dg.gmm.matched_steps(s.gmm, s._schedule_rows()[:3, 4]) == [False] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("cls", list(STOCK))
+def test_output_fields_and_dtypes_match_the_stock_class(cls, dtype):
+    # Checked to fail with LCM's prev_sample promoted to float32 for a half sample (the op's compute dtype).
+    outs = []
+    for c in (cls, STOCK[cls]):
+        s = c()
+        s.set_timesteps(3)
+        x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0)).to(dtype)
+        g = torch.Generator().manual_seed(1)
+        for t in s.timesteps:
+            out = s.step(torch.tanh(x), t, x, generator=g)
+            x = out.prev_sample
+        outs.append({k: v.dtype for k, v in out.items()})
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("cls", list(STOCK))
+def test_gmm_stream_seed_is_drawn_at_the_first_step_not_at_set_timesteps(cls):
+    # seed=None with a GMM: set_timesteps leaves torch's global RNG alone (a pipeline draws its latents after it);
+    # each run draws its stream seed at its first step. Checked to fail with the seed drawn in set_timesteps.
+    kw = {"eta": 0.3} if cls is TCDGMMScheduler else {}
+    s = cls(gmm_variant="ortho", gmm_n_components=3)
+    torch.manual_seed(5)
+    s.set_timesteps(4)
+    assert torch.equal(torch.get_rng_state(), torch.random.manual_seed(5).get_state())
+    runs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        runs.append(_loop(s, 4, seed=None, **kw))
+    assert_close(runs[1], runs[0], kind="exact")
+    assert not torch.allclose(runs[2], runs[0])
