@@ -6,7 +6,8 @@ step is one fused ``torch.ops.ddimgmm.step`` call, with the moment-matched mixtu
     pipe.scheduler = LCMGMMScheduler.from_config(pipe.scheduler.config, gmm_variant="ortho-vub", seed=0)
 
 The rows. LCM and TCD apply an affine map to the model's x0 before they re-noise: LCM's boundary condition
-denoised = c_skip x + c_out x0_hat, TCD's move to s' = floor((1 - gamma) s) on the path, a_s' x0_hat + b_s' eps_hat.
+denoised = c_skip x + c_out x0_hat, TCD's move to s' = floor((1 - gamma) p) on the path (p the next timestep),
+a_s' x0_hat + b_s' eps_hat.
 Both are y = alpha x - beta m in the model output m for every prediction type, which is the op's epsilon-prediction
 x0 = (x - b_t m) / a_t with the row's a_t = 1 / alpha, b_t = beta / alpha (not a point of any path: the op reads
 the row as coefficients, and eps_hat = m is not used, B = 0). The op's x0 output is then y, what the stock classes
@@ -14,6 +15,12 @@ return as ``denoised`` / ``pred_noised_sample``; the step re-noises y as x_prev 
 beta/alpha, A, 0, c). With the GMM, c z is replaced by the moment-matched mixture of the step's parameter set
 (same mean and per-coordinate variance of x_prev where c^2 >= g^2 v_k; clipped otherwise, as on DDIM). The
 re-noised sample is on the VP path at the next timestep, so the GMM tables enter in their own units (g = 1).
+FlowMatchLCMScheduler's step is the flow row (1 - t, t, 1 - s, 0, s) of the op's flow prediction.
+
+Where the op cannot express the step, the stock step runs (GMM off only; a GMM is refused there): LCM with
+``clip_sample`` or ``thresholding`` (x0_hat is clipped before the boundary condition; the op would clip y), and
+flow-matching LCM with ``scale_factors`` (x0 is resized between steps). TCD's stock step ignores clipping and
+thresholding, so every TCD configuration is fused.
 
 Importing this module imports diffusers; ``import ddim_gmm_ext`` does not.
 """
