@@ -236,21 +236,27 @@ def test_save_load_round_trip_and_from_stock_config(tmp_path, cls):
     assert not torch.allclose(first, _loop(cls(seed=4), 4, seed=None, **kw))  # the mixture changed the samples
 
 
-def test_lcm_whole_loop_compiles_once():
+@pytest.mark.parametrize(
+    ("cls", "config", "kw"),
+    [(LCMGMMScheduler, {}, {}), (TCDGMMScheduler, {"gmm_variant": "ortho", "gmm_n_components": 3}, {"eta": 0.5})],
+    ids=["lcm", "tcd_gmm"],
+)
+def test_whole_loop_compiles_once(cls, config, kw):
     # model + step compiled with fullgraph from the first call; error_on_recompile turns a step number baked into
-    # the graph into a failure. Checked to fail with the step index taken from the host counter (a recompile).
+    # the graph into a failure. Checked to fail with the step index taken from the host counter (a recompile), and
+    # (TCD) with prepare_gmm ignoring its eta (the rows of eta 0.3 in the graph: a RuntimeError).
     torch._dynamo.reset()
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
 
     def make():
-        s = LCMGMMScheduler(seed=2)
+        s = cls(seed=2, **config)
         s.set_timesteps(5)
-        s.prepare_gmm(x)
+        s.prepare_gmm(x, **kw)
         return s
 
     def denoise(s, y, t):
         with torch.no_grad():
-            return s.step(torch.tanh(y) + t / 1000, t, y).prev_sample
+            return s.step(torch.tanh(y) + t / 1000, t, y, **kw).prev_sample
 
     def loop(s, fn):
         y = x
