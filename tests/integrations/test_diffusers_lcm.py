@@ -412,6 +412,8 @@ def test_bad_step_input_is_refused(cls):
     with pytest.raises(TypeError, match="generator must be"):
         s.step(x, t, x, generator=3)
     assert s.step_index is None  # nothing was done
+    with pytest.raises(ValueError, match="begin_index must be an int >= 0"):
+        s.set_begin_index(-1)
     if cls is TCDGMMScheduler:
         for eta in (-0.1, 1.5, float("nan")):
             with pytest.raises(ValueError, match="eta \\(TCD's gamma\\) must be a number in \\[0, 1\\]"):
