@@ -387,7 +387,8 @@ class TCDGMMScheduler(_VPConsistencyMixin, TCDScheduler):
     def _no_noise(source: str) -> str:
         return (
             f"{source}: TCD with eta (gamma) = 0 is deterministic (no noise at any step), so a Gaussian mixture has "
-            "no noise to replace and its offsets would land on the sample uncompensated; pass eta > 0 to step"
+            "no noise to replace and its offsets would land on the sample uncompensated; pass eta > 0 to step (a "
+            "pipeline passes its own eta argument, 0 by default)"
         )
 
     def _gmm_refusal(self, source: str) -> str | None:
