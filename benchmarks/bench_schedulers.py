@@ -224,3 +224,45 @@ def test_unipc_step_vs_base(benchmark, which, shape):
 @pytest.mark.parametrize("which", ["ours", "diffusers"])
 def test_dpm_loop_vs_base(benchmark, which, algorithm, generator):
     benchmark(_dpm_loop_case(which, algorithm, generator))
+
+
+# -- LCM, TCD and flow-matching LCM: the fused consistency steps next to their diffusers base classes -----------
+CONSISTENCY_STEPS = 8
+#: family -> (ours, stock class name, step keywords): TCD at the eta of its model cards (0.3, re-noising)
+CONSISTENCY = {
+    "lcm": ("LCMGMMScheduler", "LCMScheduler", {}),
+    "tcd": ("TCDGMMScheduler", "TCDScheduler", {"eta": 0.3}),
+    "flow_lcm": ("FlowMatchLCMGMMScheduler", "FlowMatchLCMScheduler", {}),
+}
+
+
+def _consistency_case(family, which, shape, generator):
+    """A re-noising step (the middle one of an 8-step schedule) of ``family`` by ours (``seed=0``: without a
+    generator the noise is the in-kernel Philox stream) or by the diffusers base class (randn_tensor from the
+    generator, or from the global one)."""
+    import diffusers
+
+    import ddim_gmm_ext.diffusers as ours_module
+
+    ours_name, stock_name, kw = CONSISTENCY[family]
+    s = getattr(ours_module, ours_name)(seed=0) if which == "ours" else getattr(diffusers, stock_name)()
+    s.set_timesteps(CONSISTENCY_STEPS)
+    x, m = torch.randn(shape), torch.randn(shape)
+    i = CONSISTENCY_STEPS // 2
+    t = s.timesteps[i]
+    gen = torch.Generator().manual_seed(0) if generator else None
+    s.step(m, t, x, generator=gen, **kw)  # the first step: TCD's rows for this eta are built here
+
+    def step():
+        s._step_index = i  # the base class counts steps; keep stepping the same one
+        return s.step(m, t, x, generator=gen, **kw)
+
+    return step
+
+
+@pytest.mark.parametrize("generator", [False, True], ids=["no_generator", "generator"])
+@pytest.mark.parametrize("shape", [(1, 4, 64, 64), (4, 4, 128, 128)], ids=["1x4x64x64", "4x4x128x128"])
+@pytest.mark.parametrize("family", list(CONSISTENCY))
+@pytest.mark.parametrize("which", ["ours", "diffusers"])
+def test_consistency_step_vs_base(benchmark, which, family, shape, generator):
+    benchmark(_consistency_case(family, which, shape, generator))

@@ -21,6 +21,7 @@ import torch
 from bench_schedulers import (
     DPM_ALGORITHMS,
     _cases,
+    _consistency_case,
     _dpm_case,
     _dpm_loop_case,
     _new_family_case,
@@ -31,6 +32,7 @@ import ddim_gmm_ext
 
 SHAPES = [(1, 4, 64, 64), (4, 4, 128, 128)]
 NAMES = {"ddpm": "DDPM", "euler": "Euler", "euler_a": "Euler ancestral"}
+CONSISTENCY_NAMES = {"lcm": "LCM", "tcd": "TCD (eta 0.3)", "flow_lcm": "flow-matching LCM"}
 
 
 def cases():
@@ -57,6 +59,12 @@ def cases():
                 out.append(
                     (f"DPM {algorithm}, {list(shape)}, {'generator' if gen else 'no generator'}", params, methods)
                 )
+    for family, label in CONSISTENCY_NAMES.items():
+        for shape in SHAPES:
+            for gen in (False, True):
+                methods = {w: _consistency_case(family, w, shape, gen) for w in ("ours", "diffusers")}
+                params = {"family": family, "shape": list(shape), "generator": gen}
+                out.append((f"{label}, {list(shape)}, {'generator' if gen else 'no generator'}", params, methods))
     for algorithm in DPM_ALGORITHMS:
         for gen in (False, True):
             methods = {w: _dpm_loop_case(w, algorithm, gen) for w in ("ours", "diffusers")}
@@ -72,7 +80,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--block-ms", type=float, default=4.0, help="target wall time of one block of calls")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--only", default=None, help="run only cases whose name contains this")
+    parser.add_argument("--only", default=None, help="run only cases whose name contains this (or one of a|b|...)")
     parser.add_argument("--note", default="", help="what else ran on the machine (recorded in the JSON)")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/schedulers_cpu.json")
     args = parser.parse_args()
@@ -81,7 +89,7 @@ def main():
     load_before = os.getloadavg()
     results = []
     for name, params, methods in cases():
-        if args.only and args.only not in name:
+        if args.only and not any(part in name for part in args.only.split("|")):
             continue
         row = {"case": name, **params}
         row.update(interleaved(methods, args.rounds, args.block_ms))

@@ -39,6 +39,9 @@ DROP_INS = {
     "FlowMatchEulerDiscreteScheduler": "FlowMatchEulerDiscreteGMMScheduler",
     "DPMSolverMultistepScheduler": "DPMSolverMultistepGMMScheduler",
     "UniPCMultistepScheduler": "UniPCMultistepGMMScheduler",
+    "LCMScheduler": "LCMGMMScheduler",
+    "TCDScheduler": "TCDGMMScheduler",
+    "FlowMatchLCMScheduler": "FlowMatchLCMGMMScheduler",
 }
 
 _ENV_CLASS = "DDIM_GMM_SUITE_CLASS"  # the stock class name whose suite runs (plugin side)

@@ -38,6 +38,14 @@ from .euler import (
     EulerDiscreteSchedulerOutput,
 )
 from .flow_match import FlowMatchEulerDiscreteGMMScheduler, FlowMatchEulerDiscreteSchedulerOutput
+from .lcm import (
+    FlowMatchLCMGMMScheduler,
+    FlowMatchLCMSchedulerOutput,
+    LCMGMMScheduler,
+    LCMSchedulerOutput,
+    TCDGMMScheduler,
+    TCDSchedulerOutput,
+)
 from .unipc import UniPCMultistepGMMScheduler
 
 __all__ = [
@@ -52,6 +60,12 @@ __all__ = [
     "EulerDiscreteSchedulerOutput",
     "FlowMatchEulerDiscreteGMMScheduler",
     "FlowMatchEulerDiscreteSchedulerOutput",
+    "FlowMatchLCMGMMScheduler",
+    "FlowMatchLCMSchedulerOutput",
+    "LCMGMMScheduler",
+    "LCMSchedulerOutput",
+    "TCDGMMScheduler",
+    "TCDSchedulerOutput",
     "UniPCMultistepGMMScheduler",
     "patch_diffusers",
     "unpatch_diffusers",
@@ -66,6 +80,9 @@ _STOCK = {
     EulerAncestralDiscreteGMMScheduler: "EulerAncestralDiscreteScheduler",
     FlowMatchEulerDiscreteGMMScheduler: "FlowMatchEulerDiscreteScheduler",
     UniPCMultistepGMMScheduler: "UniPCMultistepScheduler",
+    LCMGMMScheduler: "LCMScheduler",
+    TCDGMMScheduler: "TCDScheduler",
+    FlowMatchLCMGMMScheduler: "FlowMatchLCMScheduler",
 }
 
 # The recorded library name must resolve even when only this package (not the public alias) was imported.
