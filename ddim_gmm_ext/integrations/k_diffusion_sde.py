@@ -20,10 +20,11 @@ models: alpha = 1 - sigma), with sigma-hat = sigma / alpha the VE sigma and (dow
   the half-log-SNR midpoint, the landing rescaled by (1 - s) / (1 - sigma_down) and renoised to s.
 
 g is the VP tables' scale, sqrt(1 + sigma^2) at the stage's end on VE paths, 1 on flow paths, 0 on a stage with no
-noise by construction (2S's stage 1). Row 2 i is step i's stage 1, row 2 i + 1 its landing; the op's step index is
-the row's, so it picks the Philox counter and the GMM set: the two noise draws of a step are independent, and a
-GMM holds one parameter set per stage, 2 (len(sigmas) - 1) (2S's stage-1 sets are unused), or one shared set.
-``gmm_steps`` and ``final_step`` speak of steps (a step's stages follow it).
+noise by construction (2S's stage 1). Of the [2 S, 8] table (S = len(sigmas) - 1 steps), row i is step i's landing
+and row S + i its stage 1; the op's step index is the row's, so it picks the Philox counter and the GMM set: the two
+noise draws of a DPM++ SDE step are independent, and a GMM holds one parameter set per step (2S: the landing's), or
+2 S for DPM++ SDE (set S + i: step i's stage 1), or one shared set. ``gmm_steps`` and ``final_step`` speak of steps
+(a step's stages follow it).
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ def _check_sde_sigmas(sigmas) -> list[float]:
 
 def _plan(sigmas, sig, sampler, eta, s_noise, r, flavor, path):
     """Per step (sigma the denoiser sees at stage 2 or None, noise-sampler arguments of stage 1 and of the landing
-    or None where upstream draws none), and the [2 S, 8] float64 rows (module docstring)."""
+    or None where upstream draws none), and the [2 S, 8] float64 rows: the landings, then the stage-1 rows (module
+    docstring)."""
     flow = path == "flow"
-    steps, rows = [], []
+    steps, lands, firsts = [], [], []
     for i in range(len(sig) - 1):
         t, s = sig[i], sig[i + 1]
         alpha_t, alpha_s = (1 - t, 1 - s) if flow else (1.0, 1.0)
@@ -140,8 +142,9 @@ def _plan(sigmas, sig, sampler, eta, s_noise, r, flavor, path):
             land[4] = up * s_noise
             q2 = (st, sn) if s > 0 else None
         steps.append((mid, q1, q2))
-        rows += [first, land]
-    return steps, torch.tensor(rows, dtype=torch.float64)
+        lands.append(land)
+        firsts.append(first)
+    return steps, torch.tensor(lands + firsts, dtype=torch.float64)
 
 
 def sample_two_stage(
@@ -182,12 +185,13 @@ def sample_two_stage(
     policy = validate_gmm_steps(options.gmm_steps, n_steps)
     _checks.check_index("sample_offset", sample_offset, _checks.MAX_INDEX)
     steps, rows = _plan(sigmas, sig, sampler, eta, s_noise, r, flavor, path)
-    gmm = options.resolve(x, 2 * n_steps)
-    # the step rules per stage: final_step through g, gmm_steps' explicit forms repeated for both stages
-    step_g = options.final_step_g(n_steps)
-    g = rows[:, 5] * torch.tensor(step_g, dtype=torch.float64).repeat_interleave(2)
-    stage_policy = policy if isinstance(policy, str) else tuple(p for p in policy for _ in range(2))
-    gmms = options.replace(gmm_steps=stage_policy, final_step="gmm").plan(gmm, rows[:, 4], g)
+    n_sets = 2 * n_steps if sampler == "dpmpp_sde" else n_steps  # the rows that re-noise
+    gmm = options.resolve(x, n_sets)
+    # the step rules on the rows: final_step through g, gmm_steps' explicit forms on both rows of a step
+    g = rows[:n_sets, 5] * torch.tensor(options.final_step_g(n_steps) * (n_sets // n_steps), dtype=torch.float64)
+    row_policy = policy if isinstance(policy, str) else policy * (n_sets // n_steps)
+    gmms = options.replace(gmm_steps=row_policy, final_step="gmm").plan(gmm, rows[:n_sets, 4], g)
+    gmms += [None] * (2 * n_steps - n_sets)
     if noise_sampler is None and gmm is None and options.seed is None and flavor == "k_diffusion":
         if sampler == "dpmpp_2s_ancestral":
             noise_sampler, run_seed = (lambda sigma, sigma_next: torch.randn_like(x)), 0
@@ -217,11 +221,11 @@ def sample_two_stage(
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         if mid is None:  # one evaluation: x = D (to sigma 0), or Euler to sigma_down = 0 and the noise
-            x = stage(2 * i + 1, denoised, x, q2)
+            x = stage(i, denoised, x, q2)
             continue
-        x_2 = stage(2 * i, denoised, x, q1)
+        x_2 = stage(n_steps + i, denoised, x, q1)
         denoised_2 = model(x_2, mid * s_in, **extra_args)
-        x = stage(2 * i + 1, denoised_2, x, q2, (denoised,) if rows[2 * i + 1, 6] != 0 else ())
+        x = stage(i, denoised_2, x, q2, (denoised,) if rows[i, 6] != 0 else ())
     return x
 
 
@@ -237,8 +241,8 @@ _DOC = """
     seed. With a GMM the DDIM-GMM mixture of each stage's noise level (c = sigma_up s_noise) replaces c z; the
     VP-unit tables scaled by g = sqrt(1 + sigma^2) at the stage's end. Components come from the Philox stream of
     the seed (a ``noise_sampler`` given with a GMM supplies z). A ``ddim_gmm_ext.GMM`` holds a parameter set per
-    stage, 2 (len(sigmas) - 1) (stage j of step i: set 2 i + j, also its Philox step counter), or one shared set;
-    ``gmm_steps`` (indices / a mask over the steps) and ``final_step`` act on both stages of a step. Other GMM
+    step (len(sigmas) - 1; DPM++ SDE: two per step, set S + i for step i's first stage, S = len(sigmas) - 1) or one
+    shared set; ``gmm_steps`` and ``final_step`` act on both stages of a step. Other GMM
     options as :func:`ddim_gmm_ext.k_diffusion.sample_ddim_gmm`. Returns the final x."""
 
 

@@ -211,7 +211,7 @@ def test_gmm_step_matches_the_stock_step_moments(sampler, variant):
     # per-coordinate variance of the intermediate sample x_2 (what stage 2's denoiser sees) and of the step's
     # output equal k-diffusion's (its code run with unit draws, above) within Monte Carlo bounds, where nothing
     # clips (checked); the mixture is active (the samples differ from the GMM-off run of the same seed). Planted
-    # mutations (failing cases of 4): stage 2 drawing stage 1's normals (the Philox counter of row 2 i: correlated
+    # mutations (failing cases of 4): stage 2 drawing stage 1's normals (the Philox counter of row S + i: correlated
     # draws, 2: dpmpp_sde), the mixture at the VP level (c / g in the rows, 4), the mixture on 2S's deterministic
     # stage 1 (g != 0 there: offsets uncompensated, 2), s_noise left out of stage 1's c (2: dpmpp_sde) and of the
     # landing's (2: 2S).
@@ -228,7 +228,7 @@ def test_gmm_step_matches_the_stock_step_moments(sampler, variant):
     model = _affine_denoiser(d, inputs)
     expected = _upstream_moments(sampler, model, inputs, mid, x0, sigmas, kwargs)
     gmm = dg.GMM.create(16, n_components=4, n_steps=2, variant=variant, scale=SCALE, seed=2, dtype=torch.float64)
-    assert all(matched_steps(gmm, rows[:, 4], rows[:, 5])) and rows[1, 5] != 0
+    assert all(matched_steps(gmm, rows[:, 4], rows[:, 5])) and rows[0, 5] != 0  # landing, then stage 1
     runs = {}
     for name, g in (("gmm", gmm), ("off", None)):
         out = SAMPLERS[sampler](
@@ -269,19 +269,21 @@ def test_gmm_steps_and_final_step_act_on_both_stages_of_a_step(sampler):
     assert_close(gaussian_last, explicit, kind="exact")
 
 
-def test_gmm_tables_hold_a_set_per_stage():
-    # Stage j of step i uses set 2 i + j: a GMM of 2 (len(sigmas) - 1) sets runs and is the variant's own tables;
-    # one of len(sigmas) - 1 sets is refused naming the count, a shared set serves every stage.
+def test_gmm_tables_hold_a_set_per_step_and_dpmpp_sde_one_per_stage():
+    # 2S re-noises once per step: a GMM of len(sigmas) - 1 sets; DPM++ SDE twice: 2 (len(sigmas) - 1) sets (S + i
+    # for step i's first stage). Such tables are the variant's own; fewer sets are refused naming the count, a
+    # shared set serves every stage.
     sigmas = torch.tensor([14.6, 5.0, 2.0, 0.0], dtype=torch.float64)
     x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 14.6
-    per_stage = dg.GMM.create(32, n_components=3, n_steps=6, variant="ortho", scale=1.0, seed=1, dtype=torch.float64)
-    by_name = sample_dpmpp_sde_gmm(_model, x, sigmas, gmm="ortho", n_components=3, seed=1, disable=True)
-    assert_close(sample_dpmpp_sde_gmm(_model, x, sigmas, gmm=per_stage, seed=1, disable=True), by_name, kind="exact")
-    per_step = dg.GMM.create(32, n_components=3, n_steps=3, variant="ortho", seed=0, dtype=torch.float64)
-    with pytest.raises(ValueError, match="parameter sets for 3 steps but sampling takes 6"):
-        sample_dpmpp_2s_ancestral_gmm(_model, x, sigmas, gmm=per_step, seed=1, disable=True)
-    shared = dg.GMM.create(32, n_components=3, variant="ortho", share_across_steps=True, dtype=torch.float64)
-    assert torch.isfinite(sample_dpmpp_2s_ancestral_gmm(_model, x, sigmas, gmm=shared, seed=1, disable=True)).all()
+    for fn, n_sets in ((sample_dpmpp_sde_gmm, 6), (sample_dpmpp_2s_ancestral_gmm, 3)):
+        tables = dg.GMM.create(32, n_components=3, n_steps=n_sets, variant="ortho", seed=1, dtype=torch.float64)
+        by_name = fn(_model, x, sigmas, gmm="ortho", n_components=3, seed=1, disable=True)
+        assert_close(fn(_model, x, sigmas, gmm=tables, seed=1, disable=True), by_name, kind="exact")
+        fewer = dg.GMM.create(32, n_components=3, n_steps=n_sets - 1, variant="ortho", dtype=torch.float64)
+        with pytest.raises(ValueError, match=f"parameter sets for {n_sets - 1} steps but sampling takes {n_sets}"):
+            fn(_model, x, sigmas, gmm=fewer, seed=1, disable=True)
+        shared = dg.GMM.create(32, n_components=3, variant="ortho", share_across_steps=True, dtype=torch.float64)
+        assert torch.isfinite(fn(_model, x, sigmas, gmm=shared, seed=1, disable=True)).all()
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
