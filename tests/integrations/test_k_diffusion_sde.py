@@ -212,9 +212,8 @@ def test_gmm_step_matches_the_stock_step_moments(sampler, variant):
     # output equal k-diffusion's (its code run with unit draws, above) within Monte Carlo bounds, where nothing
     # clips (checked); the mixture is active (the samples differ from the GMM-off run of the same seed). Planted
     # mutations (failing cases of 4): stage 2 drawing stage 1's normals (the Philox counter of row S + i: correlated
-    # draws, 2: dpmpp_sde), the mixture at the VP level (c / g in the rows, 4), the mixture on 2S's deterministic
-    # stage 1 (g != 0 there: offsets uncompensated, 2), s_noise left out of stage 1's c (2: dpmpp_sde) and of the
-    # landing's (2: 2S).
+    # draws, 2: dpmpp_sde), the mixture at the VP level (c / g in the rows, 4), s_noise left out of stage 1's c (2:
+    # dpmpp_sde) and of the landing's (2: 2S).
     n, kwargs = 20000, dict(eta=0.8, s_noise=0.9)
     if sampler == "dpmpp_sde":
         kwargs["r"] = 0.35  # fac != 1: stage 2 blends D and D_2 through the op's history
@@ -250,8 +249,8 @@ def test_gmm_step_matches_the_stock_step_moments(sampler, variant):
 def test_gmm_steps_and_final_step_act_on_both_stages_of_a_step(sampler):
     # gmm_steps speaks of steps: [1] leaves step 0 (both stages) Gaussian, so x after step 0 equals the GMM-off run's
     # of the same seed, and step 1 carries the mixture; final_step="gaussian" is gmm_steps without the last step.
-    # Checked to fail with the step mask tiled over the stages instead of repeated (2 of 2) and with the final-step
-    # rule applied to the last stage only (1: dpmpp_sde, whose last step to 0.5 has two noisy stages).
+    # Checked to fail with DPM++ SDE's step mask interleaved over its rows instead of tiled (landings, then stage-1
+    # rows) and with its final-step rule applied to the last row only (1 of 2 each: 2S has one noisy row per step).
     sigmas = torch.tensor([14.6, 5.0, 2.0, 0.5], dtype=torch.float64)
     x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 14.6
     fn = SAMPLERS[sampler]
