@@ -319,13 +319,13 @@ BAD_R = [
 ]
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
-@pytest.mark.parametrize(("bad", "error", "match"), BAD + BAD_R)
+@pytest.mark.parametrize(
+    ("sampler", "bad", "error", "match"),
+    [(sampler, *case) for sampler in SAMPLERS for case in BAD] + [("dpmpp_sde", *case) for case in BAD_R],
+)
 def test_bad_input_is_refused_before_any_work(sampler, bad, error, match):
     # Each refused naming the argument before the model is called, x untouched. Checked to fail with check_r
     # removed (4 of 4 r cases) and with the check of a step from sigma 0 removed (2).
-    if "r" in bad and sampler != "dpmpp_sde":
-        pytest.skip("r is dpmpp_sde's")
     args = dict(x=torch.ones(SHAPE), sigmas=torch.tensor([3.0, 1.0, 0.0]), gmm=None) | bad
     x, sigmas = args.pop("x"), args.pop("sigmas")
     before = x.clone()
