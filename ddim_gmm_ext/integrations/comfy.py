@@ -5,8 +5,10 @@ Inside ComfyUI (``comfy.samplers`` importable), importing this module defines th
 ``SamplerCustomAdvanced``; the first runs :func:`ddim_gmm_ext.k_diffusion.sample_ddim_gmm`, the second DPM++ 2M,
 2M SDE (midpoint / heun) or 3M SDE (:func:`sample_dpmpp_gmm_any`), equal to ComfyUI's ``dpmpp_2m`` /
 ``dpmpp_2m_sde`` / ``dpmpp_3m_sde`` with the variant "off" (its Brownian-tree noise of the seed) for eps, v and
-flow models. A third, ``SamplerFewStepGMM``, runs ComfyUI's ``lcm``, ``res_multistep`` and
-``res_multistep_ancestral`` (:func:`sample_fewstep_gmm_any`), equal to them with the variant "off". Anywhere else the
+flow models; ``SamplerDPMPPSDEGMM`` runs ComfyUI's ``dpmpp_sde`` / ``dpmpp_2s_ancestral`` (:func:`sample_sde_gmm_any`,
+a node of its own: their widgets differ, r and no solver_type), and ``SamplerFewStepGMM`` runs ComfyUI's ``lcm``,
+``res_multistep`` and ``res_multistep_ancestral`` (:func:`sample_fewstep_gmm_any`), each equal to ComfyUI's samplers
+with the variant "off". Anywhere else the
 mappings below stay empty and nothing is imported. To install, put a folder in ``ComfyUI/custom_nodes/`` whose
 ``__init__.py`` is
 
@@ -155,17 +157,72 @@ def sample_dpmpp_gmm_any(
     if sde:
         if noise_sampler is None and options.get("gmm") is None:
             noise_sampler = comfy_brownian_noise_sampler(x, sigmas, extra_args)
-        if is_flow_model(model):
-            sampling = model_sampling(model)
-            options["s_noise"] = options.get("s_noise", 1.0) * getattr(sampling, "noise_scale", 1.0)
-            if len(sigmas) > 1 and sigmas[0] >= 1:
-                sigmas = sigmas.clone()
-                sigmas[0] = sampling.percent_to_sigma(FLOW_FIRST_SIGMA_PERCENT)
-            path = "flow"
+        sigmas, path = flow_sigmas(model, sigmas, options, offset_first=True)
     return _sample_dpmpp(
         model, x, sigmas, extra_args, callback, disable, sampler=sampler, noise_sampler=noise_sampler, path=path,
         **options,
     )  # fmt: skip
+
+
+def flow_sigmas(model, sigmas, options: dict, offset_first: bool):
+    """ComfyUI's handling of a flow (CONST) model in its SDE samplers: (sigmas, "flow") with ``options["s_noise"]``
+    times the model sampling's noise_scale and, with ``offset_first``, a first sigma >= 1 moved to the model's sigma
+    at percent 1e-4 (half-log-SNR samplers); (sigmas, "ve") for other models, nothing changed."""
+    if not is_flow_model(model):
+        return sigmas, "ve"
+    sampling = model_sampling(model)
+    options["s_noise"] = options.get("s_noise", 1.0) * getattr(sampling, "noise_scale", 1.0)
+    if offset_first and len(sigmas) > 1 and sigmas[0] >= 1:
+        sigmas = sigmas.clone()
+        sigmas[0] = sampling.percent_to_sigma(FLOW_FIRST_SIGMA_PERCENT)
+    return sigmas, "flow"
+
+
+def sample_sde_gmm_any(
+    model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, *, sampler, **options
+):
+    """The DPM++ SDE / 2S ancestral node's sampler function: ComfyUI's ``sample_dpmpp_sde`` /
+    ``sample_dpmpp_2s_ancestral`` for the model's sampling type with the DDIM-GMM noise
+    (:func:`ddim_gmm_ext.integrations.k_diffusion_sde.sample_two_stage`, its ComfyUI flavour). With the GMM off and
+    no noise sampler, ComfyUI's own noise of the seed: its Brownian tree (dpmpp_sde, built from the sigmas before
+    the first flow sigma moves) or its default noise sampler (dpmpp_2s_ancestral). Flow models (CONST): dpmpp_sde
+    with lambda = log((1 - t) / t), alpha = 1 - t and the first sigma moved as the DPM++ node's;
+    dpmpp_2s_ancestral as ComfyUI's ``sample_dpmpp_2s_ancestral_RF`` (intermediate sigma 0.9999 from a sigma >= 1,
+    where ComfyUI's lambda is infinite at 1 and NaN above); both with s_noise times noise_scale. Sigmas as
+    :func:`takes_no_step` says."""
+    from .k_diffusion_sde import sample_two_stage
+
+    if takes_no_step(sigmas):
+        return x
+    if noise_sampler is None and options.get("gmm") is None:
+        if sampler == "dpmpp_sde":
+            noise_sampler = comfy_brownian_noise_sampler(x, sigmas, extra_args)
+        else:
+            noise_sampler = comfy_noise_sampler(x, extra_args)
+    sigmas, path = flow_sigmas(model, sigmas, options, offset_first=sampler == "dpmpp_sde")
+    return sample_two_stage(
+        model, x, sigmas, extra_args, callback, disable, sampler=sampler, noise_sampler=noise_sampler,
+        flavor="comfy", path=path, **options,
+    )  # fmt: skip
+
+
+def sde_node_options(sampler, eta, s_noise, r, variant, n_components, scale, gmm_steps="all") -> dict:
+    """The DPM++ SDE / 2S ancestral node's widget values as sampler options, each checked under its widget's name
+    before any sampling (r: dpmpp_sde's, checked and unused by dpmpp_2s_ancestral)."""
+    from .k_diffusion import check_dpmpp_eta
+    from .k_diffusion_sde import SDE_SAMPLERS, check_r
+
+    check_number_widgets(eta=eta, r=r)
+    if sampler not in SDE_SAMPLERS:
+        raise ValueError(f"sampler must be one of {SDE_SAMPLERS}, got {sampler!r}")
+    options = node_options(0.0, s_noise, variant, n_components, scale, gmm_steps)
+    options |= {"sampler": sampler, "eta": check_dpmpp_eta(eta), "r": check_r(r)}
+    if options["gmm"] is not None and options["eta"] * options["s_noise"] == 0:
+        raise ValueError(
+            f"variant={variant!r} needs noise to replace: eta or s_noise is 0; set variant to 'off', or use eta > 0 "
+            "and s_noise > 0"
+        )
+    return options
 
 
 #: The DPM++ node's sampler widget (ComfyUI's sampler names).
@@ -374,6 +431,36 @@ if _comfy_samplers is not None:
 
     NODE_CLASS_MAPPINGS["SamplerDPMPPGMM"] = SamplerDPMPPGMM
     NODE_DISPLAY_NAME_MAPPINGS["SamplerDPMPPGMM"] = "DPM++ GMM Sampler (2M, 2M SDE, 3M SDE)"
+
+    class SamplerDPMPPSDEGMM:
+        """Node: DPM++ SDE / DPM++ 2S ancestral with the DDIM-GMM noise at every re-noising stage -> SAMPLER."""
+
+        CATEGORY = "sampling/custom_sampling/samplers"
+        RETURN_TYPES = ("SAMPLER",)
+        FUNCTION = "get_sampler"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            required = SamplerDPMPPGMM.INPUT_TYPES()["required"]
+            return {
+                "required": {
+                    "sampler": (["dpmpp_sde", "dpmpp_2s_ancestral"], {"default": "dpmpp_sde"}),
+                    "eta": required["eta"],
+                    "s_noise": required["s_noise"],
+                    "r": (
+                        "FLOAT",
+                        {"default": 0.5, "min": 0.01, "max": 100.0, "step": 0.01, "tooltip": "dpmpp_sde only"},
+                    ),
+                    **{name: required[name] for name in ("variant", "n_components", "scale", "gmm_steps")},
+                }
+            }
+
+        def get_sampler(self, sampler, eta, s_noise, r, variant, n_components, scale, gmm_steps="all"):
+            options = sde_node_options(sampler, eta, s_noise, r, variant, n_components, scale, gmm_steps)
+            return (_comfy_samplers.KSAMPLER(sample_sde_gmm_any, extra_options=options),)
+
+    NODE_CLASS_MAPPINGS["SamplerDPMPPSDEGMM"] = SamplerDPMPPSDEGMM
+    NODE_DISPLAY_NAME_MAPPINGS["SamplerDPMPPSDEGMM"] = "DPM++ SDE / 2S Ancestral GMM Sampler"
 
     class SamplerFewStepGMM:
         """Node: LCM / res_multistep / res_multistep_ancestral with the DDIM-GMM noise -> SAMPLER."""

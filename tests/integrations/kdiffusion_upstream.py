@@ -41,3 +41,17 @@ def load_sampling():
     sys.modules[f"{name}.sampling"] = module
     loader.exec_module(module)
     return module
+
+
+def load_external():
+    """k_diffusion.external (its model wrappers: DiscreteEpsDDPMDenoiser, DiscreteVDDPMDenoiser, ...) beside
+    :func:`load_sampling`'s module, as installed."""
+    sampling = load_sampling()
+    name = sampling.__name__.rpartition(".")[0]
+    if f"{name}.external" not in sys.modules:
+        path = os.path.join(os.path.dirname(sampling.__file__), "external.py")
+        loader = importlib.machinery.SourceFileLoader(f"{name}.external", path)
+        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(f"{name}.external", loader))
+        sys.modules[module.__name__] = module
+        loader.exec_module(module)
+    return sys.modules[f"{name}.external"]
