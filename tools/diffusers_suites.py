@@ -39,6 +39,8 @@ DROP_INS = {
     "FlowMatchEulerDiscreteScheduler": "FlowMatchEulerDiscreteGMMScheduler",
     "DPMSolverMultistepScheduler": "DPMSolverMultistepGMMScheduler",
     "UniPCMultistepScheduler": "UniPCMultistepGMMScheduler",
+    "EDMEulerScheduler": "EDMEulerGMMScheduler",
+    "EDMDPMSolverMultistepScheduler": "EDMDPMSolverMultistepGMMScheduler",
 }
 
 _ENV_CLASS = "DDIM_GMM_SUITE_CLASS"  # the stock class name whose suite runs (plugin side)

@@ -390,10 +390,7 @@ class EDMDPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixi
             self._orders.append(order)
             self._mix.append((float(w1), float(w2)))
             rows.append([w0, 0.0, noise, g, 1.0 if w2 != 0 else w1, x_coef])
-            # h at float32's resolution of lambda (final_sigmas_type="sigma_min": sigma_min to sigma_min): the
-            # third-order weights divide by h^2 and diffusers' float32 step gives NaN
-            flat = order == 3 and abs(h) <= 4 * np.finfo(np.float32).eps * max(1.0, abs(lam[i]))
-            self._finite.append(not flat and all(math.isfinite(v) for v in (w0, w1, w2, x_coef, noise)))
+            self._finite.append(all(math.isfinite(v) for v in (w0, w1, w2, x_coef, noise)))
         return rows
 
     def _restart_rows(self, start: int) -> None:
@@ -425,10 +422,10 @@ class EDMDPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixi
             c = self.config
             raise ValueError(
                 f"step {i} of {len(self.timesteps)} goes from sigma {self.sigmas[i].item():.9g} to "
-                f"{self.sigmas[i + 1].item():.9g} (h = 0 to float32), where the order-{self._orders[i]} update divides by h (diffusers returns "
+                f"{self.sigmas[i + 1].item():.9g} (h = 0), where the order-{self._orders[i]} update divides by h (diffusers returns "
                 f"NaN samples): final_sigmas_type={c.final_sigmas_type!r}, lower_order_final="
                 f"{c.lower_order_final!r}, solver_type={c.solver_type!r}, solver_order={c.solver_order!r}; use "
-                "final_sigmas_type='zero' or lower_order_final=True (a first-order last step)"
+                "sigma_min < sigma_max"
             )
         return i
 
@@ -449,7 +446,8 @@ class EDMDPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixi
         if not isinstance(sample, torch.Tensor):
             raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
         check_model_output(model_output, sample)
-        promoted = torch.result_type(sample, model_output)  # diffusers' data prediction's dtype, its output's
+        # diffusers' data prediction's dtype, its output's (torch.result_type would break a compiled graph)
+        promoted = torch.promote_types(sample.dtype, model_output.dtype)
         if generator is not None:
             generator = check_generator(generator, sample.shape[0])
         c = self.config
