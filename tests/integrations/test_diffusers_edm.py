@@ -91,8 +91,7 @@ EULER_CONFIGS = [
 
 
 # Checked to fail: the x weight (H1 = X) scaled by 1 + 1e-4, and b_t without the sign of the prediction type (every
-# v_prediction config). With the x term folded into A, B instead of the history slot, the loops are 10-50x farther
-# from the oracle than diffusers' (the module docstring's cancellation).
+# v_prediction config).
 @pytest.mark.parametrize("config", EULER_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default")
 @pytest.mark.parametrize("steps", [7, 30])
 def test_euler_whole_loop_matches_diffusers(config, steps):
@@ -167,8 +166,8 @@ def _steps(config, steps):
     return 4 if config["algorithm_type"] == "sde-dpmsolver++" and config["solver_order"] == 3 else steps
 
 
-# Checked to fail: the heun D1 coefficient used for midpoint, the SDE's e^-h left out of the x weight, the noise std
-# scaled by 1 + 1e-3, and H1 = w1 where the third-order sum belongs (w2 != 0).
+# Checked to fail: the SDE's e^-h left out of the x weight, the noise std scaled by 1 + 1e-3, and H1 = w1 where the
+# third-order sum belongs (w2 != 0).
 @pytest.mark.parametrize("steps", [7, 13])
 @pytest.mark.parametrize("config", list(_dpm_grid()), ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_dpm_whole_loop_matches_diffusers(config, steps):
@@ -350,8 +349,8 @@ def _sde_step(gmm_params=None, n=N_MC, gmm=True):
 
 def test_sde_gmm_step_matches_the_sde_moments():
     # Where nothing clips (g^2 v_k <= c^2), the mixture step has the stock SDE step's mean and per-coordinate
-    # variance c^2. Checked to fail with the GMM scale g dropped from the rows' noise match (c scaled by 1.01 in
-    # the noise column: variance) and with H2 = X left out (mean).
+    # variance c^2 (the GMM-off step's mean too). Checked to fail with the noise std column scaled by 1.1 (variance)
+    # and with H2 = X zeroed (mean).
     out, target_mean, c, s = _sde_step()
     i = STEP
     g = float(s._rows[i, 5])
