@@ -166,8 +166,8 @@ def _steps(config, steps):
     return 4 if config["algorithm_type"] == "sde-dpmsolver++" and config["solver_order"] == 3 else steps
 
 
-# Checked to fail: the SDE's e^-h left out of the x weight, the noise std scaled by 1 + 1e-3, and H1 = w1 where the
-# third-order sum belongs (w2 != 0).
+# Checked to fail: the SDE's e^-h left out of the x weight, the noise std scaled by 1 + 1e-3, the h1 term's weight
+# scaled by 1 + 1e-3, and the third order's h2 term left out.
 @pytest.mark.parametrize("steps", [7, 13])
 @pytest.mark.parametrize("config", list(_dpm_grid()), ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_dpm_whole_loop_matches_diffusers(config, steps):

@@ -13,13 +13,14 @@ Every step of both samplers is x_s = X x + w0 x0_hat + w1 h1 + w2 h2 + c z (h1, 
 of the multistep solver; Euler: X = sigma_s / sigma, w0 = 1 - X). With the EDM row the x term cannot be folded
 into the op's A, B as the other drop-ins do: at large sigma x0_hat and eps_hat = F carry x with weights c_skip
 (4e-5 at sigma 80) and 0, so A x0_hat + B eps_hat = X x would cancel terms 1e4 times larger than the result (a
-loop 10-50x farther from float64 than diffusers'). The sample goes into the op as a history slot instead:
+loop 10-50x farther from float64 than diffusers'). The sample goes into the op as its history slot instead:
 
-    row (a_t, b_t, A, B, c, g, H1, H2) = (1 / c_skip, -c_out / c_skip, w0, 0, c, g, w1, X),  history (h1, x)
+    row (a_t, b_t, A, B, c, g, H1, H2) = (1 / c_skip, -c_out / c_skip, w0, 0, c, g, X, 0),
+    history h = x + (w1 / X) h1 + (w2 / X) h2
 
-(Euler: (1 / c_skip, -c_out / c_skip, 1 - X, 0, 0, 0, X, 0) with history (x,)). Third order (``solver_order=3``, deterministic only in diffusers) needs both previous data
-predictions: w1 h1 + w2 h2 is summed in torch and enters as h1 with H1 = 1 where w2 != 0. Dynamic thresholding
-takes x0_hat from diffusers' torch code and gives the op that as a "sample" prediction (the same row: B = 0).
+(Euler and first-order steps: h = x; the multistep terms are added to x in torch, one pass per term: the op's
+two-history form costs several times its one-history form on CPU). Dynamic thresholding takes x0_hat from
+diffusers' torch code and gives the op that as a "sample" prediction (the same row: B = 0).
 
 Importing this module imports diffusers; ``import ddim_gmm_ext`` does not.
 """
@@ -317,7 +318,7 @@ class EDMDPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixi
         self._init_gmm()
         self._rows_start: int = 0
         self._orders: list[int] = []
-        self._mix: list[tuple[float, float]] = []  # (w1, w2) of each step whose h1 is summed in torch
+        self._mix: list[tuple[float, float]] = []  # each step's (w1 / H1, w2 / H1): the history terms added to x
         self._finite: list[bool] = []  # whether each step's coefficients are finite
 
     def _gmm_refusal(self, source: str) -> str | None:
@@ -357,7 +358,7 @@ class EDMDPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixi
 
     def _coefficient_rows(self, start: int) -> torch.Tensor:
         """[S, 8] float64 rows of every step of a run beginning at ``start`` (module docstring); also the host
-        lists of each step's order and torch-summed history weights. A step to sigma 0 has h = inf: e^-h = 0."""
+        lists of each step's order, history weights and finiteness. A step to sigma 0 has h = inf: e^-h = 0."""
         sigma, a_t, b_t = _edm_row_head(self)
         lam = (-sigma.log()).tolist()  # lambda = log(alpha / sigma), alpha = 1
         errors = np.seterr(divide="ignore", invalid="ignore")
@@ -387,9 +388,10 @@ class EDMDPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixi
             x_coef = sigma[i + 1] / sigma[i] * (math.exp(-h) if sde else 1.0)
             noise = sigma[i + 1] * math.sqrt(-math.expm1(-2 * h)) if sde else 0.0
             g = math.sqrt(1 + sigma[i + 1] ** 2) * gs[i]
+            x_weight = x_coef if x_coef != 0 else 1.0  # sigma_s = 0: a first-order step (x0_hat), h = x unused
             self._orders.append(order)
-            self._mix.append((float(w1), float(w2)))
-            rows.append([w0, 0.0, noise, g, 1.0 if w2 != 0 else w1, x_coef])
+            self._mix.append((float(w1 / x_weight), float(w2 / x_weight)))
+            rows.append([w0, 0.0, noise, g, x_weight if x_coef != 0 else 0.0, 0.0])
             self._finite.append(all(math.isfinite(v) for v in (w0, w1, w2, x_coef, noise)))
         return rows
 
@@ -475,14 +477,14 @@ class EDMDPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixi
             elif noise is None or gmm is not None:
                 self._use_stream(i)  # z and / or k from the Philox stream: seed=None draws the run's seed now
 
-        h1 = self.model_outputs[-1]
-        w1, w2 = self._mix[i]
-        if w2 != 0:  # third order: w1 h1 + w2 h2 in torch, H1 = 1
-            h1 = torch.add(h1 * w1, self.model_outputs[-2], alpha=w2)
-        elif h1 is None or w1 == 0:
-            h1 = x  # H1 = 0: any tensor of the sample's shape fills the slot
+        h = x  # the history h = x + (w1 / X) h1 + (w2 / X) h2 (module docstring)
+        r1, r2 = self._mix[i]
+        if r1 != 0:
+            h = torch.add(x, self.model_outputs[-1], alpha=r1)
+        if r2 != 0:
+            h = h.add_(self.model_outputs[-2], alpha=r2)
         out = self._fused_step(
-            m, x, i, prediction_type=op_pred, gmm=gmm, noise=noise, components=components, rows=table, history=(h1, x)
+            m, x, i, prediction_type=op_pred, gmm=gmm, noise=noise, components=components, rows=table, history=(h,)
         )
         prev = out.prev_sample
         # the history, as diffusers keeps it: the newest data prediction last (a new list; no tensor modified)
