@@ -227,7 +227,7 @@ def test_dpm_loop_vs_base(benchmark, which, algorithm, generator):
 
 
 # -- EDM Euler and EDM DPM-Solver++: the fused step next to diffusers' EDM schedulers ---------------------------
-#: EDM DPM-Solver++ (Playground v2.5's config: order 2, karras, sigma_data 0.5) and its SDE variant with a generator
+#: EDM Euler, EDM DPM-Solver++ (Playground v2.5's config: order 2, karras, sigma_data 0.5) and its SDE variant
 EDM_CASES = {
     "edm_euler": {},
     "edm_dpm": {"algorithm_type": "dpmsolver++"},
@@ -258,12 +258,19 @@ def _edm_case(which, family, shape, generator=False):
         return step
     config = EDM_CASES[family]
     seed = {"seed": 0} if config["algorithm_type"].startswith("sde") else {}
-    s = EDMDPMSolverMultistepGMMScheduler(**config, **seed) if which == "ours" else EDMDPMSolverMultistepScheduler(**config)
+    s = (
+        EDMDPMSolverMultistepGMMScheduler(**config, **seed)
+        if which == "ours"
+        else EDMDPMSolverMultistepScheduler(**config)
+    )
     return _multistep_case(s, shape, generator)
 
 
+@pytest.mark.parametrize("generator", [False, True], ids=["no_generator", "generator"])
 @pytest.mark.parametrize("shape", [(1, 4, 64, 64), (4, 4, 128, 128)], ids=["1x4x64x64", "4x4x128x128"])
 @pytest.mark.parametrize("family", list(EDM_CASES))
 @pytest.mark.parametrize("which", ["ours", "diffusers"])
-def test_edm_step_vs_base(benchmark, which, family, shape):
-    benchmark(_edm_case(which, family, shape, generator=family == "edm_sde_dpm"))
+def test_edm_step_vs_base(benchmark, which, family, shape, generator):
+    if generator and family != "edm_sde_dpm":
+        pytest.skip("deterministic: no noise to draw")
+    benchmark(_edm_case(which, family, shape, generator))

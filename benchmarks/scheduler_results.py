@@ -20,7 +20,6 @@ import os
 import torch
 from bench_schedulers import (
     DPM_ALGORITHMS,
-    EDM_CASES,
     _cases,
     _dpm_case,
     _dpm_loop_case,
@@ -66,13 +65,13 @@ def cases():
                       "steps": 20}  # fmt: skip
             name = f"DPM {algorithm} 20-step loop, 3x3 conv model, {'generator' if gen else 'no generator'}"
             out.append((name, params, methods))
-    for family in EDM_CASES:
+    labels = {"edm_euler": "EDM Euler", "edm_dpm": "EDM DPM dpmsolver++", "edm_sde_dpm": "EDM DPM sde-dpmsolver++"}
+    for family, label in labels.items():
         for shape in SHAPES:
-            gen = family == "edm_sde_dpm"  # the SDE with a generator: both sides draw randn_tensor
-            methods = {w: _edm_case(w, family, shape, gen) for w in ("ours", "diffusers")}
-            params = {"family": family, "shape": list(shape), "generator": gen}
-            label = {"edm_euler": "EDM Euler", "edm_dpm": "EDM DPM dpmsolver++", "edm_sde_dpm": "EDM DPM sde-dpmsolver++"}
-            out.append((f"{label[family]}, {list(shape)}, {'generator' if gen else 'no generator'}", params, methods))
+            for gen in (False, True) if family == "edm_sde_dpm" else (False,):  # only the SDE draws noise
+                methods = {w: _edm_case(w, family, shape, gen) for w in ("ours", "diffusers")}
+                params = {"family": family, "shape": list(shape), "generator": gen}
+                out.append((f"{label}, {list(shape)}, {'generator' if gen else 'no generator'}", params, methods))
     return out
 
 

@@ -19,7 +19,10 @@ from tests.helpers import MC_SIGMAS_WIDE, assert_close, assert_loop_error_within
 from tests.integrations.test_diffusers_dpm_multistep import _TorchWithFloat64Upcast  # noqa: E402
 
 SHAPE = (2, 3, 4, 4)
-Stock = {EDMEulerGMMScheduler: diffusers.EDMEulerScheduler, EDMDPMSolverMultistepGMMScheduler: diffusers.EDMDPMSolverMultistepScheduler}  # fmt: skip
+Stock = {
+    EDMEulerGMMScheduler: diffusers.EDMEulerScheduler,
+    EDMDPMSolverMultistepGMMScheduler: diffusers.EDMDPMSolverMultistepScheduler,
+}
 
 
 def _model(inp, t):
@@ -59,7 +62,10 @@ def _loop64(scheduler, steps, seed=1, begin=0, **set_kwargs):
     def noise32(shape, generator=None, device=None, dtype=None):
         return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
 
-    with mock.patch.object(module, "torch", _TorchWithFloat64Upcast()), mock.patch.object(module, "randn_tensor", noise32):
+    with (
+        mock.patch.object(module, "torch", _TorchWithFloat64Upcast()),
+        mock.patch.object(module, "randn_tensor", noise32),
+    ):
         for t in scheduler.timesteps[begin:]:
             inp = scheduler.scale_model_input(x, t)
             x = scheduler.step(_model(inp, t.double()), t, x, generator=gen).prev_sample
@@ -233,8 +239,9 @@ def test_dpm_noise_drawn_as_diffusers_draws_it():
         return x, torch.rand(1)
 
     for kw in ({}, {"dtype": torch.float64}, {"per_sample": True}):
-        (ours, after), (stock, after_stock) = run(EDMDPMSolverMultistepGMMScheduler(**config), **kw), run(
-            diffusers.EDMDPMSolverMultistepScheduler(**config), **kw
+        (ours, after), (stock, after_stock) = (
+            run(EDMDPMSolverMultistepGMMScheduler(**config), **kw),
+            run(diffusers.EDMDPMSolverMultistepScheduler(**config), **kw),
         )
         assert ours.dtype == stock.dtype and torch.equal(after, after_stock)
         assert_close(ours, stock, kind="f32_loop_upstream")
@@ -325,9 +332,8 @@ def _sde_step(gmm_params=None, n=N_MC, gmm=True):
     False, with diffusers' Gaussian noise); and the stock class's mean of that step and its noise std c."""
     D = 16
     config = dict(algorithm_type="sde-dpmsolver++", sigma_max=10.0)
-    s = EDMDPMSolverMultistepGMMScheduler(
-        **config, **(dict(gmm_variant="ortho", gmm_n_components=4, gmm_scale=1.0, seed=7, final_step="gmm") if gmm else {})
-    )  # fmt: skip
+    mixture = dict(gmm_variant="ortho", gmm_n_components=4, gmm_scale=1.0, seed=7, final_step="gmm")
+    s = EDMDPMSolverMultistepGMMScheduler(**config, **(mixture if gmm else {}))
     s.set_timesteps(7)
     if gmm_params is not None:
         s.set_gmm_params(gmm_params)
@@ -464,14 +470,20 @@ def test_bad_schedules_refused():
     with pytest.raises(ValueError, match="sigmas must be finite and > 0.*the sigmas argument"):
         EDMEulerGMMScheduler(sigma_min=0.0).set_timesteps(sigmas=[0.0, 1.0])
     with pytest.raises(ValueError, match="must not rise with algorithm_type='sde-dpmsolver\\+\\+'"):
-        EDMDPMSolverMultistepGMMScheduler(algorithm_type="sde-dpmsolver++", sigma_min=5.0, sigma_max=1.0).set_timesteps(5)
+        EDMDPMSolverMultistepGMMScheduler(algorithm_type="sde-dpmsolver++", sigma_min=5.0, sigma_max=1.0).set_timesteps(
+            5
+        )
     s = EDMDPMSolverMultistepGMMScheduler(algorithm_type="sde-dpmsolver++")
     s.set_timesteps(5)
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         s.step(torch.zeros(SHAPE), s.timesteps[0], torch.zeros(SHAPE), generator=3)
     for config, steps, match in (
         (dict(algorithm_type="sde-dpmsolver++", solver_order=3), 7, "solver_order=3 with algorithm_type='sde-dpm"),
-        (dict(sigma_min=1.0, sigma_max=1.0, final_sigmas_type="sigma_min"), 7, "step 2 of 7 goes from sigma 1 to 1 \\(h = 0\\)"),
+        (
+            dict(sigma_min=1.0, sigma_max=1.0, final_sigmas_type="sigma_min"),
+            7,
+            "step 2 of 7 goes from sigma 1 to 1 \\(h = 0\\)",
+        ),
     ):
         s = EDMDPMSolverMultistepGMMScheduler(**config)
         s.set_timesteps(steps)

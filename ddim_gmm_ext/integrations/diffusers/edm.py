@@ -219,7 +219,9 @@ class EDMEulerGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, EDMEulerSc
             self._init_step_index(timestep)
         i = self.step_index
         check_host_step(i, self._n_steps())  # stock: an IndexError at the sigma lookup
-        x = _compute_sample(sample.to(torch.float32), model_output)
+        # the stock step computes in float32, promoted by a float64 model output
+        dt = torch.float64 if model_output.dtype == torch.float64 else torch.float32
+        x = sample if sample.dtype == dt else sample.to(dt)
         out = self._fused_step(
             model_output if pred_original_sample is None else pred_original_sample,
             x,
@@ -418,14 +420,15 @@ class EDMDPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixi
             raise ValueError(
                 f"solver_order=3 with algorithm_type='sde-dpmsolver++' reaches a third-order step (step {i} of "
                 f"{len(self.timesteps)}), which diffusers' EDMDPMSolverMultistepScheduler does not define (its "
-                "third-order update has no SDE form); use solver_order=2, or lower_order_final=True with at most 4 steps"
+                "third-order update has no SDE form); use solver_order=2, or lower_order_final=True with at most 4 "
+                "steps"
             )
         if not self._finite[i]:
             c = self.config
             raise ValueError(
                 f"step {i} of {len(self.timesteps)} goes from sigma {self.sigmas[i].item():.9g} to "
-                f"{self.sigmas[i + 1].item():.9g} (h = 0), where the order-{self._orders[i]} update divides by h (diffusers returns "
-                f"NaN samples): final_sigmas_type={c.final_sigmas_type!r}, lower_order_final="
+                f"{self.sigmas[i + 1].item():.9g} (h = 0), where the order-{self._orders[i]} update divides by h "
+                f"(diffusers returns NaN samples): final_sigmas_type={c.final_sigmas_type!r}, lower_order_final="
                 f"{c.lower_order_final!r}, solver_type={c.solver_type!r}, solver_order={c.solver_order!r}; use "
                 "sigma_min < sigma_max"
             )
