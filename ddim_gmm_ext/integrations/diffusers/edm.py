@@ -63,7 +63,7 @@ _EDM_PREDICTIONS = ("epsilon", "v_prediction")
 
 def _check_edm_config(sigma_data, sigma_schedule, prediction_type, final_sigmas_type) -> None:
     """The EDM config keys diffusers reads only at a later step (or never checks), refused at construction."""
-    if isinstance(sigma_data, bool) or not isinstance(sigma_data, Real) or not 0 < sigma_data < math.inf:
+    if isinstance(sigma_data, bool) or not isinstance(sigma_data, Real) or not 0 < float(sigma_data) < math.inf:
         raise ValueError(f"sigma_data must be a finite number > 0 (the data's standard deviation), got {sigma_data!r}")
     if sigma_schedule not in ("karras", "exponential"):
         raise ValueError(f"sigma_schedule must be 'karras' or 'exponential', got {sigma_schedule!r}")
@@ -230,7 +230,7 @@ class EDMEulerGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, EDMEulerSc
             gmm=None,
             history=(x,),
         )
-        self._step_index += 1
+        self._step_index += 1  # type: ignore[operator, assignment]  # diffusers types _step_index as None
         prev = out.prev_sample.to(model_output.dtype)
         x0 = out.pred_original_sample if pred_original_sample is None else pred_original_sample
         if not return_dict:
