@@ -264,8 +264,10 @@ class EDMDPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixi
 
     _compatibles = [*EDMDPMSolverMultistepScheduler._compatibles, "EDMDPMSolverMultistepScheduler"]
 
-    # diffusers' order switches are DPMSolverMultistepGMMScheduler's (the EDM config has the keys they read)
+    # diffusers' order switches and the rows of a run starting mid-schedule are DPMSolverMultistepGMMScheduler's (the
+    # EDM config has the keys they read; the rows are this class's _coefficient_rows)
     _order = DPMSolverMultistepGMMScheduler._order
+    _restart_rows = DPMSolverMultistepGMMScheduler._restart_rows
 
     @register_to_config
     def __init__(
@@ -396,16 +398,6 @@ class EDMDPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixi
             rows.append([w0, 0.0, noise, g, x_weight if x_coef != 0 else 0.0, 0.0])
             self._finite.append(all(math.isfinite(v) for v in (w0, w1, w2, x_coef, noise)))
         return rows
-
-    def _restart_rows(self, start: int) -> None:
-        """Rows for a run whose first step is ``start`` (a pipeline's begin index, or an add_noise start found from
-        the timestep; diffusers restarts its order count there). Keeps the run's stream seed and gmm_steps."""
-        self._rows_start = start
-        self._ungated_rows = self._coefficient_rows(start).to(self.timesteps.device)
-        gmm, self._gated_for = self._gated_for, None
-        rows = self._rows = self._gate(self._ungated_rows, gmm)
-        self._gated_for = gmm
-        self._tables = {(rows.device, torch.float32): rows.float()}
 
     # -- the step ---------------------------------------------------------------------------------------------
     def _index(self, timestep) -> int:
