@@ -6,14 +6,14 @@ Both samplers work on the variance-exploding path x = x0 + sigma eps with EDM's 
 x0 = c_skip x + c_out F (F the network output; c_skip = sd^2 / (sigma^2 + sd^2), c_out = +-sigma sd /
 sqrt(sigma^2 + sd^2), + for "epsilon", - for "v_prediction", sd = ``sigma_data``). That is the op's "epsilon" row
 with a_t = 1 / c_skip and b_t = -c_out / c_skip: x0_hat = (x - b_t F) / a_t, for any sigma_data and both
-prediction types (the op's "v_prediction" would need c_out = -b / sqrt(a^2 + b^2) with a / (a^2 + b^2) = c_skip,
-which holds only for sd = 1).
+prediction types (the op's "v_prediction" on the path's own a_t = 1, b_t = sigma is EDM's only for sd = 1).
 
 Every step of both samplers is x_s = X x + w0 x0_hat + w1 h1 + w2 h2 + c z (h1, h2 the previous data predictions
 of the multistep solver; Euler: X = sigma_s / sigma, w0 = 1 - X). With the EDM row the x term cannot be folded
 into the op's A, B as the other drop-ins do: at large sigma x0_hat and eps_hat = F carry x with weights c_skip
-(4e-5 at sigma 80) and 0, so A x0_hat + B eps_hat = X x would cancel terms 1e4 times larger than the result (a
-loop 10-50x farther from float64 than diffusers'). The sample goes into the op as its history slot instead:
+(4e-5 at sigma 80) and 0, so A x0_hat + B eps_hat = X x would cancel terms 1e4 times larger than the result
+(float32 loops from sigma 80 were 4-50x farther from float64 than diffusers'). The sample goes into the op as its
+history slot instead:
 
     row (a_t, b_t, A, B, c, g, H1, H2) = (1 / c_skip, -c_out / c_skip, w0, 0, c, g, X, 0),
     history h = x + (w1 / X) h1 + (w2 / X) h2
