@@ -260,9 +260,57 @@ def _consistency_case(family, which, shape, generator):
     return step
 
 
+# -- EDM Euler and EDM DPM-Solver++: the fused step next to diffusers' EDM schedulers ---------------------------
+#: EDM Euler, EDM DPM-Solver++ (Playground v2.5's config: order 2, karras, sigma_data 0.5) and its SDE variant
+EDM_CASES = {
+    "edm_euler": {},
+    "edm_dpm": {"algorithm_type": "dpmsolver++"},
+    "edm_sde_dpm": {"algorithm_type": "sde-dpmsolver++"},
+}
+
+
+def _edm_case(which, family, shape, generator=False):
+    """The middle step of a 20-step EDM schedule (the steps before it taken, so the multistep history and order
+    are a real run's), re-run in place. Ours with ``seed=0`` where it draws noise (no generator: the Philox stream;
+    with a generator both draw randn_tensor as diffusers does)."""
+    from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+
+    from ddim_gmm_ext.diffusers import EDMDPMSolverMultistepGMMScheduler, EDMEulerGMMScheduler
+
+    if family == "edm_euler":
+        s = EDMEulerGMMScheduler() if which == "ours" else EDMEulerScheduler()
+        s.is_scale_input_called = True  # as after a pipeline's scale_model_input (else a warning per step)
+        s.set_timesteps(DPM_STEPS)
+        x, m = torch.randn(shape), torch.randn(shape)
+        i = DPM_STEPS // 2
+        t = s.timesteps[i]
+
+        def step():
+            s._step_index = i  # the base class counts steps; keep stepping the same one
+            return s.step(m, t, x)
+
+        return step
+    config = EDM_CASES[family]
+    seed = {"seed": 0} if config["algorithm_type"].startswith("sde") else {}
+    s = (
+        EDMDPMSolverMultistepGMMScheduler(**config, **seed)
+        if which == "ours"
+        else EDMDPMSolverMultistepScheduler(**config)
+    )
+    return _multistep_case(s, shape, generator)
+
+
 @pytest.mark.parametrize("generator", [False, True], ids=["no_generator", "generator"])
 @pytest.mark.parametrize("shape", [(1, 4, 64, 64), (4, 4, 128, 128)], ids=["1x4x64x64", "4x4x128x128"])
 @pytest.mark.parametrize("family", list(CONSISTENCY))
 @pytest.mark.parametrize("which", ["ours", "diffusers"])
 def test_consistency_step_vs_base(benchmark, which, family, shape, generator):
     benchmark(_consistency_case(family, which, shape, generator))
+
+
+@pytest.mark.parametrize("family", list(EDM_CASES))
+@pytest.mark.parametrize("which", ["ours", "diffusers"])
+def test_edm_step_vs_base(benchmark, which, family, shape, generator):
+    if generator and family != "edm_sde_dpm":
+        pytest.skip("deterministic: no noise to draw")
+    benchmark(_edm_case(which, family, shape, generator))

@@ -24,6 +24,7 @@ from bench_schedulers import (
     _consistency_case,
     _dpm_case,
     _dpm_loop_case,
+    _edm_case,
     _new_family_case,
 )
 from common import interleaved, write_json
@@ -72,6 +73,13 @@ def cases():
                       "steps": 20}  # fmt: skip
             name = f"DPM {algorithm} 20-step loop, 3x3 conv model, {'generator' if gen else 'no generator'}"
             out.append((name, params, methods))
+    labels = {"edm_euler": "EDM Euler", "edm_dpm": "EDM DPM dpmsolver++", "edm_sde_dpm": "EDM DPM sde-dpmsolver++"}
+    for family, label in labels.items():
+        for shape in SHAPES:
+            for gen in (False, True) if family == "edm_sde_dpm" else (False,):  # only the SDE draws noise
+                methods = {w: _edm_case(w, family, shape, gen) for w in ("ours", "diffusers")}
+                params = {"family": family, "shape": list(shape), "generator": gen}
+                out.append((f"{label}, {list(shape)}, {'generator' if gen else 'no generator'}", params, methods))
     return out
 
 

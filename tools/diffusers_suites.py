@@ -42,6 +42,8 @@ DROP_INS = {
     "LCMScheduler": "LCMGMMScheduler",
     "TCDScheduler": "TCDGMMScheduler",
     "FlowMatchLCMScheduler": "FlowMatchLCMGMMScheduler",
+    "EDMEulerScheduler": "EDMEulerGMMScheduler",
+    "EDMDPMSolverMultistepScheduler": "EDMDPMSolverMultistepGMMScheduler",
 }
 
 _ENV_CLASS = "DDIM_GMM_SUITE_CLASS"  # the stock class name whose suite runs (plugin side)

@@ -360,6 +360,7 @@ NOISY = [
     (gd.EulerAncestralDiscreteGMMScheduler, {}),
     (gd.FlowMatchEulerDiscreteGMMScheduler, dict(stochastic_sampling=True)),
     (gd.DPMSolverMultistepGMMScheduler, dict(algorithm_type="sde-dpmsolver++")),
+    (gd.EDMDPMSolverMultistepGMMScheduler, dict(algorithm_type="sde-dpmsolver++")),
 ]
 NOISY_IDS = [cls.__name__ for cls, _ in NOISY]
 # configurations whose steps have no noise for a mixture to replace
@@ -369,6 +370,7 @@ NOISELESS = [
     (gd.DPMSolverMultistepGMMScheduler, dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")),
     (gd.DPMSolverMultistepGMMScheduler, dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min")),
     (gd.UniPCMultistepGMMScheduler, {}),
+    (gd.EDMDPMSolverMultistepGMMScheduler, dict(algorithm_type="dpmsolver++")),
     (gd.DDPMGMMScheduler, dict(variance_type="learned")),
     (gd.DDPMGMMScheduler, dict(variance_type="learned_range")),
     (gd.DDPMGMMScheduler, dict(thresholding=True)),
@@ -566,7 +568,8 @@ def test_final_step_gaussian_leaves_the_mixture_out_of_the_last_step_only(ours, 
     assert not torch.equal(gaussian[-1], mixture[-1])
 
 
-ALL_CLASSES = [*(cls for cls, _ in NOISY), gd.EulerDiscreteGMMScheduler, gd.UniPCMultistepGMMScheduler]
+ALL_CLASSES = [*(cls for cls, _ in NOISY), gd.EulerDiscreteGMMScheduler, gd.UniPCMultistepGMMScheduler,
+               gd.EDMEulerGMMScheduler]  # fmt: skip
 
 
 # Mutation checked: without _check_prepared, DPM-Solver++ and UniPC fail inside the op ("history0 must have the

@@ -31,6 +31,7 @@ from diffusers.pipelines.ddim.pipeline_ddim import DDIMPipeline
 from .ddim import DDIMGMMScheduler, DDIMSchedulerOutput
 from .ddpm import DDPMGMMScheduler, DDPMSchedulerOutput
 from .dpm_multistep import DPMSolverMultistepGMMScheduler
+from .edm import EDMDPMSolverMultistepGMMScheduler, EDMEulerGMMScheduler, EDMEulerSchedulerOutput
 from .euler import (
     EulerAncestralDiscreteGMMScheduler,
     EulerAncestralDiscreteSchedulerOutput,
@@ -54,6 +55,9 @@ __all__ = [
     "DDPMGMMScheduler",
     "DDPMSchedulerOutput",
     "DPMSolverMultistepGMMScheduler",
+    "EDMDPMSolverMultistepGMMScheduler",
+    "EDMEulerGMMScheduler",
+    "EDMEulerSchedulerOutput",
     "EulerAncestralDiscreteGMMScheduler",
     "EulerAncestralDiscreteSchedulerOutput",
     "EulerDiscreteGMMScheduler",
@@ -76,6 +80,8 @@ _STOCK = {
     DDIMGMMScheduler: "DDIMScheduler",
     DDPMGMMScheduler: "DDPMScheduler",
     DPMSolverMultistepGMMScheduler: "DPMSolverMultistepScheduler",
+    EDMDPMSolverMultistepGMMScheduler: "EDMDPMSolverMultistepScheduler",
+    EDMEulerGMMScheduler: "EDMEulerScheduler",
     EulerDiscreteGMMScheduler: "EulerDiscreteScheduler",
     EulerAncestralDiscreteGMMScheduler: "EulerAncestralDiscreteScheduler",
     FlowMatchEulerDiscreteGMMScheduler: "FlowMatchEulerDiscreteScheduler",
