@@ -31,6 +31,7 @@ from diffusers.pipelines.ddim.pipeline_ddim import DDIMPipeline
 from .ddim import DDIMGMMScheduler, DDIMSchedulerOutput
 from .ddpm import DDPMGMMScheduler, DDPMSchedulerOutput
 from .dpm_multistep import DPMSolverMultistepGMMScheduler
+from .dpm_sde import DPMSolverSDEGMMScheduler, DPMSolverSDESchedulerOutput
 from .euler import (
     EulerAncestralDiscreteGMMScheduler,
     EulerAncestralDiscreteSchedulerOutput,
@@ -46,6 +47,8 @@ __all__ = [
     "DDPMGMMScheduler",
     "DDPMSchedulerOutput",
     "DPMSolverMultistepGMMScheduler",
+    "DPMSolverSDEGMMScheduler",
+    "DPMSolverSDESchedulerOutput",
     "EulerAncestralDiscreteGMMScheduler",
     "EulerAncestralDiscreteSchedulerOutput",
     "EulerDiscreteGMMScheduler",
@@ -62,6 +65,7 @@ _STOCK = {
     DDIMGMMScheduler: "DDIMScheduler",
     DDPMGMMScheduler: "DDPMScheduler",
     DPMSolverMultistepGMMScheduler: "DPMSolverMultistepScheduler",
+    DPMSolverSDEGMMScheduler: "DPMSolverSDEScheduler",
     EulerDiscreteGMMScheduler: "EulerDiscreteScheduler",
     EulerAncestralDiscreteGMMScheduler: "EulerAncestralDiscreteScheduler",
     FlowMatchEulerDiscreteGMMScheduler: "FlowMatchEulerDiscreteScheduler",
