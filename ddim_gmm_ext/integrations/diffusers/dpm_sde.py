@@ -228,13 +228,15 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
             raise TypeError(f"sample must be a real floating-point tensor, got {what}")
         check_model_output(model_output, sample)
         s_noise = _check_s_noise(s_noise)
+        if s_noise == 0 and (self._user_gmm is not None or self._gmm_options.variant is not None):
+            raise ValueError("s_noise=0 with a GMM: the step has no noise for the mixture to replace")
         if self.step_index is None:
             self._init_step_index(timestep)
         i = self.step_index
         assert i is not None
         check_host_step(i, self._n_steps())
-        first = self.sample is None
-        if first != (i % 2 == 0):
+        first, odd = self.sample is None, i % 2 == 1
+        if (first and odd) or not (first or odd):
             raise ValueError(
                 f"position {i} of scheduler.timesteps is a {'second' if first else 'first'}-order evaluation but "
                 f"the scheduler is in its {'first' if first else 'second'}-order state: a run must begin at an even "
@@ -245,8 +247,6 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
         out_dtype = torch.result_type(sample, model_output)
         x = sample.to(torch.float64 if out_dtype == torch.float64 else torch.float32)
         gmm = self._gmm_for(x)
-        if gmm is not None and s_noise == 0:
-            raise ValueError("s_noise=0 with a GMM: the step has no noise for the mixture to replace")
         noise, mid = self._tree_noise(sample, i)
         if noise is not None and noise.dtype not in (x.dtype, torch.float32):
             noise = noise.to(x.dtype)
