@@ -135,6 +135,7 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
             steps_offset=steps_offset,
         )
         self._init_gmm()
+        self._prediction: str = prediction_type  # read per step (a config lookup costs microseconds)
         self._install_rows()  # the stock __init__ sets a training-length schedule that can be stepped as is
 
     # -- the coefficient table ---------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
         s_noise: float = 1.0,
     ) -> DPMSolverSDESchedulerOutput | tuple:
         """One model evaluation's step; arguments and outputs as ``DPMSolverSDEScheduler.step``."""
-        if self.config.prediction_type not in _PREDICTIONS:
+        if self._prediction not in _PREDICTIONS:
             return super().step(model_output, timestep, sample, return_dict, s_noise)  # the stock refusal
         if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
             what = sample.dtype if isinstance(sample, torch.Tensor) else type(sample).__name__
@@ -256,7 +257,7 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
             model_output,
             x,
             i,
-            prediction_type=self.config.prediction_type,
+            prediction_type=self._prediction,
             gmm=gmm,
             noise=noise,
             rows=self._noise_table(x, s_noise),
