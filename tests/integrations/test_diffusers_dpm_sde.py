@@ -286,6 +286,8 @@ def test_bad_configs_and_schedules_are_refused():
         DPMSolverSDEGMMScheduler(prediction_type="flow")
     with pytest.raises(ValueError, match="gmm_n_components"):
         DPMSolverSDEGMMScheduler(gmm_variant="ortho", gmm_n_components=0)
+    with pytest.raises(ValueError, match="sigmas must be finite .* beta_end=1.0"):  # the stock loop gives NaN
+        DPMSolverSDEGMMScheduler(beta_end=1.0)
     s = DPMSolverSDEGMMScheduler()
     for bad in (0, -3, True):
         with pytest.raises(ValueError, match="num_inference_steps"):

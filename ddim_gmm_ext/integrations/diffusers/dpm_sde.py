@@ -47,6 +47,7 @@ from ._base import (
     GMMSchedulerMixin,
     check_host_step,
     check_model_output,
+    check_multistep_sigmas,
     check_step_count,
     publish,
     scheduler_output,
@@ -149,6 +150,7 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
     def _install_rows(self) -> None:
         """The rows of the schedule (module docstring), float64 from diffusers' float32 sigmas; the float32
         sigmas the tree is queried at are computed per position when first needed (:meth:`_queries`)."""
+        check_multistep_sigmas(self)
         s = self.sigmas.detach().to("cpu", torch.float64).tolist()
         n = len(self.timesteps)
         gs = self._gmm_options.final_step_g(n)
@@ -168,24 +170,24 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
                 r = down / sigma
                 rows.append([1.0, math.sqrt(sigma * nxt), 1 - r, 0.0, up, math.sqrt(1 + nxt * nxt) * gs[i], r, 0.0])
         self._set_rows(torch.tensor(rows, dtype=torch.float64).to(self.timesteps.device))
-        self._query_cache: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._query_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # per step
         self._scaled: tuple[torch.Tensor, float, torch.Tensor] | None = None  # (table, s_noise, its scaled copy)
 
     def _queries(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The 0-d float32 sigmas at which the stock step queries the tree at position ``i`` (None: the last Euler
         step, which draws nothing), computed with the stock step's float32 operations on 0-d tensors (log, exp;
-        a vectorised kernel may round differently, and the tree's draw depends on the exact query points). The
-        second one of stage 1 is also the stock ``mid_point_sigma``."""
-        if i not in self._query_cache:
-            first = i % 2 == 0
-            sigma, nxt = (self.sigmas[i], self.sigmas[i + 1]) if first else (self.sigmas[i - 1], self.sigmas[i])
-            if first and nxt == 0:
-                self._query_cache[i] = None
-            else:
-                t, t_next = sigma.log().neg(), nxt.log().neg()
-                t_mid = t + (t_next - t) * 0.5
-                self._query_cache[i] = (t.neg().exp(), (t_mid if first else t_next).neg().exp())
-        return self._query_cache[i]
+        a vectorised kernel may round differently, and the tree's draw depends on the exact query points). Both
+        evaluations of a step start from the same pair of sigmas, so their values are computed once per step.
+        The second one of stage 1 is also the stock ``mid_point_sigma``."""
+        if i == len(self.timesteps) - 1:
+            return None
+        step = i // 2
+        values = self._query_cache.get(step)
+        if values is None:
+            t, t_next = self.sigmas[2 * step].log().neg(), self.sigmas[2 * step + 1].log().neg()
+            t_mid = t + (t_next - t) * 0.5
+            values = self._query_cache[step] = (t.neg().exp(), t_mid.neg().exp(), t_next.neg().exp())
+        return (values[0], values[1]) if i % 2 == 0 else (values[0], values[2])
 
     # -- the step ---------------------------------------------------------------------------------------------
     @torch.compiler.disable
