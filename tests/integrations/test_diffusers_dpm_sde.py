@@ -14,6 +14,7 @@ import diffusers  # noqa: E402
 
 from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler  # noqa: E402
 
+import ddim_gmm_ext as dg  # noqa: E402
 from ddim_gmm_ext import api  # noqa: E402
 from ddim_gmm_ext.diffusers import DPMSolverSDEGMMScheduler  # noqa: E402
 from ddim_gmm_ext.gmm import matched_steps  # noqa: E402
@@ -298,6 +299,24 @@ def test_bad_configs_and_schedules_are_refused():
         stock_like = DPMSolverSDEGMMScheduler(prediction_type="sample")
         stock_like.set_timesteps(3)
         stock_like.step(torch.zeros(SHAPE), stock_like.timesteps[0], torch.zeros(SHAPE))
+
+
+def test_gmm_params_before_set_timesteps_and_a_gmm_without_set_timesteps():
+    # the rows are built at set_timesteps (or, GMM off, at a step on the stock __init__'s schedule): tables for the
+    # run's evaluations are accepted before set_timesteps and checked there
+    s = DPMSolverSDEGMMScheduler(noise_sampler_seed=0)
+    s.set_gmm_params(dg.GMM.create(math.prod(SHAPE[1:]), n_components=2, n_steps=7, variant="ortho"))
+    s.set_timesteps(4)  # 7 evaluations
+    assert torch.isfinite(_loop(s, 4, set_steps=False)).all()
+    with pytest.raises(ValueError, match="gmm_params has parameter sets for 7 steps but sampling takes 9"):
+        s.set_timesteps(5)
+    with pytest.raises(ValueError, match="set_timesteps was not called"):
+        DPMSolverSDEGMMScheduler(**GMM).step(torch.zeros(SHAPE), 999, torch.zeros(SHAPE))
+    plain, stock = DPMSolverSDEGMMScheduler(noise_sampler_seed=0), Stock(noise_sampler_seed=0)
+    x = torch.randn(SHAPE)
+    for s in (plain, stock):  # as diffusers' own tests step it: the training schedule's last position
+        s.scale_model_input(x, s.timesteps[-1])
+    assert_close(plain.step(0.1 * x, 0, x).prev_sample, stock.step(0.1 * x, 0, x).prev_sample, kind="f32")
 
 
 def test_odd_begin_index_past_the_end_and_gmm_without_noise_are_refused():

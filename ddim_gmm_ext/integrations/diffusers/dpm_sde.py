@@ -137,7 +137,7 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
         )
         self._init_gmm()
         self._prediction: str = prediction_type  # read per step (a config lookup costs microseconds)
-        self._install_rows()  # the stock __init__ sets a training-length schedule that can be stepped as is
+        check_multistep_sigmas(self)  # the training-length schedule the stock __init__ sets (rows: at the first use)
 
     # -- the coefficient table ---------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps, device=None, num_train_timesteps=None) -> None:
@@ -231,6 +231,9 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
             raise TypeError(f"sample must be a real floating-point tensor, got {what}")
         check_model_output(model_output, sample)
         s_noise = _check_s_noise(s_noise)
+        if self._rows is None:  # the stock __init__'s training-length schedule, stepped without set_timesteps
+            self._check_gmm_ready()  # a GMM needs set_timesteps, as on the other schedulers
+            self._install_rows()
         if s_noise == 0 and (self._user_gmm is not None or self._gmm_options.variant is not None):
             raise ValueError("s_noise=0 with a GMM: the step has no noise for the mixture to replace")
         if self.step_index is None:
