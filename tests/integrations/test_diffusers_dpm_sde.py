@@ -11,7 +11,6 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("torchsde")
 import diffusers  # noqa: E402
-
 from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler  # noqa: E402
 
 import ddim_gmm_ext as dg  # noqa: E402
@@ -178,7 +177,8 @@ def test_gmm_final_step_and_seed():
     gauss, mixed, other_seed = run(), run(final_step="gmm"), run(seed=2)
     plain = _loop(DPMSolverSDEGMMScheduler(noise_sampler_seed=1), 6)
     assert all(torch.isfinite(v).all() for v in (gauss, mixed, other_seed))
-    assert not torch.allclose(gauss, mixed) and not torch.allclose(gauss, plain) and not torch.allclose(gauss, other_seed)
+    assert not torch.allclose(gauss, mixed) and not torch.allclose(gauss, plain)
+    assert not torch.allclose(gauss, other_seed)
     torch.testing.assert_close(run(), gauss)  # seed and noise_sampler_seed fix the run
 
 
@@ -234,8 +234,11 @@ def test_matched_steps_read_the_rows():
     gmm = s.prepare_gmm(x)
     rows = s._schedule_rows()
     ungated = s._ungated_rows
-    expected = matched_steps(gmm, ungated[:, 4], ungated[:, 5])
-    assert [bool(g != 0) for g in rows[:, 5]] == [m and bool(g != 0) for m, g in zip(expected, ungated[:, 5])]
+    expected = [
+        m and bool(g != 0) for m, g in zip(matched_steps(gmm, ungated[:, 4], ungated[:, 5]), ungated[:, 5], strict=True)
+    ]
+    acts = [bool(g != 0) for g in rows[:, 5]]
+    assert acts == expected and 0 < sum(acts) < len(acts)  # some rows clip at this scale, some do not
 
 
 # -- compile ----------------------------------------------------------------------------------------------------

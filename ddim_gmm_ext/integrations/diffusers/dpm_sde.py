@@ -196,7 +196,7 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
         run's first step, from that step's sample and ``noise_sampler_seed``), queried as it queries it."""
         if self.noise_sampler is None:
             positive = self.sigmas[self.sigmas > 0]
-            self.noise_sampler = BrownianTreeNoiseSampler(
+            self.noise_sampler = BrownianTreeNoiseSampler(  # type: ignore[assignment]  # diffusers types it None
                 sample, positive.min().item(), self.sigmas.max().item(), self.noise_sampler_seed
             )
         q = self._queries(i)
@@ -266,11 +266,11 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
             gmm=gmm,
             noise=noise,
             rows=self._noise_table(x, s_noise),
-            history=() if first else (self.sample,),
+            history=() if first else (self.sample,),  # type: ignore[arg-type]  # stage 2: the stored tensor
         )
         if mid is not None:  # stage 2 follows stage 1 (state as the stock class keeps it)
-            self.sample, self.mid_point_sigma = (x, mid) if first else (None, None)
-        self._step_index += 1  # type: ignore[operator]  # diffusers types _step_index as None
+            self.sample, self.mid_point_sigma = (x, mid) if first else (None, None)  # type: ignore[assignment]  # typed None
+        self._step_index += 1  # type: ignore[operator, assignment]  # diffusers types _step_index as None
         prev, x0 = out.prev_sample, out.pred_original_sample
         if prev.dtype != out_dtype:
             prev, x0 = prev.to(out_dtype), x0.to(out_dtype)
