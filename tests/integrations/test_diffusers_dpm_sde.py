@@ -244,20 +244,26 @@ def test_matched_steps_read_the_rows():
 # -- compile ----------------------------------------------------------------------------------------------------
 
 
-def test_compiled_step_from_the_first_call_matches_eager():
-    # the tree's draw runs eagerly (a graph break); the rest of the step compiles from the first call
-    torch._dynamo.reset()
-    ours = DPMSolverSDEGMMScheduler(noise_sampler_seed=6)
-    compiled = torch.compile(lambda m, t, x: ours.step(m, t, x).prev_sample)
-    ours.set_timesteps(3)
-    eager = DPMSolverSDEGMMScheduler(noise_sampler_seed=6)
-    eager.set_timesteps(3)
-    x = y = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)) * ours.init_noise_sigma
-    for t in ours.timesteps:
-        x = compiled(_model(ours.scale_model_input(x, t), t), t, x)
-        y = eager.step(_model(eager.scale_model_input(y, t), t), t, y).prev_sample
-    assert torch.isfinite(x).all()
-    assert_close(x, y, kind="f32")
+@pytest.mark.parametrize("gmm", [False, True], ids=["gmm_off", "gmm"])
+def test_compiled_step_from_the_first_call_matches_eager(gmm):
+    # the tree's draw runs eagerly (a graph break); the rest of the step compiles from the first call. With a GMM
+    # and seed=None, prepare_gmm draws the stream seed outside the graph
+    def run(compiled):
+        torch._dynamo.reset()
+        s = DPMSolverSDEGMMScheduler(noise_sampler_seed=6, **(dict(GMM, seed=None) if gmm else {}))
+        torch.manual_seed(0)
+        s.set_timesteps(3)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)) * s.init_noise_sigma
+        s.prepare_gmm(x)
+        step = torch.compile(lambda m, t, y: s.step(m, t, y).prev_sample) if compiled else None
+        for t in s.timesteps:
+            m = _model(s.scale_model_input(x, t), t)
+            x = step(m, t, x) if compiled else s.step(m, t, x).prev_sample
+        return x
+
+    actual = run(True)
+    assert torch.isfinite(actual).all()
+    assert_close(actual, run(False), kind="f32")
 
 
 # -- bad input --------------------------------------------------------------------------------------------------
