@@ -247,7 +247,8 @@ def test_matched_steps_read_the_rows():
 @pytest.mark.parametrize("gmm", [False, True], ids=["gmm_off", "gmm"])
 def test_compiled_step_from_the_first_call_matches_eager(gmm):
     # the tree's draw runs eagerly (a graph break); the rest of the step compiles from the first call. With a GMM
-    # and seed=None, prepare_gmm draws the stream seed outside the graph
+    # and seed=None, prepare_gmm draws the stream seed outside the graph. Checked to fail with the stage check
+    # written `first != (i % 2 == 0)` (Dynamo makes the step index symbolic after its first recompile: an error).
     def run(compiled):
         torch._dynamo.reset()
         s = DPMSolverSDEGMMScheduler(noise_sampler_seed=6, **(dict(GMM, seed=None) if gmm else {}))
