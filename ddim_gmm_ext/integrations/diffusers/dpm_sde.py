@@ -190,7 +190,6 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
         return (values[0], values[1]) if i % 2 == 0 else (values[0], values[2])
 
     # -- the step ---------------------------------------------------------------------------------------------
-    @torch.compiler.disable
     def _tree_noise(self, sample: torch.Tensor, i: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(z, the stock mid_point_sigma) of position ``i``: the tree built as the stock step builds it (at the
         run's first step, from that step's sample and ``noise_sampler_seed``), queried as it queries it."""
@@ -203,6 +202,9 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
         if q is None:
             return None, None
         return self.noise_sampler(*q), q[1]
+
+    # under torch.compile the draw runs eagerly (one graph break); eager steps call it directly
+    _traced_tree_noise = torch.compiler.disable(_tree_noise)
 
     def _noise_table(self, sample: torch.Tensor, s_noise: float) -> torch.Tensor:
         """The rows in the compute dtype with the noise std scaled by ``s_noise`` (cached for the last value)."""
@@ -253,7 +255,7 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
         out_dtype = torch.result_type(sample, model_output)
         x = sample.to(torch.float64 if out_dtype == torch.float64 else torch.float32)
         gmm = self._gmm_for(x)
-        noise, mid = self._tree_noise(sample, i)
+        noise, mid = (self._traced_tree_noise if torch.compiler.is_compiling() else self._tree_noise)(sample, i)
         if noise is not None and noise.dtype not in (x.dtype, torch.float32):
             noise = noise.to(x.dtype)
         if gmm is not None:
