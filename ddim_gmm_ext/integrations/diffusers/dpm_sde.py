@@ -86,7 +86,8 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
     position (an odd ``begin_index``: the stock step divides 0 by 0 there) and ``s_noise`` that is not a finite
     number >= 0 are refused at ``step``; with a GMM, ``s_noise=0`` is refused (no noise to replace). ``s_noise``
     scales the rows' noise std c (with a GMM the mixture's level too; ``gmm_steps="matched"`` is decided at
-    s_noise = 1).
+    s_noise = 1). Schedules whose sigmas are not finite and > 0 (``beta_end`` of 1) are refused at construction and
+    ``set_timesteps``.
 
     Under ``torch.compile`` the tree's draw (torchsde, host Python) runs eagerly (``torch.compiler.disable``): a
     compiled step works from the first call with graph breaks there, never with ``fullgraph=True``.
