@@ -256,6 +256,46 @@ def _consistency_case(family, which, shape, generator):
     def step():
         s._step_index = i  # the base class counts steps; keep stepping the same one
         return s.step(m, t, x, generator=gen, **kw)
+# -- DPM++ SDE: one step (its two model evaluations) and a loop next to DPMSolverSDEScheduler, same noise source --
+SDE_STEPS = 20
+SDE_LOOP_STEPS = 10  # 19 model evaluations
+
+
+class _FixedNoise:
+    """A noise sampler that returns one precomputed tensor: both sides timed without the Brownian tree."""
+
+    def __init__(self, z):
+        self.z = z
+
+    def __call__(self, sigma, sigma_next):
+        return self.z
+
+
+def _sde_scheduler(which):
+    """Ours (GMM off) or the stock class, Karras sigmas (the "DPM++ SDE Karras" of model cards), a fixed tree seed."""
+    from diffusers import DPMSolverSDEScheduler
+
+    from ddim_gmm_ext.diffusers import DPMSolverSDEGMMScheduler
+
+    cls = DPMSolverSDEGMMScheduler if which == "ours" else DPMSolverSDEScheduler
+    return cls(use_karras_sigmas=True, noise_sampler_seed=0)
+
+
+def _sde_case(which, shape):
+    """One DPM++ SDE step at the middle of a 20-step schedule, both model evaluations (stage 1, then stage 2 from
+    the step's sample), each side with the same fixed-noise sampler: the step without the tree
+    (:func:`_sde_loop_case` times the tree)."""
+    s = _sde_scheduler(which)
+    s.set_timesteps(SDE_STEPS)
+    x, m = torch.randn(shape), torch.randn(shape)
+    s.noise_sampler = _FixedNoise(torch.randn(shape))
+    i = SDE_STEPS  # an even position: a step's first evaluation
+    t1, t2 = s.timesteps[i], s.timesteps[i + 1]
+
+    def step():
+        s._step_index = i  # the base class counts evaluations; keep stepping the same pair
+        mid = s.step(m, t1, x).prev_sample
+        return s.step(m, t2, mid)
 
     return step
 
@@ -314,3 +354,33 @@ def test_edm_step_vs_base(benchmark, which, family, shape, generator):
     if generator and family != "edm_sde_dpm":
         pytest.skip("deterministic: no noise to draw")
     benchmark(_edm_case(which, family, shape, generator))
+def _sde_loop_case(which, shape, tree):
+    """A whole 10-step loop (set_timesteps and 19 evaluations) with one fixed model output (the scheduler's
+    share only): with diffusers' Brownian tree (``tree``; a fresh one per loop, as set_timesteps drops it) or the
+    fixed-noise sampler on both sides. The difference of the two is what the tree costs."""
+    s = _sde_scheduler(which)
+    x_T, m, z = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+
+    def loop():
+        s.set_timesteps(SDE_LOOP_STEPS)
+        if not tree:
+            s.noise_sampler = _FixedNoise(z)
+        x = x_T
+        for t in s.timesteps:
+            x = s.step(m, t, x).prev_sample
+        return x
+
+    return loop
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 64, 64), (4, 4, 128, 128)], ids=["1x4x64x64", "4x4x128x128"])
+@pytest.mark.parametrize("which", ["ours", "diffusers"])
+def test_dpm_sde_step_vs_base(benchmark, which, shape):
+    benchmark(_sde_case(which, shape))
+
+
+@pytest.mark.parametrize("tree", [False, True], ids=["fixed_noise", "brownian_tree"])
+@pytest.mark.parametrize("shape", [(1, 4, 64, 64), (4, 4, 128, 128)], ids=["1x4x64x64", "4x4x128x128"])
+@pytest.mark.parametrize("which", ["ours", "diffusers"])
+def test_dpm_sde_loop_vs_base(benchmark, which, shape, tree):
+    benchmark(_sde_loop_case(which, shape, tree))

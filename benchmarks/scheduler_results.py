@@ -26,6 +26,8 @@ from bench_schedulers import (
     _dpm_loop_case,
     _edm_case,
     _new_family_case,
+    _sde_case,
+    _sde_loop_case,
 )
 from common import interleaved, write_json
 
@@ -80,6 +82,15 @@ def cases():
                 methods = {w: _edm_case(w, family, shape, gen) for w in ("ours", "diffusers")}
                 params = {"family": family, "shape": list(shape), "generator": gen}
                 out.append((f"{label}, {list(shape)}, {'generator' if gen else 'no generator'}", params, methods))
+    for shape in SHAPES:
+        methods = {w: _sde_case(w, shape) for w in ("ours", "diffusers")}
+        params = {"family": "dpm_sde", "shape": list(shape), "noise": "fixed"}
+        out.append((f"DPM++ SDE step (2 evaluations), fixed noise, {list(shape)}", params, methods))
+        for tree in (False, True):
+            methods = {w: _sde_loop_case(w, shape, tree) for w in ("ours", "diffusers")}
+            params = {"family": "dpm_sde_loop", "shape": list(shape), "noise": "tree" if tree else "fixed", "steps": 10}
+            noise = "Brownian tree" if tree else "fixed noise"
+            out.append((f"DPM++ SDE 10-step loop, {noise}, {list(shape)}", params, methods))
     return out
 
 

@@ -38,6 +38,7 @@ DROP_INS = {
     "EulerAncestralDiscreteScheduler": "EulerAncestralDiscreteGMMScheduler",
     "FlowMatchEulerDiscreteScheduler": "FlowMatchEulerDiscreteGMMScheduler",
     "DPMSolverMultistepScheduler": "DPMSolverMultistepGMMScheduler",
+    "DPMSolverSDEScheduler": "DPMSolverSDEGMMScheduler",
     "UniPCMultistepScheduler": "UniPCMultistepGMMScheduler",
     "LCMScheduler": "LCMGMMScheduler",
     "TCDScheduler": "TCDGMMScheduler",

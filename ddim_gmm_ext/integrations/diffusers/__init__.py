@@ -49,6 +49,14 @@ from .lcm import (
 )
 from .unipc import UniPCMultistepGMMScheduler
 
+try:  # diffusers' DPMSolverSDEScheduler draws its Brownian-tree noise with torchsde, an optional dependency
+    from .dpm_sde import DPMSolverSDEGMMScheduler, DPMSolverSDESchedulerOutput  # noqa: F401 (in __all__ below)
+except ImportError as _error:  # torchsde missing: every other scheduler works; these two names say what to install
+    _SDE_ERROR: ImportError | None = _error
+else:
+    _SDE_ERROR = None
+_SDE_NAMES = ("DPMSolverSDEGMMScheduler", "DPMSolverSDESchedulerOutput")
+
 __all__ = [
     "DDIMGMMScheduler",
     "DDIMSchedulerOutput",
@@ -74,6 +82,8 @@ __all__ = [
     "patch_diffusers",
     "unpatch_diffusers",
 ]
+if _SDE_ERROR is None:
+    __all__ += _SDE_NAMES
 
 #: each scheduler and the stock diffusers scheduler it extends
 _STOCK = {
@@ -90,6 +100,18 @@ _STOCK = {
     TCDGMMScheduler: "TCDScheduler",
     FlowMatchLCMGMMScheduler: "FlowMatchLCMScheduler",
 }
+if _SDE_ERROR is None:
+    _STOCK[DPMSolverSDEGMMScheduler] = "DPMSolverSDEScheduler"
+
+
+def __getattr__(name: str):
+    if name in _SDE_NAMES and _SDE_ERROR is not None:
+        raise ImportError(
+            f"{name} needs torchsde (diffusers' DPMSolverSDEScheduler draws its Brownian-tree noise with it), which "
+            f"failed to import ({_SDE_ERROR}): pip install torchsde"
+        ) from _SDE_ERROR
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # The recorded library name must resolve even when only this package (not the public alias) was imported.
 sys.modules.setdefault("ddim_gmm_ext.diffusers", sys.modules[__name__])
@@ -126,7 +148,9 @@ def patch_diffusers(*, compatibles: bool = True, ddim_pipeline: bool = True) -> 
                 klass = getattr(diffusers, other, None)
                 if klass in _STOCK:  # ours, listed in a stock class's _compatibles by an earlier iteration
                     continue
-                if isinstance(klass, type) and cls.__name__ not in klass._compatibles:
+                # a stock class whose backend is missing (DPMSolverSDEScheduler without torchsde) is diffusers'
+                # placeholder, with no _compatibles: nothing to list there
+                if isinstance(klass, type) and cls.__name__ not in getattr(klass, "_compatibles", [cls.__name__]):
                     _saved_compatibles.setdefault(klass, klass._compatibles)
                     klass._compatibles = [*klass._compatibles, cls.__name__]
     if ddim_pipeline and not hasattr(DDIMPipeline.__init__, "_stock_init"):
