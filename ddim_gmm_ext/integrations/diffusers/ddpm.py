@@ -219,7 +219,7 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
         c = self.config
         self._check_gmm_ready()
         learned = c.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]
-        if self._rows is None or c.thresholding or learned or c.variance_type not in _FIXED_VARIANCES:
+        if self._row_table is None or c.thresholding or learned or c.variance_type not in _FIXED_VARIANCES:
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
         check_model_output(model_output, sample)
         if generator is not None:

@@ -193,7 +193,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
     ) -> FlowMatchEulerDiscreteSchedulerOutput | tuple:
         """One RFIM(-GMM) step from ``timestep`` to the next sigma; arguments and outputs as the base class
         (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise`` are accepted and unused, as there)."""
-        if self._rows is None:
+        if self._row_table is None:
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
