@@ -49,8 +49,6 @@ def make_gmms(sampler_list, dim: int, n_components: int, steps: int, seed: int, 
     ]
 
 
-step_gmm = _checks.gmm_for_step  # the one final-step rule of every sampler
-
 #: The Philox step counter of the initial noise x_T: no sampling step reaches it (steps <= 1000), so x_T and the
 #: step noise are independent draws of the same stream.
 INITIAL_NOISE_STEP = 2**32 - 1
@@ -254,7 +252,7 @@ def sample_ddim(
     """DDIM(-GMM) sampling loops of an epsilon model ``eps_model(x [B, D], t [B] int64)``, one per entry of
     ``gmms`` (None = DDIM, a GMM, or a :class:`MatchedNoise` control), all from ``x_T`` [N, D] with the same
     step noise (paired). ``final_step``: "gaussian" (no mixture on the last step) or "gmm" (see
-    :func:`step_gmm`); ``gmm_steps``: where the mixture acts ("all", "matched", indices or a mask; one for every
+    :func:`ddim_gmm_ext._checks.gmm_for_step`); ``gmm_steps``: where the mixture acts ("all", "matched", indices or a mask; one for every
     entry or a list, one per entry). ``sample_offset``: the global index of x_T's first row (the randomness
     contract's, for a shard of a larger run); ``model_batch``: see :func:`_model_outputs` (default: the model
     sees one stacked batch [len(gmms) * N, D] per step); ``final_alpha``: where the last step goes ("one": the

@@ -314,7 +314,7 @@ def _op_args(device, dtype=torch.float32, gmm=True, guided=False, table=False):
     """Positional arguments of one valid op call, as a name -> value dict in schema order."""
     x, m, _ = _inputs(SHAPE, dtype, device, guided=guided)
     cdt = compute_dtype(dtype)
-    tables = _gmm(SHAPE, "ortho-vub", device, dtype=cdt).params(0, x) if gmm else (None, None, None)
+    tables = tuple(t[0] for t in _gmm(SHAPE, "ortho-vub", device, dtype=cdt).tables(x)[:3]) if gmm else (None,) * 3
     row = [0.7, 0.7, 0.8, 0.6, 0.3, 1.0]
     coeffs = torch.tensor([row, row] if table else row, dtype=cdt, device=device)
     values = [m, x, coeffs, None, *tables, None, None, None, 0, 2.0 if guided else None, 1.0, True, 3, 0, 1, True]
