@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -250,7 +251,6 @@ def test_numpy_integers_are_ints_everywhere():
     # Issue 22 item 13, one rule (_checks.is_int): on 9e9d80e np.uint64 seeds >= 2**63 and np.int64 indices were
     # refused by the step (TypeError) and np.int64 counts by GMM.create; a scheduler's np.uint64 seed overflowed
     # in op_seed. Each result must equal the Python-int call's.
-    np = pytest.importorskip("numpy")
     m, x = _args()
     seed = 2**63 + 5
     gmm = dg.GMM.create(np.int64(12), n_components=np.int64(3), n_steps=np.int64(4), seed=np.uint64(seed))
