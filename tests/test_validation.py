@@ -92,7 +92,7 @@ def test_unknown_noise_schedule_raises():
         (dict(dim=8, n_components=2, uniform_priors="no"), "uniform_priors must be a bool"),
         (dict(dim=8, n_components=2, share_across_steps="no"), "share_across_steps must be a bool"),
         (dict(dim=8, n_components=2.0), "n_components must be an int >= 1"),
-        # Issue 22 item 13: a scale whose square overflows is named (9e9d80e: a bare OverflowError from float ** 2)
+        # A scale whose square overflows is named (9e9d80e: a bare OverflowError from float ** 2)
         (dict(dim=8, n_components=2, variant="ortho-vub", scale=1.5e154), "scale 1.5e.154 is too large"),
         (dict(dim=8, n_components=2, variant="ortho-vub", scale=1.5e154, dtype=torch.float64), "is too large"),
         (dict(dim=8, n_components=2, variant="ortho-lr", scale=1.5e154), "scale 1.5e.154 is too large"),
@@ -205,7 +205,7 @@ def test_no_top_level_triton_kernels_from_us(tmp_path):
     ("call", "match"),
     [
         (lambda m, x: dg.ddim_step(m, x, float("nan"), 0.5), r"alpha_prod_t must be a finite number in \[0, 1\]"),
-        # Issue 22 item 13: the caller's argument is named, not a_t / b_t, which it did not pass (9e9d80e: "a_t")
+        # The caller's argument is named, not a_t / b_t, which it did not pass (9e9d80e: "a_t")
         (lambda m, x: dg.ddim_step(m, x, 0.0, 0.5), "alpha_prod_t must not be 0 with prediction_type 'epsilon'"),
         (lambda m, x: ref.ddim_step(m, x, 0.0, 0.5), "alpha_prod_t must not be 0 with prediction_type 'epsilon'"),
         (lambda m, x: dg.ddim_step(m, x, 1.0, 0.5, prediction_type="sample"), "alpha_prod_t must not be 1 with"),
@@ -242,13 +242,13 @@ def test_eta_must_be_a_number():
 
 @pytest.mark.parametrize("variant", ["ortho-vub", "ortho-lr"])
 def test_reference_names_an_overflowing_scale(variant):
-    # Issue 22 item 13: reference.gmm_parameters raised a bare OverflowError for ORTHO-VUB (ORTHO-LR named it).
+    # reference.gmm_parameters raised a bare OverflowError for ORTHO-VUB (ORTHO-LR named it).
     with pytest.raises(ValueError, match="scale 1.5e.154 is too large"):
         ref.gmm_parameters(8, 2, 1, 1.5e154, variant)
 
 
 def test_numpy_integers_are_ints_everywhere():
-    # Issue 22 item 13, one rule (_checks.is_int): on 9e9d80e np.uint64 seeds >= 2**63 and np.int64 indices were
+    # One rule (_checks.is_int): on 9e9d80e np.uint64 seeds >= 2**63 and np.int64 indices were
     # refused by the step (TypeError) and np.int64 counts by GMM.create; a scheduler's np.uint64 seed overflowed
     # in op_seed. Each result must equal the Python-int call's.
     m, x = _args()

@@ -396,7 +396,7 @@ def step(
 
     When there is no gradient to record (grad mode off, or none of model_output, sample and the history
     requiring grad) and nothing is being traced, the call goes below the Autograd dispatch key: the Python
-    autograd wrapper costs about 8 us a call on CPU, half a small step's time. An input without a derivative
+    autograd wrapper costs about half a small step's time on CPU. An input without a derivative
     that requires grad is refused first, as the autograd path does, rather than detached silently."""
     if len(history) > 2:
         raise ValueError(f"ddimgmm::step: history takes at most 2 tensors (h1, h2), got {len(history)}")
@@ -405,8 +405,8 @@ def step(
     prediction_type, guidance_scale, clip_sample_range, use_clipped, seed, sample_offset, noise, components, x0 = (
         options
     )
-    # The record built positionally, in StepArgs' order: a keyword call of a 20-field NamedTuple costs about
-    # 1 us, a sixth of a small step; tests/ops/test_step.py checks every field of this call by name.
+    # The record built positionally, in StepArgs' order: a keyword call of a 20-field NamedTuple costs a sixth
+    # of a small step; tests/ops/test_step.py checks every field of this call by name.
     args = _new_record(
         StepArgs,
         (

@@ -77,7 +77,7 @@ def _stochastic_kwargs(ours):
     return {}, {}
 
 
-# -- item 1: compiling from the first call ----------------------------------------------------------------------
+# -- compiling from the first call -------------------------------------------------------------------------------------
 
 _COMPILE_SCRIPT = textwrap.dedent(
     """
@@ -172,7 +172,7 @@ def test_compiled_gmm_loop_without_prepare_gmm_names_it():
         step(x, s.timesteps[0], x)
 
 
-# -- item 3: the global RNG -------------------------------------------------------------------------------------
+# -- the global RNG ----------------------------------------------------------------------------------------------------
 
 
 # Mutation checked: drawing the stream seed in set_timesteps (as before) fails every case; Philox noise for a
@@ -211,7 +211,7 @@ def test_gmm_on_draws_the_stream_seed_at_the_first_step_not_at_set_timesteps(our
     assert not is_close(other, first, "distinct")
 
 
-# -- item 4: the GMM stream from the generator -----------------------------------------------------------------
+# -- the GMM stream from the generator ---------------------------------------------------------------------------------
 
 
 # Mutation checked: Euler ancestral without its components drawn from the generator (as before) fails.
@@ -229,7 +229,7 @@ def test_gmm_with_a_generator_ignores_the_global_rng(ours):
     assert not is_close(other, runs[0], "distinct")
 
 
-# -- item 5: a GMM without set_timesteps -------------------------------------------------------------------------
+# -- a GMM without set_timesteps ---------------------------------------------------------------------------------------
 
 
 # Mutation checked: without _check_gmm_ready, DDPM and Euler ancestral run the stock step silently.
@@ -243,7 +243,7 @@ def test_a_gmm_step_before_set_timesteps_is_an_error(ours):
         scheduler.step(x, t, x)
 
 
-# -- item 9: output dtypes -----------------------------------------------------------------------------------------
+# -- output dtypes -----------------------------------------------------------------------------------------------------
 
 
 # Mutation checked: Euler's sample kept in float32 for a float64 model output (as before) fails float64.
@@ -257,7 +257,7 @@ def test_output_dtypes_match_the_stock_class(ours, stock, dtype):
         assert out_ours[key].dtype == out_stock[key].dtype, key
 
 
-# -- item 2: zero-SNR schedules with epsilon prediction ---------------------------------------------------------
+# -- zero-SNR schedules with epsilon prediction ------------------------------------------------------------------------
 
 ZERO_SNR = dict(rescale_betas_zero_snr=True, prediction_type="epsilon")
 
@@ -296,7 +296,7 @@ def test_zero_snr_epsilon_without_clipping_is_refused_at_set_timesteps(ours, sto
     scheduler.set_timesteps(STEPS)  # leading never reaches the last training timestep
 
 
-# -- items 10 and 13: errors that name the caller's argument; empty batches --------------------------------------
+# -- errors that name the caller's argument; empty batches -------------------------------------------------------------
 
 
 # Mutation checked: without check_model_output, DDPM / Euler ancestral / DDIM with a generator name `noise`, and
@@ -335,7 +335,7 @@ def test_an_empty_batch_with_a_generator_and_a_gmm_is_an_empty_loop(ours):
     assert x.shape == (0, 3, 8, 8)
 
 
-# -- issue 24 item 4: importing changes no stock class -----------------------------------------------------------
+# -- importing changes no stock class ----------------------------------------------------------------------------------
 
 _IMPORT_SCRIPT = textwrap.dedent(
     """
@@ -377,7 +377,7 @@ def test_importing_leaves_stock_classes_unchanged_and_patching_is_explicit():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
-# -- the GMM plumbing of every scheduler ------------------------------------------------------------------------
+# -- the GMM plumbing of every scheduler -------------------------------------------------------------------------------
 
 # every scheduler class, with a config whose steps draw noise (a GMM is accepted there)
 NOISY = [

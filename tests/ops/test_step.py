@@ -388,7 +388,7 @@ BAD_OP_CALLS = [
                                                       components=lambda a: a["sample"].new_zeros(3).long())),
     (ValueError, r"step_index 2 is outside the coefficient table \[2, 6\]",
      dict(coeffs=lambda a: torch.stack([a["coeffs"]] * 2), step_index=2)),
-    # Issue 22 item 6: one stacked set is one step's, not shared (9e9d80e took S_g == 1 for shared: no error).
+    # One stacked set is one step's, not shared (9e9d80e took S_g == 1 for shared: no error).
     (ValueError, r"step_index 3 is outside the GMM tables \(1 parameter sets\)",
      dict(priors=lambda a: a["priors"][None], offsets=lambda a: a["offsets"][None],
           var_offsets=lambda a: a["var_offsets"][None], step_index=3)),

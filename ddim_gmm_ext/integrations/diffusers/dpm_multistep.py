@@ -404,7 +404,7 @@ class DPMSolverMultistepGMMScheduler(
         order = c.solver_order
         # h1 (the latest data prediction), then h2 for order 3; slots still empty (eager first steps, whose rows
         # have H_j = 0) are left out
-        if order == 2:  # the common case without a generator expression (~0.3 us)
+        if order == 2:  # the common case, without the cost of a generator expression
             h1 = self.model_outputs[-1]
             history = () if h1 is None else (h1,)
         else:
