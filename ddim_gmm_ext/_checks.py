@@ -317,8 +317,10 @@ def check_priors(priors: torch.Tensor) -> None:
 
 
 def check_gmm_config(dim: int, n_components: int, n_steps: int, scale: float, variant: str) -> None:
+    """The arguments of one GMM's tables (:func:`reference.gmm_parameters`, ``GMM._build``): the variant is one of
+    :data:`VARIANTS` ("ortho-vub*" is ``GMM.create``'s alias, resolved before this check)."""
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS + ('ortho-vub*',)}, got {variant!r}")
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if not is_int(n_components) or n_components < 1:
         raise ValueError(f"n_components must be an int >= 1, got {n_components!r}")
     if not is_int(dim) or dim < 2:

@@ -240,6 +240,18 @@ def test_eta_must_be_a_number():
         dg.ddim_step(m, x, 0.3, 0.5, eta="0.5")
 
 
+# Mutation checked: the old message, which listed "ortho-vub*" among the values (GMM.create's alias, refused
+# here), fails.
+def test_the_spec_names_the_variants_it_accepts():
+    with pytest.raises(ValueError) as refused:
+        ref.gmm_parameters(8, 2, 1, 1.0, "ortho-vub*")
+    assert str(refused.value) == "variant must be one of ('rand', 'ortho', 'ortho-vub', 'ortho-lr'), got 'ortho-vub*'"
+    for variant in ("rand", "ortho", "ortho-vub", "ortho-lr"):
+        ref.gmm_parameters(8, 2, 1, 1.0, variant)
+    with pytest.raises(ValueError, match=r"variant must be one of \(.*'ortho-lr', 'ortho-vub\*'\), got 'vub'"):
+        dg.GMM.create(8, n_components=2, n_steps=1, variant="vub")  # the public call names its alias too
+
+
 @pytest.mark.parametrize("variant", ["ortho-vub", "ortho-lr"])
 def test_reference_names_an_overflowing_scale(variant):
     # reference.gmm_parameters raised a bare OverflowError for ORTHO-VUB (ORTHO-LR named it).
