@@ -321,3 +321,28 @@ def test_history_as_a_list_is_still_taken():
     as_list = dg.step_from_table(m, x, coeffs, 0, history=[h, h], **kw).prev_sample
     expected = ref.step_from_table(m, x, coeffs, 0, history=(h, h), **kw).prev_sample
     torch.testing.assert_close(as_list, expected)
+
+
+# Mutation checked: a StepKwargs field renamed (seed -> seeds) or retyped fails the first assertion; step_options
+# without its TypeError (StepOptions.__new__'s own message) fails the second.
+def test_step_options_are_defined_once_and_an_unknown_one_is_named():
+    from ddim_gmm_ext._checks import StepKwargs, StepOptions
+
+    def spelled(annotations):  # ForwardRef or str: the type as written
+        return {k: getattr(v, "__forward_arg__", v) for k, v in annotations.items()}
+
+    assert list(StepKwargs.__annotations__) == list(StepOptions._fields)
+    assert spelled(StepKwargs.__annotations__) == spelled(StepOptions.__annotations__)
+    m, x = _args()
+    calls = {
+        "step": lambda **kw: dg.step(m, x, 0.8, 0.6, 0.9, 0.4, 0.1, **kw),
+        "step_from_table": lambda **kw: dg.step_from_table(
+            m, x, torch.tensor(dg.coefficient_row(0.8, 0.6, 0.9, 0.4, 0.1)), 0, **kw
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=rf"^{name}\(\) got an unexpected keyword argument 'seeds'$"):
+            call(seeds=1)
+        assert torch.equal(call().prev_sample, call(**StepOptions()._asdict()).prev_sample)  # the defaults
+    with pytest.raises(TypeError, match=r"^step\(\) got an unexpected keyword argument 'seeds'$"):
+        ref.step(m, x, 0.8, 0.6, 0.9, 0.4, 0.1, seeds=1)
