@@ -15,18 +15,9 @@ __all__ = ["step", "step_from_table", "ddim_step", "rfim_step", "thin_svd", "off
 
 
 def step(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    a_t,
-    b_t,
-    a_s,
-    b_s,
-    noise_std,
-    *,
-    gmm=None,
-    step_index: int = 0,
+    model_output: torch.Tensor, sample: torch.Tensor, a_t, b_t, a_s, b_s, noise_std, *, gmm=None, step_index: int = 0,
     **options: Unpack[_checks.StepKwargs],
-) -> StepOutput:
+) -> StepOutput:  # fmt: skip
     """One step x_t -> x_s of the Gaussian path x_t = a_t x0 + b_t eps with noise std ``noise_std``; with
     ``gmm``, the Gaussian-mixture kernel of parameter set ``step_index``. See :func:`reference.step`.
 
@@ -45,15 +36,9 @@ def step(
 
 
 def step_from_table(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    coeffs: torch.Tensor,
-    step_index,
-    *,
-    gmm=None,
-    history: tuple[torch.Tensor, ...] = (),
-    **options: Unpack[_checks.StepKwargs],
-) -> StepOutput:
+    model_output: torch.Tensor, sample: torch.Tensor, coeffs: torch.Tensor, step_index, *, gmm=None,
+    history: tuple[torch.Tensor, ...] = (), **options: Unpack[_checks.StepKwargs],
+) -> StepOutput:  # fmt: skip
     """One step from row ``step_index`` of a coefficient table, in one fused op call. See
     :func:`reference.step_from_table` for the math.
 

@@ -219,15 +219,9 @@ def coefficient_row(a_t, b_t, a_s, b_s, c, g=1.0) -> tuple:
 
 
 def step_from_table(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    coeffs: torch.Tensor,
-    step_index,
-    *,
-    gmm=None,
-    history: tuple[torch.Tensor, ...] = (),
-    **options: Unpack[_checks.StepKwargs],
-) -> StepOutput:
+    model_output: torch.Tensor, sample: torch.Tensor, coeffs: torch.Tensor, step_index, *, gmm=None,
+    history: tuple[torch.Tensor, ...] = (), **options: Unpack[_checks.StepKwargs],
+) -> StepOutput:  # fmt: skip
     """One step x_t -> x_s from row ``step_index`` of a coefficient table (the spec of ``ddimgmm::step``).
 
     coeffs: [S, 6] or [S, 8] rows, or one row [6] / [8], of (a_t, b_t, A, B, c, g[, H1, H2]) in the compute
@@ -320,18 +314,9 @@ def step_from_table(
 
 
 def step(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    a_t,
-    b_t,
-    a_s,
-    b_s,
-    noise_std,
-    *,
-    gmm=None,
-    step_index: int = 0,
+    model_output: torch.Tensor, sample: torch.Tensor, a_t, b_t, a_s, b_s, noise_std, *, gmm=None, step_index: int = 0,
     **options: Unpack[_checks.StepKwargs],
-) -> StepOutput:
+) -> StepOutput:  # fmt: skip
     """One step x_t -> x_s of a Gaussian path x_t = a_t x0 + b_t eps with noise std c = ``noise_std``
     (docs/design.md 1.2, 1.3): :func:`step_from_table` with the one row :func:`coefficient_row` (g = 1) and
     ``gmm``'s parameter set ``step_index``:
