@@ -132,7 +132,10 @@ class FusedStepMixin:
         """The rows on the sample's device in its compute dtype (converted once per schedule)."""
         if self._prepared_shape is not None:  # tested here: a call less per step without prepare_gmm
             self._check_prepared(sample)
-        return self._row_table_or_raise().table(sample.device, _checks.compute_dtype(sample.dtype))
+        table = self._row_table
+        if table is None:
+            table = self._row_table_or_raise()
+        return table.table(sample.device, _checks.compute_dtype(sample.dtype))
 
     def _check_sample_arg(self, sample) -> None:
         if not isinstance(sample, torch.Tensor):
@@ -350,10 +353,11 @@ class GMMSchedulerMixin(FusedStepMixin):
         gmm = self._user_gmm
         if gmm is None and self._gmm_options.variant is None:
             return None
-        n_steps = self._n_steps()
+        table = self._row_table_or_raise()
+        n_steps = table.n_steps
         if gmm is not None:
             check_gmm(gmm, sample, n_steps, "gmm_params")
-            self._row_table_or_raise().gate_for(gmm)
+            table.gate_for(gmm)
             return gmm
         key = (tuple(sample.shape[1:]), n_steps, sample.device, sample.dtype == torch.float64)
         if key != self._built_key:
@@ -364,7 +368,7 @@ class GMMSchedulerMixin(FusedStepMixin):
                 )
             self._built_gmm = self._gmm_options.build(sample, n_steps)
             self._built_key = key
-        self._row_table_or_raise().gate_for(self._built_gmm)
+        table.gate_for(self._built_gmm)
         return self._built_gmm
 
     def _new_run(self) -> None:

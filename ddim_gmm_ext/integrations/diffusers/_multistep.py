@@ -116,7 +116,9 @@ class MultistepIndexMixin:
         if self.step_index is None:  # type: ignore[attr-defined]  # the diffusers scheduler's
             self._init_step_index(timestep)  # type: ignore[attr-defined]
         i = self.step_index  # type: ignore[attr-defined]
-        check_host_step(i, len(self.timesteps))  # type: ignore[attr-defined]
+        n = self.timesteps.shape[0]  # type: ignore[attr-defined]
+        if not 0 <= i < n:
+            check_host_step(i, n)
         if self.lower_order_nums == 0 and i != self._rows_start:  # type: ignore[attr-defined]
             self._restart(i)
         return i

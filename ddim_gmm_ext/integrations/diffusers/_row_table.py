@@ -88,6 +88,7 @@ class RowTable:
         for variant in self._warm_variants:
             rows = self.rows(variant)
             self.table(rows.device, torch.float32, variant)
+        self.n_steps: int = self.rows().shape[0]  # the number of steps (read at every GMM step)
 
     def rows(self, variant: Hashable = None) -> torch.Tensor:
         """The float64 rows of ``variant`` (None: the default's) with ``gmm_steps`` applied."""
@@ -100,17 +101,12 @@ class RowTable:
             rows = self._gated[variant] = gate(ungated, self.gmm_steps, self.gated_for)
         return rows
 
-    @property
-    def n_steps(self) -> int:
-        return self.rows().shape[0]
-
     def table(self, device: torch.device, dtype: torch.dtype, variant: Hashable = None) -> torch.Tensor:
         """The rows of ``variant`` (None: the default's) on ``device`` in ``dtype``, converted once."""
-        if variant is None:
-            variant = self.default
-        table = self._copies.get((variant, device, dtype))
+        key = (self.default if variant is None else variant, device, dtype)
+        table = self._copies.get(key)
         if table is None:
-            table = self._copies[(variant, device, dtype)] = self.rows(variant).to(device, dtype)
+            table = self._copies[key] = self.rows(key[0]).to(device, dtype)
         return table
 
     def gate_for(self, gmm: GMM | None) -> None:

@@ -334,7 +334,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         if i is None:  # off the schedule: DDIMScheduler's own arithmetic for this timestep, Gaussian kernel
             table, op_index = self._off_schedule_row(int(timestep), eta, gmm, sample.device, cdt)
         else:
-            table, op_index = self._table_at(eta, sample.device, cdt), i
+            table, op_index = self._row_table.table(sample.device, cdt, eta), i  # type: ignore[union-attr]  # _index refuses a scheduler without set_timesteps
 
         noise, components = variance_noise, None
         if noise is None and eta > 0 and self._torch_noise(generator, gmm):
