@@ -398,6 +398,17 @@ class GMMSchedulerMixin(FusedStepMixin):
             self._stream_seed = stream_seed(None)
             self._seed_pending = False
 
+    def _gmm_components(self, generator, gmm: GMM | None, index, sample: torch.Tensor, position=None):
+        """The GMM components of step ``index`` (None where the op draws them, or GMM off): from ``generator``
+        where one is given (:func:`draw_components`), else the op's Philox stream, whose run seed
+        :meth:`_use_stream` settles (``position``: the step's host position in the schedule, where known)."""
+        if gmm is None:
+            return None
+        if generator is not None:
+            return draw_components(generator, gmm, int(index), sample)
+        self._use_stream(position)
+        return None
+
     def _torch_noise(self, generator, gmm) -> bool:
         """Whether the step's Gaussian noise comes from ``randn_tensor`` (``generator``, or torch's global RNG as
         the stock scheduler draws it: GMM off and no seed) rather than from the Philox stream."""

@@ -25,7 +25,6 @@ from ._base import (
     check_model_output,
     check_step_count,
     coefficient_rows,
-    draw_components,
     publish,
     scheduler_output,
     zero_snr_rows,
@@ -336,16 +335,12 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         else:
             table, op_index = self._row_table.table(sample.device, cdt, eta), i  # type: ignore[union-attr]  # _index refuses a scheduler without set_timesteps
 
-        noise, components = variance_noise, None
+        noise = variance_noise
         if noise is None and eta > 0 and self._torch_noise(generator, gmm):
             noise = randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
             )
-        if gmm is not None:
-            if generator is not None:
-                components = draw_components(generator, gmm, int(op_index), sample)
-            else:
-                self._use_stream(self._position)
+        components = self._gmm_components(generator, gmm, op_index, sample, self._position)
 
         thresholding, clip, prediction_type = self._step_options
         if thresholding:

@@ -37,7 +37,6 @@ from ._base import (
     check_host_step,
     check_model_output,
     check_step_count,
-    draw_components,
     publish,
     scheduler_output,
 )
@@ -216,16 +215,12 @@ class EulerAncestralDiscreteGMMScheduler(GMMSchedulerMixin, _FusedEulerMixin, Eu
         """(gmm, noise, components) of step ``i``: z drawn exactly as the base class draws it, or the Philox
         stream's (see :meth:`GMMSchedulerMixin._torch_noise`)."""
         gmm = self._gmm_for(sample)
-        noise = components = None
+        noise = None
         if self._torch_noise(generator, gmm):
             noise = randn_tensor(
                 model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
             )
-        if gmm is not None:
-            if generator is not None:
-                components = draw_components(generator, gmm, i, sample)
-            else:
-                self._use_stream()
+        components = self._gmm_components(generator, gmm, i, sample)
         return gmm, noise, components
 
     def step(
