@@ -224,7 +224,8 @@ class DeterministicMixin(FusedStepMixin):
 
 
 class GMMSchedulerMixin(FusedStepMixin):
-    """GMM config keys, GMM tables, the step index and the fused step of a drop-in diffusers scheduler.
+    """The GMM plumbing of a drop-in diffusers scheduler whose steps draw noise: its GMM config keys, GMM tables and
+    Philox stream, on top of :class:`FusedStepMixin` (the rows and the fused step).
 
     GMM config keys (saved with ``save_pretrained``, overridable in ``from_config(config, **keys)``):
 
