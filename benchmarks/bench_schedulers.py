@@ -134,7 +134,7 @@ def test_new_scheduler_step_vs_base(benchmark, which, family, shape, generator):
 
 # -- DPM-Solver++ multistep: the fused step and a whole loop next to DPMSolverMultistepScheduler ---------------
 DPM_STEPS = 20
-#: issue 21 item 5: dpmsolver++ (order 2, karras sigmas) and sde-dpmsolver++ (order 2, default sigmas)
+#: dpmsolver++ (order 2, karras sigmas) and sde-dpmsolver++ (order 2, default sigmas)
 DPM_ALGORITHMS = {"dpmsolver++": {"use_karras_sigmas": True}, "sde-dpmsolver++": {}}
 
 

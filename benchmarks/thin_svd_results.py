@@ -7,7 +7,7 @@ stages.
 Per (shape, dtype) the methods run interleaved, one call each per round, so that load on a shared machine
 falls on all of them alike; each round gives a ratio (LAPACK time / ours, above 1 when ours is faster), and the
 JSON keeps its median and quartiles next to each method's median wall and process-CPU time. The ratio is the
-figure to compare across runs: the CPU regression of issue 22 (dg.thin_svd 0.35-0.54x of LAPACK at
+figure to compare across runs: a CPU regression (dg.thin_svd 0.35-0.54x of LAPACK at
 [50, 16384, 8] float64, 2.3-4.1x before) shows there. The load average before and after is recorded.
 """
 
@@ -22,7 +22,7 @@ from common import cpu_times, write_json
 import ddim_gmm_ext as dg
 from ddim_gmm_ext import reference
 
-# (shape, dtype): the GMM shape and a smaller one in both dtypes, the large issue-4 shapes in float32.
+# (shape, dtype): the GMM shape and a smaller one in both dtypes, the large GPU-target shapes in float32.
 CASES = [
     ((50, 16384, 8), torch.float64),
     ((50, 16384, 8), torch.float32),

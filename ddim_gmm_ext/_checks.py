@@ -7,8 +7,9 @@ of CUDA tensors) are skipped: they belong where the values are made (``GMM`` val
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from numbers import Integral, Real
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict
 
 import torch
 
@@ -205,9 +206,17 @@ def check_index(name: str, value: int, upper: int) -> int:
 
 
 class StepOptions(NamedTuple):
-    """A step's options as :func:`ddim_gmm_ext.step` takes them (the same names and defaults), carried as one
-    value from ``step`` / ``step_from_table`` (checked once, by :func:`check_step_inputs`) through
-    ``api.fused_step`` to the op's wrapper ``ops.step.step``."""
+    """A step's options, the one definition of their names, types and defaults: the keywords of
+    :func:`ddim_gmm_ext.step` and :func:`ddim_gmm_ext.step_from_table` (and the spec's), carried as one value
+    from there (checked once, by :func:`check_step_inputs`) through ``api.fused_step`` to the op's wrapper
+    ``ops.step.step``.
+
+    * ``prediction_type``: what the model predicts, one of :data:`PREDICTION_TYPES`;
+    * ``guidance_scale``: classifier-free guidance w on a stacked [2B, ...] output (unconditional half first);
+    * ``clip_sample_range``: clip x0_hat to [-r, r]; ``use_clipped_model_output``: re-derive eps_hat from it;
+    * ``seed``, ``sample_offset``: the Philox stream's key and the global index of the batch's first sample;
+    * ``noise``, ``components``: the draws, given instead of the stream's;
+    * ``return_pred_original``: False leaves ``pred_original_sample`` None (a fused step writes less)."""
 
     prediction_type: str = "epsilon"
     guidance_scale: float | None = None
@@ -218,6 +227,31 @@ class StepOptions(NamedTuple):
     noise: torch.Tensor | None = None
     components: torch.Tensor | None = None
     return_pred_original: bool = True
+
+
+class StepKwargs(TypedDict, total=False):
+    """:class:`StepOptions` as the keywords of a step function (``**options: Unpack[StepKwargs]``): the same
+    names and types (a test holds them equal); the defaults are StepOptions'."""
+
+    prediction_type: str
+    guidance_scale: float | None
+    clip_sample_range: float | None
+    use_clipped_model_output: bool
+    seed: int
+    sample_offset: int
+    noise: torch.Tensor | None
+    components: torch.Tensor | None
+    return_pred_original: bool
+
+
+def step_options(caller: str, options: Mapping) -> StepOptions:
+    """A step function's option keywords as one :class:`StepOptions`; an unknown keyword is the TypeError Python
+    gives for a function's (naming ``caller``)."""
+    try:
+        return StepOptions(**options)
+    except TypeError:
+        unknown = next(k for k in options if k not in StepOptions._fields)
+        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown!r}") from None
 
 
 def check_step(
@@ -317,8 +351,10 @@ def check_priors(priors: torch.Tensor) -> None:
 
 
 def check_gmm_config(dim: int, n_components: int, n_steps: int, scale: float, variant: str) -> None:
+    """The arguments of one GMM's tables (:func:`reference.gmm_parameters`, ``GMM._build``): the variant is one of
+    :data:`VARIANTS` ("ortho-vub*" is ``GMM.create``'s alias, resolved before this check)."""
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS + ('ortho-vub*',)}, got {variant!r}")
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if not is_int(n_components) or n_components < 1:
         raise ValueError(f"n_components must be an int >= 1, got {n_components!r}")
     if not is_int(dim) or dim < 2:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from typing_extensions import Unpack
 
 from . import _checks, _rows, _schedules
 from .ops import offset_directions as _offset_directions_op
@@ -14,61 +15,30 @@ __all__ = ["step", "step_from_table", "ddim_step", "rfim_step", "thin_svd", "off
 
 
 def step(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    a_t,
-    b_t,
-    a_s,
-    b_s,
-    noise_std,
-    *,
-    gmm=None,
-    step_index: int = 0,
-    prediction_type: str = "epsilon",
-    guidance_scale: float | None = None,
-    clip_sample_range: float | None = None,
-    use_clipped_model_output: bool = False,
-    seed: int = 0,
-    sample_offset: int = 0,
-    noise: torch.Tensor | None = None,
-    components: torch.Tensor | None = None,
-    return_pred_original: bool = True,
-) -> StepOutput:
+    model_output: torch.Tensor, sample: torch.Tensor, a_t, b_t, a_s, b_s, noise_std, *, gmm=None, step_index: int = 0,
+    **options: Unpack[_checks.StepKwargs],
+) -> StepOutput:  # fmt: skip
     """One step x_t -> x_s of the Gaussian path x_t = a_t x0 + b_t eps with noise std ``noise_std``; with
     ``gmm``, the Gaussian-mixture kernel of parameter set ``step_index``. See :func:`reference.step`.
 
     Runs the fused ``torch.ops.ddimgmm.step`` (one pass over memory, no host sync) on the row
     :func:`coefficient_row`. A model output in another dtype than the sample is converted to the
     compute dtype first (one extra copy). The op has no gradient for the coefficients: a tensor coefficient
-    that requires grad is refused (use :func:`reference.step`)."""
-    options = _checks.StepOptions(
-        prediction_type, guidance_scale, clip_sample_range, use_clipped_model_output, seed, sample_offset, noise,
-        components, return_pred_original,
+    that requires grad is refused (use :func:`reference.step`). ``options``: the step's keywords, named, typed
+    and defaulted by :class:`ddim_gmm_ext._checks.StepOptions` (prediction_type="epsilon", guidance_scale,
+    clip_sample_range, use_clipped_model_output, seed=0, sample_offset=0, noise, components,
+    return_pred_original=True)."""
+    row, settled = _rows.prepare_step(
+        model_output, sample, a_t, b_t, a_s, b_s, noise_std, _checks.step_options("step", options), gmm=gmm,
+        step_index=step_index,
     )  # fmt: skip
-    row, options = _rows.prepare_step(
-        model_output, sample, a_t, b_t, a_s, b_s, noise_std, options, gmm=gmm, step_index=step_index
-    )
-    return fused_step(model_output, sample, row, int(step_index), gmm, options)
+    return fused_step(model_output, sample, row, int(step_index), gmm, settled)
 
 
 def step_from_table(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    coeffs: torch.Tensor,
-    step_index,
-    *,
-    gmm=None,
-    prediction_type: str = "epsilon",
-    guidance_scale: float | None = None,
-    clip_sample_range: float | None = None,
-    use_clipped_model_output: bool = False,
-    seed: int = 0,
-    sample_offset: int = 0,
-    noise: torch.Tensor | None = None,
-    components: torch.Tensor | None = None,
-    return_pred_original: bool = True,
-    history: tuple[torch.Tensor, ...] = (),
-) -> StepOutput:
+    model_output: torch.Tensor, sample: torch.Tensor, coeffs: torch.Tensor, step_index, *, gmm=None,
+    history: tuple[torch.Tensor, ...] = (), **options: Unpack[_checks.StepKwargs],
+) -> StepOutput:  # fmt: skip
     """One step from row ``step_index`` of a coefficient table, in one fused op call. See
     :func:`reference.step_from_table` for the math.
 
@@ -101,15 +71,12 @@ def step_from_table(
         host_index = step_index
         if gmm is not None:
             gmm.set_index(step_index)
-    options = _checks.StepOptions(
-        prediction_type, guidance_scale, clip_sample_range, use_clipped_model_output, seed, sample_offset, noise,
-        components, return_pred_original,
+    settled = _checks.check_step_inputs(
+        model_output, sample, _checks.step_options("step_from_table", options), b_s=None, noise_std=None, gmm=gmm,
+        step_index=host_index,
     )  # fmt: skip
-    options = _checks.check_step_inputs(
-        model_output, sample, options, b_s=None, noise_std=None, gmm=gmm, step_index=host_index
-    )
     index = step_index if isinstance(step_index, torch.Tensor) else int(step_index)
-    return fused_step(model_output, sample, coeffs, index, gmm, options, history=history)
+    return fused_step(model_output, sample, coeffs, index, gmm, settled, history=history)
 
 
 def fused_step(

@@ -319,8 +319,15 @@ def cmd_train_fashion(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``ddim-gmm`` parser: one sub-parser per command, each built by its ``_add_<command>`` function."""
     parser = argparse.ArgumentParser(prog="ddim-gmm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_demo, _add_eval, _add_sample, _add_train_digits, _add_train_fashion):
+        add(sub)
+    return parser
+
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="DDIM vs DDIM-GMM on the shipped digits model (under a minute on CPU)")
     demo.add_argument(
         "--model",
@@ -363,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=cmd_demo, error=demo.error)
 
+
+def _add_eval(sub) -> None:
     ev = sub.add_parser(
         "eval", help="the paper's sweep on a digits model: CSV/JSON, Fig. 1 style plot, Table 8 style table"
     )
@@ -457,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.set_defaults(func=cmd_eval, error=ev.error)
 
+
+def _add_sample(sub) -> None:
     sa = sub.add_parser(
         "sample", help="N samples of one sampler to an .npz / .pt file (runs under torchrun --nproc-per-node N too)"
     )
@@ -487,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--no-progress", action="store_true", help="no progress bar")
     sa.set_defaults(func=cmd_sample, error=sa.error)
 
+
+def _add_train_digits(sub) -> None:
     train = sub.add_parser("train-digits", help="train a shipped digits network (eps, flow, classifier)")
     train.add_argument("--net", choices=("eps", "flow", "classifier"), required=True)
     train.add_argument("--iters", type=_positive_int, help="optimiser steps (default 10000; classifier 3000)")
@@ -503,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train_digits, error=train.error)
 
+
+def _add_train_fashion(sub) -> None:
     tf = sub.add_parser(
         "train-fashion",
         help="train the Fashion-MNIST eps U-Net or the classifier of fashion-FD (Debian's dataset-fashion-mnist)",
@@ -529,7 +544,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tf.add_argument("--no-progress", action="store_true", help="no progress bar")
     tf.set_defaults(func=cmd_train_fashion, error=tf.error)
-    return parser
 
 
 def _positive_int(text: str) -> int:

@@ -267,18 +267,6 @@ class GMM:
             self._cache[key] = tables
         return tables
 
-    def params(self, step_index: int, like: torch.Tensor):
-        """(priors [K], offsets [K, D], var_offsets [K, Dv]) of a step, as :meth:`tables`; per-coordinate
-        variance offsets, so a low-rank GMM (``basis`` set: its var_offsets are eigenvalues) is refused."""
-        if self.basis is not None:
-            raise ValueError(
-                "params() returns per-coordinate variance offsets; this GMM is low-rank (ortho-lr: var_offsets are "
-                "eigenvalues along gmm.basis): use gmm.tables(like) and the op's basis argument"
-            )
-        i = self.set_index(step_index)
-        priors, offsets, var_offsets, _ = self.tables(like)
-        return priors[i], offsets[i], var_offsets[i]
-
     def to(self, device=None, dtype=None) -> GMM:
         """A copy on another device / dtype."""
         out = GMM(device=device if device is not None else self.device, dtype=dtype or self.dtype)

@@ -26,6 +26,7 @@ import math
 from typing import NamedTuple
 
 import torch
+from typing_extensions import Unpack
 
 from . import _checks, _schedules
 from ._checks import PREDICTION_TYPES, VARIANTS, check_gmm_config, compute_dtype
@@ -218,23 +219,9 @@ def coefficient_row(a_t, b_t, a_s, b_s, c, g=1.0) -> tuple:
 
 
 def step_from_table(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    coeffs: torch.Tensor,
-    step_index,
-    *,
-    gmm=None,
-    prediction_type: str = "epsilon",
-    guidance_scale: float | None = None,
-    clip_sample_range: float | None = None,
-    use_clipped_model_output: bool = False,
-    seed: int = 0,
-    sample_offset: int = 0,
-    noise: torch.Tensor | None = None,
-    components: torch.Tensor | None = None,
-    return_pred_original: bool = True,
-    history: tuple[torch.Tensor, ...] = (),
-) -> StepOutput:
+    model_output: torch.Tensor, sample: torch.Tensor, coeffs: torch.Tensor, step_index, *, gmm=None,
+    history: tuple[torch.Tensor, ...] = (), **options: Unpack[_checks.StepKwargs],
+) -> StepOutput:  # fmt: skip
     """One step x_t -> x_s from row ``step_index`` of a coefficient table (the spec of ``ddimgmm::step``).
 
     coeffs: [S, 6] or [S, 8] rows, or one row [6] / [8], of (a_t, b_t, A, B, c, g[, H1, H2]) in the compute
@@ -256,6 +243,7 @@ def step_from_table(
     A tensor index outside the table gives NaN samples and components -1 (the op's device convention).
     """
     history = _checks.check_history(history)
+    o = _checks.step_options("step_from_table", options)
     cdt = compute_dtype(sample.dtype)
     i = step_index
     n_rows = coeffs.shape[0] if coeffs.dim() == 2 else 0
@@ -266,7 +254,7 @@ def step_from_table(
         if not valid:
             nan = torch.full_like(sample, math.nan)
             k = None if gmm is None else torch.full((sample.shape[0],), -1, dtype=torch.int64)
-            return StepOutput(nan, nan.clone() if return_pred_original else None, k)
+            return StepOutput(nan, nan.clone() if o.return_pred_original else None, k)
     row = (coeffs[i] if n_rows else coeffs).to(cdt)
     a_t, b_t, A, B, c, g = row[:6].unbind()
     H = row[6:].tolist()
@@ -278,13 +266,13 @@ def step_from_table(
 
     x = sample.to(cdt)
     m = model_output.to(cdt)
-    if guidance_scale is not None:
+    if o.guidance_scale is not None:
         m_uncond, m_cond = m.chunk(2)
-        m = m_uncond + guidance_scale * (m_cond - m_uncond)
-    x0, eps = predict_x0_eps(m, x, a_t, b_t, prediction_type)
-    if clip_sample_range is not None:
-        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
-        if use_clipped_model_output:
+        m = m_uncond + o.guidance_scale * (m_cond - m_uncond)
+    x0, eps = predict_x0_eps(m, x, a_t, b_t, o.prediction_type)
+    if o.clip_sample_range is not None:
+        x0 = x0.clamp(-o.clip_sample_range, o.clip_sample_range)
+        if o.use_clipped_model_output:
             eps = (x - a_t * x0) / b_t
 
     batch = sample.shape[0]
@@ -293,7 +281,11 @@ def step_from_table(
     for h_j, hist in zip(row[6:], history, strict=False):
         mean = mean + h_j * hist.to(cdt)
     mean = mean.reshape(flat)
-    z = noise.to(cdt) if noise is not None else gaussian_noise(sample.shape, seed, sample_offset, i, cdt, sample.device)
+    z = (
+        o.noise.to(cdt)
+        if o.noise is not None
+        else gaussian_noise(sample.shape, o.seed, o.sample_offset, i, cdt, sample.device)
+    )
     z = z.reshape(flat)
     k = None
     if gmm is None:
@@ -304,9 +296,9 @@ def step_from_table(
         priors, offsets, var_offsets = all_priors[j], all_offsets[j], all_var[j]
         basis = None if all_basis is None else all_basis[j]
         k = (
-            components.to(torch.int64)
-            if components is not None
-            else draw_components(priors, batch, seed, sample_offset, i)
+            o.components.to(torch.int64)
+            if o.components is not None
+            else draw_components(priors, batch, o.seed, o.sample_offset, i)
         )
         v = var_offsets[k]  # [B, Dv]
         sd = (c * c - (g * g) * v).clamp(min=0).sqrt()
@@ -318,30 +310,13 @@ def step_from_table(
             p = z @ basis.T  # [B, Dv]: the noise in the basis
             prev = mean + g * offsets[k] + c * z + ((sd - c) * p) @ basis
     prev = prev.reshape(sample.shape)
-    return StepOutput(prev.to(sample.dtype), x0.to(sample.dtype) if return_pred_original else None, k)
+    return StepOutput(prev.to(sample.dtype), x0.to(sample.dtype) if o.return_pred_original else None, k)
 
 
 def step(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    a_t,
-    b_t,
-    a_s,
-    b_s,
-    noise_std,
-    *,
-    gmm=None,
-    step_index: int = 0,
-    prediction_type: str = "epsilon",
-    guidance_scale: float | None = None,
-    clip_sample_range: float | None = None,
-    use_clipped_model_output: bool = False,
-    seed: int = 0,
-    sample_offset: int = 0,
-    noise: torch.Tensor | None = None,
-    components: torch.Tensor | None = None,
-    return_pred_original: bool = True,
-) -> StepOutput:
+    model_output: torch.Tensor, sample: torch.Tensor, a_t, b_t, a_s, b_s, noise_std, *, gmm=None, step_index: int = 0,
+    **options: Unpack[_checks.StepKwargs],
+) -> StepOutput:  # fmt: skip
     """One step x_t -> x_s of a Gaussian path x_t = a_t x0 + b_t eps with noise std c = ``noise_std``
     (docs/design.md 1.2, 1.3): :func:`step_from_table` with the one row :func:`coefficient_row` (g = 1) and
     ``gmm``'s parameter set ``step_index``:
@@ -354,11 +329,8 @@ def step(
     ``return_pred_original=False`` leaves pred_original_sample None (a fused step then writes 12 B per
     element instead of 16).
     """
-    options = _checks.StepOptions(
-        prediction_type, guidance_scale, clip_sample_range, use_clipped_model_output, seed, sample_offset, noise,
-        components, return_pred_original,
-    )  # fmt: skip
-    _checks.check_step(model_output, sample, a_t, b_t, a_s, b_s, noise_std, options, gmm=gmm, step_index=step_index)
+    settled = _checks.step_options("step", options)
+    _checks.check_step(model_output, sample, a_t, b_t, a_s, b_s, noise_std, settled, gmm=gmm, step_index=step_index)
     # The row in float64 tensors on the sample's device (a coefficient that requires grad stays in the graph),
     # then in the compute dtype, as step_from_table takes it.
     a_t, b_t, a_s, b_s, c = (
@@ -366,22 +338,7 @@ def step(
         for v in (a_t, b_t, a_s, b_s, noise_std)
     )
     row = torch.stack(coefficient_row(a_t, b_t, a_s, b_s, c, torch.ones_like(c))).to(compute_dtype(sample.dtype))
-    return step_from_table(
-        model_output,
-        sample,
-        row,
-        step_index,
-        gmm=gmm,
-        prediction_type=prediction_type,
-        guidance_scale=guidance_scale,
-        clip_sample_range=clip_sample_range,
-        use_clipped_model_output=use_clipped_model_output,
-        seed=seed,
-        sample_offset=sample_offset,
-        noise=noise,
-        components=components,
-        return_pred_original=return_pred_original,
-    )
+    return step_from_table(model_output, sample, row, step_index, gmm=gmm, **options)
 
 
 def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_prev, *, eta: float = 0.0, **options) -> StepOutput:

@@ -51,7 +51,7 @@ def _no_work(*_, **__):
         # a folder nobody can create files in (even root): the eval ran for minutes before this was checked
         (["eval", "--out", "/proc/ddim_gmm_out"], "--out"),
         (["demo", "--json", "/proc/ddim_gmm.json"], "--json"),
-        # issue 22 item 14, each a traceback (exit 1) or a 37 GB allocation before: checked to fail with the old
+        # each a traceback (exit 1) or a 37 GB allocation before: checked to fail with the old
         # _nonnegative_float / _positive_float / unbounded --upsample
         (["eval", "--scales", "1e300"], "--scales"),
         (["demo", "--scales", "1e7"], "--scales"),

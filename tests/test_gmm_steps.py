@@ -195,9 +195,9 @@ def test_scheduler_matched_depends_on_eta_and_survives_a_json_round_trip(tmp_pat
 
     s = _make("ddim", gmm_variant="ortho-lr", gmm_n_components=3, gmm_steps="matched")
     s.prepare_gmm(torch.zeros(2, 3, 4, 4))
-    a, b = s._rows_for(0.0)[:, 5], s._rows_for(1.0)[:, 5]  # noqa: SLF001
+    a, b = s._row_table.rows(0.0)[:, 5], s._row_table.rows(1.0)[:, 5]  # noqa: SLF001
     assert (a == 0).all() and a.shape == (STEPS,)  # eta 0: c = 0, every step clips
-    c = s._rows_for(1.0)[:, 4]  # noqa: SLF001
+    c = s._row_table.rows(1.0)[:, 4]  # noqa: SLF001
     assert (b != 0).tolist() == [m and i < STEPS - 1 for i, m in enumerate(matched_steps(s.gmm, c))]
     for value in ([1, 3], [False, True, False, True, False], "matched"):
         s = _make("ddim", gmm_variant="ortho", gmm_n_components=3, gmm_steps=value)

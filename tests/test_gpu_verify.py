@@ -93,7 +93,6 @@ def test_steps_past_the_budget_are_skipped(tmp_path):
 
 
 @pytest.mark.registry
-@pytest.mark.slow
 def test_rehearsal_with_the_gpu_machines_software(tmp_path):
     """verify.sh --rehearse on this CPU machine with the GPU machine's Python, torch (a CUDA build) and triton
     (tools/gpu/rehearse.sh): the CUDA build, the whole test suite (the sm_80 / sm_90 compiles with that

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,7 +92,7 @@ def test_unknown_noise_schedule_raises():
         (dict(dim=8, n_components=2, uniform_priors="no"), "uniform_priors must be a bool"),
         (dict(dim=8, n_components=2, share_across_steps="no"), "share_across_steps must be a bool"),
         (dict(dim=8, n_components=2.0), "n_components must be an int >= 1"),
-        # Issue 22 item 13: a scale whose square overflows is named (9e9d80e: a bare OverflowError from float ** 2)
+        # A scale whose square overflows is named (9e9d80e: a bare OverflowError from float ** 2)
         (dict(dim=8, n_components=2, variant="ortho-vub", scale=1.5e154), "scale 1.5e.154 is too large"),
         (dict(dim=8, n_components=2, variant="ortho-vub", scale=1.5e154, dtype=torch.float64), "is too large"),
         (dict(dim=8, n_components=2, variant="ortho-lr", scale=1.5e154), "scale 1.5e.154 is too large"),
@@ -204,7 +205,7 @@ def test_no_top_level_triton_kernels_from_us(tmp_path):
     ("call", "match"),
     [
         (lambda m, x: dg.ddim_step(m, x, float("nan"), 0.5), r"alpha_prod_t must be a finite number in \[0, 1\]"),
-        # Issue 22 item 13: the caller's argument is named, not a_t / b_t, which it did not pass (9e9d80e: "a_t")
+        # The caller's argument is named, not a_t / b_t, which it did not pass (9e9d80e: "a_t")
         (lambda m, x: dg.ddim_step(m, x, 0.0, 0.5), "alpha_prod_t must not be 0 with prediction_type 'epsilon'"),
         (lambda m, x: ref.ddim_step(m, x, 0.0, 0.5), "alpha_prod_t must not be 0 with prediction_type 'epsilon'"),
         (lambda m, x: dg.ddim_step(m, x, 1.0, 0.5, prediction_type="sample"), "alpha_prod_t must not be 1 with"),
@@ -239,18 +240,29 @@ def test_eta_must_be_a_number():
         dg.ddim_step(m, x, 0.3, 0.5, eta="0.5")
 
 
+# Mutation checked: the old message, which listed "ortho-vub*" among the values (GMM.create's alias, refused
+# here), fails.
+def test_the_spec_names_the_variants_it_accepts():
+    with pytest.raises(ValueError) as refused:
+        ref.gmm_parameters(8, 2, 1, 1.0, "ortho-vub*")
+    assert str(refused.value) == "variant must be one of ('rand', 'ortho', 'ortho-vub', 'ortho-lr'), got 'ortho-vub*'"
+    for variant in ("rand", "ortho", "ortho-vub", "ortho-lr"):
+        ref.gmm_parameters(8, 2, 1, 1.0, variant)
+    with pytest.raises(ValueError, match=r"variant must be one of \(.*'ortho-lr', 'ortho-vub\*'\), got 'vub'"):
+        dg.GMM.create(8, n_components=2, n_steps=1, variant="vub")  # the public call names its alias too
+
+
 @pytest.mark.parametrize("variant", ["ortho-vub", "ortho-lr"])
 def test_reference_names_an_overflowing_scale(variant):
-    # Issue 22 item 13: reference.gmm_parameters raised a bare OverflowError for ORTHO-VUB (ORTHO-LR named it).
+    # reference.gmm_parameters raised a bare OverflowError for ORTHO-VUB (ORTHO-LR named it).
     with pytest.raises(ValueError, match="scale 1.5e.154 is too large"):
         ref.gmm_parameters(8, 2, 1, 1.5e154, variant)
 
 
 def test_numpy_integers_are_ints_everywhere():
-    # Issue 22 item 13, one rule (_checks.is_int): on 9e9d80e np.uint64 seeds >= 2**63 and np.int64 indices were
+    # One rule (_checks.is_int): on 9e9d80e np.uint64 seeds >= 2**63 and np.int64 indices were
     # refused by the step (TypeError) and np.int64 counts by GMM.create; a scheduler's np.uint64 seed overflowed
     # in op_seed. Each result must equal the Python-int call's.
-    np = pytest.importorskip("numpy")
     m, x = _args()
     seed = 2**63 + 5
     gmm = dg.GMM.create(np.int64(12), n_components=np.int64(3), n_steps=np.int64(4), seed=np.uint64(seed))
@@ -309,3 +321,28 @@ def test_history_as_a_list_is_still_taken():
     as_list = dg.step_from_table(m, x, coeffs, 0, history=[h, h], **kw).prev_sample
     expected = ref.step_from_table(m, x, coeffs, 0, history=(h, h), **kw).prev_sample
     torch.testing.assert_close(as_list, expected)
+
+
+# Mutation checked: a StepKwargs field renamed (seed -> seeds) or retyped fails the first assertion; step_options
+# without its TypeError (StepOptions.__new__'s own message) fails the second.
+def test_step_options_are_defined_once_and_an_unknown_one_is_named():
+    from ddim_gmm_ext._checks import StepKwargs, StepOptions
+
+    def spelled(annotations):  # ForwardRef or str: the type as written
+        return {k: getattr(v, "__forward_arg__", v) for k, v in annotations.items()}
+
+    assert list(StepKwargs.__annotations__) == list(StepOptions._fields)
+    assert spelled(StepKwargs.__annotations__) == spelled(StepOptions.__annotations__)
+    m, x = _args()
+    calls = {
+        "step": lambda **kw: dg.step(m, x, 0.8, 0.6, 0.9, 0.4, 0.1, **kw),
+        "step_from_table": lambda **kw: dg.step_from_table(
+            m, x, torch.tensor(dg.coefficient_row(0.8, 0.6, 0.9, 0.4, 0.1)), 0, **kw
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=rf"^{name}\(\) got an unexpected keyword argument 'seeds'$"):
+            call(seeds=1)
+        assert torch.equal(call().prev_sample, call(**StepOptions()._asdict()).prev_sample)  # the defaults
+    with pytest.raises(TypeError, match=r"^step\(\) got an unexpected keyword argument 'seeds'$"):
+        ref.step(m, x, 0.8, 0.6, 0.9, 0.4, 0.1, seeds=1)

@@ -67,133 +67,155 @@ def _shape(shape) -> str:
     return "[" + ", ".join(str(int(v)) for v in shape) + "]"
 
 
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(f"ddimgmm::step: {msg}")
+
+
 def check(a: StepArgs) -> None:
     """The argument checks of ``ddimgmm::step`` for the CUDA and fake kernels: shapes, dtypes, devices and host
     scalars only (reading a tensor's values would sync). The C++ kernel (csrc/cpu/step.cpp) makes the same
     checks in the same order with the same messages and exception types (TypeError for the sample's dtype,
     ValueError otherwise); it also checks explicit components' values, which it can read."""
 
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ValueError(f"ddimgmm::step: {msg}")
-
     if a.sample.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(
             f"ddimgmm::step: sample must be float16, bfloat16, float32 or float64, got {_name(a.sample.dtype)}"
         )
-    need(a.sample.dim() >= 1, "sample must have a batch dimension, got a 0-d tensor")
+    _need(a.sample.dim() >= 1, "sample must have a batch dimension, got a 0-d tensor")
     cdt = _compute_dtype(a.sample.dtype)
     B = a.sample.shape[0]
     D = math.prod(a.sample.shape[1:])
     guided = a.guidance_scale is not None
     expected = ((2 * B,) if guided else (B,)) + tuple(a.sample.shape[1:])
     hint = " ([2B, ...], unconditional half first)" if guided else " (the sample's)"
-    need(
+    _need(
         tuple(a.model_output.shape) == expected,
         f"model_output must have shape {_shape(expected)}{hint}, got {_shape(a.model_output.shape)}",
     )
-    need(
+    _need(
         a.model_output.dtype in (a.sample.dtype, cdt),
         f"model_output must have the sample's dtype ({_name(a.sample.dtype)}) or the compute dtype ({_name(cdt)}), "
         f"got {_name(a.model_output.dtype)}",
     )
     n_cols = a.coeffs.shape[-1] if a.coeffs.dim() >= 1 else 0
-    need(
+    _need(
         n_cols in (6, 8) and (a.coeffs.dim() == 1 or (a.coeffs.dim() == 2 and a.coeffs.shape[0] >= 1)),
         "coeffs must be one row [6] or [8], or a table [S, 6] or [S, 8], of (a_t, b_t, A, B, c, g[, H1, H2]), "
         f"got shape {_shape(a.coeffs.shape)}",
     )
-    need(
+    _need(
         a.coeffs.dtype == cdt,
         f"coeffs must be {_name(cdt)} (the compute dtype of a {_name(a.sample.dtype)} sample), "
         f"got {_name(a.coeffs.dtype)}",
     )
     if a.step_tensor is not None:
-        need(
+        _need(
             a.step_tensor.dim() == 0 and a.step_tensor.dtype == torch.int64,
             f"step_tensor must be a 0-d int64 tensor, got {_name(a.step_tensor.dtype)} of shape "
             f"{_shape(a.step_tensor.shape)}",
         )
-        need(
+        _need(
             a.step_index == 0,
             f"pass the step index as step_tensor or as step_index, not both (step_index = {a.step_index})",
         )
-    need(
+    _need(
         0 <= a.prediction_type <= 3,
         f"prediction_type must be 0 (epsilon), 1 (sample), 2 (v_prediction) or 3 (flow), got {a.prediction_type}",
     )
     if a.clip_sample_range is not None:
-        need(a.clip_sample_range > 0, f"clip_sample_range must be > 0, got {a.clip_sample_range:g}")
-    need(0 <= a.step_index < _MAX_INDEX, f"step_index must be in [0, 2**32), got {a.step_index}")
-    need(
+        _need(a.clip_sample_range > 0, f"clip_sample_range must be > 0, got {a.clip_sample_range:g}")
+    _need(0 <= a.step_index < _MAX_INDEX, f"step_index must be in [0, 2**32), got {a.step_index}")
+    _need(
         0 <= a.sample_offset <= _MAX_INDEX - B,
         f"sample_offset must be >= 0 with sample_offset + batch size <= 2**32, got {a.sample_offset} + {B}",
     )
-    need(D <= 4 * _MAX_INDEX, f"per-sample numel must be <= 2**34 (32-bit Philox counter), got {D}")
+    _need(D <= 4 * _MAX_INDEX, f"per-sample numel must be <= 2**34 (32-bit Philox counter), got {D}")
     tables = (a.priors, a.offsets, a.var_offsets)
     n_tables = sum(t is not None for t in tables)
-    need(n_tables in (0, 3), "pass all of priors, offsets, var_offsets or none")
-    need(a.basis is None or n_tables == 3, "basis given without GMM tables (priors, offsets, var_offsets)")
+    _need(n_tables in (0, 3), "pass all of priors, offsets, var_offsets or none")
+    _need(a.basis is None or n_tables == 3, "basis given without GMM tables (priors, offsets, var_offsets)")
     gmm = n_tables == 3
     for name in _TENSOR_ARGUMENTS:
         t = getattr(a, name)
         if t is not None:
-            need(
+            _need(
                 t.device == a.sample.device,
                 f"every tensor must be on the sample's device {a.sample.device}; {name} is on {t.device}",
             )
-    n_sets = 0
-    if gmm:
-        for name in ("priors", "offsets", "var_offsets", "basis"):
-            t = getattr(a, name)
-            if t is not None:
-                need(
-                    t.dtype == cdt,
-                    f"{name} must be {_name(cdt)} (the compute dtype of a {_name(a.sample.dtype)} sample), "
-                    f"got {_name(t.dtype)}",
-                )
-        priors, offsets, var_offsets, basis = a.priors, a.offsets, a.var_offsets, a.basis
-        assert priors is not None and offsets is not None and var_offsets is not None  # gmm: all three given
-        stacked = priors.dim() == 2
-        need(
-            priors.dim() in (1, 2) and priors.shape[-1] >= 1 and (not stacked or priors.shape[0] >= 1),
-            f"priors must have shape [K] or [S, K] with K >= 1, got {_shape(priors.shape)}",
-        )
-        K = priors.shape[-1]
-        n_sets = priors.shape[0] if stacked else 0
-        head = (n_sets,) if stacked else ()
-        want = head + (K, D)
-        need(
-            tuple(offsets.shape) == want,
-            f"offsets must have shape {_shape(want)} (priors {_shape(priors.shape)}, D = per-sample numel), "
-            f"got {_shape(offsets.shape)}",
-        )
-        Dv = var_offsets.shape[-1] if var_offsets.dim() == 2 + stacked else -1
-        need(
-            var_offsets.dim() == 2 + stacked and tuple(var_offsets.shape) == head + (K, Dv) and Dv <= D,
-            f"var_offsets must have shape [{'S, ' if stacked else ''}K, Dv] with K = {K} and Dv <= {D}, "
-            f"got {_shape(var_offsets.shape)}",
-        )
-        if basis is not None:
-            want = head + (Dv, D)
-            need(
-                tuple(basis.shape) == want,
-                f"basis must have shape {_shape(want)} (one row per variance offset), got {_shape(basis.shape)}",
-            )
+    n_sets = _check_gmm_tables(a, cdt, D) if gmm else 0
     if a.noise is not None:
-        need(
+        _need(
             a.noise.is_floating_point() and a.noise.shape == a.sample.shape,
             f"noise must be a floating tensor of the sample's shape {_shape(a.sample.shape)}, got "
             f"{_name(a.noise.dtype)} {_shape(a.noise.shape)}",
         )
     if a.components is not None:
-        need(gmm, "components given without GMM tables")
-        need(
+        _need(gmm, "components given without GMM tables")
+        _need(
             a.components.dtype in (torch.int32, torch.int64) and tuple(a.components.shape) == (B,),
             f"components must be an int32/int64 tensor of shape [{B}], got {_name(a.components.dtype)} "
             f"{_shape(a.components.shape)}",
         )
-    need(
+    _check_history(a, cdt, n_cols)
+    n_rows = a.coeffs.shape[0] if a.coeffs.dim() == 2 else 0
+    if a.step_tensor is None:
+        _need(
+            n_rows == 0 or a.step_index < n_rows,
+            f"step_index {a.step_index} is outside the coefficient table [{n_rows}, {n_cols}]",
+        )
+        _need(
+            n_sets == 0 or a.step_index < n_sets,
+            f"step_index {a.step_index} is outside the GMM tables ({n_sets} parameter sets)",
+        )
+
+
+def _check_gmm_tables(a: StepArgs, cdt: torch.dtype, D: int) -> int:
+    """The GMM tables of :func:`check` (all three given): dtypes, then shapes; returns the number of stacked
+    parameter sets (0: one shared set)."""
+    for name in ("priors", "offsets", "var_offsets", "basis"):
+        t = getattr(a, name)
+        if t is not None:
+            _need(
+                t.dtype == cdt,
+                f"{name} must be {_name(cdt)} (the compute dtype of a {_name(a.sample.dtype)} sample), "
+                f"got {_name(t.dtype)}",
+            )
+    priors, offsets, var_offsets, basis = a.priors, a.offsets, a.var_offsets, a.basis
+    assert priors is not None and offsets is not None and var_offsets is not None  # gmm: all three given
+    stacked = priors.dim() == 2
+    _need(
+        priors.dim() in (1, 2) and priors.shape[-1] >= 1 and (not stacked or priors.shape[0] >= 1),
+        f"priors must have shape [K] or [S, K] with K >= 1, got {_shape(priors.shape)}",
+    )
+    K = priors.shape[-1]
+    n_sets = priors.shape[0] if stacked else 0
+    head = (n_sets,) if stacked else ()
+    want = head + (K, D)
+    _need(
+        tuple(offsets.shape) == want,
+        f"offsets must have shape {_shape(want)} (priors {_shape(priors.shape)}, D = per-sample numel), "
+        f"got {_shape(offsets.shape)}",
+    )
+    Dv = var_offsets.shape[-1] if var_offsets.dim() == 2 + stacked else -1
+    _need(
+        var_offsets.dim() == 2 + stacked and tuple(var_offsets.shape) == head + (K, Dv) and Dv <= D,
+        f"var_offsets must have shape [{'S, ' if stacked else ''}K, Dv] with K = {K} and Dv <= {D}, "
+        f"got {_shape(var_offsets.shape)}",
+    )
+    if basis is not None:
+        want = head + (Dv, D)
+        _need(
+            tuple(basis.shape) == want,
+            f"basis must have shape {_shape(want)} (one row per variance offset), got {_shape(basis.shape)}",
+        )
+    return n_sets
+
+
+def _check_history(a: StepArgs, cdt: torch.dtype, n_cols: int) -> None:
+    """The multistep history of :func:`check`: history1 needs history0; each has the sample's shape and dtype
+    (or the compute dtype) and needs 8-column rows."""
+    _need(
         a.history1 is None or a.history0 is not None,
         "history1 given without history0 (history0 is the latest prediction, history1 the one before)",
     )
@@ -201,36 +223,26 @@ def check(a: StepArgs) -> None:
         h = getattr(a, name)
         if h is None:
             continue
-        need(
+        _need(
             h.shape == a.sample.shape,
             f"{name} must have the sample's shape {_shape(a.sample.shape)} (a previous step's prediction of each "
             f"sample), got {_shape(h.shape)}",
         )
-        need(
+        _need(
             h.dtype in (a.sample.dtype, cdt),
             f"{name} must have the sample's dtype ({_name(a.sample.dtype)}) or the compute dtype ({_name(cdt)}), "
             f"got {_name(h.dtype)}",
         )
-        need(
+        _need(
             n_cols == 8,
             f"{name} given with {n_cols}-column coeffs (no H1, H2): pass rows of 8 columns "
             "(a_t, b_t, A, B, c, g, H1, H2)",
         )
     if a.history1 is not None:
         assert a.history0 is not None  # checked above
-        need(
+        _need(
             a.history1.dtype == a.history0.dtype,
             f"history1 must have history0's dtype ({_name(a.history0.dtype)}), got {_name(a.history1.dtype)}",
-        )
-    n_rows = a.coeffs.shape[0] if a.coeffs.dim() == 2 else 0
-    if a.step_tensor is None:
-        need(
-            n_rows == 0 or a.step_index < n_rows,
-            f"step_index {a.step_index} is outside the coefficient table [{n_rows}, {n_cols}]",
-        )
-        need(
-            n_sets == 0 or a.step_index < n_sets,
-            f"step_index {a.step_index} is outside the GMM tables ({n_sets} parameter sets)",
         )
 
 
@@ -396,7 +408,7 @@ def step(
 
     When there is no gradient to record (grad mode off, or none of model_output, sample and the history
     requiring grad) and nothing is being traced, the call goes below the Autograd dispatch key: the Python
-    autograd wrapper costs about 8 us a call on CPU, half a small step's time. An input without a derivative
+    autograd wrapper costs about half a small step's time on CPU. An input without a derivative
     that requires grad is refused first, as the autograd path does, rather than detached silently."""
     if len(history) > 2:
         raise ValueError(f"ddimgmm::step: history takes at most 2 tensors (h1, h2), got {len(history)}")
@@ -405,8 +417,8 @@ def step(
     prediction_type, guidance_scale, clip_sample_range, use_clipped, seed, sample_offset, noise, components, x0 = (
         options
     )
-    # The record built positionally, in StepArgs' order: a keyword call of a 20-field NamedTuple costs about
-    # 1 us, a sixth of a small step; tests/ops/test_step.py checks every field of this call by name.
+    # The record built positionally, in StepArgs' order: a keyword call of a 20-field NamedTuple costs a sixth
+    # of a small step; tests/ops/test_step.py checks every field of this call by name.
     args = _new_record(
         StepArgs,
         (

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .. import _checks, _schedules, reference
+from .. import _schedules, reference
 from .._checks import check_final_step
 from ..api import ddim_step, rfim_step
 from ..gmm import GMM, GMM_VARIANTS
@@ -48,8 +48,6 @@ def make_gmms(sampler_list, dim: int, n_components: int, steps: int, seed: int, 
         for _, variant, scale in sampler_list
     ]
 
-
-step_gmm = _checks.gmm_for_step  # the one final-step rule of every sampler
 
 #: The Philox step counter of the initial noise x_T: no sampling step reaches it (steps <= 1000), so x_T and the
 #: step noise are independent draws of the same stream.
@@ -251,14 +249,14 @@ def sample_ddim(
     model_batch: int | None = None,
     final_alpha: str = "one",
 ) -> list:
-    """DDIM(-GMM) sampling loops of an epsilon model ``eps_model(x [B, D], t [B] int64)``, one per entry of
-    ``gmms`` (None = DDIM, a GMM, or a :class:`MatchedNoise` control), all from ``x_T`` [N, D] with the same
-    step noise (paired). ``final_step``: "gaussian" (no mixture on the last step) or "gmm" (see
-    :func:`step_gmm`); ``gmm_steps``: where the mixture acts ("all", "matched", indices or a mask; one for every
-    entry or a list, one per entry). ``sample_offset``: the global index of x_T's first row (the randomness
-    contract's, for a shard of a larger run); ``model_batch``: see :func:`_model_outputs` (default: the model
-    sees one stacked batch [len(gmms) * N, D] per step); ``final_alpha``: where the last step goes ("one": the
-    output is x0_hat, the default; "abar0": latent-diffusion's abar_0; :data:`FINAL_ALPHAS`). Returns one x0
+    """DDIM(-GMM) sampling loops of an epsilon model ``eps_model(x [B, D], t [B] int64)``, one per entry of ``gmms``
+    (None = DDIM, a GMM, or a :class:`MatchedNoise` control), all from ``x_T`` [N, D] with the same step noise
+    (paired). ``final_step``: "gaussian" (no mixture on the last step) or "gmm" (see
+    :func:`ddim_gmm_ext._checks.gmm_for_step`); ``gmm_steps``: where the mixture acts ("all", "matched", indices or
+    a mask; one for every entry or a list, one per entry). ``sample_offset``: the global index of x_T's first row
+    (the randomness contract's, for a shard of a larger run); ``model_batch``: see :func:`_model_outputs` (default:
+    the model sees one stacked batch [len(gmms) * N, D] per step); ``final_alpha``: where the last step goes ("one":
+    the output is x0_hat, the default; "abar0": latent-diffusion's abar_0; :data:`FINAL_ALPHAS`). Returns one x0
     [N, D] per entry of ``gmms``."""
     check_final_step(final_step)
     plan = _plan(gmms, gmm_steps, final_step, ddim_noise_stds(steps, eta, final_alpha))

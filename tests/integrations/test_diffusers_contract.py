@@ -1,7 +1,8 @@
-"""What every fused diffusers scheduler owes a diffusers user, checked across all five: compiling from the first
+"""What every fused diffusers scheduler owes a diffusers user, checked across all seven: compiling from the first
 call, the global RNG left as the stock class leaves it, a GMM stream derived from the generator, output dtypes,
 the zero-SNR rule, clear errors, empty batches, and an import that leaves diffusers' own classes unchanged."""
 
+import inspect
 import math
 import subprocess
 import sys
@@ -30,8 +31,11 @@ PAIRS = [
     (gd.EulerDiscreteGMMScheduler, diffusers.EulerDiscreteScheduler),
     (gd.EulerAncestralDiscreteGMMScheduler, diffusers.EulerAncestralDiscreteScheduler),
     (gd.FlowMatchEulerDiscreteGMMScheduler, diffusers.FlowMatchEulerDiscreteScheduler),
+    (gd.DPMSolverMultistepGMMScheduler, diffusers.DPMSolverMultistepScheduler),
+    (gd.UniPCMultistepGMMScheduler, diffusers.UniPCMultistepScheduler),
 ]
-STOCHASTIC = [p for p in PAIRS if p[0] is not gd.EulerDiscreteGMMScheduler]  # those that take a GMM
+DETERMINISTIC = (gd.EulerDiscreteGMMScheduler, gd.UniPCMultistepGMMScheduler)  # no noise: no GMM
+STOCHASTIC = [p for p in PAIRS if p[0] not in DETERMINISTIC]  # those that take a GMM (with _stochastic_kwargs)
 IDS = [p[0].__name__ for p in PAIRS]
 GMM = dict(gmm_variant="ortho", gmm_n_components=2, gmm_scale=2.0)
 
@@ -40,8 +44,16 @@ def _model(x, t):
     return 0.5 * torch.sin(3 * x) + 0.1 * float(t) / 1000
 
 
+def _generator(scheduler, generator) -> dict:
+    """``generator`` as a step keyword, where the step takes one (UniPC's draws nothing and has none)."""
+    if generator is None or "generator" not in inspect.signature(scheduler.step).parameters:
+        return {}
+    return dict(generator=generator)
+
+
 def _loop(scheduler, x=None, generator=None, steps=STEPS, dtype=torch.float32, **step_kwargs):
     """Final sample of a whole loop as a pipeline runs it (scale_model_input, model, step)."""
+    step_kwargs.update(_generator(scheduler, generator))
     scheduler.set_timesteps(steps)
     if x is None:
         x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
@@ -49,21 +61,23 @@ def _loop(scheduler, x=None, generator=None, steps=STEPS, dtype=torch.float32, *
     out = None
     for t in scheduler.timesteps:
         inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        out = scheduler.step(_model(inp, t), t, x, generator=generator, **step_kwargs)
+        out = scheduler.step(_model(inp, t), t, x, **step_kwargs)
         x = out.prev_sample
     return x, out
 
 
 def _stochastic_kwargs(ours):
-    """Step / config keys that make the loop draw noise (DDIM eta, RFIM's stochastic sampling)."""
+    """Step / config keys that make the loop draw noise (DDIM eta, RFIM's stochastic sampling, the SDE solver)."""
     if ours is gd.DDIMGMMScheduler:
         return {}, dict(eta=1.0)
     if ours is gd.FlowMatchEulerDiscreteGMMScheduler:
         return dict(stochastic_sampling=True), {}
+    if ours is gd.DPMSolverMultistepGMMScheduler:
+        return dict(algorithm_type="sde-dpmsolver++"), {}
     return {}, {}
 
 
-# -- item 1: compiling from the first call ----------------------------------------------------------------------
+# -- compiling from the first call -------------------------------------------------------------------------------------
 
 _COMPILE_SCRIPT = textwrap.dedent(
     """
@@ -82,9 +96,17 @@ _COMPILE_SCRIPT = textwrap.dedent(
     # fallback_random (DDPM's compiled step also draws at t = 0, where the noise std is 0)
     torch._inductor.config.fallback_random = True
 
+    # every row kind of the multistep solvers: DPM-Solver++ order 3 (SDE, so that a GMM is taken), UniPC order 3 with
+    # a disabled corrector step
+    CONFIGS = {
+        "DPMSolverMultistepGMMScheduler": dict(algorithm_type="sde-dpmsolver++", solver_order=3),
+        "UniPCMultistepGMMScheduler": dict(solver_order=3, disable_corrector=[2]),
+    }
+
     def loop(cls, gmm, fn):
         torch.manual_seed(0)
-        s = cls(**(dict(gmm_variant="ortho", gmm_n_components=2, seed=1) if gmm else {}))
+        config = CONFIGS.get(cls.__name__, {})
+        s = cls(**config, **(dict(gmm_variant="ortho", gmm_n_components=2, seed=1) if gmm else {}))
         s.set_timesteps(7)
         s.prepare_gmm(x)
         y = x
@@ -99,8 +121,9 @@ _COMPILE_SCRIPT = textwrap.dedent(
         cls = getattr(gd, name)
         torch._dynamo.reset()
         compiled = torch.compile(denoise, fullgraph=True)
-        # the step index is a device tensor for these: one graph for the whole loop
-        once = name in ("DDIMGMMScheduler", "DDPMGMMScheduler", "FlowMatchEulerDiscreteGMMScheduler")
+        # the step index is a device tensor for these (prepare_gmm fills the multistep histories with zeros): one
+        # graph for the whole loop
+        once = name not in ("EulerDiscreteGMMScheduler", "EulerAncestralDiscreteGMMScheduler")
         try:
             with torch._dynamo.config.patch(error_on_recompile=once):
                 actual = loop(cls, gmm == "gmm", compiled)
@@ -111,7 +134,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
     """
 )
 COMPILE_CASES = [f"{ours.__name__}:{gmm}" for gmm in ("off", "gmm") for ours, _ in PAIRS]
-COMPILE_CASES.remove("EulerDiscreteGMMScheduler:gmm")  # Euler is deterministic: no GMM
+for _deterministic in DETERMINISTIC:
+    COMPILE_CASES.remove(f"{_deterministic.__name__}:gmm")  # no noise: no GMM
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +150,10 @@ def compiled_loops(tmp_path_factory):
     return torch.load(out)
 
 
-# Mutation checked: without the eager field lookup at import (publish) and the compiling fallback, 9 of the 10
-# cases fail with Dynamo's "dataclass fields failure" on the first call. A fresh process: the field cache
-# of an earlier test in this one would hide it.
+# Mutation checked: without the eager field lookup at import (publish) and the compiling fallback, 9 of the 10 cases
+# of the first five schedulers fail with Dynamo's "dataclass fields failure" on the first call; without
+# prepare_gmm's zero history (multistep) or last_sample (UniPC), the multistep cases recompile. A fresh process:
+# the field cache of an earlier test in this one would hide it.
 @pytest.mark.parametrize("case", COMPILE_CASES)
 def test_model_and_step_compile_fullgraph_from_the_first_call(case, compiled_loops):
     result = compiled_loops[case]
@@ -147,7 +172,7 @@ def test_compiled_gmm_loop_without_prepare_gmm_names_it():
         step(x, s.timesteps[0], x)
 
 
-# -- item 3: the global RNG -------------------------------------------------------------------------------------
+# -- the global RNG ----------------------------------------------------------------------------------------------------
 
 
 # Mutation checked: drawing the stream seed in set_timesteps (as before) fails every case; Philox noise for a
@@ -186,7 +211,7 @@ def test_gmm_on_draws_the_stream_seed_at_the_first_step_not_at_set_timesteps(our
     assert not is_close(other, first, "distinct")
 
 
-# -- item 4: the GMM stream from the generator -----------------------------------------------------------------
+# -- the GMM stream from the generator ---------------------------------------------------------------------------------
 
 
 # Mutation checked: Euler ancestral without its components drawn from the generator (as before) fails.
@@ -204,20 +229,21 @@ def test_gmm_with_a_generator_ignores_the_global_rng(ours):
     assert not is_close(other, runs[0], "distinct")
 
 
-# -- item 5: a GMM without set_timesteps -------------------------------------------------------------------------
+# -- a GMM without set_timesteps ---------------------------------------------------------------------------------------
 
 
 # Mutation checked: without _check_gmm_ready, DDPM and Euler ancestral run the stock step silently.
 @pytest.mark.parametrize("ours", [p[0] for p in STOCHASTIC], ids=[p[0].__name__ for p in STOCHASTIC])
 def test_a_gmm_step_before_set_timesteps_is_an_error(ours):
-    scheduler = ours(**GMM)
+    config, _ = _stochastic_kwargs(ours)
+    scheduler = ours(**config, **GMM)
     x = torch.zeros(SHAPE)
     t = ours().timesteps[0]
     with pytest.raises(ValueError, match="set_timesteps"):
         scheduler.step(x, t, x)
 
 
-# -- item 9: output dtypes -----------------------------------------------------------------------------------------
+# -- output dtypes -----------------------------------------------------------------------------------------------------
 
 
 # Mutation checked: Euler's sample kept in float32 for a float64 model output (as before) fails float64.
@@ -231,7 +257,7 @@ def test_output_dtypes_match_the_stock_class(ours, stock, dtype):
         assert out_ours[key].dtype == out_stock[key].dtype, key
 
 
-# -- item 2: zero-SNR schedules with epsilon prediction ---------------------------------------------------------
+# -- zero-SNR schedules with epsilon prediction ------------------------------------------------------------------------
 
 ZERO_SNR = dict(rescale_betas_zero_snr=True, prediction_type="epsilon")
 
@@ -270,7 +296,7 @@ def test_zero_snr_epsilon_without_clipping_is_refused_at_set_timesteps(ours, sto
     scheduler.set_timesteps(STEPS)  # leading never reaches the last training timestep
 
 
-# -- items 10 and 13: errors that name the caller's argument; empty batches --------------------------------------
+# -- errors that name the caller's argument; empty batches -------------------------------------------------------------
 
 
 # Mutation checked: without check_model_output, DDPM / Euler ancestral / DDIM with a generator name `noise`, and
@@ -309,7 +335,7 @@ def test_an_empty_batch_with_a_generator_and_a_gmm_is_an_empty_loop(ours):
     assert x.shape == (0, 3, 8, 8)
 
 
-# -- issue 24 item 4: importing changes no stock class -----------------------------------------------------------
+# -- importing changes no stock class ----------------------------------------------------------------------------------
 
 _IMPORT_SCRIPT = textwrap.dedent(
     """
@@ -351,7 +377,7 @@ def test_importing_leaves_stock_classes_unchanged_and_patching_is_explicit():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
-# -- the GMM plumbing of every scheduler ------------------------------------------------------------------------
+# -- the GMM plumbing of every scheduler -------------------------------------------------------------------------------
 
 # every scheduler class, with a config whose steps draw noise (a GMM is accepted there)
 NOISY = [
@@ -488,7 +514,7 @@ def test_a_shared_gmm_serves_any_number_of_steps(ours, config, shared):
     assert torch.isfinite(out.prev_sample).all()
     out = dg.step(sample, sample, 1.0, 0.5, 1.0, 0.5, 0.5, gmm=gmm, step_index=STEPS - 1)
     assert torch.isfinite(out.prev_sample).all()
-    assert_close(gmm.params(STEPS - 1, sample)[1], gmm.params(0, sample)[1], kind="exact")
+    assert gmm.set_index(STEPS - 1) == gmm.set_index(0) == 0
 
 
 NUMPY_KEYS = dict(

@@ -452,7 +452,7 @@ def test_timesteps_off_the_schedule_follow_ddim_scheduler(config):
 
 @pytest.mark.parametrize("prev_only", [False, True])
 def test_fast_scheduler_output_is_the_dataclass(prev_only):
-    # scheduler_output skips BaseOutput.__post_init__ (about 7 us of a 23 us step); what users touch must be
+    # scheduler_output skips BaseOutput.__post_init__ (about a quarter of a small step); what users touch must be
     # what the dataclass gives: entries, attributes, tuple / int / str indexing, pickling, pytree flattening.
     # Checked to fail with the OrderedDict entry left out, and with None fields stored as entries.
     import pickle

@@ -314,7 +314,7 @@ def _op_args(device, dtype=torch.float32, gmm=True, guided=False, table=False):
     """Positional arguments of one valid op call, as a name -> value dict in schema order."""
     x, m, _ = _inputs(SHAPE, dtype, device, guided=guided)
     cdt = compute_dtype(dtype)
-    tables = _gmm(SHAPE, "ortho-vub", device, dtype=cdt).params(0, x) if gmm else (None, None, None)
+    tables = tuple(t[0] for t in _gmm(SHAPE, "ortho-vub", device, dtype=cdt).tables(x)[:3]) if gmm else (None,) * 3
     row = [0.7, 0.7, 0.8, 0.6, 0.3, 1.0]
     coeffs = torch.tensor([row, row] if table else row, dtype=cdt, device=device)
     values = [m, x, coeffs, None, *tables, None, None, None, 0, 2.0 if guided else None, 1.0, True, 3, 0, 1, True]
@@ -388,7 +388,7 @@ BAD_OP_CALLS = [
                                                       components=lambda a: a["sample"].new_zeros(3).long())),
     (ValueError, r"step_index 2 is outside the coefficient table \[2, 6\]",
      dict(coeffs=lambda a: torch.stack([a["coeffs"]] * 2), step_index=2)),
-    # Issue 22 item 6: one stacked set is one step's, not shared (9e9d80e took S_g == 1 for shared: no error).
+    # One stacked set is one step's, not shared (9e9d80e took S_g == 1 for shared: no error).
     (ValueError, r"step_index 3 is outside the GMM tables \(1 parameter sets\)",
      dict(priors=lambda a: a["priors"][None], offsets=lambda a: a["offsets"][None],
           var_offsets=lambda a: a["var_offsets"][None], step_index=3)),

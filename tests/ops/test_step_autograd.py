@@ -73,7 +73,7 @@ def test_no_gradient_for_coefficients_is_an_error():
 
 @pytest.mark.parametrize("name", ["coeffs", "noise", "offsets"])
 def test_no_gradient_for_constants_even_without_a_differentiable_input(name):
-    # Issue 22 item 7: with model_output and sample not requiring grad, 9e9d80e's fast path went below autograd
+    # With model_output and sample not requiring grad, 9e9d80e's fast path went below autograd
     # and returned a detached output (the raw op raised). Fails with ops.step.step's _refuse_gradient call removed.
     m, x = (t.detach() for t in _inputs(False))
     gmm = dg.GMM.create(12, 3, S, variant="ortho", dtype=torch.float64)
@@ -107,7 +107,7 @@ def test_no_gradient_for_step_coefficients():
 @pytest.mark.parametrize("bad", [S, -1, 2**32 + 1])
 @pytest.mark.parametrize("one_set_gmm", [False, True])
 def test_gradient_of_an_out_of_range_step_tensor_is_nan(bad, one_set_gmm):
-    # Issue 22 item 8: the forward is all NaN, so is the gradient (9e9d80e clamped the index and gave a finite
+    # The forward is all NaN, so is the gradient (9e9d80e clamped the index and gave a finite
     # one; fails with the backward's torch.where removed). one_set_gmm: a single row, the GMM's one set bounds it.
     m, x = _inputs(True)
     gmm = dg.GMM.create(12, 3, 1, variant="ortho", dtype=torch.float64) if one_set_gmm else None

@@ -139,7 +139,7 @@ def test_device_index_out_of_range_gives_nan(bad):
 
 @pytest.mark.parametrize("table", [False, True], ids=["row", "table"])
 def test_one_step_gmm_is_not_shared(table):
-    # Issue 22 item 6: a per-step GMM of one step (n_steps=1, not shared) has no set 3. On 9e9d80e the op took
+    # A per-step GMM of one step (n_steps=1, not shared) has no set 3. On 9e9d80e the op took
     # its [1, K] tables for shared ones and returned finite samples from set 0 (fails with the op's range check
     # back at n_sets <= 1, or with GMM.step_tables stacking a shared set).
     x, m = _inputs(torch.float32)
@@ -154,7 +154,7 @@ def test_one_step_gmm_is_not_shared(table):
 
 
 def test_shared_gmm_serves_every_index():
-    # The other side of item 6: a shared set (passed unstacked) is used at any step, on the host or the device.
+    # The other side: a shared set (passed unstacked) is used at any step, on the host or the device.
     x, m = _inputs(torch.float32)
     gmm = dg.GMM.create(D, n_components=K, n_steps=S, variant="ortho-vub", share_across_steps=True)
     assert gmm.step_tables(x)[0].shape == (K,) and gmm.tables(x)[0].shape == (1, K)

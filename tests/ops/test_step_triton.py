@@ -208,7 +208,7 @@ def check_invalid_step(device: str) -> None:
             args = [m, x, coeffs[0], torch.tensor(4), *tables, None, None, 0, None, None, False, 5, 0, 0, True]
             prev = triton_step(StepArgs(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args]))[0]
             assert prev.isnan().all(), gmm
-            # One stacked set [1, ...] is one step's set, not a shared one (issue 22): index 1 is past it. On
+            # One stacked set [1, ...] is one step's set, not a shared one: index 1 is past it. On
             # 9e9d80e the kernel took S_g == 1 for shared and returned set 0's finite samples.
             one = tuple(None if t is None else t[:1] for t in tables)
             args = [m, x, coeffs[0], torch.tensor(1), *one, None, None, 0, None, None, False, 5, 0, 0, True]

@@ -1,4 +1,4 @@
-"""Fashion-MNIST infrastructure (issue 23 items 3-5): the data loader and its missing-package error, resumable
+"""Fashion-MNIST infrastructure: the data loader and its missing-package error, resumable
 `train-fashion`, the shipped manifests, fashion-FD / FID statistics, `ddim-gmm sample`, and the scale-out contract
 (the union of torchrun shards is bitwise the 1-process run; feature statistics summed across ranks).
 

@@ -25,7 +25,6 @@ from ._base import (
     check_model_output,
     check_step_count,
     coefficient_rows,
-    draw_components,
     publish,
     scheduler_output,
     zero_snr_rows,
@@ -144,7 +143,6 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         self._init_gmm()
         self._index_of: torch.Tensor | None = None  # [T] int64: position of each train timestep, -1 if absent
         self._index_of_host: list[int] | None = None
-        self._eta_rows: dict = {}  # eta -> [S, 6] float64 rows
         self._step_index: int = 0
         self._position: int | None = None  # the last step's position in the schedule, where the host knows it
 
@@ -195,39 +193,21 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         # kernel to find its index (see _index), and a captured CUDA graph reads them as static inputs.
         self._step_tensors = list(torch.arange(len(t), device=self.timesteps.device).unbind(0))
         self._path = self._ddim_path(t)
-        self._eta_rows, self._gated_for = {}, None  # rows of a new schedule, gmm_steps not yet applied
-        self._set_rows(self._rows_for(0.0))
-        for eta in (0.0, 1.0):  # built here so that a compiled loop at eta 0 or 1 finds them
-            self._table_at(eta, self.timesteps.device, torch.float32)
+        # one row set per eta (its noise std column); eta 0 and 1 converted now, so that a compiled loop finds them
+        self._set_rows(self._rows_at, default=0.0, warm=(0.0, 1.0))
         self._step_index = 0
         c = self.config  # read once per schedule: a config lookup costs as much as a tenth of the step
         self._step_options = (c.thresholding, c.clip_sample_range if c.clip_sample else None, c.prediction_type)
 
-    def _rows_for(self, eta: float) -> torch.Tensor:
-        """[S, 6] float64 rows at this eta on the schedule's device (cached per eta), with ``gmm_steps`` applied
-        ("matched" depends on eta through c = eta sigma)."""
-        rows = self._eta_rows.get(eta)
-        if rows is None:
-            a_t, b_t, a_s, b_s, sigma = self._path
-            g = self._final_step_g(len(a_t))
-            rows = coefficient_rows(a_t, b_t, a_s, b_s, eta * sigma, g).to(self.timesteps.device)
-            rows = self._eta_rows[eta] = self._gate(rows, self._gated_for)
-        return rows
-
-    def _regate(self, gmm) -> None:
-        """The rows of every eta rebuilt with ``gmm``'s matched steps (eta 0 and 1 again ready for a compiled loop)."""
-        super()._regate(gmm)
-        self._eta_rows = {}
-        for eta in (0.0, 1.0):
-            self._table_at(eta, self.timesteps.device, torch.float32)
+    def _rows_at(self, eta: float) -> torch.Tensor:
+        """[S, 6] float64 rows at this eta on the schedule's device (the row table gates and caches them)."""
+        a_t, b_t, a_s, b_s, sigma = self._path
+        g = self._final_step_g(len(a_t))
+        return coefficient_rows(a_t, b_t, a_s, b_s, eta * sigma, g).to(self.timesteps.device)
 
     def _table_at(self, eta: float, device: torch.device, cdt: torch.dtype) -> torch.Tensor:
-        """The rows at this eta on ``device`` in the compute dtype ``cdt`` (cached)."""
-        key = (eta, device, cdt)
-        table = self._tables.get(key)
-        if table is None:
-            table = self._tables[key] = self._rows_for(eta).to(device, cdt)
-        return table
+        """The rows at this eta on ``device`` in the compute dtype ``cdt`` (cached by the row table)."""
+        return self._row_table_or_raise().table(device, cdt, eta)
 
     def _index(self, timestep, device: torch.device):
         """Position of ``timestep`` in the schedule: a host int, or a 0-d int64 tensor on ``device`` for device
@@ -353,18 +333,14 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         if i is None:  # off the schedule: DDIMScheduler's own arithmetic for this timestep, Gaussian kernel
             table, op_index = self._off_schedule_row(int(timestep), eta, gmm, sample.device, cdt)
         else:
-            table, op_index = self._table_at(eta, sample.device, cdt), i
+            table, op_index = self._row_table.table(sample.device, cdt, eta), i  # type: ignore[union-attr]  # _index refuses a scheduler without set_timesteps
 
-        noise, components = variance_noise, None
+        noise = variance_noise
         if noise is None and eta > 0 and self._torch_noise(generator, gmm):
             noise = randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
             )
-        if gmm is not None:
-            if generator is not None:
-                components = draw_components(generator, gmm, int(op_index), sample)
-            else:
-                self._use_stream(self._position)
+        components = self._gmm_components(generator, gmm, op_index, sample, self._position)
 
         thresholding, clip, prediction_type = self._step_options
         if thresholding:

@@ -18,7 +18,6 @@ from ._base import (
     check_generator,
     check_model_output,
     check_step_count,
-    draw_components,
     publish,
     scheduler_output,
     zero_snr_rows,
@@ -219,14 +218,14 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
         c = self.config
         self._check_gmm_ready()
         learned = c.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]
-        if self._rows is None or c.thresholding or learned or c.variance_type not in _FIXED_VARIANCES:
+        if self._row_table is None or c.thresholding or learned or c.variance_type not in _FIXED_VARIANCES:
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
         check_model_output(model_output, sample)
         if generator is not None:
             generator = check_generator(generator, sample.shape[0])
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
-        noise = components = None
+        noise = None
         if self._torch_noise(generator, gmm):  # a generator, or GMM off and no seed: noise as DDPMScheduler's
             # (compiled, the step index is on the device: noise is drawn at t = 0 too, where its std is 0)
             if isinstance(i, torch.Tensor) or self._timesteps_host[i] > 0:
@@ -235,11 +234,7 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
                 )
             else:  # no noise at t = 0 (std 0): keep the op off the Philox stream for a reproducible run
                 noise = torch.zeros_like(sample)
-        if gmm is not None:
-            if generator is not None:
-                components = draw_components(generator, gmm, int(i), sample)
-            else:
-                self._use_stream(i)
+        components = self._gmm_components(generator, gmm, i, sample, i)
         out = self._fused_step(
             model_output,
             sample,

@@ -45,6 +45,7 @@ from ._base import (
     scheduler_output,
     torch_data_prediction,
 )
+from ._multistep import MultistepIndexMixin
 
 __all__ = ["DPMSolverMultistepGMMScheduler", "SchedulerOutput"]
 
@@ -102,7 +103,9 @@ def _model_output_tensor(
     return model_output, promoted
 
 
-class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSolverMultistepScheduler):
+class DPMSolverMultistepGMMScheduler(
+    MultistepIndexMixin, GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSolverMultistepScheduler
+):
     """``DPMSolverMultistepScheduler`` with a fused DPM-Solver++ step and the optional DDIM-GMM noise (Gabbur,
     TMLR 2026) on ``algorithm_type="sde-dpmsolver++"``.
 
@@ -221,7 +224,6 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, 
         )
         check_multistep_prediction(prediction_type)
         self._init_gmm()
-        self._rows_start: int = 0
 
     def _gmm_refusal(self, source: str) -> str | None:
         algorithm = self.config.algorithm_type  # diffusers maps "deis" to "dpmsolver++"
@@ -313,15 +315,11 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, 
             rows.append([a_all[i], b_all[i], x_coef * a_all[i] + w0, x_coef * b_all[i], noise, gs[i], w1, w2])
         return rows
 
-    def _restart_rows(self, start: int) -> None:
+    def _restart(self, start: int) -> None:
         """Rows for a run whose first step is ``start`` (a pipeline's begin index; diffusers restarts its order
         count there). Keeps the run's stream seed."""
         self._rows_start = start
-        self._ungated_rows = self._coefficient_rows(start).to(self.timesteps.device)
-        gmm, self._gated_for = self._gated_for, None
-        rows = self._rows = self._gate(self._ungated_rows, gmm)  # gmm_steps as before the restart
-        self._gated_for = gmm
-        self._tables = {(rows.device, torch.float32): rows.float()}
+        self._restart_rows(self._coefficient_rows(start).to(self.timesteps.device))
 
     def prepare_gmm(self, sample: torch.Tensor):
         """As :meth:`GMMSchedulerMixin.prepare_gmm`; also fills the empty history slots with zeros of the
@@ -335,24 +333,6 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, 
         return gmm
 
     # -- the step ---------------------------------------------------------------------------------------------
-    def _index(self, timestep, device: torch.device):
-        """The step index: diffusers' host counter, or under ``torch.compile`` a 0-d device tensor (the timestep's
-        first position in the schedule; -1 when absent: an all-NaN step)."""
-        if torch.compiler.is_compiling():
-            return self._compiled_index(timestep, device)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        i = self.step_index
-        assert i is not None
-        if not 0 <= i < self.timesteps.shape[0]:
-            raise ValueError(
-                f"step {i} is past the end of the {len(self.timesteps)}-step schedule; call set_timesteps before "
-                "sampling again"
-            )
-        if self.lower_order_nums == 0 and i != self._rows_start:
-            self._restart_rows(i)
-        return i
-
     def _x0_in_torch(self, model_output, sample, row):
         """x0_hat as diffusers' ``convert_model_output`` computes it (then dynamic thresholding), for the cases
         the op's prediction types do not cover (class docstring). ``row`` holds a_t, b_t."""
@@ -424,7 +404,7 @@ class DPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, 
         order = c.solver_order
         # h1 (the latest data prediction), then h2 for order 3; slots still empty (eager first steps, whose rows
         # have H_j = 0) are left out
-        if order == 2:  # the common case without a generator expression (~0.3 us)
+        if order == 2:  # the common case, without the cost of a generator expression
             h1 = self.model_outputs[-1]
             history = () if h1 is None else (h1,)
         else:

@@ -30,12 +30,13 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ._base import (
     CheckedBeginIndexMixin,
+    DeterministicMixin,
+    FusedStepMixin,
     GMMSchedulerMixin,
     check_generator,
     check_host_step,
     check_model_output,
     check_step_count,
-    draw_components,
     publish,
     scheduler_output,
 )
@@ -48,14 +49,13 @@ __all__ = [
 ]
 
 
-class _FusedEulerMixin(GMMSchedulerMixin, CheckedBeginIndexMixin):
+class _FusedEulerMixin(FusedStepMixin, CheckedBeginIndexMixin):
     """The VE row table and the fused step shared by the two Euler schedulers.
 
     The fused step covers ``prediction_type`` "epsilon", "sample" (Euler) and "v_prediction".
     """
 
     _fused_prediction_types: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
-    _ancestral = False
 
     def _install_rows(self, big_b: torch.Tensor, c: torch.Tensor, g: torch.Tensor | None = None) -> None:
         """[S, 6] float64 rows (1, sigma, 1, B, c, g) from [S] B, c and GMM scales g (default 1)."""
@@ -64,7 +64,11 @@ class _FusedEulerMixin(GMMSchedulerMixin, CheckedBeginIndexMixin):
         self._set_rows(torch.stack([one, sigma, one, big_b, c, one if g is None else g], dim=-1))
 
     def _fusable(self) -> bool:
-        return getattr(self, "_rows", None) is not None and self.config.prediction_type in self._fused_prediction_types
+        return self._row_table is not None and self.config.prediction_type in self._fused_prediction_types
+
+    def _noise(self, model_output, sample, i: int, generator):
+        """(gmm, noise, components) of step ``i``: none (Euler draws no noise; Euler ancestral's override)."""
+        return None, None, None
 
     def _fused(self, model_output, timestep, sample, generator):
         """The step at ``self.step_index`` (initialised from ``timestep`` as the base class does) as one op call;
@@ -80,18 +84,7 @@ class _FusedEulerMixin(GMMSchedulerMixin, CheckedBeginIndexMixin):
         sample = sample.to(torch.float32)
         if model_output.dtype == torch.float64:
             sample = sample.double()
-        gmm = self._gmm_for(sample)
-        noise = components = None
-        if self._ancestral:
-            if self._torch_noise(generator, gmm):  # drawn exactly as the base class draws it
-                noise = randn_tensor(
-                    model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
-                )
-            if gmm is not None:
-                if generator is not None:
-                    components = draw_components(generator, gmm, i, sample)
-                else:
-                    self._use_stream()
+        gmm, noise, components = self._noise(model_output, sample, i, generator)
         out = self._fused_step(
             model_output,
             sample,
@@ -105,7 +98,7 @@ class _FusedEulerMixin(GMMSchedulerMixin, CheckedBeginIndexMixin):
         return out.prev_sample.to(model_output.dtype), out.pred_original_sample
 
 
-class EulerDiscreteGMMScheduler(_FusedEulerMixin, EulerDiscreteScheduler):
+class EulerDiscreteGMMScheduler(DeterministicMixin, _FusedEulerMixin, EulerDiscreteScheduler):
     """``EulerDiscreteScheduler`` with a fused step (see the module docstring for the row).
 
     Falls back to ``EulerDiscreteScheduler.step`` when the step adds churn noise (``s_churn > 0`` with sigma in
@@ -115,10 +108,7 @@ class EulerDiscreteGMMScheduler(_FusedEulerMixin, EulerDiscreteScheduler):
 
     _compatibles = [*EulerDiscreteScheduler._compatibles, "EulerDiscreteScheduler"]
 
-    def _gmm_for(self, sample):
-        return None  # Euler is deterministic: no noise for a mixture to replace
-
-    def _gmm_refusal(self, source: str) -> str | None:
+    def _gmm_refusal(self, source: str) -> str:
         return (
             f"{source}: EulerDiscreteGMMScheduler is deterministic (no noise at any step, s_churn = 0), so a "
             "Gaussian mixture has no noise to replace and its offsets would land on the sample uncompensated; use "
@@ -132,8 +122,6 @@ class EulerDiscreteGMMScheduler(_FusedEulerMixin, EulerDiscreteScheduler):
         super().set_timesteps(
             num_inference_steps=num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas
         )
-        if not hasattr(self, "_rows"):  # the base class's __init__ is kept: the mixin's state is set up here
-            self._init_gmm()
         sigma_next = self.sigmas.detach().to("cpu", torch.float64)[1:]
         self._install_rows(sigma_next, torch.zeros_like(sigma_next))
 
@@ -160,7 +148,7 @@ class EulerDiscreteGMMScheduler(_FusedEulerMixin, EulerDiscreteScheduler):
         return scheduler_output(EulerDiscreteSchedulerOutput, prev_sample=prev, pred_original_sample=x0)
 
 
-class EulerAncestralDiscreteGMMScheduler(_FusedEulerMixin, EulerAncestralDiscreteScheduler):
+class EulerAncestralDiscreteGMMScheduler(GMMSchedulerMixin, _FusedEulerMixin, EulerAncestralDiscreteScheduler):
     """``EulerAncestralDiscreteScheduler`` with a fused step (see the module docstring for the row).
 
     Randomness: ``generator``: z drawn exactly as the base class draws it (``randn_tensor`` at every step), so
@@ -175,7 +163,6 @@ class EulerAncestralDiscreteGMMScheduler(_FusedEulerMixin, EulerAncestralDiscret
 
     _compatibles = [*EulerAncestralDiscreteScheduler._compatibles, "EulerAncestralDiscreteScheduler"]
     _fused_prediction_types = ("epsilon", "v_prediction")  # the base class refuses "sample"
-    _ancestral = True
 
     @register_to_config
     def __init__(
@@ -223,6 +210,18 @@ class EulerAncestralDiscreteGMMScheduler(_FusedEulerMixin, EulerAncestralDiscret
         down = (s_to.square() - up.square()).clamp(min=0).sqrt()
         g = (1 + s_to.square()).sqrt() * self._final_step_g(len(s_to))
         self._install_rows(down, up, g)
+
+    def _noise(self, model_output, sample, i: int, generator):
+        """(gmm, noise, components) of step ``i``: z drawn exactly as the base class draws it, or the Philox
+        stream's (see :meth:`GMMSchedulerMixin._torch_noise`)."""
+        gmm = self._gmm_for(sample)
+        noise = None
+        if self._torch_noise(generator, gmm):
+            noise = randn_tensor(
+                model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
+            )
+        components = self._gmm_components(generator, gmm, i, sample)
+        return gmm, noise, components
 
     def step(
         self,

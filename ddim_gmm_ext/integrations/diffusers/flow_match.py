@@ -30,7 +30,6 @@ from ._base import (
     check_model_output,
     check_step_count,
     coefficient_rows,
-    draw_components,
     publish,
     python_value,
     scheduler_output,
@@ -193,7 +192,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
     ) -> FlowMatchEulerDiscreteSchedulerOutput | tuple:
         """One RFIM(-GMM) step from ``timestep`` to the next sigma; arguments and outputs as the base class
         (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise`` are accepted and unused, as there)."""
-        if self._rows is None:
+        if self._row_table is None:
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
@@ -242,14 +241,10 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
                 return (prev_sample,)
             return scheduler_output(FlowMatchEulerDiscreteSchedulerOutput, prev_sample=prev_sample)
 
-        noise = components = None
+        noise = None
         if self._run_eta > 0 and self._torch_noise(generator, gmm):  # as the base class's stochastic_sampling
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-        if gmm is not None:
-            if generator is not None:
-                components = draw_components(generator, gmm, int(i), sample)
-            else:
-                self._use_stream()
+        components = self._gmm_components(generator, gmm, i, sample)
         out = self._fused_step(  # the output has no x0: the op skips writing it (one pass less over memory)
             model_output,
             sample,

@@ -37,7 +37,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from ... import _checks
 from ._base import (
     CheckedBeginIndexMixin,
-    GMMSchedulerMixin,
+    DeterministicMixin,
     check_model_output,
     check_multistep_prediction,
     check_multistep_sigmas,
@@ -48,6 +48,7 @@ from ._base import (
     scheduler_output,
     torch_data_prediction,
 )
+from ._multistep import MultistepIndexMixin
 
 __all__ = ["SchedulerOutput", "UniPCMultistepGMMScheduler"]
 
@@ -106,7 +107,9 @@ def _solve(mat: np.ndarray, rhs: list) -> list:
         return [np.float64("nan")] * len(rhs)
 
 
-class UniPCMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, UniPCMultistepScheduler):
+class UniPCMultistepGMMScheduler(
+    MultistepIndexMixin, DeterministicMixin, CheckedBeginIndexMixin, UniPCMultistepScheduler
+):
     """``UniPCMultistepScheduler`` whose step (corrector and predictor) is one fused op call (module docstring).
 
     Every ``UniPCMultistepScheduler`` config key, default and method is kept. Covered by the fused step:
@@ -216,17 +219,13 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, UniP
             sigma_max=sigma_max,  # type: ignore[arg-type]  # diffusers annotates bool
             shift_terminal=shift_terminal,  # type: ignore[arg-type]
         )
-        self._init_gmm()  # gmm_variant refused (_gmm_refusal) unless None
-        self._rows_start: int = 0
+        self._refuse_gmm_variant()
         self._host: list[list[float]] = []  # per step: the 6 + 6 + 3 float64 weights (next, corrected, h2 sum)
         self._singular: dict[int, int] = {}  # step -> order of the rows' steps whose rho system is singular
         self._aux: dict = {}  # (device, dtype) -> [S, 9] corrected-sample and h2 weights for the compiled step
 
     # -- no GMM ------------------------------------------------------------------------------------------------
-    def _gmm_for(self, sample):
-        return None  # UniPC is deterministic: no noise for a mixture to replace
-
-    def _gmm_refusal(self, source: str) -> str | None:
+    def _gmm_refusal(self, source: str) -> str:
         return (
             f"{source}: UniPC is deterministic (no noise at any step), so a Gaussian mixture has no noise to replace "
             "and its offsets would land on the sample uncompensated; use gmm_variant=None (or a stochastic "
@@ -244,14 +243,14 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, UniP
             num_inference_steps = check_step_count(num_inference_steps)
         super().set_timesteps(num_inference_steps=num_inference_steps, device=device, sigmas=sigmas, mu=mu)
         check_multistep_sigmas(self, "sigmas" if sigmas is not None else None)
-        self._build(0)
+        self._set_rows(self._build(0))
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         """As ``UniPCMultistepScheduler.set_begin_index``; the rows restart the order count and the corrector
         there (what diffusers' first step of the run does), so a compiled loop from ``begin_index`` is right too."""
         super().set_begin_index(begin_index)
-        if self._rows is not None and self._fused() and 0 <= begin_index < len(self.timesteps):
-            self._build(begin_index)
+        if self._row_table is not None and self._fused() and 0 <= begin_index < len(self.timesteps):
+            self._restart(begin_index)
 
     def _order(self, i: int, start: int) -> int:
         """diffusers' ``this_order`` at step i of a run that began at ``start``."""
@@ -314,10 +313,13 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, UniP
             "final_sigmas_type='sigma_min' or solver_order <= 2"
         )
 
-    def _build(self, start: int) -> None:
-        """Install the rows of a run beginning at ``start``: the op's [S, 8] table (a_t, b_t, A, B, c, g, H1, H2)
-        with c = g = 0 and the weights of the torch sums (``self._host`` on the host for eager steps, the [S, 9]
-        ``_aux`` table on the device for compiled ones)."""
+    def _restart(self, start: int) -> None:
+        self._restart_rows(self._build(start))
+
+    def _build(self, start: int) -> torch.Tensor:
+        """The rows of a run beginning at ``start``: the op's [S, 8] table (a_t, b_t, A, B, c, g, H1, H2) with
+        c = g = 0, returned; the weights of the torch sums are installed (``self._host`` on the host for eager
+        steps, the [S, 9] ``_aux`` table on the device for compiled ones)."""
         self._rows_start = start
         rows, host = [], []
         eps_history = not self.predict_x0
@@ -338,7 +340,7 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, UniP
         device = self.timesteps.device
         aux = torch.tensor(host, dtype=torch.float64, device=device)
         self._aux = {(device, torch.float64): aux, (device, torch.float32): aux.float()}
-        self._set_rows(torch.tensor(rows, dtype=torch.float64, device=device))
+        return torch.tensor(rows, dtype=torch.float64, device=device)
 
     def _aux_table(self, sample: torch.Tensor) -> torch.Tensor:
         cdt = _checks.compute_dtype(sample.dtype)
@@ -348,7 +350,7 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, UniP
         return self._aux[key]
 
     def prepare_gmm(self, sample: torch.Tensor):
-        """As :meth:`GMMSchedulerMixin.prepare_gmm` (no GMM here: it returns None); also converts the tables to the
+        """As :meth:`FusedStepMixin.prepare_gmm` (no GMM here: it returns None); also converts the tables to the
         sample's device and compute dtype and fills the empty history slots and ``last_sample`` with zeros (in
         the compute dtype, as the fused step keeps them) so that a compiled loop sees tensors at every step."""
         super().prepare_gmm(sample)
@@ -365,24 +367,6 @@ class UniPCMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, UniP
         return None
 
     # -- the step ---------------------------------------------------------------------------------------------
-    def _index(self, timestep, device: torch.device):
-        """The step index: diffusers' host counter, or under ``torch.compile`` a 0-d device tensor (the timestep's
-        first position in the schedule; -1 when absent: an all-NaN step)."""
-        if torch.compiler.is_compiling():
-            return self._compiled_index(timestep, device)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        i = self.step_index
-        assert i is not None
-        if not 0 <= i < len(self.timesteps):
-            raise ValueError(
-                f"step {i} is past the end of the {len(self.timesteps)}-step schedule; call set_timesteps before "
-                "sampling again"
-            )
-        if self.lower_order_nums == 0 and i != self._rows_start:
-            self._build(i)  # a run starting mid-schedule: diffusers restarts its order count and corrector here
-        return i
-
     def _converted_in_torch(self, model_output, sample, a_t, b_t):
         """M_i as diffusers' ``convert_model_output`` computes it, for the cases the op's prediction types do not
         cover (class docstring)."""

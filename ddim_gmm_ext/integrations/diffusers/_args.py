@@ -1,0 +1,83 @@
+"""The argument rules of the diffusers schedulers' public calls (config values, step counts, begin indices,
+generators, model outputs), each defined once; a leaf of the package's diffusers integration."""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+import numpy as np
+import torch
+
+
+def python_value(value):
+    """``value`` with NumPy scalars / arrays and tensors made Python numbers and lists (a tuple becomes a list),
+    as a config key stores it: ``save_pretrained`` writes JSON, and the JSON round trip gives the same value."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()  # a 0-d one gives a number
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [python_value(v) for v in value]
+    return value
+
+
+def check_begin_index(begin_index) -> int:
+    """``set_begin_index``'s argument: an int >= 0, the position of the run's first step (stock diffusers stores
+    any value; -1 would index the schedule from its end)."""
+    if isinstance(begin_index, bool) or not isinstance(begin_index, Integral) or begin_index < 0:
+        raise ValueError(
+            f"begin_index must be an int >= 0 (the position in scheduler.timesteps of the run's first step), "
+            f"got {begin_index!r}"
+        )
+    return int(begin_index)
+
+
+class CheckedBeginIndexMixin:
+    """``set_begin_index`` of a stock scheduler that has one, with its argument checked (:func:`check_begin_index`)
+    when it is given, not at the step that reads it. Listed before the stock class."""
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        super().set_begin_index(check_begin_index(begin_index))  # type: ignore[misc]  # the stock class's
+
+
+def check_host_step(i: int, n_steps: int) -> None:
+    """A host step counter past the schedule (a loop run again without ``set_timesteps``): the call to make."""
+    if not 0 <= i < n_steps:
+        raise ValueError(
+            f"step {i} is past the end of the {n_steps}-step schedule; call set_timesteps before sampling again"
+        )
+
+
+def check_step_count(value, name: str = "num_inference_steps") -> int:
+    """A step count as a positive int (bool refused: True is not a step count)."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def check_generator(generator, batch: int):
+    """A generator, or a list of one per sample; a one-element list is one generator (as in randn_tensor)."""
+    if isinstance(generator, (list, tuple)):
+        if not all(isinstance(g, torch.Generator) for g in generator):
+            raise TypeError("generator must be a torch.Generator or a list of torch.Generator")
+        if len(generator) == 1:
+            return generator[0]
+        if len(generator) != batch:
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators but the batch has {batch} samples; pass one "
+                "generator per sample"
+            )
+        return list(generator)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+    return generator
+
+
+def check_model_output(model_output, sample: torch.Tensor, name: str = "model_output") -> None:
+    """The model output of a fused step: a real floating tensor of the sample's shape (checked before any noise is
+    drawn for it, so that an error names the caller's argument)."""
+    if not isinstance(model_output, torch.Tensor) or not model_output.is_floating_point():
+        what = model_output.dtype if isinstance(model_output, torch.Tensor) else type(model_output).__name__
+        raise TypeError(f"{name} must be a real floating-point tensor, got {what}")
+    if model_output.shape != sample.shape:
+        raise ValueError(f"{name} must have the sample's shape {tuple(sample.shape)}, got {tuple(model_output.shape)}")
