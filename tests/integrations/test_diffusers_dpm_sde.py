@@ -233,7 +233,7 @@ def test_matched_steps_read_the_rows():
     x = torch.randn(SHAPE)
     gmm = s.prepare_gmm(x)
     rows = s._schedule_rows()
-    ungated = s._ungated_rows
+    ungated = s._row_table._source  # the rows before gmm_steps
     expected = [
         m and bool(g != 0) for m, g in zip(matched_steps(gmm, ungated[:, 4], ungated[:, 5]), ungated[:, 5], strict=True)
     ]

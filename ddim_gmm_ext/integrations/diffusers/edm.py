@@ -267,7 +267,7 @@ class EDMDPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixi
     # diffusers' order switches and the rows of a run starting mid-schedule are DPMSolverMultistepGMMScheduler's (the
     # EDM config has the keys they read; the rows are this class's _coefficient_rows)
     _order = DPMSolverMultistepGMMScheduler._order
-    _restart_rows = DPMSolverMultistepGMMScheduler._restart_rows
+    _restart = DPMSolverMultistepGMMScheduler._restart
 
     @register_to_config
     def __init__(
@@ -407,7 +407,7 @@ class EDMDPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixi
         i = self.step_index
         check_host_step(i, len(self.timesteps))
         if self.lower_order_nums == 0 and i != self._rows_start:
-            self._restart_rows(i)
+            self._restart(i)
         if self._orders[i] == 3 and self.config.algorithm_type == "sde-dpmsolver++":
             raise ValueError(
                 f"solver_order=3 with algorithm_type='sde-dpmsolver++' reaches a third-order step (step {i} of "
