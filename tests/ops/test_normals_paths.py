@@ -1,8 +1,8 @@
 """The CPU kernel's float32 normals take the widest path the CPU has (AVX-512, AVX2, the portable loop;
 csrc/cpu/normals.h): every path gives the same bits, so a sample does not depend on the machine's vector width.
 
-Checked to fail with a mutation of the vector paths only (normals_body.h: the constant 1.1514610310e-1f of
-log_unit changed in its last digit): the path comparisons below fail, the reference comparisons pass."""
+Checked to fail with a mutation of the vector paths only (normals_body.h, log_unit: -0.5f z as -0.50000006f z, one
+ulp): the three path comparisons fail, the reference comparisons (float32 rounding) pass."""
 
 import os
 import subprocess
