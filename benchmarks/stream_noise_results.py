@@ -19,7 +19,8 @@ benchmarks/results/stream_noise_cpu.json.
 Every method of a group runs interleaved (common.interleaved: a block of calls each per round, the order reversed
 every other round), so load on a shared machine falls on all alike; figures are process-CPU medians (the wall
 medians and the quartiles are in the JSON). `--heap steady` fixes glibc's malloc thresholds (gate.steady_heap:
-no page faults on fresh outputs), `--heap default` leaves them adaptive, as in a user's process.
+no page faults on fresh outputs), `--heap default` leaves them adaptive, as in a user's process, `--heap fresh`
+maps every large output anew (the worst case of the adaptive thresholds).
 """
 
 from __future__ import annotations
@@ -126,6 +127,17 @@ def scheduler_cases() -> dict:
     return out
 
 
+def fresh_heap() -> bool:
+    """glibc's malloc serving every block from 128 KB on with a fresh mmap (the threshold fixed at its initial
+    value): each large output is faulted in anew, a page fault per 4 KB (2 MB with THP_MEM_ALLOC_ENABLE=1)."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10))  # M_MMAP_THRESHOLD
+    except OSError:
+        return False
+
+
 def _cpu_us(res: dict, name: str) -> float:
     return res[name]["median_cpu_us"]
 
@@ -136,12 +148,12 @@ def main():
     parser.add_argument("--block-ms", type=float, default=30.0)
     parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="thread counts of the step part")
     parser.add_argument("--shapes", default="16x3x256x256", help="comma-separated, e.g. 16x3x256x256,8x4x128x128")
-    parser.add_argument("--heap", choices=("steady", "default"), default="steady")
+    parser.add_argument("--heap", choices=("steady", "default", "fresh"), default="steady")
     parser.add_argument("--only", default="normals,step,schedulers", help="parts to run")
     parser.add_argument("--note", default="", help="what else ran on the machine (recorded in the JSON)")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/stream_noise_cpu.json")
     args = parser.parse_args()
-    heap = steady_heap() if args.heap == "steady" else False
+    heap = steady_heap() if args.heap == "steady" else fresh_heap() if args.heap == "fresh" else False
     doc: dict = {"heap": args.heap, "steady_heap_applied": heap, "note": args.note, "load_before": os.getloadavg()}
     doc["normals_path"] = cpu_normals.path()
     parts = args.only.split(",")

@@ -160,8 +160,11 @@ DDIMGMM_INLINE T clipped_sd(const Coeffs<T>& k, T v) {
 
 // The fused update of n elements. x, m_u, m_c, h1, h2, out, x0_out point at the chunk's first element; add (the
 // GMM term added to the mean), sd (noise std) and z are chunk buffers. With guidance, m = m_u + w (m_c - m_u);
-// without, m = m_c. kHist: how many multistep history terms H_j h_j are added (0, 1 or 2).
-template <typename scalar_t, typename m_t, typename h_t, typename T, bool kGuidance, bool kWriteX0, int kHist>
+// without, m = m_c. kHist: how many multistep history terms H_j h_j are added (0, 1 or 2). kPlain: add and z are
+// zeros (no GMM term, no noise drawn or given), so x_s = mean + 0 without reading them (+ 0 as the general form
+// adds it: -0 becomes +0 alike).
+template <typename scalar_t, typename m_t, typename h_t, typename T, bool kGuidance, bool kWriteX0, int kHist,
+          bool kPlain>
 DDIMGMM_ISA_CLONES void update(const Coeffs<T>& k, int64_t n, const scalar_t* __restrict__ x, const m_t* __restrict__ m_u,
                    const m_t* __restrict__ m_c, const h_t* __restrict__ h1, const h_t* __restrict__ h2,
                    const T* __restrict__ add, const T* __restrict__ sd,
@@ -181,7 +184,11 @@ DDIMGMM_ISA_CLONES void update(const Coeffs<T>& k, int64_t n, const scalar_t* __
     T mean = k.a_s * x0 + k.eps_coef * eps;
     if constexpr (kHist >= 1) mean = mean + k.h1 * T(h1[i]);
     if constexpr (kHist >= 2) mean = mean + k.h2 * T(h2[i]);
-    out[i] = scalar_t(mean + add[i] + sd[i] * z[i]);
+    if constexpr (kPlain) {
+      out[i] = scalar_t(mean + T(0));
+    } else {
+      out[i] = scalar_t(mean + add[i] + sd[i] * z[i]);
+    }
     if constexpr (kWriteX0) x0_out[i] = scalar_t(x0);
   }
 }
@@ -334,9 +341,16 @@ void run(const Tensor& model_output, const Tensor& sample, const void* row, int6
         }
         const int64_t o = b * D + j0;
         const T* zc = noise_chunk(z, b, j0, len, noisy);
-        update<scalar_t, m_t, h_t, T, kGuidance, kWriteX0, kHist>(k, len, xb + j0, m_u + j0, m_c + j0,
-                                                                  kHist >= 1 ? h1 + o : nullptr, kHist >= 2 ? h2 + o : nullptr,
-                                                                  addc, sd, zc, out + o, kWriteX0 ? x0p + o : nullptr);
+        auto fused = [&](auto plain) {
+          update<scalar_t, m_t, h_t, T, kGuidance, kWriteX0, kHist, decltype(plain)::value>(
+              k, len, xb + j0, m_u + j0, m_c + j0, kHist >= 1 ? h1 + o : nullptr, kHist >= 2 ? h2 + o : nullptr, addc,
+              sd, zc, out + o, kWriteX0 ? x0p + o : nullptr);
+        };
+        if (zc == zeros && addc == zeros) {  // 0 * z, z of the given noise, may be NaN: only with no noise given
+          fused(std::true_type{});
+        } else {
+          fused(std::false_type{});
+        }
       }
     }
   });
