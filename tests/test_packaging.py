@@ -88,6 +88,7 @@ def test_sdist_builds_and_installs_in_a_clean_venv(tmp_path):
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     needed = ["csrc/cpu/philox.h", "csrc/cpu/isa.h", "csrc/cpu/type_error.h", "csrc/stable.h", "csrc/thin_svd_aten.h"]
+    needed += ["csrc/cpu/normals.h", "csrc/cpu/normals_body.h"]
     needed += ["csrc/cuda/thin_svd.cu"]
     needed += ["triton_kernels/step.py", "ddim_gmm_ext/quality/data/digits_eps.pt", "ddim_gmm_ext/py.typed"]
     for name in needed:

@@ -16,6 +16,7 @@
 // with n = sample_offset + b the global sample index.
 #include "type_error.h"  // first: it includes pybind11 before stable.h defines TORCH_TARGET_VERSION
 #include "../stable.h"
+#include "normals.h"
 #include "philox.h"
 
 #include <algorithm>
@@ -52,12 +53,11 @@ constexpr int64_t kMaxIndex = int64_t(1) << 32;              // sample and step 
 // of about 64k noiseless elements (16 tasks) but of only 8k noisy ones (the normals are ~2 ns each).
 constexpr int64_t kGrainNoiseless = 16, kGrainNoisy = 2;
 
-// z[i] for elements j0 .. j0 + n of one sample (j0 a multiple of 4, n <= kChunk).
+// z[i] for elements j0 .. j0 + n of one sample (j0 a multiple of 4, n <= kChunk): 4 ceil(n / 4) values written.
 template <typename T>
 DDIMGMM_INLINE void draw_normals(T* z, int64_t j0, int64_t n, uint32_t sample, uint32_t step, uint32_t k0, uint32_t k1) {
   const int64_t groups = (n + 3) / 4;
   const uint32_t g0 = uint32_t(j0 / 4);
-#pragma omp simd
   for (int64_t g = 0; g < groups; ++g) {
     uint32_t c0 = g0 + uint32_t(g), c1 = sample, c2 = step, c3 = kNoiseStream;
     philox4x32_10(c0, c1, c2, c3, k0, k1);
@@ -66,15 +66,10 @@ DDIMGMM_INLINE void draw_normals(T* z, int64_t j0, int64_t n, uint32_t sample, u
   }
 }
 
-// The normals dominate the cost of a noisy step.
-DDIMGMM_ISA_CLONES
-void draw_normals_f32(float* z, int64_t j0, int64_t n, uint32_t sample, uint32_t step, uint32_t k0, uint32_t k1) {
-  draw_normals(z, j0, n, sample, step, k0, k1);
-}
-
+// The normals dominate the cost of a noisy step: float32 takes the vector paths of normals.h.
 inline void draw_normals_any(float* z, int64_t j0, int64_t n, uint32_t sample, uint32_t step, uint32_t k0,
                              uint32_t k1) {
-  draw_normals_f32(z, j0, n, sample, step, k0, k1);
+  philox::normals(z, uint32_t(j0 / 4), (n + 3) / 4, sample, step, kNoiseStream, k0, k1);
 }
 inline void draw_normals_any(double* z, int64_t j0, int64_t n, uint32_t sample, uint32_t step, uint32_t k0,
                              uint32_t k1) {
@@ -165,8 +160,11 @@ DDIMGMM_INLINE T clipped_sd(const Coeffs<T>& k, T v) {
 
 // The fused update of n elements. x, m_u, m_c, h1, h2, out, x0_out point at the chunk's first element; add (the
 // GMM term added to the mean), sd (noise std) and z are chunk buffers. With guidance, m = m_u + w (m_c - m_u);
-// without, m = m_c. kHist: how many multistep history terms H_j h_j are added (0, 1 or 2).
-template <typename scalar_t, typename m_t, typename h_t, typename T, bool kGuidance, bool kWriteX0, int kHist>
+// without, m = m_c. kHist: how many multistep history terms H_j h_j are added (0, 1 or 2). kPlain: add and z are
+// zeros (no GMM term, no noise drawn or given), so x_s = mean + 0 without reading them (+ 0 as the general form
+// adds it: -0 becomes +0 alike).
+template <typename scalar_t, typename m_t, typename h_t, typename T, bool kGuidance, bool kWriteX0, int kHist,
+          bool kPlain>
 DDIMGMM_ISA_CLONES void update(const Coeffs<T>& k, int64_t n, const scalar_t* __restrict__ x, const m_t* __restrict__ m_u,
                    const m_t* __restrict__ m_c, const h_t* __restrict__ h1, const h_t* __restrict__ h2,
                    const T* __restrict__ add, const T* __restrict__ sd,
@@ -186,9 +184,31 @@ DDIMGMM_ISA_CLONES void update(const Coeffs<T>& k, int64_t n, const scalar_t* __
     T mean = k.a_s * x0 + k.eps_coef * eps;
     if constexpr (kHist >= 1) mean = mean + k.h1 * T(h1[i]);
     if constexpr (kHist >= 2) mean = mean + k.h2 * T(h2[i]);
-    out[i] = scalar_t(mean + add[i] + sd[i] * z[i]);
+    if constexpr (kPlain) {
+      out[i] = scalar_t(mean + T(0));
+    } else {
+      out[i] = scalar_t(mean + add[i] + sd[i] * z[i]);
+    }
     if constexpr (kWriteX0) x0_out[i] = scalar_t(x0);
   }
+}
+
+// sum_j w[j] z[j] over n elements in a fixed order whatever the ISA: kLanes running sums (lane l takes j = l mod
+// kLanes), then the lanes and the tail in order. A single running sum would be a chain of dependent adds, one
+// per element, that no compiler may vectorise or reorder.
+template <typename T>
+DDIMGMM_ISA_CLONES T dot(const T* __restrict__ w, const T* __restrict__ z, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  T acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += w[j + l] * z[j + l];
+  }
+  T sum = 0;
+  for (int64_t l = 0; l < kLanes; ++l) sum += acc[l];
+  for (; j < n; ++j) sum += w[j] * z[j];
+  return sum;
 }
 
 // One GMM parameter set, already offset to the step's set: priors [K], offsets [K, D], var_offsets [K, Dv]
@@ -262,12 +282,7 @@ void run(const Tensor& model_output, const Tensor& sample, const void* row, int6
         for (int64_t j0 = j_begin; j0 < j_end; j0 += kChunk) {
           const int64_t len = std::min(kChunk, j_end - j0);
           const T* zc = noise_chunk(z, b, j0, len, true);
-          for (int64_t i = 0; i < Dv; ++i) {
-            const T* w = basis + i * D + j0;
-            T acc = 0;
-            for (int64_t j = 0; j < len; ++j) acc += w[j] * zc[j];
-            p[i] += acc;
-          }
+          for (int64_t i = 0; i < Dv; ++i) p[i] += dot(basis + i * D + j0, zc, len);
         }
       }
     });
@@ -324,11 +339,18 @@ void run(const Tensor& model_output, const Tensor& sample, const void* row, int6
             addc = add;
           }
         }
-        const T* zc = noise_chunk(z, b, j0, len, noisy);
         const int64_t o = b * D + j0;
-        update<scalar_t, m_t, h_t, T, kGuidance, kWriteX0, kHist>(k, len, xb + j0, m_u + j0, m_c + j0,
-                                                                  kHist >= 1 ? h1 + o : nullptr, kHist >= 2 ? h2 + o : nullptr,
-                                                                  addc, sd, zc, out + o, kWriteX0 ? x0p + o : nullptr);
+        const T* zc = noise_chunk(z, b, j0, len, noisy);
+        auto fused = [&](auto plain) {
+          update<scalar_t, m_t, h_t, T, kGuidance, kWriteX0, kHist, decltype(plain)::value>(
+              k, len, xb + j0, m_u + j0, m_c + j0, kHist >= 1 ? h1 + o : nullptr, kHist >= 2 ? h2 + o : nullptr, addc,
+              sd, zc, out + o, kWriteX0 ? x0p + o : nullptr);
+        };
+        if (zc == zeros && addc == zeros) {  // 0 * z, z of the given noise, may be NaN: only with no noise given
+          fused(std::true_type{});
+        } else {
+          fused(std::false_type{});
+        }
       }
     }
   });
