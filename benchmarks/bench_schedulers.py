@@ -256,6 +256,10 @@ def _consistency_case(family, which, shape, generator):
     def step():
         s._step_index = i  # the base class counts steps; keep stepping the same one
         return s.step(m, t, x, generator=gen, **kw)
+
+    return step
+
+
 # -- DPM++ SDE: one step (its two model evaluations) and a loop next to DPMSolverSDEScheduler, same noise source --
 SDE_STEPS = 20
 SDE_LOOP_STEPS = 10  # 19 model evaluations
@@ -348,12 +352,16 @@ def test_consistency_step_vs_base(benchmark, which, family, shape, generator):
     benchmark(_consistency_case(family, which, shape, generator))
 
 
+@pytest.mark.parametrize("generator", [False, True], ids=["no_generator", "generator"])
+@pytest.mark.parametrize("shape", [(1, 4, 64, 64), (4, 4, 128, 128)], ids=["1x4x64x64", "4x4x128x128"])
 @pytest.mark.parametrize("family", list(EDM_CASES))
 @pytest.mark.parametrize("which", ["ours", "diffusers"])
 def test_edm_step_vs_base(benchmark, which, family, shape, generator):
     if generator and family != "edm_sde_dpm":
         pytest.skip("deterministic: no noise to draw")
     benchmark(_edm_case(which, family, shape, generator))
+
+
 def _sde_loop_case(which, shape, tree):
     """A whole 10-step loop (set_timesteps and 19 evaluations) with one fixed model output (the scheduler's
     share only): with diffusers' Brownian tree (``tree``; a fresh one per loop, as set_timesteps drops it) or the
