@@ -29,10 +29,10 @@ log(baseline / lowest run) + MARGIN_FLOOR), and a re-measurement right after fal
 cases are bimodal from process to process (the allocator's state decides whether a fresh output is faulted in;
 the float64 thin SVD measured 2.3x in some processes and 3.3x in others), and the robust sigma ignores a minority
 mode, so a ratio the unchanged code gave during the baseline must pass. Each baseline run is its own process, as
-a check is. K_SIGMA: a gate run compares 39 cases; to keep false alarms under
-1% a run, with two failed measurements needed, one measurement may fail with probability sqrt(0.01 / 39) =
-0.016; sigma comes from 5 runs (4 degrees of freedom), whose t quantile at 0.016 is 3.23, and the baseline's
-own error (a median of 5: variance 1.57 sigma^2 / 5) widens it by sqrt(1 + 1.57 / 5) = 1.15, to 3.70: K_SIGMA
+a check is. K_SIGMA: a gate run compares 61 cases; to keep false alarms under
+1% a run, with two failed measurements needed, one measurement may fail with probability sqrt(0.01 / 61) =
+0.0128; sigma comes from 5 runs (4 degrees of freedom), whose t quantile at 0.0128 is 3.45, and the baseline's
+own error (a median of 5: variance 1.57 sigma^2 / 5) widens it by sqrt(1 + 1.57 / 5) = 1.15, to 3.96: K_SIGMA
 = 4. MARGIN_FLOOR, 6%: a shift of a whole process that its in-process re-measurement shares (fresh processes
 of the unchanged code on the quiet AMD EPYC gave DPM-Solver++ 2M at [1, 4, 64, 64] 6.26 to 6.51, 4%), not a code
 change.
@@ -245,6 +245,12 @@ def _new_family(family, shape, gen):
             ("upstream", "diffusers"))}  # fmt: skip
 
 
+def _consistency(which, family, shape, gen):
+    from bench_schedulers import _consistency_case
+
+    return _consistency_case(family, which, shape, gen)
+
+
 def _svd(shape, dtype):
     import torch
 
@@ -294,6 +300,22 @@ def cases() -> list[Case]:
                 name = f"DPM {algorithm} {_shape(shape)}{' generator' if gen else ''}"
                 steps.append((name, shape, partial(_pair, sch._dpm_case, algorithm, shape, gen)))
     steps += [(f"UniPC {_shape(shape)}", shape, partial(_pair, sch._unipc_case, shape)) for shape in shapes]
+    for family, label in (("lcm", "LCM"), ("tcd", "TCD"), ("flow_lcm", "flow-matching LCM")):
+        for shape in shapes:
+            for gen in (False, True):
+                name = f"{label} {_shape(shape)}{' generator' if gen else ''}"
+                steps.append((name, shape, partial(_pair, _consistency, family, shape, gen)))
+    for family, label in (("edm_euler", "EDM Euler"), ("edm_dpm", "EDM DPM dpmsolver++"),
+                          ("edm_sde_dpm", "EDM DPM sde-dpmsolver++")):  # fmt: skip
+        for shape in shapes:
+            for gen in (False, True) if family == "edm_sde_dpm" else (False,):  # only the SDE draws noise
+                name = f"{label} {_shape(shape)}{' generator' if gen else ''}"
+                steps.append((name, shape, partial(_pair, sch._edm_case, family, shape, gen)))
+    # DPM++ SDE: both evaluations of a step with the same fixed noise on both sides (the Brownian tree, the same
+    # host code on both sides and ~98% of a step, is left out)
+    steps += [
+        (f"DPM++ SDE {_shape(shape)} fixed noise", shape, partial(_pair, sch._sde_case, shape)) for shape in shapes
+    ]
     out += [
         Case(f"{name} vs diffusers", "scheduler", build, ROUNDS, _block_ms(shape), MEDIAN)
         for name, shape, build in steps
