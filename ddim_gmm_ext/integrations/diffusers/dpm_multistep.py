@@ -20,16 +20,15 @@ Importing this module imports diffusers; ``import ddim_gmm_ext`` does not.
 from __future__ import annotations
 
 import math
-from numbers import Integral
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .._common import multistep_weights as _multistep_weights
+from ._args import check_solver_order
 from ._base import (
     CheckedBeginIndexMixin,
     GMMSchedulerMixin,
@@ -45,6 +44,7 @@ from ._base import (
     scheduler_output,
     torch_data_prediction,
 )
+from ._config import InitArgs, scheduler_init
 from ._multistep import MultistepIndexMixin
 
 __all__ = ["DPMSolverMultistepGMMScheduler", "SchedulerOutput"]
@@ -149,80 +149,11 @@ class DPMSolverMultistepGMMScheduler(
 
     _compatibles = [*DPMSolverMultistepScheduler._compatibles, "DPMSolverMultistepScheduler"]
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas=None,
-        solver_order: int = 2,
-        prediction_type: str = "epsilon",
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        sample_max_value: float = 1.0,
-        algorithm_type: str = "dpmsolver++",
-        solver_type: str = "midpoint",
-        lower_order_final: bool = True,
-        euler_at_final: bool = False,
-        use_karras_sigmas: bool = False,
-        use_exponential_sigmas: bool = False,
-        use_beta_sigmas: bool = False,
-        use_lu_lambdas: bool = False,
-        use_flow_sigmas: bool = False,
-        flow_shift: float = 1.0,
-        final_sigmas_type: str = "zero",
-        lambda_min_clipped: float = -float("inf"),
-        variance_type: str | None = None,
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-        rescale_betas_zero_snr: bool = False,
-        use_dynamic_shifting: bool = False,
-        time_shift_type: str = "exponential",
-        gmm_variant: str | None = None,
-        gmm_n_components: int = 8,
-        gmm_scale: float = 1.0,
-        gmm_share_across_steps: bool = False,
-        gmm_uniform_priors: bool = True,
-        seed: int | None = None,
-        gmm_scale_per_dim: float | None = None,
-        final_step: str = "gaussian",
-        gmm_steps="all",
-    ):
-        if isinstance(solver_order, bool) or not isinstance(solver_order, Integral) or not 1 <= solver_order <= 3:
-            raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
-        super().__init__(
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            beta_schedule=beta_schedule,
-            trained_betas=trained_betas,
-            solver_order=solver_order,
-            prediction_type=prediction_type,  # type: ignore[arg-type]  # diffusers annotates Literals
-            thresholding=thresholding,
-            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-            sample_max_value=sample_max_value,
-            algorithm_type=algorithm_type,  # type: ignore[arg-type]
-            solver_type=solver_type,  # type: ignore[arg-type]
-            lower_order_final=lower_order_final,
-            euler_at_final=euler_at_final,
-            use_karras_sigmas=use_karras_sigmas,
-            use_exponential_sigmas=use_exponential_sigmas,
-            use_beta_sigmas=use_beta_sigmas,
-            use_lu_lambdas=use_lu_lambdas,
-            use_flow_sigmas=use_flow_sigmas,
-            flow_shift=flow_shift,
-            final_sigmas_type=final_sigmas_type,  # type: ignore[arg-type]
-            lambda_min_clipped=lambda_min_clipped,
-            variance_type=variance_type,  # type: ignore[arg-type]
-            timestep_spacing=timestep_spacing,  # type: ignore[arg-type]
-            steps_offset=steps_offset,
-            rescale_betas_zero_snr=rescale_betas_zero_snr,
-            use_dynamic_shifting=use_dynamic_shifting,
-            time_shift_type=time_shift_type,  # type: ignore[arg-type]
-        )
-        check_multistep_prediction(prediction_type)
+    @scheduler_init(DPMSolverMultistepScheduler)
+    def __init__(self, args: InitArgs) -> None:
+        check_solver_order(args.solver_order, up_to_3=True)
+        super().__init__(**args.stock)
+        check_multistep_prediction(args.prediction_type)
         self._init_gmm()
 
     def _gmm_refusal(self, source: str) -> str | None:

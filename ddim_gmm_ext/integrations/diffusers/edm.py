@@ -28,11 +28,10 @@ Importing this module imports diffusers; ``import ddim_gmm_ext`` does not.
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Real
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_edm_dpmsolver_multistep import EDMDPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_edm_euler import EDMEulerScheduler, EDMEulerSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
@@ -40,6 +39,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .._common import multistep_weights
+from ._args import check_solver_order
 from ._base import (
     CheckedBeginIndexMixin,
     GMMSchedulerMixin,
@@ -51,6 +51,7 @@ from ._base import (
     publish,
     scheduler_output,
 )
+from ._config import InitArgs, scheduler_init
 from .dpm_multistep import DPMSolverMultistepGMMScheduler, _solver_coefficients
 
 __all__ = ["EDMDPMSolverMultistepGMMScheduler", "EDMEulerGMMScheduler", "EDMEulerSchedulerOutput"]
@@ -127,29 +128,10 @@ class EDMEulerGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, EDMEulerSc
 
     _compatibles = [*EDMEulerScheduler._compatibles, "EDMEulerScheduler"]
 
-    @register_to_config
-    def __init__(
-        self,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-        sigma_data: float = 0.5,
-        sigma_schedule: str = "karras",
-        num_train_timesteps: int = 1000,
-        prediction_type: str = "epsilon",
-        rho: float = 7.0,
-        final_sigmas_type: str = "zero",
-    ) -> None:
-        _check_edm_config(sigma_data, sigma_schedule, prediction_type, final_sigmas_type)
-        super().__init__(
-            sigma_min=sigma_min,
-            sigma_max=sigma_max,
-            sigma_data=sigma_data,
-            sigma_schedule=sigma_schedule,  # type: ignore[arg-type]  # diffusers annotates Literals
-            num_train_timesteps=num_train_timesteps,
-            prediction_type=prediction_type,  # type: ignore[arg-type]
-            rho=rho,
-            final_sigmas_type=final_sigmas_type,  # type: ignore[arg-type]
-        )
+    @scheduler_init(EDMEulerScheduler, gmm_keys=())
+    def __init__(self, args: InitArgs) -> None:
+        _check_edm_config(args.sigma_data, args.sigma_schedule, args.prediction_type, args.final_sigmas_type)
+        super().__init__(**args.stock)
         self._init_gmm()
         self._install_rows()  # the stock class steps on its training sigmas before set_timesteps
 
@@ -269,56 +251,11 @@ class EDMDPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixi
     _order = DPMSolverMultistepGMMScheduler._order
     _restart = DPMSolverMultistepGMMScheduler._restart
 
-    @register_to_config
-    def __init__(
-        self,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-        sigma_data: float = 0.5,
-        sigma_schedule: str = "karras",
-        num_train_timesteps: int = 1000,
-        prediction_type: str = "epsilon",
-        rho: float = 7.0,
-        solver_order: int = 2,
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        sample_max_value: float = 1.0,
-        algorithm_type: str = "dpmsolver++",
-        solver_type: str = "midpoint",
-        lower_order_final: bool = True,
-        euler_at_final: bool = False,
-        final_sigmas_type: str = "zero",
-        gmm_variant: str | None = None,
-        gmm_n_components: int = 8,
-        gmm_scale: float = 1.0,
-        gmm_share_across_steps: bool = False,
-        gmm_uniform_priors: bool = True,
-        seed: int | None = None,
-        gmm_scale_per_dim: float | None = None,
-        final_step: str = "gaussian",
-        gmm_steps="all",
-    ):
-        if isinstance(solver_order, bool) or not isinstance(solver_order, Integral) or not 1 <= solver_order <= 3:
-            raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
-        _check_edm_config(sigma_data, sigma_schedule, prediction_type, final_sigmas_type)
-        super().__init__(
-            sigma_min=sigma_min,
-            sigma_max=sigma_max,
-            sigma_data=sigma_data,
-            sigma_schedule=sigma_schedule,  # type: ignore[arg-type]  # diffusers annotates Literals
-            num_train_timesteps=num_train_timesteps,
-            prediction_type=prediction_type,  # type: ignore[arg-type]
-            rho=rho,
-            solver_order=solver_order,
-            thresholding=thresholding,
-            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-            sample_max_value=sample_max_value,
-            algorithm_type=algorithm_type,  # type: ignore[arg-type]
-            solver_type=solver_type,  # type: ignore[arg-type]
-            lower_order_final=lower_order_final,
-            euler_at_final=euler_at_final,
-            final_sigmas_type=final_sigmas_type,  # type: ignore[arg-type]
-        )
+    @scheduler_init(EDMDPMSolverMultistepScheduler)
+    def __init__(self, args: InitArgs) -> None:
+        check_solver_order(args.solver_order, up_to_3=True)
+        _check_edm_config(args.sigma_data, args.sigma_schedule, args.prediction_type, args.final_sigmas_type)
+        super().__init__(**args.stock)
         self._init_gmm()
         self._rows_start: int = 0
         self._orders: list[int] = []

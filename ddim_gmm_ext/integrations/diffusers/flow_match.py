@@ -10,11 +10,7 @@ one fused RFIM(-GMM) op call.
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import torch
-from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
     FlowMatchEulerDiscreteScheduler,
     FlowMatchEulerDiscreteSchedulerOutput,
@@ -22,6 +18,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from .._common import check_eta
+from ._args import check_positive, check_shift_terminal
 from ._base import (
     CheckedBeginIndexMixin,
     GMMSchedulerMixin,
@@ -34,6 +31,7 @@ from ._base import (
     python_value,
     scheduler_output,
 )
+from ._config import InitArgs, scheduler_init
 
 __all__ = ["FlowMatchEulerDiscreteGMMScheduler", "FlowMatchEulerDiscreteSchedulerOutput"]
 
@@ -72,57 +70,16 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
 
     _compatibles = ["FlowMatchEulerDiscreteScheduler"]
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        shift: float = 1.0,
-        use_dynamic_shifting: bool = False,
-        base_shift: float | None = 0.5,
-        max_shift: float | None = 1.15,
-        base_image_seq_len: int = 256,
-        max_image_seq_len: int = 4096,
-        invert_sigmas: bool = False,
-        shift_terminal: float | None = None,
-        use_karras_sigmas: bool = False,
-        use_exponential_sigmas: bool = False,
-        use_beta_sigmas: bool = False,
-        time_shift_type: str = "exponential",
-        stochastic_sampling: bool = False,
-        rfim_eta: float = 0.0,
-        gmm_variant: str | None = None,
-        gmm_n_components: int = 8,
-        gmm_scale: float = 1.0,
-        gmm_share_across_steps: bool = False,
-        gmm_uniform_priors: bool = True,
-        seed: int | None = None,
-        gmm_scale_per_dim: float | None = None,
-        final_step: str = "gaussian",
-        gmm_steps="all",
-    ):
-        if not isinstance(shift, Real) or isinstance(shift, bool) or not (math.isfinite(shift) and shift > 0):
-            raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
-        if shift_terminal is not None and not (isinstance(shift_terminal, Real) and 0 <= shift_terminal < 1):
-            raise ValueError(f"shift_terminal must be None or a number in [0, 1), got {shift_terminal!r}")
-        eta = check_eta(python_value(rfim_eta), "rfim_eta")  # a NumPy / 0-d tensor value as the number
-        if stochastic_sampling and 0 < eta < 1:
-            raise ValueError(f"stochastic_sampling=True is rfim_eta = 1; got rfim_eta={rfim_eta}: set one or the other")
-        super().__init__(
-            num_train_timesteps=num_train_timesteps,
-            shift=shift,
-            use_dynamic_shifting=use_dynamic_shifting,
-            base_shift=base_shift,
-            max_shift=max_shift,
-            base_image_seq_len=base_image_seq_len,
-            max_image_seq_len=max_image_seq_len,
-            invert_sigmas=invert_sigmas,
-            shift_terminal=shift_terminal,
-            use_karras_sigmas=use_karras_sigmas,
-            use_exponential_sigmas=use_exponential_sigmas,
-            use_beta_sigmas=use_beta_sigmas,
-            time_shift_type=time_shift_type,
-            stochastic_sampling=stochastic_sampling,
-        )
+    @scheduler_init(FlowMatchEulerDiscreteScheduler, own={"rfim_eta": 0.0})
+    def __init__(self, args: InitArgs) -> None:
+        check_positive(args.shift, "shift")
+        check_shift_terminal(args.shift_terminal)
+        eta = check_eta(python_value(args.rfim_eta), "rfim_eta")  # a NumPy / 0-d tensor value as the number
+        if args.stochastic_sampling and 0 < eta < 1:
+            raise ValueError(
+                f"stochastic_sampling=True is rfim_eta = 1; got rfim_eta={args.rfim_eta}: set one or the other"
+            )
+        super().__init__(**args.stock)
         self._init_gmm()
 
     @property
