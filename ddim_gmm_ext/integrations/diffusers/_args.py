@@ -49,6 +49,19 @@ def check_host_step(i: int, n_steps: int) -> None:
         )
 
 
+def check_timesteps_set(ready: bool) -> None:
+    """A step before ``set_timesteps`` (``ready`` False): diffusers' own ValueError, word for word."""
+    if not ready:
+        raise ValueError(
+            "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+        )
+
+
+def check_sample_tensor(sample) -> None:
+    if not isinstance(sample, torch.Tensor):
+        raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
+
+
 def check_step_count(value, name: str = "num_inference_steps") -> int:
     """A step count as a positive int (bool refused: True is not a step count)."""
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
@@ -82,6 +95,21 @@ def check_model_output(model_output, sample: torch.Tensor, name: str = "model_ou
         raise TypeError(f"{name} must be a real floating-point tensor, got {what}")
     if model_output.shape != sample.shape:
         raise ValueError(f"{name} must have the sample's shape {tuple(sample.shape)}, got {tuple(model_output.shape)}")
+
+
+def check_step_arguments(model_output, sample, generator, *, check_sample: bool = False):
+    """A fused step's arguments, before any noise is drawn: with ``check_sample`` the sample (a real floating tensor
+    with a batch dimension: the flow-matching steps, whose stock step casts it to float32), then the model output
+    (:func:`check_model_output`) and the generator, returned as the step uses it (:func:`check_generator`)."""
+    if check_sample and (not isinstance(sample, torch.Tensor) or not sample.is_floating_point() or sample.dim() == 0):
+        what = (
+            f"a {sample.dtype} tensor of shape {tuple(sample.shape)}"
+            if isinstance(sample, torch.Tensor)
+            else type(sample).__name__
+        )
+        raise ValueError(f"sample must be a real floating-point tensor with a batch dimension, got {what}")
+    check_model_output(model_output, sample)
+    return check_generator(generator, sample.shape[0])
 
 
 def check_solver_order(value, *, up_to_3: bool = False) -> None:

@@ -17,12 +17,10 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ... import _checks, _schedules, api
 from .._common import check_eta
-from ._args import check_betas
+from ._args import check_betas, check_step_arguments, check_timesteps_set
 from ._base import (
     GMMSchedulerMixin,
     check_begin_index,
-    check_generator,
-    check_model_output,
     check_step_count,
     coefficient_rows,
     publish,
@@ -260,10 +258,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
     ) -> DDIMSchedulerOutput | tuple:
         """One DDIM(-GMM) step from ``timestep`` to the previous inference timestep; arguments and outputs as
         ``DDIMScheduler.step`` (randomness: see the class docstring)."""
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
+        check_timesteps_set(self.num_inference_steps is not None)
         if eta.__class__ is not float or not 0.0 <= eta <= 1.0:  # the common case checked in one test
             eta = check_eta(eta)
         if eta > 0 and variance_noise is not None and generator is not None:
@@ -276,8 +271,8 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
                 f"variance_noise must have the sample's shape {tuple(sample.shape)}, got {tuple(variance_noise.shape)}"
             )
         if generator is not None:
-            check_model_output(model_output, sample)  # before randn_tensor(model_output.shape) is checked as noise
-            generator = check_generator(generator, sample.shape[0])
+            # the model output before randn_tensor(model_output.shape) is checked as noise
+            generator = check_step_arguments(model_output, sample, generator)
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
         cdt = _checks.compute_dtype(sample.dtype)

@@ -12,10 +12,9 @@ import torch
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ._args import check_step_arguments
 from ._base import (
     GMMSchedulerMixin,
-    check_generator,
-    check_model_output,
     check_step_count,
     publish,
     scheduler_output,
@@ -180,9 +179,7 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
         learned = c.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]
         if self._row_table is None or c.thresholding or learned or c.variance_type not in _FIXED_VARIANCES:
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
-        check_model_output(model_output, sample)
-        if generator is not None:
-            generator = check_generator(generator, sample.shape[0])
+        generator = check_step_arguments(model_output, sample, generator)
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
         noise = None

@@ -28,7 +28,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .._common import multistep_weights as _multistep_weights
-from ._args import check_solver_order
+from ._args import check_sample_tensor, check_solver_order, check_timesteps_set
 from ._base import (
     CheckedBeginIndexMixin,
     GMMSchedulerMixin,
@@ -41,11 +41,10 @@ from ._base import (
     fused_data_prediction,
     multistep_alpha_sigma,
     publish,
-    scheduler_output,
     torch_data_prediction,
 )
 from ._config import InitArgs, scheduler_init
-from ._multistep import MultistepIndexMixin
+from ._multistep import MultistepIndexMixin, multistep_output
 
 __all__ = ["DPMSolverMultistepGMMScheduler", "SchedulerOutput"]
 
@@ -280,15 +279,11 @@ class DPMSolverMultistepGMMScheduler(
     ) -> SchedulerOutput | tuple:
         """One multistep DPM-Solver++ step; arguments and outputs as ``DPMSolverMultistepScheduler.step``
         (randomness: see the class docstring)."""
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
+        check_timesteps_set(self.num_inference_steps is not None)
         c = self.config
         if c.algorithm_type not in _DATA_PREDICTION:
             return super().step(model_output, timestep, sample, generator, variance_noise, return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
-        if not isinstance(sample, torch.Tensor):
-            raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
+        check_sample_tensor(sample)
         # diffusers returns its data prediction's dtype: the model output's for "sample", else the promoted dtype of
         # the sample and the model output; the step runs in float64 where either is float64, else in float32
         if not isinstance(model_output, torch.Tensor) or model_output.shape != sample.shape:
@@ -335,6 +330,7 @@ class DPMSolverMultistepGMMScheduler(
         order = c.solver_order
         # h1 (the latest data prediction), then h2 for order 3; slots still empty (eager first steps, whose rows
         # have H_j = 0) are left out
+        history: tuple[torch.Tensor, ...]  # diffusers types its history as list[None]
         if order == 2:  # the common case, without the cost of a generator expression
             h1 = self.model_outputs[-1]
             history = () if h1 is None else (h1,)
@@ -351,18 +347,7 @@ class DPMSolverMultistepGMMScheduler(
             rows=table,
             history=history,
         )
-        prev, x0 = out.prev_sample, out.pred_original_sample
-        from_tensor = isinstance(i, torch.Tensor)
-        # the history, as diffusers keeps it: the newest data prediction last (a new list; no tensor modified)
-        self.model_outputs = [*self.model_outputs[1:], x0]
-        if not from_tensor:
-            self.lower_order_nums = min(self.lower_order_nums + 1, order)
-            self._step_index += 1  # type: ignore[operator]  # diffusers types _step_index as None
-        if prev.dtype != out_dtype:
-            prev = prev.to(out_dtype)
-        if not return_dict:
-            return (prev,)
-        return scheduler_output(SchedulerOutput, prev_sample=prev)
+        return multistep_output(self, out, out_dtype, return_dict, None if isinstance(i, torch.Tensor) else order)
 
 
 publish(DPMSolverMultistepGMMScheduler, SchedulerOutput)

@@ -36,13 +36,11 @@ from diffusers.schedulers.scheduling_lcm import LCMScheduler, LCMSchedulerOutput
 from diffusers.schedulers.scheduling_tcd import TCDScheduler, TCDSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ._args import check_betas, check_positive, check_shift_terminal
+from ._args import check_betas, check_positive, check_shift_terminal, check_step_arguments
 from ._base import (
     CheckedBeginIndexMixin,
     GMMSchedulerMixin,
-    check_generator,
     check_host_step,
-    check_model_output,
     check_step_count,
     coefficient_rows,
     draw_components,
@@ -51,6 +49,7 @@ from ._base import (
     zero_snr_rows,
 )
 from ._config import InitArgs, scheduler_init
+from .flow_match import flow_schedule, fused_flow_step
 
 __all__ = [
     "FlowMatchLCMGMMScheduler",
@@ -277,9 +276,7 @@ class LCMGMMScheduler(_VPConsistencyMixin, LCMScheduler):
         self._check_gmm_ready()
         if self._rows is None or self._fallback():
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
-        check_model_output(model_output, sample)
-        if generator is not None:
-            generator = check_generator(generator, sample.shape[0])
+        generator = check_step_arguments(model_output, sample, generator)
         out = self._affine_step(model_output, timestep, sample, generator)
         if not return_dict:
             return (out.prev_sample, out.pred_original_sample)
@@ -415,9 +412,7 @@ class TCDGMMScheduler(_VPConsistencyMixin, TCDScheduler):
         if self._rows is None:
             return super().step(model_output, timestep, sample, eta, generator=generator, return_dict=return_dict)  # type: ignore[arg-type]  # its "call set_timesteps" error
         eta = self._check_eta(eta)
-        check_model_output(model_output, sample)
-        if generator is not None:
-            generator = check_generator(generator, sample.shape[0])
+        generator = check_step_arguments(model_output, sample, generator)
         self._use_eta(eta)
         out = self._affine_step(model_output, timestep, sample, generator)
         if not return_dict:
@@ -482,17 +477,7 @@ class FlowMatchLCMGMMScheduler(_FusedConsistencyMixin, FlowMatchLCMScheduler):
         timesteps: list[float] | None = None,
     ) -> None:
         """As ``FlowMatchLCMScheduler.set_timesteps``; also builds the [S, 6] coefficient table."""
-        if num_inference_steps is not None:
-            num_inference_steps = check_step_count(num_inference_steps)
-        elif sigmas is None and timesteps is None:
-            raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
-        for name, values in (("sigmas", sigmas), ("timesteps", timesteps)):
-            if values is not None and len(values) == 0:
-                raise ValueError(f"{name} must hold at least one value (one per inference step), got an empty {name}")
-        super().set_timesteps(num_inference_steps, device, sigmas=sigmas, mu=mu, timesteps=timesteps)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
-        sig = self.sigmas.detach().to("cpu", torch.float64)
-        if not torch.isfinite(sig).all() or (sig < 0).any() or (sig > 1).any():
-            raise ValueError(f"the schedule's sigmas must lie in [0, 1], got {sig.tolist()[:8]}")
+        sig = flow_schedule(self, super().set_timesteps, num_inference_steps, device, sigmas, mu, timesteps)
         t, s = sig[:-1], sig[1:]
         self._set_rows(coefficient_rows(1 - t, t, 1 - s, s, s, self._final_step_g(len(t))).to(self.sigmas.device))
 
@@ -511,37 +496,16 @@ class FlowMatchLCMGMMScheduler(_FusedConsistencyMixin, FlowMatchLCMScheduler):
         )
         if self._rows is None or integer or self._scale_wise():
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
-        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point() or sample.dim() == 0:
-            what = (
-                f"a {sample.dtype} tensor of shape {tuple(sample.shape)}"
-                if isinstance(sample, torch.Tensor)
-                else type(sample).__name__
-            )
-            raise ValueError(f"sample must be a real floating-point tensor with a batch dimension, got {what}")
-        check_model_output(model_output, sample)
-        generator = check_generator(generator, sample.shape[0])
+        generator = check_step_arguments(model_output, sample, generator, check_sample=True)
         if self._init_size is None or self.step_index is None:  # as the stock step (for set_scale_factors later)
             self._init_size = model_output.size()[2:]  # type: ignore[assignment]  # diffusers types it as None
         sample = sample.to(torch.float32)  # type: ignore[assignment]  # as the stock step: the update in float32
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
         noise, components = self._noise(sample, model_output, generator, gmm, i, True, torch.float32)
-        out = self._fused_step(
-            model_output,
-            sample,
-            i,
-            prediction_type="flow",
-            gmm=gmm,
-            noise=noise,
-            components=components,
-            return_pred_original=False,
+        return fused_flow_step(
+            self, model_output, sample, i, gmm, noise, components, FlowMatchLCMSchedulerOutput, return_dict
         )
-        if not isinstance(i, torch.Tensor):
-            self._step_index += 1  # type: ignore[assignment,operator]  # diffusers types _step_index as None
-        prev_sample = out.prev_sample.to(model_output.dtype)
-        if not return_dict:
-            return (prev_sample,)
-        return scheduler_output(FlowMatchLCMSchedulerOutput, prev_sample=prev_sample)
 
 
 publish(LCMGMMScheduler, LCMSchedulerOutput)

@@ -32,7 +32,7 @@ from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepSchedu
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from ... import _checks
-from ._args import check_solver_order
+from ._args import check_solver_order, check_timesteps_set
 from ._base import (
     CheckedBeginIndexMixin,
     DeterministicMixin,
@@ -335,10 +335,7 @@ class UniPCMultistepGMMScheduler(
     ) -> SchedulerOutput | tuple:
         """One UniPC step (corrector, then predictor) as one fused op call; arguments and outputs as
         ``UniPCMultistepScheduler.step``."""
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
+        check_timesteps_set(self.num_inference_steps is not None)
         if not self._fused():
             return super().step(model_output, timestep, sample, return_dict)
         check_model_output(model_output, sample)
@@ -388,14 +385,14 @@ class UniPCMultistepGMMScheduler(
 
         # the corrected sample x_i^c (diffusers' last_sample for the next step): x_i itself with the corrector off
         corrected = self._weighted_sum(corr_w, (sample, converted, *olds, last))
-        self.last_sample = sample if corrected is None else corrected
+        self.last_sample = sample if corrected is None else corrected  # type: ignore[assignment]  # diffusers types its history and counters as None
         # the history, as diffusers keeps it: the newest converted output last (a new list; no tensor modified)
-        self.model_outputs = [*self.model_outputs[1:], converted]
+        self.model_outputs = [*self.model_outputs[1:], converted]  # type: ignore[list-item]
         if not compiled:
-            self.timestep_list = [*self.timestep_list[1:], timestep]
-            self.this_order = self._order(i, self._rows_start)
+            self.timestep_list = [*self.timestep_list[1:], timestep]  # type: ignore[list-item]
+            self.this_order = self._order(i, self._rows_start)  # type: ignore[has-type]
             self.lower_order_nums = min(self.lower_order_nums + 1, order)
-            self._step_index += 1  # type: ignore[operator]  # diffusers types _step_index as None
+            self._step_index += 1  # type: ignore[operator,assignment]  # diffusers types _step_index as None
         prev = prev.to(out_dtype)
         if not return_dict:
             return (prev,)
