@@ -164,15 +164,16 @@ class GMMOptions:
         return [gmm if acts else None for acts in gmm_step_mask(policy, gmm, c, gs)]
 
 
-#: GMMOptions field -> the diffusers schedulers' config key (their convention: a ``gmm_`` prefix).
+#: GMMOptions field -> the diffusers schedulers' config key (their convention: a ``gmm_`` prefix), in the order of
+#: the schedulers' ``__init__`` signatures.
 CONFIG_KEYS = {
     "variant": "gmm_variant",
     "n_components": "gmm_n_components",
     "scale": "gmm_scale",
-    "scale_per_dim": "gmm_scale_per_dim",
     "share_across_steps": "gmm_share_across_steps",
     "uniform_priors": "gmm_uniform_priors",
     "seed": "seed",
+    "scale_per_dim": "gmm_scale_per_dim",
     "final_step": "final_step",
     "gmm_steps": "gmm_steps",
 }

@@ -3,7 +3,8 @@ generators, model outputs), each defined once; a leaf of the package's diffusers
 
 from __future__ import annotations
 
-from numbers import Integral
+import math
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -48,6 +49,19 @@ def check_host_step(i: int, n_steps: int) -> None:
         )
 
 
+def check_timesteps_set(ready: bool) -> None:
+    """A step before ``set_timesteps`` (``ready`` False): diffusers' own ValueError, word for word."""
+    if not ready:
+        raise ValueError(
+            "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+        )
+
+
+def check_sample_tensor(sample) -> None:
+    if not isinstance(sample, torch.Tensor):
+        raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
+
+
 def check_step_count(value, name: str = "num_inference_steps") -> int:
     """A step count as a positive int (bool refused: True is not a step count)."""
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
@@ -81,3 +95,51 @@ def check_model_output(model_output, sample: torch.Tensor, name: str = "model_ou
         raise TypeError(f"{name} must be a real floating-point tensor, got {what}")
     if model_output.shape != sample.shape:
         raise ValueError(f"{name} must have the sample's shape {tuple(sample.shape)}, got {tuple(model_output.shape)}")
+
+
+def check_step_arguments(model_output, sample, generator, *, check_sample: bool = False):
+    """A fused step's arguments, before any noise is drawn: with ``check_sample`` the sample (a real floating tensor
+    with a batch dimension: the flow-matching steps, whose stock step casts it to float32), then the model output
+    (:func:`check_model_output`) and the generator, returned as the step uses it (:func:`check_generator`)."""
+    if check_sample and (not isinstance(sample, torch.Tensor) or not sample.is_floating_point() or sample.dim() == 0):
+        what = (
+            f"a {sample.dtype} tensor of shape {tuple(sample.shape)}"
+            if isinstance(sample, torch.Tensor)
+            else type(sample).__name__
+        )
+        raise ValueError(f"sample must be a real floating-point tensor with a batch dimension, got {what}")
+    check_model_output(model_output, sample)
+    return check_generator(generator, sample.shape[0])
+
+
+def check_solver_order(value, *, up_to_3: bool = False) -> None:
+    """A multistep solver's ``solver_order``: an int >= 1 (a bool refused: True is not an order); with ``up_to_3``,
+    where the fused step's solver has orders 1 to 3 only, one of those."""
+    bad = isinstance(value, bool) or not isinstance(value, Integral) or value < 1
+    if up_to_3 and (bad or value > 3):
+        raise ValueError(f"solver_order must be 1, 2 or 3, got {value!r}")
+    if bad:
+        raise ValueError(f"solver_order must be an int >= 1, got {value!r}")
+
+
+def check_positive(value, name: str) -> None:
+    """A finite real number > 0 (a bool refused)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and float(value) > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_shift_terminal(value) -> None:
+    """A flow-matching ``shift_terminal``: None, or where the shifted schedule ends, a number in [0, 1)."""
+    if value is not None and not (isinstance(value, Real) and 0 <= float(value) < 1):
+        raise ValueError(f"shift_terminal must be None or a number in [0, 1), got {value!r}")
+
+
+def check_betas(betas: torch.Tensor, trained_betas, beta_schedule: str, n_train: int) -> None:
+    """The training betas in [0, 1] (beta_end = 2 makes alphas negative: the stock step takes square roots of
+    negative alpha_bar and returns NaN) and ``trained_betas`` of num_train_timesteps values."""
+    if trained_betas is not None and len(trained_betas) != n_train:
+        raise ValueError(f"trained_betas must have num_train_timesteps={n_train} values, got {len(trained_betas)}")
+    b = betas.double()
+    if not (torch.isfinite(b).all() and (b >= 0).all() and (b <= 1).all()):
+        source = "trained_betas" if trained_betas is not None else f"beta_start / beta_end ({beta_schedule})"
+        raise ValueError(f"{source} must give betas in [0, 1], got values in [{b.min().item()}, {b.max().item()}]")

@@ -6,8 +6,10 @@ count at a run's first step)."""
 from __future__ import annotations
 
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from ._args import check_host_step
+from ._output import scheduler_output
 
 #: the prediction types of the multistep schedulers (DPM-Solver++, UniPC)
 MULTISTEP_PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow_prediction")
@@ -122,3 +124,20 @@ class MultistepIndexMixin:
         if self.lower_order_nums == 0 and i != self._rows_start:  # type: ignore[attr-defined]
             self._restart(i)
         return i
+
+
+def multistep_output(scheduler, out, dtype: torch.dtype, return_dict: bool, order: int | None):
+    """The end of a fused multistep step: the op's data prediction appended to the history as diffusers keeps it
+    (the newest last; a new list, no tensor modified), diffusers' host counters advanced up to ``order`` (None: the
+    step index is a device tensor under ``torch.compile``, the host counters stay), and the sample in ``dtype``
+    returned as ``return_dict`` asks."""
+    prev = out.prev_sample
+    scheduler.model_outputs = [*scheduler.model_outputs[1:], out.pred_original_sample]
+    if order is not None:
+        scheduler.lower_order_nums = min(scheduler.lower_order_nums + 1, order)
+        scheduler._step_index += 1
+    if prev.dtype != dtype:
+        prev = prev.to(dtype)
+    if not return_dict:
+        return (prev,)
+    return scheduler_output(SchedulerOutput, prev_sample=prev)

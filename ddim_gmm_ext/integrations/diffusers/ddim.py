@@ -12,23 +12,22 @@ from __future__ import annotations
 from numbers import Integral
 
 import torch
-from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler, DDIMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ... import _checks, _schedules, api
 from .._common import check_eta
+from ._args import check_betas, check_step_arguments, check_timesteps_set
 from ._base import (
     GMMSchedulerMixin,
     check_begin_index,
-    check_generator,
-    check_model_output,
     check_step_count,
     coefficient_rows,
     publish,
     scheduler_output,
     zero_snr_rows,
 )
+from ._config import InitArgs, scheduler_init
 
 __all__ = ["DDIMGMMScheduler", "DDIMSchedulerOutput"]
 
@@ -79,67 +78,17 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
 
     _compatibles = [*DDIMScheduler._compatibles, "DDIMScheduler"]
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas=None,
-        clip_sample: bool = True,
-        set_alpha_to_one: bool = True,
-        steps_offset: int = 0,
-        prediction_type: str = "epsilon",
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        clip_sample_range: float = 1.0,
-        sample_max_value: float = 1.0,
-        timestep_spacing: str = "leading",
-        rescale_betas_zero_snr: bool = False,
-        gmm_variant: str | None = None,
-        gmm_n_components: int = 8,
-        gmm_scale: float = 1.0,
-        gmm_share_across_steps: bool = False,
-        gmm_uniform_priors: bool = True,
-        seed: int | None = None,
-        gmm_scale_per_dim: float | None = None,
-        final_step: str = "gaussian",
-        gmm_steps="all",
-    ):
-        super().__init__(
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            beta_schedule=beta_schedule,
-            trained_betas=trained_betas,
-            clip_sample=clip_sample,
-            set_alpha_to_one=set_alpha_to_one,
-            steps_offset=steps_offset,
-            prediction_type=prediction_type,
-            thresholding=thresholding,
-            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-            clip_sample_range=clip_sample_range,
-            sample_max_value=sample_max_value,
-            timestep_spacing=timestep_spacing,
-            rescale_betas_zero_snr=rescale_betas_zero_snr,
-        )
+    @scheduler_init(DDIMScheduler)
+    def __init__(self, args: InitArgs) -> None:
+        super().__init__(**args.stock)
         # DDIMScheduler reports these only at the first step (or never); the fused step needs them settled.
-        if prediction_type not in _PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {_PREDICTION_TYPES}, got {prediction_type!r}")
-        if timestep_spacing not in _SPACINGS:
-            raise ValueError(f"timestep_spacing must be one of {_SPACINGS}, got {timestep_spacing!r}")
-        if isinstance(steps_offset, bool) or not isinstance(steps_offset, Integral) or steps_offset < 0:
-            raise ValueError(f"steps_offset must be an int >= 0, got {steps_offset!r}")
-        T = num_train_timesteps
-        if trained_betas is not None and len(trained_betas) != T:
-            raise ValueError(f"trained_betas must have num_train_timesteps={T} values, got {len(trained_betas)}")
-        betas = self.betas.double()
-        if not (torch.isfinite(betas).all() and (betas >= 0).all() and (betas <= 1).all()):
-            source = "trained_betas" if trained_betas is not None else f"beta_start / beta_end ({beta_schedule})"
-            raise ValueError(
-                f"{source} must give betas in [0, 1], got values in [{betas.min().item()}, {betas.max().item()}]"
-            )
+        if args.prediction_type not in _PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {_PREDICTION_TYPES}, got {args.prediction_type!r}")
+        if args.timestep_spacing not in _SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {_SPACINGS}, got {args.timestep_spacing!r}")
+        if isinstance(args.steps_offset, bool) or not isinstance(args.steps_offset, Integral) or args.steps_offset < 0:
+            raise ValueError(f"steps_offset must be an int >= 0, got {args.steps_offset!r}")
+        check_betas(self.betas, args.trained_betas, args.beta_schedule, args.num_train_timesteps)
         self._init_gmm()
         self._index_of: torch.Tensor | None = None  # [T] int64: position of each train timestep, -1 if absent
         self._index_of_host: list[int] | None = None
@@ -309,10 +258,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
     ) -> DDIMSchedulerOutput | tuple:
         """One DDIM(-GMM) step from ``timestep`` to the previous inference timestep; arguments and outputs as
         ``DDIMScheduler.step`` (randomness: see the class docstring)."""
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
+        check_timesteps_set(self.num_inference_steps is not None)
         if eta.__class__ is not float or not 0.0 <= eta <= 1.0:  # the common case checked in one test
             eta = check_eta(eta)
         if eta > 0 and variance_noise is not None and generator is not None:
@@ -325,8 +271,8 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
                 f"variance_noise must have the sample's shape {tuple(sample.shape)}, got {tuple(variance_noise.shape)}"
             )
         if generator is not None:
-            check_model_output(model_output, sample)  # before randn_tensor(model_output.shape) is checked as noise
-            generator = check_generator(generator, sample.shape[0])
+            # the model output before randn_tensor(model_output.shape) is checked as noise
+            generator = check_step_arguments(model_output, sample, generator)
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
         cdt = _checks.compute_dtype(sample.dtype)

@@ -9,19 +9,18 @@ from __future__ import annotations
 from numbers import Integral
 
 import torch
-from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ._args import check_step_arguments
 from ._base import (
     GMMSchedulerMixin,
-    check_generator,
-    check_model_output,
     check_step_count,
     publish,
     scheduler_output,
     zero_snr_rows,
 )
+from ._config import InitArgs, scheduler_init
 
 __all__ = ["DDPMGMMScheduler", "DDPMSchedulerOutput"]
 
@@ -74,53 +73,13 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
 
     _compatibles = [*DDPMScheduler._compatibles, "DDPMScheduler"]
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas=None,
-        variance_type: str = "fixed_small",
-        clip_sample: bool = True,
-        prediction_type: str = "epsilon",
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        clip_sample_range: float = 1.0,
-        sample_max_value: float = 1.0,
-        timestep_spacing: str = "leading",
-        steps_offset: int = 0,
-        rescale_betas_zero_snr: bool = False,
-        gmm_variant: str | None = None,
-        gmm_n_components: int = 8,
-        gmm_scale: float = 1.0,
-        gmm_share_across_steps: bool = False,
-        gmm_uniform_priors: bool = True,
-        seed: int | None = None,
-        final_step: str = "gaussian",
-        gmm_scale_per_dim: float | None = None,
-        gmm_steps="all",
-    ):
-        super().__init__(
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            beta_schedule=beta_schedule,
-            trained_betas=trained_betas,
-            variance_type=variance_type,
-            clip_sample=clip_sample,
-            prediction_type=prediction_type,
-            thresholding=thresholding,
-            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-            clip_sample_range=clip_sample_range,
-            sample_max_value=sample_max_value,
-            timestep_spacing=timestep_spacing,
-            steps_offset=steps_offset,
-            rescale_betas_zero_snr=rescale_betas_zero_snr,
-        )
-        if prediction_type not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
+    @scheduler_init(DDPMScheduler)
+    def __init__(self, args: InitArgs) -> None:
+        super().__init__(**args.stock)
+        if args.prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(
+                f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {args.prediction_type!r}"
+            )
         self._init_gmm()
         self._index_of_host: dict[int, int] = {}
         self._timesteps_host: list[int] = []
@@ -220,9 +179,7 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
         learned = c.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]
         if self._row_table is None or c.thresholding or learned or c.variance_type not in _FIXED_VARIANCES:
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
-        check_model_output(model_output, sample)
-        if generator is not None:
-            generator = check_generator(generator, sample.shape[0])
+        generator = check_step_arguments(model_output, sample, generator)
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
         noise = None

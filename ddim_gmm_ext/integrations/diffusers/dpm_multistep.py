@@ -20,16 +20,15 @@ Importing this module imports diffusers; ``import ddim_gmm_ext`` does not.
 from __future__ import annotations
 
 import math
-from numbers import Integral
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .._common import multistep_weights as _multistep_weights
+from ._args import check_sample_tensor, check_solver_order, check_timesteps_set
 from ._base import (
     CheckedBeginIndexMixin,
     GMMSchedulerMixin,
@@ -42,10 +41,10 @@ from ._base import (
     fused_data_prediction,
     multistep_alpha_sigma,
     publish,
-    scheduler_output,
     torch_data_prediction,
 )
-from ._multistep import MultistepIndexMixin
+from ._config import InitArgs, scheduler_init
+from ._multistep import MultistepIndexMixin, multistep_output
 
 __all__ = ["DPMSolverMultistepGMMScheduler", "SchedulerOutput"]
 
@@ -149,80 +148,11 @@ class DPMSolverMultistepGMMScheduler(
 
     _compatibles = [*DPMSolverMultistepScheduler._compatibles, "DPMSolverMultistepScheduler"]
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas=None,
-        solver_order: int = 2,
-        prediction_type: str = "epsilon",
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        sample_max_value: float = 1.0,
-        algorithm_type: str = "dpmsolver++",
-        solver_type: str = "midpoint",
-        lower_order_final: bool = True,
-        euler_at_final: bool = False,
-        use_karras_sigmas: bool = False,
-        use_exponential_sigmas: bool = False,
-        use_beta_sigmas: bool = False,
-        use_lu_lambdas: bool = False,
-        use_flow_sigmas: bool = False,
-        flow_shift: float = 1.0,
-        final_sigmas_type: str = "zero",
-        lambda_min_clipped: float = -float("inf"),
-        variance_type: str | None = None,
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-        rescale_betas_zero_snr: bool = False,
-        use_dynamic_shifting: bool = False,
-        time_shift_type: str = "exponential",
-        gmm_variant: str | None = None,
-        gmm_n_components: int = 8,
-        gmm_scale: float = 1.0,
-        gmm_share_across_steps: bool = False,
-        gmm_uniform_priors: bool = True,
-        seed: int | None = None,
-        gmm_scale_per_dim: float | None = None,
-        final_step: str = "gaussian",
-        gmm_steps="all",
-    ):
-        if isinstance(solver_order, bool) or not isinstance(solver_order, Integral) or not 1 <= solver_order <= 3:
-            raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
-        super().__init__(
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            beta_schedule=beta_schedule,
-            trained_betas=trained_betas,
-            solver_order=solver_order,
-            prediction_type=prediction_type,  # type: ignore[arg-type]  # diffusers annotates Literals
-            thresholding=thresholding,
-            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-            sample_max_value=sample_max_value,
-            algorithm_type=algorithm_type,  # type: ignore[arg-type]
-            solver_type=solver_type,  # type: ignore[arg-type]
-            lower_order_final=lower_order_final,
-            euler_at_final=euler_at_final,
-            use_karras_sigmas=use_karras_sigmas,
-            use_exponential_sigmas=use_exponential_sigmas,
-            use_beta_sigmas=use_beta_sigmas,
-            use_lu_lambdas=use_lu_lambdas,
-            use_flow_sigmas=use_flow_sigmas,
-            flow_shift=flow_shift,
-            final_sigmas_type=final_sigmas_type,  # type: ignore[arg-type]
-            lambda_min_clipped=lambda_min_clipped,
-            variance_type=variance_type,  # type: ignore[arg-type]
-            timestep_spacing=timestep_spacing,  # type: ignore[arg-type]
-            steps_offset=steps_offset,
-            rescale_betas_zero_snr=rescale_betas_zero_snr,
-            use_dynamic_shifting=use_dynamic_shifting,
-            time_shift_type=time_shift_type,  # type: ignore[arg-type]
-        )
-        check_multistep_prediction(prediction_type)
+    @scheduler_init(DPMSolverMultistepScheduler)
+    def __init__(self, args: InitArgs) -> None:
+        check_solver_order(args.solver_order, up_to_3=True)
+        super().__init__(**args.stock)
+        check_multistep_prediction(args.prediction_type)
         self._init_gmm()
 
     def _gmm_refusal(self, source: str) -> str | None:
@@ -349,15 +279,11 @@ class DPMSolverMultistepGMMScheduler(
     ) -> SchedulerOutput | tuple:
         """One multistep DPM-Solver++ step; arguments and outputs as ``DPMSolverMultistepScheduler.step``
         (randomness: see the class docstring)."""
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
+        check_timesteps_set(self.num_inference_steps is not None)
         c = self.config
         if c.algorithm_type not in _DATA_PREDICTION:
             return super().step(model_output, timestep, sample, generator, variance_noise, return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
-        if not isinstance(sample, torch.Tensor):
-            raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
+        check_sample_tensor(sample)
         # diffusers returns its data prediction's dtype: the model output's for "sample", else the promoted dtype of
         # the sample and the model output; the step runs in float64 where either is float64, else in float32
         if not isinstance(model_output, torch.Tensor) or model_output.shape != sample.shape:
@@ -404,6 +330,7 @@ class DPMSolverMultistepGMMScheduler(
         order = c.solver_order
         # h1 (the latest data prediction), then h2 for order 3; slots still empty (eager first steps, whose rows
         # have H_j = 0) are left out
+        history: tuple[torch.Tensor, ...]  # diffusers types its history as list[None]
         if order == 2:  # the common case, without the cost of a generator expression
             h1 = self.model_outputs[-1]
             history = () if h1 is None else (h1,)
@@ -420,18 +347,7 @@ class DPMSolverMultistepGMMScheduler(
             rows=table,
             history=history,
         )
-        prev, x0 = out.prev_sample, out.pred_original_sample
-        from_tensor = isinstance(i, torch.Tensor)
-        # the history, as diffusers keeps it: the newest data prediction last (a new list; no tensor modified)
-        self.model_outputs = [*self.model_outputs[1:], x0]
-        if not from_tensor:
-            self.lower_order_nums = min(self.lower_order_nums + 1, order)
-            self._step_index += 1  # type: ignore[operator]  # diffusers types _step_index as None
-        if prev.dtype != out_dtype:
-            prev = prev.to(out_dtype)
-        if not return_dict:
-            return (prev,)
-        return scheduler_output(SchedulerOutput, prev_sample=prev)
+        return multistep_output(self, out, out_dtype, return_dict, None if isinstance(i, torch.Tensor) else order)
 
 
 publish(DPMSolverMultistepGMMScheduler, SchedulerOutput)

@@ -35,7 +35,6 @@ import math
 from numbers import Real
 
 import torch
-from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_dpmsolver_sde import (
     BrownianTreeNoiseSampler,
     DPMSolverSDEScheduler,
@@ -52,6 +51,7 @@ from ._base import (
     publish,
     scheduler_output,
 )
+from ._config import InitArgs, scheduler_init
 
 __all__ = ["DPMSolverSDEGMMScheduler", "DPMSolverSDESchedulerOutput"]
 
@@ -95,49 +95,13 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
 
     _compatibles = [*DPMSolverSDEScheduler._compatibles, "DPMSolverSDEScheduler"]
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-        beta_schedule: str = "linear",
-        trained_betas=None,
-        prediction_type: str = "epsilon",
-        use_karras_sigmas: bool = False,
-        use_exponential_sigmas: bool = False,
-        use_beta_sigmas: bool = False,
-        noise_sampler_seed: int | None = None,
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-        gmm_variant: str | None = None,
-        gmm_n_components: int = 8,
-        gmm_scale: float = 1.0,
-        gmm_share_across_steps: bool = False,
-        gmm_uniform_priors: bool = True,
-        seed: int | None = None,
-        gmm_scale_per_dim: float | None = None,
-        final_step: str = "gaussian",
-        gmm_steps="all",
-    ):
-        if prediction_type not in (*_PREDICTIONS, "sample"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
-        super().__init__(
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            beta_schedule=beta_schedule,  # type: ignore[arg-type]  # diffusers annotates Literals
-            trained_betas=trained_betas,
-            prediction_type=prediction_type,  # type: ignore[arg-type]
-            use_karras_sigmas=use_karras_sigmas,
-            use_exponential_sigmas=use_exponential_sigmas,
-            use_beta_sigmas=use_beta_sigmas,
-            noise_sampler_seed=noise_sampler_seed,
-            timestep_spacing=timestep_spacing,  # type: ignore[arg-type]
-            steps_offset=steps_offset,
-        )
+    @scheduler_init(DPMSolverSDEScheduler)
+    def __init__(self, args: InitArgs) -> None:
+        if args.prediction_type not in (*_PREDICTIONS, "sample"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {args.prediction_type!r}")
+        super().__init__(**args.stock)
         self._init_gmm()
-        self._prediction: str = prediction_type  # read per step (a config lookup costs microseconds)
+        self._prediction: str = args.prediction_type  # read per step (a config lookup costs microseconds)
         check_multistep_sigmas(self)  # the training-length schedule the stock __init__ sets (rows: at the first use)
 
     # -- the coefficient table ---------------------------------------------------------------------------------

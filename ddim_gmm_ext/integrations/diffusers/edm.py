@@ -28,11 +28,10 @@ Importing this module imports diffusers; ``import ddim_gmm_ext`` does not.
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Real
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_edm_dpmsolver_multistep import EDMDPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_edm_euler import EDMEulerScheduler, EDMEulerSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
@@ -40,10 +39,10 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .._common import multistep_weights
+from ._args import check_sample_tensor, check_solver_order, check_step_arguments, check_timesteps_set
 from ._base import (
     CheckedBeginIndexMixin,
     GMMSchedulerMixin,
-    check_generator,
     check_host_step,
     check_model_output,
     check_step_count,
@@ -51,6 +50,8 @@ from ._base import (
     publish,
     scheduler_output,
 )
+from ._config import InitArgs, scheduler_init
+from ._multistep import multistep_output
 from .dpm_multistep import DPMSolverMultistepGMMScheduler, _solver_coefficients
 
 __all__ = ["EDMDPMSolverMultistepGMMScheduler", "EDMEulerGMMScheduler", "EDMEulerSchedulerOutput"]
@@ -127,29 +128,10 @@ class EDMEulerGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, EDMEulerSc
 
     _compatibles = [*EDMEulerScheduler._compatibles, "EDMEulerScheduler"]
 
-    @register_to_config
-    def __init__(
-        self,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-        sigma_data: float = 0.5,
-        sigma_schedule: str = "karras",
-        num_train_timesteps: int = 1000,
-        prediction_type: str = "epsilon",
-        rho: float = 7.0,
-        final_sigmas_type: str = "zero",
-    ) -> None:
-        _check_edm_config(sigma_data, sigma_schedule, prediction_type, final_sigmas_type)
-        super().__init__(
-            sigma_min=sigma_min,
-            sigma_max=sigma_max,
-            sigma_data=sigma_data,
-            sigma_schedule=sigma_schedule,  # type: ignore[arg-type]  # diffusers annotates Literals
-            num_train_timesteps=num_train_timesteps,
-            prediction_type=prediction_type,  # type: ignore[arg-type]
-            rho=rho,
-            final_sigmas_type=final_sigmas_type,  # type: ignore[arg-type]
-        )
+    @scheduler_init(EDMEulerScheduler, gmm_keys=())
+    def __init__(self, args: InitArgs) -> None:
+        _check_edm_config(args.sigma_data, args.sigma_schedule, args.prediction_type, args.final_sigmas_type)
+        super().__init__(**args.stock)
         self._init_gmm()
         self._install_rows()  # the stock class steps on its training sigmas before set_timesteps
 
@@ -205,8 +187,7 @@ class EDMEulerGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, EDMEulerSc
                 model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator, return_dict,
                 pred_original_sample,
             )  # fmt: skip
-        if not isinstance(sample, torch.Tensor):
-            raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
+        check_sample_tensor(sample)
         check_model_output(model_output, sample)
         if pred_original_sample is not None:
             check_model_output(pred_original_sample, sample, "pred_original_sample")
@@ -269,70 +250,18 @@ class EDMDPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixi
     _order = DPMSolverMultistepGMMScheduler._order
     _restart = DPMSolverMultistepGMMScheduler._restart
 
-    @register_to_config
-    def __init__(
-        self,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-        sigma_data: float = 0.5,
-        sigma_schedule: str = "karras",
-        num_train_timesteps: int = 1000,
-        prediction_type: str = "epsilon",
-        rho: float = 7.0,
-        solver_order: int = 2,
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        sample_max_value: float = 1.0,
-        algorithm_type: str = "dpmsolver++",
-        solver_type: str = "midpoint",
-        lower_order_final: bool = True,
-        euler_at_final: bool = False,
-        final_sigmas_type: str = "zero",
-        gmm_variant: str | None = None,
-        gmm_n_components: int = 8,
-        gmm_scale: float = 1.0,
-        gmm_share_across_steps: bool = False,
-        gmm_uniform_priors: bool = True,
-        seed: int | None = None,
-        gmm_scale_per_dim: float | None = None,
-        final_step: str = "gaussian",
-        gmm_steps="all",
-    ):
-        if isinstance(solver_order, bool) or not isinstance(solver_order, Integral) or not 1 <= solver_order <= 3:
-            raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
-        _check_edm_config(sigma_data, sigma_schedule, prediction_type, final_sigmas_type)
-        super().__init__(
-            sigma_min=sigma_min,
-            sigma_max=sigma_max,
-            sigma_data=sigma_data,
-            sigma_schedule=sigma_schedule,  # type: ignore[arg-type]  # diffusers annotates Literals
-            num_train_timesteps=num_train_timesteps,
-            prediction_type=prediction_type,  # type: ignore[arg-type]
-            rho=rho,
-            solver_order=solver_order,
-            thresholding=thresholding,
-            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-            sample_max_value=sample_max_value,
-            algorithm_type=algorithm_type,  # type: ignore[arg-type]
-            solver_type=solver_type,  # type: ignore[arg-type]
-            lower_order_final=lower_order_final,
-            euler_at_final=euler_at_final,
-            final_sigmas_type=final_sigmas_type,  # type: ignore[arg-type]
-        )
+    @scheduler_init(EDMDPMSolverMultistepScheduler)
+    def __init__(self, args: InitArgs) -> None:
+        check_solver_order(args.solver_order, up_to_3=True)
+        _check_edm_config(args.sigma_data, args.sigma_schedule, args.prediction_type, args.final_sigmas_type)
+        super().__init__(**args.stock)
         self._init_gmm()
         self._rows_start: int = 0
         self._orders: list[int] = []
         self._mix: list[tuple[float, float]] = []  # each step's (w1 / H1, w2 / H1): the history terms added to x
         self._finite: list[bool] = []  # whether each step's coefficients are finite
 
-    def _gmm_refusal(self, source: str) -> str | None:
-        algorithm = self.config.algorithm_type  # diffusers maps "deis" to "dpmsolver++"
-        if algorithm == "sde-dpmsolver++":
-            return None
-        return (
-            f"{source} needs algorithm_type='sde-dpmsolver++' (the mixture replaces that solver's noise), got "
-            f"algorithm_type={algorithm!r}: a deterministic solver (noise std 0) has no noise to replace"
-        )
+    _gmm_refusal = DPMSolverMultistepGMMScheduler._gmm_refusal  # EDM's algorithm types are two of its
 
     # -- the coefficient table ---------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int | None = None, device=None) -> None:
@@ -436,17 +365,11 @@ class EDMDPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixi
     ) -> SchedulerOutput | tuple:
         """One multistep EDM DPM-Solver++ step; arguments and outputs as ``EDMDPMSolverMultistepScheduler.step``
         (randomness: see the class docstring)."""
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
-        if not isinstance(sample, torch.Tensor):
-            raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
-        check_model_output(model_output, sample)
+        check_timesteps_set(self.num_inference_steps is not None)
+        check_sample_tensor(sample)
+        generator = check_step_arguments(model_output, sample, generator)
         # diffusers' data prediction's dtype, its output's (torch.result_type would break a compiled graph)
         promoted = torch.promote_types(sample.dtype, model_output.dtype)
-        if generator is not None:
-            generator = check_generator(generator, sample.shape[0])
         c = self.config
         i = self._index(timestep)
         x = _compute_sample(sample, model_output)
@@ -475,22 +398,13 @@ class EDMDPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixi
         h = x  # the history h = x + (w1 / X) h1 + (w2 / X) h2 (module docstring)
         r1, r2 = self._mix[i]
         if r1 != 0:
-            h = torch.add(x, self.model_outputs[-1], alpha=r1)
+            h = torch.add(x, self.model_outputs[-1], alpha=r1)  # type: ignore[call-overload]  # diffusers types its history as list[None]
         if r2 != 0:
-            h = h.add_(self.model_outputs[-2], alpha=r2)
+            h = h.add_(self.model_outputs[-2], alpha=r2)  # type: ignore[arg-type]
         out = self._fused_step(
             m, x, i, prediction_type=op_pred, gmm=gmm, noise=noise, components=components, rows=table, history=(h,)
         )
-        prev = out.prev_sample
-        # the history, as diffusers keeps it: the newest data prediction last (a new list; no tensor modified)
-        self.model_outputs = [*self.model_outputs[1:], out.pred_original_sample]
-        self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)
-        self._step_index += 1  # type: ignore[operator]  # diffusers types _step_index as None
-        if prev.dtype != promoted:
-            prev = prev.to(promoted)
-        if not return_dict:
-            return (prev,)
-        return scheduler_output(SchedulerOutput, prev_sample=prev)
+        return multistep_output(self, out, promoted, return_dict, c.solver_order)
 
 
 publish(EDMEulerGMMScheduler, EDMEulerSchedulerOutput)

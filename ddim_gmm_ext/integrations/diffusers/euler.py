@@ -20,7 +20,6 @@ Importing this module imports diffusers; ``import ddim_gmm_ext`` does not.
 from __future__ import annotations
 
 import torch
-from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
     EulerAncestralDiscreteScheduler,
     EulerAncestralDiscreteSchedulerOutput,
@@ -40,6 +39,7 @@ from ._base import (
     publish,
     scheduler_output,
 )
+from ._config import InitArgs, scheduler_init
 
 __all__ = [
     "EulerAncestralDiscreteGMMScheduler",
@@ -164,39 +164,9 @@ class EulerAncestralDiscreteGMMScheduler(GMMSchedulerMixin, _FusedEulerMixin, Eu
     _compatibles = [*EulerAncestralDiscreteScheduler._compatibles, "EulerAncestralDiscreteScheduler"]
     _fused_prediction_types = ("epsilon", "v_prediction")  # the base class refuses "sample"
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas=None,
-        prediction_type: str = "epsilon",
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-        rescale_betas_zero_snr: bool = False,
-        gmm_variant: str | None = None,
-        gmm_n_components: int = 8,
-        gmm_scale: float = 1.0,
-        gmm_share_across_steps: bool = False,
-        gmm_uniform_priors: bool = True,
-        seed: int | None = None,
-        gmm_scale_per_dim: float | None = None,
-        final_step: str = "gaussian",
-        gmm_steps="all",
-    ):
-        super().__init__(
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            beta_schedule=beta_schedule,
-            trained_betas=trained_betas,
-            prediction_type=prediction_type,
-            timestep_spacing=timestep_spacing,
-            steps_offset=steps_offset,
-            rescale_betas_zero_snr=rescale_betas_zero_snr,
-        )
+    @scheduler_init(EulerAncestralDiscreteScheduler)
+    def __init__(self, args: InitArgs) -> None:
+        super().__init__(**args.stock)
         self._init_gmm()
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:

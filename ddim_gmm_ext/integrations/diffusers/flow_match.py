@@ -10,11 +10,7 @@ one fused RFIM(-GMM) op call.
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import torch
-from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
     FlowMatchEulerDiscreteScheduler,
     FlowMatchEulerDiscreteSchedulerOutput,
@@ -22,20 +18,59 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from .._common import check_eta
+from ._args import check_positive, check_shift_terminal, check_step_arguments, check_timesteps_set
 from ._base import (
     CheckedBeginIndexMixin,
     GMMSchedulerMixin,
-    check_generator,
     check_host_step,
-    check_model_output,
     check_step_count,
     coefficient_rows,
     publish,
     python_value,
     scheduler_output,
 )
+from ._config import InitArgs, scheduler_init
 
 __all__ = ["FlowMatchEulerDiscreteGMMScheduler", "FlowMatchEulerDiscreteSchedulerOutput"]
+
+
+def fused_flow_step(scheduler, model_output, sample, i, gmm, noise, components, output_cls, return_dict: bool):
+    """The fused step of a flow-matching scheduler at step ``i`` (the op's "flow" prediction; its output has no x0,
+    so the op skips writing it: one pass less over memory), the host step counter advanced where ``i`` is a host
+    int, and the sample in the model output's dtype (as the stock steps) as ``return_dict`` asks."""
+    out = scheduler._fused_step(
+        model_output,
+        sample,
+        i,
+        prediction_type="flow",
+        gmm=gmm,
+        noise=noise,
+        components=components,
+        return_pred_original=False,
+    )
+    if not isinstance(i, torch.Tensor):
+        scheduler._step_index += 1
+    prev_sample = out.prev_sample.to(model_output.dtype)
+    if not return_dict:
+        return (prev_sample,)
+    return scheduler_output(output_cls, prev_sample=prev_sample)
+
+
+def flow_schedule(scheduler, stock_set_timesteps, num_inference_steps, device, sigmas, mu, timesteps) -> torch.Tensor:
+    """A flow-matching scheduler's ``set_timesteps``: its arguments checked, the stock ``set_timesteps`` called, and
+    the schedule's float64 sigmas (on the host) returned, checked to lie in [0, 1]."""
+    if num_inference_steps is not None:
+        num_inference_steps = check_step_count(num_inference_steps)
+    elif sigmas is None and timesteps is None:
+        raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
+    for name, values in (("sigmas", sigmas), ("timesteps", timesteps)):
+        if values is not None and len(values) == 0:
+            raise ValueError(f"{name} must hold at least one value (one per inference step), got an empty {name}")
+    stock_set_timesteps(num_inference_steps, device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+    sig = scheduler.sigmas.detach().to("cpu", torch.float64)
+    if not torch.isfinite(sig).all() or (sig < 0).any() or (sig > 1).any():
+        raise ValueError(f"the schedule's sigmas must lie in [0, 1], got {sig.tolist()[:8]}")
+    return sig
 
 
 class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, FlowMatchEulerDiscreteScheduler):
@@ -72,57 +107,16 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
 
     _compatibles = ["FlowMatchEulerDiscreteScheduler"]
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        shift: float = 1.0,
-        use_dynamic_shifting: bool = False,
-        base_shift: float | None = 0.5,
-        max_shift: float | None = 1.15,
-        base_image_seq_len: int = 256,
-        max_image_seq_len: int = 4096,
-        invert_sigmas: bool = False,
-        shift_terminal: float | None = None,
-        use_karras_sigmas: bool = False,
-        use_exponential_sigmas: bool = False,
-        use_beta_sigmas: bool = False,
-        time_shift_type: str = "exponential",
-        stochastic_sampling: bool = False,
-        rfim_eta: float = 0.0,
-        gmm_variant: str | None = None,
-        gmm_n_components: int = 8,
-        gmm_scale: float = 1.0,
-        gmm_share_across_steps: bool = False,
-        gmm_uniform_priors: bool = True,
-        seed: int | None = None,
-        gmm_scale_per_dim: float | None = None,
-        final_step: str = "gaussian",
-        gmm_steps="all",
-    ):
-        if not isinstance(shift, Real) or isinstance(shift, bool) or not (math.isfinite(shift) and shift > 0):
-            raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
-        if shift_terminal is not None and not (isinstance(shift_terminal, Real) and 0 <= shift_terminal < 1):
-            raise ValueError(f"shift_terminal must be None or a number in [0, 1), got {shift_terminal!r}")
-        eta = check_eta(python_value(rfim_eta), "rfim_eta")  # a NumPy / 0-d tensor value as the number
-        if stochastic_sampling and 0 < eta < 1:
-            raise ValueError(f"stochastic_sampling=True is rfim_eta = 1; got rfim_eta={rfim_eta}: set one or the other")
-        super().__init__(
-            num_train_timesteps=num_train_timesteps,
-            shift=shift,
-            use_dynamic_shifting=use_dynamic_shifting,
-            base_shift=base_shift,
-            max_shift=max_shift,
-            base_image_seq_len=base_image_seq_len,
-            max_image_seq_len=max_image_seq_len,
-            invert_sigmas=invert_sigmas,
-            shift_terminal=shift_terminal,
-            use_karras_sigmas=use_karras_sigmas,
-            use_exponential_sigmas=use_exponential_sigmas,
-            use_beta_sigmas=use_beta_sigmas,
-            time_shift_type=time_shift_type,
-            stochastic_sampling=stochastic_sampling,
-        )
+    @scheduler_init(FlowMatchEulerDiscreteScheduler, own={"rfim_eta": 0.0})
+    def __init__(self, args: InitArgs) -> None:
+        check_positive(args.shift, "shift")
+        check_shift_terminal(args.shift_terminal)
+        eta = check_eta(python_value(args.rfim_eta), "rfim_eta")  # a NumPy / 0-d tensor value as the number
+        if args.stochastic_sampling and 0 < eta < 1:
+            raise ValueError(
+                f"stochastic_sampling=True is rfim_eta = 1; got rfim_eta={args.rfim_eta}: set one or the other"
+            )
+        super().__init__(**args.stock)
         self._init_gmm()
 
     @property
@@ -140,17 +134,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
     ):
         """As the base class; also builds on ``device`` the [n, 6] coefficient table of every step and picks
         the run's stream seed."""
-        if num_inference_steps is not None:
-            num_inference_steps = check_step_count(num_inference_steps)
-        elif sigmas is None and timesteps is None:
-            raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
-        for name, values in (("sigmas", sigmas), ("timesteps", timesteps)):
-            if values is not None and len(values) == 0:
-                raise ValueError(f"{name} must hold at least one value (one per inference step), got an empty {name}")
-        super().set_timesteps(num_inference_steps, device, sigmas=sigmas, mu=mu, timesteps=timesteps)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
-        sig = self.sigmas.detach().to("cpu", torch.float64)
-        if not torch.isfinite(sig).all() or (sig < 0).any() or (sig > 1).any():
-            raise ValueError(f"the schedule's sigmas must lie in [0, 1], got {sig.tolist()[:8]}")
+        sig = flow_schedule(self, super().set_timesteps, num_inference_steps, device, sigmas, mu, timesteps)
         t, s = sig[:-1], sig[1:]
         self._run_eta = self.eta  # read once per schedule (a config lookup is a noticeable part of a step)
         # the Euler step's dt = s - t of every step, in the sigmas' dtype as the base class computes it
@@ -192,10 +176,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
     ) -> FlowMatchEulerDiscreteSchedulerOutput | tuple:
         """One RFIM(-GMM) step from ``timestep`` to the next sigma; arguments and outputs as the base class
         (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise`` are accepted and unused, as there)."""
-        if self._row_table is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
+        check_timesteps_set(self._row_table is not None)
         if isinstance(timestep, int) or (
             isinstance(timestep, torch.Tensor) and not (timestep.is_floating_point() or torch.is_complex(timestep))
         ):
@@ -215,15 +196,8 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
                 per_token_timesteps=per_token_timesteps,
                 return_dict=return_dict,
             )
-        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point() or sample.dim() == 0:
-            what = (
-                f"a {sample.dtype} tensor of shape {tuple(sample.shape)}"
-                if isinstance(sample, torch.Tensor)
-                else type(sample).__name__
-            )
-            raise ValueError(f"sample must be a real floating-point tensor with a batch dimension, got {what}")
-        check_model_output(model_output, sample)  # a complex output would lose its imaginary part in the op
-        generator = check_generator(generator, sample.shape[0])
+        # a complex output would lose its imaginary part in the op
+        generator = check_step_arguments(model_output, sample, generator, check_sample=True)
         if sample.dtype != torch.float32:
             # as the base class: the update in float32 (diffusers annotates sample as FloatTensor)
             sample = sample.to(torch.float32)  # type: ignore[assignment]
@@ -245,24 +219,9 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
         if self._run_eta > 0 and self._torch_noise(generator, gmm):  # as the base class's stochastic_sampling
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         components = self._gmm_components(generator, gmm, i, sample)
-        out = self._fused_step(  # the output has no x0: the op skips writing it (one pass less over memory)
-            model_output,
-            sample,
-            i,
-            prediction_type="flow",
-            gmm=gmm,
-            noise=noise,
-            components=components,
-            return_pred_original=False,
+        return fused_flow_step(
+            self, model_output, sample, i, gmm, noise, components, FlowMatchEulerDiscreteSchedulerOutput, return_dict
         )
-        if not isinstance(i, torch.Tensor):
-            self._step_index += 1  # type: ignore[assignment,operator]  # diffusers types _step_index as None; diffusers' own attribute types
-        prev_sample = out.prev_sample
-        if prev_sample.dtype != model_output.dtype:
-            prev_sample = prev_sample.to(model_output.dtype)
-        if not return_dict:
-            return (prev_sample,)
-        return scheduler_output(FlowMatchEulerDiscreteSchedulerOutput, prev_sample=prev_sample)
 
 
 publish(FlowMatchEulerDiscreteGMMScheduler, FlowMatchEulerDiscreteSchedulerOutput)

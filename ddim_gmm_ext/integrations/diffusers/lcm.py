@@ -27,23 +27,20 @@ Importing this module imports diffusers; ``import ddim_gmm_ext`` does not.
 
 from __future__ import annotations
 
-import math
 from numbers import Real
 from typing import cast
 
 import torch
-from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_flow_match_lcm import FlowMatchLCMScheduler, FlowMatchLCMSchedulerOutput
 from diffusers.schedulers.scheduling_lcm import LCMScheduler, LCMSchedulerOutput
 from diffusers.schedulers.scheduling_tcd import TCDScheduler, TCDSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ._args import check_betas, check_positive, check_shift_terminal, check_step_arguments
 from ._base import (
     CheckedBeginIndexMixin,
     GMMSchedulerMixin,
-    check_generator,
     check_host_step,
-    check_model_output,
     check_step_count,
     coefficient_rows,
     draw_components,
@@ -51,6 +48,8 @@ from ._base import (
     scheduler_output,
     zero_snr_rows,
 )
+from ._config import InitArgs, scheduler_init
+from .flow_match import flow_schedule, fused_flow_step
 
 __all__ = [
     "FlowMatchLCMGMMScheduler",
@@ -70,11 +69,6 @@ def _check_prediction(prediction_type, cls_name: str) -> None:
         raise ValueError(
             f"prediction_type must be 'epsilon', 'sample' or 'v_prediction' for {cls_name}, got {prediction_type!r}"
         )
-
-
-def _check_positive(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and float(value) > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _affine_row(alpha: torch.Tensor, beta: torch.Tensor, a_next, c, g) -> torch.Tensor:
@@ -100,17 +94,6 @@ def _eps_terms(prediction_type: str, a_t, b_t):
     if prediction_type == "sample":
         return 1 / b_t, a_t / b_t
     return b_t, -a_t  # v_prediction
-
-
-def _check_betas(betas: torch.Tensor, trained_betas, beta_schedule: str, n_train: int) -> None:
-    """The training betas in [0, 1] (beta_end = 2 makes alphas negative: the stock step takes square roots of
-    negative alpha_bar and returns NaN) and ``trained_betas`` of num_train_timesteps values."""
-    if trained_betas is not None and len(trained_betas) != n_train:
-        raise ValueError(f"trained_betas must have num_train_timesteps={n_train} values, got {len(trained_betas)}")
-    b = betas.double()
-    if not (torch.isfinite(b).all() and (b >= 0).all() and (b <= 1).all()):
-        source = "trained_betas" if trained_betas is not None else f"beta_start / beta_end ({beta_schedule})"
-        raise ValueError(f"{source} must give betas in [0, 1], got values in [{b.min().item()}, {b.max().item()}]")
 
 
 class _FusedConsistencyMixin(GMMSchedulerMixin, CheckedBeginIndexMixin):
@@ -159,60 +142,14 @@ class _VPConsistencyMixin(_FusedConsistencyMixin):
     #: whether the step applies LCM's boundary condition (reads timestep_scaling and original_inference_steps)
     _boundary_condition = False
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-        beta_schedule: str = "scaled_linear",
-        trained_betas=None,
-        original_inference_steps: int = 50,
-        clip_sample: bool = False,
-        clip_sample_range: float = 1.0,
-        set_alpha_to_one: bool = True,
-        steps_offset: int = 0,
-        prediction_type: str = "epsilon",
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        sample_max_value: float = 1.0,
-        timestep_spacing: str = "leading",
-        timestep_scaling: float = 10.0,
-        rescale_betas_zero_snr: bool = False,
-        gmm_variant: str | None = None,
-        gmm_n_components: int = 8,
-        gmm_scale: float = 1.0,
-        gmm_share_across_steps: bool = False,
-        gmm_uniform_priors: bool = True,
-        seed: int | None = None,
-        final_step: str = "gaussian",
-        gmm_scale_per_dim: float | None = None,
-        gmm_steps="all",
-    ):
-        _check_prediction(prediction_type, type(self).__name__)
+    @scheduler_init(LCMScheduler)
+    def __init__(self, args: InitArgs) -> None:
+        _check_prediction(args.prediction_type, type(self).__name__)
         if self._boundary_condition:  # TCD's step reads neither (its config may hold original_inference_steps=None)
-            _check_positive(timestep_scaling, "timestep_scaling")
-            check_step_count(original_inference_steps, "original_inference_steps")
-        super().__init__(  # type: ignore[call-arg]  # LCMScheduler's or TCDScheduler's (next in the MRO)
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            beta_schedule=beta_schedule,
-            trained_betas=trained_betas,
-            original_inference_steps=original_inference_steps,
-            clip_sample=clip_sample,
-            clip_sample_range=clip_sample_range,
-            set_alpha_to_one=set_alpha_to_one,
-            steps_offset=steps_offset,
-            prediction_type=prediction_type,
-            thresholding=thresholding,
-            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-            sample_max_value=sample_max_value,
-            timestep_spacing=timestep_spacing,
-            timestep_scaling=timestep_scaling,
-            rescale_betas_zero_snr=rescale_betas_zero_snr,
-        )
-        _check_betas(self.betas, trained_betas, beta_schedule, num_train_timesteps)
+            check_positive(args.timestep_scaling, "timestep_scaling")
+            check_step_count(args.original_inference_steps, "original_inference_steps")
+        super().__init__(**args.stock)
+        check_betas(self.betas, args.trained_betas, args.beta_schedule, args.num_train_timesteps)
         self._init_gmm()
 
     @staticmethod
@@ -339,9 +276,7 @@ class LCMGMMScheduler(_VPConsistencyMixin, LCMScheduler):
         self._check_gmm_ready()
         if self._rows is None or self._fallback():
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
-        check_model_output(model_output, sample)
-        if generator is not None:
-            generator = check_generator(generator, sample.shape[0])
+        generator = check_step_arguments(model_output, sample, generator)
         out = self._affine_step(model_output, timestep, sample, generator)
         if not return_dict:
             return (out.prev_sample, out.pred_original_sample)
@@ -477,9 +412,7 @@ class TCDGMMScheduler(_VPConsistencyMixin, TCDScheduler):
         if self._rows is None:
             return super().step(model_output, timestep, sample, eta, generator=generator, return_dict=return_dict)  # type: ignore[arg-type]  # its "call set_timesteps" error
         eta = self._check_eta(eta)
-        check_model_output(model_output, sample)
-        if generator is not None:
-            generator = check_generator(generator, sample.shape[0])
+        generator = check_step_arguments(model_output, sample, generator)
         self._use_eta(eta)
         out = self._affine_step(model_output, timestep, sample, generator)
         if not return_dict:
@@ -508,54 +441,11 @@ class FlowMatchLCMGMMScheduler(_FusedConsistencyMixin, FlowMatchLCMScheduler):
 
     _compatibles = [*FlowMatchLCMScheduler._compatibles, "FlowMatchLCMScheduler"]
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        shift: float = 1.0,
-        use_dynamic_shifting: bool = False,
-        base_shift: float = 0.5,
-        max_shift: float = 1.15,
-        base_image_seq_len: int = 256,
-        max_image_seq_len: int = 4096,
-        invert_sigmas: bool = False,
-        shift_terminal: float | None = None,
-        use_karras_sigmas: bool | None = False,
-        use_exponential_sigmas: bool | None = False,
-        use_beta_sigmas: bool | None = False,
-        time_shift_type: str = "exponential",
-        scale_factors: list[float] | None = None,
-        upscale_mode: str = "bicubic",
-        gmm_variant: str | None = None,
-        gmm_n_components: int = 8,
-        gmm_scale: float = 1.0,
-        gmm_share_across_steps: bool = False,
-        gmm_uniform_priors: bool = True,
-        seed: int | None = None,
-        final_step: str = "gaussian",
-        gmm_scale_per_dim: float | None = None,
-        gmm_steps="all",
-    ):
-        _check_positive(shift, "shift")
-        if shift_terminal is not None and not (isinstance(shift_terminal, Real) and 0 <= shift_terminal < 1):
-            raise ValueError(f"shift_terminal must be None or a number in [0, 1), got {shift_terminal!r}")
-        super().__init__(
-            num_train_timesteps=num_train_timesteps,
-            shift=shift,
-            use_dynamic_shifting=use_dynamic_shifting,
-            base_shift=base_shift,
-            max_shift=max_shift,
-            base_image_seq_len=base_image_seq_len,
-            max_image_seq_len=max_image_seq_len,
-            invert_sigmas=invert_sigmas,
-            shift_terminal=shift_terminal,
-            use_karras_sigmas=use_karras_sigmas,
-            use_exponential_sigmas=use_exponential_sigmas,
-            use_beta_sigmas=use_beta_sigmas,
-            time_shift_type=time_shift_type,  # type: ignore[arg-type]  # the stock class checks the value
-            scale_factors=scale_factors,
-            upscale_mode=upscale_mode,  # type: ignore[arg-type]
-        )
+    @scheduler_init(FlowMatchLCMScheduler)
+    def __init__(self, args: InitArgs) -> None:
+        check_positive(args.shift, "shift")
+        check_shift_terminal(args.shift_terminal)
+        super().__init__(**args.stock)
         self._init_gmm()
 
     def _scale_wise(self) -> bool:
@@ -587,17 +477,7 @@ class FlowMatchLCMGMMScheduler(_FusedConsistencyMixin, FlowMatchLCMScheduler):
         timesteps: list[float] | None = None,
     ) -> None:
         """As ``FlowMatchLCMScheduler.set_timesteps``; also builds the [S, 6] coefficient table."""
-        if num_inference_steps is not None:
-            num_inference_steps = check_step_count(num_inference_steps)
-        elif sigmas is None and timesteps is None:
-            raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
-        for name, values in (("sigmas", sigmas), ("timesteps", timesteps)):
-            if values is not None and len(values) == 0:
-                raise ValueError(f"{name} must hold at least one value (one per inference step), got an empty {name}")
-        super().set_timesteps(num_inference_steps, device, sigmas=sigmas, mu=mu, timesteps=timesteps)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
-        sig = self.sigmas.detach().to("cpu", torch.float64)
-        if not torch.isfinite(sig).all() or (sig < 0).any() or (sig > 1).any():
-            raise ValueError(f"the schedule's sigmas must lie in [0, 1], got {sig.tolist()[:8]}")
+        sig = flow_schedule(self, super().set_timesteps, num_inference_steps, device, sigmas, mu, timesteps)
         t, s = sig[:-1], sig[1:]
         self._set_rows(coefficient_rows(1 - t, t, 1 - s, s, s, self._final_step_g(len(t))).to(self.sigmas.device))
 
@@ -616,37 +496,16 @@ class FlowMatchLCMGMMScheduler(_FusedConsistencyMixin, FlowMatchLCMScheduler):
         )
         if self._rows is None or integer or self._scale_wise():
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
-        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point() or sample.dim() == 0:
-            what = (
-                f"a {sample.dtype} tensor of shape {tuple(sample.shape)}"
-                if isinstance(sample, torch.Tensor)
-                else type(sample).__name__
-            )
-            raise ValueError(f"sample must be a real floating-point tensor with a batch dimension, got {what}")
-        check_model_output(model_output, sample)
-        generator = check_generator(generator, sample.shape[0])
+        generator = check_step_arguments(model_output, sample, generator, check_sample=True)
         if self._init_size is None or self.step_index is None:  # as the stock step (for set_scale_factors later)
             self._init_size = model_output.size()[2:]  # type: ignore[assignment]  # diffusers types it as None
         sample = sample.to(torch.float32)  # type: ignore[assignment]  # as the stock step: the update in float32
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
         noise, components = self._noise(sample, model_output, generator, gmm, i, True, torch.float32)
-        out = self._fused_step(
-            model_output,
-            sample,
-            i,
-            prediction_type="flow",
-            gmm=gmm,
-            noise=noise,
-            components=components,
-            return_pred_original=False,
+        return fused_flow_step(
+            self, model_output, sample, i, gmm, noise, components, FlowMatchLCMSchedulerOutput, return_dict
         )
-        if not isinstance(i, torch.Tensor):
-            self._step_index += 1  # type: ignore[assignment,operator]  # diffusers types _step_index as None
-        prev_sample = out.prev_sample.to(model_output.dtype)
-        if not return_dict:
-            return (prev_sample,)
-        return scheduler_output(FlowMatchLCMSchedulerOutput, prev_sample=prev_sample)
 
 
 publish(LCMGMMScheduler, LCMSchedulerOutput)

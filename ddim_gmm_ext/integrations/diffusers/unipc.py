@@ -26,15 +26,13 @@ Importing this module imports diffusers; ``import ddim_gmm_ext`` does not.
 
 from __future__ import annotations
 
-from numbers import Integral
-
 import numpy as np
 import torch
-from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from ... import _checks
+from ._args import check_solver_order, check_timesteps_set
 from ._base import (
     CheckedBeginIndexMixin,
     DeterministicMixin,
@@ -48,6 +46,7 @@ from ._base import (
     scheduler_output,
     torch_data_prediction,
 )
+from ._config import InitArgs, scheduler_init
 from ._multistep import MultistepIndexMixin
 
 __all__ = ["SchedulerOutput", "UniPCMultistepGMMScheduler"]
@@ -144,81 +143,18 @@ class UniPCMultistepGMMScheduler(
 
     _compatibles = [*UniPCMultistepScheduler._compatibles, "UniPCMultistepScheduler"]
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas=None,
-        solver_order: int = 2,
-        prediction_type: str = "epsilon",
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        sample_max_value: float = 1.0,
-        predict_x0: bool = True,
-        solver_type: str = "bh2",
-        lower_order_final: bool = True,
-        disable_corrector: list[int] = [],  # noqa: B006  # diffusers' default, kept for the config
-        solver_p=None,
-        use_karras_sigmas: bool = False,
-        use_exponential_sigmas: bool = False,
-        use_beta_sigmas: bool = False,
-        use_flow_sigmas: bool = False,
-        flow_shift: float = 1.0,
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-        final_sigmas_type: str = "zero",
-        rescale_betas_zero_snr: bool = False,
-        use_dynamic_shifting: bool = False,
-        time_shift_type: str = "exponential",
-        sigma_min: float | None = None,
-        sigma_max: float | None = None,
-        shift_terminal: float | None = None,
-        gmm_variant: str | None = None,
-    ):
-        if isinstance(solver_order, bool) or not isinstance(solver_order, Integral) or solver_order < 1:
-            raise ValueError(f"solver_order must be an int >= 1, got {solver_order!r}")
-        check_multistep_prediction(prediction_type)
-        if prediction_type == "flow_prediction" and not predict_x0:
+    @scheduler_init(UniPCMultistepScheduler, gmm_keys=("gmm_variant",))
+    def __init__(self, args: InitArgs) -> None:
+        check_solver_order(args.solver_order)
+        check_multistep_prediction(args.prediction_type)
+        if args.prediction_type == "flow_prediction" and not args.predict_x0:
             raise ValueError(
                 "prediction_type='flow_prediction' needs predict_x0=True (diffusers' UniPC has no noise prediction "
                 "for a flow model), got predict_x0=False"
             )
-        if final_sigmas_type not in ("zero", "sigma_min"):
-            raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
-        super().__init__(
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            beta_schedule=beta_schedule,
-            trained_betas=trained_betas,
-            solver_order=solver_order,
-            prediction_type=prediction_type,  # type: ignore[arg-type]  # diffusers annotates Literals
-            thresholding=thresholding,
-            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-            sample_max_value=sample_max_value,
-            predict_x0=predict_x0,
-            solver_type=solver_type,  # type: ignore[arg-type]
-            lower_order_final=lower_order_final,
-            disable_corrector=disable_corrector,
-            solver_p=solver_p,
-            use_karras_sigmas=use_karras_sigmas,
-            use_exponential_sigmas=use_exponential_sigmas,
-            use_beta_sigmas=use_beta_sigmas,
-            use_flow_sigmas=use_flow_sigmas,
-            flow_shift=flow_shift,
-            timestep_spacing=timestep_spacing,  # type: ignore[arg-type]
-            steps_offset=steps_offset,
-            final_sigmas_type=final_sigmas_type,  # type: ignore[arg-type]
-            rescale_betas_zero_snr=rescale_betas_zero_snr,
-            use_dynamic_shifting=use_dynamic_shifting,
-            time_shift_type=time_shift_type,  # type: ignore[arg-type]
-            sigma_min=sigma_min,
-            sigma_max=sigma_max,  # type: ignore[arg-type]  # diffusers annotates bool
-            shift_terminal=shift_terminal,  # type: ignore[arg-type]
-        )
+        if args.final_sigmas_type not in ("zero", "sigma_min"):
+            raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {args.final_sigmas_type!r}")
+        super().__init__(**args.stock)
         self._refuse_gmm_variant()
         self._host: list[list[float]] = []  # per step: the 6 + 6 + 3 float64 weights (next, corrected, h2 sum)
         self._singular: dict[int, int] = {}  # step -> order of the rows' steps whose rho system is singular
@@ -399,10 +335,7 @@ class UniPCMultistepGMMScheduler(
     ) -> SchedulerOutput | tuple:
         """One UniPC step (corrector, then predictor) as one fused op call; arguments and outputs as
         ``UniPCMultistepScheduler.step``."""
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
+        check_timesteps_set(self.num_inference_steps is not None)
         if not self._fused():
             return super().step(model_output, timestep, sample, return_dict)
         check_model_output(model_output, sample)
@@ -452,14 +385,14 @@ class UniPCMultistepGMMScheduler(
 
         # the corrected sample x_i^c (diffusers' last_sample for the next step): x_i itself with the corrector off
         corrected = self._weighted_sum(corr_w, (sample, converted, *olds, last))
-        self.last_sample = sample if corrected is None else corrected
+        self.last_sample = sample if corrected is None else corrected  # type: ignore[assignment]  # diffusers types its history and counters as None
         # the history, as diffusers keeps it: the newest converted output last (a new list; no tensor modified)
-        self.model_outputs = [*self.model_outputs[1:], converted]
+        self.model_outputs = [*self.model_outputs[1:], converted]  # type: ignore[list-item]
         if not compiled:
-            self.timestep_list = [*self.timestep_list[1:], timestep]
-            self.this_order = self._order(i, self._rows_start)
+            self.timestep_list = [*self.timestep_list[1:], timestep]  # type: ignore[list-item]
+            self.this_order = self._order(i, self._rows_start)  # type: ignore[has-type]
             self.lower_order_nums = min(self.lower_order_nums + 1, order)
-            self._step_index += 1  # type: ignore[operator]  # diffusers types _step_index as None
+            self._step_index += 1  # type: ignore[operator,assignment]  # diffusers types _step_index as None
         prev = prev.to(out_dtype)
         if not return_dict:
             return (prev,)
