@@ -79,6 +79,9 @@ def step_cases(shape) -> dict:
         "copy 12": (lambda: dst12.copy_(src12), 12 * numel),
         "copy 16": (lambda: dst16.copy_(src16), 16 * numel),
         "clone 12": (lambda: src12.clone(), 12 * numel),
+        # the eta 0 step's own streams (read x and m, write a fresh output) in one ATen kernel: what a streaming
+        # pass of these bytes reaches here, beside the copy
+        "torch.add x + a m": (lambda: torch.add(x, m, alpha=0.5), 12 * numel),
         "eta 0": (op(0.0), 12 * numel),
         "eta 0, x0": (op(0.0, x0=True), 16 * numel),
         "eta 1, noise given": (op(1.0, noise=z), 16 * numel),
