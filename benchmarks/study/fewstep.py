@@ -4,7 +4,7 @@ the per-step matched-noise control, paired seeds, Inception FID / KID (ddim_gmm_
 Resumable: a rerun keeps the cells its JSON already holds and goes on (seeds in order). One thread.
 
     nice -n 10 python benchmarks/study/fewstep.py [--out benchmarks/results/study/fewstep/fewstep.json]
-        [--seeds 0 1 2 3 4 5] [--samples 100] [--reference 1000] [--table]
+        [--seeds 0 1 2 3 4 5] [--samples 100] [--reference 1000] [--table] [--summarise]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's package, not another install's
-from ddim_gmm_ext.quality.fewstep import StudyConfig, run_study, table_markdown  # noqa: E402
+from ddim_gmm_ext.quality.fewstep import StudyConfig, run_study, summarise, table_markdown  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -27,8 +27,14 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=100, help="samples per seed and arm")
     parser.add_argument("--reference", type=int, default=1000, help="the first N Fashion-MNIST test images")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
+    parser.add_argument("--summarise", action="store_true", help="recompute --out's summary from its rows and exit")
     args = parser.parse_args(argv)
-    if args.table:
+    if args.summarise:
+        path = Path(args.out)
+        payload = json.loads(path.read_text())
+        payload["summary"] = summarise(payload["rows"], StudyConfig.from_dict(payload["config"]))
+        path.write_text(json.dumps(payload, indent=1) + "\n")
+    if args.table or args.summarise:
         print(table_markdown(json.loads(Path(args.out).read_text())))
         return 0
     torch.set_num_threads(1)

@@ -224,6 +224,12 @@ class StudyConfig:
         return {k: [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v
                 for k, v in asdict(self).items()}  # fmt: skip
 
+    @classmethod
+    def from_dict(cls, d: dict) -> StudyConfig:
+        """The configuration a results JSON records (:meth:`as_dict`)."""
+        return cls(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+                      for k, v in d.items()})  # fmt: skip
+
 
 def sampler_label(kind: str, gamma) -> str:
     return "LCM" if kind == "lcm" else f"TCD gamma={gamma:g}"
@@ -353,22 +359,22 @@ def run_study(config: StudyConfig, out_path, log=print, model=None, scorer=None)
 
 
 def summarise(rows: list[dict], config: StudyConfig) -> dict:
-    """Over the seeds that finished every cell: per cell each arm's mean / sd / se of FID and KID, and the paired
-    tests GMM - Gaussian, GMM - control, control - Gaussian (:func:`metrics.paired_test`), Holm-adjusted over all
-    the study's comparisons, per metric."""
+    """Per cell, over the seeds that finished it (all four arms): each arm's mean / sd / se of FID and KID, and the
+    paired tests GMM - Gaussian, GMM - control, control - Gaussian (:func:`metrics.paired_test`), Holm-adjusted over
+    all the study's comparisons, per metric."""
     import statistics
 
     from .metrics import holm, paired_test
 
     labels = [(sampler_label(k, g), s) for k, g in config.samplers for s in config.steps]
     by = {(r["seed"], r["sampler"], r["steps"], r["arm"]): r for r in rows}
-    seeds = [s for s in config.seeds if all((s, lab, st, a) in by for lab, st in labels for a in ARMS)]
-    out: dict = {"seeds": seeds, "cells": [], "comparisons": []}
-    if not seeds:
-        return out
+    out: dict = {"cells": [], "comparisons": []}
     pairs = [(g, "Gaussian") for g in ARMS[1:3]] + [(g, "control") for g in ARMS[1:3]] + [("control", "Gaussian")]
     for label, steps in labels:
-        cell: dict = {"sampler": label, "steps": steps, "arms": {}}
+        seeds = [s for s in config.seeds if all((s, label, steps, a) in by for a in ARMS)]
+        if not seeds:
+            continue
+        cell: dict = {"sampler": label, "steps": steps, "seeds": seeds, "arms": {}}
         for arm in ARMS:
             cell["arms"][arm] = {}
             for m in ("fid", "kid"):
@@ -402,18 +408,18 @@ def table_markdown(payload: dict) -> str:
         return f"{c['mean'] * scale:+.{digits}f} ± {(c['se'] or 0) * scale:.{digits}f} (p {p})"
 
     lines = [
-        "| sampler | steps | s (max g²v/c²) | Gaussian FID | VUB FID | LR FID | control FID | VUB - Gauss dFID "
+        "| sampler | steps | seeds | s (max g²v/c²) | Gaussian FID | VUB FID | LR FID | control FID | VUB - Gauss dFID "
         "| LR - Gauss dFID | VUB - control dFID | LR - control dFID | control - Gauss dFID "
         "| LR - Gauss dKID x1e3 | LR - control dKID x1e3 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in summary["cells"]:
         label, steps = cell["sampler"], cell["steps"]
         plan = plans[(label, steps)]
         fid = {a: f"{cell['arms'][a]['fid']['mean']:.2f} ± {cell['arms'][a]['fid']['se']:.2f}" for a in ARMS}
         lines.append(
-            f"| {label} | {steps} | {plan['scale']:g} ({plan['max_g2v_over_c2']:.3f}) | {fid['Gaussian']} "
-            f"| {fid['GMM-ORTHO-VUB']} | {fid['GMM-ORTHO-LR']} | {fid['control']} "
+            f"| {label} | {steps} | {len(cell['seeds'])} | {plan['scale']:g} ({plan['max_g2v_over_c2']:.3f}) "
+            f"| {fid['Gaussian']} | {fid['GMM-ORTHO-VUB']} | {fid['GMM-ORTHO-LR']} | {fid['control']} "
             f"| {d('GMM-ORTHO-VUB', 'Gaussian')} | {d('GMM-ORTHO-LR', 'Gaussian')} "
             f"| {d('GMM-ORTHO-VUB', 'control')} | {d('GMM-ORTHO-LR', 'control')} | {d('control', 'Gaussian')} "
             f"| {d('GMM-ORTHO-LR', 'Gaussian', 'kid', 1e3, 3)} | {d('GMM-ORTHO-LR', 'control', 'kid', 1e3, 3)} |"

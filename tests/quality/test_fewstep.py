@@ -176,7 +176,14 @@ def test_study_runs_resumes_and_summarises(tmp_path):
     import json
 
     payload = json.loads(out.read_text())
-    assert payload["summary"]["seeds"] == [0, 1, 2]
+    assert [c["seeds"] for c in payload["summary"]["cells"]] == [[0, 1, 2]] * 4
+    # a cell a seed has not finished (an arm missing) is summarised over the seeds that finished it
+    partial = [
+        r for r in payload["rows"] if (r["seed"], r["sampler"], r["steps"], r["arm"]) != (2, "LCM", 4, "control")
+    ]
+    cells = fewstep.summarise(partial, config)["cells"]
+    assert [c["seeds"] for c in cells] == [[0, 1, 2], [0, 1], [0, 1, 2], [0, 1, 2]]
+    assert fewstep.StudyConfig.from_dict(payload["config"]) == config
     assert all(c["matched_every_step"] and 0.98 < c["max_g2v_over_c2"] <= 1 for c in payload["cells"])
     by = {(r["seed"], r["sampler"], r["steps"], r["arm"]): r["fid"] for r in payload["rows"]}
     for c in payload["summary"]["comparisons"]:
