@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -227,8 +228,11 @@ class StudyConfig:
     @classmethod
     def from_dict(cls, d: dict) -> StudyConfig:
         """The configuration a results JSON records (:meth:`as_dict`)."""
-        return cls(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
-                      for k, v in d.items()})  # fmt: skip
+        fields: dict[str, Any] = {
+            k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+            for k, v in d.items()
+        }
+        return cls(**fields)
 
 
 def sampler_label(kind: str, gamma) -> str:
@@ -244,6 +248,10 @@ def cell_plan(kind: str, gamma, steps: int, components: int, dim: int = 784) -> 
     return {"table": table, "scale": scale, "max_gv_over_c2": ratio, "acting_steps": acting}
 
 
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is not None and b is not None and torch.equal(a, b)
+
+
 def _cell_entries(plan: dict, steps: int, components: int, seed: int, dim: int = 784) -> list:
     from .sampling import MatchedNoise
 
@@ -251,7 +259,7 @@ def _cell_entries(plan: dict, steps: int, components: int, seed: int, dim: int =
         GMM.create(dim, n_components=components, n_steps=steps, variant=v, seed=seed, scale=plan["scale"])
         for v in STUDY_VARIANTS
     )
-    if not (torch.equal(vub.offsets, lr.offsets) and torch.equal(vub.priors, lr.priors)):
+    if not (_same(vub.offsets, lr.offsets) and _same(vub.priors, lr.priors)):
         raise AssertionError("ORTHO-VUB and ORTHO-LR must draw the same offsets for one control to serve both")
     acts = gmm_step_mask("all", None, plan["table"].noise_stds, plan["table"].gmm_scales)
     return [None, vub, lr, MatchedNoise(vub, tuple(acts))]
