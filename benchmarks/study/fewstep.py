@@ -4,7 +4,7 @@ the per-step matched-noise control, paired seeds, Inception FID / KID (ddim_gmm_
 Resumable: a rerun keeps the cells its JSON already holds and goes on (seeds in order). One thread.
 
     nice -n 10 python benchmarks/study/fewstep.py [--out benchmarks/results/study/fewstep/fewstep.json]
-        [--seeds 0 1 2 3 4 5] [--samples 100] [--reference 1000] [--table] [--summarise]
+        [--seeds 0 1 2 3 4 5] [--samples 100] [--reference 1000] [--only-steps 8] [--table] [--summarise]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--samples", type=int, default=100, help="samples per seed and arm")
     parser.add_argument("--reference", type=int, default=1000, help="the first N Fashion-MNIST test images")
+    parser.add_argument("--only-steps", type=int, nargs="+", help="run only the cells of these step counts")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     parser.add_argument("--summarise", action="store_true", help="recompute --out's summary from its rows and exit")
     args = parser.parse_args(argv)
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(1)
     config = StudyConfig(seeds=tuple(args.seeds), samples=args.samples, reference=args.reference)
-    run_study(config, args.out, log=lambda line: print(line, flush=True))
+    run_study(config, args.out, log=lambda line: print(line, flush=True), only_steps=args.only_steps)
     return 0
 
 

@@ -265,10 +265,11 @@ def _cell_entries(plan: dict, steps: int, components: int, seed: int, dim: int =
     return [None, vub, lr, MatchedNoise(vub, tuple(acts))]
 
 
-def run_study(config: StudyConfig, out_path, log=print, model=None, scorer=None) -> dict:
+def run_study(config: StudyConfig, out_path, log=print, model=None, scorer=None, only_steps=None) -> dict:
     """Run (or resume: the cells already in ``out_path`` are kept) the study and write its results JSON after
     every cell: configuration, model, metric, reference, rules, machine, per-cell plan, every row, and the summary
-    of :func:`summarise` over the seeds that finished every cell. ``model`` / ``scorer``: stand-ins (tests)."""
+    of :func:`summarise`. ``only_steps``: run only the cells of these step counts (the others stay as they are: a
+    study short of time puts its seeds where they count). ``model`` / ``scorer``: stand-ins (tests)."""
     import json
     import time
     from pathlib import Path
@@ -339,7 +340,7 @@ def run_study(config: StudyConfig, out_path, log=print, model=None, scorer=None)
     for seed in config.seeds:
         for (kind, gamma, steps), plan in plans.items():
             label = sampler_label(kind, gamma)
-            if (seed, label, steps) in done:
+            if (seed, label, steps) in done or (only_steps is not None and steps not in only_steps):
                 continue
             entries = _cell_entries(plan, steps, config.components, seed)
             t0 = time.perf_counter()

@@ -196,6 +196,11 @@ def test_study_runs_resumes_and_summarises(tmp_path):
     # the arms differ (the mixture and the control are not the Gaussian loop)
     assert by[(0, "LCM", 4, "GMM-ORTHO-LR")] != by[(0, "LCM", 4, "Gaussian")] != by[(0, "LCM", 4, "control")]
     assert "| LCM | 2 |" in fewstep.table_markdown(payload)
+    # only_steps runs a subset of the cells; a later run completes the rest without redoing it
+    part, rest = _Scorer(), _Scorer()
+    fewstep.run_study(config, tmp_path / "g.json", log=lambda line: None, model=_model784, scorer=part, only_steps=(4,))
+    fewstep.run_study(config, tmp_path / "g.json", log=lambda line: None, model=_model784, scorer=rest)
+    assert part.calls == rest.calls == 3 * 2 * len(fewstep.ARMS)
     with pytest.raises(ValueError, match="another configuration"):
         fewstep.run_study(fewstep.StudyConfig(seeds=(0,), samples=3), out, model=_model784, scorer=_Scorer())
 
