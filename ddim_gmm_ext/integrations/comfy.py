@@ -357,12 +357,25 @@ def sample_fewstep_gmm_any(
 
 if _comfy_samplers is not None:
 
-    class SamplerDDIMGMM:
-        """Node: DDIM-GMM sampler options -> SAMPLER."""
+    class _SamplerNode:
+        """What every node here shares: widgets in, a SAMPLER out. A node lists its widgets (``INPUT_TYPES``) and
+        names ``options`` (the widget values, checked and named -> the sampler's extra options) and ``sampler``
+        (the KSAMPLER's function)."""
 
         CATEGORY = "sampling/custom_sampling/samplers"
         RETURN_TYPES = ("SAMPLER",)
         FUNCTION = "get_sampler"
+        options: staticmethod
+        sampler: staticmethod
+
+        def get_sampler(self, **widgets):
+            return (_comfy_samplers.KSAMPLER(self.sampler, extra_options=self.options(**widgets)),)
+
+    class SamplerDDIMGMM(_SamplerNode):
+        """Node: DDIM-GMM sampler options -> SAMPLER."""
+
+        options = staticmethod(node_options)
+        sampler = staticmethod(sample_ddim_gmm_any)
 
         @classmethod
         def INPUT_TYPES(cls):
@@ -396,19 +409,14 @@ if _comfy_samplers is not None:
                 }
             }
 
-        def get_sampler(self, eta, s_noise, variant, n_components, scale, gmm_steps="all"):
-            options = node_options(eta, s_noise, variant, n_components, scale, gmm_steps)
-            return (_comfy_samplers.KSAMPLER(sample_ddim_gmm_any, extra_options=options),)
-
     NODE_CLASS_MAPPINGS["SamplerDDIMGMM"] = SamplerDDIMGMM
     NODE_DISPLAY_NAME_MAPPINGS["SamplerDDIMGMM"] = "DDIM-GMM Sampler"
 
-    class SamplerDPMPPGMM:
+    class SamplerDPMPPGMM(_SamplerNode):
         """Node: DPM++ 2M / 2M SDE / 3M SDE with the DDIM-GMM noise -> SAMPLER."""
 
-        CATEGORY = "sampling/custom_sampling/samplers"
-        RETURN_TYPES = ("SAMPLER",)
-        FUNCTION = "get_sampler"
+        options = staticmethod(dpmpp_node_options)
+        sampler = staticmethod(sample_dpmpp_gmm_any)
 
         @classmethod
         def INPUT_TYPES(cls):
@@ -425,19 +433,14 @@ if _comfy_samplers is not None:
                 }
             }
 
-        def get_sampler(self, sampler, solver_type, eta, s_noise, variant, n_components, scale, gmm_steps="all"):
-            options = dpmpp_node_options(sampler, solver_type, eta, s_noise, variant, n_components, scale, gmm_steps)
-            return (_comfy_samplers.KSAMPLER(sample_dpmpp_gmm_any, extra_options=options),)
-
     NODE_CLASS_MAPPINGS["SamplerDPMPPGMM"] = SamplerDPMPPGMM
     NODE_DISPLAY_NAME_MAPPINGS["SamplerDPMPPGMM"] = "DPM++ GMM Sampler (2M, 2M SDE, 3M SDE)"
 
-    class SamplerDPMPPSDEGMM:
+    class SamplerDPMPPSDEGMM(_SamplerNode):
         """Node: DPM++ SDE / DPM++ 2S ancestral with the DDIM-GMM noise at every re-noising stage -> SAMPLER."""
 
-        CATEGORY = "sampling/custom_sampling/samplers"
-        RETURN_TYPES = ("SAMPLER",)
-        FUNCTION = "get_sampler"
+        options = staticmethod(sde_node_options)
+        sampler = staticmethod(sample_sde_gmm_any)
 
         @classmethod
         def INPUT_TYPES(cls):
@@ -455,19 +458,14 @@ if _comfy_samplers is not None:
                 }
             }
 
-        def get_sampler(self, sampler, eta, s_noise, r, variant, n_components, scale, gmm_steps="all"):
-            options = sde_node_options(sampler, eta, s_noise, r, variant, n_components, scale, gmm_steps)
-            return (_comfy_samplers.KSAMPLER(sample_sde_gmm_any, extra_options=options),)
-
     NODE_CLASS_MAPPINGS["SamplerDPMPPSDEGMM"] = SamplerDPMPPSDEGMM
     NODE_DISPLAY_NAME_MAPPINGS["SamplerDPMPPSDEGMM"] = "DPM++ SDE / 2S Ancestral GMM Sampler"
 
-    class SamplerFewStepGMM:
+    class SamplerFewStepGMM(_SamplerNode):
         """Node: LCM / res_multistep / res_multistep_ancestral with the DDIM-GMM noise -> SAMPLER."""
 
-        CATEGORY = "sampling/custom_sampling/samplers"
-        RETURN_TYPES = ("SAMPLER",)
-        FUNCTION = "get_sampler"
+        options = staticmethod(fewstep_node_options)
+        sampler = staticmethod(sample_fewstep_gmm_any)
 
         @classmethod
         def INPUT_TYPES(cls):
@@ -485,10 +483,6 @@ if _comfy_samplers is not None:
                     **{name: required[name] for name in ("s_noise", "variant", "n_components", "scale", "gmm_steps")},
                 }
             }
-
-        def get_sampler(self, sampler, eta, s_noise, variant, n_components, scale, gmm_steps="all"):
-            options = fewstep_node_options(sampler, eta, s_noise, variant, n_components, scale, gmm_steps)
-            return (_comfy_samplers.KSAMPLER(sample_fewstep_gmm_any, extra_options=options),)
 
     NODE_CLASS_MAPPINGS["SamplerFewStepGMM"] = SamplerFewStepGMM
     NODE_DISPLAY_NAME_MAPPINGS["SamplerFewStepGMM"] = "LCM / res_multistep GMM Sampler"
