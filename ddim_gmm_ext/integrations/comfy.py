@@ -409,9 +409,6 @@ if _comfy_samplers is not None:
                 }
             }
 
-    NODE_CLASS_MAPPINGS["SamplerDDIMGMM"] = SamplerDDIMGMM
-    NODE_DISPLAY_NAME_MAPPINGS["SamplerDDIMGMM"] = "DDIM-GMM Sampler"
-
     class SamplerDPMPPGMM(_SamplerNode):
         """Node: DPM++ 2M / 2M SDE / 3M SDE with the DDIM-GMM noise -> SAMPLER."""
 
@@ -432,9 +429,6 @@ if _comfy_samplers is not None:
                     **{name: required[name] for name in ("s_noise", "variant", "n_components", "scale", "gmm_steps")},
                 }
             }
-
-    NODE_CLASS_MAPPINGS["SamplerDPMPPGMM"] = SamplerDPMPPGMM
-    NODE_DISPLAY_NAME_MAPPINGS["SamplerDPMPPGMM"] = "DPM++ GMM Sampler (2M, 2M SDE, 3M SDE)"
 
     class SamplerDPMPPSDEGMM(_SamplerNode):
         """Node: DPM++ SDE / DPM++ 2S ancestral with the DDIM-GMM noise at every re-noising stage -> SAMPLER."""
@@ -457,9 +451,6 @@ if _comfy_samplers is not None:
                     **{name: required[name] for name in ("variant", "n_components", "scale", "gmm_steps")},
                 }
             }
-
-    NODE_CLASS_MAPPINGS["SamplerDPMPPSDEGMM"] = SamplerDPMPPSDEGMM
-    NODE_DISPLAY_NAME_MAPPINGS["SamplerDPMPPSDEGMM"] = "DPM++ SDE / 2S Ancestral GMM Sampler"
 
     class SamplerFewStepGMM(_SamplerNode):
         """Node: LCM / res_multistep / res_multistep_ancestral with the DDIM-GMM noise -> SAMPLER."""
@@ -484,5 +475,11 @@ if _comfy_samplers is not None:
                 }
             }
 
-    NODE_CLASS_MAPPINGS["SamplerFewStepGMM"] = SamplerFewStepGMM
-    NODE_DISPLAY_NAME_MAPPINGS["SamplerFewStepGMM"] = "LCM / res_multistep GMM Sampler"
+    for _node, _display in (
+        (SamplerDDIMGMM, "DDIM-GMM Sampler"),
+        (SamplerDPMPPGMM, "DPM++ GMM Sampler (2M, 2M SDE, 3M SDE)"),
+        (SamplerDPMPPSDEGMM, "DPM++ SDE / 2S Ancestral GMM Sampler"),
+        (SamplerFewStepGMM, "LCM / res_multistep GMM Sampler"),
+    ):
+        NODE_CLASS_MAPPINGS[_node.__name__] = _node
+        NODE_DISPLAY_NAME_MAPPINGS[_node.__name__] = _display
