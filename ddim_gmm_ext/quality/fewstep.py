@@ -30,7 +30,7 @@ import torch
 
 from ..api import step_from_table
 from ..gmm import GMM, gmm_step_mask
-from .sampling import _add_control_noise, _model_outputs, check_finite, training_alphas_cumprod
+from .sampling import paired_loop, training_alphas_cumprod
 
 KINDS = ("lcm", "tcd")
 #: LCM's consistency-model boundary conditions use sigma_data = 0.5 (diffusers' fixed value).
@@ -167,27 +167,16 @@ def sample_fewstep(
     if noises is not None and len(noises) != len(table.timesteps):
         raise ValueError(f"noises must hold one entry per step ({len(table.timesteps)}), got {len(noises)}")
     acts = gmm_step_mask("all", None, table.noise_stds, table.gmm_scales)
-    xs = [x_T] * len(gmms)
-    for i, t in enumerate(table.timesteps):
-        eps = _model_outputs(eps_model, xs, t, len(x_T), sample_offset, model_batch)
-        noise = None if noises is None else noises[i]
-        xs = [
-            step_from_table(
-                e,
-                x,
-                rows,
-                i,
-                gmm=entry if isinstance(entry, GMM) and acts[i] else None,
-                seed=seed,
-                sample_offset=sample_offset,
-                noise=noise,
-                return_pred_original=False,
-            ).prev_sample
-            for e, x, entry in zip(eps, xs, gmms, strict=True)
-        ]
-        xs = [_add_control_noise(x, entry, i, seed, sample_offset) for x, entry in zip(xs, gmms, strict=True)]
-        check_finite(xs, i, f"t = {t}")
-    return xs
+
+    def step(i, eps, x, j):
+        entry = gmms[j]
+        out = step_from_table(
+            eps, x, rows, i, gmm=entry if isinstance(entry, GMM) and acts[i] else None, seed=seed,
+            sample_offset=sample_offset, noise=None if noises is None else noises[i], return_pred_original=False,
+        )  # fmt: skip
+        return out.prev_sample
+
+    return paired_loop(eps_model, x_T, gmms, table.timesteps, step, seed, sample_offset, model_batch)
 
 
 # ---------------------------------------------------------------------------------------------------------

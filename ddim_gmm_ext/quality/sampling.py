@@ -235,6 +235,22 @@ def _model_outputs(model, xs: list, time, n: int, sample_offset: int, model_batc
     return outs
 
 
+def paired_loop(model, x_T, gmms, times, step, seed: int, sample_offset: int = 0, model_batch: int | None = None,
+                time_format: str = "") -> list:  # fmt: skip
+    """The loop every harness sampler runs: one arm per entry of ``gmms`` (None, a GMM or a :class:`MatchedNoise`
+    control), all from ``x_T`` [N, D] with the same draws (paired). At step i, with model time ``times[i]`` (an
+    iterable, a progress bar too): the model's output for every arm (:func:`_model_outputs`), ``step(i, out, x, j)``
+    (arm j's step, returning its next x), the control's extra noise (:func:`_add_control_noise`) and a finiteness
+    check naming the step's t (formatted with ``time_format``). Returns one output [N, D] per arm."""
+    xs = [x_T] * len(gmms)
+    for i, t in enumerate(times):
+        outs = _model_outputs(model, xs, t, len(x_T), sample_offset, model_batch)
+        xs = [step(i, out, x, j) for j, (out, x) in enumerate(zip(outs, xs, strict=True))]
+        xs = [_add_control_noise(x, entry, i, seed, sample_offset) for x, entry in zip(xs, gmms, strict=True)]
+        check_finite(xs, i, f"t = {t:{time_format}}")
+    return xs
+
+
 def sample_ddim(
     eps_model,
     x_T,
@@ -260,27 +276,16 @@ def sample_ddim(
     [N, D] per entry of ``gmms``."""
     check_final_step(final_step)
     plan = _plan(gmms, gmm_steps, final_step, ddim_noise_stds(steps, eta, final_alpha))
-    xs = [x_T] * len(gmms)
-    for i, (t, abar_t, abar_prev) in enumerate(_steps(vp_schedule(steps, final_alpha), progress, "DDIM steps")):
-        eps = _model_outputs(eps_model, xs, t, len(x_T), sample_offset, model_batch)
-        xs = [
-            ddim_step(
-                e,
-                x,
-                abar_t,
-                abar_prev,
-                eta=eta,
-                gmm=step_plan[i],
-                step_index=i,
-                seed=seed,
-                sample_offset=sample_offset,
-                return_pred_original=False,
-            ).prev_sample
-            for e, x, step_plan in zip(eps, xs, plan, strict=False)
-        ]
-        xs = [_add_control_noise(x, entry, i, seed, sample_offset) for x, entry in zip(xs, gmms, strict=True)]
-        check_finite(xs, i, f"t = {t}")
-    return xs
+    schedule = vp_schedule(steps, final_alpha)
+
+    def step(i, eps, x, j):
+        _, abar_t, abar_prev = schedule[i]
+        out = ddim_step(eps, x, abar_t, abar_prev, eta=eta, gmm=plan[j][i], step_index=i, seed=seed,
+                        sample_offset=sample_offset, return_pred_original=False)  # fmt: skip
+        return out.prev_sample
+
+    times = _steps([t for t, _, _ in schedule], progress, "DDIM steps")
+    return paired_loop(eps_model, x_T, gmms, times, step, seed, sample_offset, model_batch)
 
 
 def sample_rfim(
@@ -300,29 +305,15 @@ def sample_rfim(
     0 on the uniform grid, as :func:`sample_ddim` (paired, one x0 [N, D] per entry of ``gmms``)."""
     check_final_step(final_step)
     plan = _plan(gmms, gmm_steps, final_step, rfim_noise_stds(steps, eta))
-    times = _schedules.rf_times(steps)
-    xs = [x_T] * len(gmms)
-    for i in _steps(range(steps), progress, "RFIM steps"):
-        t, s = times[i], times[i + 1]
-        v = _model_outputs(flow_model, xs, float(t), len(x_T), sample_offset, model_batch)
-        xs = [
-            rfim_step(
-                m,
-                x,
-                t,
-                s,
-                eta=eta,
-                gmm=step_plan[i],
-                step_index=i,
-                seed=seed,
-                sample_offset=sample_offset,
-                return_pred_original=False,
-            ).prev_sample
-            for m, x, step_plan in zip(v, xs, plan, strict=False)
-        ]
-        xs = [_add_control_noise(x, entry, i, seed, sample_offset) for x, entry in zip(xs, gmms, strict=True)]
-        check_finite(xs, i, f"t = {float(t):.4g}")
-    return xs
+    grid = _schedules.rf_times(steps)
+
+    def step(i, v, x, j):
+        out = rfim_step(v, x, grid[i], grid[i + 1], eta=eta, gmm=plan[j][i], step_index=i, seed=seed,
+                        sample_offset=sample_offset, return_pred_original=False)  # fmt: skip
+        return out.prev_sample
+
+    times = _steps([float(t) for t in grid[:-1]], progress, "RFIM steps")
+    return paired_loop(flow_model, x_T, gmms, times, step, seed, sample_offset, model_batch, time_format=".4g")
 
 
 def matched_output_noise(x0: torch.Tensor, gmm: GMM, steps: int, seed: int) -> torch.Tensor:
