@@ -219,13 +219,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         # one-element tensors come back as Python floats (the host path for a single step)
         a_t, b_t, a_s, b_s, sigma = (torch.as_tensor(v, dtype=torch.float64).reshape(len(t)) for v in path)
         c = self.config
-        zero_snr_rows(
-            a_t,
-            c.prediction_type,
-            c.clip_sample and not c.thresholding,  # DDIMScheduler's thresholding of +-inf is NaN
-            f"rescale_betas_zero_snr={c.rescale_betas_zero_snr}, timestep_spacing={c.timestep_spacing!r}, "
-            f"clip_sample={c.clip_sample}, thresholding={c.thresholding}",
-        )
+        zero_snr_rows(a_t, c, c.clip_sample and not c.thresholding)  # DDIMScheduler's thresholding of +-inf is NaN
         return a_t, b_t, a_s, b_s, sigma
 
     def _schedule_position(self, timestep: torch.Tensor) -> int | None:

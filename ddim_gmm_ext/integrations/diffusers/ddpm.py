@@ -117,13 +117,7 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
         kt = alpha.sqrt() * (1 - abar_s) / (1 - abar_t)
         a_t, b_t = abar_t.sqrt(), (1 - abar_t).sqrt()
         c = self.config
-        zero_snr_rows(
-            a_t,
-            c.prediction_type,
-            c.clip_sample and not c.thresholding,  # DDPMScheduler's thresholding of +-inf is NaN
-            f"rescale_betas_zero_snr={c.rescale_betas_zero_snr}, timestep_spacing={c.timestep_spacing!r}, "
-            f"clip_sample={c.clip_sample}, thresholding={c.thresholding}",
-        )
+        zero_snr_rows(a_t, c, c.clip_sample and not c.thresholding)  # DDPMScheduler's thresholding of +-inf is NaN
         std = torch.zeros_like(abar_t)
         if self.config.variance_type in _FIXED_VARIANCES:
             for i, ti in enumerate(t.tolist()):

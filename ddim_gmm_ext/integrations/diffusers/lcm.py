@@ -255,14 +255,7 @@ class LCMGMMScheduler(_VPConsistencyMixin, LCMScheduler):
         a_next = torch.where(noisy, abar_p.sqrt(), torch.ones_like(abar_p))
         c = torch.where(noisy, (1 - abar_p).sqrt(), torch.zeros_like(abar_p))
         if not self._fallback():
-            c_ = self.config
-            zero_snr_rows(
-                a_t,
-                c_.prediction_type,
-                False,
-                f"rescale_betas_zero_snr={c_.rescale_betas_zero_snr}, clip_sample={c_.clip_sample}, "
-                f"thresholding={c_.thresholding}",
-            )
+            zero_snr_rows(a_t, self.config, False, ("rescale_betas_zero_snr", "clip_sample", "thresholding"))
         self._noisy = noisy.tolist()
         self._set_rows(_affine_row(alpha, beta, a_next, c, self._final_step_g(n)).to(self.timesteps.device))
 
