@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -162,6 +162,23 @@ class GMMOptions:
             return [None] * n
         gs = torch.as_tensor(g, dtype=torch.float64).expand(n) * torch.tensor(self.final_step_g(n), dtype=torch.float64)
         return [gmm if acts else None for acts in gmm_step_mask(policy, gmm, c, gs)]
+
+
+class GMMKwargs(TypedDict, total=False):
+    """:class:`GMMOptions` but ``variant`` / ``tables`` as the keywords of a sampler function
+    (``**gmm_options: Unpack[GMMKwargs]``), beside its ``gmm`` (a variant name or tables, with the sampler's own
+    default): the same names and types as the fields (a test holds them equal), in the order of :data:`CONFIG_KEYS`;
+    the defaults are GMMOptions' (:func:`ddim_gmm_ext.integrations._common.gmm_keywords` lists them in a sampler's
+    signature)."""
+
+    n_components: int
+    scale: float
+    share_across_steps: bool
+    uniform_priors: bool
+    seed: int | None
+    scale_per_dim: float | None
+    final_step: str
+    gmm_steps: Any
 
 
 #: GMMOptions field -> the diffusers schedulers' config key (their convention: a ``gmm_`` prefix), in the order of

@@ -182,3 +182,36 @@ def test_from_config_reads_every_diffusers_scheduler_with_a_gmm():
         assert dg.GMMOptions.from_config(scheduler.config) == dg.GMMOptions(**given), cls.__name__
     with pytest.raises(ValueError, match="gmm_n_components must be an int >= 1"):
         dg.GMMOptions.from_config({"gmm_variant": "ortho", "gmm_n_components": 0})
+
+
+def test_sampler_gmm_keywords_are_defined_once_and_an_unknown_one_is_named():
+    # GMMKwargs (a sampler's **gmm_options) is GMMOptions' fields but variant / tables, with their types; every
+    # public sampler's signature lists them keyword-only with GMMOptions' defaults, and a keyword none of its
+    # parameters is Python's TypeError naming the sampler, before any work (the model is never called). Checked to
+    # fail when a GMMKwargs field is retyped (uniform_priors: int), when gmm_keywords drops its keyword check
+    # (GMMOptions.__init__()'s message instead), and when it lists the keywords without defaults.
+    from ddim_gmm_ext.gmm_options import GMMKwargs, GMMOptions
+
+    fields = {f.name: f for f in dataclasses.fields(GMMOptions) if f.name not in ("variant", "tables")}
+    assert set(GMMKwargs.__annotations__) == set(fields)
+    assert {k: getattr(v, "__forward_arg__", v) for k, v in GMMKwargs.__annotations__.items()} == {
+        name: f.type for name, f in fields.items()
+    }
+    samplers = {name: getattr(kd, name) for name in dir(kd) if name.startswith("sample_")}
+    samplers["sample_rfim"] = dg.sample_rfim
+    assert len(samplers) == 11
+    calls = []
+
+    def model(x, sigma, **kwargs):
+        calls.append(sigma)
+        return x
+
+    x, sigmas = torch.zeros(1, 4), torch.tensor([0.9, 0.5, 0.0])
+    for name, sampler in samplers.items():
+        params = inspect.signature(sampler).parameters
+        for key, field in fields.items():
+            assert params[key].kind is inspect.Parameter.KEYWORD_ONLY, (name, key)
+            assert params[key].default == field.default, (name, key)
+        with pytest.raises(TypeError, match=rf"^{name}\(\) got an unexpected keyword argument 'n_component'$"):
+            sampler(model, x, sigmas, n_component=4)
+    assert calls == []

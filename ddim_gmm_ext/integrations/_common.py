@@ -11,12 +11,19 @@ Seeds (one rule for every integration):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Mapping
 from numbers import Real
+from typing import TypeVar
 
 import torch
+from typing_extensions import Unpack
 
-from ..gmm_options import GMMOptions
+from ..gmm_options import GMMKwargs, GMMOptions
+
+_Sampler = TypeVar("_Sampler", bound=Callable)
 
 
 def check_eta(eta, name: str = "eta") -> float:
@@ -67,13 +74,47 @@ def multistep_weights(order: int, k: tuple[float, float, float], r0: float, r1: 
     return tuple(k0 * (j == 0) + k1 * p + k2 * q for j, (p, q) in enumerate(zip(d1, d2, strict=True)))
 
 
-def sampler_options(gmm, **options) -> GMMOptions:
+def sampler_options(gmm, extra_args: Mapping | None = None, **options: Unpack[GMMKwargs]) -> GMMOptions:
     """A sampler's ``gmm`` argument (None: off; a variant name; a :class:`GMM`) with its other GMM keyword
     arguments as one checked :class:`GMMOptions` (a GMM that is not one is refused when the run starts, against
-    the sample)."""
+    the sample). ``seed`` None: ``extra_args["seed"]`` when the sampler's ``extra_args`` has one (ComfyUI passes
+    its seed there)."""
+    if extra_args is not None and options.get("seed") is None:
+        options["seed"] = extra_args.get("seed")
     if isinstance(gmm, str):
         return GMMOptions(variant=gmm, **options)
     return GMMOptions(tables=gmm, **options)
+
+
+_GMM_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GMMOptions)}
+#: a sampler function's GMM keywords as :func:`inspect.signature` shows them: keyword-only, GMMOptions' defaults
+_GMM_KEYWORDS = tuple(
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=_GMM_DEFAULTS[name], annotation=annotation)
+    for name, annotation in GMMKwargs.__annotations__.items()
+)
+
+
+def gmm_keywords(sampler: _Sampler) -> _Sampler:
+    """Decorator of a sampler function whose GMM options are ``**gmm_options: Unpack[GMMKwargs]``: its signature
+    lists them (keyword-only, with :class:`GMMOptions`' defaults: what ``inspect.signature`` and ``help`` show in
+    place of ``**gmm_options``), and a keyword that is none of its parameters is Python's TypeError naming the
+    function, before any work, as for a function that spells them out. One call per sampling run."""
+    signature = inspect.signature(sampler)
+    *own, rest = signature.parameters.values()
+    if rest.kind is not inspect.Parameter.VAR_KEYWORD:
+        raise TypeError(f"{sampler.__name__} must end with **gmm_options")
+    signature = signature.replace(parameters=[*own, *_GMM_KEYWORDS])
+    names = frozenset(signature.parameters)
+
+    @functools.wraps(sampler)
+    def checked(*args, **kwargs):
+        for key in kwargs:
+            if key not in names:
+                raise TypeError(f"{sampler.__name__}() got an unexpected keyword argument {key!r}")
+        return sampler(*args, **kwargs)
+
+    checked.__signature__ = signature  # type: ignore[attr-defined]  # what inspect.signature returns
+    return checked  # type: ignore[return-value]  # the same call signature as sampler
 
 
 def progress_bar(iterable, disable: bool | None, desc: str):

@@ -34,6 +34,7 @@ diffusers schedulers treat ``gmm_scale`` with ``gmm_variant=None`` (a widget can
 
 from __future__ import annotations
 
+import copy
 import math
 from numbers import Real
 
@@ -358,122 +359,110 @@ def sample_fewstep_gmm_any(
 if _comfy_samplers is not None:
 
     class _SamplerNode:
-        """What every node here shares: widgets in, a SAMPLER out. A node lists its widgets (``INPUT_TYPES``) and
-        names ``options`` (the widget values, checked and named -> the sampler's extra options) and ``sampler``
-        (the KSAMPLER's function)."""
+        """What every node here shares: widgets in, a SAMPLER out. A node names its ``widgets`` (name -> ComfyUI
+        input spec, in display order; ``INPUT_TYPES`` gives a fresh copy), ``options`` (the widget values, checked
+        and named -> the sampler's extra options) and ``sampler`` (the KSAMPLER's function)."""
 
         CATEGORY = "sampling/custom_sampling/samplers"
         RETURN_TYPES = ("SAMPLER",)
         FUNCTION = "get_sampler"
+        widgets: dict
         options: staticmethod
         sampler: staticmethod
 
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": copy.deepcopy(cls.widgets)}
+
         def get_sampler(self, **widgets):
             return (_comfy_samplers.KSAMPLER(self.sampler, extra_options=self.options(**widgets)),)
+
+    #: the GMM widgets every node shows (after its own sampler and noise widgets)
+    _GMM_WIDGETS = {
+        "variant": (list(VARIANTS), {"default": "ortho-vub"}),
+        "n_components": (
+            "INT",
+            {"default": 8, "min": 1, "max": 4096, "tooltip": "K; used only when variant is not off"},
+        ),
+        "scale": (
+            "FLOAT",
+            {
+                "default": 1.0,
+                "min": 0.0,
+                "max": 100.0,
+                "step": 0.01,
+                "tooltip": "offset scale s; used only when variant is not off",
+            },
+        ),
+        "gmm_steps": (
+            list(GMM_STEP_POLICIES),
+            {
+                "default": "all",
+                "tooltip": "steps with the mixture: all, or matched (only where its noise is not clipped, so its "
+                "covariance equals the Gaussian step's)",
+            },
+        ),
+    }
+    _S_NOISE = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01})
+    _SDE_ETA = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01})
 
     class SamplerDDIMGMM(_SamplerNode):
         """Node: DDIM-GMM sampler options -> SAMPLER."""
 
         options = staticmethod(node_options)
         sampler = staticmethod(sample_ddim_gmm_any)
-
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {
-                "required": {
-                    "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-                    "s_noise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01}),
-                    "variant": (list(VARIANTS), {"default": "ortho-vub"}),
-                    "n_components": (
-                        "INT",
-                        {"default": 8, "min": 1, "max": 4096, "tooltip": "K; used only when variant is not off"},
-                    ),
-                    "scale": (
-                        "FLOAT",
-                        {
-                            "default": 1.0,
-                            "min": 0.0,
-                            "max": 100.0,
-                            "step": 0.01,
-                            "tooltip": "offset scale s; used only when variant is not off",
-                        },
-                    ),
-                    "gmm_steps": (
-                        list(GMM_STEP_POLICIES),
-                        {
-                            "default": "all",
-                            "tooltip": "steps with the mixture: all, or matched (only where its noise is not clipped, "
-                            "so its covariance equals the Gaussian step's)",
-                        },
-                    ),
-                }
-            }
+        widgets = {
+            "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "s_noise": _S_NOISE,
+            **_GMM_WIDGETS,
+        }
 
     class SamplerDPMPPGMM(_SamplerNode):
         """Node: DPM++ 2M / 2M SDE / 3M SDE with the DDIM-GMM noise -> SAMPLER."""
 
         options = staticmethod(dpmpp_node_options)
         sampler = staticmethod(sample_dpmpp_gmm_any)
-
-        @classmethod
-        def INPUT_TYPES(cls):
-            required = SamplerDDIMGMM.INPUT_TYPES()["required"]
-            return {
-                "required": {
-                    "sampler": (
-                        list(DPMPP_NODE_SAMPLERS),
-                        {"default": "dpmpp_2m_sde", "tooltip": "dpmpp_2m is deterministic: variant off only"},
-                    ),
-                    "solver_type": (["midpoint", "heun"], {"default": "midpoint", "tooltip": "dpmpp_2m_sde only"}),
-                    "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01}),
-                    **{name: required[name] for name in ("s_noise", "variant", "n_components", "scale", "gmm_steps")},
-                }
-            }
+        widgets = {
+            "sampler": (
+                list(DPMPP_NODE_SAMPLERS),
+                {"default": "dpmpp_2m_sde", "tooltip": "dpmpp_2m is deterministic: variant off only"},
+            ),
+            "solver_type": (["midpoint", "heun"], {"default": "midpoint", "tooltip": "dpmpp_2m_sde only"}),
+            "eta": _SDE_ETA,
+            "s_noise": _S_NOISE,
+            **_GMM_WIDGETS,
+        }
 
     class SamplerDPMPPSDEGMM(_SamplerNode):
         """Node: DPM++ SDE / DPM++ 2S ancestral with the DDIM-GMM noise at every re-noising stage -> SAMPLER."""
 
         options = staticmethod(sde_node_options)
         sampler = staticmethod(sample_sde_gmm_any)
-
-        @classmethod
-        def INPUT_TYPES(cls):
-            required = SamplerDPMPPGMM.INPUT_TYPES()["required"]
-            return {
-                "required": {
-                    "sampler": (["dpmpp_sde", "dpmpp_2s_ancestral"], {"default": "dpmpp_sde"}),
-                    "eta": required["eta"],
-                    "s_noise": required["s_noise"],
-                    "r": (
-                        "FLOAT",
-                        {"default": 0.5, "min": 0.01, "max": 100.0, "step": 0.01, "tooltip": "dpmpp_sde only"},
-                    ),
-                    **{name: required[name] for name in ("variant", "n_components", "scale", "gmm_steps")},
-                }
-            }
+        widgets = {
+            "sampler": (["dpmpp_sde", "dpmpp_2s_ancestral"], {"default": "dpmpp_sde"}),
+            "eta": _SDE_ETA,
+            "s_noise": _S_NOISE,
+            "r": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 100.0, "step": 0.01, "tooltip": "dpmpp_sde only"}),
+            **_GMM_WIDGETS,
+        }
 
     class SamplerFewStepGMM(_SamplerNode):
         """Node: LCM / res_multistep / res_multistep_ancestral with the DDIM-GMM noise -> SAMPLER."""
 
         options = staticmethod(fewstep_node_options)
         sampler = staticmethod(sample_fewstep_gmm_any)
-
-        @classmethod
-        def INPUT_TYPES(cls):
-            required = SamplerDDIMGMM.INPUT_TYPES()["required"]
-            return {
-                "required": {
-                    "sampler": (
-                        list(FEWSTEP_NODE_SAMPLERS),
-                        {"default": "lcm", "tooltip": "res_multistep is deterministic: variant off only"},
-                    ),
-                    "eta": (
-                        "FLOAT",
-                        {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "res_multistep_ancestral"},
-                    ),
-                    **{name: required[name] for name in ("s_noise", "variant", "n_components", "scale", "gmm_steps")},
-                }
-            }
+        widgets = {
+            "sampler": (
+                list(FEWSTEP_NODE_SAMPLERS),
+                {"default": "lcm", "tooltip": "res_multistep is deterministic: variant off only"},
+            ),
+            "eta": (
+                "FLOAT",
+                {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "res_multistep_ancestral"},
+            ),
+            "s_noise": _S_NOISE,
+            **_GMM_WIDGETS,
+        }
 
     for _node, _display in (
         (SamplerDDIMGMM, "DDIM-GMM Sampler"),

@@ -11,10 +11,20 @@ from __future__ import annotations
 import math
 
 import torch
+from typing_extensions import Unpack
 
 from .. import _checks, _rows, _schedules, api, reference
 from ..gmm import validate_gmm_steps
-from ._common import check_eta, check_loop_arguments, multistep_weights, progress_bar, sampler_options, stream_seed
+from ..gmm_options import GMMKwargs
+from ._common import (
+    check_eta,
+    check_loop_arguments,
+    gmm_keywords,
+    multistep_weights,
+    progress_bar,
+    sampler_options,
+    stream_seed,
+)
 
 __all__ = [
     "sample_ddim_gmm",
@@ -39,6 +49,7 @@ FLOW_NOISE = ("rfim", "ancestral_rf")
 
 
 @torch.no_grad()
+@gmm_keywords
 def sample_ddim_gmm(
     model,
     x: torch.Tensor,
@@ -51,15 +62,8 @@ def sample_ddim_gmm(
     noise_sampler=None,
     *,
     gmm="ortho-vub",
-    n_components: int = 8,
-    scale: float = 1.0,
-    share_across_steps: bool = False,
-    uniform_priors: bool = True,
-    seed: int | None = None,
     sample_offset: int = 0,
-    final_step: str = "gaussian",
-    scale_per_dim: float | None = None,
-    gmm_steps="all",
+    **gmm_options: Unpack[GMMKwargs],
 ) -> torch.Tensor:
     """DDIM-GMM sampling of a k-diffusion denoiser over ``sigmas`` (eta = 0: DDIM / Euler; eta = 1: ancestral).
 
@@ -112,15 +116,12 @@ def sample_ddim_gmm(
 
     return _sample(
         model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, noise_sampler, ve_step, "DDIM-GMM",
-        gmm=gmm, n_components=n_components, scale=scale, share_across_steps=share_across_steps,
-        uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset, final_step=final_step,
-        scale_per_dim=scale_per_dim, gmm_steps=gmm_steps, noise_std=noise_std,
+        noise_std=noise_std, gmm=gmm, sample_offset=sample_offset, **gmm_options,
     )  # fmt: skip
 
 
 def _sample(model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, noise_sampler, step, desc, *,
-            noise_std, gmm, n_components=8, scale=1.0, share_across_steps=False, uniform_priors=True, seed=None,
-            sample_offset=0, final_step="gaussian", scale_per_dim=None, gmm_steps="all"):  # fmt: skip
+            noise_std, gmm, sample_offset=0, **gmm_options: Unpack[GMMKwargs]):  # fmt: skip
     """The loop both samplers share: checks, GMM tables, the denoiser call and callback, the noise k-diffusion
     would draw (``noise_sampler`` called exactly when k-diffusion calls it, so a shared sampler stays
     aligned), steps between equal sigmas left out (Euler's x + d * 0), then ``step(i, x, denoised, gmm of step
@@ -133,11 +134,7 @@ def _sample(model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, 
         raise ValueError("x must have a batch dimension [B, ...], got a 0-d tensor")
     eta = check_eta(eta)
     check_s_noise(s_noise)
-    options = sampler_options(
-        gmm, n_components=n_components, scale=scale, scale_per_dim=scale_per_dim,
-        share_across_steps=share_across_steps, uniform_priors=uniform_priors, final_step=final_step,
-        gmm_steps=gmm_steps, seed=seed if seed is not None else extra_args.get("seed"),
-    )  # fmt: skip
+    options = sampler_options(gmm, extra_args, **gmm_options)
     n_steps = len(sig) - 1
     gmm = options.resolve(x, n_steps)
     stds = [noise_std(i) if sig[i + 1] != sig[i] else 0.0 for i in range(n_steps)]  # equal sigmas: skipped steps
@@ -220,6 +217,7 @@ def flow_noise_std(t: float, s: float, eta: float, noise: str = "rfim") -> float
 
 
 @torch.no_grad()
+@gmm_keywords
 def sample_rfim_gmm(
     model,
     x: torch.Tensor,
@@ -233,15 +231,8 @@ def sample_rfim_gmm(
     *,
     noise: str = "rfim",
     gmm="ortho-vub",
-    n_components: int = 8,
-    scale: float = 1.0,
-    share_across_steps: bool = False,
-    uniform_priors: bool = True,
-    seed: int | None = None,
     sample_offset: int = 0,
-    final_step: str = "gaussian",
-    scale_per_dim: float | None = None,
-    gmm_steps="all",
+    **gmm_options: Unpack[GMMKwargs],
 ) -> torch.Tensor:
     """RFIM(-GMM) sampling of a k-diffusion-style flow denoiser (ComfyUI's CONST model sampling: SD3, Flux).
 
@@ -255,14 +246,13 @@ def sample_rfim_gmm(
     """
     return _sample_flow(
         model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, noise=noise,
-        max_start=1 + FLOW_TIME_ROUNDING, gmm=gmm, n_components=n_components, scale=scale,
-        share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset,
-        final_step=final_step, scale_per_dim=scale_per_dim, gmm_steps=gmm_steps,
+        max_start=1 + FLOW_TIME_ROUNDING, gmm=gmm, sample_offset=sample_offset, **gmm_options,
     )  # fmt: skip
 
 
 def _sample_flow(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0, s_noise=1.0,
-                 noise_sampler=None, *, noise, max_start, sample_offset=0, **options):  # fmt: skip
+                 noise_sampler=None, *, noise, max_start, gmm, sample_offset=0,
+                 **gmm_options: Unpack[GMMKwargs]):  # fmt: skip
     """:func:`sample_rfim_gmm` with the largest first sigma it takes: ``max_start`` (ComfyUI's nodes take any,
     as its samplers run any). A time t above 1 runs ComfyUI's arithmetic: the step reads eps_hat = (x - (1 - t)
     x0) / t, a_t = 1 - t < 0 (the op takes the row; the path checks of ``api.step`` would refuse it)."""
@@ -284,7 +274,7 @@ def _sample_flow(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
     return _sample(
         model, x, sigmas, sig, extra_args, callback, disable, eta, s_noise, noise_sampler, flow_step, "RFIM-GMM",
-        noise_std=noise_std, sample_offset=sample_offset, **options,
+        noise_std=noise_std, gmm=gmm, sample_offset=sample_offset, **gmm_options,
     )  # fmt: skip
 
 
@@ -407,9 +397,8 @@ def _torchsde_available() -> bool:
 
 def _sample_dpmpp(
     model, x, sigmas, extra_args, callback, disable, *, sampler, eta=1.0, s_noise=1.0, noise_sampler=None,
-    solver_type="midpoint", path="ve", gmm="ortho-vub", n_components=8, scale=1.0, share_across_steps=False,
-    uniform_priors=True, seed=None, sample_offset=0, final_step="gaussian", scale_per_dim=None, gmm_steps="all",
-    default_noise=True,
+    solver_type="midpoint", path="ve", gmm="ortho-vub", sample_offset=0, default_noise=True,
+    **gmm_options: Unpack[GMMKwargs],
 ):  # fmt: skip
     """The DPM++ loop (public samplers and the ComfyUI node): every check first, the rows of the schedule in
     float64 (:func:`dpmpp_rows`), then per step the denoiser call, the callback, the noise k-diffusion would draw
@@ -425,11 +414,7 @@ def _sample_dpmpp(
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
     sig = _check_dpmpp_sigmas(sigmas)
-    options = sampler_options(
-        gmm, n_components=n_components, scale=scale, scale_per_dim=scale_per_dim,
-        share_across_steps=share_across_steps, uniform_priors=uniform_priors, final_step=final_step,
-        gmm_steps=gmm_steps, seed=seed if seed is not None else extra_args.get("seed"),
-    )  # fmt: skip
+    options = sampler_options(gmm, extra_args, **gmm_options)
     seed = options.seed
     if gmm is not None and (not sde or eta * s_noise == 0):
         why = (
@@ -492,54 +477,45 @@ _DPMPP_DOC = """
 
 
 @torch.no_grad()
+@gmm_keywords
 def sample_dpmpp_2m_gmm(
     model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback=None,
-    disable: bool | None = None, *, gmm=None, n_components: int = 8, scale: float = 1.0,
-    share_across_steps: bool = False, uniform_priors: bool = True, seed: int | None = None, sample_offset: int = 0,
-    final_step: str = "gaussian", scale_per_dim: float | None = None, gmm_steps="all",
+    disable: bool | None = None, *, gmm=None, sample_offset: int = 0, **gmm_options: Unpack[GMMKwargs],
 ) -> torch.Tensor:  # fmt: skip
     """DPM-Solver++(2M), k-diffusion's ``sample_dpmpp_2m``, deterministic: a GMM is refused (no noise to
     replace); the GMM options are accepted for a uniform call and checked, as with ``gmm=None`` elsewhere."""
     return _sample_dpmpp(
         model, x, sigmas, extra_args, callback, disable, sampler="dpmpp_2m", eta=0.0, s_noise=1.0,
-        noise_sampler=None, solver_type="midpoint", gmm=gmm, n_components=n_components, scale=scale,
-        share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset,
-        final_step=final_step, scale_per_dim=scale_per_dim, gmm_steps=gmm_steps,
+        noise_sampler=None, solver_type="midpoint", gmm=gmm, sample_offset=sample_offset, **gmm_options,
     )  # fmt: skip
 
 
 @torch.no_grad()
+@gmm_keywords
 def sample_dpmpp_2m_sde_gmm(
     model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback=None,
     disable: bool | None = None, eta: float = 1.0, s_noise: float = 1.0, noise_sampler=None,
-    solver_type: str = "midpoint", *, gmm="ortho-vub", n_components: int = 8, scale: float = 1.0,
-    share_across_steps: bool = False, uniform_priors: bool = True, seed: int | None = None, sample_offset: int = 0,
-    final_step: str = "gaussian", scale_per_dim: float | None = None, gmm_steps="all",
+    solver_type: str = "midpoint", *, gmm="ortho-vub", sample_offset: int = 0, **gmm_options: Unpack[GMMKwargs],
 ) -> torch.Tensor:  # fmt: skip
     """DPM-Solver++(2M) SDE (k-diffusion's ``sample_dpmpp_2m_sde``, ``solver_type`` "midpoint" or "heun") with
     the DDIM-GMM noise."""
     return _sample_dpmpp(
         model, x, sigmas, extra_args, callback, disable, sampler="dpmpp_2m_sde", eta=eta, s_noise=s_noise,
-        noise_sampler=noise_sampler, solver_type=solver_type, gmm=gmm, n_components=n_components, scale=scale,
-        share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset,
-        final_step=final_step, scale_per_dim=scale_per_dim, gmm_steps=gmm_steps,
+        noise_sampler=noise_sampler, solver_type=solver_type, gmm=gmm, sample_offset=sample_offset, **gmm_options,
     )  # fmt: skip
 
 
 @torch.no_grad()
+@gmm_keywords
 def sample_dpmpp_3m_sde_gmm(
     model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback=None,
     disable: bool | None = None, eta: float = 1.0, s_noise: float = 1.0, noise_sampler=None, *, gmm="ortho-vub",
-    n_components: int = 8, scale: float = 1.0, share_across_steps: bool = False, uniform_priors: bool = True,
-    seed: int | None = None, sample_offset: int = 0, final_step: str = "gaussian", scale_per_dim: float | None = None,
-    gmm_steps="all",
+    sample_offset: int = 0, **gmm_options: Unpack[GMMKwargs],
 ) -> torch.Tensor:  # fmt: skip
     """DPM-Solver++(3M) SDE (k-diffusion's ``sample_dpmpp_3m_sde``) with the DDIM-GMM noise."""
     return _sample_dpmpp(
         model, x, sigmas, extra_args, callback, disable, sampler="dpmpp_3m_sde", eta=eta, s_noise=s_noise,
-        noise_sampler=noise_sampler, solver_type="midpoint", gmm=gmm, n_components=n_components, scale=scale,
-        share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset,
-        final_step=final_step, scale_per_dim=scale_per_dim, gmm_steps=gmm_steps,
+        noise_sampler=noise_sampler, solver_type="midpoint", gmm=gmm, sample_offset=sample_offset, **gmm_options,
     )  # fmt: skip
 
 

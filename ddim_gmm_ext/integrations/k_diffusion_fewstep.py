@@ -29,10 +29,12 @@ from __future__ import annotations
 import math
 
 import torch
+from typing_extensions import Unpack
 
 from .. import _checks, api
 from ..gmm import validate_gmm_steps
-from ._common import check_loop_arguments, progress_bar, sampler_options, stream_seed
+from ..gmm_options import GMMKwargs
+from ._common import check_loop_arguments, gmm_keywords, progress_bar, sampler_options, stream_seed
 from .k_diffusion import (
     FLOW_TIME_ROUNDING,
     _check_dpmpp_sigmas,
@@ -155,24 +157,24 @@ def _sample_rows(model, x, sigmas, sig, extra_args, callback, disable, noise_sam
     return x
 
 
-def _start(model, x, extra_args, callback, noise_sampler, gmm, *, seed, sample_offset, **gmm_options):
+def _start(model, x, extra_args, callback, noise_sampler, gmm, *, sample_offset, **gmm_options: Unpack[GMMKwargs]):
     """The checks every sampler here makes first: the loop's arguments, x, the GMM options (``seed`` None:
     ``extra_args["seed"]`` when present, as ComfyUI passes it) and sample_offset. Returns (extra_args, options)."""
     extra_args = check_loop_arguments(model, extra_args, callback, noise_sampler)
     _checks.check_floating("x", x)
     if x.dim() < 1:
         raise ValueError("x must have a batch dimension [B, ...], got a 0-d tensor")
-    options = sampler_options(gmm, seed=seed if seed is not None else extra_args.get("seed"), **gmm_options)
+    options = sampler_options(gmm, extra_args, **gmm_options)
     _checks.check_index("sample_offset", sample_offset, _checks.MAX_INDEX)
     return extra_args, options
 
 
 def _sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, *, renoise,
-                max_start, flow, gmm="ortho-vub", sample_offset=0, seed=None, **gmm_options):  # fmt: skip
+                max_start, flow, gmm="ortho-vub", sample_offset=0, **gmm_options: Unpack[GMMKwargs]):  # fmt: skip
     """:func:`sample_lcm_gmm` with the re-noising ``renoise(s) -> (A, c, g)`` given (the ComfyUI node reads it
     from the model sampling) and the largest first flow sigma it takes (``max_start``; checked when ``flow``)."""
     extra_args, options = _start(
-        model, x, extra_args, callback, noise_sampler, gmm, seed=seed, sample_offset=sample_offset, **gmm_options
+        model, x, extra_args, callback, noise_sampler, gmm, sample_offset=sample_offset, **gmm_options
     )
     sig = _check_sigmas(sigmas)
     if flow:
@@ -186,11 +188,11 @@ def _sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
 
 @torch.no_grad()
+@gmm_keywords
 def sample_lcm_gmm(
     model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback=None,
-    disable: bool | None = None, noise_sampler=None, *, path: str = "ve", gmm="ortho-vub", n_components: int = 8,
-    scale: float = 1.0, share_across_steps: bool = False, uniform_priors: bool = True, seed: int | None = None,
-    sample_offset: int = 0, final_step: str = "gaussian", scale_per_dim: float | None = None, gmm_steps="all",
+    disable: bool | None = None, noise_sampler=None, *, path: str = "ve", gmm="ortho-vub", sample_offset: int = 0,
+    **gmm_options: Unpack[GMMKwargs],
 ) -> torch.Tensor:  # fmt: skip
     """LCM sampling (ComfyUI's ``sample_lcm``): per step x = D, the denoiser output, re-noised to the next sigma s
     as ComfyUI's model sampling does it: x = D + s z on the VE path (``path="ve"``, eps / v models: sigmas as
@@ -208,19 +210,17 @@ def sample_lcm_gmm(
     flow = _check_path(path)
     return _sample_lcm(
         model, x, sigmas, extra_args, callback, disable, noise_sampler, renoise=path_renoise(flow),
-        max_start=1 + FLOW_TIME_ROUNDING, flow=flow, gmm=gmm, n_components=n_components, scale=scale,
-        share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset,
-        final_step=final_step, scale_per_dim=scale_per_dim, gmm_steps=gmm_steps,
+        max_start=1 + FLOW_TIME_ROUNDING, flow=flow, gmm=gmm, sample_offset=sample_offset, **gmm_options,
     )  # fmt: skip
 
 
 def _sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, *,
-                          eta, s_noise=1.0, ancestral, flow=False, gmm=None, sample_offset=0, seed=None,
-                          **gmm_options):  # fmt: skip
+                          eta, s_noise=1.0, ancestral, flow=False, gmm=None, sample_offset=0,
+                          **gmm_options: Unpack[GMMKwargs]):  # fmt: skip
     """The res_multistep loop (public samplers and the ComfyUI node): every check, the rows (float64, host),
     one fused op call per step with the previous denoiser output as the history."""
     extra_args, options = _start(
-        model, x, extra_args, callback, noise_sampler, gmm, seed=seed, sample_offset=sample_offset, **gmm_options
+        model, x, extra_args, callback, noise_sampler, gmm, sample_offset=sample_offset, **gmm_options
     )
     eta = check_dpmpp_eta(eta)
     s_noise = check_s_noise(s_noise)
@@ -253,30 +253,27 @@ _RES_DOC = """
 
 
 @torch.no_grad()
+@gmm_keywords
 def sample_res_multistep_gmm(
     model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback=None,
-    disable: bool | None = None, s_noise: float = 1.0, noise_sampler=None, *, gmm=None, n_components: int = 8,
-    scale: float = 1.0, share_across_steps: bool = False, uniform_priors: bool = True, seed: int | None = None,
-    sample_offset: int = 0, final_step: str = "gaussian", scale_per_dim: float | None = None, gmm_steps="all",
+    disable: bool | None = None, s_noise: float = 1.0, noise_sampler=None, *, gmm=None, sample_offset: int = 0,
+    **gmm_options: Unpack[GMMKwargs],
 ) -> torch.Tensor:  # fmt: skip
     """ComfyUI's ``sample_res_multistep`` (eta 0), deterministic: a GMM is refused (there is no noise to replace);
     the GMM options are accepted for a uniform call and checked, and s_noise as ComfyUI's (it scales a noise of
     std 0)."""
     return _sample_res_multistep(
         model, x, sigmas, extra_args, callback, disable, noise_sampler, eta=0.0, s_noise=s_noise, ancestral=False,
-        gmm=gmm, n_components=n_components, scale=scale, share_across_steps=share_across_steps,
-        uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset, final_step=final_step,
-        scale_per_dim=scale_per_dim, gmm_steps=gmm_steps,
+        gmm=gmm, sample_offset=sample_offset, **gmm_options,
     )  # fmt: skip
 
 
 @torch.no_grad()
+@gmm_keywords
 def sample_res_multistep_ancestral_gmm(
     model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback=None,
     disable: bool | None = None, eta: float = 1.0, s_noise: float = 1.0, noise_sampler=None, *, gmm="ortho-vub",
-    n_components: int = 8, scale: float = 1.0, share_across_steps: bool = False, uniform_priors: bool = True,
-    seed: int | None = None, sample_offset: int = 0, final_step: str = "gaussian", scale_per_dim: float | None = None,
-    gmm_steps="all",
+    sample_offset: int = 0, **gmm_options: Unpack[GMMKwargs],
 ) -> torch.Tensor:  # fmt: skip
     """ComfyUI's ``sample_res_multistep_ancestral`` with the DDIM-GMM noise: the step to sigma_down, then noise of
     level c = sigma_up s_noise (eta a finite number >= 0: ComfyUI's ancestral step clamps sigma_up at s). With a
@@ -284,9 +281,7 @@ def sample_res_multistep_ancestral_gmm(
     the components come from the stream."""
     return _sample_res_multistep(
         model, x, sigmas, extra_args, callback, disable, noise_sampler, eta=eta, s_noise=s_noise, ancestral=True,
-        gmm=gmm, n_components=n_components, scale=scale, share_across_steps=share_across_steps,
-        uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset, final_step=final_step,
-        scale_per_dim=scale_per_dim, gmm_steps=gmm_steps,
+        gmm=gmm, sample_offset=sample_offset, **gmm_options,
     )  # fmt: skip
 
 

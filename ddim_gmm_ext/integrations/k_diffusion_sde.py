@@ -32,10 +32,12 @@ from __future__ import annotations
 import math
 
 import torch
+from typing_extensions import Unpack
 
 from .. import _checks, api
 from ..gmm import validate_gmm_steps
-from ._common import check_loop_arguments, progress_bar, sampler_options, stream_seed
+from ..gmm_options import GMMKwargs
+from ._common import check_loop_arguments, gmm_keywords, progress_bar, sampler_options, stream_seed
 from .k_diffusion import (
     _BrownianNoise,
     _check_sigmas,
@@ -149,9 +151,8 @@ def _plan(sigmas, sig, sampler, eta, s_noise, r, flavor, path):
 
 def sample_two_stage(
     model, x, sigmas, extra_args=None, callback=None, disable=None, *, sampler, eta=1.0, s_noise=1.0,
-    noise_sampler=None, r=0.5, flavor="k_diffusion", path="ve", gmm="ortho-vub", n_components=8, scale=1.0,
-    share_across_steps=False, uniform_priors=True, seed=None, sample_offset=0, final_step="gaussian",
-    scale_per_dim=None, gmm_steps="all",
+    noise_sampler=None, r=0.5, flavor="k_diffusion", path="ve", gmm="ortho-vub", sample_offset=0,
+    **gmm_options: Unpack[GMMKwargs],
 ):  # fmt: skip
     """The loop of both samplers, k-diffusion's (``flavor="k_diffusion"``) or ComfyUI's (``"comfy"``: a step to
     sigma 0 is x = D, DPM++ SDE draws noise only where eta s_noise > 0 and queries its noise sampler at the sigmas;
@@ -170,11 +171,7 @@ def sample_two_stage(
     s_noise = check_s_noise(s_noise)
     r = check_r(r)
     sig = _check_sde_sigmas(sigmas)
-    options = sampler_options(
-        gmm, n_components=n_components, scale=scale, scale_per_dim=scale_per_dim,
-        share_across_steps=share_across_steps, uniform_priors=uniform_priors, final_step=final_step,
-        gmm_steps=gmm_steps, seed=seed if seed is not None else extra_args.get("seed"),
-    )  # fmt: skip
+    options = sampler_options(gmm, extra_args, **gmm_options)
     if gmm is not None and eta * s_noise == 0:
         raise ValueError(
             f"gmm={gmm if isinstance(gmm, str) else type(gmm).__name__!r} needs noise to replace: eta={eta!r}, "
@@ -247,40 +244,34 @@ _DOC = """
 
 
 @torch.no_grad()
+@gmm_keywords
 def sample_dpmpp_sde_gmm(
     model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback=None,
     disable: bool | None = None, eta: float = 1.0, s_noise: float = 1.0, noise_sampler=None, r: float = 1 / 2, *,
-    gmm="ortho-vub", n_components: int = 8, scale: float = 1.0, share_across_steps: bool = False,
-    uniform_priors: bool = True, seed: int | None = None, sample_offset: int = 0, final_step: str = "gaussian",
-    scale_per_dim: float | None = None, gmm_steps="all",
+    gmm="ortho-vub", sample_offset: int = 0, **gmm_options: Unpack[GMMKwargs],
 ) -> torch.Tensor:  # fmt: skip
     """DPM-Solver++ SDE (k-diffusion's ``sample_dpmpp_sde``: the intermediate sigma at lambda_t + r h, r a finite
     number > 0, the default noise its ``BrownianTreeNoiseSampler`` over [min positive sigma, max sigma]) with the
     DDIM-GMM noise at both stages."""
     return sample_two_stage(
         model, x, sigmas, extra_args, callback, disable, sampler="dpmpp_sde", eta=eta, s_noise=s_noise,
-        noise_sampler=noise_sampler, r=r, gmm=gmm, n_components=n_components, scale=scale,
-        share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset,
-        final_step=final_step, scale_per_dim=scale_per_dim, gmm_steps=gmm_steps,
+        noise_sampler=noise_sampler, r=r, gmm=gmm, sample_offset=sample_offset, **gmm_options,
     )  # fmt: skip
 
 
 @torch.no_grad()
+@gmm_keywords
 def sample_dpmpp_2s_ancestral_gmm(
     model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback=None,
     disable: bool | None = None, eta: float = 1.0, s_noise: float = 1.0, noise_sampler=None, *, gmm="ortho-vub",
-    n_components: int = 8, scale: float = 1.0, share_across_steps: bool = False, uniform_priors: bool = True,
-    seed: int | None = None, sample_offset: int = 0, final_step: str = "gaussian", scale_per_dim: float | None = None,
-    gmm_steps="all",
+    sample_offset: int = 0, **gmm_options: Unpack[GMMKwargs],
 ) -> torch.Tensor:  # fmt: skip
     """Ancestral DPM-Solver++(2S) (k-diffusion's ``sample_dpmpp_2s_ancestral``: a deterministic second-order step to
     sigma_down, then the ancestral noise sigma_up; default noise ``torch.randn_like(x)``) with the DDIM-GMM noise
     in place of the ancestral one."""
     return sample_two_stage(
         model, x, sigmas, extra_args, callback, disable, sampler="dpmpp_2s_ancestral", eta=eta, s_noise=s_noise,
-        noise_sampler=noise_sampler, gmm=gmm, n_components=n_components, scale=scale,
-        share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=seed, sample_offset=sample_offset,
-        final_step=final_step, scale_per_dim=scale_per_dim, gmm_steps=gmm_steps,
+        noise_sampler=noise_sampler, gmm=gmm, sample_offset=sample_offset, **gmm_options,
     )  # fmt: skip
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
+from typing_extensions import Unpack
 
 from .. import api
-from ._common import check_eta, check_loop_arguments, progress_bar, sampler_options, stream_seed
+from ..gmm_options import GMMKwargs
+from ._common import check_eta, check_loop_arguments, gmm_keywords, progress_bar, sampler_options, stream_seed
 
 __all__ = ["sample_rfim"]
 
@@ -15,6 +17,7 @@ _PREDICTION_TYPES = ("flow", "sample")
 
 
 @torch.no_grad()
+@gmm_keywords
 def sample_rfim(
     model,
     x: torch.Tensor,
@@ -26,15 +29,8 @@ def sample_rfim(
     extra_args: dict | None = None,
     callback=None,
     progress: bool = True,
-    n_components: int = 8,
-    scale: float = 1.0,
-    share_across_steps: bool = False,
-    uniform_priors: bool = True,
-    seed: int | None = None,
     sample_offset: int = 0,
-    final_step: str = "gaussian",
-    scale_per_dim: float | None = None,
-    gmm_steps="all",
+    **gmm_options: Unpack[GMMKwargs],
 ) -> torch.Tensor:
     """RFIM / RFIM-GMM sampling of a flow model on x_t = (1 - t) x0 + t eps (t = 1 noise, t = 0 data).
 
@@ -58,11 +54,7 @@ def sample_rfim(
         raise ValueError(f"prediction_type must be one of {_PREDICTION_TYPES}, got {prediction_type!r}")
     ts = _check_times(times)
     n_steps = len(ts) - 1
-    options = sampler_options(
-        gmm, n_components=n_components, scale=scale, scale_per_dim=scale_per_dim,
-        share_across_steps=share_across_steps, uniform_priors=uniform_priors, seed=seed, final_step=final_step,
-        gmm_steps=gmm_steps,
-    )  # fmt: skip
+    options = sampler_options(gmm, **gmm_options)
     gmm = options.resolve(x, n_steps)
     gmms = options.plan(gmm, [eta * s for s in ts[1:]])
     run_seed = stream_seed(options.seed)

@@ -106,3 +106,21 @@ def test_given_keys_reach_the_config_and_the_stock_class(cls):
         cls(gmm_nope=1)
     with pytest.raises(TypeError, match="multiple values for argument 'num_train_timesteps'"):
         cls(500, num_train_timesteps=500)
+
+
+@pytest.mark.parametrize("method", ["step", "set_timesteps"])
+@pytest.mark.parametrize("cls, stock_name", _schedulers(), ids=lambda v: getattr(v, "__name__", None))
+def test_public_methods_take_the_stock_parameters(cls, stock_name, method):
+    # step / set_timesteps as diffusers pipelines read them (prepare_extra_step_kwargs passes eta and generator only
+    # where inspect.signature(scheduler.step) names them): the stock method's names, order, kinds and defaults, and
+    # its annotations (stock_signature). Checked to fail when TCDGMMScheduler.step's eta default becomes 0.5, when
+    # LCMGMMScheduler.step takes return_dict before generator, and when DDPMGMMScheduler.step loses its
+    # stock_signature decorator (its annotations are then its own).
+    import diffusers
+
+    ours = inspect.signature(getattr(cls, method))
+    stock = inspect.signature(getattr(getattr(diffusers, stock_name), method))
+    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == [
+        (p.name, p.kind, p.default) for p in stock.parameters.values()
+    ]
+    assert ours == stock

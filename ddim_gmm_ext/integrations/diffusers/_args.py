@@ -3,11 +3,16 @@ generators, model outputs), each defined once; a leaf of the package's diffusers
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
 from numbers import Integral, Real
+from typing import TypeVar
 
 import numpy as np
 import torch
+
+_Method = TypeVar("_Method", bound=Callable)
 
 
 def python_value(value):
@@ -20,6 +25,22 @@ def python_value(value):
     if isinstance(value, (list, tuple)):
         return [python_value(v) for v in value]
     return value
+
+
+def stock_signature(stock: Callable) -> Callable[[_Method], _Method]:
+    """Decorator of a drop-in's public ``step`` / ``set_timesteps``: the method takes ``stock``'s parameters, its stock
+    class's method's (the same names, order, kinds and defaults, written in its ``def``: diffusers pipelines read
+    them with ``inspect.signature``, ``prepare_extra_step_kwargs`` passing ``eta`` and ``generator`` only where the
+    step names them; a test holds every drop-in's equal to its stock class's), and carries the stock's annotations,
+    read from the stock method rather than copied into each drop-in. The method itself is returned: no call is
+    added to a step."""
+
+    def decorate(method: _Method) -> _Method:
+        names = inspect.signature(method).parameters.keys()
+        method.__annotations__ = {k: v for k, v in stock.__annotations__.items() if k in names or k == "return"}
+        return method
+
+    return decorate
 
 
 def check_begin_index(begin_index) -> int:
@@ -67,6 +88,12 @@ def check_step_count(value, name: str = "num_inference_steps") -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return int(value)
+
+
+def check_optional_step_count(value) -> int | None:
+    """``set_timesteps``'s ``num_inference_steps`` where the stock class also takes ``timesteps`` or ``sigmas``
+    instead: None passes (the stock class counts those), else :func:`check_step_count`."""
+    return None if value is None else check_step_count(value)
 
 
 def check_generator(generator, batch: int):

@@ -23,20 +23,27 @@ def coefficient_rows(a_t, b_t, a_s, b_s, c, g: torch.Tensor | None = None) -> to
     return torch.stack([a_t, b_t, a_s, big_b, c, torch.ones_like(a_t) if g is None else g], dim=-1)
 
 
-def zero_snr_rows(a_t: torch.Tensor, prediction_type: str, bounded: bool, config: str) -> None:
+#: the config keys behind a zero-SNR schedule and x0's clipping, named by :func:`zero_snr_rows`
+ZERO_SNR_KEYS = ("rescale_betas_zero_snr", "timestep_spacing", "clip_sample", "thresholding")
+
+
+def zero_snr_rows(a_t: torch.Tensor, config, bounded: bool, keys: tuple[str, ...] = ZERO_SNR_KEYS) -> None:
     """The rule for a_t = 0 (the zero-SNR timestep of ``rescale_betas_zero_snr=True``) with epsilon prediction,
     one for every scheduler, checked on the [S] float64 a_t of a schedule's rows: x0 = (x - b m) / a_t is +-inf
     there.
 
-    * x0 clipped (``clip_sample`` without ``thresholding``): the op computes x0 as (x - b m) * (1 / a_t) on every
-      backend, +-inf, which clipping turns into +-r exactly as the stock scheduler does; the row keeps a_t = 0.
+    * x0 clipped (``bounded``: ``clip_sample`` without ``thresholding``): the op computes x0 as (x - b m) * (1 / a_t)
+      on every backend, +-inf, which clipping turns into +-r exactly as the stock scheduler does; the row keeps
+      a_t = 0.
     * not clipped, or thresholded (the quantile of +-inf is NaN): the stock scheduler returns non-finite samples;
-      a ValueError naming ``config`` instead, raised by ``set_timesteps`` when the schedule reaches a_t = 0."""
-    if prediction_type != "epsilon" or bounded or not bool((a_t == 0).any()):
+      a ValueError naming the scheduler's ``config`` values of ``keys`` instead, raised by ``set_timesteps`` when
+      the schedule reaches a_t = 0."""
+    if config.prediction_type != "epsilon" or bounded or not bool((a_t == 0).any()):
         return
+    values = ", ".join(f"{k}={config[k]!r}" if isinstance(config[k], str) else f"{k}={config[k]}" for k in keys)
     raise ValueError(
         f"the schedule reaches a zero-SNR timestep (a_t = 0) with prediction_type='epsilon' and unclipped x0 "
-        f"({config}): x0 = (x - b_t m) / a_t is infinite there (the stock scheduler returns non-finite samples). "
+        f"({values}): x0 = (x - b_t m) / a_t is infinite there (the stock scheduler returns non-finite samples). "
         "Use prediction_type='v_prediction' (what zero-SNR models are trained with), clip_sample=True without "
         "thresholding, or a timestep_spacing that does not reach the last training timestep ('leading')"
     )

@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ... import _checks, _schedules, api
 from .._common import check_eta
-from ._args import check_betas, check_step_arguments, check_timesteps_set
+from ._args import check_betas, check_step_arguments, check_timesteps_set, stock_signature
 from ._base import (
     GMMSchedulerMixin,
     check_begin_index,
@@ -122,11 +122,12 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         first steps; the step index comes from the timestep anyway, so this only sets :attr:`step_index`."""
         self._step_index = check_begin_index(begin_index)
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+    @stock_signature(DDIMScheduler.set_timesteps)
+    def set_timesteps(self, num_inference_steps, device=None) -> None:
         """As ``DDIMScheduler.set_timesteps``; also builds on ``device`` the coefficient table of every step
         (eta 0 and 1; other eta on first use), the timestep -> step index map, and picks the stream seed."""
         num_inference_steps = check_step_count(num_inference_steps)
-        super().set_timesteps(num_inference_steps, device)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
+        super().set_timesteps(num_inference_steps, device)
         T = self.config.num_train_timesteps
         t = self.timesteps.cpu()
         if t.min() < 0 or t.max() >= T:
@@ -218,13 +219,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         # one-element tensors come back as Python floats (the host path for a single step)
         a_t, b_t, a_s, b_s, sigma = (torch.as_tensor(v, dtype=torch.float64).reshape(len(t)) for v in path)
         c = self.config
-        zero_snr_rows(
-            a_t,
-            c.prediction_type,
-            c.clip_sample and not c.thresholding,  # DDIMScheduler's thresholding of +-inf is NaN
-            f"rescale_betas_zero_snr={c.rescale_betas_zero_snr}, timestep_spacing={c.timestep_spacing!r}, "
-            f"clip_sample={c.clip_sample}, thresholding={c.thresholding}",
-        )
+        zero_snr_rows(a_t, c, c.clip_sample and not c.thresholding)  # DDIMScheduler's thresholding of +-inf is NaN
         return a_t, b_t, a_s, b_s, sigma
 
     def _schedule_position(self, timestep: torch.Tensor) -> int | None:
@@ -245,16 +240,17 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         return offset // stride
 
     # -- the step ------------------------------------------------------------------------------------------
+    @stock_signature(DDIMScheduler.step)
     def step(
         self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        eta: float = 0.0,
-        use_clipped_model_output: bool = False,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        variance_noise: torch.Tensor | None = None,
-        return_dict: bool = True,
+        model_output,
+        timestep,
+        sample,
+        eta=0.0,
+        use_clipped_model_output=False,
+        generator=None,
+        variance_noise=None,
+        return_dict=True,
     ) -> DDIMSchedulerOutput | tuple:
         """One DDIM(-GMM) step from ``timestep`` to the previous inference timestep; arguments and outputs as
         ``DDIMScheduler.step`` (randomness: see the class docstring)."""

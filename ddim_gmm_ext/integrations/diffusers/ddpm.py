@@ -12,10 +12,9 @@ import torch
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ._args import check_step_arguments
+from ._args import check_optional_step_count, check_step_arguments, stock_signature
 from ._base import (
     GMMSchedulerMixin,
-    check_step_count,
     publish,
     scheduler_output,
     zero_snr_rows,
@@ -96,10 +95,10 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
             )
         return None
 
+    @stock_signature(DDPMScheduler.set_timesteps)
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None) -> None:
         """As ``DDPMScheduler.set_timesteps``; also builds the [S, 6] coefficient table of the schedule."""
-        if num_inference_steps is not None:
-            num_inference_steps = check_step_count(num_inference_steps)
+        num_inference_steps = check_optional_step_count(num_inference_steps)
         super().set_timesteps(num_inference_steps=num_inference_steps, device=device, timesteps=timesteps)
         t = self.timesteps.cpu().long()
         self._index_of_host = {int(v): i for i, v in enumerate(t.tolist())}
@@ -118,13 +117,7 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
         kt = alpha.sqrt() * (1 - abar_s) / (1 - abar_t)
         a_t, b_t = abar_t.sqrt(), (1 - abar_t).sqrt()
         c = self.config
-        zero_snr_rows(
-            a_t,
-            c.prediction_type,
-            c.clip_sample and not c.thresholding,  # DDPMScheduler's thresholding of +-inf is NaN
-            f"rescale_betas_zero_snr={c.rescale_betas_zero_snr}, timestep_spacing={c.timestep_spacing!r}, "
-            f"clip_sample={c.clip_sample}, thresholding={c.thresholding}",
-        )
+        zero_snr_rows(a_t, c, c.clip_sample and not c.thresholding)  # DDPMScheduler's thresholding of +-inf is NaN
         std = torch.zeros_like(abar_t)
         if self.config.variance_type in _FIXED_VARIANCES:
             for i, ti in enumerate(t.tolist()):
@@ -165,20 +158,14 @@ class DDPMGMMScheduler(GMMSchedulerMixin, DDPMScheduler):
             )
         return i
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        return_dict: bool = True,
-    ) -> DDPMSchedulerOutput | tuple:
+    @stock_signature(DDPMScheduler.step)
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True) -> DDPMSchedulerOutput | tuple:
         """One DDPM(-GMM) ancestral step; arguments and outputs as ``DDPMScheduler.step``."""
         c = self.config
         self._check_gmm_ready()
         learned = c.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]
         if self._row_table is None or c.thresholding or learned or c.variance_type not in _FIXED_VARIANCES:
-            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
         generator = check_step_arguments(model_output, sample, generator)
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)

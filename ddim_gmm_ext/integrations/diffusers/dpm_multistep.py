@@ -28,7 +28,13 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .._common import multistep_weights as _multistep_weights
-from ._args import check_sample_tensor, check_solver_order, check_timesteps_set
+from ._args import (
+    check_optional_step_count,
+    check_sample_tensor,
+    check_solver_order,
+    check_timesteps_set,
+    stock_signature,
+)
 from ._base import (
     CheckedBeginIndexMixin,
     GMMSchedulerMixin,
@@ -36,7 +42,6 @@ from ._base import (
     check_model_output,
     check_multistep_prediction,
     check_multistep_sigmas,
-    check_step_count,
     draw_components,
     fused_data_prediction,
     multistep_alpha_sigma,
@@ -170,10 +175,10 @@ class DPMSolverMultistepGMMScheduler(
         )
 
     # -- the coefficient table ---------------------------------------------------------------------------------
+    @stock_signature(DPMSolverMultistepScheduler.set_timesteps)
     def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None) -> None:
         """As ``DPMSolverMultistepScheduler.set_timesteps``; also builds the [S, 8] coefficient table."""
-        if num_inference_steps is not None:
-            num_inference_steps = check_step_count(num_inference_steps)
+        num_inference_steps = check_optional_step_count(num_inference_steps)
         super().set_timesteps(num_inference_steps=num_inference_steps, device=device, mu=mu, timesteps=timesteps)
         check_multistep_sigmas(self, "timesteps" if timesteps is not None else None)
         if self.config.algorithm_type in ("sde-dpmsolver++", "sde-dpmsolver"):
@@ -268,21 +273,16 @@ class DPMSolverMultistepGMMScheduler(
         the op's prediction types do not cover (class docstring). ``row`` holds a_t, b_t."""
         return torch_data_prediction(self, model_output, sample, row[0], row[1])
 
+    @stock_signature(DPMSolverMultistepScheduler.step)
     def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        variance_noise: torch.Tensor | None = None,
-        return_dict: bool = True,
+        self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True
     ) -> SchedulerOutput | tuple:
         """One multistep DPM-Solver++ step; arguments and outputs as ``DPMSolverMultistepScheduler.step``
         (randomness: see the class docstring)."""
         check_timesteps_set(self.num_inference_steps is not None)
         c = self.config
         if c.algorithm_type not in _DATA_PREDICTION:
-            return super().step(model_output, timestep, sample, generator, variance_noise, return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
+            return super().step(model_output, timestep, sample, generator, variance_noise, return_dict)
         check_sample_tensor(sample)
         # diffusers returns its data prediction's dtype: the model output's for "sample", else the promoted dtype of
         # the sample and the model output; the step runs in float64 where either is float64, else in float32

@@ -41,6 +41,7 @@ from diffusers.schedulers.scheduling_dpmsolver_sde import (
     DPMSolverSDESchedulerOutput,
 )
 
+from ._args import stock_signature
 from ._base import (
     CheckedBeginIndexMixin,
     GMMSchedulerMixin,
@@ -105,6 +106,7 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
         check_multistep_sigmas(self)  # the training-length schedule the stock __init__ sets (rows: at the first use)
 
     # -- the coefficient table ---------------------------------------------------------------------------------
+    @stock_signature(DPMSolverSDEScheduler.set_timesteps)
     def set_timesteps(self, num_inference_steps, device=None, num_train_timesteps=None) -> None:
         """As ``DPMSolverSDEScheduler.set_timesteps``; also builds the [2N - 1, 8] row table."""
         num_inference_steps = check_step_count(num_inference_steps)
@@ -182,13 +184,9 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
             self._scaled = (table, s_noise, scaled)
         return self._scaled[2]
 
+    @stock_signature(DPMSolverSDEScheduler.step)
     def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        return_dict: bool = True,
-        s_noise: float = 1.0,
+        self, model_output, timestep, sample, return_dict=True, s_noise=1.0
     ) -> DPMSolverSDESchedulerOutput | tuple:
         """One model evaluation's step; arguments and outputs as ``DPMSolverSDEScheduler.step``."""
         if self._prediction not in _PREDICTIONS:

@@ -39,7 +39,14 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .._common import multistep_weights
-from ._args import check_sample_tensor, check_solver_order, check_step_arguments, check_timesteps_set
+from ._args import (
+    check_optional_step_count,
+    check_sample_tensor,
+    check_solver_order,
+    check_step_arguments,
+    check_timesteps_set,
+    stock_signature,
+)
 from ._base import (
     CheckedBeginIndexMixin,
     GMMSchedulerMixin,
@@ -152,10 +159,10 @@ class EDMEulerGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, EDMEulerSc
         rows = torch.stack([a_t, b_t, 1 - x_coef, zero, zero, zero, x_coef, zero], dim=-1)
         self._set_rows(rows.to(self.timesteps.device))
 
+    @stock_signature(EDMEulerScheduler.set_timesteps)
     def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None) -> None:
         """As ``EDMEulerScheduler.set_timesteps``; also builds the [S, 8] row table."""
-        if num_inference_steps is not None:
-            num_inference_steps = check_step_count(num_inference_steps)
+        num_inference_steps = check_optional_step_count(num_inference_steps)
         if sigmas is not None:
             if not isinstance(sigmas, torch.Tensor):
                 sigmas = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
@@ -168,18 +175,19 @@ class EDMEulerGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, EDMEulerSc
         _check_edm_sigmas(self, "sigmas" if sigmas is not None else None)
         self._install_rows()
 
+    @stock_signature(EDMEulerScheduler.step)
     def step(
         self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        s_churn: float = 0.0,
-        s_tmin: float = 0.0,
-        s_tmax: float = float("inf"),
-        s_noise: float = 1.0,
-        generator: torch.Generator | None = None,
-        return_dict: bool = True,
-        pred_original_sample: torch.Tensor | None = None,
+        model_output,
+        timestep,
+        sample,
+        s_churn=0.0,
+        s_tmin=0.0,
+        s_tmax=float("inf"),
+        s_noise=1.0,
+        generator=None,
+        return_dict=True,
+        pred_original_sample=None,
     ) -> EDMEulerSchedulerOutput | tuple:
         """One EDM Euler step; arguments and outputs as ``EDMEulerScheduler.step``."""
         if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)) or s_churn > 0:
@@ -264,7 +272,8 @@ class EDMDPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixi
     _gmm_refusal = DPMSolverMultistepGMMScheduler._gmm_refusal  # EDM's algorithm types are two of its
 
     # -- the coefficient table ---------------------------------------------------------------------------------
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None) -> None:
+    @stock_signature(EDMDPMSolverMultistepScheduler.set_timesteps)
+    def set_timesteps(self, num_inference_steps=None, device=None) -> None:
         """As ``EDMDPMSolverMultistepScheduler.set_timesteps``; also builds the [S, 8] coefficient table."""
         num_inference_steps = check_step_count(num_inference_steps)
         super().set_timesteps(num_inference_steps=num_inference_steps, device=device)
@@ -355,14 +364,8 @@ class EDMDPMSolverMultistepGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixi
             )
         return i
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        return_dict: bool = True,
-    ) -> SchedulerOutput | tuple:
+    @stock_signature(EDMDPMSolverMultistepScheduler.step)
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True) -> SchedulerOutput | tuple:
         """One multistep EDM DPM-Solver++ step; arguments and outputs as ``EDMDPMSolverMultistepScheduler.step``
         (randomness: see the class docstring)."""
         check_timesteps_set(self.num_inference_steps is not None)

@@ -27,6 +27,7 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler, EulerDiscreteSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ._args import check_optional_step_count, stock_signature
 from ._base import (
     CheckedBeginIndexMixin,
     DeterministicMixin,
@@ -115,27 +116,28 @@ class EulerDiscreteGMMScheduler(DeterministicMixin, _FusedEulerMixin, EulerDiscr
             "EulerAncestralDiscreteGMMScheduler"
         )
 
+    @stock_signature(EulerDiscreteScheduler.set_timesteps)
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None) -> None:
         """As ``EulerDiscreteScheduler.set_timesteps``; also builds the [S, 6] row table."""
-        if num_inference_steps is not None:
-            num_inference_steps = check_step_count(num_inference_steps)
+        num_inference_steps = check_optional_step_count(num_inference_steps)
         super().set_timesteps(
             num_inference_steps=num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas
         )
         sigma_next = self.sigmas.detach().to("cpu", torch.float64)[1:]
         self._install_rows(sigma_next, torch.zeros_like(sigma_next))
 
+    @stock_signature(EulerDiscreteScheduler.step)
     def step(
         self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        s_churn: float = 0.0,
-        s_tmin: float = 0.0,
-        s_tmax: float = float("inf"),
-        s_noise: float = 1.0,
-        generator: torch.Generator | None = None,
-        return_dict: bool = True,
+        model_output,
+        timestep,
+        sample,
+        s_churn=0.0,
+        s_tmin=0.0,
+        s_tmax=float("inf"),
+        s_noise=1.0,
+        generator=None,
+        return_dict=True,
     ) -> EulerDiscreteSchedulerOutput | tuple:
         """One Euler step; arguments and outputs as ``EulerDiscreteScheduler.step``."""
         if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)) or not self._fusable() or s_churn > 0:
@@ -169,11 +171,12 @@ class EulerAncestralDiscreteGMMScheduler(GMMSchedulerMixin, _FusedEulerMixin, Eu
         super().__init__(**args.stock)
         self._init_gmm()
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+    @stock_signature(EulerAncestralDiscreteScheduler.set_timesteps)
+    def set_timesteps(self, num_inference_steps, device=None) -> None:
         """As ``EulerAncestralDiscreteScheduler.set_timesteps``; also builds the [S, 6] row table (GMM scale
         g = sqrt(1 + sigma_next^2), 0 on the last step with ``final_step="gaussian"``)."""
         num_inference_steps = check_step_count(num_inference_steps)
-        super().set_timesteps(num_inference_steps, device)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
+        super().set_timesteps(num_inference_steps, device)
         s = self.sigmas.detach().to("cpu", torch.float64)
         s_from, s_to = s[:-1], s[1:]
         up = (s_to.square() * (s_from.square() - s_to.square()) / s_from.square()).clamp(min=0).sqrt()
@@ -193,13 +196,9 @@ class EulerAncestralDiscreteGMMScheduler(GMMSchedulerMixin, _FusedEulerMixin, Eu
         components = self._gmm_components(generator, gmm, i, sample)
         return gmm, noise, components
 
+    @stock_signature(EulerAncestralDiscreteScheduler.step)
     def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        generator: torch.Generator | None = None,
-        return_dict: bool = True,
+        self, model_output, timestep, sample, generator=None, return_dict=True
     ) -> EulerAncestralDiscreteSchedulerOutput | tuple:
         """One Euler ancestral step; arguments and outputs as ``EulerAncestralDiscreteScheduler.step``."""
         self._check_gmm_ready()

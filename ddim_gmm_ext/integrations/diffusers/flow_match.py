@@ -18,7 +18,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from .._common import check_eta
-from ._args import check_positive, check_shift_terminal, check_step_arguments, check_timesteps_set
+from ._args import check_positive, check_shift_terminal, check_step_arguments, check_timesteps_set, stock_signature
 from ._base import (
     CheckedBeginIndexMixin,
     GMMSchedulerMixin,
@@ -124,14 +124,8 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
         """The RFIM noise level in use: 1 with ``stochastic_sampling``, else ``rfim_eta``."""
         return 1.0 if self.config.stochastic_sampling else float(self.config.rfim_eta)
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        sigmas: list[float] | None = None,
-        mu: float | None = None,
-        timesteps: list[float] | None = None,
-    ):
+    @stock_signature(FlowMatchEulerDiscreteScheduler.set_timesteps)
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None) -> None:
         """As the base class; also builds on ``device`` the [n, 6] coefficient table of every step and picks
         the run's stream seed."""
         sig = flow_schedule(self, super().set_timesteps, num_inference_steps, device, sigmas, mu, timesteps)
@@ -161,18 +155,19 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
         check_host_step(i, self._n_steps())
         return i
 
+    @stock_signature(FlowMatchEulerDiscreteScheduler.step)
     def step(
         self,
-        model_output: torch.FloatTensor,
-        timestep: float | torch.FloatTensor,
-        sample: torch.FloatTensor,
-        s_churn: float = 0.0,
-        s_tmin: float = 0.0,
-        s_tmax: float = float("inf"),
-        s_noise: float = 1.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        per_token_timesteps: torch.Tensor | None = None,
-        return_dict: bool = True,
+        model_output,
+        timestep,
+        sample,
+        s_churn=0.0,
+        s_tmin=0.0,
+        s_tmax=float("inf"),
+        s_noise=1.0,
+        generator=None,
+        per_token_timesteps=None,
+        return_dict=True,
     ) -> FlowMatchEulerDiscreteSchedulerOutput | tuple:
         """One RFIM(-GMM) step from ``timestep`` to the next sigma; arguments and outputs as the base class
         (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise`` are accepted and unused, as there)."""
@@ -192,7 +187,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
                 model_output,
                 timestep,
                 sample,
-                generator=generator,  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
+                generator=generator,
                 per_token_timesteps=per_token_timesteps,
                 return_dict=return_dict,
             )
@@ -200,7 +195,7 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
         generator = check_step_arguments(model_output, sample, generator, check_sample=True)
         if sample.dtype != torch.float32:
             # as the base class: the update in float32 (diffusers annotates sample as FloatTensor)
-            sample = sample.to(torch.float32)  # type: ignore[assignment]
+            sample = sample.to(torch.float32)
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
         if gmm is None and self._run_eta == 0 and not isinstance(i, torch.Tensor):

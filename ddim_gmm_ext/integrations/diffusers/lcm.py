@@ -36,7 +36,14 @@ from diffusers.schedulers.scheduling_lcm import LCMScheduler, LCMSchedulerOutput
 from diffusers.schedulers.scheduling_tcd import TCDScheduler, TCDSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ._args import check_betas, check_positive, check_shift_terminal, check_step_arguments
+from ._args import (
+    check_betas,
+    check_optional_step_count,
+    check_positive,
+    check_shift_terminal,
+    check_step_arguments,
+    stock_signature,
+)
 from ._base import (
     CheckedBeginIndexMixin,
     GMMSchedulerMixin,
@@ -155,8 +162,7 @@ class _VPConsistencyMixin(_FusedConsistencyMixin):
     @staticmethod
     def _check_schedule_arguments(num_inference_steps, original_inference_steps, timesteps):
         """``set_timesteps``'s arguments, before the stock class builds the schedule; returns the step count."""
-        if num_inference_steps is not None:
-            num_inference_steps = check_step_count(num_inference_steps)
+        num_inference_steps = check_optional_step_count(num_inference_steps)
         if original_inference_steps is not None:
             check_step_count(original_inference_steps, "original_inference_steps")
         if timesteps is not None and len(timesteps) == 0:
@@ -224,13 +230,9 @@ class LCMGMMScheduler(_VPConsistencyMixin, LCMScheduler):
             )
         return None
 
+    @stock_signature(LCMScheduler.set_timesteps)
     def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        original_inference_steps: int | None = None,
-        timesteps: list[int] | None = None,
-        strength: float = 1.0,
+        self, num_inference_steps=None, device=None, original_inference_steps=None, timesteps=None, strength=1.0
     ) -> None:
         """As ``LCMScheduler.set_timesteps``; also builds the [S, 6] coefficient table of the schedule."""
         num_inference_steps = self._check_schedule_arguments(num_inference_steps, original_inference_steps, timesteps)
@@ -253,29 +255,16 @@ class LCMGMMScheduler(_VPConsistencyMixin, LCMScheduler):
         a_next = torch.where(noisy, abar_p.sqrt(), torch.ones_like(abar_p))
         c = torch.where(noisy, (1 - abar_p).sqrt(), torch.zeros_like(abar_p))
         if not self._fallback():
-            c_ = self.config
-            zero_snr_rows(
-                a_t,
-                c_.prediction_type,
-                False,
-                f"rescale_betas_zero_snr={c_.rescale_betas_zero_snr}, clip_sample={c_.clip_sample}, "
-                f"thresholding={c_.thresholding}",
-            )
+            zero_snr_rows(a_t, self.config, False, ("rescale_betas_zero_snr", "clip_sample", "thresholding"))
         self._noisy = noisy.tolist()
         self._set_rows(_affine_row(alpha, beta, a_next, c, self._final_step_g(n)).to(self.timesteps.device))
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        return_dict: bool = True,
-    ) -> LCMSchedulerOutput | tuple:
+    @stock_signature(LCMScheduler.step)
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True) -> LCMSchedulerOutput | tuple:
         """One LCM(-GMM) step; arguments and outputs as ``LCMScheduler.step``."""
         self._check_gmm_ready()
         if self._rows is None or self._fallback():
-            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
         generator = check_step_arguments(model_output, sample, generator)
         out = self._affine_step(model_output, timestep, sample, generator)
         if not return_dict:
@@ -337,13 +326,9 @@ class TCDGMMScheduler(_VPConsistencyMixin, TCDScheduler):
         v = self._gmm_options.variant
         return None if v is None else f"gmm_variant={v!r}"
 
+    @stock_signature(TCDScheduler.set_timesteps)
     def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        original_inference_steps: int | None = None,
-        timesteps: list[int] | None = None,
-        strength: float = 1.0,
+        self, num_inference_steps=None, device=None, original_inference_steps=None, timesteps=None, strength=1.0
     ) -> None:
         """As ``TCDScheduler.set_timesteps``; also builds the coefficient table for eta = 0.3 (the stock step's
         default; a step with another eta rebuilds it)."""
@@ -398,19 +383,14 @@ class TCDGMMScheduler(_VPConsistencyMixin, TCDScheduler):
         self._use_eta(self._check_eta(eta))
         return super().prepare_gmm(sample)
 
+    @stock_signature(TCDScheduler.step)
     def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        eta: float = 0.3,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        return_dict: bool = True,
+        self, model_output, timestep, sample, eta=0.3, generator=None, return_dict=True
     ) -> TCDSchedulerOutput | tuple:
         """One TCD(-GMM) step; arguments and outputs as ``TCDScheduler.step``."""
         self._check_gmm_ready()
-        if self._rows is None:
-            return super().step(model_output, timestep, sample, eta, generator=generator, return_dict=return_dict)  # type: ignore[arg-type]  # its "call set_timesteps" error
+        if self._rows is None:  # the stock step's "call set_timesteps" error
+            return super().step(model_output, timestep, sample, eta, generator=generator, return_dict=return_dict)
         eta = self._check_eta(eta)
         generator = check_step_arguments(model_output, sample, generator)
         self._use_eta(eta)
@@ -468,26 +448,16 @@ class FlowMatchLCMGMMScheduler(_FusedConsistencyMixin, FlowMatchLCMScheduler):
             )
         super().set_scale_factors(scale_factors, upscale_mode)
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        sigmas: list[float] | None = None,
-        mu: float | None = None,
-        timesteps: list[float] | None = None,
-    ) -> None:
+    @stock_signature(FlowMatchLCMScheduler.set_timesteps)
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None) -> None:
         """As ``FlowMatchLCMScheduler.set_timesteps``; also builds the [S, 6] coefficient table."""
         sig = flow_schedule(self, super().set_timesteps, num_inference_steps, device, sigmas, mu, timesteps)
         t, s = sig[:-1], sig[1:]
         self._set_rows(coefficient_rows(1 - t, t, 1 - s, s, s, self._final_step_g(len(t))).to(self.sigmas.device))
 
+    @stock_signature(FlowMatchLCMScheduler.step)
     def step(
-        self,
-        model_output: torch.FloatTensor,
-        timestep: float | torch.FloatTensor,
-        sample: torch.FloatTensor,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        return_dict: bool = True,
+        self, model_output, timestep, sample, generator=None, return_dict=True
     ) -> FlowMatchLCMSchedulerOutput | tuple:
         """One flow-matching LCM(-GMM) step; arguments and outputs as ``FlowMatchLCMScheduler.step``."""
         self._check_gmm_ready()

@@ -32,14 +32,13 @@ from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepSchedu
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from ... import _checks
-from ._args import check_solver_order, check_timesteps_set
+from ._args import check_optional_step_count, check_solver_order, check_timesteps_set, stock_signature
 from ._base import (
     CheckedBeginIndexMixin,
     DeterministicMixin,
     check_model_output,
     check_multistep_prediction,
     check_multistep_sigmas,
-    check_step_count,
     fused_data_prediction,
     multistep_alpha_sigma,
     publish,
@@ -173,10 +172,10 @@ class UniPCMultistepGMMScheduler(
         return self.solver_p is None and self.config.solver_order <= 3
 
     # -- the coefficient table ---------------------------------------------------------------------------------
+    @stock_signature(UniPCMultistepScheduler.set_timesteps)
     def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None) -> None:
         """As ``UniPCMultistepScheduler.set_timesteps``; also builds the coefficient table."""
-        if num_inference_steps is not None:
-            num_inference_steps = check_step_count(num_inference_steps)
+        num_inference_steps = check_optional_step_count(num_inference_steps)
         super().set_timesteps(num_inference_steps=num_inference_steps, device=device, sigmas=sigmas, mu=mu)
         check_multistep_sigmas(self, "sigmas" if sigmas is not None else None)
         self._set_rows(self._build(0))
@@ -326,13 +325,8 @@ class UniPCMultistepGMMScheduler(
                 out = out + t * w if isinstance(w, torch.Tensor) else torch.add(out, t, alpha=w)
         return out
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        return_dict: bool = True,
-    ) -> SchedulerOutput | tuple:
+    @stock_signature(UniPCMultistepScheduler.step)
+    def step(self, model_output, timestep, sample, return_dict=True) -> SchedulerOutput | tuple:
         """One UniPC step (corrector, then predictor) as one fused op call; arguments and outputs as
         ``UniPCMultistepScheduler.step``."""
         check_timesteps_set(self.num_inference_steps is not None)
@@ -385,11 +379,11 @@ class UniPCMultistepGMMScheduler(
 
         # the corrected sample x_i^c (diffusers' last_sample for the next step): x_i itself with the corrector off
         corrected = self._weighted_sum(corr_w, (sample, converted, *olds, last))
-        self.last_sample = sample if corrected is None else corrected  # type: ignore[assignment]  # diffusers types its history and counters as None
+        self.last_sample = sample if corrected is None else corrected
         # the history, as diffusers keeps it: the newest converted output last (a new list; no tensor modified)
-        self.model_outputs = [*self.model_outputs[1:], converted]  # type: ignore[list-item]
+        self.model_outputs = [*self.model_outputs[1:], converted]
         if not compiled:
-            self.timestep_list = [*self.timestep_list[1:], timestep]  # type: ignore[list-item]
+            self.timestep_list = [*self.timestep_list[1:], timestep]
             self.this_order = self._order(i, self._rows_start)  # type: ignore[has-type]
             self.lower_order_nums = min(self.lower_order_nums + 1, order)
             self._step_index += 1  # type: ignore[operator,assignment]  # diffusers types _step_index as None
