@@ -289,6 +289,8 @@ def test_the_wrapper_passes_every_argument_under_its_name(monkeypatch):
     from ddim_gmm_ext.ops import step as step_module
 
     seen = []
+    # the eager call goes to the op's dispatcher entry, a traced or recorded one through torch.ops
+    monkeypatch.setattr(step_module, "_dispatch", lambda *args: seen.append(StepArgs(*args)))
     monkeypatch.setattr(torch.ops.ddimgmm, "step", lambda *args: seen.append(StepArgs(*args)))
     t = {n: torch.zeros(i + 1) for i, n in enumerate(("m", "x", "c", "i", "p", "o", "v", "b", "z", "k", "h0", "h1"))}
     options = StepOptions("flow", 2.0, 3.0, True, 5, 6, t["z"], t["k"], False)
