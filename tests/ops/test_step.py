@@ -312,6 +312,26 @@ def test_the_wrapper_passes_every_argument_under_its_name(monkeypatch):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_host_row_has_the_bits_torch_tensor_gives(dtype):
+    # dg.step's coefficient row is built over a C array (a third of torch.tensor's cost on a list): each value
+    # must be the float64 row rounded to the compute dtype exactly as torch.tensor stores it (ties to even,
+    # subnormals, overflow to inf). Checked to fail with g left out of the array and with the float32 / float64
+    # array codes swapped.
+    from ddim_gmm_ext._rows import coefficient_row, step_row
+
+    g = torch.Generator().manual_seed(0)
+    mantissas = torch.rand(300, 6, generator=g, dtype=torch.float64)
+    values = (mantissas * 10.0 ** torch.randint(-48, 42, (300, 6), generator=g)).tolist()
+    values[0] = [1 + 2**-24, 1 + 3 * 2**-24, 3.5e38, 1e-46, 0.0, 2.0]  # float32 ties, overflow, underflow
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    for a_t, b_t, a_s, b_s, c, gmm_scale in values:
+        got = step_row(a_t, b_t, a_s, b_s, c, gmm_scale, dtype, torch.device("cpu"))
+        want = torch.tensor(coefficient_row(a_t, b_t, a_s, b_s, c, gmm_scale), dtype=dtype)
+        assert got.dtype == dtype and got.shape == (6,)
+        assert torch.equal(got.view(bits), want.view(bits)), (got, want)
+
+
 def _op_args(device, dtype=torch.float32, gmm=True, guided=False, table=False):
     """Positional arguments of one valid op call, as a name -> value dict in schema order."""
     x, m, _ = _inputs(SHAPE, dtype, device, guided=guided)
