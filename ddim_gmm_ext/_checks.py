@@ -143,6 +143,7 @@ def check_number(
     """A finite number in [low, high] ((low, high] with ``low_open``), checked where it can be read without a
     sync (Python numbers, one-element CPU tensors); a non-number is a TypeError naming the argument. With
     ``scalar`` a tensor must hold one element (a step's coefficient); otherwise per-step tensors pass."""
+    v: float | None
     if type(x) is float:  # the common case, before the ABC checks
         v = x
     else:

@@ -452,9 +452,9 @@ def step(
         history[1] if len(history) > 1 else None,
     )
     if torch.is_grad_enabled():
-        if _any_requires_grad(coeffs, noise, priors, offsets, var_offsets, basis):
-            _refuse_gradient(StepArgs(*args))
-        if model_output.requires_grad or sample.requires_grad or _any_requires_grad(*history):
+        if coeffs.requires_grad or (noise is not None and noise.requires_grad) or _any_requires_grad(*tables or ()):
+            _refuse_gradient(StepArgs._make(args))
+        if model_output.requires_grad or sample.requires_grad or (history and _any_requires_grad(*history)):
             return torch.ops.ddimgmm.step(*args)
     if torch.compiler.is_compiling():
         return torch.ops.ddimgmm.step(*args)
