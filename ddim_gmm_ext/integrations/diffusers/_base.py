@@ -116,7 +116,8 @@ class FusedStepMixin:
 
     def _n_steps(self) -> int:
         """Number of steps (the GMM needs a parameter set for each): the rows of the coefficient table."""
-        return self._row_table_or_raise().n_steps
+        table = self._row_table  # read here, not through _row_table_or_raise: this runs on every step
+        return (self._row_table_or_raise() if table is None else table).n_steps
 
     def _check_prepared(self, sample: torch.Tensor) -> None:
         """After :meth:`prepare_gmm`, a step's sample must have the shape it was given (a compiled loop's graph
