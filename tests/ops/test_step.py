@@ -283,7 +283,7 @@ def test_step_args_are_the_registered_schema():
 
 
 def test_the_wrapper_passes_every_argument_under_its_name(monkeypatch):
-    # ops.step.step builds its StepArgs positionally (the fast way): each of its inputs must reach the op as the
+    # ops.step.step passes the op's arguments positionally (the fast way): each of its inputs must reach the op as the
     # field of that name. Checked to fail with seed and sample_offset swapped in the wrapper's tuple.
     from ddim_gmm_ext._checks import StepOptions
     from ddim_gmm_ext.ops import step as step_module
