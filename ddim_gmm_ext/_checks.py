@@ -36,7 +36,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def is_int(value) -> bool:
     """The one rule for integer arguments: Python ints and NumPy / other ``numbers.Integral`` integers; bool is
     refused (True is not a count, a seed or an index)."""
-    return isinstance(value, Integral) and not isinstance(value, bool)
+    # a plain int first: the ABC check costs more than a small step's other checks together
+    return type(value) is int or (isinstance(value, Integral) and not isinstance(value, bool))
 
 
 def prediction_type_code(prediction_type: str) -> int:
@@ -77,6 +78,8 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
 
 def host_value(x) -> float | None:
     """The value of a Python number or a one-element CPU tensor; None where reading it would sync a device."""
+    if type(x) is float:  # the common case, before the ABC check
+        return x
     if isinstance(x, Real):
         return float(x)
     if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.numel() == 1:
@@ -140,16 +143,20 @@ def check_number(
     """A finite number in [low, high] ((low, high] with ``low_open``), checked where it can be read without a
     sync (Python numbers, one-element CPU tensors); a non-number is a TypeError naming the argument. With
     ``scalar`` a tensor must hold one element (a step's coefficient); otherwise per-step tensors pass."""
-    if isinstance(x, bool) or not isinstance(x, (Real, torch.Tensor)):
-        raise TypeError(f"{name} must be a number, got {type(x).__name__} {x!r}")
-    if scalar and isinstance(x, torch.Tensor) and x.numel() != 1:
-        raise ValueError(
-            f"{name} must be a number or a one-element tensor (one step for the whole batch), got a tensor of "
-            f"shape {tuple(x.shape)}"
-        )
-    v = host_value(x)
-    if v is None:
-        return
+    v: float | None
+    if type(x) is float:  # the common case, before the ABC checks
+        v = x
+    else:
+        if isinstance(x, bool) or not isinstance(x, (Real, torch.Tensor)):
+            raise TypeError(f"{name} must be a number, got {type(x).__name__} {x!r}")
+        if scalar and isinstance(x, torch.Tensor) and x.numel() != 1:
+            raise ValueError(
+                f"{name} must be a number or a one-element tensor (one step for the whole batch), got a tensor of "
+                f"shape {tuple(x.shape)}"
+            )
+        v = host_value(x)
+        if v is None:
+            return
     inside = (v > low if low_open else v >= low) and v <= high
     if not (math.isfinite(v) and inside):
         if math.isinf(high):
@@ -282,7 +289,8 @@ def check_step_inputs(
     """Shapes, dtypes, devices and ranges of one step's inputs (gmm: a GMM or None); returns ``options`` with
     the sample offset as a Python int (NumPy integers pass the check)."""
     prediction_type, guidance_scale, clip_sample_range, _, seed, sample_offset, noise, components, _ = options
-    check_noise_std(noise_std, b_s)
+    if noise_std is not None:  # None: a table's step, whose c is in its row
+        check_noise_std(noise_std, b_s)
     gmm_dim = None if gmm is None else gmm.dim
     n_components = None if gmm is None else gmm.n_components
     check_floating("model_output", model_output)
@@ -291,7 +299,6 @@ def check_step_inputs(
     if sample.dim() < 1:
         raise ValueError("sample must have a batch dimension, got a 0-d tensor")
     batch = sample.shape[0]
-    expected = tuple(sample.shape)
     if guidance_scale is not None:
         expected = (2 * batch,) + tuple(sample.shape[1:])
         if tuple(model_output.shape) != expected:
@@ -299,7 +306,8 @@ def check_step_inputs(
                 f"with guidance_scale, model_output must have shape {expected} (unconditional half first), "
                 f"got {tuple(model_output.shape)}"
             )
-    elif tuple(model_output.shape) != expected:
+    elif model_output.shape != sample.shape:
+        expected = tuple(sample.shape)
         hint = " (pass guidance_scale for a stacked [2B, ...] output)" if model_output.shape[0] == 2 * batch else ""
         raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample shape {expected}{hint}")
     if guidance_scale is not None:
@@ -315,9 +323,10 @@ def check_step_inputs(
         raise ValueError(f"sample_offset + batch size must be <= 2**32, got {sample_offset} + {batch}")
     if noise is not None:
         check_floating("noise", noise)
-        if tuple(noise.shape) != tuple(sample.shape):
+        if noise.shape != sample.shape:
             raise ValueError(f"noise must have the sample's shape {tuple(sample.shape)}, got {tuple(noise.shape)}")
-    check_same_device(sample=sample, model_output=model_output, noise=noise, components=components)
+    if noise is not None or components is not None or model_output.device != sample.device:  # else nothing to find
+        check_same_device(sample=sample, model_output=model_output, noise=noise, components=components)
     if gmm_dim is not None:
         per_sample = math.prod(sample.shape[1:])
         if gmm_dim != per_sample:

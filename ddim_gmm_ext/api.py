@@ -11,6 +11,8 @@ from .ops import step as _step_op
 from .ops import thin_svd as _thin_svd_op
 from .reference import StepOutput
 
+_new_output = tuple.__new__  # StepOutput(...) without its Python __new__: this runs on every step
+
 __all__ = ["step", "step_from_table", "ddim_step", "rfim_step", "thin_svd", "offset_directions", "StepOutput"]
 
 
@@ -101,16 +103,18 @@ def fused_step(
         history: () or (h1,) or (h1, h2), a multistep solver's previous data predictions (h1 the latest), for
             8-column ``coeffs``: mean = A x0 + B eps + H1 h1 + H2 h2. Histories in neither the sample's nor the
             compute dtype, or in two dtypes, are converted to the compute dtype (as the model output is)."""
-    cdt = _checks.compute_dtype(sample.dtype)
-    if model_output.dtype not in (sample.dtype, cdt):
-        model_output = model_output.to(cdt)
-    if history and (history[0].dtype not in (sample.dtype, cdt) or history[-1].dtype != history[0].dtype):
-        history = tuple(h.to(cdt) for h in history)
+    dtype = sample.dtype
+    if model_output.dtype != dtype or history:
+        cdt = _checks.compute_dtype(dtype)
+        if model_output.dtype not in (dtype, cdt):
+            model_output = model_output.to(cdt)
+        if history and (history[0].dtype not in (dtype, cdt) or history[-1].dtype != history[0].dtype):
+            history = tuple(h.to(cdt) for h in history)
     tables = None if gmm is None else gmm.step_tables(sample)
     prev, x0, k = _step_op.step(
         model_output, sample, coeffs, options, step_index=step_index, tables=tables, history=history
     )
-    return StepOutput(prev, x0 if options.return_pred_original else None, k if gmm is not None else None)
+    return _new_output(StepOutput, (prev, x0 if options.return_pred_original else None, None if gmm is None else k))
 
 
 def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_prev, *, eta: float = 0.0, **options) -> StepOutput:

@@ -11,7 +11,7 @@ from typing import NamedTuple, get_args, get_type_hints
 import torch
 
 from .._checks import MAX_INDEX as _MAX_INDEX
-from .._checks import StepOptions, op_seed, prediction_type_code
+from .._checks import PREDICTION_TYPES, StepOptions, op_seed, prediction_type_code
 from .._checks import compute_dtype as _compute_dtype
 
 
@@ -373,7 +373,12 @@ torch.library.register_autograd("ddimgmm::step", _backward, setup_context=_setup
 
 _NO_TABLES = (None, None, None, None)
 _DEFAULT_OPTIONS = StepOptions()
-_new_record = tuple.__new__
+_PREDICTION_CODES = {name: code for code, name in enumerate(PREDICTION_TYPES)}
+_SIGNED = 2**63  # seeds from here on are passed as their two's-complement int64 (op_seed)
+# The op's dispatcher entry (torch.ops' own callable below the Python OpOverload objects), for the eager call
+# below the Autograd key; calls that Dynamo traces or that record a gradient use torch.ops.ddimgmm.step.
+_dispatch = torch.ops.ddimgmm.step.default._op
+_below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
 def _any_requires_grad(*tensors: torch.Tensor | None) -> bool:
@@ -417,39 +422,41 @@ def step(
     prediction_type, guidance_scale, clip_sample_range, use_clipped, seed, sample_offset, noise, components, x0 = (
         options
     )
-    # The record built positionally, in StepArgs' order: a keyword call of a 20-field NamedTuple costs a sixth
-    # of a small step; tests/ops/test_step.py checks every field of this call by name.
-    args = _new_record(
-        StepArgs,
-        (
-            model_output,
-            sample,
-            coeffs,
-            step_index if from_tensor else None,
-            priors,
-            offsets,
-            var_offsets,
-            basis,
-            noise,
-            components,
-            prediction_type_code(prediction_type),
-            None if guidance_scale is None else float(guidance_scale),
-            None if clip_sample_range is None else float(clip_sample_range),
-            use_clipped,
-            op_seed(seed),
-            sample_offset,
-            0 if from_tensor else step_index,
-            x0,
-            history[0] if history else None,
-            history[1] if len(history) > 1 else None,
-        ),
+    code = _PREDICTION_CODES.get(prediction_type) if type(prediction_type) is str else None
+    if code is None:
+        code = prediction_type_code(prediction_type)  # raises
+    if type(seed) is not int or seed >= _SIGNED:
+        seed = op_seed(seed)
+    # The arguments positionally, in StepArgs' order (a record is built only to name an argument in an error);
+    # tests/ops/test_step.py checks every field of this call by name.
+    args = (
+        model_output,
+        sample,
+        coeffs,
+        step_index if from_tensor else None,
+        priors,
+        offsets,
+        var_offsets,
+        basis,
+        noise,
+        components,
+        code,
+        None if guidance_scale is None else float(guidance_scale),
+        None if clip_sample_range is None else float(clip_sample_range),
+        use_clipped,
+        seed,
+        sample_offset,
+        0 if from_tensor else step_index,
+        x0,
+        history[0] if history else None,
+        history[1] if len(history) > 1 else None,
     )
     if torch.is_grad_enabled():
-        if _any_requires_grad(coeffs, noise, priors, offsets, var_offsets, basis):
-            _refuse_gradient(args)
-        if model_output.requires_grad or sample.requires_grad or _any_requires_grad(*history):
+        if coeffs.requires_grad or (noise is not None and noise.requires_grad) or _any_requires_grad(*tables or ()):
+            _refuse_gradient(StepArgs._make(args))
+        if model_output.requires_grad or sample.requires_grad or (history and _any_requires_grad(*history)):
             return torch.ops.ddimgmm.step(*args)
     if torch.compiler.is_compiling():
         return torch.ops.ddimgmm.step(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.ddimgmm.step(*args)
+    with _below_autograd():
+        return _dispatch(*args)

@@ -283,12 +283,14 @@ def test_step_args_are_the_registered_schema():
 
 
 def test_the_wrapper_passes_every_argument_under_its_name(monkeypatch):
-    # ops.step.step builds its StepArgs positionally (the fast way): each of its inputs must reach the op as the
+    # ops.step.step passes the op's arguments positionally (the fast way): each of its inputs must reach the op as the
     # field of that name. Checked to fail with seed and sample_offset swapped in the wrapper's tuple.
     from ddim_gmm_ext._checks import StepOptions
     from ddim_gmm_ext.ops import step as step_module
 
     seen = []
+    # the eager call goes to the op's dispatcher entry, a traced or recorded one through torch.ops
+    monkeypatch.setattr(step_module, "_dispatch", lambda *args: seen.append(StepArgs(*args)))
     monkeypatch.setattr(torch.ops.ddimgmm, "step", lambda *args: seen.append(StepArgs(*args)))
     t = {n: torch.zeros(i + 1) for i, n in enumerate(("m", "x", "c", "i", "p", "o", "v", "b", "z", "k", "h0", "h1"))}
     options = StepOptions("flow", 2.0, 3.0, True, 5, 6, t["z"], t["k"], False)
@@ -308,6 +310,26 @@ def test_the_wrapper_passes_every_argument_under_its_name(monkeypatch):
         None,
         None,
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_host_row_has_the_bits_torch_tensor_gives(dtype):
+    # dg.step's coefficient row is built over a C array (a third of torch.tensor's cost on a list): each value
+    # must be the float64 row rounded to the compute dtype exactly as torch.tensor stores it (ties to even,
+    # subnormals, overflow to inf). Checked to fail with g left out of the array and with the float32 / float64
+    # array codes swapped.
+    from ddim_gmm_ext._rows import coefficient_row, step_row
+
+    g = torch.Generator().manual_seed(0)
+    mantissas = torch.rand(300, 6, generator=g, dtype=torch.float64)
+    values = (mantissas * 10.0 ** torch.randint(-48, 42, (300, 6), generator=g)).tolist()
+    values[0] = [1 + 2**-24, 1 + 3 * 2**-24, 3.5e38, 1e-46, 0.0, 2.0]  # float32 ties, overflow, underflow
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    for a_t, b_t, a_s, b_s, c, gmm_scale in values:
+        got = step_row(a_t, b_t, a_s, b_s, c, gmm_scale, dtype, torch.device("cpu"))
+        want = torch.tensor(coefficient_row(a_t, b_t, a_s, b_s, c, gmm_scale), dtype=dtype)
+        assert got.dtype == dtype and got.shape == (6,)
+        assert torch.equal(got.view(bits), want.view(bits)), (got, want)
 
 
 def _op_args(device, dtype=torch.float32, gmm=True, guided=False, table=False):

@@ -136,7 +136,7 @@ def check_step_arguments(model_output, sample, generator, *, check_sample: bool 
         )
         raise ValueError(f"sample must be a real floating-point tensor with a batch dimension, got {what}")
     check_model_output(model_output, sample)
-    return check_generator(generator, sample.shape[0])
+    return None if generator is None else check_generator(generator, sample.shape[0])
 
 
 def check_solver_order(value, *, up_to_3: bool = False) -> None:

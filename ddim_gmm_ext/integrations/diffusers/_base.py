@@ -116,7 +116,8 @@ class FusedStepMixin:
 
     def _n_steps(self) -> int:
         """Number of steps (the GMM needs a parameter set for each): the rows of the coefficient table."""
-        return self._row_table_or_raise().n_steps
+        table = self._row_table  # read here, not through _row_table_or_raise: this runs on every step
+        return (self._row_table_or_raise() if table is None else table).n_steps
 
     def _check_prepared(self, sample: torch.Tensor) -> None:
         """After :meth:`prepare_gmm`, a step's sample must have the shape it was given (a compiled loop's graph
@@ -135,7 +136,8 @@ class FusedStepMixin:
         table = self._row_table
         if table is None:
             table = self._row_table_or_raise()
-        return table.table(sample.device, _checks.compute_dtype(sample.dtype))
+        dtype = sample.dtype
+        return table.table(sample.device, dtype if dtype is torch.float32 else _checks.compute_dtype(dtype))
 
     def _check_sample_arg(self, sample) -> None:
         if not isinstance(sample, torch.Tensor):
@@ -187,14 +189,18 @@ class FusedStepMixin:
         the row, the GMM parameter set and the Philox step itself: nothing about the step number is read on the
         host. The scheduler has settled every argument :func:`ddim_gmm_ext.step_from_table` would check, so it
         goes to :func:`ddim_gmm_ext.api.fused_step` (the op checks shapes, dtypes and devices itself)."""
+        # positionally (half the cost of keywords): prediction_type, guidance_scale, clip_sample_range,
+        # use_clipped_model_output, seed, sample_offset, noise, components, return_pred_original
         options = _checks.StepOptions(
             prediction_type,
-            clip_sample_range=clip_sample_range,
-            use_clipped_model_output=use_clipped_model_output,
-            seed=self._stream_seed,
-            noise=noise,
-            components=components,
-            return_pred_original=return_pred_original,
+            None,
+            clip_sample_range,
+            use_clipped_model_output,
+            self._stream_seed,
+            0,
+            noise,
+            components,
+            return_pred_original,
         )
         rows = self._table(sample) if rows is None else rows
         return api.fused_step(model_output, sample, rows, index, gmm, options, history=history)

@@ -10,6 +10,7 @@ from collections import OrderedDict
 import torch
 
 _OUTPUT_FIELDS: dict[type, tuple[str, ...] | None] = {}
+_FIELD_SETS: dict[type, frozenset[str]] = {}  # the same names as a set: what a call's keywords are compared with
 
 
 def output_fields(cls) -> tuple[str, ...] | None:
@@ -24,6 +25,8 @@ def output_fields(cls) -> tuple[str, ...] | None:
             getattr(cls, m) is getattr(BaseOutput, m) for m in ("__post_init__", "__setattr__", "__setitem__")
         )
         names = _OUTPUT_FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls)) if standard else None
+        if names is not None:
+            _FIELD_SETS[cls] = frozenset(names)
     return names
 
 
@@ -36,7 +39,7 @@ def scheduler_output(cls, **values):
     names = _OUTPUT_FIELDS.get(cls, ())
     if names == ():
         names = None if torch.compiler.is_compiling() else output_fields(cls)
-    if names is None or values.keys() != set(names) or isinstance(values[names[0]], dict):
+    if names is None or values.keys() != _FIELD_SETS[cls] or isinstance(values[names[0]], dict):
         return cls(**values)
     out = cls.__new__(cls)
     OrderedDict.__init__(out)

@@ -220,7 +220,9 @@ class EDMEulerGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, EDMEulerSc
             history=(x,),
         )
         self._step_index += 1  # type: ignore[operator, assignment]  # diffusers types _step_index as None
-        prev = out.prev_sample.to(model_output.dtype)
+        prev = out.prev_sample
+        if prev.dtype != model_output.dtype:  # tested first: a .to that changes nothing still costs a call
+            prev = prev.to(model_output.dtype)
         x0 = out.pred_original_sample if pred_original_sample is None else pred_original_sample
         if not return_dict:
             return (prev, x0)

@@ -82,7 +82,8 @@ class _FusedEulerMixin(FusedStepMixin, CheckedBeginIndexMixin):
         i = self.step_index
         check_host_step(i, self._n_steps())  # stock: an IndexError at the sigma lookup
         # the base class computes in float32 and promotes with the model output: float64 x0 for a float64 model
-        sample = sample.to(torch.float32)
+        if sample.dtype != torch.float32:  # tested first: a .to that changes nothing still costs a call
+            sample = sample.to(torch.float32)
         if model_output.dtype == torch.float64:
             sample = sample.double()
         gmm, noise, components = self._noise(model_output, sample, i, generator)
@@ -96,7 +97,8 @@ class _FusedEulerMixin(FusedStepMixin, CheckedBeginIndexMixin):
             components=components,
         )
         self._step_index += 1
-        return out.prev_sample.to(model_output.dtype), out.pred_original_sample
+        prev = out.prev_sample
+        return prev if prev.dtype == model_output.dtype else prev.to(model_output.dtype), out.pred_original_sample
 
 
 class EulerDiscreteGMMScheduler(DeterministicMixin, _FusedEulerMixin, EulerDiscreteScheduler):

@@ -50,7 +50,9 @@ def fused_flow_step(scheduler, model_output, sample, i, gmm, noise, components, 
     )
     if not isinstance(i, torch.Tensor):
         scheduler._step_index += 1
-    prev_sample = out.prev_sample.to(model_output.dtype)
+    prev_sample = out.prev_sample
+    if prev_sample.dtype != model_output.dtype:  # tested first: a .to that changes nothing still costs a call
+        prev_sample = prev_sample.to(model_output.dtype)
     if not return_dict:
         return (prev_sample,)
     return scheduler_output(output_cls, prev_sample=prev_sample)

@@ -464,12 +464,13 @@ class FlowMatchLCMGMMScheduler(_FusedConsistencyMixin, FlowMatchLCMScheduler):
         integer = isinstance(timestep, int) or (
             isinstance(timestep, torch.Tensor) and not (timestep.is_floating_point() or torch.is_complex(timestep))
         )
-        if self._rows is None or integer or self._scale_wise():
+        if self._row_table is None or integer or self._scale_wise():
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
         generator = check_step_arguments(model_output, sample, generator, check_sample=True)
         if self._init_size is None or self.step_index is None:  # as the stock step (for set_scale_factors later)
             self._init_size = model_output.size()[2:]  # type: ignore[assignment]  # diffusers types it as None
-        sample = sample.to(torch.float32)  # type: ignore[assignment]  # as the stock step: the update in float32
+        if sample.dtype != torch.float32:  # as the stock step: the update in float32
+            sample = sample.to(torch.float32)  # type: ignore[assignment]
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
         noise, components = self._noise(sample, model_output, generator, gmm, i, True, torch.float32)
