@@ -104,23 +104,29 @@ DDIMGMM_INLINE void box_muller(V::I wa, V::I wb, V::F& n0, V::F& n1) {
   n1 = V::fmul(r, s);
 }
 
-// 4 W normals of the counters g0 + (0 .. W - 1) into z (unaligned), in element order.
+// 4 W U normals of the counters g0 + (0 .. U W - 1) into z (unaligned), in element order. U blocks at once: each
+// normal is a chain of dependent operations (the Philox rounds, then the log and sin / cos polynomials), so one
+// block leaves the vector units waiting on latencies that the other blocks' chains fill.
+template <int U>
 DDIMGMM_INLINE void normals_block(float* z, uint32_t g0, uint32_t c1, uint32_t c2, uint32_t c3, const RoundKeys& key) {
-  V::I w0, w1, w2, w3;
-  philox(g0, c1, c2, c3, key, w0, w1, w2, w3);
-  V::F a, b, c, d;
-  box_muller(w0, w1, a, b);
-  box_muller(w2, w3, c, d);
-  V::store4_interleaved(z, a, b, c, d);
+  V::I w[4 * U];
+  for (int u = 0; u < U; ++u) {
+    philox(g0 + uint32_t(u * V::W), c1, c2, c3, key, w[4 * u], w[4 * u + 1], w[4 * u + 2], w[4 * u + 3]);
+  }
+  V::F n[4 * U];
+  for (int u = 0; u < 2 * U; ++u) box_muller(w[2 * u], w[2 * u + 1], n[2 * u], n[2 * u + 1]);
+  for (int u = 0; u < U; ++u) V::store4_interleaved(z + 4 * V::W * u, n[4 * u], n[4 * u + 1], n[4 * u + 2], n[4 * u + 3]);
 }
 
 void normals(float* z, uint32_t g0, int64_t groups, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
   const RoundKeys key(k0, k1);
+  constexpr int U = 4;  // 4 blocks: on AVX-512 256 normals, one chunk of the step kernel (step.cpp)
   int64_t g = 0;
-  for (; g + V::W <= groups; g += V::W) normals_block(z + 4 * g, g0 + uint32_t(g), c1, c2, c3, key);
+  for (; g + U * V::W <= groups; g += U * V::W) normals_block<U>(z + 4 * g, g0 + uint32_t(g), c1, c2, c3, key);
+  for (; g + V::W <= groups; g += V::W) normals_block<1>(z + 4 * g, g0 + uint32_t(g), c1, c2, c3, key);
   if (g < groups) {  // the last, partial block through a buffer
     alignas(64) float tail[4 * V::W];
-    normals_block(tail, g0 + uint32_t(g), c1, c2, c3, key);
+    normals_block<1>(tail, g0 + uint32_t(g), c1, c2, c3, key);
     for (int64_t i = 0; i < 4 * (groups - g); ++i) z[4 * g + i] = tail[i];
   }
 }

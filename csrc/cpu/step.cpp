@@ -4,7 +4,9 @@
 // One pass over memory: each task is one block of one sample; per chunk of CH elements it draws the normals
 // z (Philox4x32-10 in registers, Box-Muller, 4 normals per Philox call), builds the GMM mean offset and noise
 // std of the sample's component, and runs one branch-free, vectorisable loop that reads x_t and the model
-// output and writes x_s (and x0_hat on request). Nothing the size of the batch is allocated besides outputs.
+// output and writes x_s (and x0_hat on request). Without a GMM the noise std is one number: the loop takes it
+// as a constant, and runs over the whole block at once when no normals are drawn (a pure stream, as fast as
+// an ATen binary op over the same bytes). Nothing the size of the batch is allocated besides outputs.
 // A multistep solver's history (up to two previous data predictions h_j, 8-column rows) is read in the same
 // loop: mean = A x0 + B eps + H1 h1 + H2 h2.
 //
@@ -158,34 +160,44 @@ DDIMGMM_INLINE T clipped_sd(const Coeffs<T>& k, T v) {
   return std::sqrt(r < T(0) ? T(0) : r);
 }
 
+// What an element adds to its mean: nothing (no noise: c = 0 and none given), c z (no GMM: one noise std for
+// every element, z given or drawn) or add + sd z (a GMM's offsets and per-element std). Each is the general
+// form's arithmetic with its zeros and constants: mean + add + sd z, left to right.
+enum Noise { kNone, kUniform, kPerElement };
+
 // The fused update of n elements. x, m_u, m_c, h1, h2, out, x0_out point at the chunk's first element; add (the
-// GMM term added to the mean), sd (noise std) and z are chunk buffers. With guidance, m = m_u + w (m_c - m_u);
-// without, m = m_c. kHist: how many multistep history terms H_j h_j are added (0, 1 or 2). kPlain: add and z are
-// zeros (no GMM term, no noise drawn or given), so x_s = mean + 0 without reading them (+ 0 as the general form
-// adds it: -0 becomes +0 alike).
+// GMM term added to the mean), sd (noise std) and z are chunk buffers (or z the given noise). With guidance,
+// m = m_u + w (m_c - m_u); without, m = m_c. kHist: how many multistep history terms H_j h_j are added (0, 1 or
+// 2). kNoise: see Noise (kNone reads neither add, sd nor z; + 0 as the general form adds it: -0 becomes +0 alike).
 template <typename scalar_t, typename m_t, typename h_t, typename T, bool kGuidance, bool kWriteX0, int kHist,
-          bool kPlain>
+          Noise kNoise>
 DDIMGMM_ISA_CLONES void update(const Coeffs<T>& k, int64_t n, const scalar_t* __restrict__ x, const m_t* __restrict__ m_u,
                    const m_t* __restrict__ m_c, const h_t* __restrict__ h1, const h_t* __restrict__ h2,
                    const T* __restrict__ add, const T* __restrict__ sd,
                    const T* __restrict__ z, scalar_t* __restrict__ out, scalar_t* __restrict__ x0_out) {
+  // the row's constants in locals: the stores through out cannot then be assumed to change them
+  const T p_x = k.p_x, p_m = k.p_m, p_s = k.p_s, q_x = k.q_x, q_m = k.q_m, a_t = k.a_t, inv_b_t = k.inv_b_t;
+  const T a_s = k.a_s, eps_coef = k.eps_coef, w_h1 = k.h1, w_h2 = k.h2, lo = k.lo, hi = k.hi, w = k.w, c = k.c;
+  const bool rederive_eps = k.rederive_eps;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const T xi = T(x[i]);
     T mi = T(m_c[i]);
     if constexpr (kGuidance) {
       const T mu = T(m_u[i]);
-      mi = mu + k.w * (mi - mu);
+      mi = mu + w * (mi - mu);
     }
-    T x0 = (k.p_x * xi + k.p_m * mi) * k.p_s;
-    x0 = x0 < k.lo ? k.lo : x0;  // NaN passes through, as in torch.clamp
-    x0 = x0 > k.hi ? k.hi : x0;
-    const T eps = k.rederive_eps ? (xi - k.a_t * x0) * k.inv_b_t : k.q_x * xi + k.q_m * mi;
-    T mean = k.a_s * x0 + k.eps_coef * eps;
-    if constexpr (kHist >= 1) mean = mean + k.h1 * T(h1[i]);
-    if constexpr (kHist >= 2) mean = mean + k.h2 * T(h2[i]);
-    if constexpr (kPlain) {
+    T x0 = (p_x * xi + p_m * mi) * p_s;
+    x0 = x0 < lo ? lo : x0;  // NaN passes through, as in torch.clamp
+    x0 = x0 > hi ? hi : x0;
+    const T eps = rederive_eps ? (xi - a_t * x0) * inv_b_t : q_x * xi + q_m * mi;
+    T mean = a_s * x0 + eps_coef * eps;
+    if constexpr (kHist >= 1) mean = mean + w_h1 * T(h1[i]);
+    if constexpr (kHist >= 2) mean = mean + w_h2 * T(h2[i]);
+    if constexpr (kNoise == kNone) {
       out[i] = scalar_t(mean + T(0));
+    } else if constexpr (kNoise == kUniform) {
+      out[i] = scalar_t(mean + T(0) + c * z[i]);
     } else {
       out[i] = scalar_t(mean + add[i] + sd[i] * z[i]);
     }
@@ -288,6 +300,33 @@ void run(const Tensor& model_output, const Tensor& sample, const void* row, int6
     });
   }
 
+  if (!priors) {
+    // No GMM: one update over each block, or a chunk at a time behind its normals when they are drawn here (no
+    // per-element buffers besides z).
+    const bool draw = !z_given && k.c != T(0);
+    torch::stable::parallel_for(0, B * blocks, grain, [&](int64_t begin, int64_t end) {
+      alignas(64) T z[kChunk];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, j_begin = (task % blocks) * kBlock, j_end = std::min(D, j_begin + kBlock);
+        const int64_t span = draw ? kChunk : kBlock;
+        for (int64_t j0 = j_begin; j0 < j_end; j0 += span) {
+          const int64_t len = std::min(span, j_end - j0), o = b * D + j0;
+          const T* zc = noise_chunk(z, b, j0, len, draw);
+          auto fused = [&](auto noise) {
+            update<scalar_t, m_t, h_t, T, kGuidance, kWriteX0, kHist, decltype(noise)::value>(
+                k, len, x + o, m + o, m + (kGuidance ? B + b : b) * D + j0, kHist >= 1 ? h1 + o : nullptr,
+                kHist >= 2 ? h2 + o : nullptr, nullptr, nullptr, zc, out + o, kWriteX0 ? x0p + o : nullptr);
+          };
+          if (zc == zeros) {  // 0 * z, z of the given noise, may be NaN: only with no noise given
+            fused(std::integral_constant<Noise, kNone>{});
+          } else {
+            fused(std::integral_constant<Noise, kUniform>{});
+          }
+        }
+      }
+    });
+    return;
+  }
   torch::stable::parallel_for(0, B * blocks, grain, [&](int64_t begin, int64_t end) {
     alignas(64) T z[kChunk], sd[kChunk], add[kChunk];
     std::vector<T> coef(lowrank ? Dv : 0);
@@ -341,15 +380,15 @@ void run(const Tensor& model_output, const Tensor& sample, const void* row, int6
         }
         const int64_t o = b * D + j0;
         const T* zc = noise_chunk(z, b, j0, len, noisy);
-        auto fused = [&](auto plain) {
-          update<scalar_t, m_t, h_t, T, kGuidance, kWriteX0, kHist, decltype(plain)::value>(
+        auto fused = [&](auto noise) {
+          update<scalar_t, m_t, h_t, T, kGuidance, kWriteX0, kHist, decltype(noise)::value>(
               k, len, xb + j0, m_u + j0, m_c + j0, kHist >= 1 ? h1 + o : nullptr, kHist >= 2 ? h2 + o : nullptr, addc,
               sd, zc, out + o, kWriteX0 ? x0p + o : nullptr);
         };
         if (zc == zeros && addc == zeros) {  // 0 * z, z of the given noise, may be NaN: only with no noise given
-          fused(std::true_type{});
+          fused(std::integral_constant<Noise, kNone>{});
         } else {
-          fused(std::false_type{});
+          fused(std::integral_constant<Noise, kPerElement>{});
         }
       }
     }
