@@ -50,12 +50,13 @@ int64_t per_sample_numel(const Tensor& t) {
 constexpr uint32_t kNoiseStream = 0, kComponentStream = 1;  // c3 of reference.NOISE / reference.COMPONENT
 constexpr int64_t kChunk = 256;                              // elements per inner loop (64 Philox calls)
 constexpr int64_t kBlock = 16 * kChunk;                      // elements per parallel task
+constexpr int64_t kDrawSpan = 4 * kChunk;  // normals per draw without a GMM (each draw's set-up costs ~30 ns)
 constexpr int64_t kMaxIndex = int64_t(1) << 32;              // sample and step indices are 32-bit counters
 // Tasks per thread below which a pass runs on the calling thread: waking the pool costs a few us, the cost
 // of about 64k noiseless elements (16 tasks) but of only 8k noisy ones (the normals are ~2 ns each).
 constexpr int64_t kGrainNoiseless = 16, kGrainNoisy = 2;
 
-// z[i] for elements j0 .. j0 + n of one sample (j0 a multiple of 4, n <= kChunk): 4 ceil(n / 4) values written.
+// z[i] for elements j0 .. j0 + n of one sample (j0 a multiple of 4): 4 ceil(n / 4) values written.
 template <typename T>
 DDIMGMM_INLINE void draw_normals(T* z, int64_t j0, int64_t n, uint32_t sample, uint32_t step, uint32_t k0, uint32_t k1) {
   const int64_t groups = (n + 3) / 4;
@@ -305,10 +306,10 @@ void run(const Tensor& model_output, const Tensor& sample, const void* row, int6
     // per-element buffers besides z).
     const bool draw = !z_given && k.c != T(0);
     torch::stable::parallel_for(0, B * blocks, grain, [&](int64_t begin, int64_t end) {
-      alignas(64) T z[kChunk];
+      alignas(64) T z[kDrawSpan];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks, j_begin = (task % blocks) * kBlock, j_end = std::min(D, j_begin + kBlock);
-        const int64_t span = draw ? kChunk : kBlock;
+        const int64_t span = draw ? kDrawSpan : kBlock;
         for (int64_t j0 = j_begin; j0 < j_end; j0 += span) {
           const int64_t len = std::min(span, j_end - j0), o = b * D + j0;
           const T* zc = noise_chunk(z, b, j0, len, draw);
