@@ -244,3 +244,16 @@ def test_a_ratio_the_unchanged_code_gave_during_the_baseline_passes(gate):
     # minority mode, so the margin also covers the lowest baseline run. Checked to fail without that term.
     b = gate.baseline_case([_summary(r) for r in (3.30, 3.31, 3.29, 2.31, 3.28)])
     assert gate.verdict(2.31, b) == "ok" and gate.verdict(2.31 * 0.9, b) == "regressed"
+
+
+@pytest.mark.parametrize("patch", sorted((ROOT / "benchmarks" / "plants").glob("*.patch")), ids=lambda p: p.name)
+def test_every_planted_regression_still_applies(patch):
+    # The plants are how the gate is shown to fail (docs/performance.md): a plant that no longer applies to the
+    # code it slows down shows nothing. Fails with the wrapper plants as they were before the wrapper's rewrite.
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs git and a checkout (not an sdist)")
+    check = subprocess.run(["git", "apply", "--check", str(patch)], cwd=ROOT, capture_output=True, text=True)
+    assert check.returncode == 0, f"{patch.name} no longer applies: {check.stderr.strip()}"
