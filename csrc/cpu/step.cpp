@@ -333,12 +333,8 @@ void run(const Tensor& model_output, const Tensor& sample, const void* row, int6
     std::vector<T> coef(lowrank ? Dv : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, j_begin = (task % blocks) * kBlock, j_end = std::min(D, j_begin + kBlock);
-      const T* delta = nullptr;
-      const T* var = nullptr;
-      if (priors) {
-        delta = offsets + comp[b] * D;
-        var = var_offsets + comp[b] * Dv;
-      }
+      const T* delta = offsets + comp[b] * D;
+      const T* var = var_offsets + comp[b] * Dv;
       if (lowrank) {  // (sqrt(max(c^2 - g^2 v_k[i], 0)) - c) (w_i . z)
         for (int64_t i = 0; i < Dv; ++i) {
           T p = 0;
@@ -351,22 +347,21 @@ void run(const Tensor& model_output, const Tensor& sample, const void* row, int6
       const m_t* m_u = m + b * D;
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kChunk) {
         const int64_t len = std::min(kChunk, j_end - j0);
+        // x_s = mean + add + sd z: add the GMM's offset term, sd the noise std
         bool noisy;
-        const T* addc = zeros;
+        for (int64_t j = 0; j < len; ++j) add[j] = k.g * delta[j0 + j];
         if (lowrank) {
-          // x_s = mean + g delta_k + c z + sum_i coef_i w_i
+          // add = g delta_k + sum_i coef_i w_i, sd = c
           std::fill(sd, sd + len, k.c);
-          for (int64_t j = 0; j < len; ++j) add[j] = k.g * delta[j0 + j];
           for (int64_t i = 0; i < Dv; ++i) {
             const T* w = basis + i * D + j0;
             const T ci = coef[i];
             for (int64_t j = 0; j < len; ++j) add[j] += ci * w[j];
           }
-          addc = add;
           noisy = lowrank_noise;
         } else {
-          // noise std sqrt(max(c^2 - g^2 v_k, 0)), v_k zero beyond Dv (c itself without a GMM)
-          const int64_t nv = var ? std::clamp(Dv - j0, int64_t(0), len) : 0;
+          // add = g delta_k, sd = sqrt(max(c^2 - g^2 v_k, 0)), v_k zero beyond Dv
+          const int64_t nv = std::clamp(Dv - j0, int64_t(0), len);
           noisy = false;
           for (int64_t i = 0; i < nv; ++i) {
             sd[i] = clipped_sd(k, var[j0 + i]);
@@ -374,23 +369,11 @@ void run(const Tensor& model_output, const Tensor& sample, const void* row, int6
           }
           std::fill(sd + nv, sd + len, k.c);
           noisy |= nv < len && k.c != T(0);
-          if (delta) {
-            for (int64_t j = 0; j < len; ++j) add[j] = k.g * delta[j0 + j];
-            addc = add;
-          }
         }
         const int64_t o = b * D + j0;
-        const T* zc = noise_chunk(z, b, j0, len, noisy);
-        auto fused = [&](auto noise) {
-          update<scalar_t, m_t, h_t, T, kGuidance, kWriteX0, kHist, decltype(noise)::value>(
-              k, len, xb + j0, m_u + j0, m_c + j0, kHist >= 1 ? h1 + o : nullptr, kHist >= 2 ? h2 + o : nullptr, addc,
-              sd, zc, out + o, kWriteX0 ? x0p + o : nullptr);
-        };
-        if (zc == zeros && addc == zeros) {  // 0 * z, z of the given noise, may be NaN: only with no noise given
-          fused(std::integral_constant<Noise, kNone>{});
-        } else {
-          fused(std::integral_constant<Noise, kPerElement>{});
-        }
+        update<scalar_t, m_t, h_t, T, kGuidance, kWriteX0, kHist, kPerElement>(
+            k, len, xb + j0, m_u + j0, m_c + j0, kHist >= 1 ? h1 + o : nullptr, kHist >= 2 ? h2 + o : nullptr, add, sd,
+            noise_chunk(z, b, j0, len, noisy), out + o, kWriteX0 ? x0p + o : nullptr);
       }
     }
   });
