@@ -20,6 +20,7 @@ NOISE_SCHEDULES = ("ddim", "rfim", "gddim")
 MAX_INDEX = 2**32
 #: Seeds are 64-bit Philox keys: every public entry point takes an int in [0, 2**64).
 SEED_RANGE = 2**64
+_SEED_SIGN = SEED_RANGE // 2  # seeds from here on reach the op as their two's-complement int64
 #: What the last sampling step does: "gaussian" (no mixture; the paper's model is Gaussian at the last step,
 #: where offsets would land on the output uncompensated) or "gmm" (the mixture at every step).
 FINAL_STEPS = ("gaussian", "gmm")
@@ -40,10 +41,16 @@ def is_int(value) -> bool:
     return type(value) is int or (isinstance(value, Integral) and not isinstance(value, bool))
 
 
+_PREDICTION_CODES = {name: code for code, name in enumerate(PREDICTION_TYPES)}
+
+
 def prediction_type_code(prediction_type: str) -> int:
-    if prediction_type not in PREDICTION_TYPES:
+    """The op's ``prediction_type`` argument: the name's position in :data:`PREDICTION_TYPES` (a dict lookup:
+    this runs on every step)."""
+    code = _PREDICTION_CODES.get(prediction_type) if isinstance(prediction_type, str) else None
+    if code is None:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    return PREDICTION_TYPES.index(prediction_type)
+    return code
 
 
 def check_floating(name: str, t: torch.Tensor) -> None:
@@ -116,8 +123,9 @@ def check_seed(seed, name: str = "seed", *, allow_none: bool = False) -> int | N
 def op_seed(seed: int) -> int:
     """The op's ``int seed`` argument (a signed 64-bit int) carrying the bits of an unsigned 64-bit seed
     (a NumPy integer too: np.uint64 - 2**64 would overflow)."""
-    seed = int(seed)
-    return seed - SEED_RANGE if seed >= SEED_RANGE // 2 else seed
+    if type(seed) is not int:  # a plain int as it is (this runs on every step)
+        seed = int(seed)
+    return seed - SEED_RANGE if seed >= _SEED_SIGN else seed
 
 
 def check_final_step(final_step) -> str:

@@ -11,7 +11,7 @@ from typing import NamedTuple, get_args, get_type_hints
 import torch
 
 from .._checks import MAX_INDEX as _MAX_INDEX
-from .._checks import PREDICTION_TYPES, StepOptions, op_seed, prediction_type_code
+from .._checks import StepOptions, op_seed, prediction_type_code
 from .._checks import compute_dtype as _compute_dtype
 
 
@@ -373,8 +373,6 @@ torch.library.register_autograd("ddimgmm::step", _backward, setup_context=_setup
 
 _NO_TABLES = (None, None, None, None)
 _DEFAULT_OPTIONS = StepOptions()
-_PREDICTION_CODES = {name: code for code, name in enumerate(PREDICTION_TYPES)}
-_SIGNED = 2**63  # seeds from here on are passed as their two's-complement int64 (op_seed)
 # The op's dispatcher entry (torch.ops' own callable below the Python OpOverload objects), for the eager call
 # below the Autograd key; calls that Dynamo traces or that record a gradient use torch.ops.ddimgmm.step.
 _dispatch = torch.ops.ddimgmm.step.default._op
@@ -422,11 +420,6 @@ def step(
     prediction_type, guidance_scale, clip_sample_range, use_clipped, seed, sample_offset, noise, components, x0 = (
         options
     )
-    code = _PREDICTION_CODES.get(prediction_type) if type(prediction_type) is str else None
-    if code is None:
-        code = prediction_type_code(prediction_type)  # raises
-    if type(seed) is not int or seed >= _SIGNED:
-        seed = op_seed(seed)
     # The arguments positionally, in StepArgs' order (a record is built only to name an argument in an error);
     # tests/ops/test_step.py checks every field of this call by name.
     args = (
@@ -440,11 +433,11 @@ def step(
         basis,
         noise,
         components,
-        code,
+        prediction_type_code(prediction_type),
         None if guidance_scale is None else float(guidance_scale),
         None if clip_sample_range is None else float(clip_sample_range),
         use_clipped,
-        seed,
+        op_seed(seed),
         sample_offset,
         0 if from_tensor else step_index,
         x0,

@@ -136,8 +136,7 @@ class FusedStepMixin:
         table = self._row_table
         if table is None:
             table = self._row_table_or_raise()
-        dtype = sample.dtype
-        return table.table(sample.device, dtype if dtype is torch.float32 else _checks.compute_dtype(dtype))
+        return table.table(sample.device, _checks.compute_dtype(sample.dtype))
 
     def _check_sample_arg(self, sample) -> None:
         if not isinstance(sample, torch.Tensor):
