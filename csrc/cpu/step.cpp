@@ -161,15 +161,31 @@ DDIMGMM_INLINE T clipped_sd(const Coeffs<T>& k, T v) {
   return std::sqrt(r < T(0) ? T(0) : r);
 }
 
+// sd[i] = clipped_sd(v[i]) for n elements; whether any is nonzero. The row's constants come by value and the
+// reduction is an int: otherwise the loop stays scalar, reloading them after each store.
+template <typename T>
+DDIMGMM_ISA_CLONES bool clipped_sds(T c2, T g2, const T* __restrict__ v, T* __restrict__ sd, int64_t n) {
+  int any = 0;
+#pragma omp simd reduction(| : any)
+  for (int64_t i = 0; i < n; ++i) {
+    const T r = c2 - g2 * v[i];
+    sd[i] = std::sqrt(r < T(0) ? T(0) : r);
+    any |= sd[i] != T(0);
+  }
+  return any != 0;
+}
+
 // What an element adds to its mean: nothing (no noise: c = 0 and none given), c z (no GMM: one noise std for
-// every element, z given or drawn) or add + sd z (a GMM's offsets and per-element std). Each is the general
-// form's arithmetic with its zeros and constants: mean + add + sd z, left to right.
-enum Noise { kNone, kUniform, kPerElement };
+// every element, z given or drawn), g delta (a GMM's offset with no noise in the chunk: every sd 0, none given)
+// or add + sd z (a GMM's offsets and per-element std). Each is the general form's arithmetic with its zeros and
+// constants: mean + add + sd z, left to right.
+enum Noise { kNone, kUniform, kOffset, kPerElement };
 
 // The fused update of n elements. x, m_u, m_c, h1, h2, out, x0_out point at the chunk's first element; add (the
 // GMM term added to the mean), sd (noise std) and z are chunk buffers (or z the given noise). With guidance,
 // m = m_u + w (m_c - m_u); without, m = m_c. kHist: how many multistep history terms H_j h_j are added (0, 1 or
-// 2). kNoise: see Noise (kNone reads neither add, sd nor z; + 0 as the general form adds it: -0 becomes +0 alike).
+// 2). kNoise: see Noise (kNone reads neither add, sd nor z; kOffset reads add as the offsets delta_k and adds
+// g delta_k; both + 0 as the general form's sd z adds it: -0 becomes +0 alike).
 template <typename scalar_t, typename m_t, typename h_t, typename T, bool kGuidance, bool kWriteX0, int kHist,
           Noise kNoise>
 DDIMGMM_ISA_CLONES void update(const Coeffs<T>& k, int64_t n, const scalar_t* __restrict__ x, const m_t* __restrict__ m_u,
@@ -179,6 +195,7 @@ DDIMGMM_ISA_CLONES void update(const Coeffs<T>& k, int64_t n, const scalar_t* __
   // the row's constants in locals: the stores through out cannot then be assumed to change them
   const T p_x = k.p_x, p_m = k.p_m, p_s = k.p_s, q_x = k.q_x, q_m = k.q_m, a_t = k.a_t, inv_b_t = k.inv_b_t;
   const T a_s = k.a_s, eps_coef = k.eps_coef, w_h1 = k.h1, w_h2 = k.h2, lo = k.lo, hi = k.hi, w = k.w, c = k.c;
+  const T g = k.g;
   const bool rederive_eps = k.rederive_eps;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -199,6 +216,8 @@ DDIMGMM_ISA_CLONES void update(const Coeffs<T>& k, int64_t n, const scalar_t* __
       out[i] = scalar_t(mean + T(0));
     } else if constexpr (kNoise == kUniform) {
       out[i] = scalar_t(mean + T(0) + c * z[i]);
+    } else if constexpr (kNoise == kOffset) {
+      out[i] = scalar_t(mean + g * add[i] + T(0));
     } else {
       out[i] = scalar_t(mean + add[i] + sd[i] * z[i]);
     }
@@ -346,34 +365,37 @@ void run(const Tensor& model_output, const Tensor& sample, const void* row, int6
       const m_t* m_c = m + (kGuidance ? B + b : b) * D;
       const m_t* m_u = m + b * D;
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kChunk) {
-        const int64_t len = std::min(kChunk, j_end - j0);
-        // x_s = mean + add + sd z: add the GMM's offset term, sd the noise std
-        bool noisy;
+        const int64_t len = std::min(kChunk, j_end - j0), o = b * D + j0;
+        // x_s = mean + add + sd z: add the GMM's offset term, sd the noise std. Low rank: sd = c, and
+        // add = g delta_k + sum_i coef_i w_i. Else add = g delta_k, sd = sqrt(max(c^2 - g^2 v_k, 0)), v_k zero
+        // beyond Dv.
+        const int64_t nv = lowrank ? 0 : std::clamp(Dv - j0, int64_t(0), len);
+        bool noisy = lowrank_noise;
+        if (!lowrank) {
+          noisy = clipped_sds(k.c2, k.g2, var + j0, sd, nv) || (nv < len && k.c != T(0));
+        }
+        auto fused = [&](auto noise, const T* a) {
+          update<scalar_t, m_t, h_t, T, kGuidance, kWriteX0, kHist, decltype(noise)::value>(
+              k, len, xb + j0, m_u + j0, m_c + j0, kHist >= 1 ? h1 + o : nullptr, kHist >= 2 ? h2 + o : nullptr, a, sd,
+              noise_chunk(z, b, j0, len, noisy), out + o, kWriteX0 ? x0p + o : nullptr);
+        };
+        if (!noisy && !z_given) {
+          // sd z is 0 everywhere (z the zeros), and so is each coef_i (z = 0 in w_i . z): mean + g delta_k + 0
+          fused(std::integral_constant<Noise, kOffset>{}, delta + j0);
+          continue;
+        }
         for (int64_t j = 0; j < len; ++j) add[j] = k.g * delta[j0 + j];
         if (lowrank) {
-          // add = g delta_k + sum_i coef_i w_i, sd = c
           std::fill(sd, sd + len, k.c);
           for (int64_t i = 0; i < Dv; ++i) {
             const T* w = basis + i * D + j0;
             const T ci = coef[i];
             for (int64_t j = 0; j < len; ++j) add[j] += ci * w[j];
           }
-          noisy = lowrank_noise;
         } else {
-          // add = g delta_k, sd = sqrt(max(c^2 - g^2 v_k, 0)), v_k zero beyond Dv
-          const int64_t nv = std::clamp(Dv - j0, int64_t(0), len);
-          noisy = false;
-          for (int64_t i = 0; i < nv; ++i) {
-            sd[i] = clipped_sd(k, var[j0 + i]);
-            noisy |= sd[i] != T(0);
-          }
           std::fill(sd + nv, sd + len, k.c);
-          noisy |= nv < len && k.c != T(0);
         }
-        const int64_t o = b * D + j0;
-        update<scalar_t, m_t, h_t, T, kGuidance, kWriteX0, kHist, kPerElement>(
-            k, len, xb + j0, m_u + j0, m_c + j0, kHist >= 1 ? h1 + o : nullptr, kHist >= 2 ? h2 + o : nullptr, add, sd,
-            noise_chunk(z, b, j0, len, noisy), out + o, kWriteX0 ? x0p + o : nullptr);
+        fused(std::integral_constant<Noise, kPerElement>{}, add);
       }
     }
   });

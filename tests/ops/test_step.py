@@ -161,6 +161,28 @@ def test_internal_stream_equals_reference_stream(device, dtype):
     assert_close(out.prev_sample.cpu(), ref.prev_sample, kind="f32_step" if dtype == torch.float32 else "f64_abs")
 
 
+# A GMM step that draws no noise (c = 0, no noise= given) takes its own CPU loop (x_s = mean + g delta_k, the
+# noise std and the low-rank terms all 0). It must give the bits of the general loop, which the same step takes
+# when the noise is given as zeros, and the reference. Checked to fail with g left out of that loop (g = 0.6
+# here; a DDIM row has g = 1).
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["rand", "ortho", "ortho-vub", "ortho-lr"])
+@pytest.mark.parametrize("guided", [False, True])
+def test_noise_free_gmm_step_equals_the_general_loop(device, dtype, variant, guided):
+    x, m, h = _inputs(BIG, dtype, device, guided=guided)
+    cdt = R.compute_dtype(dtype)
+    gmm = _gmm(BIG, variant, device, dtype=cdt, K=5, scale=0.7)
+    row = torch.tensor([0.6, 0.8, 0.7, 0.5, 0.0, 0.6, 0.2, 0.0], dtype=cdt, device=device)  # c = 0, g = 0.6, H1
+    kw = dict(gmm=gmm, history=(h,), seed=9, guidance_scale=3.0 if guided else None)
+    drawn = dg.step_from_table(m, x, row, 2, **kw)
+    given = dg.step_from_table(m, x, row, 2, **kw, noise=torch.zeros_like(x), components=drawn.components)
+    assert torch.equal(drawn.prev_sample, given.prev_sample)
+    ref = R.step_from_table(*(t.cpu().double() for t in (m, x, row)), 2, **{**kw, "gmm": gmm.to("cpu", torch.float64),
+                            "history": (h.cpu().double(),)})  # fmt: skip
+    _check(drawn, ref, dtype, scale=4.0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", [None, "ortho-vub"])
 def test_empty_and_single_batch(device, variant):
