@@ -24,8 +24,8 @@ separate gate runs, in log units. Its noise sigma is the larger of (a) the sprea
 1.4826 x their median absolute deviation (a normal sample's sigma; one run during a burst of load does not
 widen it) and (b) one run's standard error of the median from its own rounds, sqrt(pi / 2) x (IQR / 1.349) /
 sqrt(rounds): (b) keeps a case whose runs happened to agree closely from getting a margin below what its rounds
-resolve. A case fails when log(ratio) < log(baseline) - margin, margin = max(MARGIN_FLOOR, K_SIGMA x sigma,
-log(baseline / lowest run) + MARGIN_FLOOR), and a re-measurement right after falls below too. The last term: some
+resolve. A case fails when log(ratio) < log(baseline) - margin, margin = max(floor, K_SIGMA x sigma,
+log(baseline / lowest run) + floor), and a re-measurement right after falls below too. The last term: some
 cases are bimodal from process to process (the allocator's state decides whether a fresh output is faulted in;
 the float64 thin SVD measured 2.3x in some processes and 3.3x in others), and the robust sigma ignores a minority
 mode, so a ratio the unchanged code gave during the baseline must pass. Each baseline run is its own process, as
@@ -33,9 +33,17 @@ a check is. K_SIGMA: a gate run compares 61 cases; to keep false alarms under
 1% a run, with two failed measurements needed, one measurement may fail with probability sqrt(0.01 / 61) =
 0.0128; sigma comes from 5 runs (4 degrees of freedom), whose t quantile at 0.0128 is 3.45, and the baseline's
 own error (a median of 5: variance 1.57 sigma^2 / 5) widens it by sqrt(1 + 1.57 / 5) = 1.15, to 3.96: K_SIGMA
-= 4. MARGIN_FLOOR, 6%: a shift of a whole process that its in-process re-measurement shares (fresh processes
-of the unchanged code on the quiet AMD EPYC gave DPM-Solver++ 2M at [1, 4, 64, 64] 6.26 to 6.51, 4%), not a code
-change.
+= 4. The floor (margin_floor): the baseline's runs share one session (minutes on one machine), and a session
+moves a whole case in ways its in-process re-measurement shares: CI's fresh machine (commit 0c7b08d) and a later
+session on the VM put every case but the op's within 8.2% of the baseline of da9d075 (the largest: DPM++ SDE
+[4, 4, 128, 128] -8.2%, UniPC [4, 4, 128, 128] -8.0%, the op at eta 1 -7.2%), so MARGIN_FLOOR is 10%. The op
+cases compare a GMM step bound by the core with a copy bound by the caches and memory, and those two move apart
+between sessions: the eta 0 op at [8, 4, 128, 128] gave 0.284-0.335 of a copy in sessions of the unchanged code
+on the VM (da9d075 to 418e41f) and 0.257-0.273 on CI's machine (0c7b08d, whose kernel change kept that loop's
+work), 21.5% below its baseline at the lowest; at [16, 3, 256, 256] (12 MB a tensor: the memory bus, shared with
+the host's other guests) a check right after the refresh of 9a2675f gave 0.330 against the five runs' 0.410-0.436,
+26.5% below: their floor is 30%. The planted regressions still
+fail with these floors (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -60,7 +68,9 @@ RUNS = 5
 #: rounds of a step case (each a few ms a side): the ratio's median over 20 rounds resolves a few percent
 ROUNDS = 20
 K_SIGMA = 4.0
-MARGIN_FLOOR = 0.06
+MARGIN_FLOOR = 0.10
+#: a group whose two sides are bound by different parts of the machine moves further between sessions
+GROUP_FLOOR = {"op": 0.30}
 #: the standard error of a median of n normal draws is sqrt(pi / 2) sigma / sqrt(n); an IQR is 1.349 sigma
 _MEDIAN_SE, _IQR_SIGMA = math.sqrt(math.pi / 2), 1.349
 #: sigma of a normal sample from its median absolute deviation
@@ -80,7 +90,12 @@ def run_sigma(summary: dict) -> float:
     return _MEDIAN_SE * iqr / _IQR_SIGMA / math.sqrt(summary["rounds"])
 
 
-def baseline_case(runs: list[dict]) -> dict:
+def margin_floor(group: str | None) -> float:
+    """The least margin of a case of ``group`` (log units): what separate sessions of the unchanged code moved."""
+    return GROUP_FLOOR.get(group, MARGIN_FLOOR) if group is not None else MARGIN_FLOOR
+
+
+def baseline_case(runs: list[dict], group: str | None = None) -> dict:
     """A case's baseline from its summaries in several runs (each {"ratio": {"median", "q1", "q3"}, "rounds"}):
     the median ratio, sigma (log units) and the margin below which a ratio fails (module docstring)."""
     logs = [math.log(r["ratio"]["median"]) for r in runs]
@@ -88,7 +103,8 @@ def baseline_case(runs: list[dict]) -> dict:
     between = _MAD_SIGMA * statistics.median(abs(x - center) for x in logs)
     within = statistics.median(run_sigma(r) for r in runs)
     sigma = max(between, within)
-    margin = max(MARGIN_FLOOR, K_SIGMA * sigma, center - min(logs) + MARGIN_FLOOR)
+    floor = margin_floor(group)
+    margin = max(floor, K_SIGMA * sigma, center - min(logs) + floor)
     return {
         "ratio": math.exp(center),
         "runs": [r["ratio"]["median"] for r in runs],
@@ -119,8 +135,8 @@ def build_baseline(runs: list[dict]) -> dict:
         "date": last["date"],
         "runs": len(runs),
         "load_1min": [run["load"]["before"][0] for run in runs] + [runs[-1]["load"]["after"][0]],
-        "rule": {"k_sigma": K_SIGMA, "margin_floor": MARGIN_FLOOR},
-        "cases": {name: {"group": groups[name], **baseline_case(rs)} for name, rs in names.items()},
+        "rule": {"k_sigma": K_SIGMA, "margin_floor": MARGIN_FLOOR, "group_floor": GROUP_FLOOR},
+        "cases": {name: {"group": groups[name], **baseline_case(rs, groups[name])} for name, rs in names.items()},
     }
 
 
