@@ -25,6 +25,8 @@ def triton_kernels():
     spec = importlib.util.spec_from_file_location(
         _NAME, _SOURCE / "__init__.py", submodule_search_locations=[str(_SOURCE)]
     )
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {_NAME} from {_SOURCE}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[_NAME] = module
     spec.loader.exec_module(module)

@@ -94,7 +94,8 @@ def sample_ddim_gmm(
         return 1.0 / (1.0 + sig[i] ** 2), 1.0 / (1.0 + sig[i + 1] ** 2)
 
     def noise_std(i):  # c of the VP step, the units of the tables (g = 1)
-        return _schedules.ddim_coefficients(*vp(i), eta)[4]
+        alpha_prod_t, alpha_prod_prev = vp(i)
+        return _schedules.ddim_coefficients(alpha_prod_t, alpha_prod_prev, eta)[4]
 
     def ve_step(i, x, denoised, gmm, run_seed, noise):
         # the VP DDIM step of x_VP = x sqrt(abar), abar = 1 / (1 + sigma^2), mapped back to VE

@@ -206,7 +206,8 @@ def sample_two_stage(
     def stage(j, model_output, x, query, history=()):
         noise = None
         if query is not None and noise_sampler is not None:
-            noise = sampler_noise(noise_sampler, *query, x)
+            sigma, sigma_next = query
+            noise = sampler_noise(noise_sampler, sigma, sigma_next, x)
         return api.step_from_table(
             model_output, x, table, j, gmm=gmms[j], prediction_type="sample", seed=run_seed,
             sample_offset=sample_offset, noise=noise, history=history, return_pred_original=False,

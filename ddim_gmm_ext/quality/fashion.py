@@ -165,7 +165,8 @@ class FashionUNet(nn.Module):
         shape = x.shape
         image = x.reshape(-1, 1, SIDE, SIDE).float()
         t = torch.as_tensor(t, device=x.device).expand(image.shape[0])
-        return self.unet(image, t).sample.reshape(shape).to(x.dtype)
+        # diffusers' ModelMixin is a torch.nn.Module, which its stubs do not show to mypy
+        return self.unet(image, t).sample.reshape(shape).to(x.dtype)  # type: ignore[operator]
 
 
 class FashionClassifier(nn.Module):

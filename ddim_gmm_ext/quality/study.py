@@ -614,7 +614,7 @@ def summarise_stage(rows: list[dict], stage: Stage) -> dict:
 
     def compare(label, a, b):
         for m in metrics:
-            va, vb = values(*a, m), values(*b, m)
+            va, vb = values(a[0], a[1], a[2], m), values(b[0], b[1], b[2], m)
             if va is not None and vb is not None:
                 comparisons.append({"comparison": label, "metric": m, "a": a, "b": b, **paired_test(va, vb)})
 

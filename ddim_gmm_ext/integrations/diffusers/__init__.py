@@ -126,7 +126,7 @@ def _keep_gmm_scheduler(stock_init):
             stock_init(self, unet, scheduler)
 
     __init__.__doc__ = stock_init.__doc__
-    __init__._stock_init = stock_init  # type: ignore[attr-defined]  # what unpatch_diffusers puts back
+    __init__._stock_init = stock_init
     return __init__
 
 

@@ -59,7 +59,7 @@ class CheckedBeginIndexMixin:
     when it is given, not at the step that reads it. Listed before the stock class."""
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        super().set_begin_index(check_begin_index(begin_index))  # type: ignore[misc]  # the stock class's
+        super().set_begin_index(check_begin_index(begin_index))
 
 
 def check_host_step(i: int, n_steps: int) -> None:

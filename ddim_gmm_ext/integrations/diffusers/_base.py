@@ -96,7 +96,7 @@ class FusedStepMixin:
         """Install the rows of a new schedule (:class:`~._row_table.RowTable`'s ``rows``, ``default`` and ``warm``;
         the float32 copy on their device is made now, so that a compiled step finds it built), with ``gmm_steps``
         applied."""
-        policy = getattr(self.config, "gmm_steps", "all")  # type: ignore[attr-defined]  # ConfigMixin's; Euler and UniPC have no such key
+        policy = getattr(self.config, "gmm_steps", "all")
         self._row_table = RowTable(rows, policy, default=default, warm=warm)
         self._prepared_shape = None
 
@@ -161,7 +161,7 @@ class FusedStepMixin:
         """The step index under ``torch.compile``: a 0-d device tensor, the timestep's first position in
         ``self.timesteps`` (no host sync, one graph for every step); -1 when absent (an all-NaN step)."""
         t = torch.as_tensor(timestep, device=device).reshape(())
-        match = self.timesteps.to(device) == t.to(self.timesteps.dtype)  # type: ignore[attr-defined]  # the scheduler's
+        match = self.timesteps.to(device) == t.to(self.timesteps.dtype)
         first = match.to(torch.int64).argmax()
         return torch.where(match.any(), first, torch.full_like(first, -1))
 
@@ -218,7 +218,7 @@ class DeterministicMixin(FusedStepMixin):
 
     def _refuse_gmm_variant(self) -> None:
         """At the end of ``__init__``: a ``gmm_variant`` other than None is refused."""
-        variant = getattr(self.config, "gmm_variant", None)  # type: ignore[attr-defined]  # ConfigMixin's
+        variant = getattr(self.config, "gmm_variant", None)
         if variant is not None:
             raise ValueError(self._gmm_refusal(f"gmm_variant={variant!r}"))
 
@@ -287,11 +287,11 @@ class GMMSchedulerMixin(FusedStepMixin):
         one :class:`~ddim_gmm_ext.gmm_options.GMMOptions`; called at the end of ``__init__``."""
         # NumPy / tensor values of our keys become Python values in the config, so that save_pretrained's JSON
         # holds them and the checks below see what is stored
-        stored = {k: python_value(v) for k, v in self.config.items() if k in GMM_CONFIG_KEYS}  # type: ignore[attr-defined]  # ConfigMixin's
+        stored = {k: python_value(v) for k, v in self.config.items() if k in GMM_CONFIG_KEYS}
         if stored:  # Euler and UniPC have few or none
-            self.register_to_config(**stored)  # type: ignore[attr-defined]
+            self.register_to_config(**stored)
         # gmm_steps: its form here; indices are checked against the steps by set_timesteps
-        self._gmm_options = GMMOptions.from_config(self.config)  # type: ignore[attr-defined]
+        self._gmm_options = GMMOptions.from_config(self.config)
         for key in ("gmm_share_across_steps", "gmm_uniform_priors"):  # GMMOptions takes any truth value
             if key in stored and not isinstance(stored[key], bool):
                 raise TypeError(f"{key} must be a bool, got {stored[key]!r}")

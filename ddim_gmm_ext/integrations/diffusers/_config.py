@@ -47,7 +47,7 @@ class InitArgs:
 
 
 def _stock_parameters(stock: type) -> list[inspect.Parameter]:
-    parameters = list(inspect.signature(stock.__init__).parameters.values())[1:]  # type: ignore[misc]  # a class's
+    parameters = list(inspect.signature(stock.__init__).parameters.values())[1:]
     for p in parameters:
         if p.kind is not _PARAMETER or p.default is inspect.Parameter.empty:
             raise TypeError(f"{stock.__name__}.__init__ has {p.name!r} ({p.kind}): a config key needs a default")
@@ -87,7 +87,7 @@ def scheduler_init(
             del values["self"]
             setup(self, InitArgs(values, stock_keys))
 
-        __init__.__signature__ = signature  # type: ignore[attr-defined]  # what inspect.signature returns
+        __init__.__signature__ = signature
         for attribute in ("__module__", "__qualname__", "__doc__"):
             setattr(__init__, attribute, getattr(setup, attribute))
         return register_to_config(__init__)

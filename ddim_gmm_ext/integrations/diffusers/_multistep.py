@@ -114,14 +114,14 @@ class MultistepIndexMixin:
 
     def _index(self, timestep, device: torch.device):
         if torch.compiler.is_compiling():
-            return self._compiled_index(timestep, device)  # type: ignore[attr-defined]  # FusedStepMixin's
-        if self.step_index is None:  # type: ignore[attr-defined]  # the diffusers scheduler's
-            self._init_step_index(timestep)  # type: ignore[attr-defined]
-        i = self.step_index  # type: ignore[attr-defined]
-        n = self.timesteps.shape[0]  # type: ignore[attr-defined]
+            return self._compiled_index(timestep, device)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i = self.step_index
+        n = self.timesteps.shape[0]
         if not 0 <= i < n:
             check_host_step(i, n)
-        if self.lower_order_nums == 0 and i != self._rows_start:  # type: ignore[attr-defined]
+        if self.lower_order_nums == 0 and i != self._rows_start:
             self._restart(i)
         return i
 

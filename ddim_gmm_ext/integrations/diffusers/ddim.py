@@ -321,6 +321,7 @@ class DDIMGMMScheduler(GMMSchedulerMixin, DDIMScheduler):
         x0 = api.step(
             model_output, sample, a_t, b_t, 1.0, 0.0, 0.0, prediction_type=self.config.prediction_type
         ).pred_original_sample
+        assert x0 is not None  # api.step returns x0_hat unless told not to
         x0_thr = self._threshold_sample(x0)
         shifted = sample if use_clipped_model_output else sample + a_t.to(sample.dtype) * (x0_thr - x0)
         return api.step_from_table(

@@ -110,7 +110,7 @@ class DPMSolverSDEGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, DPMSol
     def set_timesteps(self, num_inference_steps, device=None, num_train_timesteps=None) -> None:
         """As ``DPMSolverSDEScheduler.set_timesteps``; also builds the [2N - 1, 8] row table."""
         num_inference_steps = check_step_count(num_inference_steps)
-        super().set_timesteps(num_inference_steps, device, num_train_timesteps)  # type: ignore[arg-type]
+        super().set_timesteps(num_inference_steps, device, num_train_timesteps)
         if hasattr(self, "_gmm_options"):  # not from the stock __init__, which runs before _init_gmm
             self._install_rows()
 

@@ -112,15 +112,15 @@ class _FusedConsistencyMixin(GMMSchedulerMixin, CheckedBeginIndexMixin):
         absent: an all-NaN step)."""
         if torch.compiler.is_compiling():
             return self._compiled_index(timestep, device)
-        if self.step_index is None:  # type: ignore[attr-defined]  # the stock class's
+        if self.step_index is None:
             try:
-                self._init_step_index(timestep)  # type: ignore[attr-defined]
+                self._init_step_index(timestep)
             except IndexError:
                 raise ValueError(
                     f"timestep {timestep!r} is not in the schedule (scheduler.timesteps); pass one of "
                     "scheduler.timesteps or call set_begin_index"
                 ) from None
-        i = self.step_index  # type: ignore[attr-defined]
+        i = self.step_index
         check_host_step(i, self._n_steps())
         return i
 
@@ -183,7 +183,7 @@ class _VPConsistencyMixin(_FusedConsistencyMixin):
             model_output, sample, i, prediction_type="epsilon", gmm=gmm, noise=noise, components=components
         )
         if not isinstance(i, torch.Tensor):
-            self._step_index += 1  # type: ignore[attr-defined]  # the stock class's
+            self._step_index += 1
         return out
 
 
@@ -236,7 +236,7 @@ class LCMGMMScheduler(_VPConsistencyMixin, LCMScheduler):
     ) -> None:
         """As ``LCMScheduler.set_timesteps``; also builds the [S, 6] coefficient table of the schedule."""
         num_inference_steps = self._check_schedule_arguments(num_inference_steps, original_inference_steps, timesteps)
-        super().set_timesteps(num_inference_steps, device, original_inference_steps, timesteps, strength)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
+        super().set_timesteps(num_inference_steps, device, original_inference_steps, timesteps, strength)
         t = self.timesteps.detach().cpu().long()
         n = len(t)
         prev = torch.cat([t[1:], t[-1:]])  # the stock step's previous timestep: t itself after the last
@@ -333,7 +333,7 @@ class TCDGMMScheduler(_VPConsistencyMixin, TCDScheduler):
         """As ``TCDScheduler.set_timesteps``; also builds the coefficient table for eta = 0.3 (the stock step's
         default; a step with another eta rebuilds it)."""
         num_inference_steps = self._check_schedule_arguments(num_inference_steps, original_inference_steps, timesteps)
-        super().set_timesteps(num_inference_steps, device, original_inference_steps, timesteps, strength)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
+        super().set_timesteps(num_inference_steps, device, original_inference_steps, timesteps, strength)
         a_t = self.alphas_cumprod.detach().cpu().double()[self.timesteps.detach().cpu().long()].sqrt()
         if self.config.prediction_type == "epsilon" and bool((a_t == 0).any()):
             raise ValueError(
@@ -376,7 +376,7 @@ class TCDGMMScheduler(_VPConsistencyMixin, TCDScheduler):
                 )
             self._install_eta(eta)
 
-    def prepare_gmm(self, sample: torch.Tensor, eta: float = _DEFAULT_ETA):  # type: ignore[override]  # eta added
+    def prepare_gmm(self, sample: torch.Tensor, eta: float = _DEFAULT_ETA):
         """:meth:`GMMSchedulerMixin.prepare_gmm` for the steps' ``eta`` (their rows are built here)."""
         if self._rows is None:
             raise ValueError("call set_timesteps before prepare_gmm")
@@ -465,12 +465,12 @@ class FlowMatchLCMGMMScheduler(_FusedConsistencyMixin, FlowMatchLCMScheduler):
             isinstance(timestep, torch.Tensor) and not (timestep.is_floating_point() or torch.is_complex(timestep))
         )
         if self._row_table is None or integer or self._scale_wise():
-            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)  # type: ignore[arg-type]  # diffusers annotates this narrower than it accepts
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
         generator = check_step_arguments(model_output, sample, generator, check_sample=True)
         if self._init_size is None or self.step_index is None:  # as the stock step (for set_scale_factors later)
-            self._init_size = model_output.size()[2:]  # type: ignore[assignment]  # diffusers types it as None
+            self._init_size = model_output.size()[2:]
         if sample.dtype != torch.float32:  # as the stock step: the update in float32
-            sample = sample.to(torch.float32)  # type: ignore[assignment]
+            sample = sample.to(torch.float32)
         i = self._index(timestep, sample.device)
         gmm = self._gmm_for(sample)
         noise, components = self._noise(sample, model_output, generator, gmm, i, True, torch.float32)

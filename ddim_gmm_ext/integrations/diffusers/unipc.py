@@ -298,7 +298,7 @@ class UniPCMultistepGMMScheduler(
 
         self.model_outputs = [zeros() if h is None else h for h in self.model_outputs]
         if self.last_sample is None:
-            self.last_sample = zeros()  # type: ignore[assignment]  # diffusers types last_sample as None
+            self.last_sample = zeros()
         return None
 
     # -- the step ---------------------------------------------------------------------------------------------
