@@ -53,6 +53,7 @@ __all__ = [
     "DeterministicMixin",
     "FusedStepMixin",
     "GMMSchedulerMixin",
+    "HostCounterIndexMixin",
     "RowTable",
     "check_begin_index",
     "check_generator",
@@ -428,6 +429,28 @@ class GMMSchedulerMixin(FusedStepMixin):
                 f"{', set_gmm_params' if self._user_gmm is not None else ''}) but set_timesteps was not called: "
                 "call scheduler.set_timesteps(num_inference_steps) before step"
             )
+
+
+class HostCounterIndexMixin:
+    """The step index of a drop-in that steps with the stock class's host counter (``step_index``, set from
+    ``timestep`` or the begin index at the first step), listed before the stock class."""
+
+    def _index(self, timestep, device: torch.device):
+        """The host counter, checked against the schedule's length, or under ``torch.compile`` a 0-d device
+        tensor (the timestep's first position in the schedule; -1 when absent: an all-NaN step)."""
+        if torch.compiler.is_compiling():
+            return self._compiled_index(timestep, device)
+        if self.step_index is None:
+            try:
+                self._init_step_index(timestep)
+            except IndexError:
+                raise ValueError(
+                    f"timestep {timestep!r} is not in the schedule (scheduler.timesteps); pass one of "
+                    "scheduler.timesteps or call set_begin_index"
+                ) from None
+        i = self.step_index
+        check_host_step(i, self._n_steps())
+        return i
 
 
 def draw_components(generator, gmm: GMM, step_index: int, sample: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ._args import check_positive, check_shift_terminal, check_step_arguments, c
 from ._base import (
     CheckedBeginIndexMixin,
     GMMSchedulerMixin,
-    check_host_step,
+    HostCounterIndexMixin,
     check_step_count,
     coefficient_rows,
     publish,
@@ -75,7 +75,9 @@ def flow_schedule(scheduler, stock_set_timesteps, num_inference_steps, device, s
     return sig
 
 
-class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMixin, FlowMatchEulerDiscreteScheduler):
+class FlowMatchEulerDiscreteGMMScheduler(
+    GMMSchedulerMixin, HostCounterIndexMixin, CheckedBeginIndexMixin, FlowMatchEulerDiscreteScheduler
+):
     """``FlowMatchEulerDiscreteScheduler`` with the RFIM / RFIM-GMM kernel (Gabbur, TMLR 2026, section 4) and a
     fused step.
 
@@ -139,23 +141,6 @@ class FlowMatchEulerDiscreteGMMScheduler(GMMSchedulerMixin, CheckedBeginIndexMix
         self._set_rows(
             coefficient_rows(1 - t, t, 1 - s, s, self._run_eta * s, self._final_step_g(len(t))).to(self.sigmas.device)
         )
-
-    def _index(self, timestep, device: torch.device):
-        """The step index: the base class's host counter, or under ``torch.compile`` a 0-d device tensor (the
-        timestep's first position in the schedule; -1 when absent: an all-NaN step)."""
-        if torch.compiler.is_compiling():
-            return self._compiled_index(timestep, device)
-        if self.step_index is None:
-            try:
-                self._init_step_index(timestep)
-            except IndexError:
-                raise ValueError(
-                    f"timestep {float(timestep)} is not in the schedule (scheduler.timesteps); pass one of "
-                    f"scheduler.timesteps or call set_begin_index"
-                ) from None
-        i = self.step_index
-        check_host_step(i, self._n_steps())
-        return i
 
     @stock_signature(FlowMatchEulerDiscreteScheduler.step)
     def step(

@@ -47,7 +47,7 @@ from ._args import (
 from ._base import (
     CheckedBeginIndexMixin,
     GMMSchedulerMixin,
-    check_host_step,
+    HostCounterIndexMixin,
     check_step_count,
     coefficient_rows,
     draw_components,
@@ -103,26 +103,9 @@ def _eps_terms(prediction_type: str, a_t, b_t):
     return b_t, -a_t  # v_prediction
 
 
-class _FusedConsistencyMixin(GMMSchedulerMixin, CheckedBeginIndexMixin):
-    """The step index and the noise of the three drop-ins (listed before the stock class)."""
-
-    def _index(self, timestep, device: torch.device):
-        """The step index: the base class's host counter (initialised from ``timestep`` or the begin index), or
-        under ``torch.compile`` a 0-d device tensor (the timestep's first position in the schedule; -1 when
-        absent: an all-NaN step)."""
-        if torch.compiler.is_compiling():
-            return self._compiled_index(timestep, device)
-        if self.step_index is None:
-            try:
-                self._init_step_index(timestep)
-            except IndexError:
-                raise ValueError(
-                    f"timestep {timestep!r} is not in the schedule (scheduler.timesteps); pass one of "
-                    "scheduler.timesteps or call set_begin_index"
-                ) from None
-        i = self.step_index
-        check_host_step(i, self._n_steps())
-        return i
+class _FusedConsistencyMixin(GMMSchedulerMixin, HostCounterIndexMixin, CheckedBeginIndexMixin):
+    """The step index (the stock host counter) and the noise of the three drop-ins (listed before the stock
+    class)."""
 
     def _noise(self, sample, model_output, generator, gmm, i, draws: bool, dtype):
         """(noise, components) of the step at ``i``: noise drawn as the stock class draws it (``randn_tensor``,
