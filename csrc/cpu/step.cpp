@@ -156,8 +156,8 @@ Coeffs<T> make_coeffs(const T* v, int64_t n_cols, int64_t prediction_type, std::
 
 // sqrt(max(c^2 - g^2 v, 0)), NaN propagating as torch.clamp does.
 template <typename T>
-DDIMGMM_INLINE T clipped_sd(const Coeffs<T>& k, T v) {
-  const T r = k.c2 - k.g2 * v;
+DDIMGMM_INLINE T clipped_sd(T c2, T g2, T v) {
+  const T r = c2 - g2 * v;
   return std::sqrt(r < T(0) ? T(0) : r);
 }
 
@@ -168,8 +168,7 @@ DDIMGMM_ISA_CLONES bool clipped_sds(T c2, T g2, const T* __restrict__ v, T* __re
   int any = 0;
 #pragma omp simd reduction(| : any)
   for (int64_t i = 0; i < n; ++i) {
-    const T r = c2 - g2 * v[i];
-    sd[i] = std::sqrt(r < T(0) ? T(0) : r);
+    sd[i] = clipped_sd(c2, g2, v[i]);
     any |= sd[i] != T(0);
   }
   return any != 0;
@@ -358,7 +357,7 @@ void run(const Tensor& model_output, const Tensor& sample, const void* row, int6
         for (int64_t i = 0; i < Dv; ++i) {
           T p = 0;
           for (int64_t blk = 0; blk < blocks; ++blk) p += partial[(b * blocks + blk) * Dv + i];
-          coef[i] = (clipped_sd(k, var[i]) - k.c) * p;
+          coef[i] = (clipped_sd(k.c2, k.g2, var[i]) - k.c) * p;
         }
       }
       const scalar_t* xb = x + b * D;
