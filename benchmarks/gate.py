@@ -92,7 +92,7 @@ def run_sigma(summary: dict) -> float:
 
 def margin_floor(group: str | None) -> float:
     """The least margin of a case of ``group`` (log units): what separate sessions of the unchanged code moved."""
-    return GROUP_FLOOR.get(group, MARGIN_FLOOR) if group is not None else MARGIN_FLOOR
+    return GROUP_FLOOR.get(group, MARGIN_FLOOR)
 
 
 def baseline_case(runs: list[dict], group: str | None = None) -> dict:
