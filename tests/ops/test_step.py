@@ -313,8 +313,8 @@ def test_the_wrapper_passes_every_argument_under_its_name(monkeypatch):
     from ddim_gmm_ext.ops import step as step_module
 
     seen = []
-    # the eager call goes to the op's dispatcher entry, a traced or recorded one through torch.ops
-    monkeypatch.setattr(step_module, "_dispatch", lambda *args: seen.append(StepArgs(*args)))
+    # the eager call goes to the dispatcher's boxed call of the op's handle, a traced or recorded one through torch.ops
+    monkeypatch.setattr(step_module, "_call_boxed", lambda handle, *args: seen.append(StepArgs(*args)))
     monkeypatch.setattr(torch.ops.ddimgmm, "step", lambda *args: seen.append(StepArgs(*args)))
     t = {n: torch.zeros(i + 1) for i, n in enumerate(("m", "x", "c", "i", "p", "o", "v", "b", "z", "k", "h0", "h1"))}
     options = StepOptions("flow", 2.0, 3.0, True, 5, 6, t["z"], t["k"], False)
@@ -334,6 +334,51 @@ def test_the_wrapper_passes_every_argument_under_its_name(monkeypatch):
         None,
         None,
     )
+
+
+def test_the_eager_call_reaches_modes_subclasses_and_the_profiler_as_torch_ops_does():
+    # The eager call below autograd skips torch.ops' callable for the dispatcher's boxed call: a torch-function
+    # mode and a tensor subclass's __torch_function__ (which that callable hands the call to) must still see the op,
+    # as must a dispatch mode and the profiler (the dispatcher's). Checked to fail with the wrapper's
+    # _has_torch_function test removed (the function mode and the subclass then see nothing).
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    op = torch.ops.ddimgmm.step.default
+    seen = []  # who saw the op (the modes see the tensors' other calls too)
+
+    class FunctionMode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.extend(["function mode"] if func is op else [])
+            return func(*args, **(kwargs or {}))
+
+    class DispatchMode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.extend(["dispatch mode"] if func is op else [])
+            return func(*args, **(kwargs or {}))
+
+    class Subclass(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.extend(["subclass"] if func is op else [])
+            return super().__torch_function__(func, types, args, kwargs)
+
+    x, m = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    row = torch.tensor(dg.coefficient_row(0.9, 0.4, 0.95, 0.3, 0.1), dtype=torch.float64)
+    want = dg.step_from_table(m, x, row, 0, seed=3).prev_sample
+    with torch.no_grad():
+        for name, mode in (("function mode", FunctionMode), ("dispatch mode", DispatchMode)):
+            with mode():
+                got = dg.step_from_table(m, x, row, 0, seed=3).prev_sample
+            assert seen == [name]
+            assert torch.equal(got, want)
+            seen.clear()
+        got = dg.step_from_table(m, x.as_subclass(Subclass), row, 0, seed=3).prev_sample
+        assert seen == ["subclass"]
+        assert torch.equal(got.as_subclass(torch.Tensor), want)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            dg.step_from_table(m, x, row, 0, seed=3)
+    assert "ddimgmm::step" in {e.name for e in prof.events()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
