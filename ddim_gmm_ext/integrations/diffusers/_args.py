@@ -117,7 +117,8 @@ def check_generator(generator, batch: int):
 def check_model_output(model_output, sample: torch.Tensor, name: str = "model_output") -> None:
     """The model output of a fused step: a real floating tensor of the sample's shape (checked before any noise is
     drawn for it, so that an error names the caller's argument)."""
-    if not isinstance(model_output, torch.Tensor) or not model_output.is_floating_point():
+    # dtype.is_floating_point, not the tensor method: an attribute costs half a method call (this runs every step)
+    if not isinstance(model_output, torch.Tensor) or not model_output.dtype.is_floating_point:
         what = model_output.dtype if isinstance(model_output, torch.Tensor) else type(model_output).__name__
         raise TypeError(f"{name} must be a real floating-point tensor, got {what}")
     if model_output.shape != sample.shape:
@@ -128,7 +129,9 @@ def check_step_arguments(model_output, sample, generator, *, check_sample: bool 
     """A fused step's arguments, before any noise is drawn: with ``check_sample`` the sample (a real floating tensor
     with a batch dimension: the flow-matching steps, whose stock step casts it to float32), then the model output
     (:func:`check_model_output`) and the generator, returned as the step uses it (:func:`check_generator`)."""
-    if check_sample and (not isinstance(sample, torch.Tensor) or not sample.is_floating_point() or sample.dim() == 0):
+    if check_sample and (
+        not isinstance(sample, torch.Tensor) or not sample.dtype.is_floating_point or sample.ndim == 0
+    ):
         what = (
             f"a {sample.dtype} tensor of shape {tuple(sample.shape)}"
             if isinstance(sample, torch.Tensor)
@@ -137,6 +140,17 @@ def check_step_arguments(model_output, sample, generator, *, check_sample: bool 
         raise ValueError(f"sample must be a real floating-point tensor with a batch dimension, got {what}")
     check_model_output(model_output, sample)
     return None if generator is None else check_generator(generator, sample.shape[0])
+
+
+def integer_timestep(timestep) -> bool:
+    """Whether a flow-matching step's ``timestep`` is an integer index (an int or an integer tensor; a bool
+    too, an int to Python and to torch alike), which the stock flow-matching steps do not take as a sigma."""
+    if isinstance(timestep, int):
+        return True
+    if isinstance(timestep, torch.Tensor):
+        dtype = timestep.dtype
+        return not (dtype.is_floating_point or dtype.is_complex)
+    return False
 
 
 def check_solver_order(value, *, up_to_3: bool = False) -> None:

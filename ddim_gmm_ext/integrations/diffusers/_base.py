@@ -74,6 +74,8 @@ __all__ = [
     "zero_snr_rows",
 ]
 
+_new_options = tuple.__new__  # StepOptions(...) without its Python __new__: this runs on every step
+
 #: this package's config keys (every scheduler's that it has): stored as Python values (:func:`python_value`)
 GMM_CONFIG_KEYS = (*CONFIG_KEYS.values(), "rfim_eta")
 
@@ -137,7 +139,7 @@ class FusedStepMixin:
         table = self._row_table
         if table is None:
             table = self._row_table_or_raise()
-        return table.table(sample.device, _checks.compute_dtype(sample.dtype))
+        return table.for_sample(sample)
 
     def _check_sample_arg(self, sample) -> None:
         if not isinstance(sample, torch.Tensor):
@@ -189,20 +191,28 @@ class FusedStepMixin:
         the row, the GMM parameter set and the Philox step itself: nothing about the step number is read on the
         host. The scheduler has settled every argument :func:`ddim_gmm_ext.step_from_table` would check, so it
         goes to :func:`ddim_gmm_ext.api.fused_step` (the op checks shapes, dtypes and devices itself)."""
-        # positionally (half the cost of keywords): prediction_type, guidance_scale, clip_sample_range,
-        # use_clipped_model_output, seed, sample_offset, noise, components, return_pred_original
-        options = _checks.StepOptions(
-            prediction_type,
-            None,
-            clip_sample_range,
-            use_clipped_model_output,
-            self._stream_seed,
-            0,
-            noise,
-            components,
-            return_pred_original,
+        # every field, in order: prediction_type, guidance_scale, clip_sample_range, use_clipped_model_output, seed,
+        # sample_offset, noise, components, return_pred_original
+        options = _new_options(
+            _checks.StepOptions,
+            (
+                prediction_type,
+                None,
+                clip_sample_range,
+                use_clipped_model_output,
+                self._stream_seed,
+                0,
+                noise,
+                components,
+                return_pred_original,
+            ),
         )
-        rows = self._table(sample) if rows is None else rows
+        if rows is None:
+            table = self._row_table
+            if table is None or self._prepared_shape is not None:
+                rows = self._table(sample)
+            else:  # _table's common case written out (no prepare_gmm shape to check): this runs on every step
+                rows = table.for_sample(sample)
         return api.fused_step(model_output, sample, rows, index, gmm, options, history=history)
 
 
@@ -440,7 +450,8 @@ class HostCounterIndexMixin:
         tensor (the timestep's first position in the schedule; -1 when absent: an all-NaN step)."""
         if torch.compiler.is_compiling():
             return self._compiled_index(timestep, device)
-        if self.step_index is None:
+        i = self._step_index  # the stock step_index property's value
+        if i is None:
             try:
                 self._init_step_index(timestep)
             except IndexError:
@@ -448,8 +459,9 @@ class HostCounterIndexMixin:
                     f"timestep {timestep!r} is not in the schedule (scheduler.timesteps); pass one of "
                     "scheduler.timesteps or call set_begin_index"
                 ) from None
-        i = self.step_index
-        check_host_step(i, self._n_steps())
+            i = self._step_index
+        table = self._row_table
+        check_host_step(i, self._n_steps() if table is None else table.n_steps)
         return i
 
 

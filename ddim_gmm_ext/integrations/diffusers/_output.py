@@ -10,7 +10,7 @@ from collections import OrderedDict
 import torch
 
 _OUTPUT_FIELDS: dict[type, tuple[str, ...] | None] = {}
-_FIELD_SETS: dict[type, frozenset[str]] = {}  # the same names as a set: what a call's keywords are compared with
+_MISSING = object()
 
 
 def output_fields(cls) -> tuple[str, ...] | None:
@@ -25,8 +25,6 @@ def output_fields(cls) -> tuple[str, ...] | None:
             getattr(cls, m) is getattr(BaseOutput, m) for m in ("__post_init__", "__setattr__", "__setitem__")
         )
         names = _OUTPUT_FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls)) if standard else None
-        if names is not None:
-            _FIELD_SETS[cls] = frozenset(names)
     return names
 
 
@@ -39,12 +37,15 @@ def scheduler_output(cls, **values):
     names = _OUTPUT_FIELDS.get(cls, ())
     if names == ():
         names = None if torch.compiler.is_compiling() else output_fields(cls)
-    if names is None or values.keys() != _FIELD_SETS[cls] or isinstance(values[names[0]], dict):
+    if names is None or len(values) != len(names) or isinstance(values.get(names[0]), dict):
         return cls(**values)
-    out = cls.__new__(cls)
-    OrderedDict.__init__(out)
+    out = cls.__new__(cls)  # an empty OrderedDict (its __init__ with no arguments adds nothing)
     for name in names:
-        value = values[name]
+        value = values.get(name, _MISSING)
+        if value is _MISSING:  # as many values as fields, but not these fields' values
+            return cls(**values)
+        # BaseOutput's own __setitem__ / __setattr__ each set the other as well: the base classes' set one (called
+        # by their names, which Dynamo traces)
         if value is not None:
             OrderedDict.__setitem__(out, name, value)
         object.__setattr__(out, name, value)

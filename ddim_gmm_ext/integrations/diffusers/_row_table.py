@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
+from ..._checks import compute_dtype
 from ...gmm import GMM, gmm_step_mask
 
 
@@ -92,6 +93,7 @@ class RowTable:
     def _warm(self) -> None:
         self._gated.clear()
         self._copies.clear()
+        self._last: tuple = (None, None, None)  # (device, sample dtype, table) of the last for_sample
         for variant in self._warm_variants:
             rows = self.rows(variant)
             self.table(rows.device, torch.float32, variant)
@@ -114,6 +116,17 @@ class RowTable:
         table = self._copies.get(key)
         if table is None:
             table = self._copies[key] = self.rows(key[0]).to(device, dtype)
+        return table
+
+    def for_sample(self, sample: torch.Tensor) -> torch.Tensor:
+        """The default rows on ``sample``'s device in its compute dtype (:meth:`table`); the last answer is kept
+        at hand, keyed by the sample's device and dtype: this runs on every step."""
+        device, dtype = sample.device, sample.dtype
+        last_device, last_dtype, table = self._last
+        if dtype is not last_dtype or device != last_device:
+            table = self.table(device, compute_dtype(dtype))
+            if not torch.compiler.is_compiling():  # a graph keeps no Python state of its own
+                self._last = (device, dtype, table)
         return table
 
     def gate_for(self, gmm: GMM | None) -> None:

@@ -18,7 +18,14 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from .._common import check_eta
-from ._args import check_positive, check_shift_terminal, check_step_arguments, check_timesteps_set, stock_signature
+from ._args import (
+    check_positive,
+    check_shift_terminal,
+    check_step_arguments,
+    check_timesteps_set,
+    integer_timestep,
+    stock_signature,
+)
 from ._base import (
     CheckedBeginIndexMixin,
     GMMSchedulerMixin,
@@ -159,9 +166,7 @@ class FlowMatchEulerDiscreteGMMScheduler(
         """One RFIM(-GMM) step from ``timestep`` to the next sigma; arguments and outputs as the base class
         (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise`` are accepted and unused, as there)."""
         check_timesteps_set(self._row_table is not None)
-        if isinstance(timestep, int) or (
-            isinstance(timestep, torch.Tensor) and not (timestep.is_floating_point() or torch.is_complex(timestep))
-        ):
+        if integer_timestep(timestep):
             raise ValueError(
                 "Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to"
                 f" `{type(self).__name__}.step()` is not supported. Make sure to pass"

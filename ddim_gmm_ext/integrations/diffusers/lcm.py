@@ -42,6 +42,7 @@ from ._args import (
     check_positive,
     check_shift_terminal,
     check_step_arguments,
+    integer_timestep,
     stock_signature,
 )
 from ._base import (
@@ -443,14 +444,11 @@ class FlowMatchLCMGMMScheduler(_FusedConsistencyMixin, FlowMatchLCMScheduler):
         self, model_output, timestep, sample, generator=None, return_dict=True
     ) -> FlowMatchLCMSchedulerOutput | tuple:
         """One flow-matching LCM(-GMM) step; arguments and outputs as ``FlowMatchLCMScheduler.step``."""
-        self._check_gmm_ready()
-        integer = isinstance(timestep, int) or (
-            isinstance(timestep, torch.Tensor) and not (timestep.is_floating_point() or torch.is_complex(timestep))
-        )
-        if self._row_table is None or integer or self._scale_wise():
+        if self._row_table is None or integer_timestep(timestep) or self._scale_wise():
+            self._check_gmm_ready()  # before set_timesteps a GMM is refused rather than dropped
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
         generator = check_step_arguments(model_output, sample, generator, check_sample=True)
-        if self._init_size is None or self.step_index is None:  # as the stock step (for set_scale_factors later)
+        if self._init_size is None or self._step_index is None:  # as the stock step (for set_scale_factors later)
             self._init_size = model_output.size()[2:]
         if sample.dtype != torch.float32:  # as the stock step: the update in float32
             sample = sample.to(torch.float32)
