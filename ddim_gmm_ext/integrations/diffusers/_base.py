@@ -460,7 +460,7 @@ class HostCounterIndexMixin:
                     "scheduler.timesteps or call set_begin_index"
                 ) from None
             i = self._step_index
-        table = self._row_table
+        table = self._row_table  # _n_steps's common case written out: this runs on every step
         check_host_step(i, self._n_steps() if table is None else table.n_steps)
         return i
 
